@@ -1,0 +1,29 @@
+# robret: `make demo` and `make test` do all set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.robret-installed
+
+.PHONY: demo test install ui bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# PyPI's torch build (not a local CPU-only wheel): torchvision, which dreamsim imports, needs it.
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -c "import torch, torchvision, faiss, dreamsim, pyautoattack, streamlit, sqlalchemy"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/robret demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+ui: $(STAMP)
+	$(VENV)/bin/robret ui
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

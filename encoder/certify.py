@@ -1,0 +1,168 @@
+"""Certified radii for 2AFC decisions and top-k retrieval (DESIGN.md, "Certificates").
+
+Threat model: the query image x is perturbed by δ with ‖δ‖₂ ≤ ε; e is L-Lipschitz and unit-norm.
+All radii are in the encoder's input space; divide by the preprocessing norm
+(`TorchEncoder.input_norm`) to state them for the user's image.
+
+2AFC (Ghazanfari et al. 2024): the decision is sign(d(x,x1) − d(x,x0)) = sign⟨e(x), e0 − e1⟩,
+which moves by at most L·‖δ‖·‖e0 − e1‖, so it cannot flip while
+    ‖δ‖ < R = |⟨e(x), e0 − e1⟩| / (L·‖e0 − e1‖).
+
+Retrieval: with scores s_i = ⟨e(q), e_i⟩, item i stays above item j while
+    ‖δ‖ < r(i, j) = (s_i − s_j) / (L·‖e_i − e_j‖)
+(the distance of e(q) to the bisecting hyperplane, over L). An item i of the top-k stays in the
+top-k while no outsider overtakes it: radius_i = min_{j ∉ top-k} r(i, j); the top-k set is
+certified at min_i radius_i. Since ‖e_i − e_j‖ ≤ 2, r(i, j) ≥ (s_i − s_j)/(2L): scanning outsiders
+by decreasing score, the scan stops once that lower bound exceeds every current radius_i, and every
+item beyond the retrieved list (score ≤ s_last) is covered by (s_i − s_last)/(2L).
+
+`slack` is subtracted from every score margin: float32 embeddings carry errors of order 1e-6, so a
+margin smaller than the slack is not trusted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "DEFAULT_SLACK",
+    "TopKCertificate",
+    "twoafc_radius",
+    "pair_radius",
+    "certify_ranked",
+    "certify_topk",
+    "certify_topk_bruteforce",
+]
+
+DEFAULT_SLACK = 1e-5
+
+
+def _f64(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def twoafc_radius(e_ref, e0, e1, lipschitz: float, slack: float = 0.0) -> np.ndarray:
+    """R = max(0, |⟨e_ref, e0 − e1⟩| − slack) / (L·‖e0 − e1‖) per row; 0 for a tie (e0 = e1).
+
+    Inputs: unit-norm embeddings, shape (B, D) (or (D,)); returns shape (B,) (or a scalar array).
+    """
+    e_ref, e0, e1 = _f64(e_ref), _f64(e0), _f64(e1)
+    diff = e0 - e1
+    margin = np.maximum(np.abs((e_ref * diff).sum(-1)) - slack, 0.0)
+    norm = np.linalg.norm(diff, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm > 0, margin / (lipschitz * np.where(norm > 0, norm, 1.0)), 0.0)
+
+
+def pair_radius(query, e_i, e_j, lipschitz: float, slack: float = 0.0) -> np.ndarray:
+    """Signed r(i, j) = (⟨q, e_i − e_j⟩ − slack) / (L·‖e_i − e_j‖); negative when j already ranks above i.
+
+    Broadcasts over leading dimensions; 0 where e_i = e_j.
+    """
+    q, e_i, e_j = _f64(query), _f64(e_i), _f64(e_j)
+    diff = e_i - e_j
+    norm = np.linalg.norm(diff, axis=-1)
+    margin = (q * diff).sum(-1) - slack
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm > 0, margin / (lipschitz * np.where(norm > 0, norm, 1.0)), 0.0)
+
+
+@dataclass
+class TopKCertificate:
+    """Certificate of one query's top-k (radii in encoder-input ℓ2 units; see module doc)."""
+
+    positions: np.ndarray  # (k,) positions of the top-k in the ranked list given (0..k−1 when ranked)
+    scores: np.ndarray  # (k,) scores s_i, decreasing
+    radius: np.ndarray  # (k,) radius_i: item i stays in the top-k for ‖δ‖ < radius_i
+    set_radius: float  # the top-k set cannot change for ‖δ‖ < set_radius
+    order_radius: float  # the ordered top-k list cannot change for ‖δ‖ < order_radius
+    pairs_evaluated: int  # exact pairs computed (all pairs would be k·(n − k))
+
+    def scaled(self, factor: float) -> "TopKCertificate":
+        """The same certificate with radii divided by `factor` (e.g. the preprocessing norm)."""
+        return TopKCertificate(
+            self.positions, self.scores, self.radius / factor, self.set_radius / factor,
+            self.order_radius / factor, self.pairs_evaluated,
+        )
+
+
+def certify_ranked(
+    ranked_scores,
+    ranked_embeddings,
+    k: int,
+    lipschitz: float,
+    complete: bool,
+    slack: float = DEFAULT_SLACK,
+    block: int = 32,
+) -> TopKCertificate:
+    """Certify the top-k of one query from its ranked list, with pruning.
+
+    ranked_scores: (n,) scores s = ⟨e(q), e_j⟩ sorted decreasingly (as returned by the index).
+    ranked_embeddings: (n, D) unit-norm embeddings in the same order.
+    complete: True when the list holds the whole gallery; otherwise unlisted items are bounded by
+    (s_i − s_last)/(2L).
+    """
+    s = _f64(ranked_scores)
+    n = s.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the list length {n}")
+    if np.any(np.diff(s) > 1e-6):
+        raise ValueError("ranked_scores must be sorted in decreasing order")
+    emb = _f64(ranked_embeddings)
+    top_s, top_e = s[:k], emb[:k]
+    radius = np.full(k, np.inf)
+    pairs = 0
+    j = k
+    while j < n:
+        # Lower bound for every remaining outsider (scores only decrease from j on).
+        if np.all((top_s - s[j] - slack) / (2 * lipschitz) >= radius):
+            break
+        stop = min(n, j + block)
+        diff_norm = np.linalg.norm(top_e[:, None, :] - emb[None, j:stop, :], axis=-1)  # (k, b)
+        margin = top_s[:, None] - s[None, j:stop] - slack
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(diff_norm > 0, margin / (lipschitz * np.where(diff_norm > 0, diff_norm, 1.0)), 0.0)
+        radius = np.minimum(radius, r.min(1))
+        pairs += r.size
+        j = stop
+    if not complete:
+        radius = np.minimum(radius, (top_s - s[-1] - slack) / (2 * lipschitz))
+    radius = np.maximum(radius, 0.0)
+    set_radius = float(radius.min())
+    order = set_radius
+    if k > 1:
+        dn = np.linalg.norm(top_e[:-1] - top_e[1:], axis=-1)
+        m = top_s[:-1] - top_s[1:] - slack
+        with np.errstate(divide="ignore", invalid="ignore"):
+            consecutive = np.where(dn > 0, m / (lipschitz * np.where(dn > 0, dn, 1.0)), 0.0)
+        order = min(order, float(max(consecutive.min(), 0.0)))
+    return TopKCertificate(np.arange(k), top_s, radius, set_radius, order, pairs)
+
+
+def certify_topk(query, gallery, k: int, lipschitz: float, slack: float = DEFAULT_SLACK) -> TopKCertificate:
+    """Search a whole gallery (N, D) exactly for one query (D,) and certify its top-k (pruned).
+
+    `positions` of the result are indices into the gallery.
+    """
+    q, g = _f64(query), _f64(gallery)
+    scores = g @ q
+    order = np.argsort(-scores, kind="stable")
+    cert = certify_ranked(scores[order], g[order], k, lipschitz, complete=True, slack=slack)
+    cert.positions = order[:k]
+    return cert
+
+
+def certify_topk_bruteforce(query, gallery, k: int, lipschitz: float, slack: float = DEFAULT_SLACK):
+    """Reference: every pair (i ∈ top-k, j ∉ top-k), no pruning. Returns (positions, radius, set_radius)."""
+    q, g = _f64(query), _f64(gallery)
+    scores = g @ q
+    order = np.argsort(-scores, kind="stable")
+    top, rest = order[:k], order[k:]
+    if rest.size == 0:
+        return top, np.full(k, np.inf), float("inf")
+    r = pair_radius(q[None, None, :], g[top][:, None, :], g[rest][None, :, :], lipschitz, slack)
+    radius = np.maximum(r.min(1), 0.0)
+    return top, radius, float(radius.min())

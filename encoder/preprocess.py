@@ -1,0 +1,95 @@
+"""From a PIL image to the encoder's input, as a linear map whose ℓ2 norm is known exactly.
+
+Certificates must be stated for the image the user gave, so the only step between the user's
+pixels (floats in [0,1], after EXIF rotation and mode conversion) and the encoder is an antialiased
+bilinear resize done in floating point. That resize is linear and separable:
+    R(X)_c = R_h · X_c · R_wᵀ  for every channel c,
+so ‖R‖₂ = σ_max(R_h)·σ_max(R_w), computed exactly from the two small matrices (no power-iteration
+underestimate) and cached per size pair. A radius r at the encoder's input is a radius r/‖R‖₂ in the
+user's image: ‖e(R(x+δ)) − e(Rx)‖ ≤ L·‖Rδ‖ ≤ L·‖R‖₂·‖δ‖.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+__all__ = ["pil_to_tensor", "resize", "resize_matrix", "resize_operator_norm", "to_input"]
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image (any mode) → float32 (3, H, W) in [0, 1]. EXIF orientation is applied.
+
+    Alpha is composited onto white; 16-bit and float modes are scaled to [0, 1] from their range.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if image.mode == "F":
+            top = max(1.0, float(arr.max()))
+        arr = np.clip(arr / top, 0, 1).astype(np.float32)
+        return torch.from_numpy(np.repeat(arr[None], 3, axis=0))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of float (B, C, H, W) or (C, H, W) to `size`; linear in x."""
+    out_hw = (size, size) if isinstance(size, int) else tuple(size)
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x[None]
+    if tuple(x.shape[-2:]) != out_hw:
+        x = F.interpolate(x, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
+    return x[0] if squeeze else x
+
+
+@functools.lru_cache(maxsize=256)
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """The (n_out, n_in) float64 matrix of the 1-D antialiased bilinear resize used by `resize`.
+
+    Obtained by resizing the identity, in chunks so that large images stay cheap.
+    """
+    if n_in == n_out:
+        return np.eye(n_in)
+    # Resize images whose columns are identity columns, with the width unchanged. (Resizing an
+    # (n_in, 1) strip instead is wrong in torch's antialiased kernel: every output row comes out
+    # equal to the first.)
+    cols = []
+    for start in range(0, n_in, 512):
+        stop = min(n_in, start + 512)
+        eye = torch.zeros(1, 1, n_in, stop - start, dtype=torch.float64)
+        eye[0, 0, torch.arange(start, stop), torch.arange(stop - start)] = 1.0
+        out = F.interpolate(eye, size=(n_out, stop - start), mode="bilinear", antialias=True,
+                            align_corners=False)
+        cols.append(out[0, 0].numpy())
+    return np.concatenate(cols, axis=1)
+
+
+@functools.lru_cache(maxsize=256)
+def resize_operator_norm(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> float:
+    """Exact ℓ2 operator norm of `resize` from in_hw to out_hw: σ_max(R_h)·σ_max(R_w).
+
+    Rounded up by a relative 1e-9 so that float error can only shrink the certified radius.
+    """
+    if tuple(in_hw) == tuple(out_hw):
+        return 1.0
+    sh = np.linalg.norm(resize_matrix(in_hw[0], out_hw[0]), 2)
+    sw = np.linalg.norm(resize_matrix(in_hw[1], out_hw[1]), 2)
+    return float(sh * sw) * (1 + 1e-9)
+
+
+def to_input(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image → (1, 3, size, size) float tensor in [0, 1], through `pil_to_tensor` and `resize`."""
+    return resize(pil_to_tensor(image), size)[None]

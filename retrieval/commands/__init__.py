@@ -1,0 +1,1 @@
+"""Subcommand modules of the robret CLI (see retrieval/cli.py)."""

@@ -1,0 +1,1 @@
+"""robret.ui: the Streamlit page."""
