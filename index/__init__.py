@@ -1,1 +1,55 @@
-"""robret.index: FAISS index on the unit sphere with a SQLAlchemy catalog; folder ingestion."""
+"""robret.index: the gallery — FAISS on the unit sphere, a SQLAlchemy catalog, folder ingestion.
+
+Building and refreshing (library form of `robret index build/update/repair/verify/stats`):
+
+    from index import build_index, update_index, repair_index, verify_index, index_stats, IngestOptions
+    report = build_index("photos/", "photos-index/", "lipsim:demo",        # encoder spec, recorded
+                         options=IngestOptions(batch_size=32, workers=4))
+    report = update_index("photos-index/")       # re-scan the recorded folder: new, changed, renamed, gone
+    assert verify_index("photos-index/").ok      # catalog and index file agree (ids, counts, norms, version)
+
+Reading — `Gallery` is the one object the CLI, the UI and the attacks use:
+
+    from index import Gallery
+    g = Gallery.open("photos-index/")            # read-only; loads the index file, not yet the encoder
+    len(g), g.dim, g.version, g.encoder_spec, g.lipschitz, g.root
+    g.encoder                                    # the Encoder that built it (lazy; weights checked)
+    q = g.embed_images([pil_image])              # (n, dim) unit-norm float32, same preprocessing as the gallery
+    scores, ids = g.search(q, k=10)              # (n, k) float32 cosine similarities, (n, k) int64 ids (−1 = none)
+    scores, ids = g.search(q, k=10, exact=True)  # exhaustive even on IVF/HNSW (what certificates need)
+    g.vectors(ids[0])                            # (k, dim) stored vectors, reconstructed exactly
+    all_ids, all_vecs = g.all_vectors()          # the whole gallery, e.g. for attacks
+    g.paths(ids[0])                              # absolute Paths (None for −1); g.path(id) for one
+    g.records(ids[0])                            # catalog rows: path, size, width, height, content_hash, notes…
+    g.decode("query.jpg")                        # hardened decode: DecodedImage or DecodeError(kind, reason)
+
+Certified search lives in retrieval/search.py (it combines a Gallery with encoder.certify):
+
+    from retrieval.search import search_image, search_embedding
+    res = search_image(g, "query.jpg", k=10, eps=0.05)
+    res.hits[i].rank/.id/.score/.path/.radius    # radius: ℓ2 in the query image's own [0,1] pixels
+    res.set_radius, res.order_radius, res.eps_certified, res.to_dict()
+    res = search_embedding(g, q[0], k=10)        # from an embedding; radii at the encoder's input
+                                                 # (pass input_norm= to state them for an image)
+
+Ids are stable 64-bit integers: a file keeps its id while it exists (a change re-embeds it under the
+same id; a rename moves the row and keeps the id); a removed file's id is never reused. Errors are
+typed (index.errors): CatalogError, SchemaVersionError, EncoderMismatchError, StoreError,
+IndexLockedError, FolderError, all GalleryError (a RuntimeError); decode failures are DecodeError.
+"""
+from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, FileRecord
+from .decode import DecodedImage, DecodeError, DecodeLimits, read_image
+from .errors import (CatalogError, EncoderMismatchError, FolderError, GalleryError, IndexLockedError,
+                     SchemaVersionError, StoreError)
+from .gallery import Gallery, open_gallery
+from .ingest import IngestOptions, IngestReport, build_index, repair_index, update_index
+from .store import VectorStore
+from .verify import VerifyReport, index_stats, verify_index
+
+__all__ = [
+    "Catalog", "CatalogError", "DecodeError", "DecodeLimits", "DecodedImage", "EncoderMismatchError", "FAILED",
+    "FileRecord", "FolderError", "Gallery", "GalleryError", "INDEXED", "IndexLockedError", "IngestOptions",
+    "IngestReport", "REMOVED", "SCHEMA_VERSION", "SchemaVersionError", "StoreError", "VectorStore",
+    "VerifyReport", "build_index", "index_stats", "open_gallery", "read_image", "repair_index", "update_index",
+    "verify_index",
+]

@@ -1,0 +1,254 @@
+"""The catalog (SQLAlchemy 2.x): one row per image file, plus the facts the index depends on.
+
+Tables:
+    robret_files   one row per file ever seen under the root: stable 64-bit id (= the FAISS id),
+                   relative path, content hash, size, mtime, displayed width/height, status
+                   (indexed / failed / removed), failure reason, notes, encoder, timestamps.
+    robret_meta    key → JSON: schema_version, root, encoder identity, index {version, rows,
+                   sha256, file, factory, requested, params, dim}, created_at, last_run.
+
+The catalog owns the truth; the FAISS file is derived from it. A row is `indexed` exactly when its
+id is in the index file of the committed `index.version` — ingest commits row changes and the new
+index version in one transaction, after that index file is durably on disk (see ingest.py).
+SQLite files run in WAL mode with synchronous=FULL. Any SQLAlchemy URL works; `path_key` is a
+binary column (raw file-name bytes, so non-UTF-8 names round-trip), which SQLite and PostgreSQL
+index directly.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from typing import Any, Iterable
+
+import numpy as np
+from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine, event,
+                        func, insert, inspect, select, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .errors import CatalogError, EncoderMismatchError, SchemaVersionError
+
+__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "Base", "FileRecord", "MetaEntry", "Catalog",
+           "utcnow"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+INDEXED, FAILED, REMOVED = "indexed", "failed", "removed"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class MetaEntry(Base):
+    __tablename__ = "robret_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)  # JSON
+
+
+class FileRecord(Base):
+    """One image file under the root (a tombstone once it disappears)."""
+
+    __tablename__ = "robret_files"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # the FAISS id
+    path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)  # relative path, raw bytes
+    path: Mapped[str] = mapped_column(Text)  # relative path for display (undecodable bytes as \xNN)
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # SHA-256 hex
+    size: Mapped[int | None] = mapped_column(BigInteger)  # bytes
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)  # displayed size (after EXIF orientation)
+    height: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # indexed | failed | removed
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed ("kind: detail")
+    notes: Mapped[str | None] = mapped_column(Text)  # conversions applied ("; "-separated)
+    encoder: Mapped[str | None] = mapped_column(String(200))  # encoder name that embedded it
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    embedded_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def to_dict(self) -> dict:
+        return {c.key: getattr(self, c.key) for c in inspect(FileRecord).column_attrs if c.key != "path_key"}
+
+
+# Columns ingest reads to plan an update, and writes back (with updated_at) for changed rows.
+PLAN_COLUMNS = ("id", "path_key", "path", "content_hash", "size", "mtime_ns", "width", "height", "status",
+                "reason", "notes", "encoder", "embedded_at")
+
+
+def make_engine(url: str) -> Engine:
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed index version survives power loss too (old index files are deleted
+            # right after the commit, so the commit must be durable first).
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.close()
+    return engine
+
+
+class Catalog:
+    """A catalog at a SQLAlchemy URL. `create` makes a new one; `open` checks schema and tables."""
+
+    def __init__(self, url: str, engine: Engine | None = None):
+        self.url = url
+        self.engine = engine or make_engine(url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    # Opening --------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, url: str, meta: dict[str, Any]) -> "Catalog":
+        """Create the tables and write `meta` (plus schema_version and created_at)."""
+        cat = cls(url)
+        try:
+            Base.metadata.create_all(cat.engine)
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"cannot create the catalog at {_safe(url)}: {exc}") from None
+        if cat.meta():
+            raise CatalogError(f"a catalog already exists at {_safe(url)}")
+        cat.set_meta({"schema_version": SCHEMA_VERSION, "created_at": utcnow().isoformat(), **meta})
+        return cat
+
+    @classmethod
+    def open(cls, url: str) -> "Catalog":
+        cat = cls(url)
+        try:
+            tables = set(inspect(cat.engine).get_table_names())
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"cannot open the catalog at {_safe(url)}: {exc}") from None
+        if not {"robret_meta", "robret_files"} <= tables:
+            raise CatalogError(f"no robret catalog at {_safe(url)}")
+        cat.check_schema()
+        return cat
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def check_schema(self) -> int:
+        version = self.meta().get("schema_version")
+        if not isinstance(version, int):
+            raise CatalogError("the catalog has no schema version")
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"the catalog has schema version {version}, newer than this robret's {SCHEMA_VERSION}: "
+                "upgrade robret to open it")
+        return version
+
+    # Metadata -------------------------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        with self.sessions() as s:
+            return {e.key: json.loads(e.value) for e in s.scalars(select(MetaEntry))}
+
+    def set_meta(self, values: dict[str, Any], session: Session | None = None) -> None:
+        def write(s: Session) -> None:
+            for key, value in values.items():
+                s.merge(MetaEntry(key=key, value=json.dumps(value, sort_keys=True)))
+
+        if session is not None:
+            write(session)
+            return
+        with self.sessions.begin() as s:
+            write(s)
+
+    def check_encoder(self, identity: dict) -> None:
+        """Refuse an encoder other than the one recorded (name, dimension and weights fingerprint)."""
+        recorded = self.meta().get("encoder")
+        if recorded is None:
+            raise CatalogError("the catalog records no encoder")
+        check_same_encoder(recorded, identity)
+
+    # Rows -----------------------------------------------------------------------------------
+    def plan_rows(self) -> list[dict]:
+        """Every row's planning columns (see PLAN_COLUMNS), as dicts."""
+        cols = [getattr(FileRecord, c) for c in PLAN_COLUMNS]
+        with self.sessions() as s:
+            return [dict(zip(PLAN_COLUMNS, r)) for r in s.execute(select(*cols))]
+
+    def max_id(self) -> int:
+        with self.sessions() as s:
+            return int(s.scalar(select(func.max(FileRecord.id))) or 0)
+
+    def counts(self) -> dict[str, int]:
+        with self.sessions() as s:
+            rows = s.execute(select(FileRecord.status, func.count()).group_by(FileRecord.status))
+            out = {INDEXED: 0, FAILED: 0, REMOVED: 0}
+            out.update({status: int(n) for status, n in rows})
+            return out
+
+    def indexed_ids(self) -> np.ndarray:
+        with self.sessions() as s:
+            ids = s.scalars(select(FileRecord.id).where(FileRecord.status == INDEXED)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def records(self, ids: Iterable[int]) -> dict[int, FileRecord]:
+        ids = [int(i) for i in ids]
+        out: dict[int, FileRecord] = {}
+        with self.sessions() as s:
+            for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
+                chunk = ids[start:start + 900]
+                for rec in s.scalars(select(FileRecord).where(FileRecord.id.in_(chunk))):
+                    out[rec.id] = rec
+        return out
+
+    def find(self, status: str | None = None, limit: int | None = None) -> list[FileRecord]:
+        with self.sessions() as s:
+            q = select(FileRecord).order_by(FileRecord.path)
+            if status:
+                q = q.where(FileRecord.status == status)
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def failure_reasons(self) -> dict[str, int]:
+        """{kind: count} over failed rows (kind = the reason's prefix)."""
+        out: dict[str, int] = {}
+        with self.sessions() as s:
+            for (reason,) in s.execute(select(FileRecord.reason).where(FileRecord.status == FAILED)):
+                kind = (reason or "unknown").split(":", 1)[0]
+                out[kind] = out.get(kind, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def commit_changes(self, inserts: list[dict], updates: list[dict], meta: dict[str, Any]) -> None:
+        """One transaction: insert new rows, update rows by id, write meta. All or nothing."""
+        try:
+            with self.sessions.begin() as s:
+                if inserts:
+                    s.execute(insert(FileRecord), inserts)
+                if updates:
+                    s.execute(update(FileRecord), updates)
+                self.set_meta(meta, session=s)
+        except SQLAlchemyError as exc:
+            raise CatalogError(f"catalog commit failed: {exc}") from exc
+
+
+def check_same_encoder(recorded: dict, identity: dict) -> None:
+    for field in ("dim", "fingerprint", "name"):
+        a, b = recorded.get(field), identity.get(field)
+        if a is not None and b is not None and a != b:
+            raise EncoderMismatchError(
+                f"this gallery was embedded with {recorded.get('name')!r} (dim {recorded.get('dim')}, "
+                f"weights {str(recorded.get('fingerprint'))[:12]}), not {identity.get('name')!r} "
+                f"(dim {identity.get('dim')}, weights {str(identity.get('fingerprint'))[:12]}): "
+                "encoders are never mixed in one index; build a new index directory for this encoder")
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<catalog url>"

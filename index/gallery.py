@@ -1,0 +1,188 @@
+"""A gallery: an opened index directory, read-only. The object the CLI, UI and attacks use.
+
+    g = Gallery.open("photos-index/")
+    scores, ids = g.search(q, k=10)           # q: (n, dim) unit-norm float32
+    g.paths(ids[0]); g.vectors(ids[0]); g.encoder
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import embedder
+from .catalog import Catalog, FileRecord, check_same_encoder
+from .decode import DecodedImage, DecodeLimits, read_image
+from .errors import StoreError
+from .ingest import load_live_store
+from .layout import IndexDir
+from .store import VectorStore
+
+__all__ = ["Gallery", "open_gallery"]
+
+log = logging.getLogger(__name__)
+
+
+class Gallery:
+    """Read access to one index directory: search, stored vectors, file records, the encoder.
+
+    Opening loads the live index file named by the catalog (and checks its row count) but not the
+    encoder, which loads on first use of `.encoder` (and is checked against the recorded weights).
+    A writer may update the directory meanwhile; this object keeps the version it opened.
+    """
+
+    def __init__(self, layout: IndexDir, catalog: Catalog, store: VectorStore, meta: dict, encoder=None):
+        self.layout, self.catalog, self.store, self.meta = layout, catalog, store, meta
+        self._encoder = encoder
+        self._root = os.fsencode(meta["root"])
+
+    @classmethod
+    def open(cls, index_dir, *, encoder=None, use_gpu: bool = True) -> "Gallery":
+        """Open `index_dir`. `encoder` (optional) must be the one that built it; else it loads lazily.
+
+        use_gpu=False keeps FAISS searches on the CPU even when a GPU is visible.
+        """
+        layout = IndexDir(index_dir)
+        catalog = Catalog.open(layout.catalog_url())
+        for attempt in range(5):
+            meta = catalog.meta()
+            try:
+                store = load_live_store(layout, meta["index"], use_gpu=use_gpu)
+                break
+            except StoreError:
+                # A writer may have committed a newer version and deleted this one in between.
+                if attempt == 4 or catalog.meta()["index"]["version"] == meta["index"]["version"]:
+                    raise
+                time.sleep(0.05)
+        if encoder is not None:
+            check_same_encoder(meta["encoder"], embedder.identity(encoder, meta["encoder"]["spec"]))
+        return cls(layout, catalog, store, meta, encoder)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # Facts ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.store.ntotal
+
+    @property
+    def root(self) -> Path:
+        return Path(os.fsdecode(self._root))
+
+    @property
+    def index_dir(self) -> Path:
+        return self.layout.path
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["index"]["version"])
+
+    @property
+    def encoder_spec(self) -> str:
+        return self.meta["encoder"]["spec"]
+
+    @property
+    def encoder_info(self) -> dict:
+        """The recorded identity: spec, name, dim, input_size, lipschitz, fingerprint."""
+        return dict(self.meta["encoder"])
+
+    @property
+    def lipschitz(self) -> float | None:
+        return self.meta["encoder"].get("lipschitz")
+
+    @property
+    def exact(self) -> bool:
+        """True when `search` (exact=False) is exhaustive for this index type and parameters."""
+        return self.store.exact
+
+    @property
+    def encoder(self):
+        """The encoder that built the gallery (loaded on first use, weights checked)."""
+        if self._encoder is None:
+            enc = embedder.load(self.encoder_spec)
+            check_same_encoder(self.meta["encoder"], embedder.identity(enc, self.encoder_spec))
+            self._encoder = enc
+        return self._encoder
+
+    # Search and vectors ---------------------------------------------------------------------
+    def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by cosine similarity: (scores (n, k) float32, ids (n, k) int64); −1 pads short galleries.
+
+        queries: (n, dim) or (dim,) unit-norm float32. exact=True forces an exhaustive search on
+        approximate index types (certificates need it).
+        """
+        return self.store.search(queries, min(int(k), max(1, len(self))), exact=exact)
+
+    def ids(self) -> np.ndarray:
+        """Every id in the index (int64)."""
+        return self.store.ids()
+
+    def vectors(self, ids) -> np.ndarray:
+        """Stored unit vectors (n, dim) float32 for `ids` (StoreError for an unknown id)."""
+        return self.store.reconstruct(ids)
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,), vectors (N, dim)) for the whole gallery: N·dim·4 bytes of memory."""
+        ids = self.store.ids()
+        return ids, self.store.reconstruct(ids)
+
+    # Files ----------------------------------------------------------------------------------
+    def _abs(self, key: bytes) -> Path:
+        return Path(os.fsdecode(os.path.join(self._root, key)))
+
+    def records(self, ids) -> list[FileRecord | None]:
+        """Catalog rows for `ids`, in order (None for an id the catalog does not know)."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        found = self.catalog.records(i for i in ids if i >= 0)
+        return [found.get(i) for i in ids]
+
+    def record(self, id: int) -> FileRecord:
+        rec = self.records([id])[0]
+        if rec is None:
+            raise KeyError(f"no file with id {id}")
+        return rec
+
+    def paths(self, ids) -> list[Path | None]:
+        """Absolute file paths for `ids`, in order (None for −1 or an unknown id)."""
+        return [None if r is None else self._abs(r.path_key) for r in self.records(ids)]
+
+    def path(self, id: int) -> Path:
+        return self._abs(self.record(id).path_key)
+
+    # Embedding ------------------------------------------------------------------------------
+    def decode(self, path, limits: DecodeLimits | None = None) -> DecodedImage:
+        """Read an image file with the gallery's hardened decoder (DecodeError with a reason)."""
+        return read_image(path, limits or DecodeLimits(**self.meta.get("limits", {})))
+
+    def embed_images(self, images) -> np.ndarray:
+        """PIL images → (n, dim) unit-norm float32 with the gallery's encoder and preprocessing."""
+        enc = self.encoder
+        return embedder.embed_inputs(enc, [enc.preprocess(im) for im in images])
+
+    def stats(self) -> dict:
+        counts = self.catalog.counts()
+        return {"root": str(self.root), "index_dir": str(self.index_dir), "encoder": self.meta["encoder"],
+                "files": counts, "index": {**self.meta["index"], "ntotal": len(self), "on_gpu": self.store.on_gpu},
+                "failures": self.catalog.failure_reasons(), "last_run": self.meta.get("last_run")}
+
+    def __repr__(self) -> str:
+        return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
+                f"encoder={self.encoder_spec!r}, version={self.version})")
+
+
+def open_gallery(index_dir, *, encoder=None, use_gpu: bool = True) -> Gallery:
+    """`Gallery.open(index_dir)`."""
+    return Gallery.open(index_dir, encoder=encoder, use_gpu=use_gpu)

@@ -1,0 +1,570 @@
+"""Fill and refresh a gallery from an image folder: incremental, batched, crash-safe.
+
+    report = build_index("photos/", "photos-index/", encoder_spec="lipsim:demo")
+    report = update_index("photos-index/")        # re-scan the folder recorded at build
+    report = repair_index("photos-index/")        # also recovers from a lost or corrupt index file
+
+Incremental rules (per file, keyed by its path relative to the root):
+- same size and mtime as recorded → skipped unchanged (no read);
+- otherwise read and hashed: same content hash → only size/mtime refreshed; a hash whose vector the
+  gallery already holds → that vector is reused (a renamed file keeps its row and id; a copy gets a
+  new id and a copy of the vector); else decoded and embedded (a changed file keeps its id);
+- recorded files no longer present → tombstoned (status "removed") and removed from the index;
+- files that fail are recorded with their reason and not retried until they change (or
+  `retry_failed`). Nothing a file contains aborts the run.
+
+Commit protocol (crash safety). The catalog's committed `index.version` names the only live index
+file, `vectors.<version>.faiss`. Work happens in memory (FAISS index + pending row changes); a
+checkpoint then
+  1. writes the whole index to `vectors.<v+1>.faiss.tmp`, fsyncs, renames it into place, fsyncs the
+     directory;
+  2. commits, in ONE catalog transaction, every pending row change together with index.version = v+1,
+     its row count and SHA-256;
+  3. deletes `vectors.<v>.faiss` and any other leftovers.
+Killed before 2 commits, the catalog still names v, whose file is intact (step 3 has not run): the
+work since the last checkpoint is simply redone by the next update. Killed after 2, the catalog names
+v+1, whose file is complete. Either way the rows marked indexed are exactly the ids in the live file:
+nothing is lost, duplicated or orphaned. Checkpoints happen every `checkpoint_seconds` (and at the end).
+
+`ROBRET_INDEX_CRASH_AT="point:n[,point:n]"` SIGKILLs the process at the n-th passage of a point —
+batch (after a batch is added in memory), write (index temp file durable, before the rename),
+rename (after the rename, before the catalog commit), commit (after the commit, before cleanup) —
+so that tests can kill a build at exact moments. Unset, it costs one dict lookup per point.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from . import embedder
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
+from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
+from .errors import CatalogError, FolderError, StoreError
+from .layout import IndexDir
+from .scan import ScanEntry, display_path, scan_folder
+from .store import NORM_TOLERANCE, VectorStore, file_sha256, parse_factory, target_factory
+
+__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]
+
+log = logging.getLogger(__name__)
+CRASH_ENV = "ROBRET_INDEX_CRASH_AT"
+
+
+@dataclass
+class IngestOptions:
+    """How a build/update runs (none of this changes what ends up in the index)."""
+
+    batch_size: int = 32  # images per encoder call
+    workers: int = max(1, min(4, os.cpu_count() or 1))  # decode threads
+    checkpoint_seconds: float = 120.0  # write index + commit catalog at least this often
+    limits: DecodeLimits | None = None  # None: the limits recorded at build (defaults at build)
+    retry_failed: bool = False  # re-read files that failed before even if unchanged
+    progress: bool = False  # tqdm progress bar (images/s) on stderr
+    use_gpu: bool = True  # FAISS and the encoder on the GPU when one is visible
+
+
+@dataclass
+class IngestReport:
+    """What a build/update did. `failed` lists (path, reason) for files that failed in this run."""
+
+    root: str
+    index_dir: str
+    encoder: str
+    indexed: int = 0  # new files embedded (or re-added after removal)
+    updated: int = 0  # changed files re-embedded (same id)
+    renamed: int = 0  # rows moved to a new path, vector kept
+    reused: int = 0  # vectors copied from identical content elsewhere in the gallery
+    unchanged: int = 0  # skipped: same size and mtime, or same content hash
+    still_failed: int = 0  # failed before, unchanged, not retried
+    removed: int = 0  # tombstoned: the file is gone
+    repaired: int = 0  # index entries fixed by reconciliation (orphans removed, missing re-embedded)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    ignored: int = 0  # non-image or hidden entries
+    total: int = 0  # vectors in the index afterwards
+    index_version: int = 0
+    index_type: str = "Flat"
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+
+    @property
+    def embedded(self) -> int:
+        return self.indexed + self.updated
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["images_per_second"] = round(self.images_per_second, 2)
+        return d
+
+
+# Crash hook -------------------------------------------------------------------------------------
+_crash_counts: collections.Counter = collections.Counter()
+
+
+def _crash_point(name: str) -> None:
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    _crash_counts[name] += 1
+    for item in spec.split(","):
+        point, _, n = item.partition(":")
+        if point == name and _crash_counts[name] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Public entry points ----------------------------------------------------------------------------
+def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: str | None = None,
+                index_type: str = "auto", options: IngestOptions | None = None, encoder=None) -> IngestReport:
+    """Index `folder` into `index_dir` (created). An existing index of the same folder and encoder is
+    updated instead; anything else there is refused.
+
+    encoder_spec defaults to encoder.DEFAULT_ENCODER; `encoder` may pass an already loaded one (its
+    spec must still be given, to be recorded for later updates and queries).
+    """
+    from encoder import DEFAULT_ENCODER
+
+    options = options or IngestOptions()
+    encoder_spec = encoder_spec or DEFAULT_ENCODER
+    parse_factory(index_type)
+    root = os.path.abspath(os.fsencode(folder))
+    if not os.path.isdir(root):
+        scan_folder(root)  # raises FolderError with the precise reason
+    layout = IndexDir(index_dir)
+    with layout.writer_lock():
+        enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
+        ident = embedder.identity(enc, encoder_spec)
+        config = layout.read_config() if layout.exists() else None
+        if config is not None and config.get("catalog") != db_url and db_url is not None:
+            raise CatalogError(f"{layout.path} already uses the catalog {config.get('catalog') or 'in the directory'}")
+        if config is None:
+            layout.write_config(db_url)
+            config = layout.read_config()
+        url = layout.catalog_url(config)
+        try:
+            catalog = Catalog.open(url)
+        except CatalogError:
+            if _has_robret_tables(url):
+                raise
+            limits = options.limits or DecodeLimits()
+            catalog = Catalog.create(url, {
+                "root": os.fsdecode(root),
+                "encoder": ident,
+                "limits": asdict(limits),
+                "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
+                          "requested": index_type, "params": {}, "dim": ident["dim"]},
+            })
+        meta = catalog.meta()
+        if os.fsencode(meta["root"]) != root:
+            raise CatalogError(f"{layout.path} indexes {meta['root']!r}, not {os.fsdecode(root)!r}; "
+                               "use another --index-dir")
+        catalog.check_encoder(ident)
+        return _Writer(layout, catalog, enc, options, repair=False, requested=index_type).run()
+
+
+def update_index(index_dir, *, options: IngestOptions | None = None, encoder=None) -> IngestReport:
+    """Re-scan the folder recorded at build and bring the index up to date (see module doc)."""
+    return _open_writer(index_dir, options or IngestOptions(), encoder, repair=False)
+
+
+def repair_index(index_dir, *, options: IngestOptions | None = None, encoder=None) -> IngestReport:
+    """`update_index`, but a missing, unreadable or altered index file is rebuilt (re-embedding
+    what it cannot recover) instead of refused."""
+    return _open_writer(index_dir, options or IngestOptions(), encoder, repair=True)
+
+
+def _open_writer(index_dir, options: IngestOptions, encoder, repair: bool) -> IngestReport:
+    layout = IndexDir(index_dir)
+    config = layout.read_config()
+    with layout.writer_lock():
+        catalog = Catalog.open(layout.catalog_url(config))
+        meta = catalog.meta()
+        spec = meta["encoder"]["spec"]
+        enc = encoder if encoder is not None else embedder.load(spec, embedder.pick_device(not options.use_gpu))
+        catalog.check_encoder(embedder.identity(enc, spec))
+        return _Writer(layout, catalog, enc, options, repair=repair).run()
+
+
+def _has_robret_tables(url: str) -> bool:
+    from sqlalchemy import inspect
+
+    from .catalog import make_engine
+
+    engine = make_engine(url)
+    try:
+        return "robret_meta" in inspect(engine).get_table_names()
+    except Exception:
+        return False
+    finally:
+        engine.dispose()
+
+
+def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True, check_sha: bool = False) -> VectorStore:
+    """The index file named by the catalog (an empty index at version 0), checked against the catalog."""
+    version = int(index_meta["version"])
+    if version == 0:
+        return VectorStore.create(int(index_meta["dim"]), "Flat", use_gpu=use_gpu)
+    path = layout.index_file(version)
+    if not path.is_file():
+        raise StoreError(f"index file {path.name} (version {version}) is missing; run `robret index repair`")
+    if check_sha and file_sha256(path) != index_meta.get("sha256"):
+        raise StoreError(f"index file {path.name} does not match the checksum recorded in the catalog")
+    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu)
+    if store.dim != int(index_meta["dim"]):
+        raise StoreError(f"index file has dimension {store.dim}, the catalog says {index_meta['dim']}")
+    if store.ntotal != int(index_meta["rows"]):
+        raise StoreError(f"index file holds {store.ntotal} vectors, the catalog recorded {index_meta['rows']}; "
+                         "run `robret index repair`")
+    return store
+
+
+# The writer -------------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    entry: ScanEntry
+    row: dict | None
+    kind: str  # failed | touched | known | decoded
+    digest: str | None = None
+    size: int | None = None
+    error: DecodeError | None = None
+    tensor: object = None
+    width: int | None = None
+    height: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class _Writer:
+    """One build/update run over an index directory whose writer lock is held."""
+
+    def __init__(self, layout: IndexDir, catalog: Catalog, encoder, options: IngestOptions, repair: bool,
+                 requested: str | None = None):
+        self.layout, self.catalog, self.encoder, self.options, self.repair = layout, catalog, encoder, options, repair
+        self.meta = catalog.meta()
+        self.index_meta = dict(self.meta["index"])
+        self.dirty = False  # the in-memory index (or its recorded type) differs from the live file
+        if requested is not None and requested != self.index_meta.get("requested"):
+            self.index_meta["requested"] = requested  # takes effect at the final checkpoint
+            self.dirty = True
+        self.version = int(self.index_meta["version"])
+        self.limits = options.limits or DecodeLimits(**self.meta.get("limits", {}))
+        self.root = os.fsencode(self.meta["root"])
+        self.report = IngestReport(root=self.meta["root"], index_dir=str(layout.path), encoder=encoder.name)
+        self.pending: dict[int, dict] = {}  # id → full row state to write at the next checkpoint
+        self.new_ids: set[int] = set()  # pending ids not yet in the catalog (inserts)
+        self.last_checkpoint = time.monotonic()
+
+    # Setup ----------------------------------------------------------------------------------
+    def _load_store(self) -> VectorStore:
+        try:
+            store = load_live_store(self.layout, self.index_meta, self.options.use_gpu, check_sha=self.repair)
+        except StoreError as exc:
+            if not self.repair:
+                raise
+            self.report.warnings.append(f"index file unusable ({exc}); rebuilding it from the files")
+            log.warning("repair: %s; rebuilding", exc)
+            store = VectorStore.create(int(self.index_meta["dim"]), "Flat", use_gpu=self.options.use_gpu)
+            self.dirty = True
+        for leftover in self.layout.leftovers(self.version):
+            log.info("removing leftover %s from an interrupted write", leftover.name)
+            leftover.unlink(missing_ok=True)
+        return store
+
+    def _reconcile(self) -> set[int]:
+        """Make the in-memory index hold exactly the rows marked indexed. Returns ids to re-embed.
+
+        Cannot be needed after a crash (see the protocol); it catches edits made behind robret's back.
+        """
+        ids = self.store.ids()
+        uniq, counts = np.unique(ids, return_counts=True)
+        indexed = {r["id"] for r in self.rows.values() if r["status"] == INDEXED}
+        in_store = set(uniq.tolist())
+        bad = set(uniq[counts > 1].tolist())
+        if len(uniq):
+            norms = np.linalg.norm(self.store.reconstruct(uniq), axis=1)
+            bad |= set(uniq[np.abs(norms - 1) > NORM_TOLERANCE].tolist())
+        orphans = (in_store - indexed) | bad
+        if orphans:
+            self.store.remove(sorted(orphans))
+            self.dirty = True
+        reembed = (indexed - in_store) | (bad & indexed)
+        if orphans or reembed:
+            msg = f"catalog and index disagreed: {len(orphans)} index entries dropped, {len(reembed)} files to re-embed"
+            log.warning("%s", msg)
+            self.report.warnings.append(msg)
+            self.report.repaired = len(orphans | reembed)
+        self.in_store = (in_store - orphans)
+        return reembed
+
+    # Run ------------------------------------------------------------------------------------
+    def run(self) -> IngestReport:
+        t0 = time.monotonic()
+        scan = scan_folder(self.root, exclude=(self.layout.path,))
+        self.report.warnings.extend(scan.warnings)
+        self.report.ignored = scan.ignored
+        self.rows = {r["id"]: r for r in self.catalog.plan_rows()}
+        self.by_key = {r["path_key"]: r["id"] for r in self.rows.values()}
+        self.next_id = self.catalog.max_id() + 1
+        self.store = self._load_store()
+        reembed = self._reconcile()
+        # hash → id of a vector in the index with that content (what renames and copies reuse)
+        self.by_hash: dict[str, int] = {}
+        for r in self.rows.values():
+            if r["status"] == INDEXED and r["id"] in self.in_store and r["content_hash"]:
+                self.by_hash.setdefault(r["content_hash"], r["id"])
+        work, seen = self._plan(scan, reembed)
+        self.missing = {
+            i for i, r in self.rows.items()
+            if r["status"] != REMOVED and r["path_key"] not in seen and not _under(r["path_key"], scan.protected)
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            self._process(work)
+        self._remove_missing()
+        self.report.seconds = time.monotonic() - t0
+        self._checkpoint(final=True)
+        self.report.seconds = time.monotonic() - t0
+        self.report.total = self.store.ntotal
+        self.report.index_version = self.version
+        self.report.index_type = self.store.factory
+        self.catalog.set_meta({"last_run": {**self.report.to_dict(), "failed": len(self.report.failed),
+                                            "warnings": len(self.report.warnings), "at": utcnow().isoformat()}})
+        return self.report
+
+    def _plan(self, scan, reembed: set[int]) -> tuple[list[tuple[ScanEntry, dict | None]], set[bytes]]:
+        work, seen = [], set()
+        for entry in scan.entries:
+            seen.add(entry.key)
+            row_id = self.by_key.get(entry.key)
+            row = self.rows.get(row_id) if row_id is not None else None
+            same_stat = row is not None and row["size"] == entry.size and row["mtime_ns"] == entry.mtime_ns
+            if entry.problem is not None:
+                if row is not None and row["status"] == FAILED and same_stat and row["reason"] == entry.problem.reason:
+                    self.report.still_failed += 1
+                else:
+                    self._fail(entry, row, entry.problem)
+            elif row is None or row["status"] == REMOVED:
+                work.append((entry, row))
+            elif row["status"] == INDEXED and same_stat and row["id"] not in reembed:
+                self.report.unchanged += 1
+            elif row["status"] == FAILED and same_stat and not self.options.retry_failed:
+                self.report.still_failed += 1
+            else:
+                work.append((entry, row))
+        return work, seen
+
+    def _process(self, work) -> None:
+        bar = None
+        if self.options.progress and work:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(work), unit="img", desc="indexing", dynamic_ncols=True)
+        batch: list[_Loaded] = []
+        window = max(1, self.options.workers) * max(1, self.options.batch_size) * 2
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
+                pending = collections.deque()
+                items = iter(work)
+                for entry, row in items:
+                    pending.append(pool.submit(self._load, entry, row, True))
+                    if len(pending) >= window:
+                        break
+                while pending:
+                    loaded = pending.popleft().result()
+                    nxt = next(items, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(self._load, nxt[0], nxt[1], True))
+                    if self._handle(loaded, batch) and len(batch) >= self.options.batch_size:
+                        self._flush(batch)
+                    if bar is not None:
+                        bar.update(1)
+            self._flush(batch)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _load(self, entry: ScanEntry, row: dict | None, allow_reuse: bool) -> _Loaded:
+        """Worker thread: read, hash, and (unless the content is known) decode and preprocess."""
+        try:
+            data = read_bytes(entry.path, self.limits.max_bytes)
+            digest = hash_bytes(data)
+            if (row is not None and row["status"] == INDEXED and row["content_hash"] == digest
+                    and row["id"] in self.in_store):
+                return _Loaded(entry, row, "touched", digest, len(data))
+            if allow_reuse and digest in self.by_hash:
+                return _Loaded(entry, row, "known", digest, len(data))
+            image, notes, _ = decode_bytes(data, self.limits)
+            del data
+            width, height = oriented_size(image)
+            check_shape(width, height, self.limits)
+            try:
+                tensor = self.encoder.preprocess(image)
+            except Exception as exc:  # a conversion PIL/torch cannot do is this file's problem only
+                raise DecodeError("corrupt", f"preprocessing failed ({type(exc).__name__}: {exc})") from None
+            return _Loaded(entry, row, "decoded", digest, entry.size, tensor=tensor, width=width, height=height,
+                           notes=entry.notes + notes)
+        except DecodeError as exc:
+            return _Loaded(entry, row, "failed", error=exc)
+
+    def _handle(self, loaded: _Loaded, batch: list[_Loaded]) -> bool:
+        """Main thread. Returns True when `loaded` joined the embedding batch."""
+        entry, row = loaded.entry, loaded.row
+        if loaded.kind == "failed":
+            self._fail(entry, row, loaded.error)
+            return False
+        if loaded.kind == "touched":
+            self._stage(row["id"], {**row, "size": loaded.size, "mtime_ns": entry.mtime_ns})
+            self.report.unchanged += 1
+            return False
+        source = self.by_hash.get(loaded.digest)
+        if source is not None and source != (row or {}).get("id"):
+            self._reuse(loaded, source)
+            return False
+        if loaded.kind == "known":  # its source changed meanwhile: decode after all
+            return self._handle(self._load(entry, row, False), batch)
+        batch.append(loaded)
+        return True
+
+    def _new_row(self, entry: ScanEntry) -> dict:
+        row_id = self.next_id
+        self.next_id += 1
+        row = {"id": row_id, "path_key": entry.key, "path": entry.display, "content_hash": None, "size": None,
+               "mtime_ns": None, "width": None, "height": None, "status": FAILED, "reason": None, "notes": None,
+               "encoder": None, "embedded_at": None, "created_at": utcnow()}
+        self.new_ids.add(row_id)
+        self.rows[row_id] = row
+        self.by_key[entry.key] = row_id
+        return row
+
+    def _stage(self, row_id: int, state: dict) -> None:
+        state = dict(state)
+        state["updated_at"] = utcnow()
+        self.rows[row_id] = state
+        self.pending[row_id] = state
+
+    def _drop_vector(self, row: dict | None) -> None:
+        """Remove a row's current vector (if any) from the index and from the hash lookup."""
+        if row is None or row["id"] not in self.in_store:
+            return
+        self.store.remove([row["id"]])
+        self.in_store.discard(row["id"])
+        self.dirty = True
+        if row["content_hash"] and self.by_hash.get(row["content_hash"]) == row["id"]:
+            del self.by_hash[row["content_hash"]]
+
+    def _fail(self, entry: ScanEntry, row: dict | None, error: DecodeError) -> None:
+        log.warning("%s: %s", entry.display, error.reason)
+        self.report.failed.append((entry.display, error.reason))
+        self._drop_vector(row)
+        row = row if row is not None else self._new_row(entry)
+        self._stage(row["id"], {**row, "status": FAILED, "reason": error.reason, "size": entry.size,
+                                "mtime_ns": entry.mtime_ns, "content_hash": None, "width": None, "height": None,
+                                "notes": "; ".join(entry.notes) or None})
+
+    def _reuse(self, loaded: _Loaded, source: int) -> None:
+        entry, row = loaded.entry, loaded.row
+        src = self.rows[source]
+        common = {"content_hash": loaded.digest, "size": loaded.size, "mtime_ns": entry.mtime_ns,
+                  "width": src["width"], "height": src["height"], "status": INDEXED, "reason": None,
+                  "notes": src["notes"], "encoder": src["encoder"], "embedded_at": src["embedded_at"]}
+        if row is None and source in self.missing:
+            # A rename: the row (and its id and vector) moves to the new path.
+            self.missing.discard(source)
+            del self.by_key[src["path_key"]]
+            self.by_key[entry.key] = source
+            self._stage(source, {**src, **common, "path_key": entry.key, "path": entry.display})
+            self.report.renamed += 1
+            return
+        vector = self.store.reconstruct([source])
+        self._drop_vector(row)
+        row = row if row is not None else self._new_row(entry)
+        self.store.add([row["id"]], vector)
+        self.in_store.add(row["id"])
+        self.dirty = True
+        self._stage(row["id"], {**row, **common})
+        self.report.reused += 1
+
+    def _flush(self, batch: list[_Loaded]) -> None:
+        if not batch:
+            return
+        t = time.monotonic()
+        vectors = embedder.embed_inputs(self.encoder, [b.tensor for b in batch])
+        self.report.embed_seconds += time.monotonic() - t
+        ids, now = [], utcnow()
+        for loaded in batch:
+            row = loaded.row
+            if row is not None and row["status"] == INDEXED:
+                self.report.updated += 1
+            else:
+                self.report.indexed += 1
+            self._drop_vector(row)
+            row = row if row is not None else self._new_row(loaded.entry)
+            ids.append(row["id"])
+            self._stage(row["id"], {**row, "status": INDEXED, "reason": None, "content_hash": loaded.digest,
+                                    "size": loaded.size, "mtime_ns": loaded.entry.mtime_ns, "width": loaded.width,
+                                    "height": loaded.height, "notes": "; ".join(loaded.notes) or None,
+                                    "encoder": self.encoder.name, "embedded_at": now})
+            self.by_hash.setdefault(loaded.digest, row["id"])
+        self.store.add(ids, vectors)
+        self.in_store.update(ids)
+        self.dirty = True
+        batch.clear()
+        _crash_point("batch")
+        if time.monotonic() - self.last_checkpoint >= self.options.checkpoint_seconds:
+            self._checkpoint(final=False)
+
+    def _remove_missing(self) -> None:
+        for row_id in sorted(self.missing):
+            row = self.rows[row_id]
+            self._drop_vector(row)
+            self._stage(row_id, {**row, "status": REMOVED})
+            self.report.removed += 1
+            log.info("%s: removed (file no longer present)", row["path"])
+
+    # Checkpoint -----------------------------------------------------------------------------
+    def _checkpoint(self, final: bool) -> None:
+        requested = self.index_meta.get("requested", "auto")
+        if final:
+            target = target_factory(requested, self.store.factory, self.store.ntotal)
+            if target != self.store.factory:
+                log.info("converting the index from %s to %s", self.store.factory, target)
+                self.store = self.store.rebuild(target)
+                self.dirty = True
+        if not self.dirty and not self.pending and self.version > 0:
+            return
+        version = self.version + 1
+        path = self.layout.index_file(version)
+        digest = self.store.write(path, before_replace=lambda _tmp: _crash_point("write"))
+        _crash_point("rename")
+        index_meta = {**self.index_meta, "version": version, "rows": self.store.ntotal, "sha256": digest,
+                      "file": path.name, "factory": self.store.factory, "params": self.store.params}
+        inserts = [self.pending[i] for i in sorted(self.new_ids)]
+        updates = [{k: v for k, v in self.pending[i].items() if k != "created_at"}
+                   for i in sorted(self.pending) if i not in self.new_ids]
+        for row in inserts:
+            row.setdefault("created_at", row["updated_at"])
+        self.catalog.commit_changes(inserts, updates, {"index": index_meta})
+        _crash_point("commit")
+        self.version, self.index_meta = version, index_meta
+        self.pending.clear()
+        self.new_ids.clear()
+        self.dirty = False
+        self.last_checkpoint = time.monotonic()
+        for leftover in self.layout.leftovers(version):
+            leftover.unlink(missing_ok=True)
+
+
+def _under(key: bytes, prefixes: list[bytes]) -> bool:
+    return any(p == b"" or key.startswith(p + b"/") for p in prefixes)
+

@@ -1,0 +1,91 @@
+"""What an index directory holds, and the writer lock.
+
+    DIR/robret-index.json      {"format": "robret-index", "layout": 1, "catalog": URL or null}
+    DIR/catalog.sqlite         the catalog when no other SQLAlchemy URL was given (WAL mode)
+    DIR/vectors.<version>.faiss  the FAISS index; <version> is the catalog's index version
+    DIR/.lock                  held (flock) by the one process allowed to write
+
+Only the file named by the catalog's committed version is live. Other `vectors.*` files and `*.tmp`
+files are leftovers of an interrupted write; writers delete them when they open the directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import CatalogError, IndexLockedError
+
+__all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
+
+CONFIG_NAME = "robret-index.json"
+DEFAULT_CATALOG = "catalog.sqlite"
+_VECTORS = re.compile(r"^vectors\.(\d+)\.faiss$")
+
+
+class IndexDir:
+    """Paths inside one index directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().absolute()
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def index_file(self, version: int) -> Path:
+        return self.path / f"vectors.{version:08d}.faiss"
+
+    def read_config(self) -> dict:
+        if not self.exists():
+            raise CatalogError(f"{self.path} is not a robret index directory (no {CONFIG_NAME}); "
+                               "create one with `robret index build FOLDER --index-dir DIR`")
+        try:
+            config = json.loads(self.config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CatalogError(f"unreadable {self.config_path}: {exc}") from None
+        if config.get("format") != "robret-index":
+            raise CatalogError(f"{self.config_path} is not a robret index configuration")
+        return config
+
+    def write_config(self, catalog_url: str | None) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_name(CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps({"format": "robret-index", "layout": 1, "catalog": catalog_url}, indent=2) + "\n")
+        os.replace(tmp, self.config_path)
+
+    def catalog_url(self, config: dict | None = None) -> str:
+        """The catalog's SQLAlchemy URL: the configured one, else the SQLite file in this directory."""
+        url = (config if config is not None else self.read_config()).get("catalog")
+        return url or f"sqlite:///{self.path / DEFAULT_CATALOG}"
+
+    def leftovers(self, live_version: int) -> list[Path]:
+        """Files of interrupted writes: index versions other than the live one, and temporary files."""
+        found = []
+        with contextlib.suppress(FileNotFoundError):
+            for p in self.path.iterdir():
+                m = _VECTORS.match(p.name)
+                if (m and int(m.group(1)) != live_version) or p.name.endswith(".faiss.tmp"):
+                    found.append(p)
+        return sorted(found)
+
+    @contextlib.contextmanager
+    def writer_lock(self):
+        """Exclusive, non-blocking: a second writer gets IndexLockedError. Released on exit or death."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexLockedError(f"{self.path} is being written by another process") from None
+            yield
+        finally:
+            os.close(fd)

@@ -1,0 +1,355 @@
+"""The FAISS side of a gallery: unit-norm float32 vectors with stable 64-bit ids, inner product.
+
+Index types (a small closed set: certificates need every stored vector exactly, so no PQ/SQ):
+    "Flat"            IndexIDMap2(IndexFlatIP): exact; the default.
+    "IVF<n>,Flat"     IndexIVFFlat (inner product) with its own 64-bit ids and a hash-table direct
+                      map (reconstruct by id); search parameter `nprobe`. Needs training, so it is
+                      built from a flat index once the gallery has ≥ 39·n vectors.
+    "HNSW<M>"         IndexIDMap2(IndexHNSWFlat(M, inner product)); search parameter `efSearch`.
+                      HNSW cannot delete, so removals rebuild it.
+    "auto"            Flat up to AUTO_APPROX_MIN vectors, then IVF with n ≈ 4·√N lists.
+
+Why no IndexIDMap2 around IVF: IndexIDMap::remove_ids compacts its id table assuming the wrapped
+index renumbers its rows in order (true of IndexFlat, false of IVF), which would silently pair ids
+with the wrong vectors. With IndexFlat the wrapper is exactly what prevents the classic id drift
+(IndexFlat alone renumbers everything after a removed row).
+
+Files: `write(path)` writes `path.tmp`, fsyncs, renames over `path` and fsyncs the directory, so a
+reader sees the old file or the new one, never a torn one; it returns the file's SHA-256.
+Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
+`use_gpu=False`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .errors import StoreError
+
+__all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", "target_factory",
+           "default_params", "file_sha256", "fsync_dir"]
+
+log = logging.getLogger(__name__)
+
+AUTO_APPROX_MIN = 1_000_000  # "auto" stays exact (flat) below this many vectors
+IVF_MIN_POINTS_PER_LIST = 39  # FAISS's k-means wants ≥ 39 training points per centroid
+NORM_TOLERANCE = 1e-3  # |‖v‖ − 1| allowed for a stored vector (float32 embeddings)
+_FACTORY = re.compile(r"^(?:(Flat)|IVF(\d+),Flat|HNSW(\d+)(?:,Flat)?|(auto))$")
+
+
+def parse_factory(factory: str) -> tuple[str, int]:
+    """'Flat' → ('flat', 0); 'IVF1024,Flat' → ('ivf', 1024); 'HNSW32' → ('hnsw', 32); 'auto' → ('auto', 0)."""
+    m = _FACTORY.match(factory.strip())
+    if not m:
+        raise ValueError(f"unsupported index type {factory!r}: use Flat, IVF<nlist>,Flat, HNSW<M> or auto "
+                         "(vectors must be stored exactly for certificates, so no PQ/SQ compression)")
+    if m.group(1):
+        return "flat", 0
+    if m.group(2):
+        n = int(m.group(2))
+        if n < 1:
+            raise ValueError("IVF needs at least one list")
+        return "ivf", n
+    if m.group(3):
+        n = int(m.group(3))
+        if n < 2:
+            raise ValueError("HNSW needs M ≥ 2")
+        return "hnsw", n
+    return "auto", 0
+
+
+def _canonical(kind: str, n: int) -> str:
+    return {"flat": "Flat", "ivf": f"IVF{n},Flat", "hnsw": f"HNSW{n}"}[kind]
+
+
+def target_factory(requested: str, current: str, ntotal: int) -> str:
+    """The index type a gallery of `ntotal` vectors should have, given what was asked for.
+
+    An IVF too large to train on the vectors at hand stays flat (exact) until it can be trained;
+    "auto" switches to IVF once, at AUTO_APPROX_MIN vectors, and keeps that IVF afterwards.
+    """
+    kind, n = parse_factory(requested)
+    if kind == "auto":
+        if parse_factory(current)[0] != "flat":
+            return current
+        if ntotal < AUTO_APPROX_MIN:
+            return "Flat"
+        nlist = 2 ** round(math.log2(4 * math.sqrt(ntotal)))
+        return f"IVF{nlist},Flat"
+    if kind == "ivf" and ntotal < n * IVF_MIN_POINTS_PER_LIST:
+        if current == _canonical(kind, n):
+            return current  # already trained: adding and removing need no retraining
+        return "Flat"
+    return _canonical(kind, n)
+
+
+def default_params(factory: str) -> dict:
+    """Search parameters recorded with an index type (changed with `VectorStore.set_params`)."""
+    kind, n = parse_factory(factory)
+    if kind == "ivf":
+        return {"nprobe": max(1, min(n, int(round(math.sqrt(n)))))}
+    if kind == "hnsw":
+        return {"efSearch": 128, "efConstruction": 200}
+    return {}
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _as_ids(ids) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
+def _as_vectors(x, dim: int) -> np.ndarray:
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape (n, {dim}), got {x.shape}")
+    return x
+
+
+class VectorStore:
+    """A FAISS index of unit vectors under stable 64-bit ids (see module doc for the types)."""
+
+    def __init__(self, index: faiss.Index, factory: str, params: dict | None = None, use_gpu: bool = True):
+        self.index = index
+        self.factory = factory
+        self.kind, self._n = parse_factory(factory)
+        self.params = {**default_params(factory), **(params or {})}
+        self.use_gpu = use_gpu
+        self._gpu_index = None
+        self._gpu_failed = False
+        self._apply_params()
+
+    # Construction -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, dim: int, factory: str = "Flat", params: dict | None = None, use_gpu: bool = True) -> "VectorStore":
+        """An empty index. IVF types are created untrained: use `from_vectors` (which trains) instead."""
+        kind, n = parse_factory(factory)
+        if kind == "auto":
+            kind, factory = "flat", "Flat"
+        if kind == "flat":
+            index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        elif kind == "hnsw":
+            base = faiss.IndexHNSWFlat(dim, n, faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efConstruction = int({**default_params(factory), **(params or {})}["efConstruction"])
+            index = faiss.IndexIDMap2(base)
+        else:
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n, faiss.METRIC_INNER_PRODUCT)
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return cls(index, _canonical(kind, n), params, use_gpu)
+
+    @classmethod
+    def from_vectors(cls, ids, vectors, factory: str = "Flat", params: dict | None = None,
+                     use_gpu: bool = True, train_sample: int = 200_000, seed: int = 0) -> "VectorStore":
+        """An index of `factory` type holding (ids, vectors); IVF is trained on (a sample of) them."""
+        ids = _as_ids(ids)
+        store = cls.create(int(np.asarray(vectors).shape[1]), factory, params, use_gpu)
+        vectors = _as_vectors(vectors, store.dim)
+        if store.kind == "ivf":
+            need = store._n * IVF_MIN_POINTS_PER_LIST
+            if len(vectors) < store._n:
+                raise StoreError(f"IVF{store._n} needs at least {store._n} vectors to train, got {len(vectors)}")
+            if len(vectors) < need:
+                log.warning("training IVF%d on %d vectors (FAISS recommends ≥ %d)", store._n, len(vectors), need)
+            sample = vectors
+            if len(vectors) > train_sample:
+                pick = np.random.default_rng(seed).choice(len(vectors), train_sample, replace=False)
+                sample = vectors[np.sort(pick)]
+            store.index.train(sample)
+        store.add(ids, vectors)
+        return store
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, factory: str, params: dict | None = None,
+             use_gpu: bool = True) -> "VectorStore":
+        try:
+            index = faiss.read_index(os.fspath(path))
+        except RuntimeError as exc:
+            raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
+        if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        return cls(index, factory, params, use_gpu)
+
+    # Facts ----------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @property
+    def exact(self) -> bool:
+        """True when `search` is exhaustive with the current parameters."""
+        if self.kind == "flat":
+            return True
+        if self.kind == "ivf":
+            return int(self.params.get("nprobe", 1)) >= self._n
+        return False
+
+    def ids(self) -> np.ndarray:
+        """All ids, int64, in storage order (may contain duplicates only if a caller added them)."""
+        if self.kind == "ivf":
+            invlists = self.index.invlists
+            parts = []
+            for lst in range(self.index.nlist):
+                size = invlists.list_size(lst)
+                if size:
+                    parts.append(faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy())
+            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+
+    # Changes --------------------------------------------------------------------------------
+    def add(self, ids, vectors) -> None:
+        """Add vectors (n, dim) under ids (n,). Vectors must be unit-norm (checked)."""
+        ids = _as_ids(ids)
+        vectors = _as_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(ids) == 0:
+            return
+        norms = np.linalg.norm(vectors, axis=1)
+        if np.any(np.abs(norms - 1) > NORM_TOLERANCE) or not np.all(np.isfinite(norms)):
+            raise ValueError("vectors must be finite and unit-norm (inner product = cosine similarity)")
+        self.index.add_with_ids(vectors, ids)
+        self._gpu_index = None
+
+    def remove(self, ids) -> int:
+        """Remove every vector under `ids`; returns how many were removed. Other ids keep their vectors."""
+        ids = _as_ids(ids)
+        if len(ids) == 0 or self.ntotal == 0:
+            return 0
+        self._gpu_index = None
+        if self.kind == "hnsw":
+            keep_ids = self.ids()
+            mask = ~np.isin(keep_ids, ids)
+            removed = int((~mask).sum())
+            if removed:
+                keep_ids = keep_ids[mask]
+                vectors = self.reconstruct(keep_ids)
+                rebuilt = VectorStore.from_vectors(keep_ids, vectors, self.factory, self.params, self.use_gpu)
+                self.index = rebuilt.index
+                self._apply_params()
+            return removed
+        if self.kind == "ivf":  # the hash-table direct map only accepts an explicit id array
+            return int(self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
+        return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+    def rebuild(self, factory: str) -> "VectorStore":
+        """The same (id, vector) pairs in an index of another type (trained when needed)."""
+        ids = self.ids()
+        params = self.params if parse_factory(factory) == (self.kind, self._n) else None
+        return VectorStore.from_vectors(ids, self.reconstruct(ids), factory, params, self.use_gpu)
+
+    def set_params(self, **params) -> None:
+        self.params.update(params)
+        self._apply_params()
+
+    def _apply_params(self) -> None:
+        if self.kind == "ivf":
+            self.index.nprobe = int(self.params["nprobe"])
+        elif self.kind == "hnsw":
+            faiss.downcast_index(self.index.index).hnsw.efSearch = int(self.params["efSearch"])
+        self._gpu_index = None
+
+    # Reads ----------------------------------------------------------------------------------
+    def reconstruct(self, ids) -> np.ndarray:
+        """Stored vectors (n, dim) float32 for `ids`; StoreError if an id is absent."""
+        ids = _as_ids(ids)
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        try:
+            return self.index.reconstruct_batch(ids)
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[0].rsplit(": ", 1)[-1]
+            raise StoreError(f"cannot reconstruct ids: {detail}") from None
+
+    def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores (n, k) float32 decreasing, ids (n, k) int64, −1 = none).
+
+        exact=True makes an approximate index search exhaustively (IVF: every list; HNSW: its flat
+        storage), as certificates require the true top of the list.
+        """
+        q = _as_vectors(queries, self.dim)
+        k = int(k)
+        if k < 1:
+            raise ValueError("k must be ≥ 1")
+        if self.ntotal == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if exact and self.kind == "ivf" and not self.exact:
+            return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=self._n))
+        if exact and self.kind == "hnsw":
+            storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
+            scores, rows = storage.search(q, k)
+            id_map = faiss.vector_to_array(self.index.id_map)
+            ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
+            return scores, ids
+        return self._search_index().search(q, k)
+
+    def _search_index(self) -> faiss.Index:
+        if not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or faiss.get_num_gpus() == 0:
+            return self.index
+        if self._gpu_index is None:
+            try:
+                self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
+                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+            except Exception as exc:  # GPU build without this index type, out of memory, …
+                log.warning("searching on the CPU: could not move the index to the GPU (%s)", exc)
+                self._gpu_failed = True
+                return self.index
+        return self._gpu_index
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._search_index() is not self.index
+
+    # Files ----------------------------------------------------------------------------------
+    def write(self, path: str | os.PathLike, before_replace=None) -> str:
+        """Atomically write the index to `path`; returns the file's SHA-256 hex digest.
+
+        `before_replace(tmp_path)` runs after the temporary file is durable, before the rename
+        (a hook for crash tests).
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        faiss.write_index(self.index, os.fspath(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = file_sha256(tmp)
+        if before_replace is not None:
+            before_replace(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return digest

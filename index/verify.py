@@ -1,0 +1,154 @@
+"""Prove that an index directory is consistent, without changing it (`robret index verify`).
+
+Checks, each one a line in `problems` when it fails:
+  schema       the catalog's schema version is one this code reads
+  file         the index file of the committed version exists (none needed at version 0)
+  checksum     its SHA-256 equals the one committed with that version
+  rows         its vector count equals the recorded row count and the number of rows marked indexed
+  ids          the index's id set equals the indexed rows' id set, with no id stored twice
+  norms        every stored vector has unit norm (|‖v‖ − 1| ≤ NORM_TOLERANCE) and is finite
+  dim          the index dimension equals the recorded encoder's
+  type         the index type is the recorded one
+Leftover files of interrupted writes are reported as notes (harmless: the next writer deletes them).
+`check_files=True` also stats every indexed file (present, same size) — folder drift, not corruption.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .catalog import INDEXED, Catalog
+from .errors import GalleryError
+from .layout import IndexDir
+from .store import NORM_TOLERANCE, VectorStore, file_sha256
+
+__all__ = ["VerifyReport", "verify_index", "index_stats"]
+
+
+@dataclass
+class VerifyReport:
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    facts: dict = field(default_factory=dict)
+
+    def fail(self, message: str) -> None:
+        self.ok = False
+        self.problems.append(message)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "facts": self.facts}
+
+
+def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
+    report = VerifyReport()
+    layout = IndexDir(index_dir)
+    try:
+        catalog = Catalog.open(layout.catalog_url())
+    except GalleryError as exc:
+        report.fail(f"schema: {exc}")
+        return report
+    try:
+        _verify(layout, catalog, report, check_files)
+    finally:
+        catalog.close()
+    return report
+
+
+def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_files: bool) -> None:
+    meta = catalog.meta()
+    index_meta = meta["index"]
+    version = int(index_meta["version"])
+    indexed = catalog.indexed_ids()
+    report.facts.update(version=version, recorded_rows=int(index_meta["rows"]), indexed_rows=int(len(indexed)),
+                        factory=index_meta["factory"], counts=catalog.counts())
+    for leftover in layout.leftovers(version):
+        report.notes.append(f"leftover from an interrupted write: {leftover.name}")
+    if version == 0:
+        if len(indexed) or int(index_meta["rows"]):
+            report.fail(f"rows: version 0 has no index file, yet {len(indexed)} rows are marked indexed")
+        return
+    path = layout.index_file(version)
+    if not path.is_file():
+        report.fail(f"file: {path.name} (version {version}) is missing")
+        return
+    digest = file_sha256(path)
+    if digest != index_meta.get("sha256"):
+        report.fail(f"checksum: {path.name} has SHA-256 {digest[:16]}…, the catalog recorded "
+                    f"{str(index_meta.get('sha256'))[:16]}…")
+    try:
+        store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=False)
+    except GalleryError as exc:
+        report.fail(f"file: {exc}")
+        return
+    report.facts["ntotal"] = store.ntotal
+    if store.dim != int(meta["encoder"]["dim"]):
+        report.fail(f"dim: index dimension {store.dim} ≠ encoder dimension {meta['encoder']['dim']}")
+        return
+    if store.ntotal != int(index_meta["rows"]) or store.ntotal != len(indexed):
+        report.fail(f"rows: index holds {store.ntotal} vectors; catalog recorded {index_meta['rows']} and marks "
+                    f"{len(indexed)} rows indexed")
+    ids = store.ids()
+    uniq, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        report.fail(f"ids: {int((counts > 1).sum())} ids stored more than once (e.g. {int(uniq[counts > 1][0])})")
+    extra = np.setdiff1d(uniq, indexed)
+    missing = np.setdiff1d(indexed, uniq)
+    if len(extra):
+        report.fail(f"ids: {len(extra)} index entries have no indexed row (orphans, e.g. {int(extra[0])})")
+    if len(missing):
+        report.fail(f"ids: {len(missing)} indexed rows have no vector (lost, e.g. {int(missing[0])})")
+    bad = 0
+    for start in range(0, len(uniq), 65536):
+        chunk = store.reconstruct(uniq[start:start + 65536])
+        norms = np.linalg.norm(chunk.astype(np.float64), axis=1)
+        bad += int(np.sum(~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE)))
+    if bad:
+        report.fail(f"norms: {bad} stored vectors are not unit-norm")
+    if store.factory != index_meta["factory"]:
+        report.fail(f"type: index is {store.factory}, catalog recorded {index_meta['factory']}")
+    if check_files:
+        root = os.fsencode(meta["root"])
+        gone = changed = 0
+        for rec in catalog.find(INDEXED):
+            try:
+                st = os.stat(os.path.join(root, rec.path_key))
+            except OSError:
+                gone += 1
+                continue
+            changed += int(st.st_size != rec.size or st.st_mtime_ns != rec.mtime_ns)
+        if gone or changed:
+            report.notes.append(f"folder changed since the last update: {gone} indexed files missing, "
+                                f"{changed} modified (run `robret index update`)")
+
+
+def index_stats(index_dir) -> dict:
+    """What `robret index stats` prints: root, encoder, file counts by status, failure kinds, index facts."""
+    layout = IndexDir(index_dir)
+    catalog = Catalog.open(layout.catalog_url())
+    try:
+        meta = catalog.meta()
+        version = int(meta["index"]["version"])
+        path = layout.index_file(version)
+        return {
+            "index_dir": str(layout.path),
+            "root": meta["root"],
+            "catalog": _display_url(layout),
+            "schema_version": meta["schema_version"],
+            "encoder": meta["encoder"],
+            "files": catalog.counts(),
+            "failures": catalog.failure_reasons(),
+            "index": {**meta["index"], "bytes": path.stat().st_size if version and path.is_file() else 0},
+            "limits": meta.get("limits"),
+            "last_run": meta.get("last_run"),
+        }
+    finally:
+        catalog.close()
+
+
+def _display_url(layout: IndexDir) -> str:
+    from .catalog import _safe
+
+    return _safe(layout.catalog_url())

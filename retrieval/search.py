@@ -1,0 +1,158 @@
+"""Search a gallery and certify the answer (DESIGN.md, "Certificates"; encoder/certify.py).
+
+For a query image x (pixels in [0,1], after EXIF orientation, size H×W), the gallery's encoder e
+(L-Lipschitz at its input) and the preprocessing resize R (linear, ‖R‖₂ = `encoder.input_norm`):
+item i stays ranked above item j for every perturbation δ of x with
+    ‖δ‖₂ < (s_i − s_j) / (L·‖e_i − e_j‖·‖R‖₂),      s = ⟨e(Rx), e_·⟩,
+so `encoder.certify.certify_ranked` on the retrieved list, divided by ‖R‖₂, gives each top-k item's
+radius and the top-k set's radius *in the query image's own pixel space*.
+
+The list is retrieved exhaustively (`exact=True`: also on IVF/HNSW), m = `candidates` long; when
+it covers the gallery the certificate is complete, otherwise every unlisted item (score ≤ s_m) is
+bounded by (s_i − s_m)/(2L) — sound because the list is the true top-m.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoder.certify import certify_ranked
+
+__all__ = ["Hit", "SearchResult", "search_image", "search_embedding", "default_candidates"]
+
+
+def default_candidates(k: int) -> int:
+    """List length used to certify a top-k: enough outsiders that the 2L bound rarely binds."""
+    return max(2 * k, k + 64)
+
+
+@dataclass
+class Hit:
+    rank: int  # 1-based
+    id: int  # the gallery's stable id
+    score: float  # cosine similarity ⟨e(q), e_i⟩
+    path: Path | None
+    radius: float | None = None  # stays in the top-k for ‖δ‖₂ < radius (None: no certificate)
+    certified: bool | None = None  # radius > eps (None without eps or certificate)
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    k: int
+    gallery_size: int
+    candidates: int  # length of the exhaustively retrieved list
+    complete: bool  # the list covered the whole gallery
+    lipschitz: float | None
+    set_radius: float | None = None  # the top-k set cannot change for ‖δ‖₂ < set_radius
+    order_radius: float | None = None  # nor its order, for ‖δ‖₂ < order_radius
+    input_norm: float | None = None  # ‖R‖₂ used to state radii in the query's pixels (1.0: encoder input)
+    radius_space: str = "none"  # "query image H×W" | "encoder input S×S" | "none"
+    query_size: tuple[int, int] | None = None  # (height, width) of the query, after EXIF orientation
+    eps: float | None = None
+    eps_certified: bool | None = None  # set_radius > eps
+    pairs_evaluated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def certified(self) -> bool:
+        return self.set_radius is not None
+
+    def to_dict(self) -> dict:
+        def num(x):
+            if x is None:
+                return None
+            return "inf" if math.isinf(x) else float(x)
+
+        return {
+            "k": self.k, "gallery_size": self.gallery_size, "candidates": self.candidates,
+            "complete": self.complete, "lipschitz": self.lipschitz, "set_radius": num(self.set_radius),
+            "order_radius": num(self.order_radius), "input_norm": self.input_norm,
+            "radius_space": self.radius_space,
+            "query_size": list(self.query_size) if self.query_size else None, "eps": self.eps,
+            "eps_certified": self.eps_certified, "pairs_evaluated": self.pairs_evaluated, "notes": self.notes,
+            "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
+                      "radius": num(h.radius), "certified": h.certified} for h in self.hits],
+        }
+
+
+def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: float | None = None,
+                     input_norm: float | None = None, candidates: int | None = None,
+                     query_size: tuple[int, int] | None = None) -> SearchResult:
+    """Top-k for one unit-norm embedding (dim,), certified when the encoder has a Lipschitz bound.
+
+    input_norm: ‖R‖₂ of the map from the user's image to the encoder input; None states the radii
+    at the encoder input (for attacks that perturb the encoder input directly).
+    """
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    n = len(gallery)
+    k = max(1, min(int(k), n))
+    lipschitz = gallery.lipschitz if certify else None
+    if n == 0:
+        return SearchResult([], 0, 0, 0, True, lipschitz, notes=["the gallery is empty"])
+    if lipschitz is None:
+        scores, ids = gallery.search(q[None], k)
+        hits = [Hit(r + 1, int(i), float(s), p)
+                for r, (i, s, p) in enumerate(zip(ids[0], scores[0], gallery.paths(ids[0])))]
+        notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
+        return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
+
+    m = min(n, max(k, int(candidates or default_candidates(k))))
+    _, ids = gallery.search(q[None], m, exact=True)
+    ids = ids[0][ids[0] >= 0]
+    vectors = gallery.vectors(ids).astype(np.float64)
+    scores = vectors @ q.astype(np.float64)
+    order = np.argsort(-scores, kind="stable")  # recomputed in float64; ties keep FAISS's order
+    ids, vectors, scores = ids[order], vectors[order], scores[order]
+    complete = len(ids) >= n
+    cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete)
+    norm = float(input_norm) if input_norm is not None else 1.0
+    cert = cert.scaled(norm)
+    paths = gallery.paths(ids[:k])
+    hits = []
+    for r in range(k):
+        radius = float(cert.radius[r])
+        hits.append(Hit(r + 1, int(ids[r]), float(scores[r]), paths[r], radius,
+                        None if eps is None else bool(radius > eps)))
+    if input_norm is None:
+        side = gallery.encoder_info.get("input_size")
+        space = f"encoder input {side}×{side}"
+    else:
+        space = f"query image {query_size[0]}×{query_size[1]}" if query_size else "query image"
+    return SearchResult(
+        hits, k, n, len(ids), complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
+        query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated))
+
+
+def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
+                 candidates: int | None = None) -> SearchResult:
+    """Embed a query (file path or PIL image) with the gallery's encoder, search, certify.
+
+    Radii are ℓ2 norms over the query image's own [0,1] pixels (3·H·W values, EXIF orientation
+    applied), through the encoder's `input_norm` (the exact norm of its resize).
+    """
+    from PIL import Image
+
+    from index.decode import oriented_size
+
+    if isinstance(image, (str, os.PathLike)):
+        decoded = gallery.decode(image)
+        pil, size = decoded.image, (decoded.height, decoded.width)
+    elif isinstance(image, Image.Image):
+        w, h = oriented_size(image)
+        pil, size = image, (h, w)
+    else:
+        raise TypeError(f"expected a file path or a PIL image, got {type(image).__name__}")
+    enc = gallery.encoder
+    q = gallery.embed_images([pil])[0]
+    norm_fn = getattr(enc, "input_norm", None)
+    input_norm = float(norm_fn(size)) if (norm_fn is not None and certify) else None
+    result = search_embedding(gallery, q, k, certify=certify, eps=eps, input_norm=input_norm,
+                              candidates=candidates, query_size=size)
+    if certify and result.lipschitz is not None and norm_fn is None:
+        result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
+    return result
