@@ -51,7 +51,7 @@ class DecodeLimits:
     max_aspect: float = 20.0  # long side / short side above this: squashing it to a square is noise
 
 
-class DecodeError(Exception):
+class DecodeError(ValueError):
     """A file that cannot be embedded. `kind` is a stable code, `detail` the human explanation.
 
     Kinds: missing, permission, unreadable, not_regular, empty, too_large, not_image, text,

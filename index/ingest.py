@@ -85,7 +85,7 @@ class IngestReport:
     reused: int = 0  # vectors copied from identical content elsewhere in the gallery
     unchanged: int = 0  # skipped: same size and mtime, or same content hash
     still_failed: int = 0  # failed before, unchanged, not retried
-    removed: int = 0  # tombstoned: the file is gone
+    removed: int = 0  # indexed files that disappeared: tombstoned, vectors removed
     repaired: int = 0  # index entries fixed by reconciliation (orphans removed, missing re-embedded)
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -142,10 +142,10 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
     root = os.path.abspath(os.fsencode(folder))
     if not os.path.isdir(root):
         scan_folder(root)  # raises FolderError with the precise reason
+    enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
+    ident = embedder.identity(enc, encoder_spec)
     layout = IndexDir(index_dir)
     with layout.writer_lock():
-        enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
-        ident = embedder.identity(enc, encoder_spec)
         config = layout.read_config() if layout.exists() else None
         if config is not None and config.get("catalog") != db_url and db_url is not None:
             raise CatalogError(f"{layout.path} already uses the catalog {config.get('catalog') or 'in the directory'}")
@@ -156,8 +156,9 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
         try:
             catalog = Catalog.open(url)
         except CatalogError:
-            if _has_robret_tables(url):
+            if _catalog_initialised(url):
                 raise
+            # New, or a creation interrupted before its metadata was committed: (re)create.
             limits = options.limits or DecodeLimits()
             catalog = Catalog.create(url, {
                 "root": os.fsdecode(root),
@@ -166,12 +167,15 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
                 "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
                           "requested": index_type, "params": {}, "dim": ident["dim"]},
             })
-        meta = catalog.meta()
-        if os.fsencode(meta["root"]) != root:
-            raise CatalogError(f"{layout.path} indexes {meta['root']!r}, not {os.fsdecode(root)!r}; "
-                               "use another --index-dir")
-        catalog.check_encoder(ident)
-        return _Writer(layout, catalog, enc, options, repair=False, requested=index_type).run()
+        try:
+            meta = catalog.meta()
+            if os.fsencode(meta["root"]) != root:
+                raise CatalogError(f"{layout.path} indexes {meta['root']!r}, not {os.fsdecode(root)!r}; "
+                                   "use another --index-dir")
+            catalog.check_encoder(ident)
+            return _Writer(layout, catalog, enc, options, repair=False, requested=index_type).run()
+        finally:
+            catalog.close()
 
 
 def update_index(index_dir, *, options: IngestOptions | None = None, encoder=None) -> IngestReport:
@@ -190,25 +194,24 @@ def _open_writer(index_dir, options: IngestOptions, encoder, repair: bool) -> In
     config = layout.read_config()
     with layout.writer_lock():
         catalog = Catalog.open(layout.catalog_url(config))
-        meta = catalog.meta()
-        spec = meta["encoder"]["spec"]
-        enc = encoder if encoder is not None else embedder.load(spec, embedder.pick_device(not options.use_gpu))
-        catalog.check_encoder(embedder.identity(enc, spec))
-        return _Writer(layout, catalog, enc, options, repair=repair).run()
+        try:
+            spec = catalog.meta()["encoder"]["spec"]
+            enc = encoder if encoder is not None else embedder.load(spec, embedder.pick_device(not options.use_gpu))
+            catalog.check_encoder(embedder.identity(enc, spec))
+            return _Writer(layout, catalog, enc, options, repair=repair).run()
+        finally:
+            catalog.close()
 
 
-def _has_robret_tables(url: str) -> bool:
-    from sqlalchemy import inspect
-
-    from .catalog import make_engine
-
-    engine = make_engine(url)
+def _catalog_initialised(url: str) -> bool:
+    """True when a catalog at `url` has committed its metadata (so it must not be re-created)."""
+    catalog = Catalog(url)
     try:
-        return "robret_meta" in inspect(engine).get_table_names()
-    except Exception:
+        return "schema_version" in catalog.meta()
+    except Exception:  # no tables yet
         return False
     finally:
-        engine.dispose()
+        catalog.close()
 
 
 def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True, check_sha: bool = False) -> VectorStore:
@@ -291,9 +294,11 @@ class _Writer:
         indexed = {r["id"] for r in self.rows.values() if r["status"] == INDEXED}
         in_store = set(uniq.tolist())
         bad = set(uniq[counts > 1].tolist())
-        if len(uniq):
-            norms = np.linalg.norm(self.store.reconstruct(uniq), axis=1)
-            bad |= set(uniq[np.abs(norms - 1) > NORM_TOLERANCE].tolist())
+        if self.repair:  # reading every vector back is verify's job; repair acts on what it finds
+            for start in range(0, len(uniq), 65536):
+                chunk = uniq[start:start + 65536]
+                norms = np.linalg.norm(self.store.reconstruct(chunk), axis=1)
+                bad |= set(chunk[~(np.abs(norms - 1) <= NORM_TOLERANCE)].tolist())
         orphans = (in_store - indexed) | bad
         if orphans:
             self.store.remove(sorted(orphans))
@@ -527,10 +532,11 @@ class _Writer:
     def _remove_missing(self) -> None:
         for row_id in sorted(self.missing):
             row = self.rows[row_id]
+            if row["status"] == INDEXED:
+                self.report.removed += 1
+                log.info("%s: removed (file no longer present)", row["path"])
             self._drop_vector(row)
             self._stage(row_id, {**row, "status": REMOVED})
-            self.report.removed += 1
-            log.info("%s: removed (file no longer present)", row["path"])
 
     # Checkpoint -----------------------------------------------------------------------------
     def _checkpoint(self, final: bool) -> None:

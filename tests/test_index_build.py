@@ -1,0 +1,264 @@
+"""Build, search, update (modify / rename / delete / re-add), verify, repair — against exact ground truth."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from index import (INDEXED, REMOVED, Catalog, EncoderMismatchError, Gallery, IndexLockedError, IngestOptions,
+                   SchemaVersionError, StoreError, VectorStore, build_index, repair_index, update_index,
+                   verify_index)
+from index.layout import IndexDir
+from tests._index_fixtures import copy_photos
+
+OPTS = IngestOptions(workers=2, batch_size=5)
+
+
+def _rows(index_dir) -> dict[str, object]:
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    try:
+        return {r.path: r for r in catalog.find()}
+    finally:
+        catalog.close()
+
+
+def _embed_files(encoder, paths) -> np.ndarray:
+    """Ground truth: each file embedded on its own, outside the index machinery."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for p in paths:
+            with Image.open(p) as im:
+                out.append(encoder.embed(encoder.preprocess(im))[0].numpy())
+    return np.stack(out)
+
+
+def _state(index_dir, encoder) -> dict[str, np.ndarray]:
+    """path → stored vector, for every indexed row."""
+    with Gallery.open(index_dir, encoder=encoder) as g:
+        rows = {p: r for p, r in _rows(index_dir).items() if r.status == INDEXED}
+        vecs = g.vectors([r.id for r in rows.values()])
+    return dict(zip(rows, vecs))
+
+
+@pytest.fixture()
+def built(tmp_path, sample_folder, tiny_lipsim):
+    folder = copy_photos(sample_folder, tmp_path / "photos")
+    index_dir = tmp_path / "index"
+    report = build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    return folder, index_dir, report
+
+
+def test_build_then_search_equals_bruteforce_numpy(built, tiny_lipsim):
+    folder, index_dir, report = built
+    files = sorted(folder.iterdir())
+    assert report.indexed == len(files) and report.total == len(files) and not report.failed
+    truth = _embed_files(tiny_lipsim, files)
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        scores, ids = g.search(truth, k=5)
+        paths = [g.paths(row) for row in ids]
+    for qi in range(len(files)):
+        s = truth @ truth[qi]
+        order = np.argsort(-s, kind="stable")[:5]
+        assert [files[j] for j in order] == paths[qi]
+        assert np.allclose(scores[qi], s[order], atol=1e-5)
+    assert verify_index(index_dir).ok
+
+
+def test_update_with_nothing_changed_reads_nothing_and_keeps_the_version(built, tiny_lipsim):
+    folder, index_dir, _ = built
+    version = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]["version"]
+    report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert report.unchanged == len(list(folder.iterdir())) and report.embedded == 0
+    assert report.index_version == version
+
+
+def test_touched_file_with_same_content_is_not_reembedded(built, tiny_lipsim):
+    folder, index_dir, _ = built
+    now = time.time() + 100
+    os.utime(folder / "moon.png", (now, now))
+    report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert report.embedded == 0 and report.unchanged == len(list(folder.iterdir()))
+    assert _rows(index_dir)["moon.png"].mtime_ns == os.stat(folder / "moon.png").st_mtime_ns
+
+
+def test_modify_rename_delete_readd_keeps_ids_and_matches_a_clean_build(built, tiny_lipsim, tmp_path):
+    folder, index_dir, _ = built
+    ids0 = {p: r.id for p, r in _rows(index_dir).items()}
+    # modify: new content under the same name
+    with Image.open(folder / "coins.png") as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "coins.png")
+    # rename
+    os.rename(folder / "brick.png", folder / "brick-renamed.png")
+    # delete
+    os.remove(folder / "rocket.png")
+    # copy of existing content under a new name
+    shutil.copy2(folder / "moon.png", folder / "moon-copy.png")
+    report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert (report.updated, report.renamed, report.removed, report.reused, report.indexed) == (1, 1, 1, 1, 0)
+    assert verify_index(index_dir).ok
+    rows = _rows(index_dir)
+    assert rows["coins.png"].id == ids0["coins.png"]
+    assert rows["brick-renamed.png"].id == ids0["brick.png"] and "brick.png" not in rows
+    assert rows["rocket.png"].status == REMOVED
+    assert rows["moon-copy.png"].id > max(ids0.values())
+    untouched = set(ids0) - {"coins.png", "brick.png", "rocket.png"}
+    assert all(rows[p].id == ids0[p] for p in untouched)
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        assert ids0["rocket.png"] not in set(g.ids().tolist())
+
+    # re-add the deleted file: its row comes back under the same id
+    from encoder.samples import sample_photo
+
+    sample_photo("rocket").save(folder / "rocket.png")
+    report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    rows = _rows(index_dir)
+    assert rows["rocket.png"].status == INDEXED and rows["rocket.png"].id == ids0["rocket.png"]
+    assert verify_index(index_dir).ok
+
+    # the incrementally maintained index equals a clean build of the final folder
+    clean_dir = tmp_path / "clean"
+    build_index(folder, clean_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    got, want = _state(index_dir, tiny_lipsim), _state(clean_dir, tiny_lipsim)
+    assert got.keys() == want.keys()
+    for p in want:
+        assert np.allclose(got[p], want[p], atol=1e-5), p
+
+
+def test_flat_store_remove_has_no_id_drift():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.arange(1000, 1200)
+    for factory in ("Flat", "IVF4,Flat", "HNSW8"):
+        store = VectorStore.from_vectors(ids, x, factory)
+        gone = ids[[0, 5, 50, 51, 199]]
+        assert store.remove(gone) == 5
+        keep = np.setdiff1d(ids, gone)
+        assert np.array_equal(np.sort(store.ids()), keep)
+        assert np.allclose(store.reconstruct(keep), x[keep - 1000])
+        _, found = store.search(x[keep - 1000], 1, exact=True)
+        assert np.array_equal(found[:, 0], keep), factory
+        store.add(gone[:2], x[gone[:2] - 1000])  # re-add under the same ids
+        assert np.allclose(store.reconstruct(gone[:2]), x[gone[:2] - 1000])
+
+
+@pytest.mark.parametrize("factory", ["HNSW8", "IVF2,Flat"])
+def test_approximate_index_types_record_params_and_search_exactly_on_demand(tmp_path, tiny_lipsim, factory):
+    # 80 small images: enough for IVF2 to be trained (≥ 39 vectors per list), else it stays Flat.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    index_dir = tmp_path / "index"
+    report = build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, index_type=factory,
+                         options=IngestOptions(workers=2, batch_size=40))
+    assert report.index_type == factory
+    meta = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]
+    assert meta["factory"] == factory and meta["params"]
+    files = sorted(folder.iterdir())
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        ids_by_path = {r.path: r.id for r in g.records(g.ids())}
+        vecs = g.vectors([ids_by_path[p.name] for p in files])
+        _, found = g.search(vecs, k=3, exact=True)
+    for qi in range(len(files)):
+        order = np.argsort(-(vecs @ vecs[qi]), kind="stable")[:3]
+        assert list(found[qi]) == [ids_by_path[files[j].name] for j in order]
+    os.remove(folder / "07.png")
+    assert update_index(index_dir, encoder=tiny_lipsim, options=OPTS).removed == 1
+    assert verify_index(index_dir).ok
+    assert Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]["factory"] == factory
+
+
+def test_ivf_requested_on_a_small_gallery_stays_exact_until_it_can_be_trained(built, tiny_lipsim):
+    folder, index_dir, _ = built
+    report = build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, index_type="IVF64,Flat")
+    meta = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]
+    assert report.index_type == "Flat" and meta["requested"] == "IVF64,Flat"
+    assert verify_index(index_dir).ok
+
+
+def test_catalog_refuses_a_newer_schema(built):
+    _, index_dir, _ = built
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    catalog.set_meta({"schema_version": 99})
+    catalog.close()
+    with pytest.raises(SchemaVersionError, match="newer"):
+        Gallery.open(index_dir)
+
+
+def test_encoders_are_never_mixed(built, tiny_lipsim):
+    from encoder import load_encoder
+
+    folder, index_dir, _ = built
+    other = load_encoder("pixels:16")
+    with pytest.raises(EncoderMismatchError):
+        build_index(folder, index_dir, "pixels:16", encoder=other)
+    with pytest.raises(EncoderMismatchError):
+        Gallery.open(index_dir, encoder=other)
+    reseeded = load_encoder("lipsim:cpu-tiny", seed=1)  # same name and shape, other weights
+    with pytest.raises(EncoderMismatchError, match="weights"):
+        update_index(index_dir, encoder=reseeded)
+
+
+def test_second_writer_is_refused_while_one_holds_the_lock(built, tiny_lipsim):
+    _, index_dir, _ = built
+    with IndexDir(index_dir).writer_lock():
+        with pytest.raises(IndexLockedError):
+            update_index(index_dir, encoder=tiny_lipsim)
+
+
+def test_verify_detects_tampering_and_repair_fixes_it(built, tiny_lipsim):
+    folder, index_dir, _ = built
+    layout = IndexDir(index_dir)
+    meta = Catalog.open(layout.catalog_url()).meta()["index"]
+    live = layout.index_file(meta["version"])
+    # 1. an orphan vector slipped into the file behind the catalog's back
+    store = VectorStore.read(live, meta["factory"])
+    store.add([999_999], np.eye(1, store.dim, dtype=np.float32))
+    store.write(live)
+    report = verify_index(index_dir)
+    assert not report.ok and any(p.startswith("checksum") for p in report.problems)
+    assert any(p.startswith("rows") for p in report.problems)
+    assert any("orphans" in p for p in report.problems)
+    with pytest.raises(StoreError, match="repair"):
+        update_index(index_dir, encoder=tiny_lipsim)
+    repair_index(index_dir, encoder=tiny_lipsim)
+    assert verify_index(index_dir).ok
+    # 2. the index file is lost entirely: repair re-embeds every file
+    meta = Catalog.open(layout.catalog_url()).meta()["index"]
+    os.remove(layout.index_file(meta["version"]))
+    assert any(p.startswith("file") for p in verify_index(index_dir).problems)
+    report = repair_index(index_dir, encoder=tiny_lipsim)
+    assert report.embedded == len(list(folder.iterdir()))
+    assert verify_index(index_dir).ok
+
+
+def test_leftover_temporary_files_are_reported_then_cleaned(built, tiny_lipsim):
+    _, index_dir, _ = built
+    layout = IndexDir(index_dir)
+    (layout.path / "vectors.00000099.faiss.tmp").write_bytes(b"torn write")
+    (layout.path / "vectors.00000098.faiss").write_bytes(b"old")
+    report = verify_index(index_dir)
+    assert report.ok and len(report.notes) == 2
+    update_index(index_dir, encoder=tiny_lipsim)
+    assert not layout.leftovers(Catalog.open(layout.catalog_url()).meta()["index"]["version"])
+
+
+def test_catalog_at_another_sqlalchemy_url(tmp_path, sample_folder, tiny_lipsim):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins", "camera"))
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url)
+    assert (tmp_path / "elsewhere.db").is_file() and not (index_dir / "catalog.sqlite").exists()
+    assert json.loads((index_dir / "robret-index.json").read_text())["catalog"] == url
+    os.remove(folder / "moon.png")
+    assert update_index(index_dir, encoder=tiny_lipsim).removed == 1
+    assert verify_index(index_dir).ok
