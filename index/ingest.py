@@ -48,7 +48,7 @@ from PIL import Image
 from . import embedder
 from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
-from .errors import CatalogError, FolderError, StoreError
+from .errors import CatalogError, EncoderMismatchError, StoreError
 from .layout import IndexDir
 from .scan import ScanEntry, display_path, scan_folder
 from .store import NORM_TOLERANCE, VectorStore, file_sha256, parse_factory, target_factory
@@ -143,39 +143,47 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
     if not os.path.isdir(root):
         scan_folder(root)  # raises FolderError with the precise reason
     enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
-    ident = embedder.identity(enc, encoder_spec)
     layout = IndexDir(index_dir)
     with layout.writer_lock():
-        config = layout.read_config() if layout.exists() else None
-        if config is not None and config.get("catalog") != db_url and db_url is not None:
-            raise CatalogError(f"{layout.path} already uses the catalog {config.get('catalog') or 'in the directory'}")
-        if config is None:
-            layout.write_config(db_url)
+        if layout.exists():
             config = layout.read_config()
-        url = layout.catalog_url(config)
-        try:
-            catalog = Catalog.open(url)
-        except CatalogError:
-            if _catalog_initialised(url):
-                raise
-            # New, or a creation interrupted before its metadata was committed: (re)create.
-            limits = options.limits or DecodeLimits()
-            catalog = Catalog.create(url, {
-                "root": os.fsdecode(root),
-                "encoder": ident,
-                "limits": asdict(limits),
-                "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
-                          "requested": index_type, "params": {}, "dim": ident["dim"]},
-            })
+            if db_url is not None and config.get("catalog") != db_url:
+                raise CatalogError(f"{layout.path} already uses the catalog "
+                                   f"{config.get('catalog') or 'inside the directory'}")
+            if config["encoder"] != encoder_spec:
+                raise EncoderMismatchError(f"{layout.path} is an index for {config['encoder']!r}, not "
+                                           f"{encoder_spec!r}: encoders are never mixed; use another --index-dir")
+        else:
+            config = layout.write_config(db_url, os.fsdecode(root), encoder_spec, index_type)
+        catalog = _open_or_create_catalog(layout, config, enc, options)
         try:
             meta = catalog.meta()
             if os.fsencode(meta["root"]) != root:
                 raise CatalogError(f"{layout.path} indexes {meta['root']!r}, not {os.fsdecode(root)!r}; "
                                    "use another --index-dir")
-            catalog.check_encoder(ident)
+            catalog.check_encoder(embedder.identity(enc, encoder_spec))
             return _Writer(layout, catalog, enc, options, repair=False, requested=index_type).run()
         finally:
             catalog.close()
+
+
+def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: IngestOptions) -> Catalog:
+    """The directory's catalog; created from the configuration when it is new, or when a creation was
+    interrupted before the catalog's metadata was committed (the configuration is written first)."""
+    url = layout.catalog_url(config)
+    try:
+        return Catalog.open(url)
+    except CatalogError:
+        if _catalog_initialised(url):
+            raise
+    ident = embedder.identity(enc, config["encoder"])
+    return Catalog.create(url, {
+        "root": config["root"],
+        "encoder": ident,
+        "limits": asdict(options.limits or DecodeLimits()),
+        "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
+                  "requested": config.get("index_type", "auto"), "params": {}, "dim": ident["dim"]},
+    })
 
 
 def update_index(index_dir, *, options: IngestOptions | None = None, encoder=None) -> IngestReport:
@@ -193,10 +201,10 @@ def _open_writer(index_dir, options: IngestOptions, encoder, repair: bool) -> In
     layout = IndexDir(index_dir)
     config = layout.read_config()
     with layout.writer_lock():
-        catalog = Catalog.open(layout.catalog_url(config))
+        spec = config["encoder"]
+        enc = encoder if encoder is not None else embedder.load(spec, embedder.pick_device(not options.use_gpu))
+        catalog = _open_or_create_catalog(layout, config, enc, options)
         try:
-            spec = catalog.meta()["encoder"]["spec"]
-            enc = encoder if encoder is not None else embedder.load(spec, embedder.pick_device(not options.use_gpu))
             catalog.check_encoder(embedder.identity(enc, spec))
             return _Writer(layout, catalog, enc, options, repair=repair).run()
         finally:

@@ -1,6 +1,7 @@
 """What an index directory holds, and the writer lock.
 
-    DIR/robret-index.json      {"format": "robret-index", "layout": 1, "catalog": URL or null}
+    DIR/robret-index.json      {"format": "robret-index", "layout": 1, "catalog": URL or null,
+                                "root": folder, "encoder": spec, "index_type": requested type}
     DIR/catalog.sqlite         the catalog when no other SQLAlchemy URL was given (WAL mode)
     DIR/vectors.<version>.faiss  the FAISS index; <version> is the catalog's index version
     DIR/.lock                  held (flock) by the one process allowed to write
@@ -53,11 +54,18 @@ class IndexDir:
             raise CatalogError(f"{self.config_path} is not a robret index configuration")
         return config
 
-    def write_config(self, catalog_url: str | None) -> None:
+    def write_config(self, catalog_url: str | None, root: str, encoder: str, index_type: str) -> dict:
+        """Written once, first, atomically: enough to (re)create the catalog if creation is interrupted."""
         self.path.mkdir(parents=True, exist_ok=True)
+        config = {"format": "robret-index", "layout": 1, "catalog": catalog_url, "root": root, "encoder": encoder,
+                  "index_type": index_type}
         tmp = self.config_path.with_name(CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps({"format": "robret-index", "layout": 1, "catalog": catalog_url}, indent=2) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.config_path)
+        return config
 
     def catalog_url(self, config: dict | None = None) -> str:
         """The catalog's SQLAlchemy URL: the configured one, else the SQLite file in this directory."""

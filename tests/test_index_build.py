@@ -262,3 +262,12 @@ def test_catalog_at_another_sqlalchemy_url(tmp_path, sample_folder, tiny_lipsim)
     os.remove(folder / "moon.png")
     assert update_index(index_dir, encoder=tiny_lipsim).removed == 1
     assert verify_index(index_dir).ok
+
+
+def test_update_finishes_a_build_killed_before_its_catalog_existed(tmp_path, sample_folder, tiny_lipsim):
+    # The configuration is written first; a build killed right after it leaves no catalog yet.
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    index_dir = tmp_path / "index"
+    IndexDir(index_dir).write_config(None, str(folder), "lipsim:cpu-tiny", "auto")
+    report = update_index(index_dir, encoder=tiny_lipsim)
+    assert report.indexed == 2 and verify_index(index_dir).ok
