@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.robret-installed
 
-.PHONY: demo test install ui bench clean
+.PHONY: demo test install ui bench clean browser-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/robret demo
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(PY) -m pytest
+
+# The real-browser UI test's needs: Debian's chromium (apt-get) and playwright (pip); quick when present.
+browser-deps: $(STAMP)
+	bash tests/browser/setup.sh $(PY)
 
 ui: $(STAMP)
 	$(VENV)/bin/robret ui

@@ -1,0 +1,353 @@
+"""Headless tests of the Streamlit page (streamlit.testing.v1.AppTest) against the library.
+
+What the page displays (top-k ids, scores, certified radii, attack outcomes) must be what
+index.Gallery + retrieval.search return when called directly.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests._ui_fixtures import APP, page_env, ui_engine, ui_env  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def new_page(timeout: float = 120):
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(APP), default_timeout=timeout)
+
+
+def run_clean(at):
+    at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+TABLES = ["table_lipsim", "table_compare", "moves_lipsim", "moves_compare"]  # in page order
+
+
+def table(at, key: str):
+    """A displayed table as row dicts: the results tables (LipSim, comparison), then the attack's moves."""
+    return at.dataframe[TABLES.index(key)].value.to_dict("records")
+
+
+def library_search(index_dir, image, k):
+    """The library's answer for a PIL image: retrieval.search.search_image on the opened index."""
+    from index import Gallery
+    from retrieval.search import search_image
+
+    with Gallery.open(index_dir, use_gpu=False) as g:
+        return search_image(g, image, k=k)
+
+
+def assert_table_matches(rows, res, names):
+    assert [r["id"] for r in rows] == [h.id for h in res.hits]
+    assert [r["name"] for r in rows] == [names[h.id] for h in res.hits]
+    np.testing.assert_allclose([r["score"] for r in rows], [h.score for h in res.hits], atol=1e-6)
+    if res.certified:
+        np.testing.assert_allclose([r["radius"] for r in rows], [h.radius for h in res.hits], rtol=1e-6)
+    else:
+        assert all("radius" not in r or r["radius"] is None or np.isnan(r["radius"]) for r in rows)
+
+
+def test_page_loads_with_both_encoders_named_and_lipsim_certified(page_env, ui_engine):
+    at = run_clean(new_page())
+    sidebar = " ".join(m.value for m in at.sidebar.markdown)
+    assert "lipsim:cpu-tiny (random weights)" in sidebar
+    assert ui_engine.compare.label in sidebar and "no certificate" in sidebar
+    html = " ".join(m.value for m in at.markdown)
+    assert "top-5 set certified for ‖δ‖₂ &lt;" in html and "certified r = " in html
+    lip, cmp_rows = table(at, "table_lipsim"), table(at, "table_compare")
+    assert len(lip) == len(cmp_rows) == 5 and "radius" in lip[0]
+    assert not any(e.value for e in at.error)
+
+
+def test_gallery_query_shows_the_library_top_k_for_both_encoders(page_env, ui_engine):
+    at = run_clean(new_page())
+    at.text_input(key="gallery_filter").input("coffee")
+    run_clean(at)
+    assert at.selectbox(key="gallery_pick").options == ["coffee.png"]
+    pick = at.session_state["gallery_pick"]
+    assert ui_engine.name_of(pick) == "coffee.png"
+    at.slider(key="k").set_value(4)
+    run_clean(at)
+    image = Image.open(ui_engine.by_id[pick].path)
+    for side in ui_engine.sides:
+        res = library_search(side.index.gallery.index_dir, image, k=4)
+        if side.key == "compare":  # map the comparison gallery's ids to the page's (by path)
+            for h in res.hits:
+                h.id = next(g.id for g in ui_engine.gallery if g.path == h.path)
+        assert_table_matches(table(at, f"table_{side.key}"), res, ui_engine.names)
+    assert table(at, "table_lipsim")[0]["name"] == "coffee.png"
+
+
+def test_page_opens_an_index_directory_given_to_robret_ui(page_env, ui_engine, monkeypatch):
+    monkeypatch.setenv("ROBRET_UI_INDEX_DIR", str(ui_engine.index_dir))
+    at = run_clean(new_page())
+    assert str(ui_engine.index_dir) in " ".join(m.value for m in at.sidebar.markdown)
+    assert len(table(at, "table_lipsim")) == 5
+
+
+def test_comparison_can_be_an_existing_index_of_the_same_folder(page_env, ui_engine, monkeypatch):
+    monkeypatch.setenv("ROBRET_UI_COMPARE", str(ui_engine.compare.index.gallery.index_dir))
+    at = run_clean(new_page())
+    assert ui_engine.compare.label in " ".join(m.value for m in at.sidebar.markdown)
+    expected = ui_engine.search(at.session_state["query"].x, 5)["compare"].top
+    assert [r["id"] for r in table(at, "table_compare")] == expected
+
+
+def test_missing_comparison_encoder_is_a_message_not_a_trace(page_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBRET_UI_COMPARE", f"standard:{tmp_path / 'absent.safetensors'}")
+    at = run_clean(new_page())
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "cannot load the comparison encoder" in errors[0]
+
+
+def test_random_button_picks_a_gallery_query(page_env):
+    at = run_clean(new_page())
+    at.button(key="random").click()
+    run_clean(at)
+    assert at.session_state["query_key"].startswith("gallery: ")
+    assert len(table(at, "table_lipsim")) == 5
+
+
+def test_upload_good_image_is_searched_like_the_library(page_env, ui_engine):
+    at = run_clean(new_page())
+    at.radio(key="source").set_value("an upload")
+    run_clean(at)
+    photo = Image.open(ui_engine.by_id[ui_engine.gallery[3].id].path).convert("RGB").resize((200, 150))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+    at.file_uploader(key="upload").set_value(("my photo.png", buf.getvalue(), "image/png"))
+    run_clean(at)
+    assert not at.error
+    assert at.session_state["query_key"].startswith("upload: my photo.png")
+    res = library_search(ui_engine.index_dir, Image.open(io.BytesIO(buf.getvalue())), k=5)
+    assert_table_matches(table(at, "table_lipsim"), res, ui_engine.names)
+    assert res.query_size == (150, 200)
+
+
+def test_large_upload_is_shrunk_to_the_working_size_and_radii_are_stated_for_it(page_env, ui_engine):
+    from ui.query import working_image
+
+    at = run_clean(new_page())
+    at.radio(key="source").set_value("an upload")
+    run_clean(at)
+    big = Image.open(ui_engine.gallery[0].path).convert("RGB").resize((1300, 975))
+    buf = io.BytesIO()
+    big.save(buf, format="JPEG", quality=80)
+    at.file_uploader(key="upload").set_value(("big.jpg", buf.getvalue(), "image/jpeg"))
+    run_clean(at)
+    q = at.session_state["query"]
+    assert q.original_hw == (975, 1300) and tuple(q.x.shape) == (3, 768, 1024)
+    x, _ = working_image(Image.open(io.BytesIO(buf.getvalue())), 1024)
+    torch.testing.assert_close(q.x, x)
+    # Radii are stated for the working image: the library's search with its resize norm.
+    from index import Gallery
+    from retrieval.search import search_embedding
+
+    side = ui_engine.lipsim
+    with Gallery.open(ui_engine.index_dir, use_gpu=False) as g:
+        lib = search_embedding(g, side.embed(x), 5, input_norm=side.encoder.input_norm((768, 1024)))
+    assert_table_matches(table(at, "table_lipsim"), lib, ui_engine.names)
+
+
+@pytest.mark.parametrize("name,data,message", [
+    ("notes.png", b"these are my notes, not an image\n" * 4, "text"),
+    ("broken.png", None, "truncated"),
+    ("huge.png", b"\x89PNG" + bytes(1_200_000), "upload limit"),
+    ("tiny.png", "tiny", "too small"),
+])
+def test_bad_upload_gives_a_message_not_a_trace(page_env, name, data, message):
+    if data is None:  # a real PNG cut in half
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+        data = buf.getvalue()[: len(buf.getvalue()) // 2]
+    elif data == "tiny":
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 40)).save(buf, "PNG")
+        data = buf.getvalue()
+    at = run_clean(new_page())
+    at.radio(key="source").set_value("an upload")
+    run_clean(at)
+    at.file_uploader(key="upload").set_value((name, data, "image/png"))
+    run_clean(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and name in errors[0] and message in errors[0], errors
+    assert "Traceback" not in errors[0]
+    assert not at.dataframe  # nothing searched
+
+
+@pytest.mark.parametrize("kind,norm,eps", [
+    ("untargeted", "l2", 2.0),
+    ("targeted", "linf", 16.0),
+    ("autoattack", "l2", 4.0),
+])
+def test_each_attack_kind_runs_and_reports_what_the_library_finds(page_env, ui_engine, kind, norm, eps):
+    from index import Gallery
+    from retrieval.search import search_embedding
+
+    at = run_clean(new_page())
+    at.radio(key="attack_kind").set_value(kind)
+    at.radio(key="attack_norm").set_value(norm)
+    run_clean(at)
+    at.number_input(key=f"eps_{norm}").set_value(eps)
+    at.number_input(key="attack_steps").set_value(3)
+    if kind == "targeted":
+        top = at.session_state["rankings"]["lipsim"].top
+        target = [g.id for g in ui_engine.gallery if g.id not in top][-1]
+        at.session_state["attack_target"] = target
+    run_clean(at)
+    at.button(key="run_attack").click()
+    run_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    att = at.session_state["attack"]
+    report, results = att["report"], att["results"]
+    assert report["attack"]["kind"] == kind and set(report["encoders"]) == {"lipsim", "compare"}
+    labels = [m.label for m in at.metric]
+    assert labels.count("overlap@5") == 2
+    limit = eps if norm == "l2" else eps / 255
+    for key, res in results.items():
+        side = ui_engine.lipsim if key == "lipsim" else ui_engine.compare
+        d = res.x_adv - at.session_state["query"].x
+        assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+        measured = float(d.norm()) if norm == "l2" else float(d.abs().max())
+        assert measured <= limit * (1 + 1e-4) + 1e-6
+        # The "after" list is the library's search of the adversarial image.
+        with Gallery.open(side.index.gallery.index_dir, use_gpu=False) as g:
+            q = side.embed(res.x_adv)
+            hw = tuple(res.x_adv.shape[-2:])
+            lib = search_embedding(g, q, k=5, input_norm=side.encoder.input_norm(hw) if side.certified else None)
+        lib_ids = [h.id for h in lib.hits]
+        if key == "compare":
+            lib_ids = [side.index._map(i) for i in lib_ids]
+        assert [r["id"] for r in report["encoders"][key]["after"]] == lib_ids
+        np.testing.assert_allclose([r["score"] for r in report["encoders"][key]["after"]],
+                                   [h.score for h in lib.hits], atol=1e-6)
+        overlap = len(set(res.before.top) & set(res.after.top)) / 5
+        assert report["encoders"][key]["overlap_at_k"] == pytest.approx(overlap)
+    cert = report["encoders"]["lipsim"]["certificate"]
+    assert cert["ok"] and not cert["violated_items"]
+    assert report["encoders"]["compare"]["certificate"] is None
+    if kind == "targeted":
+        assert report["attack"]["target"] == ui_engine.name_of(target)
+        for key, res in results.items():
+            assert res.target_rank == (res.before.rank_of(target), res.after.rank_of(target))
+            assert res.target_rank[0] > 5
+    assert [b.label for b in at.get("download_button")] == [
+        "Download the adversarial image (PNG)", "Download the adversarial image (PNG)", "Download the JSON report"]
+
+
+def test_attack_inside_the_certified_radius_keeps_lipsim_top_k_and_says_so(page_env, ui_engine):
+    at = run_clean(new_page())
+    set_radius = at.session_state["rankings"]["lipsim"].set_radius
+    at.number_input(key="eps_l2").set_value(round(set_radius * 0.9, 3))
+    at.number_input(key="attack_steps").set_value(5)
+    at.button(key="run_attack").click()
+    run_clean(at)
+    cert = at.session_state["attack"]["report"]["encoders"]["lipsim"]["certificate"]
+    assert cert["within_radius"] and not cert["set_changed"] and cert["ok"]
+    assert any("Certificate held" in s.value for s in at.success)
+
+
+def test_two_sessions_share_the_models_but_not_their_queries(page_env):
+    a, b = run_clean(new_page()), run_clean(new_page())
+    b.text_input(key="gallery_filter").input("moon")
+    run_clean(b)
+    a.text_input(key="gallery_filter").input("brick")
+    run_clean(a)
+    assert a.session_state["query_key"] == "gallery: brick.png"
+    assert b.session_state["query_key"] == "gallery: moon.png"
+    assert table(a, "table_lipsim")[0]["name"] == "brick.png"
+    assert table(b, "table_lipsim")[0]["name"] == "moon.png"
+
+
+def test_attack_on_a_gallery_larger_than_the_attack_pool_optimises_on_the_query_neighbourhood(ui_engine,
+                                                                                             monkeypatch):
+    from ui.engine import AttackSpec
+
+    small_pool = ui_engine
+    monkeypatch.setattr(small_pool, "cfg", ui_engine.cfg.replace(attack_pool=8))
+    x, _ = ui_engine_query(small_pool, "chelsea.png")
+    far = small_pool.search(x, 3)["lipsim"].ids[-1]  # the last-ranked photo: outside the top-8 pool
+    ids, _ = small_pool.lipsim.index.candidates(small_pool.search(x, 3)["lipsim"].embedding, 8, (int(far),))
+    assert len(ids) == 9 and int(far) in ids.tolist()
+    res = small_pool.attack(x, AttackSpec("targeted", "l2", 1.0, 2, 3, target_id=int(far)))
+    for r in res.values():
+        assert r.after.k == 3 and r.target_rank[0] is not None and r.delta_l2 <= 1.0 + 1e-4
+
+
+def ui_engine_query(engine, name):
+    from ui.query import working_image
+
+    item = next(g for g in engine.gallery if g.name == name)
+    return working_image(engine.image(item.id), engine.cfg.work_side)
+
+
+def test_engine_serialises_concurrent_searches_from_two_threads(ui_engine):
+    import threading
+
+    x = torch.rand(3, 48, 64)
+    expected = ui_engine.search(x, 3)
+    out, errors = [], []
+
+    def work():
+        try:
+            out.append(ui_engine.search(x, 3))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 4
+    for r in out:
+        assert r["lipsim"].top == expected["lipsim"].top and r["compare"].top == expected["compare"].top
+
+
+def test_ui_command_serves_on_localhost_with_the_upload_limit(tmp_path):
+    from retrieval.cli import build_parser
+    from retrieval.commands.ui_cmd import streamlit_command
+
+    args = build_parser().parse_args(["ui", "--index-dir", str(tmp_path), "--compare", "pixels", "--port", "8765",
+                                      "--max-upload-mb", "3"])
+    cmd, env = streamlit_command(args)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == "3"
+    assert env["ROBRET_UI_INDEX_DIR"] == str(tmp_path.resolve())
+    assert env["ROBRET_UI_COMPARE"] == "pixels" and env["ROBRET_UI_MAX_UPLOAD_MB"] == "3"
+    with pytest.raises(FileNotFoundError):
+        streamlit_command(build_parser().parse_args(["ui", "--index-dir", str(tmp_path / "nope")]))
+
+
+def test_comparison_is_dreamsim_when_its_weights_load_else_the_standard_baseline(monkeypatch, tmp_path):
+    import encoder
+    from ui import backend
+    from ui.config import UIConfig
+
+    assert backend.DEFAULT_DREAMSIM == "dreamsim:ensemble" and backend.FALLBACK_COMPARE == "standard:demo"
+    # No DreamSim weights (an empty cache): the baseline, with the reason on the page.
+    monkeypatch.setenv("ROBRET_DREAMSIM_CACHE", str(tmp_path))
+    monkeypatch.setattr(backend, "FALLBACK_COMPARE", "pixels")
+    spec, enc, notes = backend.pick_compare(UIConfig())
+    assert spec == "pixels" and enc.name == "pixels"
+    assert len(notes) == 1 and "DreamSim is not available" in notes[0] and "pixels" in notes[0]
+    # DreamSim loads: it is the comparison, no note.
+    real = encoder.load_encoder
+    monkeypatch.setattr(encoder, "load_encoder",
+                        lambda spec, **kw: real("pixels:64") if spec == "dreamsim:ensemble" else real(spec, **kw))
+    spec, enc, notes = backend.pick_compare(UIConfig())
+    assert spec == "dreamsim:ensemble" and notes == []
+    # Neither: a message that says what to do.
+    monkeypatch.setattr(encoder, "load_encoder", lambda spec, **kw: (_ for _ in ()).throw(ValueError("absent")))
+    with pytest.raises(backend.SetupError, match="--compare"):
+        backend.pick_compare(UIConfig())

@@ -1,0 +1,128 @@
+"""A real browser on the real server: `robret ui` in a subprocess on a free localhost port, Debian's
+chromium driven by Playwright (no browser download: tests/browser/setup.sh installs both, `make test`
+runs it). Runs a gallery query and an attack and saves a screenshot under the test's tmp dir.
+
+Set ROBRET_UI_SCREENSHOT=PATH to also copy the screenshot there (docs/ui-screenshot.png is made so).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests._ui_fixtures import ui_env  # noqa: F401  (fixture)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _require_browser():
+    missing = []
+    if not os.access(CHROMIUM, os.X_OK):
+        missing.append(CHROMIUM)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if missing:
+        msg = f"{' and '.join(missing)} missing: run tests/browser/setup.sh (make test does)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _robret() -> list[str]:
+    script = Path(sys.executable).with_name("robret")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "retrieval.cli"]
+
+
+@pytest.fixture
+def server(ui_env, tmp_path):
+    """`robret ui` on 127.0.0.1:<free port>; yields its URL; the process group is ended afterwards."""
+    port = _free_port()
+    env = {**os.environ, **ui_env, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([*_robret(), "ui", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"robret ui exited with {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("robret ui did not answer within 60 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:  # streamlit's graceful stop can take seconds; not needed here
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def test_browser_runs_a_query_and_an_attack_and_saves_a_screenshot(server, tmp_path):
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    shot = tmp_path / "ui-screenshot.png"
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="chromium-", dir=tmp_path), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1500, "height": 1000})
+        try:
+            page = ctx.new_page()
+            page.goto(server)
+            # First load builds/opens the indexes in the server.
+            expect(page.get_by_text("2 · Top-5")).to_be_visible(timeout=90_000)
+            # Query: the gallery search box narrows the choice to one photo.
+            box = page.get_by_label("Search the gallery by name")
+            box.fill("coffee")
+            box.press("Enter")
+            expect(page.locator(".rr-name").first).to_have_text("#1 coffee.png", timeout=30_000)
+            # Attack: the default (untargeted top-k, ℓ2, ε = 0.5), fewer steps.
+            steps = page.get_by_label("steps")
+            steps.fill("5")
+            steps.press("Enter")
+            page.get_by_role("button", name="Run the attack on both encoders").click()
+            expect(page.get_by_text("overlap@5").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("adversarial query").first).to_be_visible()
+            expect(page.get_by_role("button", name="JSON report")).to_be_visible()
+            assert page.locator('[data-testid="stException"]').count() == 0
+            # Streamlit scrolls inside its main container, not the document: grow the viewport to
+            # the content's height so that one screenshot shows the whole page.
+            height = page.evaluate("Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
+            page.set_viewport_size({"width": 1500, "height": min(int(height) + 40, 8000)})
+            page.wait_for_timeout(800)  # let images finish painting
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            ctx.close()
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("ROBRET_UI_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["ROBRET_UI_SCREENSHOT"])

@@ -1,0 +1,295 @@
+"""robret's Streamlit page: search a gallery with LipSim and a comparison encoder, attack the query,
+and see what moved and what the certificate guaranteed.
+
+Run with `robret ui` (settings in ROBRET_UI_* variables, see ui/config.py). Models and indexes are
+loaded once per process (st.cache_resource, shared by every browser session); everything about one
+user's query and attack lives in st.session_state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+try:
+    import ui  # noqa: F401  (installed with the package)
+except ModuleNotFoundError:  # run from a source tree that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import streamlit as st
+
+from ui.config import UIConfig
+from ui.engine import ATTACK_KINDS, AttackSpec, Engine, attack_report, ranking_rows
+from ui.query import Query, UploadError, decode_upload, png_bytes, to_pil, working_image
+from ui.render import CSS, cards_html, data_uri, fmt_radius, fmt_rank, magnified_perturbation
+
+log = logging.getLogger("ui.app")
+
+st.set_page_config(page_title="robret — certified retrieval under attack", page_icon="🛡", layout="wide")
+st.markdown(CSS, unsafe_allow_html=True)
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+
+
+@st.cache_resource(show_spinner="Loading the encoders and the index (once per server)…")
+def get_engine(cfg: UIConfig) -> Engine:
+    return Engine(cfg)
+
+
+def fail(what: str, exc: BaseException) -> None:
+    """Show an error as a message (the trace goes to the server log only)."""
+    log.exception("%s", what)
+    st.error(f"{what}: {exc}")
+
+
+cfg = UIConfig.from_env()
+try:
+    engine = get_engine(cfg)
+except Exception as exc:  # noqa: BLE001 - shown to the user, logged with its trace
+    fail("Cannot open the gallery", exc)
+    st.stop()
+
+state = st.session_state
+N = len(engine.gallery)
+names = engine.names
+
+
+def thumb(item_id: int) -> str:
+    return data_uri(engine.thumbnail(item_id))
+
+
+# ---- sidebar: what is loaded ------------------------------------------------------------------------
+with st.sidebar:
+    st.header("Gallery")
+    st.write(f"**{N}** images · `{engine.index_dir}`")
+    st.header("Encoders")
+    lip, cmp = engine.lipsim.encoder, engine.compare.encoder
+    st.markdown(f"**{lip.name}** — {lip.dim}-d, {lip.input_size} px input, Lipschitz bound "
+                f"L = {lip.lipschitz:g}: results carry certified radii")
+    st.markdown(f"**{cmp.name}** — {cmp.dim}-d, {cmp.input_size} px input, " +
+                ("no Lipschitz bound: no certificate" if cmp.lipschitz is None else f"L = {cmp.lipschitz:g}"))
+    for note in engine.notes:
+        st.warning(note)
+    k = st.slider("k (results per encoder)", 1, max(2, min(10, N - 1)), max(1, min(5, N - 1)), key="k")
+    st.caption(f"Loaded in {engine.load_seconds:.1f} s (once per server). Radii, ε and ‖δ‖ are ℓ2/ℓ∞ norms "
+               f"in [0,1] pixel units of the working query (longest side ≤ {cfg.work_side} px).")
+
+st.title("robret — certified image retrieval under attack")
+st.caption(f"Search the gallery with **{engine.lipsim.label}** (1-Lipschitz, certified) and "
+           f"**{engine.compare.label}** side by side; then attack the query and see which top-k moves.")
+
+
+# ---- 1. query ----------------------------------------------------------------------------------------
+def use_query(label: str, load, gallery_id: int | None = None) -> None:
+    """Make `label` the session's query; `load()` gives its PIL image (decoded only when it changes)."""
+    if state.get("query_key") == label:
+        return
+    x, hw = working_image(load(), cfg.work_side)
+    state.query = Query(x, label, hw, gallery_id, png_bytes(to_pil(x)))
+    state.query_key = label
+    state.pop("attack", None)
+
+
+def forget_query() -> None:
+    for key in ("query", "query_key", "attack"):
+        state.pop(key, None)
+
+
+def pick_random() -> None:
+    state.gallery_filter = ""
+    state.gallery_pick = random.choice([g.id for g in engine.gallery])
+
+
+st.subheader("1 · Query")
+source = st.radio("Query from", ["the gallery", "an upload"], horizontal=True, key="source")
+qcol, qimg = st.columns([3, 1])
+with qcol:
+    if source == "the gallery":
+        c1, c2 = st.columns([3, 1])
+        flt = c1.text_input("Search the gallery by name", key="gallery_filter", placeholder="e.g. coffee")
+        c2.button("Random", on_click=pick_random, key="random", width="stretch")
+        matches = [g.id for g in engine.gallery if flt.lower() in g.name.lower()]
+        options = matches[: cfg.max_options]
+        if len(matches) > len(options):
+            st.caption(f"{len(matches)} names match: the first {len(options)} are listed; type more to narrow.")
+        if not options:
+            st.info(f"No gallery image name contains “{flt}”.")
+        else:
+            if state.get("gallery_pick") not in options:
+                state.gallery_pick = options[0]
+            pick = st.selectbox(f"Gallery image ({len(matches)} of {N})", options, key="gallery_pick",
+                                format_func=names.get)
+            try:
+                use_query(f"gallery: {names[pick]}", lambda: engine.image(pick), pick)
+            except Exception as exc:  # noqa: BLE001 - a gallery file changed or vanished since indexing
+                forget_query()
+                fail(f"Cannot read gallery image {names[pick]}", exc)
+    else:
+        up = st.file_uploader(f"Upload an image (≤ {cfg.max_upload_mb} MB, ≤ {cfg.max_pixels / 1e6:.0f} MP)",
+                              type=UPLOAD_TYPES, key="upload")
+        if up is None:
+            st.info("Choose an image file to use as the query.")
+        else:
+            try:
+                use_query(f"upload: {up.name} ({up.file_id})",
+                          lambda: decode_upload(up.getvalue(), up.name, cfg.max_upload_mb * 2**20, cfg.max_pixels))
+            except UploadError as exc:
+                forget_query()
+                st.error(str(exc))
+
+query: Query | None = state.get("query")
+if query is not None and source == "an upload" and not str(query.label).startswith("upload:"):
+    query = None
+if query is not None and source == "the gallery" and query.gallery_id is None:
+    query = None
+if query is None:
+    st.stop()
+
+with qimg:
+    wh = tuple(query.x.shape[-2:])
+    st.image(query.png, caption=f"{query.label.split(' (')[0]} · "
+             f"{query.original_hw[1]}×{query.original_hw[0]} px" +
+             ("" if wh == query.original_hw else f" → {wh[1]}×{wh[0]} working"), width=200)
+
+
+# ---- 2. top-k ----------------------------------------------------------------------------------------
+search_key = (state.query_key, k)
+if state.get("search_key") != search_key:
+    try:
+        t0 = time.perf_counter()
+        state.rankings = engine.search(query.x, k)
+        state.search_seconds = time.perf_counter() - t0
+        state.search_key = search_key
+    except Exception as exc:  # noqa: BLE001
+        fail("Search failed", exc)
+        st.stop()
+rankings = state.rankings
+
+
+def side_cards(side, ranking, before=None, target=None) -> str:
+    rows = []
+    for row in ranking_rows(engine, ranking):
+        r = {**row, "thumb": thumb(row["id"]), "target": row["id"] == target}
+        if side.certified:
+            r["radius"] = row.get("radius")
+        if before is not None:
+            rb = before.rank_of(row["id"])
+            if rb is None or rb > before.k:
+                r["new"] = True
+                r["move"] = ("new", f"new (was {fmt_rank(rb, len(before.ids))})")
+            elif rb != row["rank"]:
+                r["move"] = ("up" if rb > row["rank"] else "down", f"moved #{rb} → #{row['rank']}")
+        rows.append(r)
+    return cards_html(rows)
+
+
+def set_badge(side, ranking) -> str:
+    if not side.certified:
+        return '<span class="rr-nosetbadge">no certificate</span>'
+    return (f'<span class="rr-setbadge">top-{ranking.k} set certified for ‖δ‖₂ &lt; '
+            f'{fmt_radius(ranking.set_radius)}</span>')
+
+
+st.subheader(f"2 · Top-{k}")
+cols = st.columns(2)
+for col, side in zip(cols, engine.sides):
+    rk = rankings[side.key]
+    with col:
+        st.markdown(f"#### {side.label}")
+        st.markdown(set_badge(side, rk), unsafe_allow_html=True)
+        st.markdown(side_cards(side, rk), unsafe_allow_html=True)
+        with st.expander("as a table"):
+            st.dataframe(ranking_rows(engine, rk), hide_index=True, width="stretch", key=f"table_{side.key}")
+st.caption(f"Search (embed + search + certify, both encoders): {state.search_seconds * 1000:.0f} ms")
+
+
+# ---- 3. attack ---------------------------------------------------------------------------------------
+st.subheader("3 · Attack the query")
+a1, a2, a3, a4 = st.columns([3, 1, 1, 1])
+kind = a1.radio("Attack", list(ATTACK_KINDS), format_func=ATTACK_KINDS.get, key="attack_kind")
+norm = a2.radio("Norm", ["l2", "linf"], format_func={"l2": "ℓ2", "linf": "ℓ∞"}.get, key="attack_norm")
+if norm == "l2":
+    eps = a3.number_input("ε (ℓ2)", min_value=0.0, max_value=50.0, value=0.5, step=0.05, format="%.3f",
+                          key="eps_l2")
+else:
+    eps = a3.number_input("ε (ℓ∞, in 1/255)", min_value=0.0, max_value=64.0, value=8.0, step=1.0,
+                          key="eps_linf") / 255
+steps = a4.number_input("steps", min_value=1, max_value=cfg.max_steps, value=20, step=5, key="attack_steps")
+target = None
+if kind == "targeted":
+    candidates = [g.id for g in engine.gallery if g.id not in rankings["lipsim"].top] or [g.id for g in engine.gallery]
+    target = st.selectbox("Target: the gallery image to pull into the top-k", candidates,
+                          format_func=names.get, key="attack_target")
+
+if st.button("Run the attack on both encoders", type="primary", key="run_attack"):
+    bar = st.progress(0.0, text="starting…")
+    try:
+        spec = AttackSpec(kind=kind, norm=norm, eps=float(eps), steps=int(steps), k=k, target_id=target)
+        t0 = time.perf_counter()
+        results = engine.attack(query.x, spec, progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+        seconds = time.perf_counter() - t0
+        report = attack_report(engine, query.label.split(" (")[0], query.original_hw,
+                               tuple(query.x.shape[-2:]), spec, results)
+        report["seconds"] = seconds
+        images = {}
+        for key, res in results.items():  # encoded once, not on every rerun
+            mag, m = magnified_perturbation(res.x_adv - query.x)
+            images[key] = (png_bytes(to_pil(res.x_adv)), png_bytes(to_pil(mag)), m)
+        state.attack = {"spec": spec, "results": results, "report": report, "seconds": seconds, "images": images}
+    except Exception as exc:  # noqa: BLE001
+        fail("The attack failed", exc)
+    bar.empty()
+
+att = state.get("attack")
+if att is not None:
+    spec, results = att["spec"], att["results"]
+    st.caption(f"{ATTACK_KINDS[spec.kind]} · {'ℓ2' if spec.norm == 'l2' else 'ℓ∞'} ε = {spec.eps:.4g} · "
+               f"{spec.steps} steps · k = {spec.k} · {att['seconds']:.1f} s for both encoders")
+    for side in engine.sides:
+        res = results[side.key]
+        st.markdown(f"#### {res.label}")
+        c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
+        adv_png, mag_png, m = att["images"][side.key]
+        c1.image(query.png, caption="clean query", width="stretch")
+        c2.image(adv_png, caption="adversarial query", width="stretch")
+        c3.image(mag_png, caption=f"perturbation ×{m:.0f} (grey = 0)", width="stretch")
+        with c4:
+            m1, m2, m3 = st.columns(3)
+            m1.metric(f"overlap@{spec.k}", f"{res.overlap:.0%}")
+            m2.metric("‖δ‖₂", f"{res.delta_l2:.4f}")
+            m3.metric("‖δ‖∞ × 255", f"{res.delta_linf * 255:.2f}")
+            if res.target_rank is not None:
+                b, a = res.target_rank
+                st.write(f"target {engine.name_of(spec.target_id)}: {fmt_rank(b, len(res.before.ids))} → "
+                         f"{fmt_rank(a, len(res.after.ids))}")
+            cert = res.certificate
+            if cert is None:
+                st.info(f"{res.label} has no Lipschitz bound: nothing was guaranteed.")
+            elif not cert["ok"]:
+                st.error(f"Certificate {cert['verdict']} (set radius {fmt_radius(cert['set_radius'])}, "
+                         f"‖δ‖₂ = {cert['delta_l2']:.4f})")
+            elif cert["within_radius"]:
+                st.success(f"Certificate {cert['verdict']} (‖δ‖₂ = {cert['delta_l2']:.4f} < "
+                           f"{fmt_radius(cert['set_radius'])})")
+            else:
+                st.info(f"Certificate {cert['verdict']} (‖δ‖₂ = {cert['delta_l2']:.4f} ≥ set radius "
+                        f"{fmt_radius(cert['set_radius'])})")
+            st.download_button("Download the adversarial image (PNG)", adv_png,
+                               file_name=f"adversarial-{side.key}.png", mime="image/png", key=f"dl_{side.key}")
+        b1, b2 = st.columns(2)
+        with b1:
+            st.markdown("before")
+            st.markdown(side_cards(side, res.before, target=spec.target_id), unsafe_allow_html=True)
+        with b2:
+            st.markdown("after")
+            st.markdown(side_cards(side, res.after, before=res.before, target=spec.target_id),
+                        unsafe_allow_html=True)
+        moves = [{"name": engine.name_of(mv["id"]), "before": fmt_rank(mv["before"], len(res.before.ids)),
+                  "after": fmt_rank(mv["after"], len(res.after.ids))} for mv in res.moves()]
+        with st.expander(f"rank moves ({res.label})"):
+            st.dataframe(moves, hide_index=True, width="stretch", key=f"moves_{side.key}")
+    st.download_button("Download the JSON report", json.dumps(att["report"], indent=2, default=float).encode(),
+                       file_name="robret-attack-report.json", mime="application/json", key="dl_report")

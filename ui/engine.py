@@ -1,0 +1,311 @@
+"""The page's back end: two encoders over one gallery, searches with certificates, attacks on both.
+
+One `Engine` per (index, comparison encoder) is shared by every browser session (st.cache_resource);
+it holds no per-user state. Searches and attacks run under one lock, so two sessions never compete
+for the CPU inside torch at once (the second waits), and nothing shared is mutated after start-up.
+
+The query is the *working image* (ui/query.py): float (3, H, W) in [0, 1]. Each encoder sees it
+through its own float resize (retrieval.attacks ImageEmbedder), so certified radii, ε and ‖δ‖ are
+all stated in the working image's pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import backend
+from .config import UIConfig
+
+__all__ = ["Engine", "Ranking", "AttackSpec", "SideAttack", "ATTACK_KINDS"]
+
+# kind → label shown on the page
+ATTACK_KINDS = {
+    "untargeted": "untargeted top-k (push the clean top-k out)",
+    "targeted": "targeted (pull a chosen gallery image into the top-k)",
+    "autoattack": "AutoAttack (nearest neighbour as a classifier: move the top-1)",
+}
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    id: int  # the LipSim index's stable id (the comparison index's ids are mapped to these)
+    name: str  # path relative to the gallery folder
+    path: Path  # absolute path of the file
+
+
+@dataclass
+class Ranking:
+    """One encoder's answer for one query: the ranked list to `depth` and the certified top-k."""
+
+    ids: np.ndarray  # (depth,) gallery ids, best first
+    scores: np.ndarray  # (depth,) cosine similarities
+    k: int
+    radius: np.ndarray | None = None  # (k,) item i stays in the top-k for ‖δ‖₂ < radius[i] (working image)
+    set_radius: float | None = None  # the top-k set cannot change for ‖δ‖₂ < set_radius
+    order_radius: float | None = None  # the ordered top-k cannot change for ‖δ‖₂ < order_radius
+    seconds: float = 0.0  # wall time of embed + search + certify
+    embedding: np.ndarray | None = None  # (D,) the query's embedding
+
+    @property
+    def top(self) -> list[int]:
+        return [int(i) for i in self.ids[: self.k]]
+
+    def rank_of(self, item_id: int) -> int | None:
+        """1-based rank of `item_id`, None when deeper than the list."""
+        hit = np.flatnonzero(self.ids == item_id)
+        return int(hit[0]) + 1 if hit.size else None
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    kind: str  # a key of ATTACK_KINDS
+    norm: str  # "l2" or "linf"
+    eps: float  # budget in [0, 1] pixel units of the working image
+    steps: int
+    k: int
+    target_id: int | None = None  # gallery id, for kind == "targeted"
+
+    def __post_init__(self):
+        if self.kind not in ATTACK_KINDS:
+            raise ValueError(f"unknown attack kind {self.kind!r}; known: {', '.join(ATTACK_KINDS)}")
+        if self.norm not in ("l2", "linf"):
+            raise ValueError(f"norm must be 'l2' or 'linf', got {self.norm!r}")
+        if self.kind == "targeted" and self.target_id is None:
+            raise ValueError("a targeted attack needs a target image")
+
+
+@dataclass
+class SideAttack:
+    """What one attack did to one encoder's top-k."""
+
+    side: str  # "lipsim" or "compare"
+    label: str  # the encoder's real name
+    x_adv: torch.Tensor  # (3, H, W) adversarial working image
+    before: Ranking
+    after: Ranking
+    delta_l2: float
+    delta_linf: float
+    seconds: float
+    certificate: dict | None = None  # LipSim only: see certificate_check
+    target_rank: tuple[int | None, int | None] | None = None  # (before, after) for a targeted attack
+
+    @property
+    def overlap(self) -> float:
+        """overlap@k = |top-k before ∩ top-k after| / k."""
+        return len(set(self.before.top) & set(self.after.top)) / self.before.k
+
+    def moves(self) -> list[dict]:
+        """Rank moves of every item in either top-k: before and after rank (None = below the list)."""
+        rows = []
+        for item in dict.fromkeys(self.before.top + self.after.top):
+            rb, ra = self.before.rank_of(item), self.after.rank_of(item)
+            rows.append({"id": item, "before": rb, "after": ra})
+        return rows
+
+
+class Side:
+    """One encoder with its index over the gallery."""
+
+    def __init__(self, key: str, encoder, index: "backend.SideIndex"):
+        from retrieval.attacks import ImageEmbedder
+
+        self.key = key
+        self.encoder = encoder
+        self.index = index
+        self.embedder = ImageEmbedder(encoder)
+        self.label = encoder.name
+
+    @property
+    def certified(self) -> bool:
+        return self.encoder.lipschitz is not None
+
+    def embed(self, x: torch.Tensor) -> np.ndarray:
+        """(3, H, W) working image → unit-norm (D,) float32."""
+        with torch.no_grad():
+            return self.embedder.embed(x[None])[0].cpu().numpy().astype(np.float32)
+
+    def search(self, x: torch.Tensor, k: int, depth: int) -> Ranking:
+        """Embed the working image and search; radii are stated in its pixels (resize norm ‖R‖₂)."""
+        t0 = time.perf_counter()
+        q = self.embed(x)
+        hw = tuple(int(v) for v in x.shape[-2:])
+        norm = self.encoder.input_norm(hw) if self.certified else None
+        res = self.index.search(q, k=k, depth=depth, input_norm=norm, query_size=hw)
+        return Ranking(ids=res.ids, scores=res.scores, k=k, radius=res.radius, set_radius=res.set_radius,
+                       order_radius=res.order_radius, seconds=time.perf_counter() - t0, embedding=q)
+
+
+class Engine:
+    """Both encoders, both indexes, the gallery; searches and attacks (see module doc)."""
+
+    def __init__(self, cfg: UIConfig):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        t0 = time.perf_counter()
+        opened = backend.open_gallery(cfg)
+        self.index_dir = opened.index_dir
+        self.notes: list[str] = opened.notes
+        self.gallery: list[GalleryItem] = [GalleryItem(i, n, p) for i, n, p in opened.items]
+        self.by_id = {g.id: g for g in self.gallery}
+        self.names = {g.id: g.name for g in self.gallery}
+        self.lipsim = Side("lipsim", opened.lipsim_encoder, opened.lipsim_index)
+        self.compare = Side("compare", opened.compare_encoder, opened.compare_index)
+        self.load_seconds = time.perf_counter() - t0
+        self._thumbs: dict[int, bytes] = {}
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        return self.lipsim, self.compare
+
+    def name_of(self, item_id: int) -> str:
+        return self.names.get(int(item_id), "(not in the primary gallery)")
+
+    def depth(self) -> int:
+        return min(self.cfg.rank_depth, len(self.gallery))
+
+    # -- gallery images ---------------------------------------------------------------------------------
+    def image(self, item_id: int):
+        """The gallery file as a decoded PIL image (the same decoder as indexing)."""
+        return backend.read_gallery_image(self.by_id[item_id].path)
+
+    def thumbnail(self, item_id: int, side: int = 160) -> bytes:
+        """A JPEG thumbnail of a gallery image (cached; shared, immutable once made)."""
+        data = self._thumbs.get(item_id)
+        if data is None and item_id not in self.by_id:
+            return backend.placeholder_bytes(side)
+        if data is None:
+            data = backend.thumbnail_bytes(self.image(item_id), side)
+            if len(self._thumbs) > 4096:  # bounded: large galleries are browsed a few images at a time
+                self._thumbs.clear()
+            self._thumbs[item_id] = data
+        return data
+
+    # -- search -----------------------------------------------------------------------------------------
+    def search(self, x: torch.Tensor, k: int) -> dict[str, Ranking]:
+        k = max(1, min(k, len(self.gallery) - 1))
+        with self._lock:
+            return {s.key: s.search(x, k, max(k, self.depth())) for s in self.sides}
+
+    # -- attacks ----------------------------------------------------------------------------------------
+    def attack(self, x: torch.Tensor, spec: AttackSpec,
+               progress: Callable[[float, str], None] | None = None) -> dict[str, SideAttack]:
+        """Attack the query on each encoder (white-box, same budget); progress(fraction, text)."""
+        if spec.steps > self.cfg.max_steps:
+            raise ValueError(f"at most {self.cfg.max_steps} steps")
+        k = max(1, min(spec.k, len(self.gallery) - 1))
+        spec = dataclasses.replace(spec, k=k)
+        depth = max(k, self.depth())
+        out = {}
+        with self._lock:
+            for n, side in enumerate(self.sides):
+                def report(done, total, side=side, n=n):
+                    if progress is not None:
+                        progress((n + done / max(total, 1)) / 2, f"{side.label}: step {done}/{total}")
+
+                t0 = time.perf_counter()
+                before = side.search(x, k, depth)
+                x_adv = backend.run_attack(side.embedder, side.index, x, spec, before.embedding,
+                                           self.cfg.attack_pool, report)
+                after = side.search(x_adv, k, depth)
+                delta = (x_adv - x).flatten()
+                res = SideAttack(side.key, side.label, x_adv, before, after,
+                                 delta_l2=float(delta.norm()), delta_linf=float(delta.abs().max()),
+                                 seconds=time.perf_counter() - t0)
+                if spec.target_id is not None:
+                    res.target_rank = (before.rank_of(spec.target_id), after.rank_of(spec.target_id))
+                if side.certified:
+                    res.certificate = certificate_check(res)
+                out[side.key] = res
+        if progress is not None:
+            progress(1.0, "done")
+        return out
+
+
+def certificate_check(res: SideAttack) -> dict:
+    """Did the change stay within what the clean query's certificate allowed?
+
+    The top-k set cannot change while ‖δ‖₂ < set_radius, and item i cannot leave it while
+    ‖δ‖₂ < radius_i. `violated` lists guaranteed items that left anyway (must always be empty).
+    """
+    b, d = res.before, res.delta_l2
+    after = set(res.after.top)
+    guaranteed = [int(i) for i, r in zip(b.top, b.radius) if d < r]
+    violated = [i for i in guaranteed if i not in after]
+    changed = set(b.top) != after
+    if violated:
+        verdict = "VIOLATED: an item certified to stay left the top-k"
+    elif d < b.set_radius:
+        verdict = ("held: ‖δ‖₂ is inside the certified radius, so the top-k set could not change "
+                   "and did not")
+    elif not changed:
+        verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so a change was possible; "
+                   "the top-k set still did not change")
+    else:
+        verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so the change was not excluded; "
+                   f"{len(guaranteed)} item(s) certified at this ‖δ‖₂ all stayed")
+    return {
+        "set_radius": b.set_radius,
+        "delta_l2": d,
+        "within_radius": d < b.set_radius,
+        "set_changed": changed,
+        "guaranteed_items": guaranteed,
+        "violated_items": violated,
+        "ok": not violated,
+        "verdict": verdict,
+    }
+
+
+def ranking_rows(engine: "Engine", ranking: Ranking, upto: int | None = None) -> list[dict]:
+    """The top-k (or `upto` first) of a ranking as JSON-ready rows: rank, id, name, score[, radius]."""
+    rows = []
+    for n, (item, score) in enumerate(zip(ranking.ids[: upto or ranking.k], ranking.scores)):
+        row = {"rank": n + 1, "id": int(item), "name": engine.name_of(item), "score": float(score)}
+        if ranking.radius is not None and n < ranking.k:
+            row["radius"] = float(ranking.radius[n])
+        rows.append(row)
+    return rows
+
+
+def attack_report(engine: "Engine", query_label: str, query_hw: tuple[int, int], working_hw: tuple[int, int],
+                  spec: AttackSpec, results: dict[str, SideAttack]) -> dict:
+    """Everything the page shows about one attack, as a JSON-serialisable dict."""
+    enc = {}
+    for key, res in results.items():
+        side = engine.lipsim if key == "lipsim" else engine.compare
+        enc[key] = {
+            "name": res.label,
+            "lipschitz": side.encoder.lipschitz,
+            "certified": side.certified,
+            "delta_l2": res.delta_l2,
+            "delta_linf": res.delta_linf,
+            "overlap_at_k": res.overlap,
+            "seconds": res.seconds,
+            "before": ranking_rows(engine, res.before),
+            "after": ranking_rows(engine, res.after),
+            "set_radius_before": res.before.set_radius,
+            "set_radius_after": res.after.set_radius,
+            "moves": [{**m, "name": engine.name_of(m["id"])} for m in res.moves()],
+            "target_rank": None if res.target_rank is None else
+            {"before": res.target_rank[0], "after": res.target_rank[1]},
+            "certificate": res.certificate,
+        }
+    target = engine.name_of(spec.target_id) if spec.target_id is not None else None
+    return {
+        "report": "robret ui attack",
+        "index_dir": str(engine.index_dir),
+        "gallery_size": len(engine.gallery),
+        "rank_depth": engine.depth(),
+        "query": {"source": query_label, "original_hw": list(query_hw), "working_hw": list(working_hw),
+                  "units": "radii, eps and norms are in [0,1] pixel units of the working image"},
+        "adversarial_png": "8-bit: rounding moves each pixel by at most 0.5/255 from the float attack reported here",
+        "attack": {"kind": spec.kind, "norm": spec.norm, "eps": spec.eps, "steps": spec.steps, "k": spec.k,
+                   "target": target},
+        "encoders": enc,
+    }
