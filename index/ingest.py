@@ -50,7 +50,7 @@ from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, StoreError
 from .layout import IndexDir
-from .scan import ScanEntry, display_path, scan_folder
+from .scan import ScanEntry, scan_folder
 from .store import NORM_TOLERANCE, VectorStore, file_sha256, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]

@@ -51,7 +51,7 @@ class SearchResult:
     set_radius: float | None = None  # the top-k set cannot change for ‖δ‖₂ < set_radius
     order_radius: float | None = None  # nor its order, for ‖δ‖₂ < order_radius
     input_norm: float | None = None  # ‖R‖₂ used to state radii in the query's pixels (1.0: encoder input)
-    radius_space: str = "none"  # "query image H×W" | "encoder input S×S" | "none"
+    radius_space: str = "none"  # "query image W×H" | "encoder input S×S" | "none"
     query_size: tuple[int, int] | None = None  # (height, width) of the query, after EXIF orientation
     eps: float | None = None
     eps_certified: bool | None = None  # set_radius > eps
@@ -122,7 +122,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         side = gallery.encoder_info.get("input_size")
         space = f"encoder input {side}×{side}"
     else:
-        space = f"query image {query_size[0]}×{query_size[1]}" if query_size else "query image"
+        space = f"query image {query_size[1]}×{query_size[0]}" if query_size else "query image"  # W×H
     return SearchResult(
         hits, k, n, len(ids), complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
         query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated))

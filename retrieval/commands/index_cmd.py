@@ -131,13 +131,13 @@ def _print_report(report, as_json: bool) -> int:
         return 0
     print(f"{report.index_dir}: {report.total} images indexed ({report.index_type}, version {report.index_version}) "
           f"from {report.root}")
-    print(f"  embedded   {report.embedded:>7}  ({report.indexed} new, {report.updated} changed)  "
+    print(f"  embedded     {report.embedded:>5}  ({report.indexed} new, {report.updated} changed)  "
           f"{report.images_per_second:.1f} images/s over {report.seconds:.1f} s")
     for label, n in (("renamed", report.renamed), ("reused", report.reused), ("unchanged", report.unchanged),
                      ("removed", report.removed), ("repaired", report.repaired),
                      ("failed", len(report.failed)), ("still failed", report.still_failed)):
         if n:
-            print(f"  {label:<10} {n:>7}")
+            print(f"  {label:<12} {n:>5}")
     if report.failed:
         kinds: dict[str, int] = {}
         for _, reason in report.failed:
@@ -225,10 +225,13 @@ def _query(args) -> int:
         print(f"query {args.image} ({w}×{h} px)  encoder {gallery.encoder_spec}  "
               f"gallery {res.gallery_size} images ({gallery.store.factory})")
         certified = res.set_radius is not None
-        print(f"{'rank':>4}  {'score':>7}  " + (f"{'radius':>9}  " if certified else "") + "path")
+        at_eps = certified and res.eps is not None
+        print(f"{'rank':>4}  {'score':>7}  " + (f"{'radius':>9}  " if certified else "")
+              + (f"{'>eps':>4}  " if at_eps else "") + "path")
         for hit in res.hits:
             rad = f"{_fmt(hit.radius):>9}  " if certified else ""
-            print(f"{hit.rank:>4}  {hit.score:7.4f}  {rad}{hit.path}")
+            flag = f"{'yes' if hit.certified else 'no':>4}  " if at_eps else ""
+            print(f"{hit.rank:>4}  {hit.score:7.4f}  {rad}{flag}{hit.path}")
         if certified:
             print(f"top-{res.k} set certified for ‖δ‖₂ < {_fmt(res.set_radius)} and its order for "
                   f"‖δ‖₂ < {_fmt(res.order_radius)} (ℓ2 over the {res.radius_space} [0,1] pixels, L={res.lipschitz}, "
