@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["SAMPLE_PHOTOS", "sample_photo", "sample_photos", "export_sample_photos"]
+__all__ = ["SAMPLE_PHOTOS", "DEMO_TRAIN_PHOTOS", "HELDOUT_PHOTOS", "sample_photo", "sample_photos",
+           "export_sample_photos"]
 
 # scikit-image's real photographs (cat is the same photo as chelsea and is left out).
 SAMPLE_PHOTOS: tuple[str, ...] = (
@@ -19,6 +20,15 @@ SAMPLE_PHOTOS: tuple[str, ...] = (
     "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
     "text", "grace_hopper",
 )
+
+# The fixed split (keep it stable: shipped demo weights and benchmarks depend on it). The demo
+# models (`robret train demo`) see only DEMO_TRAIN_PHOTOS; evaluation and the retrieval benchmark use
+# only HELDOUT_PHOTOS. Both halves mix colour and grayscale photos, scenes and textures.
+DEMO_TRAIN_PHOTOS: tuple[str, ...] = (
+    "astronaut", "brick", "camera", "cell", "clock", "grass", "hubble_deep_field", "immunohistochemistry",
+    "microaneurysms", "page", "rocket",
+)
+HELDOUT_PHOTOS: tuple[str, ...] = tuple(n for n in SAMPLE_PHOTOS if n not in DEMO_TRAIN_PHOTOS)
 
 
 @functools.lru_cache(maxsize=None)

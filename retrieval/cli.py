@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "retrieval.commands.encoder_cmd",
     "retrieval.commands.demo_cmd",
+    "retrieval.commands.train_cmd",
     "retrieval.commands.index_cmd",
     "retrieval.commands.attack_cmd",
     "retrieval.commands.ui_cmd",

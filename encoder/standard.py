@@ -1,0 +1,191 @@
+"""The standard (non-Lipschitz) CNN baseline: a small ResNet-style encoder, `standard:<name>`.
+
+    x ∈ [0,1]^{3×S×S} → stride-2 stem conv → `stages` residual stages (stride 2, BatchNorm, ReLU)
+      → global average pool → linear → e = z/‖z‖   (dim = embed_dim)
+Nothing bounds its Lipschitz constant (`lipschitz = None`): it is the "non-robust" comparison when
+DreamSim's weights are absent, and the teacher of the offline LipSim demo. It is trained
+contrastively (SimCLR's NT-Xent, Chen et al. 2020) on two views of photo crops; see
+`train_standard`.
+
+Checkpoints: safetensors tensors plus a JSON header (format "robret-standard", version, config,
+provenance), like encoder.checkpoint's LipSim files. `standard:<name>` loads the bundled
+encoder/weights/standard_<name>.safetensors; `standard:<path.safetensors>` loads any file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .protocol import EncoderError, TorchEncoder
+
+__all__ = ["StandardConfig", "StandardNet", "StandardEncoder", "save_standard", "load_standard"]
+
+FORMAT = "robret-standard"
+VERSION = "1"
+
+
+@dataclass(frozen=True)
+class StandardConfig:
+    """Shape of the baseline CNN; serialisable to JSON."""
+
+    input_size: int = 64  # side of the square input in pixels
+    widths: tuple[int, ...] = (24, 48, 96, 192)  # channels of each stride-2 residual stage
+    embed_dim: int = 128  # output dimension (unit-norm)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "StandardConfig":
+        raw = json.loads(text)
+        raw["widths"] = tuple(raw["widths"])
+        return cls(**raw)
+
+
+class _Block(nn.Module):
+    """Basic residual block (two 3×3 convs), stride 2, with a 1×1 projection on the skip path."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.skip(x))
+
+
+class StandardNet(nn.Module):
+    """(B, 3, S, S) in [0,1] → un-normalised (B, embed_dim)."""
+
+    def __init__(self, config: StandardConfig):
+        super().__init__()
+        self.config = config
+        w0 = config.widths[0]
+        self.stem = nn.Sequential(nn.Conv2d(3, w0, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w0), nn.ReLU())
+        chans = [w0, *config.widths]
+        self.stages = nn.Sequential(*(_Block(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        self.head = nn.Linear(config.widths[-1], config.embed_dim)
+
+    def forward(self, x):
+        # Inputs are centred around 0.5 so that the stem sees zero-mean data.
+        h = self.stages(self.stem(x - 0.5))
+        return self.head(h.mean((2, 3)))
+
+
+class StandardEncoder(TorchEncoder):
+    """Encoder-protocol wrapper: unit-norm embeddings, no Lipschitz guarantee (`lipschitz = None`)."""
+
+    def __init__(self, config: StandardConfig = StandardConfig(), name: str = "standard", metadata=None):
+        super().__init__()
+        self.net = StandardNet(config)
+        self.config = config
+        self.name = name
+        self.dim = config.embed_dim
+        self.input_size = config.input_size
+        self.lipschitz = None
+        self.metadata = dict(metadata or {})
+
+    def _embed(self, x):
+        z = self.net(x)
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def freeze(self) -> "StandardEncoder":
+        self.eval()
+        self.requires_grad_(False)
+        return self
+
+    def info(self) -> dict:
+        info = super().info()
+        info["weights"] = self.metadata.get("weights", "unknown")
+        return info
+
+
+def save_standard(encoder: StandardEncoder, path: str | os.PathLike, provenance: dict | None = None) -> Path:
+    """Write weights (safetensors, BatchNorm buffers included) and the JSON header atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.net.state_dict().items()}
+    meta = {"format": FORMAT, "version": VERSION, "config": encoder.config.to_json(),
+            "provenance": json.dumps(provenance or {}, sort_keys=True)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_standard_header(path: str | os.PathLike) -> dict:
+    from .checkpoint import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} is not a robret standard-CNN checkpoint v{VERSION} "
+                              f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+    meta["config"] = StandardConfig.from_json(meta["config"])
+    meta["provenance"] = json.loads(meta.get("provenance", "{}"))
+    return meta
+
+
+def load_standard(path: str | os.PathLike, name: str | None = None, freeze: bool = True) -> StandardEncoder:
+    """Build the baseline a checkpoint describes and load its tensors strictly."""
+    from .checkpoint import CheckpointError
+
+    path = Path(path)
+    meta = read_standard_header(path)
+    enc = StandardEncoder(meta["config"], name=name or f"standard:{path.stem}",
+                          metadata={"weights": str(path), "provenance": meta["provenance"]})
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        enc.net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path} does not match its config: {exc}") from exc
+    return enc.freeze() if freeze else enc
+
+
+def _load_backend(arg: str, **_) -> StandardEncoder:
+    from .registry import bundled_weights
+
+    bundled = bundled_weights("standard")
+    if arg in bundled:
+        return load_standard(bundled[arg], name=f"standard:{arg}")
+    path = Path(arg).expanduser()
+    if path.suffix == ".safetensors" and path.exists():
+        return load_standard(path)
+    if path.exists():
+        raise EncoderError(f"{path}: not a standard-CNN .safetensors checkpoint")
+    raise ValueError(f"unknown standard checkpoint {arg!r}: not bundled ({', '.join(bundled) or 'none installed'}) "
+                     "nor an existing .safetensors file (train one with `robret train demo`)")
+
+
+def _register() -> None:
+    from .registry import bundled_weights, register_backend
+
+    register_backend("standard", _load_backend, lambda: list(bundled_weights("standard")))
+
+
+_register()

@@ -1,0 +1,226 @@
+"""Stage 1 of LipSim (Ghazanfari et al., ICLR 2024, §4): distil a teacher's embeddings into the
+1-Lipschitz student on an image folder.
+
+Per image, two views v1, v2 (LipSim: random resized crop + flip, plus colour jitter and grayscale;
+or, with `view2="edit"`, v2 = everyday edits of v1: JPEG, blur, noise, colour, shift, rescale). The
+teacher embeds v1 only; with x(v) the student's D kept coordinates (before the constant 1 and the
+normalisation) and t the teacher's unit-norm embedding,
+
+    loss = ½ [ RMSE(x(v1), c·t(v1)) + RMSE(x(v2), c·t(v1)) ],   RMSE(a, b) = sqrt(mean((a − b)²)).
+
+Why the un-normalised coordinates: the student's embedding is e = [x, 1]/‖[x, 1]‖ (the constant
+makes the normalisation 1-Lipschitz; see encoder/lipsim.py). If x ≈ c·t then
+    d_student(a, b) = 1 − ⟨e_a, e_b⟩ ≈ c²/(1 + c²) · d_teacher(a, b),
+so the student ranks like the teacher, with distances shrunk by c²/(1+c²) (½ at c = 1, the
+paper's setting, whose student output is matched to the teacher's embedding directly). Matching the
+normalised e instead would push ‖x‖ → ∞, which a 1-Lipschitz map of bounded images cannot do.
+A larger c (`target_scale`) spreads the embeddings further apart and so enlarges margins and
+certified radii, as long as the 1-Lipschitz student can follow.
+
+Teachers: any Encoder (DreamSim, the standard CNN, …; its embedding dimension must equal the
+student's embed_dim D), or a file of precomputed teacher embeddings (`compute_teacher_embeddings`):
+the teacher then runs once per image, on a fixed view (central square crop), and v1 is that fixed view.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..data.augment import lipsim_view, random_edit
+from ..data.folder import ImageFolder
+from ..lipsim import LipSimEncoder
+from ..preprocess import resize
+from ._config import ConfigMixin
+from ._loop import Dist, TrainLoop, init_distributed, item_generator, step_loader
+from .schedules import cosine_with_warmup
+
+__all__ = ["DistillConfig", "EncoderTeacher", "PrecomputedTeacher", "center_view", "compute_teacher_embeddings",
+           "distill"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig(ConfigMixin):
+    """Distillation hyper-parameters (defaults: the LipSim paper's optimiser)."""
+
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 32  # images per step (global, over all ranks)
+    lr: float = 0.01  # Adam base learning rate (LipSim: 0.01)
+    betas: tuple[float, float] = (0.5, 0.9)  # Adam betas (LipSim: 0.5, 0.9)
+    weight_decay: float = 0.0  # Adam (L2) weight decay
+    warmup_steps: int = 50  # linear warm-up before the cosine decay
+    min_lr_ratio: float = 0.0  # cosine decays to base lr × this
+    target_scale: float = 1.0  # c: the student's D coordinates are matched to c·t (see module doc)
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction of the random resized crops
+    jitter_p: float = 0.8  # probability of colour jitter per view
+    gray_p: float = 0.2  # probability of grayscale per view
+    view2: str = "crop"  # "crop": independent second LipSim view (paper); "edit": everyday edits of v1
+    edit_strength: float = 1.0  # view2="edit": maximum strength of each edit (0..1)
+    seed: int = 0  # all randomness derives from (seed, step, item)
+    checkpoint_every: int = 100  # steps between resumable training-state saves
+    device: str = "auto"  # "auto" (CUDA when available, per LOCAL_RANK), "cpu", "cuda:0", …
+
+    def __post_init__(self):
+        if self.view2 not in ("crop", "edit"):
+            raise ValueError(f"view2 must be 'crop' or 'edit', got {self.view2!r}")
+
+
+def center_view(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The central square crop of (3, H, W), resized to size × size (the fixed teacher view)."""
+    _, h, w = img.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize(img[:, top:top + side, left:left + side], size)
+
+
+class EncoderTeacher:
+    """A live teacher: any Encoder, run on view 1 resized to its own input size (no gradients)."""
+
+    fixed_view = False
+
+    def __init__(self, encoder):
+        self.encoder = encoder.eval() if hasattr(encoder, "eval") else encoder
+        self.dim = encoder.dim
+        self.name = encoder.name
+
+    @torch.no_grad()
+    def __call__(self, views: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        x = views if views.shape[-1] == self.encoder.input_size else resize(views, self.encoder.input_size)
+        return self.encoder.embed(x).float()
+
+
+class PrecomputedTeacher:
+    """Teacher embeddings read from a file written by `compute_teacher_embeddings` (one per image)."""
+
+    fixed_view = True
+
+    def __init__(self, path: str | os.PathLike, folder: ImageFolder | None = None):
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            self.embeddings = f.get_tensor("embeddings").float()
+        if meta.get("format") != "robret-teacher-embeddings":
+            raise ValueError(f"{path} is not a teacher-embedding file")
+        self.paths = json.loads(meta["paths"])
+        self.name = f"precomputed:{meta.get('teacher', '?')}"
+        self.dim = self.embeddings.shape[1]
+        if folder is not None and folder.relpaths() != self.paths:
+            raise ValueError(f"{path} was computed for a different list of images than {folder.root}")
+
+    def __call__(self, views: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        return self.embeddings[indices].to(views.device)
+
+
+@torch.no_grad()
+def compute_teacher_embeddings(encoder, folder: ImageFolder, path: str | os.PathLike, batch_size: int = 64) -> Path:
+    """Run `encoder` once over every image's central square crop; write (N, D) embeddings plus
+    the relative image paths (JSON) to a safetensors file."""
+    path = Path(path)
+    out = []
+    for start in range(0, len(folder), batch_size):
+        views = torch.stack([center_view(folder[i], encoder.input_size)
+                             for i in range(start, min(len(folder), start + batch_size))])
+        out.append(encoder.embed(views).float().cpu())
+    meta = {"format": "robret-teacher-embeddings", "teacher": encoder.name, "paths": json.dumps(folder.relpaths())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": torch.cat(out).contiguous()}, str(path), metadata=meta)
+    return path
+
+
+class _Views(torch.utils.data.Dataset):
+    """Key (step, position, index) → (v1, v2, index): the two views of one image of one step."""
+
+    def __init__(self, images, size: int, config: DistillConfig, fixed_view: bool):
+        self.images, self.size, self.config, self.fixed_view = images, size, config, fixed_view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        step, pos, index = key
+        c = self.config
+        g = item_generator(c.seed, step, pos)
+        img = self.images[index]
+        if self.fixed_view:
+            v1 = center_view(img, self.size)
+        else:
+            v1 = lipsim_view(img, self.size, g, scale=c.crop_scale, jitter_p=c.jitter_p, gray_p=c.gray_p)
+        if c.view2 == "crop":
+            v2 = lipsim_view(img, self.size, g, scale=c.crop_scale, jitter_p=c.jitter_p, gray_p=c.gray_p)
+        else:
+            v2 = random_edit(v1, g, max_strength=c.edit_strength)
+        return v1, v2, index
+
+
+class _Features(nn.Module):
+    """forward = the student's D kept coordinates (what DDP wraps)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.features(x)[:, : self.net.config.embed_dim]
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).pow(2).mean().sqrt()
+
+
+def distill(student: LipSimEncoder, teacher, images: ImageFolder, config: DistillConfig = DistillConfig(),
+            run_dir: str | os.PathLike | None = None, progress: bool = True, stop_after: int | None = None,
+            dist: Dist | None = None, workers: int = 0) -> dict:
+    """Train `student` (in place) to match `teacher` on `images` (a dataset of float (3,H,W) images,
+    e.g. ImageFolder); resumes from `run_dir` when it holds a state of the same configuration.
+    Returns {"history", "steps", "images_per_second", "seconds", "final_loss"}. `stop_after` stops
+    (and saves) after that many steps: a simulated interruption for tests. `workers` > 0 renders
+    the views in that many loader processes (same results)."""
+    dist = dist or init_distributed(config.device)
+    D = student.config.embed_dim
+    if teacher.dim != D:
+        raise ValueError(f"teacher dimension {teacher.dim} != student embed_dim {D}: choose a LipSimConfig "
+                         f"with embed_dim={teacher.dim}")
+    net = student.net.to(dist.device)
+    net.train()
+    net.requires_grad_(True)
+    feats = _Features(net)
+    model = feats
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            feats, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    size = student.input_size
+    loop = TrainLoop(net, opt, config.steps, config.lr,
+                     lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps, config.min_lr_ratio),
+                     Path(run_dir) if run_dir else None,
+                     {"stage": "distill", "distill": config.to_dict(), "student": json.loads(student.config.to_json()),
+                      "teacher": teacher.name, "images": len(images)},
+                     dist=dist, checkpoint_every=config.checkpoint_every, progress=progress, desc="distill")
+    loop.try_resume()
+
+    batches = iter(step_loader(_Views(images, size, config, teacher.fixed_view), config.seed, len(images),
+                               config.batch_size, loop.step, config.steps, dist, workers))
+
+    def step_fn(step: int):
+        v1, v2, idx = next(batches)
+        v1, v2 = v1.to(dist.device), v2.to(dist.device)
+        target = config.target_scale * teacher(v1, idx.tolist())
+        x = model(torch.cat([v1, v2]))
+        n = len(v1)
+        loss = 0.5 * (_rmse(x[:n], target) + _rmse(x[n:], target))
+        return loss, n
+
+    t0 = time.perf_counter()
+    history = loop.run(step_fn, stop_after=stop_after)
+    net.eval()
+    return {"history": history, "steps": loop.step, "images_per_second": loop.images_per_second,
+            "seconds": time.perf_counter() - t0, "final_loss": history[-1][1] if history else None}

@@ -1,0 +1,320 @@
+"""`robret train …`: LipSim distillation and 2AFC fine-tuning, the standard baseline, 2AFC evaluation,
+and the reproducible demo models.
+
+    robret train demo                                   # both bundled demo models, from seed 0, on CPU
+    robret train standard PHOTOS --out std.safetensors  # the contrastive CNN baseline on any folder
+    robret train teacher-embed IMAGES --teacher dreamsim:ensemble --out teacher.safetensors
+    robret train distill IMAGES --teacher SPEC | --teacher-embeddings FILE --preset small --out s1.safetensors
+    robret train finetune NIGHTS --init s1.safetensors --margin 0.5 --out s2.safetensors
+    robret train eval SPEC [SPEC …] --nights NIGHTS --split test
+    robret train synth PHOTOS OUT                       # a synthetic 2AFC set in NIGHTS' layout
+Multi-GPU / multi-node: launch the same command under `torchrun` (see docs/training.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _command_line() -> str:
+    return "robret " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train and evaluate encoders (LipSim distillation, 2AFC fine-tuning, demo)",
+                       description="Train LipSim (teacher distillation, then 2AFC hinge fine-tuning), the "
+                       "standard CNN baseline, evaluate 2AFC scores, or reproduce the bundled demo models.")
+    tsub = p.add_subparsers(dest="train_command", metavar="ACTION", required=True)
+
+    d = tsub.add_parser("demo", help="reproduce the bundled demo models (standard:demo, lipsim:demo) on CPU",
+                        description="Train standard:demo and lipsim:demo from a seed on the sample photos "
+                        "(encoder.samples.DEMO_TRAIN_PHOTOS), evaluate them on held-out photos and write "
+                        "them to --weights-dir. Resumes an interrupted run from --run-dir. Tip on a busy "
+                        "machine: OMP_WAIT_POLICY=PASSIVE robret train demo.")
+    d.add_argument("--run-dir", default="runs/demo", help="working directory (training states, synthetic sets)")
+    d.add_argument("--weights-dir", default=None, help="where the shipped files go (default: encoder/weights)")
+    d.add_argument("--no-ship", action="store_true", help="train and evaluate only; write no weights")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 leaves torch's default)")
+    d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test; useless models)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_demo)
+
+    s = tsub.add_parser("standard", help="train the standard (non-Lipschitz) CNN baseline on an image folder")
+    s.add_argument("images", help="image folder (recursive)")
+    s.add_argument("--out", required=True, help="output .safetensors")
+    s.add_argument("--run-dir", default=None, help="resumable training state (default: OUT without suffix + .run)")
+    s.add_argument("--input-size", type=int, default=64)
+    s.add_argument("--embed-dim", type=int, default=128)
+    _common(s, steps=500, batch=64, lr=2e-3)
+    s.add_argument("--temperature", type=float, default=0.2)
+    s.set_defaults(func=_standard)
+
+    te = tsub.add_parser("teacher-embed", help="run a teacher once over an image folder (for distill)")
+    te.add_argument("images")
+    te.add_argument("--teacher", required=True, help="encoder spec, e.g. dreamsim:ensemble or standard:demo")
+    te.add_argument("--out", required=True)
+    te.add_argument("--batch-size", type=int, default=64)
+    te.add_argument("--device", default="auto")
+    te.add_argument("--cache-dir", default=None, help="DreamSim weights directory (dreamsim: teachers)")
+    te.set_defaults(func=_teacher_embed)
+
+    di = tsub.add_parser("distill", help="stage 1: distil a teacher into a LipSim student",
+                         description="LipSim stage 1: loss ½[RMSE(x(v1), c·t(v1)) + RMSE(x(v2), c·t(v1))], "
+                         "Adam(0.5, 0.9), cosine schedule with warm-up.")
+    di.add_argument("images", help="image folder (recursive), e.g. ImageNet's train/")
+    teacher = di.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", help="teacher encoder spec (dreamsim:ensemble, standard:demo, …)")
+    teacher.add_argument("--teacher-embeddings", help="file from `robret train teacher-embed`")
+    shape = di.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--preset", help="LipSim preset (small, cpu-small, …)")
+    shape.add_argument("--config", help="LipSimConfig as JSON text or a .json file")
+    di.add_argument("--out", required=True)
+    di.add_argument("--run-dir", default=None)
+    _common(di, steps=1000, batch=32, lr=0.01)
+    di.add_argument("--epochs", type=float, default=None, help="alternative to --steps: passes over the folder")
+    di.add_argument("--cache-dir", default=None, help="DreamSim weights directory (dreamsim: teachers)")
+    di.add_argument("--warmup-steps", type=int, default=50)
+    di.add_argument("--target-scale", type=float, default=1.0, help="c in the loss (default 1, the paper's)")
+    di.add_argument("--view2", choices=("crop", "edit"), default="crop")
+    di.add_argument("--cache", action="store_true", help="decode all images once into memory (small folders)")
+    di.add_argument("--workers", type=int, default=0, help="(reserved) data loading processes")
+    di.set_defaults(func=_distill)
+
+    ft = tsub.add_parser("finetune", help="stage 2: 2AFC hinge fine-tuning on a NIGHTS-layout folder",
+                         description="LipSim stage 2: mean max(0, m − y'(d(x,x0) − d(x,x1))), y' = 2·round(p) − 1, "
+                         "triangular learning rate.")
+    ft.add_argument("nights", help="folder holding data.csv (or its parent)")
+    ft.add_argument("--init", required=True, help="encoder spec or checkpoint to start from (lipsim:FILE, FILE)")
+    ft.add_argument("--out", required=True)
+    ft.add_argument("--run-dir", default=None)
+    _common(ft, steps=None, batch=32, lr=1e-3)
+    ft.add_argument("--epochs", type=float, default=None, help="alternative to --steps")
+    ft.add_argument("--margin", type=float, default=0.5, help="hinge margin (LipSim: 0.2, 0.4, 0.5)")
+    ft.add_argument("--peak", type=float, default=0.3, help="fraction of steps before the lr peak")
+    ft.add_argument("--cache", action="store_true")
+    ft.set_defaults(func=_finetune)
+
+    ev = tsub.add_parser("eval", help="2AFC natural / certified / attacked scores on a NIGHTS-layout folder")
+    ev.add_argument("specs", nargs="+", help="encoder specs (lipsim:demo, standard:demo, dreamsim:ensemble, …)")
+    ev.add_argument("--nights", required=True, help="folder holding data.csv (or its parent)")
+    ev.add_argument("--split", default="test", help="train, val, test (= size-weighted test_imagenet + "
+                    "test_no_imagenet), test_imagenet, test_no_imagenet, all")
+    ev.add_argument("--attacks", nargs="*", default=["autoattack-L2"],
+                    help="autoattack-L2 autoattack-Linf pgd-L2 pgd-Linf (none: --attacks)")
+    ev.add_argument("--eps", nargs="*", type=float, default=None, help="certified ε's in 1/255 units (default "
+                    "36 72 108 255)")
+    ev.add_argument("--attack-eps", nargs="*", type=float, default=None, help="attack ε's in 1/255 units "
+                    "(default: ℓ2 36 72 108, ℓ∞ 1 2 4)")
+    ev.add_argument("--attack-limit", type=int, default=None, help="attack only the first N triplets")
+    ev.add_argument("--iters", type=int, default=100, help="attack iterations")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate only the first N triplets")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(func=_eval)
+
+    sy = tsub.add_parser("synth", help="write a SYNTHETIC 2AFC set in NIGHTS' layout from a photo folder")
+    sy.add_argument("photos")
+    sy.add_argument("out")
+    sy.add_argument("--per-image", type=int, default=20)
+    sy.add_argument("--size", type=int, default=128)
+    sy.add_argument("--split", default="train")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--distractor-p", type=float, default=0.0)
+    sy.set_defaults(func=_synth)
+
+
+def _common(p, steps, batch, lr) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch, help="global batch (all ranks together)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA per LOCAL_RANK when available), cpu, cuda:0")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_dir(args) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path(args.out).with_suffix(".run")
+
+
+def _demo(args) -> int:
+    from encoder.registry import WEIGHTS_DIR
+    from encoder.train.demo import QUICK_PLAN, DemoPlan, run_demo
+
+    plan = dataclasses.replace(QUICK_PLAN if args.quick else DemoPlan(), seed=args.seed)
+    weights = None if args.no_ship else Path(args.weights_dir or WEIGHTS_DIR)
+    if args.quick and weights is not None and args.weights_dir is None:
+        weights = None  # never overwrite the bundled models with a smoke test
+    # The reproducing command (flags that change the models only; paths and threads do not).
+    command = "robret train demo" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
+    run_demo(args.run_dir, weights, plan, threads=args.threads, progress=not args.no_progress, command=command)
+    return 0
+
+
+def _standard(args) -> int:
+    from encoder.data import ImageFolder
+    from encoder.standard import StandardConfig, StandardEncoder, save_standard
+    from encoder.train import ContrastiveConfig, train_contrastive
+    from encoder.train._loop import init_distributed
+
+    cfg = ContrastiveConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            temperature=args.temperature, checkpoint_every=args.checkpoint_every, device=args.device)
+    dist = init_distributed(args.device)
+    images = ImageFolder(args.images, cache=True)
+    _report_skipped(images)
+    import torch
+
+    torch.manual_seed(args.seed)
+    enc = StandardEncoder(StandardConfig(input_size=args.input_size, embed_dim=args.embed_dim),
+                          name=f"standard:{Path(args.out).stem}")
+    res = train_contrastive(enc, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
+    if dist.main:
+        save_standard(enc.freeze(), args.out, provenance={"command": _command_line(), "data": str(args.images),
+                                                          "config": cfg.to_dict(), "final_loss": res["final_loss"]})
+        print(f"wrote {args.out} (final loss {res['final_loss']:.4f})")
+    return 0
+
+
+def _report_skipped(folder) -> None:
+    for path, reason in folder.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+
+def _teacher_embed(args) -> int:
+    from encoder import load_encoder
+    from encoder.data import ImageFolder
+    from encoder.train import compute_teacher_embeddings
+    from encoder.train._loop import resolve_device
+
+    enc = load_encoder(args.teacher, device=resolve_device(args.device), **_teacher_kwargs(args))
+    folder = ImageFolder(args.images)
+    _report_skipped(folder)
+    compute_teacher_embeddings(enc, folder, args.out, batch_size=args.batch_size)
+    print(f"wrote {args.out}: {len(folder)} embeddings of dimension {enc.dim} from {enc.name}")
+    return 0
+
+
+def _lipsim_config(args):
+    from encoder.presets import LipSimConfig, get_preset
+
+    if args.preset:
+        return args.preset, get_preset(args.preset)
+    text = Path(args.config).read_text() if args.config.endswith(".json") else args.config
+    return "custom", LipSimConfig.from_json(text)
+
+
+def _teacher_kwargs(args) -> dict:
+    return {"cache_dir": args.cache_dir} if args.cache_dir and args.teacher.startswith("dreamsim") else {}
+
+
+def _distill(args) -> int:
+    import math
+
+    import torch
+
+    from encoder import load_encoder, save_lipsim
+    from encoder.data import ImageFolder
+    from encoder.lipsim import LipSimEncoder
+    from encoder.train import DistillConfig, EncoderTeacher, PrecomputedTeacher, distill
+    from encoder.train._loop import init_distributed
+
+    dist = init_distributed(args.device)
+    preset, shape = _lipsim_config(args)
+    images = ImageFolder(args.images, cache=args.cache)
+    _report_skipped(images)
+    if args.teacher:
+        teacher = EncoderTeacher(load_encoder(args.teacher, device=dist.device, **_teacher_kwargs(args)))
+    else:
+        teacher = PrecomputedTeacher(args.teacher_embeddings, images)
+    steps = args.steps if args.epochs is None else math.ceil(args.epochs * len(images) / args.batch_size)
+    cfg = DistillConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        warmup_steps=args.warmup_steps, target_scale=args.target_scale, view2=args.view2,
+                        checkpoint_every=args.checkpoint_every, device=args.device)
+    torch.manual_seed(args.seed)
+    student = LipSimEncoder(shape, name=f"lipsim:{Path(args.out).stem}")
+    res = distill(student, teacher, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
+    if dist.main:
+        save_lipsim(student.freeze(), args.out, preset=preset, provenance={
+            "command": _command_line(), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
+            "config": cfg.to_dict(), "final_loss": res["final_loss"]})
+        print(f"wrote {args.out} (final loss {res['final_loss']:.4f}, {res['images_per_second'] or 0:.1f} images/s)")
+    return 0
+
+
+def _finetune(args) -> int:
+    import math
+
+    from encoder import load_encoder, save_lipsim
+    from encoder.data import NightsDataset, read_nights
+    from encoder.lipsim import LipSimEncoder
+    from encoder.train import FinetuneConfig, finetune
+    from encoder.train._loop import init_distributed
+
+    dist = init_distributed(args.device)
+    spec = args.init if ":" in args.init else f"lipsim:{args.init}"
+    enc = load_encoder(spec)
+    rows = read_nights(args.nights, "train", check_files=True)
+    steps = args.steps
+    if steps is None:
+        steps = math.ceil((args.epochs or 1.0) * len(rows) / args.batch_size)
+    cfg = FinetuneConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, margin=args.margin, peak=args.peak,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
+    res = finetune(enc, NightsDataset(rows, enc.input_size, cache=args.cache), cfg, run_dir=_run_dir(args),
+                   progress=not args.no_progress, dist=dist)
+    if dist.main:
+        prov = {"command": _command_line(), "stage": "finetune", "init": args.init, "data": str(args.nights),
+                "config": cfg.to_dict(), "final_loss": res["final_loss"]}
+        if isinstance(enc, LipSimEncoder):
+            save_lipsim(enc.freeze(), args.out, preset=enc.metadata.get("preset") or "custom", provenance=prov)
+        else:
+            from encoder.standard import save_standard
+
+            save_standard(enc.freeze(), args.out, provenance=prov)
+        print(f"wrote {args.out} (final loss {res['final_loss']:.4f})")
+    return 0
+
+
+def _eval(args) -> int:
+    from encoder import load_encoder
+    from encoder.data import NightsDataset, read_nights
+    from encoder.evaluate import EPSILONS, combine_results, evaluate_2afc, format_table
+
+    eps = tuple(e / 255 for e in args.eps) if args.eps else EPSILONS
+    parts = ["test_imagenet", "test_no_imagenet"] if args.split == "test" else [args.split]
+    out = []
+    for spec in args.specs:
+        enc = load_encoder(spec, device=args.device)
+        attack_eps = None
+        if args.attack_eps:
+            attack_eps = {a: tuple(e / 255 for e in args.attack_eps) for a in args.attacks}
+        per_part = {}
+        for part in parts:
+            rows = read_nights(args.nights, part)[: args.limit]
+            if not rows:
+                continue
+            ref, x0, x1, p = NightsDataset(rows, enc.input_size).tensors()
+            per_part[part] = evaluate_2afc(enc, ref, x0, x1, p, eps=eps, attacks=tuple(args.attacks),
+                                           attack_eps=attack_eps, attack_limit=args.attack_limit, n_iter=args.iters)
+        if not per_part:
+            raise ValueError(f"no rows with ≥ 6 votes in split {args.split!r} of {args.nights}")
+        res = combine_results(per_part) if len(per_part) > 1 else next(iter(per_part.values()))
+        res["split"] = args.split
+        out.append(res)
+    print(format_table(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _synth(args) -> int:
+    from encoder.data import make_synthetic_nights
+
+    root = make_synthetic_nights(args.photos, args.out, per_image=args.per_image, size=args.size, split=args.split,
+                                 seed=args.seed, distractor_p=args.distractor_p)
+    print(f"wrote a SYNTHETIC 2AFC set in NIGHTS' layout: {root}")
+    return 0

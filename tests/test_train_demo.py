@@ -1,0 +1,55 @@
+"""The standard baseline's checkpoint and registry entry, and `robret train demo --quick` end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from encoder import load_encoder
+from encoder.checkpoint import read_header
+from encoder.samples import DEMO_TRAIN_PHOTOS, HELDOUT_PHOTOS, SAMPLE_PHOTOS
+from encoder.standard import StandardConfig, StandardEncoder, load_standard, read_standard_header, save_standard
+
+
+def test_demo_photo_split_is_fixed_disjoint_and_complete():
+    assert set(DEMO_TRAIN_PHOTOS).isdisjoint(HELDOUT_PHOTOS)
+    assert sorted(DEMO_TRAIN_PHOTOS + HELDOUT_PHOTOS) == sorted(SAMPLE_PHOTOS)
+    assert len(HELDOUT_PHOTOS) == 8
+
+
+def test_standard_checkpoint_round_trips_with_header_and_loads_through_the_registry(tmp_path):
+    torch.manual_seed(0)
+    enc = StandardEncoder(StandardConfig(input_size=16, widths=(8, 16), embed_dim=8)).freeze()
+    path = save_standard(enc, tmp_path / "std.safetensors", provenance={"command": "test"})
+    head = read_standard_header(path)
+    assert head["format"] == "robret-standard" and head["provenance"] == {"command": "test"}
+    loaded = load_encoder(f"standard:{path}")
+    assert loaded.lipschitz is None and loaded.dim == 8 and loaded.input_size == 16
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(loaded.embed(x), enc.embed(x))
+    assert torch.allclose(loaded.embed(x).norm(dim=1), torch.ones(2))
+    with pytest.raises(ValueError, match="unknown standard checkpoint"):
+        load_encoder("standard:no-such-model")
+
+
+def test_train_demo_quick_runs_every_stage_and_ships_files_with_provenance(tmp_path, capsys):
+    from retrieval.cli import main
+
+    rc = main(["train", "demo", "--quick", "--run-dir", str(tmp_path / "run"), "--weights-dir", str(tmp_path / "w"),
+               "--no-progress", "--threads", "0"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "[5/5]" in out and "| lipsim:demo |" in out
+    lip = read_header(tmp_path / "w" / "lipsim_demo.safetensors")
+    prov = lip["provenance"]
+    assert prov["command"].startswith("robret train demo") and prov["teacher"] == "standard:demo"
+    assert set(prov["metrics"]["certified"]) == {"36/255", "72/255", "108/255", "255/255"}
+    assert prov["data"]["heldout_photos"] == list(HELDOUT_PHOTOS)
+    std = load_standard(tmp_path / "w" / "standard_demo.safetensors")
+    assert std.metadata["provenance"]["metrics"]["certified"] == {}
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["lipsim:demo"]["n"] == 2 * len(HELDOUT_PHOTOS)
+    # A second run finds every stage done and only re-prints the table.
+    assert main(["train", "demo", "--quick", "--run-dir", str(tmp_path / "run"), "--no-ship", "--no-progress",
+                 "--threads", "0"]) == 0
+    assert "[1/5]" not in capsys.readouterr().out
