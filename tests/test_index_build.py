@@ -14,7 +14,7 @@ from index import (INDEXED, REMOVED, Catalog, EncoderMismatchError, Gallery, Ind
                    SchemaVersionError, StoreError, VectorStore, build_index, repair_index, update_index,
                    verify_index)
 from index.layout import IndexDir
-from tests._index_fixtures import copy_photos
+from _index_fixtures import copy_photos
 
 OPTS = IngestOptions(workers=2, batch_size=5)
 

@@ -21,7 +21,7 @@ from PIL import Image
 from index import INDEXED, Catalog, Gallery, IngestOptions, build_index, update_index, verify_index
 from index.ingest import CRASH_ENV
 from index.layout import IndexDir
-from tests._index_fixtures import copy_photos
+from _index_fixtures import copy_photos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = ["--batch-size", "3", "--checkpoint-seconds", "0", "--workers", "1", "--no-progress"]

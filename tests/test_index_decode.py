@@ -12,7 +12,7 @@ from PIL import Image
 from index import FAILED, INDEXED, Catalog, DecodeError, FolderError, Gallery, IngestOptions, build_index, verify_index
 from index.decode import DecodeLimits, read_image
 from index.layout import IndexDir
-from tests._index_fixtures import make_hostile_folder
+from _index_fixtures import make_hostile_folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from encoder.preprocess import pil_to_tensor, resize
 from index import Gallery, IngestOptions, build_index
 from retrieval.cli import main
 from retrieval.search import search_embedding, search_image
-from tests._index_fixtures import copy_photos
+from _index_fixtures import copy_photos
 
 
 @pytest.fixture(scope="module")
