@@ -1,0 +1,31 @@
+"""Shared pytest fixtures: small encoders and sample-photo folders, built once per session.
+
+Area-specific fixtures live in their own test modules (or tests/_<area>_fixtures.py).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep torch from oversubscribing them when several processes run.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_lipsim():
+    """lipsim:cpu-tiny with random weights (32 px input, 33-d embedding), frozen."""
+    from encoder import load_encoder
+
+    return load_encoder("lipsim:cpu-tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_folder(tmp_path_factory):
+    """A folder with every bundled sample photo as a PNG (read-only use: copy before modifying)."""
+    from encoder.samples import export_sample_photos
+
+    folder = tmp_path_factory.mktemp("samples")
+    export_sample_photos(folder)
+    return folder
