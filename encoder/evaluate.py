@@ -256,8 +256,7 @@ def evaluate_near_duplicates(encoder, photos, crops_per_photo: int = 4, strength
     encoder's input space.
     """
     from .certify import certify_topk
-    from .data.augment import random_edit, random_resized_crop
-    from .train.distill import center_view
+    from .data.augment import center_view, random_edit, random_resized_crop
 
     g = torch.Generator().manual_seed(seed)
     size = encoder.input_size

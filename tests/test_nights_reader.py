@@ -96,7 +96,6 @@ def test_synthetic_set_has_nights_layout_and_the_less_edited_image_is_the_choice
 
 
 def test_synthetic_distractor_rows_use_another_photo(tmp_path):
-    g = torch.Generator().manual_seed(2)
     photos = [("a", torch.zeros(3, 32, 32)), ("b", torch.ones(3, 32, 32))]
     make_synthetic_nights(photos, tmp_path, per_image=8, size=16, kinds=("noise",), distractor_p=1.0, low=(0, 0.01),
                           gap=(0.0, 0.01))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..preprocess import resize
 
-__all__ = ["EDIT_KINDS", "uniform", "random_resized_crop", "color_jitter", "to_grayscale", "lipsim_view",
+__all__ = ["EDIT_KINDS", "uniform", "center_view", "random_resized_crop", "color_jitter", "to_grayscale", "lipsim_view",
            "realistic_edit", "random_edit"]
 
 EDIT_KINDS = ("jpeg", "blur", "noise", "color", "shift", "rescale")
@@ -46,6 +46,14 @@ def random_resized_crop(img: torch.Tensor, size: int, g: torch.Generator,
             top, left = randint(g, 0, h - ch), randint(g, 0, w - cw)
             return resize(img[:, top:top + ch, left:left + cw], size)
     side = min(h, w)  # fallback: central square
+    top, left = (h - side) // 2, (w - side) // 2
+    return resize(img[:, top:top + side, left:left + side], size)
+
+
+def center_view(img: torch.Tensor, size: int) -> torch.Tensor:
+    """The central square crop of (3, H, W), resized to size × size (a deterministic view)."""
+    _, h, w = img.shape
+    side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     return resize(img[:, top:top + side, left:left + side], size)
 

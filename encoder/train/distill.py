@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..data.augment import lipsim_view, random_edit
+from ..data.augment import center_view, lipsim_view, random_edit
 from ..data.folder import ImageFolder
 from ..lipsim import LipSimEncoder
 from ..preprocess import resize
@@ -73,14 +73,6 @@ class DistillConfig(ConfigMixin):
     def __post_init__(self):
         if self.view2 not in ("crop", "edit"):
             raise ValueError(f"view2 must be 'crop' or 'edit', got {self.view2!r}")
-
-
-def center_view(img: torch.Tensor, size: int) -> torch.Tensor:
-    """The central square crop of (3, H, W), resized to size × size (the fixed teacher view)."""
-    _, h, w = img.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    return resize(img[:, top:top + side, left:left + side], size)
 
 
 class EncoderTeacher:

@@ -14,7 +14,6 @@ Works on any TorchEncoder whose parameters train (LipSim, the standard CNN).
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
