@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._ui_fixtures import ui_env  # noqa: F401  (fixture)
+from _ui_fixtures import ui_env  # noqa: F401  (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -270,22 +270,24 @@ def run_attack(embedder, index: SideIndex, x: torch.Tensor, spec, q: np.ndarray,
 
     The attack optimises against `index.candidates` (the whole gallery when it is small); the page
     then searches the adversarial image in the full index, so what it shows is exact either way.
-    untargeted / targeted: retrieval.attacks' top-k PGD attacks; autoattack: pyautoattack's APGD on
-    retrieval.attacks' NearestNeighbourClassifier (see `_autoattack`).
+    untargeted / targeted: retrieval.attacks' top-k PGD attacks; autoattack: retrieval.attacks'
+    AutoAttack on nearest-neighbour search (move the top-1), with a step budget and progress.
     """
-    from retrieval.attacks import PGDConfig, topk_targeted, topk_untargeted
+    from retrieval.attacks import PGDConfig, autoattack_untargeted, topk_targeted, topk_untargeted
 
     extra = () if spec.target_id is None else (spec.target_id,)
     ids, vectors = index.candidates(q, pool, extra)
     g = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
     k = min(spec.k, len(ids) - 1)
-    if spec.kind == "autoattack":
-        return _autoattack(embedder, x, g, spec, progress)
-    config = PGDConfig(norm=spec.norm, eps=spec.eps, steps=spec.steps)
 
     def callback(done, total, _loss):
         progress(done, total)
 
+    if spec.kind == "autoattack":  # APGD-CE then APGD-DLR, one restart, `steps` iterations each
+        x_adv, _ = autoattack_untargeted(embedder, x[None], g, norm=spec.norm, eps=spec.eps, version="custom",
+                                         attacks=["apgd-ce", "apgd-dlr"], n_iter=spec.steps, callback=callback)
+        return x_adv[0].detach().cpu()
+    config = PGDConfig(norm=spec.norm, eps=spec.eps, steps=spec.steps)
     if spec.kind == "untargeted":
         res = topk_untargeted(embedder, x[None], g, k=k, config=config, callback=callback)
     else:
@@ -294,38 +296,3 @@ def run_attack(embedder, index: SideIndex, x: torch.Tensor, spec, q: np.ndarray,
             raise ValueError("the target image is not in this encoder's index")
         res = topk_targeted(embedder, x[None], g, int(hit[0]), k=k, config=config, callback=callback)
     return res.x_adv[0].detach().cpu()
-
-
-def _autoattack(embedder, x, gallery, spec, progress):
-    """AutoAttack's APGD-CE then APGD-DLR (one restart, `spec.steps` iterations each) on the
-    nearest-neighbour classifier: move the top-1.
-
-    Adapter: retrieval.attacks.autoattack_untargeted runs AutoAttack's own budgets (100 iterations,
-    several attacks and restarts) and reports no progress; the page needs a step budget and a
-    progress bar, so it configures pyautoattack here on the same classifier.
-    """
-    from pyautoattack import AutoAttack
-
-    from retrieval.attacks import NearestNeighbourClassifier
-
-    model = NearestNeighbourClassifier(embedder, gallery).eval()
-    total = 2 * spec.steps
-    calls = [0]
-
-    class Counting(torch.nn.Module):  # APGD calls the model once per iteration with gradients on
-        def forward(self, xb):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                progress(min(calls[0], total), total)
-            return model(xb)
-
-    xb = x[None]
-    with torch.no_grad():
-        y = model(xb).argmax(1)
-    aa = AutoAttack(Counting(), norm={"l2": "L2", "linf": "Linf"}[spec.norm], eps=spec.eps, version="custom",
-                    attacks=["apgd-ce", "apgd-dlr"], seed=0, device=xb.device)
-    aa.verbose = False
-    aa.apgd.n_iter, aa.apgd.n_restarts = spec.steps, 1
-    x_adv, _ = aa.run_standard_evaluation(xb, y, batch_size=1)
-    progress(total, total)
-    return x_adv[0].detach().cpu()
