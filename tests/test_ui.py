@@ -158,30 +158,33 @@ def test_large_upload_is_shrunk_to_the_working_size_and_radii_are_stated_for_it(
     assert_table_matches(table(at, "table_lipsim"), lib, ui_engine.names)
 
 
-@pytest.mark.parametrize("name,data,message", [
-    ("notes.png", b"these are my notes, not an image\n" * 4, "text"),
-    ("broken.png", None, "truncated"),
-    ("huge.png", b"\x89PNG" + bytes(1_200_000), "upload limit"),
-    ("tiny.png", "tiny", "too small"),
-])
-def test_bad_upload_gives_a_message_not_a_trace(page_env, name, data, message):
-    if data is None:  # a real PNG cut in half
-        buf = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
-        data = buf.getvalue()[: len(buf.getvalue()) // 2]
-    elif data == "tiny":
-        buf = io.BytesIO()
-        Image.new("RGB", (4, 40)).save(buf, "PNG")
-        data = buf.getvalue()
+def bad_uploads() -> list[tuple[str, bytes, str]]:
+    """(file name, bytes, what the message must say) for files the page must refuse."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 40)).save(tiny, "PNG")
+    return [
+        ("notes.png", b"these are my notes, not an image\n" * 4, "text"),
+        ("broken.png", png[: len(png) // 2], "truncated"),
+        ("huge.png", b"\x89PNG" + bytes(1_200_000), "upload limit"),
+        ("tiny.png", tiny.getvalue(), "too small"),
+        ("empty.png", b"", "empty"),
+    ]
+
+
+def test_bad_uploads_give_a_message_not_a_trace(page_env):
     at = run_clean(new_page())
     at.radio(key="source").set_value("an upload")
     run_clean(at)
-    at.file_uploader(key="upload").set_value((name, data, "image/png"))
-    run_clean(at)
-    errors = [e.value for e in at.error]
-    assert len(errors) == 1 and name in errors[0] and message in errors[0], errors
-    assert "Traceback" not in errors[0]
-    assert not at.dataframe  # nothing searched
+    for name, data, message in bad_uploads():
+        at.file_uploader(key="upload").set_value((name, data, "image/png"))
+        run_clean(at)
+        errors = [e.value for e in at.error]
+        assert len(errors) == 1 and name in errors[0] and message in errors[0], (name, errors)
+        assert "Traceback" not in errors[0]
+        assert not at.dataframe and "query" not in at.session_state  # nothing searched
 
 
 @pytest.mark.parametrize("kind,norm,eps", [
