@@ -2,12 +2,13 @@
 chromium driven by Playwright (no browser download: tests/browser/setup.sh installs both, `make test`
 runs it). Runs a gallery query and an attack and saves a screenshot under the test's tmp dir.
 
-Set ROBRET_UI_SCREENSHOT=PATH to also copy the screenshot there (docs/ui-screenshot.png is made so).
+The docs screenshot comes from the same steps on the page's real defaults:
+    python tests/test_ui_browser.py docs/ui-screenshot.png [robret ui options]
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -52,20 +53,19 @@ def _robret() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "retrieval.cli"]
 
 
-@pytest.fixture
-def server(ui_env, tmp_path):
-    """`robret ui` on 127.0.0.1:<free port>; yields its URL; the process group is ended afterwards."""
+@contextlib.contextmanager
+def serve(args: list[str], env: dict[str, str], log_path: Path):
+    """`robret ui ARGS --port <free port>` in its own process group; yields the URL; ends the group."""
     port = _free_port()
-    env = {**os.environ, **ui_env, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([*_robret(), "ui", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([*_robret(), "ui", *args, "--port", str(port)], env={**env, "PYTHONUNBUFFERED": "1"},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"robret ui exited with {proc.returncode}: {(tmp_path / 'server.log').read_text()}")
+                raise AssertionError(f"robret ui exited with {proc.returncode}: {log_path.read_text()}")
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                     if r.read().strip() == b"ok":
@@ -87,31 +87,30 @@ def server(ui_env, tmp_path):
         log.close()
 
 
-def test_browser_runs_a_query_and_an_attack_and_saves_a_screenshot(server, tmp_path):
-    _require_browser()
+def query_attack_screenshot(url: str, shot: Path, profile_dir: Path, query: str = "coffee", steps: int = 5) -> None:
+    """In Debian's chromium: search the gallery for `query`, attack it, screenshot the whole page."""
     from playwright.sync_api import expect, sync_playwright
 
-    shot = tmp_path / "ui-screenshot.png"
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="chromium-", dir=tmp_path), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1500, "height": 1000})
+            str(profile_dir), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1500, "height": 1000})
         try:
             page = ctx.new_page()
-            page.goto(server)
+            page.goto(url)
             # First load builds/opens the indexes in the server.
-            expect(page.get_by_text("2 · Top-5")).to_be_visible(timeout=90_000)
+            expect(page.get_by_text("2 · Top-5")).to_be_visible(timeout=120_000)
             # Query: the gallery search box narrows the choice to one photo.
             box = page.get_by_label("Search the gallery by name")
-            box.fill("coffee")
+            box.fill(query)
             box.press("Enter")
-            expect(page.locator(".rr-name").first).to_have_text("#1 coffee.png", timeout=30_000)
-            # Attack: the default (untargeted top-k, ℓ2, ε = 0.5), fewer steps.
-            steps = page.get_by_label("steps")
-            steps.fill("5")
-            steps.press("Enter")
+            expect(page.locator(".rr-name").first).to_have_text(f"#1 {query}.png", timeout=30_000)
+            # Attack: the default (untargeted top-k, ℓ2, ε = 0.5), with `steps` steps.
+            box = page.get_by_label("steps")
+            box.fill(str(steps))
+            box.press("Enter")
             page.get_by_role("button", name="Run the attack on both encoders").click()
-            expect(page.get_by_text("overlap@5").first).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("overlap@5").first).to_be_visible(timeout=180_000)
             expect(page.get_by_text("adversarial query").first).to_be_visible()
             expect(page.get_by_role("button", name="JSON report")).to_be_visible()
             assert page.locator('[data-testid="stException"]').count() == 0
@@ -123,6 +122,21 @@ def test_browser_runs_a_query_and_an_attack_and_saves_a_screenshot(server, tmp_p
             page.screenshot(path=str(shot), full_page=True)
         finally:
             ctx.close()
+
+
+def test_browser_runs_a_query_and_an_attack_and_saves_a_screenshot(ui_env, tmp_path):
+    _require_browser()
+    shot = tmp_path / "ui-screenshot.png"
+    with serve([], {**os.environ, **ui_env}, tmp_path / "server.log") as url:
+        query_attack_screenshot(url, shot, tmp_path / "chromium-profile")
     assert shot.stat().st_size > 20_000
-    if os.environ.get("ROBRET_UI_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["ROBRET_UI_SCREENSHOT"])
+
+
+if __name__ == "__main__":
+    # The docs screenshot, with the page's real defaults (demo index, bundled models):
+    #   python tests/test_ui_browser.py docs/ui-screenshot.png [robret ui options]
+    out = Path(sys.argv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        with serve(sys.argv[2:], dict(os.environ), Path(tmp) / "server.log") as url:
+            query_attack_screenshot(url, out, Path(tmp) / "chromium-profile", steps=20)
+    print(out)
