@@ -44,10 +44,10 @@ TARGETS = {"clean_recall@1": 95.0, "certified_recall@1@36/255": 80.0, "l2_recall
 
 
 def _fmt_eps(e: float) -> str:
-    for d in (255,):
-        n = e * d
-        if abs(n - round(n)) < 1e-6 and n >= 1:
-            return f"{int(round(n))}/255"
+    """0.1412 → "36/255" (robrank's and LipSim's ε are multiples of 1/255), 0.5 → "0.5"."""
+    n = e * 255
+    if 1 <= n < 255 and abs(n - round(n)) < 1e-6:
+        return f"{int(round(n))}/255"
     return f"{e:g}"
 
 
@@ -55,7 +55,8 @@ def default_encoders() -> list[str]:
     from encoder import list_encoders
 
     specs = ["lipsim:demo", "standard:demo", "pixels"]
-    specs += [s for s in list_encoders() if s.startswith("dreamsim:")]
+    if "dreamsim:ensemble" in list_encoders():  # the paper's DreamSim; name other variants explicitly
+        specs.append("dreamsim:ensemble")
     return specs
 
 
@@ -66,7 +67,7 @@ def _load(spec: str, device: str):
     try:
         enc = load_encoder(spec, device=device)
     except Exception as exc:  # weights absent, backend not installed, … — say so and go on
-        return None, f"{type(exc).__name__}: {exc}"
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     if "random" in getattr(enc, "name", ""):
         log.warning("%s has random weights: its numbers show the machinery, not a trained model", spec)
     return enc, None
@@ -93,7 +94,8 @@ def _robust_recall(emb, gallery, ds, correct, norm: str, eps: float, args, bar) 
             hit[idx] = h.cpu()
         bar.update(sl.stop - sl.start)
     summary = {"margin": 100.0 * float(hit.mean())}
-    if args.autoattack:
+    aa_grid = args.aa_l2_eps if norm == "l2" else args.aa_linf_eps
+    if args.autoattack and any(abs(eps - e) < 1e-9 for e in aa_grid):
         survivors = torch.nonzero(hit.bool()).view(-1)
         broken = 0
         for sl in _batches(survivors.numel(), args.batch_size):
@@ -129,7 +131,59 @@ def _clean_and_certified(emb, gallery, ds, l2_eps) -> tuple[dict, torch.Tensor, 
         eps_grid = sorted(set(CERT_L2) | set(l2_eps))
         out["certified_l2"] = {_fmt_eps(e): 100.0 * float((radii > e).mean()) for e in eps_grid}
         out["certified_radius_median"] = float(np.median(radii))
+    if "query_edits" in ds.info:
+        out["by_edit"] = _by_edit(ds.info["query_edits"], correct, radii)
+    out["geometry"] = _geometry(qe.cpu(), gallery.cpu(), ds, lip)
     return out, correct, radii
+
+
+def _geometry(qe, gallery, ds, lip) -> dict:
+    """What the top-1 certificate is made of. For the query's best correct item m and a wrong item j,
+    with u = (e_m − e_j)/‖e_m − e_j‖ (unit vectors, so the bisector passes through the origin):
+
+        L·r_j = ⟨e(q), u⟩ = ‖e_m − e_j‖/2 − ⟨e_m − e(q), u⟩     (half gap − drift towards j)
+
+    and the certificate is min_j r_j. Reported: medians over queries, at the binding j, of the half
+    gap and the drift, and of the drift ‖e_m − e(q)‖ itself: crowded galleries (small gaps) and edits
+    the encoder is not invariant to (large drift) are the two limits."""
+    same = ds.gallery_labels[None, :] == ds.query_labels[:, None]
+    rows = (ds.query_self_index >= 0).nonzero().view(-1)
+    wrong = ~same
+    wrong[rows, ds.query_self_index[rows]] = False
+    same[rows, ds.query_self_index[rows]] = False
+    ok = same.any(1) & wrong.any(1)
+    m = gallery[(qe @ gallery.T).masked_fill(~same, -math.inf).argmax(1)]  # (Q, D)
+    diff = m[:, None, :] - gallery[None, :, :]  # (Q, N, D)
+    norm = diff.norm(dim=2).clamp_min(1e-12)
+    r = (qe[:, None, :] * diff).sum(2) / norm  # L·r_j
+    r = r.masked_fill(~wrong, math.inf)
+    j = r.argmin(1)
+    idx = torch.arange(qe.shape[0])
+    half_gap = norm[idx, j] / 2
+    drift_to_j = half_gap - r[idx, j]
+    out = {"half_gap_median": float(half_gap[ok].median()), "drift_towards_binding_median":
+           float(drift_to_j[ok].median()), "drift_norm_median": float((m - qe).norm(dim=1)[ok].median()),
+           "L_times_radius_median": float(r[idx, j][ok].median())}
+    if lip is not None:
+        out["L"] = lip
+    return out
+
+
+def _by_edit(edits: list[list[str]], correct: torch.Tensor, radii: np.ndarray | None) -> dict:
+    """Clean and certified (36/255) Recall@1 of the queries that received each kind of edit."""
+    from retrieval.bench_data import EDITS
+
+    out = {}
+    for kind in EDITS:
+        rows = [i for i, log in enumerate(edits) if any(e.startswith(kind) for e in log)]
+        if not rows:
+            continue
+        entry = {"queries": len(rows), "clean_recall@1": 100.0 * float(correct[rows].mean())}
+        if radii is not None:
+            entry["certified_recall@1@36/255"] = 100.0 * float((radii[rows] > 36 / 255).mean())
+            entry["radius_median"] = float(np.median(radii[rows]))
+        out[kind] = entry
+    return out
 
 
 def evaluate_encoder(spec: str, enc, ds, args, full=None) -> dict:
@@ -224,17 +278,22 @@ def write_markdown(report: dict, path: Path) -> str:
     lines = [f"# Adversarial retrieval — {report['dataset']['name']} "
              f"({report['dataset']['queries']} queries, gallery {report['dataset']['gallery']}, "
              f"{report['dataset']['image_size']}×{report['dataset']['image_size']} px)", "",
-             f"Command: `{report['command']}`", "",
+             *(["Commands (merged): " + "; ".join(f"`{c}`" for c in report["merged_commands"])]
+               if report.get("merged_commands") else [f"Command: `{report['command']}`"]), "",
              "Recall@1 in %. ε is measured on the benchmark's images ([0,1] pixels); empirical = correct and "
-             "unmoved by every attack (margin PGD" + (" + AutoAttack APGD-CE/APGD-T" if report['config']['autoattack'] else "")
-             + "); certified = correct top-1 certified at ε. ERS: robrank's suite, ℓ∞ 8/255.", ""]
+             "unmoved by every attack: margin PGD (" + f"{report['config']['steps']} steps)"
+             + (" + AutoAttack APGD-CE/APGD-T at ℓ2 " + ", ".join(_fmt_eps(e) for e in report['config']['aa_l2_eps'])
+                + " and ℓ∞ " + ", ".join(_fmt_eps(e) for e in report['config']['aa_linf_eps'])
+                if report['config']['autoattack'] else "")
+             + "; certified = correct top-1 certified at ε. ERS: robrank's suite, ℓ∞ 8/255, "
+             + f"{report['config']['steps'] if report['config']['quick'] else 32} steps.", ""]
     head = ["encoder", "L (image)", "clean R@1", "mAP"]
     head += [f"cert ℓ2 {e}" for e in l2] + [f"ℓ2 {e}" for e in l2] + [f"ℓ∞ {e}" for e in linf]
     head += ["overlap@5 ℓ2", "ERS", "violations"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for spec, r in res.items():
         if r.get("status") != "ok":
-            lines.append(f"| {spec} | skipped: {r.get('note', '')} |" + " |" * (len(head) - 2))
+            lines.append(f"| {spec} | skipped (below) |" + " |" * (len(head) - 2))
             continue
         row = [spec, "—" if r["lipschitz_image"] is None else f"{r['lipschitz_image']:.3f}",
                f"{r['clean']['recall@1']:.1f}", f"{r['clean']['mAP']:.1f}"]
@@ -261,6 +320,24 @@ def write_markdown(report: dict, path: Path) -> str:
         for s, rr in ers_rows:
             vals = [f"{rr['scores'][k]:.3f}" if k in ("TMA", "ES:D") else f"{rr['scores'][k]:.1f}" for k in ERS_KEYS]
             lines.append(f"| {s} | {rr['queries']} | " + " | ".join(vals) + f" | {rr['ers']:.1f} |")
+    geo = [(s, r) for s, r in res.items() if r.get("status") == "ok" and r.get("lipschitz_image") is not None]
+    if geo:
+        lines += ["", "Certificate anatomy (medians; L·r = half gap − drift towards the binding impostor, "
+                  "see `_geometry`):", "", "| encoder | L·r | half gap | drift towards it | ‖drift‖ |",
+                  "|---|---|---|---|---|"]
+        for s, r in geo:
+            g = r["geometry"]
+            lines.append(f"| {s} | {g['L_times_radius_median']:.4f} | {g['half_gap_median']:.4f} | "
+                         f"{g['drift_towards_binding_median']:.4f} | {g['drift_norm_median']:.4f} |")
+    edits = [(s, r["by_edit"]) for s, r in res.items() if r.get("status") == "ok" and "by_edit" in r]
+    if edits:
+        kinds = list(edits[0][1])
+        lines += ["", "Clean / certified (36/255) Recall@1 by edit received:", "",
+                  "| encoder | " + " | ".join(kinds) + " |", "|" + "---|" * (len(kinds) + 1)]
+        for s, be in edits:
+            cells = [f"{be[k]['clean_recall@1']:.0f}" + (f" / {be[k]['certified_recall@1@36/255']:.0f}"
+                     if "certified_recall@1@36/255" in be[k] else "") for k in kinds]
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if report.get("targets"):
         lines += ["", "Targets for lipsim:demo:", ""]
         for k, v in report["targets"].items():
@@ -312,7 +389,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.adversarial_retrieval", description=__doc__.split("\n\n")[0])
     p.add_argument("--encoders", nargs="+", default=None, help="encoder specs (default: lipsim:demo standard:demo "
-                   "pixels and every dreamsim: variant; --quick: lipsim:demo or lipsim:cpu-tiny, and pixels)")
+                   "pixels dreamsim:ensemble; --quick: lipsim:demo or lipsim:cpu-tiny, and pixels)")
     p.add_argument("--dataset", default="heldout", help="'heldout' (offline near-duplicate benchmark) or a labelled folder")
     p.add_argument("--size", type=int, default=None, help="benchmark image side in px (default 64; --quick 32)")
     p.add_argument("--queries", type=int, default=None,
@@ -322,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="PGD steps of the margin and top-k attacks (default 30)")
     p.add_argument("--no-autoattack", dest="autoattack", action="store_false", help="margin PGD only")
     p.add_argument("--aa-iter", type=int, default=None, help="APGD iterations (default 25)")
+    p.add_argument("--aa-l2-eps", type=float, nargs="*", default=None,
+                   help="ℓ2 radii where AutoAttack also runs (default 0.5; --quick: all)")
+    p.add_argument("--aa-linf-eps", type=float, nargs="*", default=None,
+                   help="ℓ∞ radii where AutoAttack also runs (default 8/255; --quick: all)")
     p.add_argument("--aa-targets", type=int, default=None, help="APGD-T target classes (default 2)")
     p.add_argument("--ers-queries", type=int, default=None, help="queries for the robrank suite (0: skip; default 32)")
     p.add_argument("--topk-queries", type=int, default=None, help="queries for the top-k attack (0: skip; default 32)")
@@ -330,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other encoders' results already in OUT/results.json (same dataset)")
     p.add_argument("--quick", action="store_true", help="tiny everything (CI): seconds, numbers meaningless")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -350,6 +433,8 @@ def _apply_defaults(args) -> None:
     args.steps = args.steps or (3 if q else 30)
     args.aa_iter = args.aa_iter or (2 if q else 25)
     args.aa_targets = args.aa_targets or (1 if q else 2)
+    args.aa_l2_eps = tuple(args.aa_l2_eps) if args.aa_l2_eps is not None else (args.l2_eps if q else (0.5,))
+    args.aa_linf_eps = tuple(args.aa_linf_eps) if args.aa_linf_eps is not None else (args.linf_eps if q else (8 / 255,))
     args.queries = args.queries if args.queries is not None else (0 if q else 96)
     args.ers_queries = args.ers_queries if args.ers_queries is not None else (4 if q else 32)
     args.topk_queries = args.topk_queries if args.topk_queries is not None else (4 if q else 32)
@@ -373,16 +458,23 @@ def run(argv: list[str] | None = None) -> dict:
                         "threads": torch.get_num_threads()},
         "encoders": {},
     }
+    path = args.out / "results.json"
+    if args.merge and path.exists():
+        previous = json.loads(path.read_text())
+        if previous["dataset"]["fingerprint"] != report["dataset"]["fingerprint"]:
+            raise ValueError(f"{path} holds results on another dataset: not merging")
+        report["encoders"] = {k: v for k, v in previous["encoders"].items() if k not in args.encoders}
+        report["merged_commands"] = previous.get("merged_commands", [previous["command"]]) + [report["command"]]
     for spec in tqdm(args.encoders, desc="encoders", disable=args.no_progress):
         enc, why = _load(spec, args.device)
         if enc is None:
             tqdm.write(f"skipping {spec}: {why}")
             report["encoders"][spec] = {"status": "skipped", "note": why}
-            continue
-        report["encoders"][spec] = evaluate_encoder(spec, enc, ds, args, full)
-        del enc
-    report["targets"] = _targets(report["encoders"])
-    (args.out / "results.json").write_text(json.dumps(report, indent=2, default=str))
+        else:
+            report["encoders"][spec] = evaluate_encoder(spec, enc, ds, args, full)
+            del enc
+        report["targets"] = _targets(report["encoders"])
+        path.write_text(json.dumps(report, indent=2, default=str))  # after each encoder: long runs
     md = write_markdown(report, args.out / "results.md")
     write_plots(report, args.out)
     print(md)

@@ -53,6 +53,8 @@ class RetrievalDataset:
         q = self.queries.shape[0]
         idx = torch.linspace(0, q - 1, min(n_queries, q)).round().long().unique()
         info = dict(self.info, query_subset=idx.tolist())
+        if "query_edits" in info:
+            info["query_edits"] = [info["query_edits"][i] for i in idx.tolist()]
         return RetrievalDataset(self.name, self.gallery, self.gallery_labels, self.queries[idx],
                                 self.query_labels[idx], self.query_self_index[idx], info)
 

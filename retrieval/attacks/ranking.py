@@ -73,6 +73,7 @@ class AttackResult:
 
 
 def _prepare(encoder, images, gallery, self_index):
+    """Checked inputs: (embedder, images, gallery, self_index (B,), self mask (B, N))."""
     emb = as_embedder(encoder)
     images = as_tensor(images, emb.device).detach()
     if images.dim() != 4 or images.shape[1] != 3:
@@ -89,7 +90,7 @@ def _prepare(encoder, images, gallery, self_index):
         si = as_tensor(self_index, emb.device, dtype=None).long().view(-1)
         if si.shape[0] != b:
             raise ValueError("self_index needs one entry per image")
-    return emb, images, g, si
+    return emb, images, g, si, _self_mask(b, g.shape[0], si)
 
 
 def _self_mask(b: int, n: int, self_index: torch.Tensor) -> torch.Tensor:
@@ -196,9 +197,7 @@ def query_attack(encoder, images, gallery, *, pm: str = "+", M: int = 1, semanti
     """
     if pm not in ("+", "-"):
         raise ValueError("pm must be '+' or '-'")
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
-    b, n = x.shape[0], g.shape[0]
-    smask = _self_mask(b, n, si)
+    emb, x, g, si, smask = _prepare(encoder, images, gallery, self_index)
     keep = (~smask).float()
     e0 = emb.embed(x)
     d0 = _dist(e0, g)
@@ -243,9 +242,8 @@ def candidate_attack(encoder, images, gallery, self_index, *, pm: str = "+", W: 
     """
     if pm not in ("+", "-"):
         raise ValueError("pm must be '+' or '-'")
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
+    emb, x, g, si, smask = _prepare(encoder, images, gallery, self_index)
     b, n = x.shape[0], g.shape[0]
-    smask = _self_mask(b, n, si)
     keep = (~smask).float()
     if query_pool is None:
         pool, pool_self = g, si
@@ -294,9 +292,7 @@ def embedding_shift(encoder, images, gallery, labels=None, gallery_labels=None, 
     The objective −‖e(x) − e(x0) − η‖ uses a fixed random η of norm 1e-3: at x0 the gradient of the
     distance itself is zero (robrank adds a small offset on the first step for the same reason).
     """
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
-    b, n = x.shape[0], g.shape[0]
-    smask = _self_mask(b, n, si)
+    emb, x, g, si, smask = _prepare(encoder, images, gallery, self_index)
     e0 = emb.embed(x)
     d0 = _dist(e0, g)
     ql, gl = _labels(labels, gallery_labels, d0, smask, emb.device)
@@ -321,10 +317,9 @@ def embedding_shift(encoder, images, gallery, labels=None, gallery_labels=None, 
 def targeted_mismatch(encoder, images, gallery, *, self_index=None, config: PGDConfig = ROBRANK_LINF,
                       generator: torch.Generator | None = None, callback: Callback | None = None) -> AttackResult:
     """TMA: pull e(x) onto a random gallery item's embedding. Reported: "cosine" to the target."""
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
-    b, n = x.shape[0], g.shape[0]
+    emb, x, g, si, _ = _prepare(encoder, images, gallery, self_index)
     e0 = emb.embed(x)
-    targets = _sample_uniform(n, b, 1, si, generator)[:, 0]
+    targets = _sample_uniform(g.shape[0], x.shape[0], 1, si, generator)[:, 0]
     t = g[targets]
 
     def objective(xa):
@@ -343,9 +338,7 @@ def targeted_mismatch(encoder, images, gallery, *, self_index=None, config: PGDC
 def _recall_attack(name, objective_for, encoder, images, gallery, labels, gallery_labels, self_index,
                    config, generator, callback):
     """Shared frame of LTM and GTM: an objective built from the clean ranking; reports Recall@1 (%)."""
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
-    b, n = x.shape[0], g.shape[0]
-    smask = _self_mask(b, n, si)
+    emb, x, g, si, smask = _prepare(encoder, images, gallery, self_index)
     e0 = emb.embed(x)
     d0 = _dist(e0, g)
     ql, gl = _labels(labels, gallery_labels, d0, smask, emb.device)
@@ -410,9 +403,7 @@ def greedy_top1_translocation(encoder, images, gallery, *, self_index=None, conf
                               generator: torch.Generator | None = None, callback: Callback | None = None,
                               k: int = 4) -> AttackResult:
     """GTT: bury the clean top-1 (QA− on it). Reported: "retain@4" (%), the top-1 still in the top 4."""
-    emb, x, g, si = _prepare(encoder, images, gallery, self_index)
-    b, n = x.shape[0], g.shape[0]
-    smask = _self_mask(b, n, si)
+    emb, x, g, si, smask = _prepare(encoder, images, gallery, self_index)
     keep = (~smask).float()
     e0 = emb.embed(x)
     top1 = _ranked(_dist(e0, g), smask)[:, 0]
