@@ -24,7 +24,7 @@ import streamlit as st
 from ui.config import UIConfig
 from ui.engine import ATTACK_KINDS, AttackSpec, Engine, attack_report, ranking_rows
 from ui.query import Query, UploadError, decode_upload, png_bytes, to_pil, working_image
-from ui.render import CSS, cards_html, data_uri, fmt_radius, fmt_rank, magnified_perturbation
+from ui.render import CSS, cards_html, data_uri, fmt_radius, fmt_rank, magnified_perturbation, md_escape
 
 log = logging.getLogger("ui.app")
 
@@ -42,7 +42,7 @@ def get_engine(cfg: UIConfig) -> Engine:
 def fail(what: str, exc: BaseException) -> None:
     """Show an error as a message (the trace goes to the server log only)."""
     log.exception("%s", what)
-    st.error(f"{what}: {exc}")
+    st.error(md_escape(f"{what}: {exc}"))
 
 
 cfg = UIConfig.from_env()
@@ -54,6 +54,9 @@ except Exception as exc:  # noqa: BLE001 - shown to the user, logged with its tr
 
 state = st.session_state
 N = len(engine.gallery)
+if N < 2:
+    st.error(f"The gallery {md_escape(engine.index_dir)} holds {N} image(s): searching needs at least 2.")
+    st.stop()
 names = engine.names
 
 
@@ -66,11 +69,10 @@ with st.sidebar:
     st.header("Gallery")
     st.write(f"**{N}** images · `{engine.index_dir}`")
     st.header("Encoders")
-    lip, cmp = engine.lipsim.encoder, engine.compare.encoder
-    st.markdown(f"**{lip.name}** — {lip.dim}-d, {lip.input_size} px input, Lipschitz bound "
-                f"L = {lip.lipschitz:g}: results carry certified radii")
-    st.markdown(f"**{cmp.name}** — {cmp.dim}-d, {cmp.input_size} px input, " +
-                ("no Lipschitz bound: no certificate" if cmp.lipschitz is None else f"L = {cmp.lipschitz:g}"))
+    for enc in (engine.lipsim.encoder, engine.compare.encoder):
+        bound = ("no Lipschitz bound: no certificate" if enc.lipschitz is None else
+                 f"Lipschitz bound L = {enc.lipschitz:g}: results carry certified radii")
+        st.markdown(f"**{md_escape(enc.name)}** — {enc.dim}-d, {enc.input_size} px input, {bound}")
     for note in engine.notes:
         st.warning(note)
     k = st.slider("k (results per encoder)", 1, max(2, min(10, N - 1)), max(1, min(5, N - 1)), key="k")
@@ -78,8 +80,9 @@ with st.sidebar:
                f"in [0,1] pixel units of the working query (longest side ≤ {cfg.work_side} px).")
 
 st.title("robret — certified image retrieval under attack")
-st.caption(f"Search the gallery with **{engine.lipsim.label}** (1-Lipschitz, certified) and "
-           f"**{engine.compare.label}** side by side; then attack the query and see which top-k moves.")
+st.caption(f"Search the gallery with **{md_escape(engine.lipsim.label)}** and "
+           f"**{md_escape(engine.compare.label)}** side by side; then attack the query and see which top-k moves "
+           "and what LipSim's certificate guaranteed.")
 
 
 # ---- 1. query ----------------------------------------------------------------------------------------
@@ -138,7 +141,7 @@ with qcol:
                           lambda: decode_upload(up.getvalue(), up.name, cfg.max_upload_mb * 2**20, cfg.max_pixels))
             except UploadError as exc:
                 forget_query()
-                st.error(str(exc))
+                st.error(md_escape(str(exc)))
 
 query: Query | None = state.get("query")
 if query is not None and source == "an upload" and not str(query.label).startswith("upload:"):
@@ -198,7 +201,7 @@ cols = st.columns(2)
 for col, side in zip(cols, engine.sides):
     rk = rankings[side.key]
     with col:
-        st.markdown(f"#### {side.label}")
+        st.markdown(f"#### {md_escape(side.label)}")
         st.markdown(set_badge(side, rk), unsafe_allow_html=True)
         st.markdown(side_cards(side, rk), unsafe_allow_html=True)
         with st.expander("as a table"):
@@ -250,7 +253,7 @@ if att is not None:
                f"{spec.steps} steps · k = {spec.k} · {att['seconds']:.1f} s for both encoders")
     for side in engine.sides:
         res = results[side.key]
-        st.markdown(f"#### {res.label}")
+        st.markdown(f"#### {md_escape(res.label)}")
         c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
         adv_png, mag_png, m = att["images"][side.key]
         c1.image(query.png, caption="clean query", width="stretch")
@@ -263,8 +266,8 @@ if att is not None:
             m3.metric("‖δ‖∞ × 255", f"{res.delta_linf * 255:.2f}")
             if res.target_rank is not None:
                 b, a = res.target_rank
-                st.write(f"target {engine.name_of(spec.target_id)}: {fmt_rank(b, len(res.before.ids))} → "
-                         f"{fmt_rank(a, len(res.after.ids))}")
+                st.markdown(f"target {md_escape(engine.name_of(spec.target_id))}: "
+                            f"{fmt_rank(b, len(res.before.ids))} → {fmt_rank(a, len(res.after.ids))}")
             cert = res.certificate
             if cert is None:
                 st.info(f"{res.label} has no Lipschitz bound: nothing was guaranteed.")

@@ -6,7 +6,7 @@ import html
 
 import torch
 
-__all__ = ["CSS", "cards_html", "data_uri", "magnified_perturbation", "fmt_radius", "fmt_rank"]
+__all__ = ["CSS", "cards_html", "data_uri", "magnified_perturbation", "fmt_radius", "fmt_rank", "md_escape"]
 
 CSS = """
 <style>
@@ -25,6 +25,11 @@ CSS = """
 .rr-nosetbadge{display:inline-block;background:#868e96;color:white;border-radius:10px;padding:1px 9px;font-size:13px}
 </style>
 """
+
+
+def md_escape(text: str) -> str:
+    """Text (file names, error messages) shown inside Streamlit markdown, its markup characters escaped."""
+    return "".join("\\" + ch if ch in "\\`*_[]<>#|~$" else ch for ch in str(text))
 
 
 def data_uri(data: bytes, mime: str = "image/jpeg") -> str:
