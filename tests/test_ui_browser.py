@@ -87,8 +87,10 @@ def serve(args: list[str], env: dict[str, str], log_path: Path):
         log.close()
 
 
-def query_attack_screenshot(url: str, shot: Path, profile_dir: Path, query: str = "coffee", steps: int = 5) -> None:
-    """In Debian's chromium: search the gallery for `query`, attack it, screenshot the whole page."""
+def query_attack_screenshot(url: str, shot: Path, profile_dir: Path, query: str = "coffee", steps: int = 5,
+                            linf_eps: int | None = None) -> None:
+    """In Debian's chromium: search the gallery for `query`, attack it (untargeted top-k, ℓ2 ε = 0.5,
+    or ℓ∞ ε = linf_eps/255), screenshot the whole page."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -105,7 +107,12 @@ def query_attack_screenshot(url: str, shot: Path, profile_dir: Path, query: str 
             box.fill(query)
             box.press("Enter")
             expect(page.locator(".rr-name").first).to_have_text(f"#1 {query}.png", timeout=30_000)
-            # Attack: the default (untargeted top-k, ℓ2, ε = 0.5), with `steps` steps.
+            # Attack: untargeted top-k, with `steps` steps.
+            if linf_eps is not None:
+                page.get_by_text("ℓ∞", exact=True).click()
+                box = page.get_by_label("ε (ℓ∞, in 1/255)")
+                box.fill(str(linf_eps))
+                box.press("Enter")
             box = page.get_by_label("steps")
             box.fill(str(steps))
             box.press("Enter")
@@ -138,7 +145,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     with tempfile.TemporaryDirectory() as tmp:
         with serve(sys.argv[2:], dict(os.environ), Path(tmp) / "server.log") as url:
-            query_attack_screenshot(url, out, Path(tmp) / "chromium-profile", steps=20)
+            query_attack_screenshot(url, out, Path(tmp) / "chromium-profile", steps=10, linf_eps=16)
     from PIL import Image  # 256 colours: a third of the bytes in the repository, still readable
 
     Image.open(out).convert("RGB").quantize(256, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(

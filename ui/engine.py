@@ -247,9 +247,12 @@ def certificate_check(res: SideAttack) -> dict:
     elif not changed:
         verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so a change was possible; "
                    "the top-k set still did not change")
-    else:
+    elif guaranteed:
         verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so the change was not excluded; "
-                   f"{len(guaranteed)} item(s) certified at this ‖δ‖₂ all stayed")
+                   f"the {len(guaranteed)} item(s) whose own radius exceeds ‖δ‖₂ all stayed")
+    else:
+        verdict = ("allowed: ‖δ‖₂ exceeds every item's certified radius, so nothing was guaranteed "
+                   "at this size")
     return {
         "set_radius": b.set_radius,
         "delta_l2": d,
