@@ -81,7 +81,7 @@ def register(sub) -> None:
     di.add_argument("--target-scale", type=float, default=1.0, help="c in the loss (default 1, the paper's)")
     di.add_argument("--view2", choices=("crop", "edit"), default="crop")
     di.add_argument("--cache", action="store_true", help="decode all images once into memory (small folders)")
-    di.add_argument("--workers", type=int, default=0, help="(reserved) data loading processes")
+    di.add_argument("--workers", type=int, default=0, help="data loading processes (same results; default 0)")
     di.set_defaults(func=_distill)
 
     ft = tsub.add_parser("finetune", help="stage 2: 2AFC hinge fine-tuning on a NIGHTS-layout folder",
@@ -96,6 +96,7 @@ def register(sub) -> None:
     ft.add_argument("--margin", type=float, default=0.5, help="hinge margin (LipSim: 0.2, 0.4, 0.5)")
     ft.add_argument("--peak", type=float, default=0.3, help="fraction of steps before the lr peak")
     ft.add_argument("--cache", action="store_true")
+    ft.add_argument("--workers", type=int, default=0, help="data loading processes (same results; default 0)")
     ft.set_defaults(func=_finetune)
 
     ev = tsub.add_parser("eval", help="2AFC natural / certified / attacked scores on a NIGHTS-layout folder")
@@ -236,7 +237,8 @@ def _distill(args) -> int:
                         checkpoint_every=args.checkpoint_every, device=args.device)
     torch.manual_seed(args.seed)
     student = LipSimEncoder(shape, name=f"lipsim:{Path(args.out).stem}")
-    res = distill(student, teacher, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
+    res = distill(student, teacher, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist,
+                  workers=args.workers)
     if dist.main:
         save_lipsim(student.freeze(), args.out, preset=preset, provenance={
             "command": _command_line(), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
@@ -264,7 +266,7 @@ def _finetune(args) -> int:
     cfg = FinetuneConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, margin=args.margin, peak=args.peak,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
     res = finetune(enc, NightsDataset(rows, enc.input_size, cache=args.cache), cfg, run_dir=_run_dir(args),
-                   progress=not args.no_progress, dist=dist)
+                   progress=not args.no_progress, dist=dist, workers=args.workers)
     if dist.main:
         prov = {"command": _command_line(), "stage": "finetune", "init": args.init, "data": str(args.nights),
                 "config": cfg.to_dict(), "final_loss": res["final_loss"]}
