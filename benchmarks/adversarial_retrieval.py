@@ -165,7 +165,11 @@ def _geometry(qe, gallery, ds, lip) -> dict:
            float(drift_to_j[ok].median()), "drift_norm_median": float((m - qe).norm(dim=1)[ok].median()),
            "L_times_radius_median": float(r[idx, j][ok].median())}
     if lip is not None:
+        # a query identical to m (no drift) is certified up to min_j ‖e_m − e_j‖/(2L): the crowding ceiling
+        zero_drift = norm.masked_fill(~wrong, math.inf).amin(1)[ok] / (2 * lip)
         out["L"] = lip
+        out["zero_drift_certified@36/255"] = 100.0 * float((zero_drift > 36 / 255).float().mean())
+        out["zero_drift_radius_q20"] = float(zero_drift.quantile(0.2))
     return out
 
 
@@ -331,12 +335,14 @@ def write_markdown(report: dict, path: Path) -> str:
     geo = [(s, r) for s, r in res.items() if r.get("status") == "ok" and r.get("lipschitz_image") is not None]
     if geo:
         lines += ["", "Certificate anatomy (medians; L·r = half gap − drift towards the binding impostor, "
-                  "see `_geometry`):", "", "| encoder | L·r | half gap | drift towards it | ‖drift‖ |",
-                  "|---|---|---|---|---|"]
+                  "see `_geometry`; zero drift: the query's own gallery item as the query):", "",
+                  "| encoder | L·r | half gap | drift towards it | ‖drift‖ | zero-drift cert 36/255 |",
+                  "|---|---|---|---|---|---|"]
         for s, r in geo:
             g = r["geometry"]
             lines.append(f"| {s} | {g['L_times_radius_median']:.4f} | {g['half_gap_median']:.4f} | "
-                         f"{g['drift_towards_binding_median']:.4f} | {g['drift_norm_median']:.4f} |")
+                         f"{g['drift_towards_binding_median']:.4f} | {g['drift_norm_median']:.4f} | "
+                         f"{g['zero_drift_certified@36/255']:.1f} |")
     edits = [(s, r["by_edit"]) for s, r in res.items() if r.get("status") == "ok" and "by_edit" in r]
     if edits:
         kinds = list(edits[0][1])
