@@ -44,7 +44,7 @@ def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def twoafc_radius(e_ref, e0, e1, lipschitz: float, slack: float = 0.0) -> np.ndarray:
+def twoafc_radius(e_ref, e0, e1, lipschitz: float, slack: float = DEFAULT_SLACK) -> np.ndarray:
     """R = max(0, |⟨e_ref, e0 − e1⟩| − slack) / (L·‖e0 − e1‖) per row; 0 for a tie (e0 = e1).
 
     Inputs: unit-norm embeddings, shape (B, D) (or (D,)); returns shape (B,) (or a scalar array).

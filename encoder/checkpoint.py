@@ -48,6 +48,9 @@ def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -69,8 +72,11 @@ def read_header(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not a robret LipSim checkpoint (format={meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this robret reads {VERSION}")
-    meta["config"] = LipSimConfig.from_json(meta["config"])
-    meta["provenance"] = json.loads(meta.get("provenance", "{}"))
+    try:
+        meta["config"] = LipSimConfig.from_json(meta["config"])
+        meta["provenance"] = json.loads(meta.get("provenance", "{}"))
+    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: corrupt robret header (config/provenance): {exc!r}") from exc
     return meta
 
 

@@ -59,6 +59,8 @@ def convert_official_state_dict(state: dict, embed_dim: int = 1792,
     unexpected = []
     for key, value in state.items():
         k = _strip(key)
+        if "alpha" in k:
+            continue  # dropped by the official loader too (lipsim/core/evaluate.py, load_ckpt)
         if m := _CONV.match(k):
             convs.setdefault(int(m[1]), {})[m[2]] = value
         elif m := _LIN.match(k):
@@ -87,14 +89,22 @@ def convert_official_state_dict(state: dict, embed_dim: int = 1792,
                 raise CheckpointError(f"layer {idx} has tensors {sorted(params)}, expected {list(names)}")
     inner, channels, ks, _ = convs[conv_order[0]]["kernel"].shape
     lin_inner, features = lins[lin_order[0]]["weight"].shape
+    shapes = {"kernel": (inner, channels, ks, ks), "weight": (lin_inner, features)}
+    for idx, params in [*convs.items(), *lins.items()]:
+        name = "kernel" if "kernel" in params else "weight"
+        if tuple(params[name].shape) != shapes[name]:
+            raise CheckpointError(f"layer {idx}: {name} shape {tuple(params[name].shape)}, expected {shapes[name]}")
     side = math.isqrt(features // channels)
     if side * side * channels != features:
         raise CheckpointError(f"dense width {features} is not C·s² for C={channels}")
-    config = LipSimConfig(
-        input_size=side * 16, channels=channels, conv_depth=len(convs), conv_inner=inner,
-        linear_depth=len(lins), linear_inner=lin_inner, embed_dim=embed_dim, kernel_size=ks,
-        mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
-    )
+    try:
+        config = LipSimConfig(
+            input_size=side * 16, channels=channels, conv_depth=len(convs), conv_inner=inner,
+            linear_depth=len(lins), linear_inner=lin_inner, embed_dim=embed_dim, kernel_size=ks,
+            mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        )
+    except ValueError as exc:
+        raise CheckpointError(f"official LipSim state dict has an unsupported shape: {exc}") from exc
     out = {}
     for new, idx in enumerate(conv_order):
         p = convs[idx]
@@ -137,5 +147,8 @@ def load_official(path: str | os.PathLike, embed_dim: int = 1792, mean=None, std
     preset = next((name for name, c in PRESETS.items() if c == config), "custom")
     enc = LipSimEncoder(config, name=f"lipsim:{path.stem}",
                         metadata={"preset": preset, "weights": f"{path} (official, converted)"})
-    enc.net.load_state_dict(converted)
+    try:
+        enc.net.load_state_dict(converted)
+    except RuntimeError as exc:  # layers of unequal shapes
+        raise CheckpointError(f"{path}: official LipSim tensors do not fit one network shape: {exc}") from exc
     return enc.freeze() if freeze else enc

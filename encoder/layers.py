@@ -33,9 +33,24 @@ def safe_inv(t: torch.Tensor) -> torch.Tensor:
 
 def _sll_scale(gram_abs_rowwise: torch.Tensor, q_param: torch.Tensor) -> torch.Tensor:
     """t⁻¹ with t_i = Σ_j |G_ij|·q_j/q_i, q = exp(q_param); G given in absolute value, shape (n, n)."""
-    q = torch.exp(q_param)
+    # t is invariant to shifting q_param; shifting by its max keeps exp() from overflowing.
+    q = torch.exp(q_param - q_param.max().detach())
     t = (gram_abs_rowwise * q[None, :]).sum(1) / q
     return safe_inv(t)
+
+
+def _weights_key(*params: torch.Tensor) -> tuple:
+    """Identity + in-place version of the tensors a fold was computed from (detects stale folds)."""
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def _load_refolding(module, base_load, *args) -> None:
+    """`_load_from_state_dict` for a foldable layer: refold after loading so a fold is never stale."""
+    was_frozen = module._folded is not None
+    module._folded = None
+    base_load(*args)
+    if was_frozen:
+        module.freeze()
 
 
 class SLLConv2d(nn.Module):
@@ -74,8 +89,15 @@ class SLLConv2d(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Fold 2·T⁻¹ into the transposed kernel (inference form); call again after any weight change."""
-        self._folded = (2 * self.inv_t())[:, None, None, None] * self.kernel
+        """Fold 2·T⁻¹ into the transposed kernel (inference form). A later in-place change of the
+        kernel or q (optimizer step, load_state_dict) is detected and refolds at the next forward."""
+        # Not an inference tensor even when called under inference_mode: attacks need autograd through it.
+        with torch.inference_mode(False), torch.no_grad():
+            self._folded = (2 * self.inv_t())[:, None, None, None] * self.kernel
+        self._fold_key = _weights_key(self.kernel, self.q)
+
+    def _load_from_state_dict(self, *args) -> None:
+        _load_refolding(self, super()._load_from_state_dict, *args)
 
     def unfreeze(self) -> None:
         self._folded = None
@@ -85,6 +107,8 @@ class SLLConv2d(nn.Module):
         return self._folded is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._folded is not None and self._fold_key != _weights_key(self.kernel, self.q):
+            self.freeze()  # weights changed in place since the fold: a stale fold is not 1-Lipschitz
         res = F.relu(F.conv2d(x, self.kernel, padding=self.padding) + self.bias)
         if self._folded is not None:
             return x - F.conv_transpose2d(res, self._folded, padding=self.padding)
@@ -119,8 +143,13 @@ class SLLLinear(nn.Module):
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Fold 2·T⁻¹ into the output weight (inference form); call again after any weight change."""
-        self._folded = (2 * self.inv_t())[:, None] * self.weight
+        """Fold 2·T⁻¹ into the output weight (inference form); in-place weight changes refold (see SLLConv2d)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._folded = (2 * self.inv_t())[:, None] * self.weight
+        self._fold_key = _weights_key(self.weight, self.q)
+
+    def _load_from_state_dict(self, *args) -> None:
+        _load_refolding(self, super()._load_from_state_dict, *args)
 
     def unfreeze(self) -> None:
         self._folded = None
@@ -130,6 +159,8 @@ class SLLLinear(nn.Module):
         return self._folded is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._folded is not None and self._fold_key != _weights_key(self.weight, self.q):
+            self.freeze()
         res = F.relu(F.linear(x, self.weight) + self.bias)
         if self._folded is not None:
             return x - res @ self._folded

@@ -89,7 +89,10 @@ PRESETS: dict[str, LipSimConfig] = {
     "medium": LipSimConfig(channels=60, conv_depth=30, linear_depth=10, linear_inner=2048, **_OFFICIAL),
     "large": LipSimConfig(channels=90, conv_depth=50, linear_depth=10, linear_inner=2048, **_OFFICIAL),
     "xlarge": LipSimConfig(channels=120, conv_depth=70, linear_depth=15, linear_inner=2048, **_OFFICIAL),
-    # Ours, for CPUs. cpu-tiny exists for tests; cpu-small is the demo model's shape.
+    # Ours, for CPUs. cpu-tiny exists for tests; cpu-small is the demo model's shape. The conv trunk
+    # runs at full resolution, so its cost grows with pixels × channels × depth: cpu-base (96 px) and
+    # cpu-large (128 px) keep it thin (6 layers, inner 8) to still train at tens of images/s on two
+    # cores (measured against cpu-small in docs/benchmarks/lipsim.md).
     "cpu-tiny": LipSimConfig(
         input_size=32, channels=8, conv_depth=3, conv_inner=8, linear_depth=2, linear_inner=64, embed_dim=32
     ),
@@ -97,10 +100,10 @@ PRESETS: dict[str, LipSimConfig] = {
         input_size=64, channels=24, conv_depth=8, conv_inner=16, linear_depth=3, linear_inner=512, embed_dim=128
     ),
     "cpu-base": LipSimConfig(
-        input_size=96, channels=32, conv_depth=10, conv_inner=16, linear_depth=4, linear_inner=1024, embed_dim=256
+        input_size=96, channels=24, conv_depth=6, conv_inner=8, linear_depth=3, linear_inner=1024, embed_dim=256
     ),
     "cpu-large": LipSimConfig(
-        input_size=128, channels=32, conv_depth=12, conv_inner=16, linear_depth=4, linear_inner=2048, embed_dim=512
+        input_size=128, channels=16, conv_depth=6, conv_inner=8, linear_depth=3, linear_inner=1024, embed_dim=512
     ),
 }
 

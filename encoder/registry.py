@@ -51,16 +51,17 @@ def _load_lipsim(arg: str, seed: int = 0, **_) -> TorchEncoder:
     if arg in bundled:
         return load_lipsim(bundled[arg], name=f"lipsim:{arg}")
     if arg in PRESETS:
-        torch.manual_seed(seed)
-        enc = LipSimEncoder(PRESETS[arg], name=f"lipsim:{arg} (random weights)",
-                            metadata={"preset": arg, "weights": f"random (seed {seed})"})
+        with torch.random.fork_rng(devices=[]):  # seeded weights without resetting the caller's RNG
+            torch.manual_seed(seed)
+            enc = LipSimEncoder(PRESETS[arg], name=f"lipsim:{arg} (random weights)",
+                                metadata={"preset": arg, "weights": f"random (seed {seed})"})
         return enc.freeze()
     path = Path(arg).expanduser()
     if path.suffix == ".safetensors":
         return load_lipsim(path)
     if path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
         return load_official(path)
-    if path.exists():
+    if arg and path.exists():
         raise EncoderError(f"{path}: unknown checkpoint type (expected .safetensors, or an official .pth)")
     raise ValueError(
         f"unknown LipSim checkpoint {arg!r}: not a bundled model ({', '.join(bundled) or 'none installed'}), "

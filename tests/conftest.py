@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: with 2 cores and test subprocesses (index builds,
+# the UI server) running beside the test process, spinning threads starve each other 10–20×.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two cores: keep torch from oversubscribing them when several processes run.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,259 @@
+"""`dreamsim:<variant>` encoders: DreamSim (Fu et al., NeurIPS 2023, arXiv 2306.09344) through the
+`dreamsim` package's own loader, `dreamsim.dreamsim()`, never a re-implementation.
+
+    load_encoder("dreamsim:ensemble", cache_dir="~/dreamsim-weights")
+
+Variants: ensemble (DINO ViT-B/16 + CLIP ViT-B/16 + OpenCLIP ViT-B/16, 1792-d), dino_vitb16,
+dinov2_vitb14, synclr_vitb16 (768-d), clip_vitb32, open_clip_vitb32 (512-d), and the patch models
+dino_vitb16_patch, dinov2_vitb14_patch (`use_patch_model`: CLS token and mean patch token, 1536-d).
+
+Weights come from a cache directory, chosen in this order:
+  1. the `cache_dir=` argument (`robret … --cache-dir DIR`),
+  2. the environment variable ROBRET_DREAMSIM_CACHE,
+  3. $XDG_CACHE_HOME/robret/dreamsim (default ~/.cache/robret/dreamsim).
+robret never downloads: when a file dreamsim would read is missing, loading stops with an
+EncoderError naming the variant, the files expected and the release zip to unpack there (dreamsim's
+own code path would download it; it is only called once every file it reads is present). The DINO
+variants also need the torch.hub copy of their backbone in that directory (dreamsim points torch.hub
+there); for the DINOv2 variants torch.hub still asks github.com for the repository's default branch
+name before using its cached copy (no download; offline, the request fails and the cache is used).
+
+Embedding: dreamsim's `embed` with normalize_embeds=True (features centred, unit norm), so
+1 − ⟨e(x), e(y)⟩ equals dreamsim's `model(x, y)`; for patch models [CLS, mean patch] renormalised,
+as dreamsim's forward compares them. Inputs are [0,1] images at 224 px: dreamsim normalises
+(ImageNet or CLIP mean/std) inside the model. Preprocessing is the protocol's float bilinear resize;
+dreamsim's own preprocess is a bicubic PIL resize to 224 + ToTensor (close, not identical).
+No Lipschitz bound: `lipschitz = None`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .protocol import EncoderError, TorchEncoder
+from .registry import register_backend
+
+__all__ = ["VARIANTS", "DreamSimEncoder", "load_dreamsim", "resolve_cache_dir", "expected_files",
+           "missing_files", "ENV_CACHE"]
+
+log = logging.getLogger(__name__)
+
+ENV_CACHE = "ROBRET_DREAMSIM_CACHE"
+
+
+@dataclass(frozen=True)
+class _Variant:
+    dreamsim_type: str  # dreamsim()'s dreamsim_type argument
+    patch: bool  # dreamsim()'s use_patch_model argument
+    release_files: tuple[str, ...]  # what the release zip unpacks into the cache directory
+    lora_dir: str  # the peft adapter folder among them
+    hub: str | None = None  # torch.hub repo dreamsim loads the backbone from ("dino" / "dinov2")
+    dim: int = 768  # embedding dimension
+
+
+# dreamsim 0.2.1, model.py (download_weights, dreamsim) and feature_extraction/extractor.py.
+VARIANTS: dict[str, _Variant] = {
+    "ensemble": _Variant("ensemble", False, ("dino_vitb16_pretrain.pth", "clip_vitb16_pretrain.pth.tar",
+                                             "open_clip_vitb16_pretrain.pth.tar", "ensemble_lora"),
+                         "ensemble_lora", hub="dino", dim=768 + 512 + 512),
+    "dino_vitb16": _Variant("dino_vitb16", False, ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"),
+                            "dino_vitb16_single_lora", hub="dino"),
+    "dinov2_vitb14": _Variant("dinov2_vitb14", False, ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora"),
+                              "dinov2_vitb14_single_lora", hub="dinov2"),
+    "clip_vitb32": _Variant("clip_vitb32", False, ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"),
+                            "clip_vitb32_single_lora", dim=512),
+    "open_clip_vitb32": _Variant("open_clip_vitb32", False,
+                                 ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"),
+                                 "open_clip_vitb32_single_lora", dim=512),
+    "synclr_vitb16": _Variant("synclr_vitb16", False, ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora"),
+                              "synclr_vitb16_single_lora"),
+    "dino_vitb16_patch": _Variant("dino_vitb16", True, ("dino_vitb16_pretrain.pth", "dino_vitb16_patch_lora"),
+                                  "dino_vitb16_patch_lora", hub="dino", dim=2 * 768),
+    "dinov2_vitb14_patch": _Variant("dinov2_vitb14", True, ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_patch_lora"),
+                                    "dinov2_vitb14_patch_lora", hub="dinov2", dim=2 * 768),
+}
+
+# dreamsim sets torch.hub's directory to the cache directory and loads these backbones through
+# torch.hub.load (the code of the repo, then the checkpoint via load_state_dict_from_url); they are
+# not in the release zips: dreamsim's first online call fetches them.
+_HUB_FILES = {
+    "dino": (("facebookresearch_dino_main/hubconf.py", "the github.com/facebookresearch/dino repository, branch main"),
+             ("checkpoints/dino_vitbase16_pretrain.pth",
+              "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth")),
+    "dinov2": (("facebookresearch_dinov2_main/hubconf.py",
+                "the github.com/facebookresearch/dinov2 repository, branch main"),
+               ("checkpoints/dinov2_vitb14_pretrain.pth",
+                "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth")),
+}
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads either
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """(directory, where it came from): the argument, else $ROBRET_DREAMSIM_CACHE, else the default."""
+    if cache_dir:
+        return Path(cache_dir).expanduser().resolve(), "the cache_dir argument (--cache-dir)"
+    env = os.environ.get(ENV_CACHE)
+    if env:
+        return Path(env).expanduser().resolve(), f"${ENV_CACHE}"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    return (base / "robret" / "dreamsim").resolve(), f"the default (set --cache-dir or ${ENV_CACHE})"
+
+
+def _variant(name: str) -> _Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown DreamSim variant {name!r}; known: {', '.join(VARIANTS)}") from None
+
+
+def expected_files(variant: str) -> list[str]:
+    """Paths, relative to the cache directory, that dreamsim reads for `variant` (adapter: .safetensors or .bin)."""
+    v = _variant(variant)
+    files = [f for f in v.release_files if f != v.lora_dir]
+    files += [f"{v.lora_dir}/adapter_config.json", f"{v.lora_dir}/{_ADAPTER_WEIGHTS[0]}"]
+    files += [path for path, _ in _HUB_FILES.get(v.hub, ())]
+    return files
+
+
+def missing_files(variant: str, root: Path) -> list[str]:
+    """The expected_files(variant) that `root` lacks (a .bin adapter stands in for the .safetensors one)."""
+    v = _variant(variant)
+    missing = []
+    for rel in expected_files(variant):
+        if rel == f"{v.lora_dir}/{_ADAPTER_WEIGHTS[0]}":
+            if not any((root / v.lora_dir / name).is_file() for name in _ADAPTER_WEIGHTS):
+                missing.append(rel)
+        elif not (root / rel).exists():
+            missing.append(rel)
+    return missing
+
+
+def _release_url(v: _Variant) -> str:
+    from dreamsim.config import dreamsim_weights
+
+    return dreamsim_weights[v.dreamsim_type + ("_patch" if v.patch else "")]
+
+
+def _missing_message(variant: str, root: Path, source: str, missing: list[str]) -> str:
+    v = VARIANTS[variant]
+    try:
+        url = _release_url(v)
+    except Exception:  # the message must not fail because dreamsim cannot be imported
+        url = "the dreamsim release zip for this variant (dreamsim.config.dreamsim_weights)"
+    lines = [
+        f"DreamSim weights for 'dreamsim:{variant}' are missing from {root} (cache directory from {source}).",
+        "Expected there:",
+        *(f"  {rel}{'   (or adapter_model.bin)' if rel.endswith(_ADAPTER_WEIGHTS[0]) else ''}"
+          f"{'   <- missing' if rel in missing else ''}" for rel in expected_files(variant)),
+        f"To obtain them: download {url}",
+        f"  and unpack it there: mkdir -p {root} && cd {root} && unzip {url.rsplit('/', 1)[-1]}",
+    ]
+    if v.hub:
+        lines.append(f"  Not in the zip: dreamsim loads the {'DINOv2' if v.hub == 'dinov2' else 'DINO'} backbone "
+                     "with torch.hub from this directory, which needs")
+        lines += [f"    {path}: {what}" for path, what in _HUB_FILES[v.hub]]
+    lines += [
+        "  Or, on a machine with internet access, let dreamsim fetch everything once:",
+        f"    python -c \"from dreamsim import dreamsim; dreamsim(cache_dir='{root}', device='cpu', "
+        f"dreamsim_type='{v.dreamsim_type}', use_patch_model={v.patch})\"",
+        "  and copy that directory here. robret itself never downloads weights.",
+    ]
+    return "\n".join(lines)
+
+
+def _patch_embedding(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1+P, D) patch-model tokens → unit (B, 2D): [CLS, mean patch], as dreamsim's forward compares them."""
+    return F.normalize(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1), dim=-1)
+
+
+class DreamSimEncoder(TorchEncoder):
+    """A dreamsim PerceptualModel (with its LoRA adapter, a peft PeftModel) behind the Encoder protocol."""
+
+    input_size = 224
+    lipschitz = None
+
+    def __init__(self, model: torch.nn.Module, variant: str, cache_dir: Path):
+        super().__init__()
+        self.model = model
+        self.variant = variant
+        self.name = f"dreamsim:{variant}"
+        self.dim = VARIANTS[variant].dim
+        self.cache_dir = cache_dir
+        self._patch = VARIANTS[variant].patch
+
+    def perceptual_model(self):
+        """The dreamsim.PerceptualModel inside the peft wrapper."""
+        return self.model.get_base_model()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.model.embed(x)  # centred, unit norm (per token for patch models)
+        return _patch_embedding(e) if self._patch else e
+
+    def _apply(self, fn, recurse=True):
+        # dreamsim keeps each CLIP projection as a plain tensor and moves it to `extractor.device` at
+        # every forward; keep both in step with the module's parameters.
+        super()._apply(fn, recurse)
+        pm = self.perceptual_model()
+        for ext in pm.extractor_list:
+            if isinstance(getattr(ext, "proj", None), torch.Tensor) and not isinstance(ext.proj, torch.nn.Parameter):
+                ext.proj = fn(ext.proj)
+            ext.device = next(ext.model.parameters()).device
+        pm.device = self.device
+        return self
+
+    def info(self) -> dict:
+        from importlib.metadata import version
+
+        info = super().info()
+        info["variant"] = self.variant
+        info["cache_dir"] = str(self.cache_dir)
+        info["weights"] = f"DreamSim release files in {self.cache_dir} (dreamsim {version('dreamsim')})"
+        return info
+
+
+def load_dreamsim(variant: str = "ensemble", cache_dir: str | os.PathLike | None = None) -> DreamSimEncoder:
+    """Load `variant` with dreamsim.dreamsim() from the cache directory (see the module doc), on the CPU.
+
+    Raises EncoderError, before calling dreamsim, when a file it would read (or download) is missing.
+    """
+    v = _variant(variant)
+    root, source = resolve_cache_dir(cache_dir)
+    missing = missing_files(variant, root)
+    if missing:
+        raise EncoderError(_missing_message(variant, root, source, missing))
+    from dreamsim import dreamsim
+
+    hub_dir = torch.hub.get_dir()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        # dreamsim prints progress ("Using cached …") to stdout: keep it out of the CLI's output.
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            # dreamsim wraps the model with get_peft_model and then loads the adapter onto it again
+            # (model.py, dreamsim()): peft warns about the second adapter config; expected here.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            model, _ = dreamsim(pretrained=True, device="cpu", cache_dir=str(root), normalize_embeds=True,
+                                dreamsim_type=v.dreamsim_type, use_patch_model=v.patch)
+    except Exception as exc:
+        raise EncoderError(f"dreamsim could not load 'dreamsim:{variant}' from {root}: {exc}") from exc
+    finally:
+        if torch.hub.get_dir() != hub_dir:  # dreamsim points torch.hub at the cache for DINO backbones
+            torch.hub.set_dir(hub_dir)
+        for text in (out.getvalue(), err.getvalue()):
+            if text.strip():
+                log.debug("dreamsim: %s", text.strip())
+    return DreamSimEncoder(model, variant, root)
+
+
+def _load(arg: str, cache_dir: str | os.PathLike | None = None, **_) -> DreamSimEncoder:
+    return load_dreamsim(arg or "ensemble", cache_dir=cache_dir)
+
+
+register_backend("dreamsim", _load, lambda: list(VARIANTS))

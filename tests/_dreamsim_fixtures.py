@@ -1,0 +1,74 @@
+"""A DreamSim cache directory in the exact release format, with random weights (tests only).
+
+For the single-branch CLIP and OpenCLIP variants dreamsim 0.2.1 reads, from its cache directory:
+  <variant>_pretrain.pth.tar   torch.save({'state_dict': …}) of its DINO-layout ViT-B/32
+                               (feature_extraction/vision_transformer.vit_base with pos_drop replaced by
+                               a LayerNorm, i.e. CLIP's ln_pre) plus 'proj' (768×512), loaded with
+                               torch.load(weights_only=True) by load_clip_as_dino / load_open_clip_as_dino
+  <variant>_single_lora/       a peft LoRA adapter of the whole PerceptualModel (adapter_config.json with
+                               r, lora_alpha, lora_dropout, bias, target_modules; adapter_model.safetensors)
+and nothing from a hub: open_clip is imported but no OpenCLIP/CLIP model is built or fetched.
+The adapter is written by peft's own save_pretrained on dreamsim's own PerceptualModel, so its keys
+are the ones dreamsim's PeftModel.from_pretrained expects.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+SYNTHETIC_VARIANTS = ("clip_vitb32", "open_clip_vitb32")
+# LoRA hyper-parameters of dreamsim's configs/train_single_model_lora.yaml.
+LORA = dict(r=16, lora_alpha=0.5, lora_dropout=0.3, bias="none", target_modules=["qkv"])
+
+
+def _random_like(name: str, t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    if "norm" in name or name.startswith("pos_drop."):  # LayerNorms: weight ≈ 1, bias ≈ 0
+        mean = 1.0 if name.endswith("weight") else 0.0
+        return torch.empty(t.shape).normal_(mean, 0.05, generator=g)
+    return torch.empty(t.shape).normal_(0.0, 0.02, generator=g)
+
+
+def write_backbone(root: Path, variant: str, seed: int = 0) -> Path:
+    """<variant>_pretrain.pth.tar with random weights, in the layout load_(open_)clip_as_dino reads."""
+    from dreamsim.feature_extraction.vision_transformer import vit_base
+
+    g = torch.Generator().manual_seed(seed)
+    vit = vit_base(patch_size=32)
+    vit.pos_drop = torch.nn.LayerNorm(vit.embed_dim)  # CLIP's ln_pre, as load_clip_as_dino builds it
+    state = {k: _random_like(k, v, g) for k, v in vit.state_dict().items()}
+    state["proj"] = torch.randn(vit.embed_dim, 512, generator=g) / math.sqrt(vit.embed_dim)
+    path = root / f"{variant}_pretrain.pth.tar"
+    torch.save({"state_dict": state}, path)
+    return path
+
+
+def write_lora_adapter(root: Path, variant: str, seed: int = 0) -> Path:
+    """<variant>_single_lora/ written by peft from dreamsim's PerceptualModel, LoRA B ≠ 0 (so it matters)."""
+    from dreamsim.config import dreamsim_args
+    from dreamsim.model import PerceptualModel
+    from peft import LoraConfig, get_peft_model
+
+    model = PerceptualModel(**dreamsim_args["model_config"][variant], device="cpu", load_dir=str(root),
+                            normalize_embeds=True)
+    peft_model = get_peft_model(model, LoraConfig(**LORA))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    out = root / f"{variant}_single_lora"
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def write_release_cache(root: Path, variants=SYNTHETIC_VARIANTS, seed: int = 0) -> Path:
+    """Fill `root` with every file dreamsim() reads for `variants` (single-branch CLIP/OpenCLIP only)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, variant in enumerate(variants):
+        if variant not in SYNTHETIC_VARIANTS:
+            raise ValueError(f"cannot synthesise {variant!r} (DINO backbones come through torch.hub)")
+        write_backbone(root, variant, seed + 10 * i)
+        write_lora_adapter(root, variant, seed + 10 * i)
+    return root

@@ -1,0 +1,55 @@
+"""A small ℓ2 PGD for the soundness tests (Madry et al. 2018): normalised-gradient ascent steps,
+projection onto the ℓ2 ball of radius ε, then onto the [0,1] box, several restarts in one batch.
+
+Projecting onto the ball and then clamping to the box keeps both constraints: for x in [0,1],
+clamping x + δ shrinks every |δ_i|, so ‖δ‖ stays ≤ ε.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _bnorm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def pgd_l2(objective, x: torch.Tensor, eps: torch.Tensor, steps: int = 60, restarts: int = 4,
+           step_scale: float = 2.5, seed: int = 0):
+    """Maximise `objective(x_adv, case)` (shape (N,)) over ‖x_adv − x_case‖₂ ≤ eps_case, x_adv ∈ [0,1].
+
+    x: (B, ...) clean inputs; eps: (B,) radii; `case` is a LongTensor telling which of the B cases each
+    of the N = restarts·B rows belongs to (rows are restart-major). Restart 0 starts at x, the others
+    at a random point of the ball. Step size step_scale·ε/steps (Madry's 2.5·ε/steps).
+    Returns (best objective (B,), best x_adv (B, ...)): the best over steps and restarts, evaluated
+    at the returned points.
+    """
+    b = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    case = torch.arange(b).repeat(restarts)
+    x0 = x.detach().repeat(restarts, *([1] * (x.dim() - 1)))
+    e = eps.detach().to(x.dtype).repeat(restarts).view(-1, *([1] * (x.dim() - 1)))
+    delta = torch.randn(x0.shape, generator=gen, dtype=x.dtype)
+    delta = delta / _bnorm(delta) * e * torch.rand(x0.shape[0], generator=gen).view_as(e) ** (1 / 8)
+    delta[:b] = 0
+    delta = ((x0 + delta).clamp(0, 1) - x0)
+    alpha = step_scale * e / steps
+    best = torch.full((x0.shape[0],), -torch.inf, dtype=x.dtype)
+    best_x = x0.clone()
+    for it in range(steps + 1):
+        delta.requires_grad_(True)
+        obj = objective(x0 + delta, case)
+        with torch.no_grad():
+            better = obj > best
+            best = torch.where(better, obj, best)
+            best_x[better] = (x0 + delta)[better]
+        if it == steps:
+            break
+        (grad,) = torch.autograd.grad(obj.sum(), delta)
+        with torch.no_grad():
+            delta = delta + alpha * grad / _bnorm(grad).clamp_min(1e-20)
+            delta = delta * torch.clamp(e / _bnorm(delta).clamp_min(1e-20), max=1.0)
+            delta = (x0 + delta).clamp(0, 1) - x0
+    assert torch.all(_bnorm(best_x - x0) <= e * (1 + 1e-5) + 1e-7), "PGD left its ball"
+    best, idx = best.view(restarts, b).max(0)
+    rows = idx * b + torch.arange(b)
+    return best, best_x[rows]
