@@ -155,7 +155,7 @@ def markdown(results: list[dict], info: list[dict], meta: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(CPU_PRESETS), help="presets to time (default: cpu-*)")
-    parser.add_argument("--train-batch", type=int, default=16, help="batch size in training mode (default 16)")
+    parser.add_argument("--train-batch", type=int, default=32, help="batch size in training mode (default 32)")
     parser.add_argument("--infer-batch", type=int, default=32, help="batch size in inference mode (default 32)")
     parser.add_argument("--official-batch", type=int, default=2,
                         help="batch size for both modes for the official 224 px presets (default 2)")

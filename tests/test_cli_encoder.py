@@ -63,3 +63,17 @@ def test_encoder_info_unknown_spec_is_an_error_not_a_traceback(capsys):
     assert main(["encoder", "info", "lipsim:no-such-thing"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("robret: error:") and "cpu-tiny" in err
+
+
+def test_lipsim_speed_script_runs_and_writes_json(tmp_path, capsys):
+    from benchmarks.lipsim_speed import main as speed_main
+
+    out = tmp_path / "speed.json"
+    assert speed_main(["--presets", "cpu-tiny", "--rounds", "1", "--min-seconds", "0.01", "--train-batch", "2",
+                       "--infer-batch", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert row["preset"] == "cpu-tiny" and result["meta"]["weights"] == "random"
+    assert {"train", "infer-unfolded", "infer-folded"} <= set(row["images_per_s"])
+    assert row["max_abs_diff_vs_unfolded"]["infer-folded"] <= 1e-5
+    assert "| cpu-tiny | 32 |" in capsys.readouterr().out
