@@ -21,7 +21,7 @@ from .lipsim import LipSimEncoder
 from .presets import LipSimConfig
 from .protocol import EncoderError
 
-__all__ = ["CheckpointError", "save_lipsim", "load_lipsim", "read_header"]
+__all__ = ["CheckpointError", "save_lipsim", "load_lipsim", "read_header", "write_safetensors"]
 
 FORMAT = "robret-lipsim"
 VERSION = "1"
@@ -29,6 +29,27 @@ VERSION = "1"
 
 class CheckpointError(EncoderError):
     """A checkpoint file is missing, truncated, of the wrong format or of the wrong shape."""
+
+
+def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write tensors + string metadata atomically: temporary file in the same folder, then rename.
+
+    A reader sees the old file or the new one, never a torn one. Permissions follow the umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "custom",
@@ -44,18 +65,7 @@ def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "
         "preset": preset,
         "provenance": json.dumps(provenance or {}, sort_keys=True),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_safetensors(tensors, path, meta)
 
 
 def read_header(path: str | os.PathLike) -> dict:

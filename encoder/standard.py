@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .protocol import EncoderError, TorchEncoder
@@ -120,15 +118,9 @@ def save_standard(encoder: StandardEncoder, path: str | os.PathLike, provenance:
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.net.state_dict().items()}
     meta = {"format": FORMAT, "version": VERSION, "config": encoder.config.to_json(),
             "provenance": json.dumps(provenance or {}, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    from .checkpoint import write_safetensors
+
+    return write_safetensors(tensors, path, meta)
 
 
 def read_standard_header(path: str | os.PathLike) -> dict:
