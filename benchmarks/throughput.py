@@ -14,7 +14,7 @@ Three measurements, each printed as a Markdown table and written to OUT/throughp
   3. LipSim-small, step by step (what each optimisation buys), in alternation with the ensemble,
      with each step's max |Δ| against the reference (unfrozen, layer by layer) embedding.
 
-    python -m benchmarks.throughput                    # CPU (GPU with --device cuda), ~15 min on 2 cores
+    python -m benchmarks.throughput                    # CPU (GPU with --device cuda), ~25 min on 2 busy cores
     python -m benchmarks.throughput --quick            # seconds: cpu presets, no DreamSim
     python -m benchmarks.throughput --compile          # add torch.compile steps (minutes to compile)
 """
@@ -209,26 +209,10 @@ def _images(batch: int, size: int, device: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # LipSim-small step by step
 # --------------------------------------------------------------------------------------------
-def _layerwise(net, x, memory_format=torch.contiguous_format):
-    """LipSimNet.features + normalisation through each layer's own forward (no inference kernels)."""
-    if net.mean is not None:
-        x = (x - net.mean) / net.std
-    x = net.pad(x).contiguous(memory_format=memory_format)
-    for layer in net.convs:
-        x = layer(x)
-    for _ in range(net.config.pools):
-        x = net.pool(x)
-    x = x.flatten(1)
-    for layer in net.linear:
-        x = layer(x)
-    x = x[:, : net.config.embed_dim]
-    f = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-    return f / f.norm(dim=1, keepdim=True)
-
-
-def _pure_folded(net):
-    """The folded network as one function of tensors (the same formulas as the layers' forward), so
-    that torch.compile sees a single graph: the layers' stale-fold checks would break it per layer."""
+def _pure_folded(net, memory_format=torch.contiguous_format):
+    """The folded network, layer by layer with conv2d / conv_transpose2d (the formulas of the layers'
+    frozen forward, without the inference kernels), as one function of tensors so that torch.compile
+    sees a single graph: the layers' stale-fold checks would break it at every layer."""
     cfg = net.config
     p = cfg.kernel_size // 2
     conv = [(l.kernel, l.bias.reshape(-1), l._folded) for l in net.convs]
@@ -237,7 +221,7 @@ def _pure_folded(net):
     def f(x):
         if net.mean is not None:
             x = (x - net.mean) / net.std
-        x = F.pad(x, (0, 0, 0, 0, 0, cfg.channels - x.shape[1])).contiguous(memory_format=torch.channels_last)
+        x = F.pad(x, (0, 0, 0, 0, 0, cfg.channels - x.shape[1])).contiguous(memory_format=memory_format)
         for k, b, kf in conv:
             x = x - F.conv_transpose2d(F.relu(F.conv2d(x, k, b, padding=p)), kf, padding=p)
         for _ in range(cfg.pools):
@@ -264,11 +248,11 @@ def lipsim_steps(device: str, threads: int, compile_steps: bool) -> dict[str, tu
             return folded.embed(x)
 
     steps = {
-        "0 reference: unfrozen (T⁻¹ recomputed each call), conv2d + conv_transpose2d": (
-            lambda x: _layerwise(unfrozen.net, x), 1, "—"),
-        "1 folded inference form (freeze())": (lambda x: _layerwise(folded.net, x), 1, "T⁻¹ folded once"),
+        # unfrozen, embed takes each layer's own forward: T⁻¹ recomputed, conv2d + conv_transpose2d
+        "0 reference: unfrozen (T⁻¹ recomputed each call), conv2d + conv_transpose2d": (unfrozen.embed, 1, "—"),
+        "1 folded inference form (freeze())": (_pure_folded(folded.net), 1, "T⁻¹ folded once"),
         "2 + channels_last memory layout": (
-            lambda x: _layerwise(folded.net, x, torch.channels_last), 1, "oneDNN NHWC convolutions"),
+            _pure_folded(folded.net, torch.channels_last), 1, "oneDNN NHWC convolutions"),
     }
     if device == "cpu":
         steps["3 conv pair as two 45×45 GEMMs + fused residual, image by image"] = (
@@ -280,7 +264,7 @@ def lipsim_steps(device: str, threads: int, compile_steps: bool) -> dict[str, tu
     else:
         steps["3 same-device default (cuDNN convolutions)"] = (folded.embed, None, "")
     if compile_steps:
-        compiled = torch.compile(_pure_folded(folded.net))
+        compiled = torch.compile(_pure_folded(folded.net, torch.channels_last))
         steps["5 torch.compile (inductor) of step 2, 1 thread"] = (compiled, 1, "inductor: fused elementwise")
     return steps
 
@@ -390,9 +374,10 @@ def markdown(result: dict) -> str:
         *(", ".join(f"{v:.1f}" for v in result[k]) for k in ("load_average_start", "load_average_end")))
     lines = [f"Machine: {result['machine']}; torch {result['torch']}, {result['threads']} threads, "
              f"device {result['device']}{load}. Random weights (timing only).", ""]
-    lines += ["### Images per second", "",
-              "| model | mode | GFLOPs/img | " + " | ".join(f"B={b}" for b in result["batch_sizes"]) + " |",
-              "|---|---|---:|" + "---:|" * len(result["batch_sizes"])]
+    if result["table"]:
+        lines += ["### Images per second", "",
+                  "| model | mode | GFLOPs/img | " + " | ".join(f"B={b}" for b in result["batch_sizes"]) + " |",
+                  "|---|---|---:|" + "---:|" * len(result["batch_sizes"])]
     by_model: dict[tuple[str, str], dict[int, dict]] = {}
     for row in result["table"]:
         by_model.setdefault((row["model"], row["mode"]), {})[row["batch"]] = row
