@@ -18,7 +18,8 @@ and R are channel-major. Each image goes through the whole trunk on its own so
 that its buffers (≈ 9 MB each at 224 px) stay in cache; the dense layers then run on the whole batch.
 With torch set to n > 1 threads, n worker threads share the work with every product single-threaded
 (torch's thread count is 1 for the duration of the call, restored after): one image per thread when
-the batch has n images or more, else each image in n blocks of rows (one barrier per layer). Letting
+the batch has n images or more, else each image in n blocks of rows (one barrier per layer, see
+_trunk_split_jobs). Letting
 torch parallelise each of the ~280 mid-sized operations per image instead is slower, and collapses
 on a busy machine, where every operation waits for its slowest thread.
 
@@ -126,59 +127,56 @@ def conv_trunk_inference(x: torch.Tensor, layers: Sequence) -> torch.Tensor:
 
 
 def _trunk_split_jobs(x, i, out, mats, biases, k: int, parts: int) -> list:
-    """Jobs that run the trunk on image x[i] in `parts` blocks of rows, one job per block, together.
+    """Jobs that run the trunk on image x[i] together, each updating one block of rows of X in place.
 
-    X is double-buffered: every layer reads the old X (its own rows and p·2 rows of halo on each side,
-    which it recomputes Z for) and writes its own rows of the new X; all jobs meet at a barrier after
-    each layer. A job that fails breaks the barrier, so that the others stop too.
+    Z of a row needs only X of that row, so each job computes Z for its own rows into a shared Z;
+    after a barrier every job reads the Z rows it needs (its own ±2p), and updates its own rows of X.
+    Z alternates between two buffers, so that a job writing the next layer's Z never overwrites rows a
+    slower job still reads (it cannot get two layers ahead: it would pass a barrier the other has not
+    reached). One barrier per layer; a job that fails breaks it, so that the others stop too.
     """
     c, inner = out.shape[1], biases[0].shape[0]
     cx, h, w = x.shape[1:]
     p, kk = k // 2, k * k * inner
     hp, wp = h + 2 * p, w + 2 * p
     opts = dict(dtype=x.dtype, device=x.device)
-    xs = [torch.zeros(hp * wp, c, **opts), torch.zeros(hp * wp, c, **opts)]  # old/new X, pixel-major
-    xs[0].view(hp, wp, c)[p:p + h, p:p + w, :cx].copy_(x[i].permute(1, 2, 0))
+    xp = torch.zeros(hp, wp, c, **opts)  # the image being transformed, pixel-major, zero border
+    xp[p:p + h, p:p + w, :cx].copy_(x[i].permute(1, 2, 0))
+    xf = xp.view(hp * wp, c)
+    zs = [torch.zeros(kk, hp, wp, **opts) for _ in range(2)]  # border rows stay zero (Z of zero rows)
     bounds = [p + (h * j) // parts for j in range(parts + 1)]
     barrier = threading.Barrier(parts)
+    taps = [(ki, kj) for ki in range(k) for kj in range(k)]
 
     def job(j: int) -> None:
         r0, r1 = bounds[j], bounds[j + 1]  # padded rows of X this job updates
-        z0, z1 = max(r0 - 2 * p, 0), min(r1 + 2 * p, hp)  # rows of Z it needs
-        q0, q1 = r0 - p, r1 + p  # rows of r it needs (zero outside the interior rows)
-        a0, a1 = max(q0, p) - q0, min(q1, hp - p) - q0  # of which computed: local rows [a0, a1)
-        z = torch.empty(kk, z1 - z0, wp, **opts)
-        rp = torch.zeros(inner, q1 - q0, wp, **opts)
+        q0 = r0 - p  # rp holds r of padded rows [r0−p, r1+p), zero outside the interior rows
+        a0, a1 = max(q0, p) - q0, min(r1 + p, hp - p) - q0  # of which computed: local rows [a0, a1)
+        rp = torch.zeros(inner, r1 - r0 + 2 * p, wp, **opts)
         rcol = torch.zeros(kk, r1 - r0, wp, **opts)
-        zf, rf = z.view(kk, -1), rcol.view(kk, -1)
+        rf = rcol.view(kk, -1)
         r_in = rp[:, a0:a1, p:p + w]
-        r_taps = rp.as_strided((k, k, inner, r1 - r0, w), (wp, 1, (q1 - q0) * wp, wp, 1))
+        r_taps = rp.as_strided((k, k, inner, r1 - r0, w), (wp, 1, (r1 - r0 + 2 * p) * wp, wp, 1))
         rcol_in = rcol.view(k, k, inner, r1 - r0, wp)[..., p:p + w]
-        shift = q0 - p - z0  # r local row a needs Z local rows a + shift + ki
-
-        def tap_slice(ki, kj):
-            s0 = (ki * k + kj) * inner
-            return z[s0:s0 + inner, a0 + shift + ki:a1 + shift + ki, kj:kj + w]
 
         try:
             for layer, ((k_all, folded_all), bias) in enumerate(zip(mats, biases)):
-                old, new = xs[layer % 2], xs[1 - layer % 2]
-                torch.mm(k_all, old[z0 * wp:z1 * wp].t(), out=zf)
-                r_in.copy_(tap_slice(0, 0))
-                for ki in range(k):
-                    for kj in range(k):
-                        if ki or kj:
-                            r_in.add_(tap_slice(ki, kj))
+                z = zs[layer % 2]
+                torch.mm(k_all, xf[r0 * wp:r1 * wp].t(), out=z.view(kk, -1)[:, r0 * wp:r1 * wp])
+                barrier.wait()
+                for t, (ki, kj) in enumerate(taps):
+                    tap = z[t * inner:(t + 1) * inner, q0 - p + a0 + ki:q0 - p + a1 + ki, kj:kj + w]
+                    if t == 0:
+                        r_in.copy_(tap)
+                    else:
+                        r_in.add_(tap)
                 r_in.add_(bias).relu_()
                 rcol_in.copy_(r_taps)
-                torch.addmm(old[r0 * wp:r1 * wp], rf.t(), folded_all, alpha=-1, out=new[r0 * wp:r1 * wp])
-                barrier.wait()
+                xf[r0 * wp:r1 * wp].addmm_(rf.t(), folded_all, alpha=-1)
         except BaseException:
             barrier.abort()
             raise
-        if j == 0:
-            result = xs[len(mats) % 2].view(hp, wp, c)[p:p + h, p:p + w]
-            out[i].permute(1, 2, 0).copy_(result)
+        out[i, :, r0 - p:r1 - p].permute(1, 2, 0).copy_(xp[r0:r1, p:p + w])
 
     return [functools.partial(job, j) for j in range(parts)]
 
