@@ -12,12 +12,19 @@ Retrieval: with scores s_i = ⟨e(q), e_i⟩, item i stays above item j while
     ‖δ‖ < r(i, j) = (s_i − s_j) / (L·‖e_i − e_j‖)
 (the distance of e(q) to the bisecting hyperplane, over L). An item i of the top-k stays in the
 top-k while no outsider overtakes it: radius_i = min_{j ∉ top-k} r(i, j); the top-k set is
-certified at min_i radius_i. Since ‖e_i − e_j‖ ≤ 2, r(i, j) ≥ (s_i − s_j)/(2L): scanning outsiders
-by decreasing score, the scan stops once that lower bound exceeds every current radius_i, and every
-item beyond the retrieved list (score ≤ s_last) is covered by (s_i − s_last)/(2L).
+certified at min_i radius_i. With M ≥ ‖e_j‖ for every stored vector (M = 1 for exactly unit vectors;
+stored float32 vectors are within ~1e-7 of it, and callers pass the gallery's measured maximum),
+‖e_i − e_j‖ ≤ ‖e_i‖ + M, so r(i, j) ≥ (s_i − s_j)/(L·(‖e_i‖ + M)): scanning outsiders by decreasing
+score, the scan stops once that lower bound exceeds every current radius_i, and every item beyond the
+retrieved list (score ≤ s_last + `unlisted_slack`) is covered by (s_i − s_last − unlisted_slack)/(L·(‖e_i‖ + M)).
 
-`slack` is subtracted from every score margin: float32 embeddings carry errors of order 1e-6, so a
-margin smaller than the slack is not trusted.
+Float error (`slack`). The ranking is computed from float32 embeddings ê = e + err, ‖err‖ ≤ ε (the
+encoder's measured float error, `TorchEncoder.float_error`). For the perturbed query x' and
+d = ê_i − ê_j (fixed stored vectors):
+    ⟨ê(x'), d⟩ ≥ ⟨e(x'), d⟩ − ε‖d‖ ≥ ⟨e(x), d⟩ − L‖δ‖‖d‖ − ε‖d‖ ≥ ⟨ê(x), d⟩ − (L‖δ‖ + 2ε)‖d‖,
+so i stays above j while ‖δ‖ < (⟨ê(x), d⟩ − 2ε‖d‖)/(L‖d‖). Subtracting slack = 2ε·(2M) ≥ 2ε‖d‖
+from every margin (`slack_for`) makes every radius below sound for the computed ranking.
+`DEFAULT_SLACK` is only a fallback for callers that know nothing about their encoder.
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_SLACK",
+    "slack_for",
+    "float32_dot_error",
     "TopKCertificate",
     "twoafc_radius",
     "pair_radius",
@@ -36,6 +45,32 @@ __all__ = [
 ]
 
 DEFAULT_SLACK = 1e-5
+ARITHMETIC_SLACK = 1e-9  # float64 score arithmetic on float32 vectors (errors ~1e-15), with room
+
+
+def slack_for(float_error: float | None, max_norm: float = 1.0) -> float:
+    """Margin slack sound for an encoder whose float32 embeddings are within `float_error` of exact:
+
+        slack = 2·ε·‖e_i − e_j‖ ≤ 2·ε·2M  (module docstring), plus float64 arithmetic.
+
+    None (unknown error) gives DEFAULT_SLACK.
+    """
+    if float_error is None:
+        return DEFAULT_SLACK
+    return 4.0 * float(float_error) * float(max_norm) + ARITHMETIC_SLACK
+
+
+def float32_dot_error(dim: int, max_norm: float = 1.0, query_norm: float = 1.0) -> float:
+    """Bound on |fl32(⟨q, e⟩) − ⟨q, e⟩| for a float32 inner product of length `dim` in any summation order:
+
+        γ_n·Σ|q_i e_i| ≤ γ_n·‖q‖‖e‖,  γ_n = n·u/(1 − n·u), u = 2⁻²⁴  (Higham, Accuracy and Stability, §3.1),
+
+    with n = dim + 1 for the products. An index searched in float32 may rank an item outside its list
+    above the list's last item by at most twice this.
+    """
+    n = dim + 1
+    u = 2.0 ** -24
+    return n * u / (1 - n * u) * max_norm * query_norm
 
 
 def _f64(a) -> np.ndarray:
@@ -97,13 +132,18 @@ def certify_ranked(
     complete: bool,
     slack: float = DEFAULT_SLACK,
     block: int = 32,
+    max_norm: float | None = None,
+    unlisted_slack: float = 0.0,
 ) -> TopKCertificate:
     """Certify the top-k of one query from its ranked list, with pruning.
 
     ranked_scores: (n,) scores s = ⟨e(q), e_j⟩ sorted decreasingly (as returned by the index).
-    ranked_embeddings: (n, D) unit-norm embeddings in the same order.
-    complete: True when the list holds the whole gallery; otherwise unlisted items are bounded by
-    (s_i − s_last)/(2L).
+    ranked_embeddings: (n, D) (unit-norm) embeddings in the same order.
+    complete: True when the list holds the whole gallery; otherwise unlisted items (scores at most
+    s_last + unlisted_slack) are bounded by (s_i − s_last − unlisted_slack − slack)/(L·(‖e_i‖ + M)).
+    max_norm: M, an upper bound on every gallery vector's norm. Default: the largest listed norm when the
+    list is complete; otherwise also at least 1 + 1e-6, the bound for vectors stored renormalised
+    (index/store.py) — callers that know their gallery's maximum (retrieval.search) pass it.
     """
     s = _f64(ranked_scores)
     n = s.shape[0]
@@ -112,13 +152,19 @@ def certify_ranked(
     if np.any(np.diff(s) > 1e-6):
         raise ValueError("ranked_scores must be sorted in decreasing order")
     emb = _f64(ranked_embeddings)
+    norms = np.linalg.norm(emb, axis=1)
+    listed_max = float(norms.max())
+    if max_norm is None:
+        max_norm = listed_max if complete else max(listed_max, 1.0 + 1e-6)
+    max_norm = max(float(max_norm), listed_max)
     top_s, top_e = s[:k], emb[:k]
+    diam = lipschitz * (norms[:k] + max_norm)  # L·(‖e_i‖ + M) ≥ L·‖e_i − e_j‖ for every j
     radius = np.full(k, np.inf)
     pairs = 0
     j = k
     while j < n:
         # Lower bound for every remaining outsider (scores only decrease from j on).
-        if np.all((top_s - s[j] - slack) / (2 * lipschitz) >= radius):
+        if np.all((top_s - s[j] - slack) / diam >= radius):
             break
         stop = min(n, j + block)
         diff_norm = np.linalg.norm(top_e[:, None, :] - emb[None, j:stop, :], axis=-1)  # (k, b)
@@ -129,7 +175,7 @@ def certify_ranked(
         pairs += r.size
         j = stop
     if not complete:
-        radius = np.minimum(radius, (top_s - s[-1] - slack) / (2 * lipschitz))
+        radius = np.minimum(radius, (top_s - s[-1] - unlisted_slack - slack) / diam)
     radius = np.maximum(radius, 0.0)
     set_radius = float(radius.min())
     order = set_radius

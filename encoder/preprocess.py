@@ -1,12 +1,14 @@
 """From a PIL image to the encoder's input, as a linear map whose ℓ2 norm is known exactly.
 
-Certificates must be stated for the image the user gave, so the only step between the user's
-pixels (floats in [0,1], after EXIF rotation and mode conversion) and the encoder is an antialiased
+Certificates must be stated for the image the user gave, so the steps between the file's own samples
+(floats in [0,1], after EXIF rotation; see encoder/image.py) and the encoder are a per-pixel float
+channel conversion to RGB (Lipschitz constant c per layout, encoder/image.py) and an antialiased
 bilinear resize done in floating point. That resize is linear and separable:
     R(X)_c = R_h · X_c · R_wᵀ  for every channel c,
 so ‖R‖₂ = σ_max(R_h)·σ_max(R_w), computed exactly from the two small matrices (no power-iteration
 underestimate) and cached per size pair. A radius r at the encoder's input is a radius r/‖R‖₂ in the
-user's image: ‖e(R(x+δ)) − e(Rx)‖ ≤ L·‖Rδ‖ ≤ L·‖R‖₂·‖δ‖.
+user's image: ‖e(R(x+δ)) − e(Rx)‖ ≤ L·‖Rδ‖ ≤ L·‖R‖₂·‖δ‖; with the channel conversion Φ in front,
+a radius r at the encoder's input is r/(c·‖R‖₂) over the file's samples (`input_norm`).
 """
 from __future__ import annotations
 
@@ -15,33 +17,21 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-__all__ = ["pil_to_tensor", "resize", "resize_matrix", "resize_operator_norm", "to_input"]
+from .image import Pixels, channel_lipschitz, pixels, to_rgb
+
+__all__ = ["pil_to_tensor", "resize", "resize_matrix", "resize_operator_norm", "to_input", "samples_to_input",
+           "input_norm"]
 
 
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL image (any mode) → float32 (3, H, W) in [0, 1]. EXIF orientation is applied.
+def pil_to_tensor(image: Image.Image | Pixels) -> torch.Tensor:
+    """PIL image (any mode) → float32 (3, H, W) RGB in [0, 1], through the file's own samples.
 
-    Alpha is composited onto white; 16-bit and float modes are scaled to [0, 1] from their range.
+    EXIF orientation applied, alpha composited onto white in float, 16-bit samples scaled by their bit
+    depth (encoder/image.py, `pixels` and `to_rgb`).
     """
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        if image.mode == "F":
-            top = max(1.0, float(arr.max()))
-        arr = np.clip(arr / top, 0, 1).astype(np.float32)
-        return torch.from_numpy(np.repeat(arr[None], 3, axis=0))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGB" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
-    arr = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return pixels(image).rgb()
 
 
 def resize(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -95,6 +85,26 @@ def resize_operator_norm(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> flo
     return float(sh * sw) * (1 + 1e-5)
 
 
-def to_input(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL image → (1, 3, size, size) float tensor in [0, 1], through `pil_to_tensor` and `resize`."""
+def to_input(image: Image.Image | Pixels, size: int) -> torch.Tensor:
+    """PIL image (or its Pixels) → (1, 3, size, size) float tensor in [0, 1], through `pil_to_tensor` and `resize`."""
     return resize(pil_to_tensor(image), size)[None]
+
+
+def samples_to_input(samples: torch.Tensor, layout: str, size: int) -> torch.Tensor:
+    """File samples (B, C, H, W) in `layout` → encoder input (B, 3, size, size); differentiable.
+
+    The whole certified map of a query: per-pixel channel conversion (`to_rgb`), then the float resize.
+    Its Lipschitz constant is at most `input_norm((H, W), size, layout)`.
+    """
+    return resize(to_rgb(samples, layout), size)
+
+
+def input_norm(image_hw: tuple[int, int], size: int, layout: str = "RGB") -> float:
+    """Upper bound on the ℓ2 operator norm of `samples_to_input` for an image of size image_hw:
+
+        ‖R ∘ Φ‖ ≤ ‖R‖₂ · c(layout),
+
+    with ‖R‖₂ the exact norm of the resize (`resize_operator_norm`) and c the Lipschitz constant of the
+    per-pixel channel conversion (`encoder.image.channel_lipschitz`; 1 for RGB).
+    """
+    return resize_operator_norm(tuple(image_hw), (size, size)) * channel_lipschitz(layout)

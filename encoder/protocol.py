@@ -8,15 +8,16 @@ A module's `forward(a, b)` is the distance, so `model(a, b)` reads like lpips an
 """
 from __future__ import annotations
 
+import copy
 from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 from torch import nn
 
-from .preprocess import resize_operator_norm, to_input
+from .preprocess import input_norm, to_input
 
-__all__ = ["Encoder", "TorchEncoder", "EncoderError"]
+__all__ = ["Encoder", "TorchEncoder", "EncoderError", "measure_float_error", "FLOAT_ERROR_SAFETY"]
 
 
 class EncoderError(RuntimeError):
@@ -35,6 +36,47 @@ class Encoder(Protocol):
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor: ...
 
     def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+
+
+FLOAT_ERROR_SAFETY = 8.0  # measured float error × this = the bound certificates use
+
+
+def _probe_images(size: int, generator: torch.Generator) -> torch.Tensor:
+    """Eight probe inputs (8, 3, size, size) in [0, 1]: constants, noise, a ramp, a checkerboard."""
+    ramp = torch.linspace(0, 1, size).view(1, 1, size).expand(3, size, size)
+    ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    checker = ((ii // 4 + jj // 4) % 2).float().expand(3, size, size)
+    noise = torch.rand(3, 3, size, size, generator=generator)
+    return torch.stack([torch.zeros(3, size, size), torch.ones(3, size, size), torch.full((3, size, size), 0.5),
+                        ramp, checker, *noise])
+
+
+def measure_float_error(encoder: "TorchEncoder", safety: float = FLOAT_ERROR_SAFETY) -> float:
+    """An empirical bound ε on ‖embed(x) − e(x)‖ for the float32 embedding path, e the exact function.
+
+    e is approximated by a float64 copy of the encoder, unfrozen (no folded or fused float32 weights),
+    on eight probe inputs (`_probe_images`); the float32 path is run as the gallery runs it (inference
+    mode, batch of 8 and batch of 1) and as attacks run it (gradients on). ε = safety × the largest
+    difference seen. It is a measurement, not a proof: the safety factor covers inputs the probes miss.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = _probe_images(encoder.input_size, gen).to(encoder.device)
+    ref = copy.deepcopy(encoder)
+    if hasattr(ref, "unfreeze"):
+        ref.unfreeze()
+    ref = ref.double()
+    with torch.no_grad():
+        exact = ref._embed(x.double())
+    del ref
+    with torch.inference_mode():
+        runs = [encoder.embed(x), encoder.embed(x[:1])]
+    with torch.enable_grad():
+        runs.append(encoder.embed(x.clone().requires_grad_(True)).detach())
+    worst = 0.0
+    for out in runs:
+        diff = (out.double() - exact[: out.shape[0]]).norm(dim=1).max().item()
+        worst = max(worst, diff)
+    return safety * max(worst, 1e-12)
 
 
 class TorchEncoder(nn.Module):
@@ -72,12 +114,24 @@ class TorchEncoder(nn.Module):
         return self.distance(x, y)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image → (1, 3, input_size, input_size) in [0, 1] (EXIF rotation, RGB, float bilinear resize)."""
+        """PIL image (or encoder.image.Pixels) → (1, 3, input_size, input_size) in [0, 1]
+        (EXIF rotation, float channel conversion to RGB, float bilinear resize)."""
         return to_input(image, self.input_size)
 
-    def input_norm(self, image_hw: tuple[int, int]) -> float:
-        """ℓ2 norm of the preprocessing map from an image of size image_hw to the encoder's input."""
-        return resize_operator_norm(tuple(image_hw), (self.input_size, self.input_size))
+    def input_norm(self, image_hw: tuple[int, int], layout: str = "RGB") -> float:
+        """Bound on the ℓ2 norm of the preprocessing map from an image's samples (size image_hw, channel
+        `layout`, see encoder/image.py) to the encoder's input: c(layout)·‖resize‖₂."""
+        return input_norm(tuple(image_hw), self.input_size, layout)
+
+    @property
+    def float_error(self) -> float:
+        """ε ≥ ‖embed(x) − e(x)‖, the float32 error of the embedding (measured once; see
+        `measure_float_error`); certificates subtract a slack derived from it (encoder.certify.slack_for)."""
+        cached = self.__dict__.get("_float_error")
+        if cached is None:
+            cached = measure_float_error(self)
+            self.__dict__["_float_error"] = cached
+        return cached
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

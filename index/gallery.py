@@ -104,6 +104,27 @@ class Gallery:
         return self.meta["encoder"].get("lipschitz")
 
     @property
+    def float_error(self) -> float | None:
+        """The encoder's float error bound (encoder.protocol.measure_float_error): recorded in the catalog
+        at build; measured on first use for galleries built before it was recorded."""
+        recorded = self.meta["encoder"].get("float_error")
+        if recorded is not None:
+            return float(recorded)
+        if self.lipschitz is None:
+            return None
+        return getattr(self.encoder, "float_error", None)
+
+    @property
+    def max_norm(self) -> float:
+        """The largest stored vector norm (exact, from the float32 vectors; computed once per version)."""
+        key = (self.version, len(self))
+        if getattr(self, "_max_norm", (None, None))[0] != key:
+            _, vectors = self.all_vectors()
+            top = float(np.linalg.norm(vectors.astype(np.float64), axis=1).max()) if len(vectors) else 1.0
+            self._max_norm = (key, top)
+        return self._max_norm[1]
+
+    @property
     def exact(self) -> bool:
         """True when `search` (exact=False) is exhaustive for this index type and parameters."""
         return self.store.exact

@@ -177,6 +177,8 @@ def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: Ingest
         if _catalog_initialised(url):
             raise
     ident = embedder.identity(enc, config["encoder"])
+    if ident["lipschitz"] is not None and getattr(enc, "float_error", None) is not None:
+        ident["float_error"] = float(enc.float_error)  # certificates' slack (encoder.certify.slack_for)
     return Catalog.create(url, {
         "root": config["root"],
         "encoder": ident,

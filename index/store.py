@@ -233,7 +233,9 @@ class VectorStore:
 
     # Changes --------------------------------------------------------------------------------
     def add(self, ids, vectors) -> None:
-        """Add vectors (n, dim) under ids (n,). Vectors must be unit-norm (checked)."""
+        """Add vectors (n, dim) under ids (n,). Vectors must be unit-norm within NORM_TOLERANCE (checked);
+        they are stored renormalised (in float64, then rounded to float32: |‖v‖ − 1| ≤ ~1e-7), so that the
+        certificates' bound on ‖e_i − e_j‖ stays 2 up to float rounding."""
         ids = _as_ids(ids)
         vectors = _as_vectors(vectors, self.dim)
         if len(ids) != len(vectors):
@@ -243,6 +245,7 @@ class VectorStore:
         norms = np.linalg.norm(vectors, axis=1)
         if np.any(np.abs(norms - 1) > NORM_TOLERANCE) or not np.all(np.isfinite(norms)):
             raise ValueError("vectors must be finite and unit-norm (inner product = cosine similarity)")
+        vectors = np.ascontiguousarray(vectors / norms[:, None].astype(np.float64), dtype=np.float32)
         self.index.add_with_ids(vectors, ids)
         self._gpu_index = None
 

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-__all__ = ["RetrievalDataset", "heldout_benchmark", "folder_benchmark", "load_benchmark", "IMAGE_EXTENSIONS"]
+from encoder.data.folder import load_image
+from encoder.image import IMAGE_EXTENSIONS, is_image_name
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+__all__ = ["RetrievalDataset", "heldout_benchmark", "folder_benchmark", "load_benchmark", "IMAGE_EXTENSIONS"]
 SCALES = (0.22, 0.3, 0.4)  # crop side as a fraction of the photo's shorter side
 EDITS = ("shift", "rescale", "jpeg", "blur", "noise", "colour")
 
@@ -196,11 +197,10 @@ def folder_benchmark(root: str | Path, size: int = 64, max_per_class: int | None
         raise FileNotFoundError(f"{root}: no class sub-folders")
     images, labels, paths = [], [], []
     for c_idx, d in enumerate(classes):
-        files = sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(f for f in d.rglob("*") if f.is_file() and is_image_name(f.name))
         for f in files[:max_per_class]:
-            with Image.open(f) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                images.append(ImageOps.fit(im, (size, size), Image.Resampling.LANCZOS))
+            rgb = load_image(f).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            images.append(ImageOps.fit(Image.fromarray(rgb), (size, size), Image.Resampling.LANCZOS))
             labels.append(c_idx)
             paths.append(str(f.relative_to(root)))
     if len({*labels}) < 2:

@@ -1,15 +1,21 @@
 """Search a gallery and certify the answer (DESIGN.md, "Certificates"; encoder/certify.py).
 
-For a query image x (pixels in [0,1], after EXIF orientation, size H×W), the gallery's encoder e
-(L-Lipschitz at its input) and the preprocessing resize R (linear, ‖R‖₂ = `encoder.input_norm`):
-item i stays ranked above item j for every perturbation δ of x with
-    ‖δ‖₂ < (s_i − s_j) / (L·‖e_i − e_j‖·‖R‖₂),      s = ⟨e(Rx), e_·⟩,
-so `encoder.certify.certify_ranked` on the retrieved list, divided by ‖R‖₂, gives each top-k item's
-radius and the top-k set's radius *in the query image's own pixel space*.
+For a query file whose own samples are x (each scaled to [0,1] by its bit depth, in the file's own
+channels, after EXIF orientation, size H×W; encoder/image.py), the gallery's encoder e (L-Lipschitz
+at its input) and the preprocessing P = R∘Φ (per-pixel channel conversion Φ with Lipschitz constant c,
+then the float resize R; ‖P‖ ≤ c·‖R‖₂ = `encoder.input_norm(size, layout)`): item i stays ranked
+above item j for every perturbation δ of x with
+    ‖δ‖₂ < (s_i − s_j − slack) / (L·‖e_i − e_j‖·c·‖R‖₂),      s = ⟨e(Px), e_·⟩,
+so `encoder.certify.certify_ranked` on the retrieved list, divided by c·‖R‖₂, gives each top-k item's
+radius and the top-k set's radius *over the file's own samples*. The slack comes from the encoder's
+measured float error (`encoder.certify.slack_for`), recorded in the catalog at build. Files whose
+decode is not continuous in their samples (colour keys, palettes, 16-bit samples reduced to 8 bits;
+`Pixels.uncertified`) get no radius, and the result says why.
 
 The list is retrieved exhaustively (`exact=True`: also on IVF/HNSW), m = `candidates` long; when
-it covers the gallery the certificate is complete, otherwise every unlisted item (score ≤ s_m) is
-bounded by (s_i − s_m)/(2L) — sound because the list is the true top-m.
+it covers the gallery the certificate is complete, otherwise every unlisted item (float32 score ≤
+s_m, hence exact score ≤ s_m + 2·γ_D, `float32_dot_error`) is bounded by
+(s_i − s_m − 2γ_D − slack)/(L·(‖e_i‖ + M)) with M the gallery's largest vector norm.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.certify import certify_ranked
+from encoder.certify import certify_ranked, float32_dot_error, slack_for
 
 __all__ = ["Hit", "SearchResult", "search_image", "search_embedding", "default_candidates"]
 
@@ -51,12 +57,13 @@ class SearchResult:
     set_radius: float | None = None  # the top-k set cannot change for ‖δ‖₂ < set_radius
     order_radius: float | None = None  # nor its order, for ‖δ‖₂ < order_radius
     input_norm: float | None = None  # ‖R‖₂ used to state radii in the query's pixels (1.0: encoder input)
-    radius_space: str = "none"  # "query image W×H" | "encoder input S×S" | "none"
+    radius_space: str = "none"  # e.g. "ℓ2 over the file's 1-channel 8-bit samples (L, W×H) scaled to [0,1]" | "encoder input S×S" | "none"
     query_size: tuple[int, int] | None = None  # (height, width) of the query, after EXIF orientation
     eps: float | None = None
     eps_certified: bool | None = None  # set_radius > eps
     pairs_evaluated: int = 0
     notes: list[str] = field(default_factory=list)
+    slack: float | None = None  # subtracted from every score margin: the encoder's float error (certify.slack_for)
 
     @property
     def certified(self) -> bool:
@@ -75,6 +82,7 @@ class SearchResult:
             "radius_space": self.radius_space,
             "query_size": list(self.query_size) if self.query_size else None, "eps": self.eps,
             "eps_certified": self.eps_certified, "pairs_evaluated": self.pairs_evaluated, "notes": self.notes,
+            "slack": self.slack,
             "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
                       "radius": num(h.radius), "certified": h.certified} for h in self.hits],
         }
@@ -82,11 +90,14 @@ class SearchResult:
 
 def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: float | None = None,
                      input_norm: float | None = None, candidates: int | None = None,
-                     query_size: tuple[int, int] | None = None) -> SearchResult:
+                     query_size: tuple[int, int] | None = None, radius_space: str | None = None,
+                     float_error: float | None = None) -> SearchResult:
     """Top-k for one unit-norm embedding (dim,), certified when the encoder has a Lipschitz bound.
 
-    input_norm: ‖R‖₂ of the map from the user's image to the encoder input; None states the radii
-    at the encoder input (for attacks that perturb the encoder input directly).
+    input_norm: bound on the norm of the map from the user's image samples to the encoder input
+    (`encoder.input_norm(size, layout)`); None states the radii at the encoder input (for attacks that
+    perturb the encoder input directly). radius_space: what the radii are over, in words.
+    float_error: the encoder's float error bound (default: the gallery's, recorded at build).
     """
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     n = len(gallery)
@@ -109,7 +120,13 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     order = np.argsort(-scores, kind="stable")  # recomputed in float64; ties keep FAISS's order
     ids, vectors, scores = ids[order], vectors[order], scores[order]
     complete = len(ids) >= n
-    cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete)
+    max_norm = float(getattr(gallery, "max_norm", 1.0))
+    if float_error is None:
+        float_error = getattr(gallery, "float_error", None)
+    unlisted = 0.0 if complete else 2 * float32_dot_error(len(q), max_norm, float(np.linalg.norm(q)))
+    slack = slack_for(float_error, max_norm)
+    cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
+                          unlisted_slack=unlisted)
     norm = float(input_norm) if input_norm is not None else 1.0
     cert = cert.scaled(norm)
     paths = gallery.paths(ids[:k])
@@ -118,41 +135,49 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         radius = float(cert.radius[r])
         hits.append(Hit(r + 1, int(ids[r]), float(scores[r]), paths[r], radius,
                         None if eps is None else bool(radius > eps)))
-    if input_norm is None:
+    if radius_space is not None:
+        space = radius_space
+    elif input_norm is None:
         side = gallery.encoder_info.get("input_size")
         space = f"encoder input {side}×{side}"
     else:
-        space = f"query image {query_size[1]}×{query_size[0]}" if query_size else "query image"  # W×H
+        size = f" ({query_size[1]}×{query_size[0]})" if query_size else ""  # W×H
+        space = f"ℓ2 over the query image's 3-channel RGB samples{size} scaled to [0,1]"
     return SearchResult(
         hits, k, n, len(ids), complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
-        query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated))
+        query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated),
+        slack=slack)
 
 
 def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
                  candidates: int | None = None) -> SearchResult:
     """Embed a query (file path or PIL image) with the gallery's encoder, search, certify.
 
-    Radii are ℓ2 norms over the query image's own [0,1] pixels (3·H·W values, EXIF orientation
-    applied), through the encoder's `input_norm` (the exact norm of its resize).
+    Radii are ℓ2 norms over the file's own samples (each scaled to [0,1] by its bit depth, in the file's
+    own channels, EXIF orientation applied; `encoder.image.pixels`), through the encoder's
+    `input_norm(size, layout)`: the channel conversion's Lipschitz constant times the exact resize norm.
+    A query whose decode is not continuous in its samples gets no radius, with the reason in `notes`.
     """
     from PIL import Image
 
-    from index.decode import oriented_size
+    from encoder.image import pixels
 
     if isinstance(image, (str, os.PathLike)):
-        decoded = gallery.decode(image)
-        pil, size = decoded.image, (decoded.height, decoded.width)
+        px = pixels(gallery.decode(image).image)
     elif isinstance(image, Image.Image):
-        w, h = oriented_size(image)
-        pil, size = image, (h, w)
+        px = pixels(image)
     else:
         raise TypeError(f"expected a file path or a PIL image, got {type(image).__name__}")
     enc = gallery.encoder
-    q = gallery.embed_images([pil])[0]
+    q = gallery.embed_images([px])[0]
     norm_fn = getattr(enc, "input_norm", None)
-    input_norm = float(norm_fn(size)) if (norm_fn is not None and certify) else None
-    result = search_embedding(gallery, q, k, certify=certify, eps=eps, input_norm=input_norm,
-                              candidates=candidates, query_size=size)
-    if certify and result.lipschitz is not None and norm_fn is None:
+    certifiable = certify and px.uncertified is None
+    input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
+    result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
+                              candidates=candidates, query_size=px.size,
+                              radius_space=px.describe() if input_norm is not None else None)
+    if certify and px.uncertified is not None and gallery.lipschitz is not None:
+        result.notes = [f"no certificate for this file: {px.uncertified}"]
+    elif certify and result.lipschitz is not None and norm_fn is None:
         result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
     return result

@@ -145,11 +145,14 @@ def test_truncated_list_certificate_is_exact_bound_and_never_exceeds_the_full_on
     cert = certify_ranked(scores[order[:m]], g[order[:m]], k, 1.0, complete=False)
     full = certify_topk(q, g, k, 1.0)
     assert np.all(cert.radius <= full.radius + 1e-12)  # sound: never more than the whole gallery allows
-    # exact value: listed outsiders pair by pair, unlisted ones by (s_i − s_last)/(2L)
+    # exact value: listed outsiders pair by pair, unlisted ones by (s_i − s_last)/(L·(‖e_i‖ + M)), with M the
+    # default bound on unlisted norms for an incomplete list: max(largest listed norm, 1 + 1e-6)
     top_s, s_last = scores[order[:k]], scores[order[m - 1]]
     listed = [pair_radius(q, g[order[i]], g[order[k:m]], 1.0, DEFAULT_SLACK).min() if m > k else np.inf
               for i in range(k)]
-    expected = np.maximum(np.minimum(listed, (top_s - s_last - DEFAULT_SLACK) / 2), 0)
+    big_m = max(np.linalg.norm(g[order[:m]], axis=1).max(), 1 + 1e-6)
+    diam = np.linalg.norm(g[order[:k]], axis=1) + big_m
+    expected = np.maximum(np.minimum(listed, (top_s - s_last - DEFAULT_SLACK) / diam), 0)
     np.testing.assert_allclose(cert.radius, expected, rtol=1e-9, atol=1e-12)
 
 

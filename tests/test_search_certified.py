@@ -30,7 +30,7 @@ def test_certified_search_equals_bruteforce_certificate_in_query_pixels(gallery_
         res = search_image(g, query, k=4, eps=1e-3)
         ids, vecs = g.all_vectors()
         q = g.embed_images([g.decode(query).image])[0]
-    top, radius, set_radius = certify_topk_bruteforce(q, vecs, 4, 1.0)
+    top, radius, set_radius = certify_topk_bruteforce(q, vecs, 4, 1.0, slack=res.slack)
     h, w = res.query_size
     norm = tiny_lipsim.input_norm((h, w))
     assert [hit.id for hit in res.hits] == ids[top].tolist()
@@ -89,7 +89,7 @@ def test_query_command_prints_radii_and_json(gallery_dir, capsys):
     assert main(["query", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(data["hits"]) == 3 and data["hits"][0]["path"].endswith("moon.png")
-    assert data["set_radius"] > 0 and data["radius_space"].startswith("query image")
+    assert data["set_radius"] > 0 and data["radius_space"].startswith("ℓ2 over the file's 1-channel 8-bit samples (L,")
 
 
 def test_index_commands_stats_verify_and_errors(gallery_dir, tmp_path, capsys):

@@ -77,7 +77,9 @@ with st.sidebar:
         st.warning(note)
     k = st.slider("k (results per encoder)", 1, max(2, min(10, N - 1)), max(1, min(5, N - 1)), key="k")
     st.caption(f"Loaded in {engine.load_seconds:.1f} s (once per server). Radii, ε and ‖δ‖ are ℓ2/ℓ∞ norms "
-               f"in [0,1] pixel units of the working query (longest side ≤ {cfg.work_side} px).")
+               f"over the 3-channel RGB working query in [0,1] units (the file converted to RGB in float, longest "
+               f"side ≤ {cfg.work_side} px). For a grayscale, alpha or CMYK file, `robret query` states the radius "
+               "over the file's own samples instead (smaller by √3, √6 or 2).")
 
 st.title("robret — certified image retrieval under attack")
 st.caption(f"Search the gallery with **{md_escape(engine.lipsim.label)}** and "

@@ -3,8 +3,9 @@
     paths = list_images(root)                       # sorted, recursive, common extensions
     images, skipped = load_images(paths)            # [(path, (3,H,W) float in [0,1])], [(path, reason)]
 
-Decoding goes through `encoder.preprocess.pil_to_tensor` (EXIF rotation, alpha on white, 16-bit
-scaling), so training sees pixels exactly as the encoders' `preprocess` does.
+Listing and decoding go through the one image vocabulary (encoder/image.py: the extension list,
+`decode_bytes` with its limits, and `pixels` for EXIF rotation, alpha on white and 16-bit scaling), so
+training sees exactly the files and pixels that indexing and the encoders' `preprocess` see.
 """
 from __future__ import annotations
 
@@ -15,34 +16,29 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..image import IMAGE_EXTENSIONS, DecodeLimits, decode_bytes, is_image_name
 from ..preprocess import pil_to_tensor
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "load_images", "ImageFolder"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def list_images(root: str | os.PathLike, extensions=IMAGE_EXTENSIONS) -> list[Path]:
-    """Every file under `root` (recursively, symlinks followed) whose suffix is an image extension; sorted."""
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every file under `root` (recursively, symlinks followed) with an image extension (encoder.image); sorted."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    exts = {e.lower() for e in extensions}
     found = []
     for dirpath, _, files in os.walk(root, followlinks=True):
-        for name in files:
-            if Path(name).suffix.lower() in exts and not name.startswith("."):
-                found.append(Path(dirpath) / name)
+        found.extend(Path(dirpath) / name for name in files if is_image_name(name))
     return sorted(found)
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
-    """Decode one image file to float32 (3, H, W) in [0, 1]; raises OSError/ValueError when unreadable."""
-    with Image.open(path) as im:
-        im.load()
-        return pil_to_tensor(im)
+def load_image(path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> torch.Tensor:
+    """Decode one image file to float32 (3, H, W) in [0, 1]; raises OSError/ValueError (DecodeError) when unreadable."""
+    image, _notes, _fmt = decode_bytes(Path(path).read_bytes(), limits)
+    with image:
+        return pil_to_tensor(image)
 
 
 def load_images(paths, min_side: int = 8) -> tuple[list[tuple[Path, torch.Tensor]], list[tuple[Path, str]]]:

@@ -61,7 +61,9 @@ def register(sub) -> None:
     q = sub.add_parser("query", help="search an index with an image (certified top-k)",
                        description="Print the top-k gallery images for a query image: rank, score, path and, "
                        "for a Lipschitz encoder, each result's certified radius and the top-k set's radius, "
-                       "as ℓ2 norms over the query image's own [0,1] pixels.")
+                       "as ℓ2 norms over the query file's own samples (each scaled to [0,1] by its bit depth, in the "
+                       "file's own channels: 1 for grayscale, 4 for RGBA or CMYK, …); files whose decoding is not "
+                       "continuous in their samples (colour-key transparency, palettes) get no radius.")
     q.add_argument("image", help="query image file")
     q.add_argument("--index-dir", required=True)
     q.add_argument("-k", type=int, default=10, help="results (default 10)")
@@ -234,8 +236,9 @@ def _query(args) -> int:
             print(f"{hit.rank:>4}  {hit.score:7.4f}  {rad}{flag}{hit.path}")
         if certified:
             print(f"top-{res.k} set certified for ‖δ‖₂ < {_fmt(res.set_radius)} and its order for "
-                  f"‖δ‖₂ < {_fmt(res.order_radius)} (ℓ2 over the {res.radius_space} [0,1] pixels, L={res.lipschitz}, "
-                  f"resize norm {res.input_norm:.4g}, {'complete' if res.complete else f'{res.candidates} candidates'})")
+                  f"‖δ‖₂ < {_fmt(res.order_radius)}")
+            print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
+                  f"{'complete' if res.complete else f'{res.candidates} candidates'})")
             if res.eps is not None:
                 verdict = "CERTIFIED" if res.eps_certified else "NOT certified"
                 print(f"eps {res.eps:g}: top-{res.k} set {verdict}")

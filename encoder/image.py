@@ -1,0 +1,428 @@
+"""One image vocabulary: which files are images, how they are decoded, and which pixels a certificate is about.
+
+Everything that reads an image (training, indexing, queries, the UI, benchmarks) goes through here:
+
+    IMAGE_EXTENSIONS                 the suffixes that count as images (compared lower-case)
+    decode_bytes(data, limits)       bytes → loaded first frame (PIL), notes, format; DecodeError with a reason
+    pixels(image)                    PIL image → Pixels: the file's own samples, in the file's own channels
+    to_rgb(samples, layout)          differentiable float map from those samples to the RGB the encoder sees
+
+The certified input (DESIGN.md, "Certificates"; issue: certificates for non-RGB files)
+-------------------------------------------------------------------------------------
+A certificate is stated over *the file's own samples*: each sample scaled to [0, 1] by its bit depth
+(v / (2^bits − 1), never by the data's range), in the file's own channels (1 for grayscale, 2 for
+grey + alpha, 4 for RGBA or CMYK, …), after EXIF orientation (a permutation of pixel positions, hence
+an ℓ2 isometry). The map to the encoder's input is
+
+    samples x ─Φ (per pixel, float)→ RGB ─R (float bilinear resize, per channel)→ encoder input,
+
+and ‖R(Φ(x)) − R(Φ(y))‖ ≤ ‖R‖₂·Lip(Φ)·‖x − y‖. Φ acts on every pixel separately with the same
+function φ: Rᶜ → R³, so ‖Φ(x) − Φ(y)‖² = Σ_p ‖φ(x_p) − φ(y_p)‖² ≤ c²·‖x − y‖² with c = Lip(φ);
+R acts on each RGB channel with the same matrix, so its norm on 3 channels is ‖R‖₂. Samples are
+clamped to [0, 1] first (a projection onto a convex box: 1-Lipschitz), and on that box every φ below is
+smooth, so c = sup ‖J_φ‖₂ over the box (mean-value inequality on a convex set). Per layout:
+
+    RGB    φ = id                                            c = 1
+    L      φ(g) = (g, g, g)             J = 1₃               c = ‖1₃‖ = √3
+    LA     φ(g, a) = 1 − a(1 − g)·1₃    J = 1₃·[a, g − 1]    ‖J‖ = √3·√(a² + (1 − g)²) ≤ √6   (a = 1, g = 0)
+    RGBA   φ(c, a) = 1 − a(1 − c)       J = [a·I₃ | c − 1]   JJᵀ = a²I + (1 − c)(1 − c)ᵀ,
+                                                             λ_max = a² + ‖1 − c‖² ≤ 1 + 3 → c = 2   (a = 1, c = 0)
+    CMYK   φ(u, k) = (1 − u)(1 − k)     J = −[(1 − k)·I₃ | 1 − u]   (Pillow's own formula, in float)
+                                                             λ_max = (1 − k)² + ‖1 − u‖² ≤ 4 → c = 2   (white)
+    YCbCr  φ = clamp(M·(y, cb − ½, cr − ½))  (JFIF, as Pillow) c = σ_max(M) (clamp is 1-Lipschitz)
+
+Alpha is composited onto white, as before. Every bound is attained (the constants are exact, not
+loose), and tests/test_image_soundness.py checks each against an independent Jacobian search and
+attacks it.
+
+Decodes that are not continuous in the file's samples cannot be certified by any factor: a colour key
+(PNG tRNS: a pixel that reaches the key colour jumps to white), palette images (an index is not a
+continuous quantity, and a change of palette entry moves every pixel using it), 16-bit samples that a
+decoder reduces to 8 bits, samples whose depth is unknown, and conversions Pillow does in 8-bit
+integers (premultiplied alpha, LAB, HSV). Such images are still embedded; `Pixels.uncertified` says why
+no radius can be stated, and search results then carry no radius.
+
+16-bit PNGs with more than one channel (which Pillow reduces to 8 bits) are decoded at their real depth
+with pypng; the samples travel with the PIL image in `image.info[SAMPLES16_KEY]`.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "DecodeLimits", "DecodeError", "decode_bytes", "check_shape", "oriented_size",
+    "exif_orientation", "Pixels", "pixels", "to_rgb", "channel_lipschitz", "LAYOUT_CHANNELS", "SAMPLES16_KEY",
+    "is_image_name",
+]
+
+# Extensions that count as images (compared lower-case), for training, indexing and benchmarks alike.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico",
+})
+
+SAMPLES16_KEY = "robret.samples16"  # image.info entry: (H, W, C) uint16 samples of a 16-bit PNG
+
+# Channels of each layout `to_rgb` accepts.
+LAYOUT_CHANNELS = {"RGB": 3, "L": 1, "LA": 2, "RGBA": 4, "CMYK": 4, "YCbCr": 3}
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_SWAPS_AXES = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+# JFIF YCbCr → RGB (ITU-R BT.601 full range), the matrix Pillow and libjpeg use.
+_YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+
+
+def is_image_name(name: str) -> bool:
+    """True when a file name has one of IMAGE_EXTENSIONS (hidden files excluded)."""
+    dot = name.rfind(".")
+    return dot > 0 and not name.startswith(".") and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a file must satisfy to be embedded. Every refusal names the limit it broke."""
+
+    max_pixels: int = 64_000_000  # width × height above this: refused as a decompression bomb
+    max_bytes: int = 512 * 2**20  # files are read into memory once; larger ones are refused
+    min_side: int = 8  # shorter side below this (pixels): too small to mean anything
+    max_aspect: float = 20.0  # long side / short side above this: squashing it to a square is noise
+
+
+class DecodeError(ValueError):
+    """A file that cannot be embedded. `kind` is a stable code, `detail` the human explanation.
+
+    Kinds: missing, permission, unreadable, not_regular, empty, too_large, not_image, text,
+    truncated, corrupt, too_many_pixels, too_small, too_elongated (and, from the folder scan,
+    symlink_escape, symlink_broken, symlink_loop).
+    """
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+
+# Decoding ---------------------------------------------------------------------------------------
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at the end of the sniffed window is still text.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
+    return printable >= 0.95 * max(1, len(text))
+
+
+def decode_bytes(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Image.Image, list[str], str | None]:
+    """Bytes → (loaded first frame, notes, format). Raises DecodeError (see class doc).
+
+    The pixel limit is checked from the header, before any pixel is decoded. 16-bit PNGs that Pillow
+    would reduce to 8 bits carry their full-depth samples in `image.info[SAMPLES16_KEY]`.
+    Callers must silence PIL's DecompressionBombWarning themselves (warnings filters are process-global).
+    """
+    if not data:
+        raise DecodeError("empty", "zero-byte file")
+    notes: list[str] = []
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise DecodeError("too_many_pixels", f"decompression bomb refused by the decoder ({exc})") from None
+    except UnidentifiedImageError:
+        if _looks_like_text(data[:512]):
+            raise DecodeError("text", "a text file, not an image (despite its extension)") from None
+        raise DecodeError("not_image", "unrecognised image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DecodeError("corrupt", f"unreadable header ({exc})") from None
+    try:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise DecodeError("corrupt", f"impossible size {w}×{h}")
+        if w * h > limits.max_pixels:
+            raise DecodeError("too_many_pixels",
+                              f"{w}×{h} = {w * h:,} pixels exceeds the limit of {limits.max_pixels:,} "
+                              "(possible decompression bomb)")
+        wide_samples = _has_16bit_tiles(im)  # known from the tile descriptors, which load() clears
+        n_frames = getattr(im, "n_frames", 1) or 1
+        if n_frames > 1:
+            im.seek(0)
+            notes.append(f"animated ({n_frames} frames): first frame used")
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+            msg = str(exc)
+            kind = "truncated" if ("truncated" in msg or isinstance(exc, EOFError)) else "corrupt"
+            raise DecodeError(kind, f"pixel data could not be decoded ({msg or type(exc).__name__})") from None
+        fmt = im.format
+        frame = im.copy() if n_frames > 1 else im
+        if frame is not im:
+            im.close()
+        if wide_samples:
+            samples = _png16_samples(data) if fmt == "PNG" and "transparency" not in frame.info else None
+            if samples is not None and samples.shape[:2] == (h, w):
+                frame.info[SAMPLES16_KEY] = samples
+            else:
+                frame.info["robret.reduced16"] = True
+        notes.extend(_mode_notes(frame))
+        return frame, notes, fmt
+    except DecodeError:
+        im.close()
+        raise
+    except Exception as exc:  # a decoder bug on hostile input must not abort a build
+        im.close()
+        raise DecodeError("corrupt", f"decoder failed ({type(exc).__name__}: {exc})") from None
+
+
+def _has_16bit_tiles(im: Image.Image) -> bool:
+    # e.g. a 16-bit RGB PNG: Pillow decodes it as 8-bit RGB with raw mode "RGB;16B". (16-bit grayscale
+    # comes out as mode I;16, which keeps every bit, so it does not count here.)
+    if im.mode.startswith("I") or im.mode == "F":
+        return False
+    for tile in getattr(im, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        if ";16" in str(args):
+            return True
+    return False
+
+
+def _png16_samples(data: bytes) -> np.ndarray | None:
+    """(H, W, C) uint16 samples of a 16-bit PNG (grey+alpha, RGB, RGBA), or None when pypng cannot read it."""
+    import png  # pypng: pure Python, reads 16-bit PNGs without reducing them
+
+    try:
+        width, height, rows, info = png.Reader(bytes=data).read()
+        if info.get("bitdepth") != 16 or info.get("palette") or "transparent" in info:
+            return None
+        arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+    except Exception:  # pypng refuses what Pillow accepted: fall back to Pillow's 8-bit pixels
+        return None
+    return arr.reshape(height, width, info["planes"])
+
+
+def _mode_notes(im: Image.Image) -> list[str]:
+    notes = []
+    if SAMPLES16_KEY in im.info or im.mode.startswith("I;16") or im.mode == "I":
+        notes.append("16-bit samples scaled to [0, 1]")
+    elif im.info.get("robret.reduced16"):
+        notes.append("16-bit samples reduced to 8 bits by the decoder")
+    if im.mode == "F":
+        notes.append("floating-point samples clipped to [0, 1]")
+    if im.mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    elif im.mode in ("P", "PA"):
+        notes.append("palette expanded to RGB")
+    elif im.mode in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        notes.append("grayscale replicated to RGB")
+    elif im.mode in ("YCbCr", "LAB", "HSV"):
+        notes.append(f"{im.mode} converted to RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        notes.append("alpha composited onto white")
+    orientation = exif_orientation(im)
+    if orientation in range(2, 9):
+        notes.append(f"EXIF orientation {orientation} applied")
+    return notes
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent or malformed; values outside 1..8 are ignored by decoding)."""
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # malformed EXIF: ignored, as exif_transpose would
+        return 1
+
+
+def oriented_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, without transposing the pixels."""
+    w, h = im.size
+    return (h, w) if exif_orientation(im) in _SWAPS_AXES else (w, h)
+
+
+def check_shape(width: int, height: int, limits: DecodeLimits) -> None:
+    """DecodeError(too_small | too_elongated) for images no embedding should be made of."""
+    short, long = min(width, height), max(width, height)
+    if short < limits.min_side:
+        raise DecodeError("too_small", f"{width}×{height} pixels (shorter side below {limits.min_side})")
+    if long / short > limits.max_aspect:
+        raise DecodeError("too_elongated",
+                          f"{width}×{height} pixels (aspect {long / short:.1f}:1 exceeds {limits.max_aspect:g}:1)")
+
+
+# The certified pixel space ----------------------------------------------------------------------
+@lru_cache(maxsize=None)
+def channel_lipschitz(layout: str) -> float:
+    """Lipschitz constant c of the per-pixel map φ from a layout's samples to RGB (module docstring).
+
+    Exact (every bound is attained on [0, 1]ᶜ); rounded up by a relative 1e-12 so that float error can
+    only shrink a radius.
+    """
+    if layout == "RGB":
+        return 1.0
+    exact = {"L": math.sqrt(3.0), "LA": math.sqrt(6.0), "RGBA": 2.0, "CMYK": 2.0}
+    if layout in exact:
+        return exact[layout] * (1 + 1e-12)
+    if layout == "YCbCr":
+        return float(np.linalg.norm(_YCBCR_TO_RGB, 2)) * (1 + 1e-12)
+    raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
+
+
+def to_rgb(samples: torch.Tensor, layout: str) -> torch.Tensor:
+    """Samples (..., C, H, W) in the layout's channels → RGB (..., 3, H, W) in [0, 1]; differentiable.
+
+    The float form of the conversions in the module docstring (alpha on white; Pillow's CMYK and JFIF
+    YCbCr formulas without their 8-bit rounding). Samples are clamped to [0, 1] first.
+    """
+    c = LAYOUT_CHANNELS.get(layout)
+    if c is None:
+        raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
+    if samples.shape[-3] != c:
+        raise ValueError(f"layout {layout} has {c} channel(s), got samples of shape {tuple(samples.shape)}")
+    x = samples.clamp(0, 1)
+    rep = [1] * (x.dim() - 3) + [3, 1, 1]
+    if layout == "RGB":
+        return x
+    if layout == "L":
+        return x.repeat(rep)
+    if layout == "LA":
+        g, a = x[..., 0:1, :, :], x[..., 1:2, :, :]
+        return (1 - a * (1 - g)).repeat(rep)
+    if layout == "RGBA":
+        return 1 - x[..., 3:4, :, :] * (1 - x[..., :3, :, :])
+    if layout == "CMYK":
+        return (1 - x[..., :3, :, :]) * (1 - x[..., 3:4, :, :])
+    m = torch.as_tensor(_YCBCR_TO_RGB, dtype=x.dtype, device=x.device)
+    centred = x - torch.tensor([0.0, 0.5, 0.5], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return torch.einsum("rc,...chw->...rhw", m, centred).clamp(0, 1)
+
+
+@dataclass
+class Pixels:
+    """An image as the file's own samples: the space in which its certificates are stated.
+
+    samples: float32 (C, H, W) in [0, 1] (each sample / (2^bits − 1)), EXIF orientation applied.
+    `uncertified` is None when the decode is a continuous function of those samples; otherwise it says
+    why no radius can be stated (the image can still be embedded).
+    """
+
+    samples: torch.Tensor  # (C, H, W) float32 in [0, 1]
+    layout: str  # one of LAYOUT_CHANNELS
+    bits: int  # sample depth in the file (1, 8, 16; 32 for float samples)
+    uncertified: str | None = None  # why the decode is not continuous in the samples (None: certifiable)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width), after EXIF orientation."""
+        return tuple(self.samples.shape[-2:])
+
+    @property
+    def channel_lipschitz(self) -> float:
+        return channel_lipschitz(self.layout)
+
+    def rgb(self) -> torch.Tensor:
+        """(3, H, W) float32 RGB in [0, 1]: what the encoder's resize sees."""
+        return to_rgb(self.samples, self.layout)
+
+    def describe(self) -> str:
+        """The space a radius is stated in, e.g. "ℓ2 over the file's 1-channel 16-bit samples (L) scaled to [0,1]"."""
+        c = LAYOUT_CHANNELS[self.layout]
+        depth = "floating-point" if self.bits == 32 else f"{self.bits}-bit"
+        h, w = self.size
+        return (f"ℓ2 over the file's {c}-channel {depth} samples ({self.layout}, {w}×{h}) scaled to [0,1]")
+
+
+_TRANSPOSE = {  # EXIF orientation → the same operation on an (H, W, …) array
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _as_chw(arr: np.ndarray, scale: float) -> torch.Tensor:
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    out = np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def _sample_depth_of_mode_i(image: Image.Image) -> tuple[int, str | None]:
+    """Bit depth of a mode-"I" image, from its format (never from its data), and a reason when unknown."""
+    if image.format in ("PPM", "PNG"):  # Pillow scales PGM maxval > 255 to 16 bits; PNG gray is ≤ 16 bits
+        return 16, None
+    if image.format == "TIFF":
+        bits = image.tag_v2.get(258) if hasattr(image, "tag_v2") else None
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        if bits in (16, 32):
+            return int(bits), None
+    return 16, "32-bit integer samples of unknown depth (scaled as 16-bit and clipped)"
+
+
+def pixels(image: Image.Image | Pixels) -> Pixels:
+    """A decoded PIL image (any mode) → its samples in the file's own channels (see module docstring).
+
+    EXIF orientation is applied (orientations outside 1..8 are ignored). Modes whose decode is not
+    continuous in the samples come back with `uncertified` set and samples that still give the right
+    RGB (palette expanded, key colour on white, …), so that they can be embedded.
+    """
+    if isinstance(image, Pixels):
+        return image
+    orientation = exif_orientation(image)
+    wide = image.info.get(SAMPLES16_KEY)
+    uncertified = None
+    if "transparency" in image.info and image.mode in ("L", "RGB", "1", "I", "I;16"):
+        uncertified = ("colour-key transparency (PNG tRNS): a pixel that reaches the key colour jumps to "
+                       "white, so no radius holds")
+    if image.info.get("robret.reduced16"):
+        uncertified = "16-bit samples that the decoder reduced to 8 bits: a change of 1/65535 can move a pixel by 1/255"
+    image = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+    mode = image.mode
+    if wide is not None:
+        wide = _TRANSPOSE[orientation](wide) if orientation in _TRANSPOSE else wide
+        layout = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[wide.shape[2]]
+        return Pixels(_as_chw(wide, 65535.0), layout, 16, uncertified)
+    if mode == "1":
+        return Pixels(_as_chw(np.asarray(image, dtype=np.float64), 1.0), "L", 1, uncertified)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return Pixels(_as_chw(np.asarray(image), 65535.0), "L", 16, uncertified)
+    if mode == "I":
+        bits, reason = _sample_depth_of_mode_i(image)
+        return Pixels(_as_chw(np.asarray(image), 2.0 ** bits - 1), "L", bits, uncertified or reason)
+    if mode == "F":
+        return Pixels(_as_chw(np.asarray(image), 1.0), "L", 32, uncertified)
+    if mode in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
+        if "transparency" in image.info and mode in ("L", "RGB"):
+            image, mode = image.convert("RGBA"), "RGBA"  # the key colour becomes transparent (uncertified above)
+        return Pixels(_as_chw(np.asarray(image), 255.0), mode, 8, uncertified)
+    if mode == "RGBX":
+        return Pixels(_as_chw(np.asarray(image)[:, :, :3], 255.0), "RGB", 8, uncertified)
+    # Modes whose conversion is not a continuous function of the samples: expand with Pillow, refuse to certify.
+    reasons = {
+        "P": "palette image: its samples are palette indices, not intensities",
+        "PA": "palette image: its samples are palette indices, not intensities",
+        "La": "premultiplied alpha, converted by Pillow in 8-bit integers",
+        "RGBa": "premultiplied alpha, converted by Pillow in 8-bit integers",
+        "LAB": "CIELAB samples, converted by Pillow in 8-bit integers",
+        "HSV": "HSV samples: hue wraps around, so the conversion is not continuous",
+    }
+    has_alpha = mode in ("PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    target = "RGBA" if has_alpha else "RGB"
+    converted = image.convert(target)
+    return Pixels(_as_chw(np.asarray(converted), 255.0), target, 8,
+                  uncertified or reasons.get(mode, f"image mode {mode} converted by Pillow"))
