@@ -88,7 +88,9 @@ def tight_cases(layout: str, n: int, side: int = 8):
         scale = torch.full((c, 1, 1), 0.004)
         if layout == "RGBA":
             scale[:3] = 0.001
-        near = (samples + scale * torch.randn(6, c, side, side, generator=gen)).clamp(0, 1)
+        near = samples + scale * torch.randn(6, c, side, side, generator=gen)
+        near[0] = samples + 0.3 * (near[0] - samples)  # a clear nearest item: margins well above float noise
+        near = near.clamp(0, 1)
         with torch.no_grad():
             gallery = enc.embed(to_rgb(near, layout))
         yield enc, samples, gallery

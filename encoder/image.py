@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -315,21 +316,35 @@ def to_rgb(samples: torch.Tensor, layout: str) -> torch.Tensor:
 class Pixels:
     """An image as the file's own samples: the space in which its certificates are stated.
 
-    samples: float32 (C, H, W) in [0, 1] (each sample / (2^bits − 1)), EXIF orientation applied.
+    samples = clip(raw / scale, 0, 1): float32 (C, H, W), each sample / (2^bits − 1), EXIF orientation
+    applied. `raw` keeps the decoder's integer samples (a view of them where possible), so that a large
+    image costs its integer size until `rgb_rows` converts it band by band.
     `uncertified` is None when the decode is a continuous function of those samples; otherwise it says
     why no radius can be stated (the image can still be embedded).
     """
 
-    samples: torch.Tensor  # (C, H, W) float32 in [0, 1]
+    raw: torch.Tensor  # (C, H, W) as decoded: uint8, int32 (16-bit and 32-bit integers) or float32
+    scale: float  # 2^bits − 1 (1 for float and bilevel samples)
     layout: str  # one of LAYOUT_CHANNELS
     bits: int  # sample depth in the file (1, 8, 16; 32 for float samples)
     uncertified: str | None = None  # why the decode is not continuous in the samples (None: certifiable)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width), after EXIF orientation."""
-        return tuple(self.samples.shape[-2:])
+        return tuple(self.raw.shape[-2:])
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """float32 (C, H, W) in [0, 1]: the certified input space."""
+        return self.samples_rows(0, self.size[0])
+
+    def samples_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of `samples` (a band, for images too large to convert whole)."""
+        band = self.raw[:, r0:r1].to(torch.float32)
+        if self.scale != 1:
+            band.div_(self.scale)
+        return band.clamp_(0, 1)
 
     @property
     def channel_lipschitz(self) -> float:
@@ -339,8 +354,12 @@ class Pixels:
         """(3, H, W) float32 RGB in [0, 1]: what the encoder's resize sees."""
         return to_rgb(self.samples, self.layout)
 
+    def rgb_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of `rgb()` (the conversion is per pixel, so bands convert independently)."""
+        return to_rgb(self.samples_rows(r0, r1), self.layout)
+
     def describe(self) -> str:
-        """The space a radius is stated in, e.g. "ℓ2 over the file's 1-channel 16-bit samples (L) scaled to [0,1]"."""
+        """The space a radius is stated in, e.g. "ℓ2 over the file's 1-channel 16-bit samples (L, 640×480) scaled to [0,1]"."""
         c = LAYOUT_CHANNELS[self.layout]
         depth = "floating-point" if self.bits == 32 else f"{self.bits}-bit"
         h, w = self.size
@@ -354,12 +373,36 @@ _TRANSPOSE = {  # EXIF orientation → the same operation on an (H, W, …) arra
 }
 
 
-def _as_chw(arr: np.ndarray, scale: float) -> torch.Tensor:
-    arr = np.asarray(arr, dtype=np.float64)
+def _array(image: Image.Image) -> np.ndarray:
+    """The pixels of an 8-bit-per-sample image as an (H, W, bands) uint8 array, copied band by band of
+    rows (np.asarray goes through a whole-image bytes object: a 64-megapixel RGB image would briefly cost
+    three copies, 576 MB, instead of one)."""
+    w, h = image.size
+    bands = len(image.getbands())
+    out = np.empty((h, w, bands), dtype=np.uint8)
+    rows = max(1, (1 << 20) // max(1, w))
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        out[r0:r1] = np.frombuffer(image.crop((0, r0, w, r1)).tobytes(), dtype=np.uint8).reshape(r1 - r0, w, bands)
+    return out
+
+
+def _raw(arr: np.ndarray) -> torch.Tensor:
+    """(H, W[, C]) decoded samples → (C, H, W) tensor without a float copy (uint16 widened to int32)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # torch has no general uint16 arithmetic
+        arr = arr.astype(np.int32)
+    elif arr.dtype.kind == "f":
+        arr = arr.astype(np.float32, copy=False)
+    elif not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    out = np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+    with warnings.catch_warnings():  # Pillow's arrays are read-only; the tensor is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
 def _sample_depth_of_mode_i(image: Image.Image) -> tuple[int, str | None]:
@@ -396,22 +439,22 @@ def pixels(image: Image.Image | Pixels) -> Pixels:
     if wide is not None:
         wide = _TRANSPOSE[orientation](wide) if orientation in _TRANSPOSE else wide
         layout = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[wide.shape[2]]
-        return Pixels(_as_chw(wide, 65535.0), layout, 16, uncertified)
+        return Pixels(_raw(wide), 65535.0, layout, 16, uncertified)
     if mode == "1":
-        return Pixels(_as_chw(np.asarray(image, dtype=np.float64), 1.0), "L", 1, uncertified)
+        return Pixels(_raw(np.asarray(image)), 1.0, "L", 1, uncertified)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return Pixels(_as_chw(np.asarray(image), 65535.0), "L", 16, uncertified)
+        return Pixels(_raw(np.asarray(image)), 65535.0, "L", 16, uncertified)
     if mode == "I":
         bits, reason = _sample_depth_of_mode_i(image)
-        return Pixels(_as_chw(np.asarray(image), 2.0 ** bits - 1), "L", bits, uncertified or reason)
+        return Pixels(_raw(np.asarray(image)), 2.0 ** bits - 1, "L", bits, uncertified or reason)
     if mode == "F":
-        return Pixels(_as_chw(np.asarray(image), 1.0), "L", 32, uncertified)
+        return Pixels(_raw(np.asarray(image)), 1.0, "L", 32, uncertified)
     if mode in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
         if "transparency" in image.info and mode in ("L", "RGB"):
             image, mode = image.convert("RGBA"), "RGBA"  # the key colour becomes transparent (uncertified above)
-        return Pixels(_as_chw(np.asarray(image), 255.0), mode, 8, uncertified)
+        return Pixels(_raw(_array(image)), 255.0, mode, 8, uncertified)
     if mode == "RGBX":
-        return Pixels(_as_chw(np.asarray(image)[:, :, :3], 255.0), "RGB", 8, uncertified)
+        return Pixels(_raw(_array(image)[:, :, :3]), 255.0, "RGB", 8, uncertified)
     # Modes whose conversion is not a continuous function of the samples: expand with Pillow, refuse to certify.
     reasons = {
         "P": "palette image: its samples are palette indices, not intensities",
@@ -424,5 +467,5 @@ def pixels(image: Image.Image | Pixels) -> Pixels:
     has_alpha = mode in ("PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
     target = "RGBA" if has_alpha else "RGB"
     converted = image.convert(target)
-    return Pixels(_as_chw(np.asarray(converted), 255.0), target, 8,
+    return Pixels(_raw(_array(converted)), 255.0, target, 8,
                   uncertified or reasons.get(mode, f"image mode {mode} converted by Pillow"))

@@ -85,9 +85,25 @@ def resize_operator_norm(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> flo
     return float(sh * sw) * (1 + 1e-5)
 
 
+BAND_PIXELS = 1 << 22  # larger images are converted and resized in bands of rows (bounded memory)
+
+
 def to_input(image: Image.Image | Pixels, size: int) -> torch.Tensor:
-    """PIL image (or its Pixels) → (1, 3, size, size) float tensor in [0, 1], through `pil_to_tensor` and `resize`."""
-    return resize(pil_to_tensor(image), size)[None]
+    """PIL image (or its Pixels) → (1, 3, size, size) float tensor in [0, 1]: `pil_to_tensor`, then `resize`.
+
+    Images above BAND_PIXELS are converted and resized in bands of rows: the resize is separable
+    (R(X) = R_h·X·R_wᵀ) and the channel conversion is per pixel, so each band is converted and resized
+    along its width alone (its height unchanged: the identity), and the stacked result along the height.
+    The same linear map, computed without a float copy of the whole image (a 64-megapixel RGB file
+    would need 768 MB for it).
+    """
+    px = pixels(image)
+    h, w = px.size
+    if h * w <= BAND_PIXELS:
+        return resize(px.rgb(), size)[None]
+    rows = max(1, BAND_PIXELS // w)
+    bands = [resize(px.rgb_rows(r0, min(h, r0 + rows)), (min(h, r0 + rows) - r0, size)) for r0 in range(0, h, rows)]
+    return resize(torch.cat(bands, dim=1), size)[None]
 
 
 def samples_to_input(samples: torch.Tensor, layout: str, size: int) -> torch.Tensor:
