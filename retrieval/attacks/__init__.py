@@ -1,13 +1,15 @@
 """Attacks on rankings (DESIGN.md, "Attacks on rankings"): PGD in [0, 1] pixel space on any Encoder.
 
-    pgd.py         the PGD engine (ℓ∞ / ℓ2, random start, restarts) and PGDConfig
+The engine (PGD, PGDConfig, the pyautoattack wrapper) lives in encoder/attack/ and is re-exported
+here; this package holds the ranking objectives:
+
     ranking.py     robrank's suite: CA±, QA±, SP-QA, ES, TMA, LTM, GTM, GTT
     topk.py        top-k attacks for the UI (untargeted / targeted) and the Recall@1 margin attack
     autoattack.py  nearest-neighbour search as a classifier, attacked with pyautoattack
     suite.py       the whole robrank suite on a dataset, and its ERS
 """
 from .autoattack import NearestNeighbourClassifier, autoattack_targeted, autoattack_untargeted
-from .pgd import ROBRANK_LINF, PGDConfig, perturbation_norm, pgd, project
+from encoder.attack import ROBRANK_LINF, PGDConfig, perturbation_norm, pgd, project
 from .ranking import (ATTACKS, AttackResult, candidate_attack, embedding_shift, greedy_top1_misrank,
                       greedy_top1_translocation, learning_to_misrank, query_attack, run_attack,
                       targeted_mismatch)
