@@ -98,7 +98,7 @@ class SideIndex:
     def _map(self, i: int) -> int | None:
         return int(i) if self._to_primary is None else self._to_primary.get(int(i))
 
-    def _map_many(self, ids) -> np.ndarray:
+    def primary_ids(self, ids) -> np.ndarray:
         """Primary ids; −1 for a file the primary gallery does not hold (e.g. added between builds)."""
         return np.array([-1 if (m := self._map(i)) is None else m for i in ids], dtype=np.int64)
 
@@ -117,13 +117,13 @@ class SideIndex:
 
         own = [i for i in (self.own_id(p) for p in extra) if i is not None]
         ids, vectors = attack_candidates(self.gallery, q, pool, own)
-        mapped = self._map_many(ids)
+        mapped = self.primary_ids(ids)
         return mapped[mapped >= 0], vectors[mapped >= 0]
 
     def ranked(self, ranking) -> SideResult:
         """A retrieval.attacks.Ranking with its ids reported as primary ids."""
         res = ranking.search
-        out = SideResult(ids=self._map_many(ranking.ids), scores=np.asarray(ranking.scores))
+        out = SideResult(ids=self.primary_ids(ranking.ids), scores=np.asarray(ranking.scores))
         if res.certified:
             out.radius = np.array([h.radius for h in res.hits])
             out.set_radius, out.order_radius = res.set_radius, res.order_radius

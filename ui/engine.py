@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from retrieval.attacks import QUERY_ATTACKS, RankedIds
+from retrieval.attacks import QUERY_ATTACKS, RankedIds, rank_moves
 
 from . import backend
 from .config import UIConfig
@@ -91,12 +91,8 @@ class SideAttack:
         return len(set(self.before.top) & set(self.after.top)) / self.before.k
 
     def moves(self) -> list[dict]:
-        """Rank moves of every item in either top-k: before and after rank (None = below the list)."""
-        rows = []
-        for item in dict.fromkeys(self.before.top + self.after.top):
-            rb, ra = self.before.rank_of(item), self.after.rank_of(item)
-            rows.append({"id": item, "before": rb, "after": ra})
-        return rows
+        """Rank moves of every item in either top-k (retrieval.attacks.rank_moves)."""
+        return rank_moves(self.before, self.after)
 
 
 class Side:
@@ -224,7 +220,7 @@ class Engine:
                 if res.certificate is not None:
                     cert = res.certificate.to_dict()
                     for key in ("guaranteed_items", "violated_items"):
-                        cert[key] = side.index._map_many(cert[key]).tolist()
+                        cert[key] = side.index.primary_ids(cert[key]).tolist()
                     result.certificate = cert
                 out[side.key] = result
         if progress is not None:

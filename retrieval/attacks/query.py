@@ -28,7 +28,7 @@ from ._embed import ImageEmbedder, as_embedder
 from .autoattack import autoattack_untargeted
 from .topk import topk_targeted, topk_untargeted
 
-__all__ = ["QUERY_ATTACKS", "RankedIds", "Ranking", "CertificateCheck", "QueryAttackOutcome", "attack_query", "rank_query",
+__all__ = ["QUERY_ATTACKS", "RankedIds", "rank_moves", "Ranking", "CertificateCheck", "QueryAttackOutcome", "attack_query", "rank_query",
            "attack_candidates", "VectorGallery"]
 
 # kind → what it does (labels for front ends)
@@ -59,6 +59,12 @@ class RankedIds:
         """1-based rank of `item_id`, None when deeper than the list."""
         hit = np.flatnonzero(self.ids == item_id)
         return int(hit[0]) + 1 if hit.size else None
+
+
+def rank_moves(before: RankedIds, after: RankedIds) -> list[dict]:
+    """Rank moves of every item in either top-k: before and after rank (None = below the list)."""
+    return [{"id": i, "before": before.rank_of(i), "after": after.rank_of(i)}
+            for i in dict.fromkeys(before.top + after.top)]
 
 
 @dataclass
@@ -198,9 +204,7 @@ class QueryAttackOutcome:
         return self.overlap == 0
 
     def moves(self) -> list[dict]:
-        """Rank moves of every item in either top-k: before and after rank (None = below the list)."""
-        return [{"id": i, "before": self.before.rank_of(i), "after": self.after.rank_of(i)}
-                for i in dict.fromkeys(self.before.top + self.after.top)]
+        return rank_moves(self.before, self.after)
 
     def to_dict(self, paths: dict[int, str] | None = None) -> dict:
         """JSON-ready; `paths` (id → display name) adds a path to each listed item."""
