@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder.choose import DEFAULT_DREAMSIM
+from encoder.choose import DEFAULT_DREAMSIM  # noqa: F401  (re-exported: the comparison the page prefers)
 
 from .config import UIConfig
 
