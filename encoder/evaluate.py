@@ -14,7 +14,8 @@ Both R and ε live in the ENCODER'S INPUT space: ℓ2 over [0,1] pixels of the (
 encoder sees, S = input_size. The triplet images are resized to S before evaluation, so the ε's
 here are not budgets on the original, larger image files.
 
-Empirical score: the same s_i after an attack on the reference (candidates fixed):
+Empirical score: the same s_i after an attack on the reference (candidates fixed), run by the
+attack engine (encoder/attack/); this module supplies the objectives:
   * AutoAttack (pyautoattack, Croce & Hein 2020): APGD-CE on a two-logit classifier
     logits(x) = scale·[⟨e(x), e0⟩, ⟨e(x), e1⟩] with label round(p); ℓ2 or ℓ∞.
   * PGD: minimise the signed margin y'·(d0 − d1), y' = 2·round(p) − 1, with normalised-gradient
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .attack import PGDConfig, canonical_norm, make_autoattack, pgd, run_autoattack
 from .certify import DEFAULT_SLACK, twoafc_radius
 
 __all__ = ["EPSILONS", "eps_label", "twoafc_sample_scores", "twoafc_score", "certified_sample_scores",
@@ -118,65 +120,44 @@ def _separated_batches(refs: torch.Tensor, radius: float, batch_size: int) -> li
 
 def autoattack_2afc(encoder, ref, x0, x1, p, eps: float, norm: str = "L2", n_iter: int = 100,
                     n_restarts: int = 1, batch_size: int = 64, seed: int = 0, scale: float = 20.0) -> torch.Tensor:
-    """Adversarial references from pyautoattack's APGD-CE (version 'custom'); returns x_adv (N, 3, S, S)."""
-    from pyautoattack import AutoAttack
-
-    if norm not in ("L2", "Linf"):
-        raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
+    """Adversarial references from pyautoattack's APGD-CE (version 'custom', encoder.attack's wrapper:
+    the step-size schedule follows `n_iter`); returns x_adv (N, 3, S, S)."""
+    norm = canonical_norm(norm)
     device = encoder.device
     e, e0, e1 = embed_triplets(encoder, ref, x0, x1)
     y = torch.round(_t(p).float()).long()
-    radius = eps if norm == "L2" else eps * math.sqrt(ref[0].numel())
+    radius = eps if norm == "l2" else eps * math.sqrt(ref[0].numel())
     out = ref.clone()
-    logging.getLogger("auto-attack").setLevel(logging.WARNING)
     for b in _separated_batches(ref, radius, batch_size):
         model = TwoAFCLogits(encoder, ref[b].to(device), e0[b].to(device), e1[b].to(device), scale=scale)
-        aa = AutoAttack(model, attacks=["apgd-ce"], device=device, eps=eps, norm=norm, seed=seed, version="custom")
-        aa.apgd.n_iter, aa.apgd.n_restarts = n_iter, n_restarts
-        x_adv, _ = aa.run_standard_evaluation(ref[b].to(device), y[b].to(device), batch_size=len(b))
-        out[b] = x_adv.detach().cpu()
+        aa = make_autoattack(model, norm=norm, eps=eps, device=device, version="custom", attacks=["apgd-ce"],
+                             seed=seed, n_iter=n_iter, n_restarts=n_restarts)
+        out[b] = run_autoattack(aa, ref[b].to(device), y[b].to(device), batch_size=len(b)).cpu()
     return out
 
 
-def _project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    if norm == "Linf":
-        return delta.clamp(-eps, eps)
-    n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    return delta * torch.clamp(eps / n, max=1.0)
-
-
 def pgd_2afc(encoder, ref, x0, x1, p, eps: float, norm: str = "L2", steps: int = 50, step_size: float | None = None,
-             batch_size: int = 64, seed: int = 0) -> torch.Tensor:
-    """PGD on the reference minimising y'·(d0 − d1); returns the best x_adv found (N, 3, S, S)."""
-    if norm not in ("L2", "Linf"):
-        raise ValueError(f"norm must be 'L2' or 'Linf', got {norm!r}")
-    alpha = step_size or 2.5 * eps / steps
+             batch_size: int = 64, seed: int = 0, restarts: int = 1) -> torch.Tensor:
+    """PGD (encoder.attack.pgd) on the reference minimising y'·(d0 − d1); returns the best x_adv (N, 3, S, S).
+
+    Step 2.5·ε/steps unless given (ℓ2 normalised-gradient or ℓ∞ sign steps); restarts after the
+    first start at a random point of the ball drawn from a generator seeded with `seed`.
+    """
+    config = PGDConfig(norm=canonical_norm(norm), eps=eps, steps=steps, step=step_size or 2.5 * eps / max(steps, 1),
+                       restarts=restarts)
     _, e0, e1 = embed_triplets(encoder, ref, x0, x1)
     ysign = 2 * torch.round(_t(p).float()) - 1
     g = torch.Generator().manual_seed(seed)
     out = ref.clone()
     device = encoder.device
     for s in range(0, len(ref), batch_size):
-        x = ref[s:s + batch_size].to(device)
         a0, a1, ys = e0[s:s + batch_size].to(device), e1[s:s + batch_size].to(device), ysign[s:s + batch_size].to(device)
-        delta = _project(torch.randn(x.shape, generator=g).to(device) * eps * 1e-3, eps, norm)
-        best, best_m = x.clone(), torch.full((len(x),), float("inf"), device=device)
-        for _ in range(steps + 1):
-            delta.requires_grad_(True)
-            xa = (x + delta).clamp(0, 1)
-            e = encoder.embed(xa)
-            margin = ys * ((e * a1).sum(1) - (e * a0).sum(1))  # = y'·(d0 − d1)
-            with torch.no_grad():
-                better = margin < best_m
-                best[better], best_m[better] = xa[better].detach(), margin[better].detach()
-            (grad,) = torch.autograd.grad(margin.sum(), delta)
-            with torch.no_grad():
-                if norm == "Linf":
-                    step = grad.sign()
-                else:
-                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-                delta = _project((x + delta - alpha * step).clamp(0, 1) - x, eps, norm)
-        out[s:s + batch_size] = best.cpu()
+
+        def margin(x):  # = y'·(d0 − d1): negative when the decision is flipped
+            e = encoder.embed(x)
+            return ys * ((e * a1).sum(1) - (e * a0).sum(1))
+
+        out[s:s + batch_size] = pgd(ref[s:s + batch_size].to(device), margin, config, generator=g).x_adv.cpu()
     return out
 
 

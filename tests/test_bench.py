@@ -81,4 +81,6 @@ def test_quick_benchmark_writes_json_markdown_and_plots(tmp_path):
         assert 0 <= r["empirical"]["l2"]["0.5"]["recall@1"] <= r["clean"]["recall@1"]
         assert r["certified_l2"]["0.5"] <= r["clean"]["recall@1"]
         assert np.isfinite(r["robrank"]["ers"])
+        # the top-k attack goes through attack_query: every query certified (both have a bound), none broken
+        assert r["topk"]["certificate_violations"] == 0 and r["topk"]["certified_queries"] == r["topk"]["queries"] > 0
     assert "| pixels |" in (tmp_path / "results.md").read_text()

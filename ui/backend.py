@@ -19,17 +19,17 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from encoder.choose import DEFAULT_DREAMSIM  # noqa: F401  (re-exported: the comparison the page prefers)
+
 from .config import UIConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DREAMSIM = "dreamsim:ensemble"
 FALLBACK_COMPARE = "standard:demo"
 
 
@@ -94,58 +94,48 @@ class SideIndex:
         self.gallery = gallery
         self._to_primary = to_primary
         self._from_primary = None if to_primary is None else {p: i for i, p in to_primary.items()}
-        self._all: tuple[np.ndarray, np.ndarray] | None = None
 
     def _map(self, i: int) -> int | None:
         return int(i) if self._to_primary is None else self._to_primary.get(int(i))
 
-    def _map_many(self, ids) -> np.ndarray:
+    def primary_ids(self, ids) -> np.ndarray:
         """Primary ids; −1 for a file the primary gallery does not hold (e.g. added between builds)."""
         return np.array([-1 if (m := self._map(i)) is None else m for i in ids], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.gallery)
 
+    def own_id(self, primary_id: int) -> int | None:
+        """This gallery's id of a primary id (None: the file is not in this index)."""
+        return int(primary_id) if self._from_primary is None else self._from_primary.get(int(primary_id))
+
     def candidates(self, q: np.ndarray, pool: int, extra=()) -> tuple[np.ndarray, np.ndarray]:
-        """(primary ids, unit vectors (n, D)) an attack optimises against: the whole gallery when it has
-        at most `pool` items, else the query's exact top-`pool` plus the `extra` primary ids (a target).
-        """
-        if len(self.gallery) <= pool:
-            if self._all is None:  # small gallery: kept once (immutable afterwards)
-                ids, vectors = self.gallery.all_vectors()
-                mapped = self._map_many(ids)
-                self._all = (mapped[mapped >= 0], vectors[mapped >= 0])
-            return self._all
-        _, found = self.gallery.search(q[None], pool, exact=True)
-        own = [int(i) for i in found[0] if i >= 0]
-        for p in extra:
-            i = p if self._from_primary is None else self._from_primary.get(int(p))
-            if i is not None and i not in own:
-                own.append(int(i))
-        mapped = self._map_many(own)
-        vectors = self.gallery.vectors(np.array(own, dtype=np.int64))
+        """(primary ids, unit vectors (n, D)) an attack optimises against (retrieval.attacks.attack_candidates:
+        the whole gallery when it has at most `pool` items, else the query's exact top-`pool` plus the
+        `extra` primary ids)."""
+        from retrieval.attacks import attack_candidates
+
+        own = [i for i in (self.own_id(p) for p in extra) if i is not None]
+        ids, vectors = attack_candidates(self.gallery, q, pool, own)
+        mapped = self.primary_ids(ids)
         return mapped[mapped >= 0], vectors[mapped >= 0]
 
-    def search(self, q: np.ndarray, k: int, depth: int, input_norm: float | None,
-               query_size: tuple[int, int]) -> SideResult:
-        """retrieval.search.search_embedding for the top-k (certified when the encoder allows), plus
-        the exhaustive list to `depth` to report where displaced items went."""
-        from retrieval.search import search_embedding
-
-        res = search_embedding(self.gallery, q, k, input_norm=input_norm, query_size=query_size)
-        top = self._map_many([h.id for h in res.hits])
-        scores, ids = self.gallery.search(q[None], max(depth, k), exact=True)
-        seen = set(top.tolist())
-        rest = [(m, s) for m, s in zip(self._map_many(ids[0][ids[0] >= 0]), scores[0][ids[0] >= 0])
-                if m not in seen]
-        out = SideResult(
-            ids=np.concatenate([top, np.array([i for i, _ in rest], dtype=np.int64)]),
-            scores=np.concatenate([np.array([h.score for h in res.hits]), np.array([s for _, s in rest])]),
-        )
+    def ranked(self, ranking) -> SideResult:
+        """A retrieval.attacks.Ranking with its ids reported as primary ids."""
+        res = ranking.search
+        out = SideResult(ids=self.primary_ids(ranking.ids), scores=np.asarray(ranking.scores))
         if res.certified:
             out.radius = np.array([h.radius for h in res.hits])
             out.set_radius, out.order_radius = res.set_radius, res.order_radius
         return out
+
+    def search(self, q: np.ndarray, k: int, depth: int, input_norm: float | None,
+               query_size: tuple[int, int]) -> SideResult:
+        """retrieval.attacks.rank_query: the top-k (certified when the encoder allows) and the exhaustive
+        list to `depth` to report where displaced items went."""
+        from retrieval.attacks import rank_query
+
+        return self.ranked(rank_query(self.gallery, q, k, depth, input_norm=input_norm, query_size=query_size))
 
 
 # --- opening: demo index, comparison encoder and its index ---------------------------------------------
@@ -154,11 +144,9 @@ def _slug(spec: str) -> str:
 
 
 def _demo_encoder_spec(cfg: UIConfig) -> str:
-    from encoder.registry import bundled_weights
+    from encoder.choose import default_lipsim_spec
 
-    if cfg.demo_encoder:
-        return cfg.demo_encoder
-    return "lipsim:demo" if "demo" in bundled_weights("lipsim") else "lipsim:cpu-small"
+    return default_lipsim_spec(cfg.demo_encoder)
 
 
 def _build(folder: Path, index_dir: Path, spec: str, encoder):
@@ -186,26 +174,21 @@ def demo_index(cfg: UIConfig) -> Path:
 
 
 def pick_compare(cfg: UIConfig):
-    """(encoder spec, encoder, notes): cfg.compare, else DreamSim when its weights load, else standard:demo."""
-    from encoder import load_encoder
+    """(encoder spec, encoder, notes): cfg.compare, else encoder.choose.choose_comparison (DreamSim when
+    its weights load, else FALLBACK_COMPARE, else pixels)."""
+    from encoder.choose import choose_comparison
 
     if cfg.compare:
         try:
-            return cfg.compare, load_encoder(cfg.compare), []
+            choice = choose_comparison(cfg.compare)
         except (ValueError, RuntimeError, OSError, ImportError) as exc:
             raise SetupError(f"cannot load the comparison encoder {cfg.compare!r}: {exc}") from None
+        return choice.spec, choice.encoder, choice.notes
     try:
-        return DEFAULT_DREAMSIM, load_encoder(DEFAULT_DREAMSIM), []
-    except (ValueError, RuntimeError, OSError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        note = (f"DreamSim is not available here ({first[:200]}); the comparison is the standard CNN "
-                f"baseline {FALLBACK_COMPARE}.")
-        log.info(note)
-    try:
-        return FALLBACK_COMPARE, load_encoder(FALLBACK_COMPARE), [note]
-    except (ValueError, RuntimeError, OSError) as exc:
-        raise SetupError(f"no comparison encoder: DreamSim's weights are not installed and {FALLBACK_COMPARE} "
-                         f"cannot be loaded ({exc}); pass --compare SPEC (e.g. pixels)") from None
+        choice = choose_comparison(fallbacks=(FALLBACK_COMPARE, "pixels"))
+    except RuntimeError as exc:
+        raise SetupError(f"{exc}; pass --compare SPEC") from None
+    return choice.spec, choice.encoder, choice.notes
 
 
 def _open_compare(cfg: UIConfig, primary, primary_dir: Path):
@@ -261,38 +244,3 @@ def open_gallery(cfg: UIConfig) -> Opened:
     if missing:
         notes.append(f"{missing} gallery image(s) are missing from {cmp_enc.name}'s index.")
     return Opened(primary_dir, items, lip, SideIndex(primary), cmp_enc, SideIndex(compare, to_primary), notes)
-
-
-# --- attacks -------------------------------------------------------------------------------------------
-def run_attack(embedder, index: SideIndex, x: torch.Tensor, spec, q: np.ndarray, pool: int,
-               progress: Callable[[int, int], None]):
-    """Attack the working image x (3, H, W) on one encoder; returns x_adv (3, H, W).
-
-    The attack optimises against `index.candidates` (the whole gallery when it is small); the page
-    then searches the adversarial image in the full index, so what it shows is exact either way.
-    untargeted / targeted: retrieval.attacks' top-k PGD attacks; autoattack: retrieval.attacks'
-    AutoAttack on nearest-neighbour search (move the top-1), with a step budget and progress.
-    """
-    from retrieval.attacks import PGDConfig, autoattack_untargeted, topk_targeted, topk_untargeted
-
-    extra = () if spec.target_id is None else (spec.target_id,)
-    ids, vectors = index.candidates(q, pool, extra)
-    g = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    k = min(spec.k, len(ids) - 1)
-
-    def callback(done, total, _loss):
-        progress(done, total)
-
-    if spec.kind == "autoattack":  # APGD-CE then APGD-DLR, one restart, `steps` iterations each
-        x_adv, _ = autoattack_untargeted(embedder, x[None], g, norm=spec.norm, eps=spec.eps, version="custom",
-                                         attacks=["apgd-ce", "apgd-dlr"], n_iter=spec.steps, callback=callback)
-        return x_adv[0].detach().cpu()
-    config = PGDConfig(norm=spec.norm, eps=spec.eps, steps=spec.steps)
-    if spec.kind == "untargeted":
-        res = topk_untargeted(embedder, x[None], g, k=k, config=config, callback=callback)
-    else:
-        hit = np.flatnonzero(ids == spec.target_id)
-        if hit.size == 0:
-            raise ValueError("the target image is not in this encoder's index")
-        res = topk_targeted(embedder, x[None], g, int(hit[0]), k=k, config=config, callback=callback)
-    return res.x_adv[0].detach().cpu()

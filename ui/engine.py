@@ -20,17 +20,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from retrieval.attacks import QUERY_ATTACKS, RankedIds, rank_moves
+
 from . import backend
 from .config import UIConfig
 
 __all__ = ["Engine", "Ranking", "AttackSpec", "SideAttack", "ATTACK_KINDS"]
 
 # kind → label shown on the page
-ATTACK_KINDS = {
-    "untargeted": "untargeted top-k (push the clean top-k out)",
-    "targeted": "targeted (pull a chosen gallery image into the top-k)",
-    "autoattack": "AutoAttack (nearest neighbour as a classifier: move the top-1)",
-}
+ATTACK_KINDS = QUERY_ATTACKS
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class GalleryItem:
 
 
 @dataclass
-class Ranking:
+class Ranking(RankedIds):
     """One encoder's answer for one query: the ranked list to `depth` and the certified top-k."""
 
     ids: np.ndarray  # (depth,) gallery ids, best first
@@ -52,15 +50,6 @@ class Ranking:
     order_radius: float | None = None  # the ordered top-k cannot change for ‖δ‖₂ < order_radius
     seconds: float = 0.0  # wall time of embed + search + certify
     embedding: np.ndarray | None = None  # (D,) the query's embedding
-
-    @property
-    def top(self) -> list[int]:
-        return [int(i) for i in self.ids[: self.k]]
-
-    def rank_of(self, item_id: int) -> int | None:
-        """1-based rank of `item_id`, None when deeper than the list."""
-        hit = np.flatnonzero(self.ids == item_id)
-        return int(hit[0]) + 1 if hit.size else None
 
 
 @dataclass(frozen=True)
@@ -93,7 +82,7 @@ class SideAttack:
     delta_l2: float
     delta_linf: float
     seconds: float
-    certificate: dict | None = None  # LipSim only: see certificate_check
+    certificate: dict | None = None  # certified encoders: retrieval.attacks.CertificateCheck.to_dict()
     target_rank: tuple[int | None, int | None] | None = None  # (before, after) for a targeted attack
 
     @property
@@ -102,12 +91,8 @@ class SideAttack:
         return len(set(self.before.top) & set(self.after.top)) / self.before.k
 
     def moves(self) -> list[dict]:
-        """Rank moves of every item in either top-k: before and after rank (None = below the list)."""
-        rows = []
-        for item in dict.fromkeys(self.before.top + self.after.top):
-            rb, ra = self.before.rank_of(item), self.after.rank_of(item)
-            rows.append({"id": item, "before": rb, "after": ra})
-        return rows
+        """Rank moves of every item in either top-k (retrieval.attacks.rank_moves)."""
+        return rank_moves(self.before, self.after)
 
 
 class Side:
@@ -132,14 +117,20 @@ class Side:
             return self.embedder.embed(x[None])[0].cpu().numpy().astype(np.float32)
 
     def search(self, x: torch.Tensor, k: int, depth: int) -> Ranking:
-        """Embed the working image and search; radii are stated in its pixels (resize norm ‖R‖₂)."""
+        """Embed the working image and search; radii are stated in its pixels (ImageEmbedder.input_norm)."""
         t0 = time.perf_counter()
         q = self.embed(x)
         hw = tuple(int(v) for v in x.shape[-2:])
-        norm = self.encoder.input_norm(hw) if self.certified else None
+        norm = self.embedder.input_norm(hw) if self.certified else None
         res = self.index.search(q, k=k, depth=depth, input_norm=norm, query_size=hw)
         return Ranking(ids=res.ids, scores=res.scores, k=k, radius=res.radius, set_radius=res.set_radius,
                        order_radius=res.order_radius, seconds=time.perf_counter() - t0, embedding=q)
+
+    def ranking(self, ranking) -> Ranking:
+        """The page's Ranking (primary ids) of a retrieval.attacks.Ranking."""
+        res = self.index.ranked(ranking)
+        return Ranking(ids=res.ids, scores=res.scores, k=ranking.k, radius=res.radius, set_radius=res.set_radius,
+                       order_radius=res.order_radius, embedding=ranking.embedding)
 
 
 class Engine:
@@ -196,73 +187,45 @@ class Engine:
     # -- attacks ----------------------------------------------------------------------------------------
     def attack(self, x: torch.Tensor, spec: AttackSpec,
                progress: Callable[[float, str], None] | None = None) -> dict[str, SideAttack]:
-        """Attack the query on each encoder (white-box, same budget); progress(fraction, text)."""
+        """Attack the query on each encoder (white-box, same budget) with retrieval.attacks.attack_query;
+        progress(fraction, text)."""
+        from retrieval.attacks import PGDConfig, attack_query
+
         if spec.steps > self.cfg.max_steps:
             raise ValueError(f"at most {self.cfg.max_steps} steps")
         k = max(1, min(spec.k, len(self.gallery) - 1))
         spec = dataclasses.replace(spec, k=k)
         depth = max(k, self.depth())
+        config = PGDConfig(norm=spec.norm, eps=spec.eps, steps=spec.steps)
         out = {}
         with self._lock:
             for n, side in enumerate(self.sides):
-                def report(done, total, side=side, n=n):
+                def report(done, total, _loss, side=side, n=n):
                     if progress is not None:
                         progress((n + done / max(total, 1)) / 2, f"{side.label}: step {done}/{total}")
 
-                t0 = time.perf_counter()
-                before = side.search(x, k, depth)
-                x_adv = backend.run_attack(side.embedder, side.index, x, spec, before.embedding,
-                                           self.cfg.attack_pool, report)
-                after = side.search(x_adv, k, depth)
-                delta = (x_adv - x).flatten()
-                res = SideAttack(side.key, side.label, x_adv, before, after,
-                                 delta_l2=float(delta.norm()), delta_linf=float(delta.abs().max()),
-                                 seconds=time.perf_counter() - t0)
+                target = None
                 if spec.target_id is not None:
-                    res.target_rank = (before.rank_of(spec.target_id), after.rank_of(spec.target_id))
-                if side.certified:
-                    res.certificate = certificate_check(res)
-                out[side.key] = res
+                    target = side.index.own_id(spec.target_id)
+                    if target is None:
+                        raise ValueError("the target image is not in this encoder's index")
+                t0 = time.perf_counter()
+                res = attack_query(side.index.gallery, x, kind=spec.kind, config=config, k=k, target=target,
+                                   embedder=side.embedder, pool=self.cfg.attack_pool, depth=depth, callback=report)
+                before, after = side.ranking(res.before), side.ranking(res.after)
+                result = SideAttack(side.key, side.label, res.x_adv, before, after, delta_l2=res.delta_l2,
+                                    delta_linf=res.delta_linf, seconds=time.perf_counter() - t0)
+                if spec.target_id is not None:
+                    result.target_rank = (before.rank_of(spec.target_id), after.rank_of(spec.target_id))
+                if res.certificate is not None:
+                    cert = res.certificate.to_dict()
+                    for key in ("guaranteed_items", "violated_items"):
+                        cert[key] = side.index.primary_ids(cert[key]).tolist()
+                    result.certificate = cert
+                out[side.key] = result
         if progress is not None:
             progress(1.0, "done")
         return out
-
-
-def certificate_check(res: SideAttack) -> dict:
-    """Did the change stay within what the clean query's certificate allowed?
-
-    The top-k set cannot change while ‖δ‖₂ < set_radius, and item i cannot leave it while
-    ‖δ‖₂ < radius_i. `violated` lists guaranteed items that left anyway (must always be empty).
-    """
-    b, d = res.before, res.delta_l2
-    after = set(res.after.top)
-    guaranteed = [int(i) for i, r in zip(b.top, b.radius) if d < r]
-    violated = [i for i in guaranteed if i not in after]
-    changed = set(b.top) != after
-    if violated:
-        verdict = "VIOLATED: an item certified to stay left the top-k"
-    elif d < b.set_radius:
-        verdict = ("held: ‖δ‖₂ is inside the certified radius, so the top-k set could not change "
-                   "and did not")
-    elif not changed:
-        verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so a change was possible; "
-                   "the top-k set still did not change")
-    elif guaranteed:
-        verdict = ("allowed: ‖δ‖₂ exceeds the certified radius, so the change was not excluded; "
-                   f"the {len(guaranteed)} item(s) whose own radius exceeds ‖δ‖₂ all stayed")
-    else:
-        verdict = ("allowed: ‖δ‖₂ exceeds every item's certified radius, so nothing was guaranteed "
-                   "at this size")
-    return {
-        "set_radius": b.set_radius,
-        "delta_l2": d,
-        "within_radius": d < b.set_radius,
-        "set_changed": changed,
-        "guaranteed_items": guaranteed,
-        "violated_items": violated,
-        "ok": not violated,
-        "verdict": verdict,
-    }
 
 
 def ranking_rows(engine: "Engine", ranking: Ranking, upto: int | None = None) -> list[dict]:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder.preprocess import pil_to_tensor, resize
 
 __all__ = ["UploadError", "Query", "decode_upload", "working_image", "to_pil", "png_bytes"]
 
@@ -56,16 +55,15 @@ def decode_upload(data: bytes, filename: str, max_bytes: int, max_pixels: int) -
 
 
 def working_image(image: Image.Image, work_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """PIL image → ((3, H, W) float in [0, 1] with max(H, W) ≤ work_side, original (H, W))."""
+    """PIL image → ((3, H, W) float in [0, 1] with max(H, W) ≤ work_side, original (H, W)), through
+    retrieval.attacks.query_image (what every query attack perturbs)."""
+    from retrieval.attacks import query_image
+
     try:
-        x = pil_to_tensor(image)
+        q = query_image(image, work_side)
     except (OSError, ValueError) as exc:
         raise UploadError(f"cannot convert the image to RGB ({exc})") from None
-    hw = tuple(x.shape[-2:])
-    scale = work_side / max(hw)
-    if scale < 1:
-        x = resize(x, (max(1, round(hw[0] * scale)), max(1, round(hw[1] * scale)))).clamp(0, 1)
-    return x.contiguous(), hw
+    return q.x, q.original_hw
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:

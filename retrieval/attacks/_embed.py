@@ -3,17 +3,45 @@
 Attacks perturb the image the user gave, not the encoder's input, so the resize (linear, see
 encoder/preprocess.py) sits inside the attacked function, and certificates for that image use the
 Lipschitz bound L·‖R‖₂ of the composition.
+
+This module is the one place that decides what an attack perturbs and how it relates to the
+certificate: `query_image` makes the tensor (the user's decoded pixels, optionally shrunk) and
+`ImageEmbedder.input_norm` its factor ‖R‖₂, taken from the encoder's own `input_norm`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
-from encoder.preprocess import resize, resize_operator_norm
+from encoder.preprocess import pil_to_tensor, resize, resize_operator_norm
 
-__all__ = ["ImageEmbedder", "as_embedder", "as_tensor"]
+__all__ = ["ImageEmbedder", "QueryImage", "query_image", "as_embedder", "as_tensor"]
+
+
+@dataclass
+class QueryImage:
+    """The tensor a query attack perturbs; radii, ε and ‖δ‖ are all stated over its values."""
+
+    x: torch.Tensor  # (3, H, W) float in [0, 1]
+    original_hw: tuple[int, int]  # (H, W) of the decoded image before shrinking
+    note: str | None = None  # why x is smaller than the image, when it is
+
+
+def query_image(image: Image.Image, max_side: int | None = None) -> QueryImage:
+    """PIL image → its [0, 1] pixels (encoder.preprocess.pil_to_tensor), shrunk by a float antialiased
+    resize (aspect kept) when its longest side exceeds `max_side`."""
+    x = pil_to_tensor(image)
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    note = None
+    if max_side is not None and max(hw) > max_side:
+        f = max_side / max(hw)
+        x = resize(x, (max(1, round(hw[0] * f)), max(1, round(hw[1] * f)))).clamp(0, 1)
+        note = f"query shrunk from {hw[1]}×{hw[0]} to {x.shape[-1]}×{x.shape[-2]} px before attacking"
+    return QueryImage(x.contiguous(), hw, note)
 
 
 class ImageEmbedder:
@@ -47,11 +75,19 @@ class ImageEmbedder:
         """Embeddings without gradients (for galleries and evaluation)."""
         return self(x).detach()
 
+    def input_norm(self, image_hw: tuple[int, int]) -> float:
+        """‖R‖₂ of the map from an image of size image_hw to the encoder's input: the encoder's own
+        `input_norm` (TorchEncoder), else the norm of the float resize this embedder applies."""
+        own = getattr(self.encoder, "input_norm", None)
+        if own is not None:
+            return float(own(tuple(image_hw)))
+        return resize_operator_norm(tuple(image_hw), (self.input_size, self.input_size))
+
     def image_lipschitz(self, image_hw: tuple[int, int]) -> float | None:
-        """Bound on ‖e(x) − e(y)‖/‖x − y‖ for images of size image_hw: L·‖resize‖₂, or None."""
+        """Bound on ‖e(x) − e(y)‖/‖x − y‖ for images of size image_hw: L·‖R‖₂, or None."""
         if self.lipschitz is None:
             return None
-        return float(self.lipschitz) * resize_operator_norm(tuple(image_hw), (self.input_size, self.input_size))
+        return float(self.lipschitz) * self.input_norm(image_hw)
 
 
 def as_embedder(encoder) -> ImageEmbedder:

@@ -9,21 +9,21 @@ stay representable in float32.
   untargeted: y = the true class (or the clean top-1); success when the top-1 moves off it.
   targeted:   bring a chosen item (class) to the top: AutoAttack's targeted APGD-DLR with the target
               fixed by us instead of cycling through the runners-up.
+
+This module holds only the classifier (the objective); running pyautoattack is encoder/attack's job.
 """
 from __future__ import annotations
 
-import logging
-import math
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from encoder.attack import apgd_targeted, make_autoattack, run_autoattack
+
 from ._embed import ImageEmbedder, as_embedder, as_tensor
 
 __all__ = ["NearestNeighbourClassifier", "autoattack_untargeted", "autoattack_targeted", "DEFAULT_TAU"]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_TAU = 0.05
 
@@ -70,38 +70,10 @@ class NearestNeighbourClassifier(nn.Module):
 
 def _prepare(encoder, images, gallery, labels, tau):
     model = NearestNeighbourClassifier(encoder, gallery, labels, tau).eval()
-    # pyautoattack reshapes with .view: it needs standard-contiguous images (and so gradients)
-    x = as_tensor(images, model.embedder.device).detach().contiguous()
+    x = as_tensor(images, model.embedder.device).detach()
     if model.num_classes < 4:
         raise ValueError("AutoAttack's DLR losses need at least 4 classes (gallery items or labels)")
     return model, x
-
-
-def _set_iterations(apgd, n_iter: int) -> None:
-    """APGD derives its checkpoint schedule from n_iter in __init__; keep it consistent."""
-    apgd.n_iter = apgd.n_iter_orig = n_iter
-    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
-    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
-    apgd.size_decr = max(int(0.03 * n_iter), 1)
-
-
-def _count_steps(aa, callback, n: int, batch_size: int) -> None:
-    """Report APGD's gradient evaluations through `callback` (APGD calls the model with gradients
-    enabled once per iteration)."""
-    batches = -(-n // batch_size)
-    per = {"apgd-ce": aa.apgd.n_restarts, "apgd-dlr": aa.apgd.n_restarts,
-           "apgd-t": aa.apgd_targeted.n_target_classes * aa.apgd_targeted.n_restarts}
-    aa._steps_total = batches * sum(per.get(a, 0) * (aa.apgd.n_iter + 1) for a in aa.attacks_to_run)
-    model, done = aa.model, [0]
-
-    def counted(x):
-        if torch.is_grad_enabled():
-            done[0] += 1
-            callback(min(done[0], aa._steps_total), aa._steps_total, math.nan)
-        return model(x)
-
-    for attack in (aa, aa.apgd, aa.apgd_targeted):
-        attack.model = counted
 
 
 def autoattack_untargeted(encoder, images, gallery, labels=None, gallery_labels=None, *, norm: str = "L2",
@@ -112,14 +84,11 @@ def autoattack_untargeted(encoder, images, gallery, labels=None, gallery_labels=
     """Move the top-1 with pyautoattack.AutoAttack. Returns (x_adv, hit): hit = top-1 still right.
 
     labels: the queries' true labels (default: their clean top-1, i.e. "did the top-1 move");
-    gallery_labels: the gallery's (default: one class per item). norm "L2" or "Linf".
+    gallery_labels: the gallery's (default: one class per item). norm "L2"/"l2" or "Linf"/"linf".
     version "standard" runs APGD-CE, APGD-T, FAB-T, Square; pass version="custom" and `attacks`
     (e.g. ["apgd-ce", "apgd-t"]) for a cheaper run; `n_iter` overrides APGD's 100 iterations.
-    `callback(done, total, nan)` counts APGD's gradient steps (the budget assumes every query survives
-    every attack, so the count may end early; FAB and Square are not counted).
+    `callback(done, total, nan)` counts APGD's gradient steps (encoder.attack.run_autoattack).
     """
-    from pyautoattack import AutoAttack
-
     model, x = _prepare(encoder, images, gallery, gallery_labels, tau)
     with torch.no_grad():
         pred = model(x).argmax(1)
@@ -129,61 +98,21 @@ def autoattack_untargeted(encoder, images, gallery, labels=None, gallery_labels=
         y = model.class_of(labels)
     else:
         y = as_tensor(labels, x.device, None).long().view(-1)
-    norm = {"l2": "L2", "linf": "Linf"}.get(norm, norm)
-    aa = AutoAttack(model, norm=norm, eps=eps, version=version, attacks=list(attacks) if attacks else None,
-                    seed=seed, device=x.device)
-    if n_target_classes is not None:
-        aa.apgd_targeted.n_target_classes = n_target_classes
-        aa.fab.n_target_classes = n_target_classes
-    if version == "custom":
-        aa.apgd.n_restarts = 1  # as in the standard version (the constructor's 5 are for "plus")
-    if n_iter is not None:
-        for apgd in (aa.apgd, aa.apgd_targeted):
-            _set_iterations(apgd, n_iter)
-    limit = model.num_classes - 1
-    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, limit)
-    aa.fab.n_target_classes = min(aa.fab.n_target_classes, limit)
-    aa.verbose = log.isEnabledFor(logging.DEBUG)
-    if callback is not None:
-        _count_steps(aa, callback, x.shape[0], batch_size)
-    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    if callback is not None:
-        callback(aa._steps_total, aa._steps_total, math.nan)
+    aa = make_autoattack(model, norm=norm, eps=eps, device=x.device, version=version, attacks=attacks, seed=seed,
+                         n_iter=n_iter, n_target_classes=n_target_classes, num_classes=model.num_classes)
+    x_adv = run_autoattack(aa, x, y, batch_size=batch_size, callback=callback)
     with torch.no_grad():
         hit = (model(x_adv).argmax(1) == y).float()
-    return x_adv.detach(), hit
+    return x_adv, hit
 
 
 def autoattack_targeted(encoder, images, gallery, target, gallery_labels=None, *, norm: str = "L2",
                         eps: float = 0.5, tau: float = DEFAULT_TAU, n_iter: int = 100, n_restarts: int = 1,
                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring `target` (gallery index, or label when gallery_labels is given; one or per query) to the
-    top with AutoAttack's targeted APGD-DLR. Returns (x_adv, success)."""
-    from pyautoattack.autopgd_base import APGDAttack_targeted
-
+    top with AutoAttack's targeted APGD-DLR (encoder.attack.apgd_targeted). Returns (x_adv, success)."""
     model, x = _prepare(encoder, images, gallery, gallery_labels, tau)
-    b = x.shape[0]
     t = model.class_of(target) if gallery_labels is not None else as_tensor(target, x.device, None).long().view(-1)
-    t = t.expand(b).clone()
-    norm = {"l2": "L2", "linf": "Linf"}.get(norm, norm)
-    apgd = APGDAttack_targeted(model, n_iter=n_iter, norm=norm, n_restarts=1, eps=eps, seed=seed, device=x.device)
-    apgd.logger = log
-    apgd.init_hyperparam(x)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    best = x.clone()
-    done = y == t
-    torch.manual_seed(seed)
-    for _ in range(n_restarts):
-        todo = (~done).nonzero().view(-1)
-        if todo.numel() == 0:
-            break
-        apgd.y_target = t[todo]
-        x_best, _, _, x_best_adv = apgd.attack_single_run(x[todo], y[todo])
-        for cand in (x_best_adv, x_best):
-            with torch.no_grad():
-                ok = model(cand).argmax(1) == t[todo]
-            fresh = ok & ~done[todo]
-            best[todo[fresh]] = cand[fresh].detach()
-            done[todo[fresh]] = True
+    t = t.expand(x.shape[0]).clone()
+    best, done = apgd_targeted(model, x, t, norm=norm, eps=eps, n_iter=n_iter, n_restarts=n_restarts, seed=seed)
     return best, done.float()

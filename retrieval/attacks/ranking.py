@@ -5,7 +5,7 @@ Definitions follow Zhou et al., "Adversarial Ranking Attack and Defense" (ECCV 2
 (arXiv 2203.01439), as implemented in robrank (github.com/cdluminate/robrank, `attacks/advrank*.py`,
 profile `rob224`). Distances are the encoders' cosine distance d(a, b) = 1 − ⟨a, b⟩ on unit vectors.
 q is the perturbed query's embedding, X the candidate set (gallery), N = |X|; every objective is
-minimised by PGD (retrieval/attacks/pgd.py) and is a mean over the hinge terms:
+minimised by PGD (encoder/attack/pgd.py) and is a mean over the hinge terms:
 
   QA+  (query attack, raise M random candidates C):   relu(d(q, c) − d(q, x)),  c ∈ C, x ∈ X
   QA−  (query attack, bury M of the top-1% of q):      relu(d(q, x) − d(q, c))
@@ -38,7 +38,7 @@ import torch
 
 from ..metrics import percentile_rank
 from ._embed import as_embedder, as_tensor
-from .pgd import ROBRANK_LINF, Callback, PGDConfig, perturbation_norm, pgd
+from encoder.attack import ROBRANK_LINF, Callback, PGDConfig, perturbation_norm, pgd
 
 __all__ = [
     "ATTACKS", "AttackResult", "query_attack", "candidate_attack", "embedding_shift", "targeted_mismatch",

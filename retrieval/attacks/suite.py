@@ -12,7 +12,7 @@ import torch
 
 from ..metrics import ERS_KEYS, ers, ers_normalize
 from ._embed import as_embedder, as_tensor
-from .pgd import ROBRANK_LINF, PGDConfig
+from encoder.attack import ROBRANK_LINF, PGDConfig
 from .ranking import run_attack
 
 __all__ = ["SuiteResult", "robrank_suite", "SUITE_ATTACKS"]

@@ -9,7 +9,7 @@ With scores s_j = ⟨e(x), g_j⟩ over a gallery G (N, D), and T the clean top-k
   top-1 misrank (break Recall@1; a margin loss, Carlini & Wagner 2017):
       max_{j : label j = y} s_j − max_{j : label j ≠ y} s_j,  successful below zero.
 
-All run PGD in [0, 1] pixel space on the image as given (retrieval/attacks/pgd.py), and report the
+All run PGD in [0, 1] pixel space on the image as given (encoder/attack/pgd.py), and report the
 adversarial image, its perturbation norms and, step by step, progress through `callback`.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ._embed import as_embedder, as_tensor
-from .pgd import Callback, PGDConfig, pgd
+from encoder.attack import Callback, PGDConfig, pgd
 
 __all__ = ["TopKAttackResult", "topk_untargeted", "topk_targeted", "misrank_top1", "topk_indices"]
 

@@ -4,6 +4,8 @@ Untargeted (default): minimise the overlap with the clean top-k. Targeted (`--ta
 `--target-rank N`): push one gallery item into the top-k. The perturbation is bounded in ℓ2 (or ℓ∞)
 over the query image's own [0, 1] pixels; when the gallery's encoder has a Lipschitz bound the
 certified radius of the clean top-k is printed next to it (an attack inside it cannot succeed).
+The work is retrieval.attacks.attack_query; this module parses and prints. Exit status 1 if the
+certificate was violated (never expected).
 """
 from __future__ import annotations
 
@@ -28,97 +30,81 @@ def register(sub) -> None:
     p.add_argument("--max-side", type=int, default=512,
                    help="shrink larger queries first (the attack then works on the shrunk image; default 512)")
     p.add_argument("--save", type=Path, help="write the adversarial image (PNG, rounded to 8 bits)")
+    p.add_argument("--json", type=Path, help="write the outcome (top-k before/after, norms, certificate) as JSON")
     p.set_defaults(func=run)
 
 
-def _load_query(gallery, path: str, max_side: int):
-    from encoder.preprocess import pil_to_tensor, resize
-
-    x = pil_to_tensor(gallery.decode(path).image)
-    h, w = x.shape[-2:]
-    note = None
-    if max(h, w) > max_side:
-        f = max_side / max(h, w)
-        x = resize(x, (max(1, round(h * f)), max(1, round(w * f))))
-        note = f"query shrunk from {w}×{h} to {x.shape[-1]}×{x.shape[-2]} px before attacking"
-    return x.clamp(0, 1)[None], note
-
-
 def run(args) -> int:
+    import json
+
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
-    from encoder.certify import certify_topk
     from index.gallery import Gallery
-    from retrieval.attacks import ImageEmbedder, PGDConfig, topk_targeted, topk_untargeted
+    from retrieval.attacks import ImageEmbedder, PGDConfig, attack_query, query_image, rank_query
 
     with Gallery.open(args.index_dir, use_gpu=False) as gallery:
-        ids, vectors = gallery.all_vectors()
+        ids = gallery.ids()
         if len(ids) <= args.k:
             raise ValueError(f"the gallery has {len(ids)} items: k must be smaller")
-        emb = ImageEmbedder(gallery.encoder)
-        g = torch.from_numpy(np.ascontiguousarray(vectors))
-        x, note = _load_query(gallery, args.image, args.max_side)
-        if note:
-            print(note)
-        e0 = emb.embed(x)
-        order = (e0 @ g.T)[0].argsort(descending=True)
+        query = query_image(gallery.decode(args.image).image, args.max_side)
+        if query.note:
+            print(query.note)
         target = None
-        if args.target_rank is not None:
-            if not 1 <= args.target_rank <= len(ids):
-                raise ValueError(f"--target-rank must be in 1..{len(ids)}")
-            target = int(order[args.target_rank - 1])
-        elif args.target is not None:
+        if args.target is not None:
             want = Path(args.target).resolve()
-            paths = gallery.paths(ids)
-            match = [i for i, p in enumerate(paths) if p is not None and p.resolve() == want]
+            match = [int(i) for i, p in zip(ids, gallery.paths(ids)) if p is not None and p.resolve() == want]
             if not match:
                 raise ValueError(f"{args.target} is not in the index")
             target = match[0]
-
-        config = PGDConfig(norm=args.norm, eps=args.eps, steps=args.steps)
+        targeted = target is not None or args.target_rank is not None
+        emb = ImageEmbedder(gallery.encoder)
         with tqdm(total=args.steps, desc="attack", unit="step") as bar:
             def progress(step, total, loss):
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
 
-            if target is None:
-                res = topk_untargeted(emb, x, g, k=args.k, config=config, callback=progress)
-            else:
-                res = topk_targeted(emb, x, g, target, k=args.k, config=config, callback=progress)
-        x_adv = res.x_adv
+            out = attack_query(gallery, query.x, kind="targeted" if targeted else "untargeted",
+                               config=PGDConfig(norm=args.norm, eps=args.eps, steps=args.steps), k=args.k,
+                               target=target, target_rank=args.target_rank, embedder=emb, callback=progress)
+        paths = {int(i): str(p) for i, p in zip(ids, gallery.paths(ids))}
 
-        lip = emb.image_lipschitz(tuple(x.shape[-2:]))
-        print(f"\nencoder {emb.name}; query {x.shape[-1]}×{x.shape[-2]} px; threat {args.norm} ε = {args.eps:g}")
-        if lip is not None:
-            cert = certify_topk(e0[0].double().numpy(), g.double().numpy(), args.k, lip)
-            r = cert.set_radius if args.norm == "l2" else cert.set_radius / math.sqrt(x[0].numel())
+        print(f"\nencoder {out.encoder}; query {query.x.shape[-1]}×{query.x.shape[-2]} px; "
+              f"threat {args.norm} ε = {args.eps:g}")
+        cert = out.certificate
+        if cert is not None:
+            r = cert.set_radius if args.norm == "l2" else cert.set_radius / math.sqrt(query.x.numel())
             verdict = "inside: the top-k cannot change" if args.eps < r else "outside: not guaranteed"
             print(f"certified top-{args.k} radius ({args.norm}): {r:.4f}  → ε is {verdict}")
         else:
             print("no Lipschitz bound: nothing is certified")
-        paths = gallery.paths(ids)
 
-        def show(title, idx, e):
-            s = (e @ g.T)[0]
+        def show(title, ranking):
             print(title)
-            for rank, i in enumerate(idx.tolist(), 1):
-                mark = "  *" if target is not None and i == target else ""
-                print(f"  {rank:>2}. {s[i].item():.4f}  {paths[i]}{mark}")
+            for rank, (i, s) in enumerate(zip(ranking.top, ranking.scores), 1):
+                mark = "  *" if i == out.target else ""
+                print(f"  {rank:>2}. {s:.4f}  {paths.get(i)}{mark}")
 
-        show(f"\nclean top-{args.k}:", res.clean_topk[0], e0)
-        show(f"adversarial top-{args.k}:", res.adv_topk[0], emb.embed(x_adv))
-        print(f"\n‖δ‖₂ = {res.l2.item():.4f}   ‖δ‖∞ = {res.linf.item() * 255:.2f}/255   "
-              f"overlap with the clean top-{args.k}: {res.overlap.item() * 100:.0f}%   "
-              f"{'success' if bool(res.success[0]) else 'no success'}")
+        show(f"\nclean top-{args.k}:", out.before)
+        show(f"adversarial top-{args.k}:", out.after)
+        print(f"\n‖δ‖₂ = {out.delta_l2:.4f}   ‖δ‖∞ = {out.delta_linf * 255:.2f}/255   "
+              f"overlap with the clean top-{args.k}: {out.overlap * 100:.0f}%   "
+              f"{'success' if out.success else 'no success'}")
+        if cert is not None:
+            print(f"certificate {cert.verdict}")
+        report = out.to_dict(paths)
         if args.save:
             from PIL import Image
 
-            arr = (x_adv[0].permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+            arr = (out.x_adv.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
             Image.fromarray(arr).save(args.save)
             q8 = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255
-            kept = (emb.embed(q8) @ g.T).topk(args.k).indices[0]
-            same = len(set(kept.tolist()) & set(res.adv_topk[0].tolist()))
+            kept = rank_query(gallery, emb.embed(q8)[0].cpu().numpy(), args.k).top
+            same = len(set(kept) & set(out.after.top))
+            report["saved"] = {"path": str(args.save), "adversarial_topk_kept": same}
             print(f"saved {args.save} (8-bit rounding kept {same}/{args.k} of the adversarial top-{args.k})")
-    return 0
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+            print(f"report written to {args.json}")
+    return 0 if cert is None or cert.ok else 1

@@ -9,6 +9,9 @@
 3. Attack the query on both encoders (targeted PGD, ℓ2: make another photo come first): once
    inside LipSim's certified top-1 radius (LipSim's answer may not change: that is the guarantee),
    and once at a larger ε, where the non-robust encoder typically gives way first.
+
+Encoders come from encoder.choose (the UI's chooser); each attack is retrieval.attacks.attack_query.
+Exit status 1 if a certificate was violated (never expected).
 """
 from __future__ import annotations
 
@@ -37,30 +40,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=40, help="PGD steps per attack (default 40)")
     p.add_argument("--target", default="gravel", help="photo the attack tries to bring first (default gravel)")
     p.add_argument("--query", default="astronaut", help="sample photo to edit into the query (default astronaut)")
+    p.add_argument("--json", type=Path, help="write the searches and attack outcomes as JSON")
     p.set_defaults(func=run)
-
-
-def _lipsim_spec(spec: str | None) -> str:
-    from encoder.registry import bundled_weights
-
-    if spec:
-        return spec
-    return "lipsim:demo" if "demo" in bundled_weights("lipsim") else "lipsim:cpu-small"
-
-
-def _compare_spec(spec: str | None) -> str:
-    if spec:
-        return spec
-    from encoder.registry import bundled_weights
-
-    try:
-        from encoder.dreamsim_backend import weights_available
-
-        if weights_available("ensemble"):
-            return "dreamsim:ensemble"
-    except ImportError:
-        pass
-    return "standard:demo" if "demo" in bundled_weights("standard") else "pixels"
 
 
 def _edited_query(name: str):
@@ -80,36 +61,41 @@ def _names(gallery, ids) -> list[str]:
 
 
 def run(args) -> int:
-    import numpy as np
-    import torch
+    import json
 
-    from encoder.preprocess import pil_to_tensor, resize
+    from encoder import load_encoder
+    from encoder.choose import choose_comparison, default_lipsim_spec
     from encoder.samples import export_sample_photos
     from index import Gallery, IngestOptions, build_index
-    from retrieval.attacks import PGDConfig, topk_targeted
+    from retrieval.attacks import PGDConfig, attack_query, query_image
     from retrieval.search import search_image
 
     work = args.dir
     photos = work / "photos"
     export_sample_photos(photos)
-    specs = {"LipSim": _lipsim_spec(args.encoder), "comparison": _compare_spec(args.compare)}
+    lip_spec = default_lipsim_spec(args.encoder)
+    compare = choose_comparison(args.compare)
+    for note in compare.notes:
+        print(f"NOTE: {note}")
+    encoders = {"LipSim": (lip_spec, load_encoder(lip_spec)), "comparison": (compare.spec, compare.encoder)}
     galleries = {}
-    for role, spec in specs.items():
+    for role, (spec, enc) in encoders.items():
         index_dir = work / ("index-" + spec.replace(":", "-").replace("/", "_"))
-        report = build_index(photos, index_dir, spec, options=IngestOptions(progress=True))
-        galleries[role] = Gallery.open(index_dir)
+        report = build_index(photos, index_dir, spec, encoder=enc, options=IngestOptions(progress=True))
+        galleries[role] = Gallery.open(index_dir, encoder=enc)
         print(f"[{role}] {spec}: {report.total} photos indexed in {index_dir} "
               f"({report.embedded} embedded now, {report.unchanged} unchanged)")
     lip = galleries["LipSim"]
     if "random" in lip.encoder.name:
         print("  NOTE: no bundled lipsim:demo model: random weights — radii are real, quality is not.")
+    record: dict = {"encoders": {role: spec for role, (spec, _) in encoders.items()}, "query": args.query,
+                    "target": args.target, "searches": {}, "attacks": []}
 
     query = _edited_query(args.query)
     print(f"\nquery: '{args.query}' JPEG q60, 10% darker, {query.width}×{query.height} px")
-    results = {}
     for role, g in galleries.items():
         res = search_image(g, query, k=args.k)
-        results[role] = res
+        record["searches"][role] = res.to_dict()
         print(f"\n[{role}] {g.encoder.name} top-{args.k}" +
               (f" (L = {res.lipschitz}, radii: ℓ2 over the query's pixels)" if res.set_radius is not None
                else " (no Lipschitz bound: no certificate)"))
@@ -119,35 +105,38 @@ def run(args) -> int:
         if res.set_radius is not None:
             print(f"   top-{args.k} set certified for ‖δ‖₂ < {res.set_radius:.4f}")
 
-    x = pil_to_tensor(query)[None]
+    x = query_image(query).x
     top1_radius = search_image(lip, query, k=1).set_radius or 0.0
     budgets = [("inside LipSim's top-1 certificate", 0.95 * top1_radius), ("larger budget", args.eps)]
     n_values = x.numel()
     print(f"\ntargeted attack (PGD ℓ2, {args.steps} steps): make '{args.target}' the top-1 answer")
     print(f"   LipSim's top-1 is certified for ‖δ‖₂ < {top1_radius:.3f} over the query's {n_values:,} values")
     print(f"   {'budget':<34} {'ε':>7} {'rms/px':>7}  {'encoder':<16} top-1 after       target score")
+    violated = False
     for label, eps in budgets:
         if eps <= 0:
             continue
         for role, g in galleries.items():
-            ids, vecs = g.all_vectors()
-            names = _names(g, ids)
-            if args.target not in names:
-                raise ValueError(f"--target {args.target!r} is not in the gallery ({', '.join(names)})")
-            target = names.index(args.target)
-            gal = torch.from_numpy(np.asarray(vecs))
-            out = topk_targeted(g.encoder, x, gal, target, k=1,
-                                config=PGDConfig(norm="l2", eps=float(eps), steps=args.steps))
-            with torch.no_grad():
-                s_before = float(g.embed_images([query])[0] @ vecs[target])
-                s_after = float(g.encoder.embed(resize(out.x_adv, g.encoder.input_size))[0] @ gal[target])
-            top1 = names[int(out.adv_topk[0, 0])]
+            ids = g.ids()
+            names = dict(zip(ids.tolist(), _names(g, ids)))
+            target = [i for i, n in names.items() if n == args.target]
+            if not target:
+                raise ValueError(f"--target {args.target!r} is not in the gallery ({', '.join(names.values())})")
+            out = attack_query(g, x, kind="targeted", config=PGDConfig(norm="l2", eps=float(eps), steps=args.steps),
+                               k=1, target=target[0], depth=len(g))
+            record["attacks"].append({"budget": label, "eps": float(eps), "role": role, **out.to_dict(names)})
+            s_before, s_after = out.target_score
             rms = eps / n_values ** 0.5 * 255
-            print(f"   {label:<34} {eps:7.3f} {rms:5.1f}/255  {g.encoder.name:<16} {top1:<17} "
-                  f"{s_before:.3f} → {s_after:.3f}{'  (attack succeeded)' if bool(out.success[0]) else ''}")
-            if role == "LipSim" and label.startswith("inside") and bool(out.success[0]):
-                print("   !! LipSim's top-1 changed inside its certified radius: certificate violated")
-                return 1
+            print(f"   {label:<34} {eps:7.3f} {rms:5.1f}/255  {g.encoder.name:<16} {names[out.after.top[0]]:<17} "
+                  f"{s_before:.3f} → {s_after:.3f}{'  (attack succeeded)' if out.success else ''}")
+            if out.certificate is not None and not out.certificate.ok:
+                print(f"   !! {g.encoder.name}: certificate {out.certificate.verdict}")
+                violated = True
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=2))
+        print(f"\nreport written to {args.json}")
+    if violated:
+        return 1
     print("\nInside its certified radius LipSim's answer cannot change, whatever the attack; beyond it, "
           "compare how far the same budget moves each encoder.")
     return 0

@@ -1,10 +1,11 @@
 """Projected gradient descent in [0, 1] pixel space, ℓ∞ or ℓ2 (Madry et al. 2018).
 
-Every attack in this package is "minimise a per-sample objective f(x) over the threat set"
+Every attack (the ranking attacks of retrieval/attacks/, the 2AFC attacks of encoder/evaluate.py) is
+"minimise a per-sample objective f(x) over the threat set"
 
     S(x0) = {x : ‖x − x0‖_p ≤ ε} ∩ [0, 1]^n,   p ∈ {∞, 2},
 
-and this module is the one engine that does it:
+and this module is the one PGD engine that does it:
 
     ℓ∞:  x ← Π_S(x − α·sign(∇f(x)))              (robrank's defaults: ε = 8/255, α = 3/255, 32 steps)
     ℓ2:  x ← Π_S(x − α·∇f(x)/‖∇f(x)‖₂)           (α = 2.5·ε/steps unless given)
@@ -23,9 +24,19 @@ from typing import Callable, Literal, NamedTuple
 
 import torch
 
-__all__ = ["PGDConfig", "PGDOutcome", "ROBRANK_LINF", "pgd", "project", "perturbation_norm", "random_start"]
+__all__ = ["PGDConfig", "PGDOutcome", "ROBRANK_LINF", "pgd", "project", "perturbation_norm", "random_start",
+           "canonical_norm", "Objective", "Callback"]
 
 Norm = Literal["linf", "l2"]
+_NORMS = {"linf": "linf", "l2": "l2", "Linf": "linf", "L2": "l2", "LINF": "linf"}
+
+
+def canonical_norm(norm: str) -> Norm:
+    """"l2" or "linf" from either spelling ("L2"/"Linf" is pyautoattack's); ValueError otherwise."""
+    try:
+        return _NORMS[norm]  # type: ignore[return-value]
+    except (KeyError, TypeError):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}") from None
 
 
 @dataclass(frozen=True)
@@ -40,8 +51,7 @@ class PGDConfig:
     restarts: int = 1  # independent runs; runs after the first always start at random
 
     def __post_init__(self) -> None:
-        if self.norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        object.__setattr__(self, "norm", canonical_norm(self.norm))
         if self.eps < 0 or self.steps < 0 or self.restarts < 1:
             raise ValueError("eps and steps must be ≥ 0 and restarts ≥ 1")
 

@@ -1,0 +1,132 @@
+"""One query attacked against a gallery, reported next to its certificate (retrieval.attacks.attack_query),
+through `robret attack` and `robret demo` run end to end, and the one comparison-encoder chooser."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder.certify import certify_topk_bruteforce
+from index import IngestOptions, build_index
+from retrieval.attacks import CertificateCheck, ImageEmbedder, VectorGallery, query_image, rank_query
+from retrieval.cli import main
+from _index_fixtures import copy_photos
+
+MAX_SIDE = 96  # the attack command shrinks the query to this side: small tensors, fast attacks
+
+
+@pytest.fixture(scope="module")
+def gallery_dir(tmp_path_factory, sample_folder, tiny_lipsim):
+    base = tmp_path_factory.mktemp("attack")
+    folder = copy_photos(sample_folder, base / "photos")
+    build_index(folder, base / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    return folder, base / "index"
+
+
+def _attack(tmp_path, gallery_dir, *extra) -> dict:
+    folder, index_dir = gallery_dir
+    out = tmp_path / "attack.json"
+    rc = main(["attack", str(folder / "chelsea.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "5",
+               "--max-side", str(MAX_SIDE), "--json", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_attacked_tensor(
+        tmp_path, gallery_dir, tiny_lipsim):
+    folder, _ = gallery_dir
+    report = _attack(tmp_path, gallery_dir, "--eps", "3")
+    assert report["kind"] == "untargeted" and report["attack"]["norm"] == "l2"
+    assert report["delta_l2"] <= 3 * (1 + 1e-5) and report["delta_linf"] <= 1
+    assert report["before"]["top"][0]["path"] == str(folder / "chelsea.png")
+    # The certificate is the one of the tensor the attack perturbed: the query shrunk to MAX_SIDE,
+    # radii divided by the norm of that tensor's resize to the encoder input.
+    x = query_image(Image.open(folder / "chelsea.png"), MAX_SIDE).x
+    assert list(x.shape[-2:]) == report["query_hw"] and max(x.shape[-2:]) == MAX_SIDE
+    from index import Gallery
+
+    with Gallery.open(gallery_dir[1], encoder=tiny_lipsim) as g:
+        ids, vecs = g.all_vectors()
+    q = ImageEmbedder(tiny_lipsim).embed(x[None])[0].numpy()
+    top, radius, set_radius = certify_topk_bruteforce(q, vecs, 3, 1.0)
+    norm = tiny_lipsim.input_norm(tuple(x.shape[-2:]))
+    assert [r["id"] for r in report["before"]["top"]] == ids[top].tolist()
+    assert report["certificate"]["set_radius"] == pytest.approx(set_radius / norm, rel=1e-5)
+    assert [r["radius"] for r in report["before"]["top"]] == pytest.approx((radius / norm).tolist(), rel=1e-5)
+    cert = report["certificate"]
+    assert cert["ok"] and not cert["violated_items"]
+    assert cert["within_radius"] == (report["delta_l2"] < cert["set_radius"])
+    after = {r["id"] for r in report["after"]["top"]}
+    assert cert["set_changed"] == (after != {r["id"] for r in report["before"]["top"]})
+    assert report["overlap_at_k"] == pytest.approx(len(after & set(ids[top].tolist())) / 3)
+
+
+def test_attack_command_inside_the_certified_radius_changes_nothing(tmp_path, gallery_dir):
+    radius = _attack(tmp_path, gallery_dir, "--eps", "1")["certificate"]["set_radius"]
+    assert radius > 1e-3
+    report = _attack(tmp_path, gallery_dir, "--eps", f"{0.9 * radius:.6f}")
+    cert = report["certificate"]
+    assert report["delta_l2"] <= 0.9 * radius * (1 + 1e-4)
+    assert cert["within_radius"] and not cert["set_changed"] and cert["ok"] and cert["verdict"].startswith("held")
+    assert report["overlap_at_k"] == 1.0 and not report["success"]
+
+
+def test_attack_command_targeted_linf_stays_in_its_box_and_tracks_the_target(tmp_path, gallery_dir):
+    report = _attack(tmp_path, gallery_dir, "--norm", "linf", "--eps", "0.1", "--target-rank", "6",
+                     "--save", str(tmp_path / "adv.png"))
+    assert report["kind"] == "targeted" and report["attack"]["norm"] == "linf"
+    assert report["delta_linf"] <= 0.1 + 1e-6
+    assert report["target_rank"]["before"] == 6 and report["target"] is not None
+    assert report["success"] == (report["target"] in [r["id"] for r in report["after"]["top"]])
+    assert report["certificate"]["ok"]
+    assert Image.open(tmp_path / "adv.png").size == tuple(reversed(report["query_hw"]))
+
+
+def test_certificate_check_flags_exactly_the_promises_an_attack_broke():
+    # Four unit vectors on a circle; the query sits at angle 0, near item 0, with item 1 next.
+    angles = np.array([0.0, 0.5, 1.2, 2.5])
+    g = VectorGallery(np.stack([np.cos(angles), np.sin(angles)], 1), lipschitz=1.0)
+    before = rank_query(g, np.array([1.0, 0.0]), 2)
+    moved = rank_query(g, np.array([np.cos(1.0), np.sin(1.0)]), 2)  # top-2 becomes {1, 2}
+    radii = [h.radius for h in before.search.hits]
+    assert before.top == [0, 1] and moved.top == [2, 1]
+    # ‖δ‖ below the set radius and the set changed: item 0 was promised to stay
+    bad = CertificateCheck.of(before, moved, 0.5 * before.search.set_radius)
+    assert bad.within_radius and bad.set_changed and bad.violated_items == [0] and not bad.ok
+    # ‖δ‖ beyond item 0's radius: the change was allowed (only items with a larger radius are promised)
+    fine = CertificateCheck.of(before, moved, radii[0] * 1.01)
+    assert fine.ok and fine.set_changed and 0 not in fine.guaranteed_items
+    # nothing moved: never a violation, whatever ‖δ‖
+    assert CertificateCheck.of(before, before, 0.0).ok
+
+
+def test_demo_runs_end_to_end_and_compares_with_dreamsim_when_its_weights_load(tmp_path, monkeypatch, capsys):
+    """`robret demo` with no --compare uses the chooser the UI uses: DreamSim when it loads. Its weights
+    are not here, so a stand-in encoder answers to dreamsim:ensemble; every attack stays within ε and
+    no certificate is broken."""
+    import encoder
+
+    real = encoder.load_encoder
+    monkeypatch.setattr(encoder, "load_encoder",
+                        lambda spec, **kw: real("pixels:32") if spec == "dreamsim:ensemble" else real(spec, **kw))
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--dir", str(tmp_path / "work"), "--encoder", "lipsim:cpu-tiny", "--steps", "2", "-k", "3",
+               "--eps", "20", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["encoders"] == {"LipSim": "lipsim:cpu-tiny", "comparison": "dreamsim:ensemble"}
+    assert "[comparison] dreamsim:ensemble" in capsys.readouterr().out
+    lip_radius = report["searches"]["LipSim"]["set_radius"]
+    assert lip_radius > 0
+    attacks = report["attacks"]
+    assert {(a["budget"], a["role"]) for a in attacks} == {
+        (b, r) for b in ("inside LipSim's top-1 certificate", "larger budget") for r in ("LipSim", "comparison")}
+    for a in attacks:
+        assert a["delta_l2"] <= a["eps"] * (1 + 1e-5) and a["target_rank"]["before"] > 1
+        if a["certificate"] is not None:
+            assert a["certificate"]["ok"]
+        if a["role"] == "LipSim" and a["budget"].startswith("inside"):
+            assert a["certificate"]["within_radius"] and not a["certificate"]["set_changed"]
+            assert a["after"]["top"][0]["id"] == a["before"]["top"][0]["id"]
