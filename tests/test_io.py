@@ -120,3 +120,13 @@ def test_teacher_embeddings_round_trip_and_old_files_still_read(tmp_path):
     assert torch.equal(legacy.embeddings, want) and legacy.name == teacher.name
     with pytest.raises(ValueError, match="different list of images"):
         PrecomputedTeacher(path, _Folder(folder.images, ["x.png", "y.png", "z.png"]))
+
+
+def test_bundled_lipsim_demo_header_holds_the_demo_shape_which_is_no_preset():
+    from encoder.checkpoint import read_header as read_lipsim_header
+    from encoder.presets import PRESETS
+    from encoder.train.demo import DEMO_LIPSIM
+
+    head = read_lipsim_header(bundled_weights("lipsim")["demo"])
+    assert head["config"] == DEMO_LIPSIM and head["preset"] == "custom"
+    assert DEMO_LIPSIM not in PRESETS.values()
