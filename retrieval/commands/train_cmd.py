@@ -143,6 +143,9 @@ def _run_dir(args) -> Path:
 
 
 def _demo(args) -> int:
+    import logging
+
+    from encoder.evaluate import format_table
     from encoder.registry import WEIGHTS_DIR
     from encoder.train.demo import QUICK_PLAN, DemoPlan, run_demo
 
@@ -152,7 +155,21 @@ def _demo(args) -> int:
         weights = None  # never overwrite the bundled models with a smoke test
     # The reproducing command (flags that change the models only; paths and threads do not).
     command = "robret train demo" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
-    run_demo(args.run_dir, weights, plan, threads=args.threads, progress=not args.no_progress, command=command)
+    # The demo logs its stages; show them on stdout while it runs.
+    logger = logging.getLogger("encoder.train.demo")
+    handler, level, propagate = logging.StreamHandler(sys.stdout), logger.level, logger.propagate
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.propagate = False  # not a second time through the root logger's warning handler
+    try:
+        result = run_demo(args.run_dir, weights, plan, threads=args.threads, progress=not args.no_progress,
+                          command=command)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    print(format_table(list(result["metrics"].values())))
     return 0
 
 
