@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 
-def _command_line() -> str:
-    return "robret " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args) -> str:
+    return "robret " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def register(sub) -> None:
@@ -191,7 +191,7 @@ def _standard(args) -> int:
                           name=f"standard:{Path(args.out).stem}")
     res = train_contrastive(enc, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
     if dist.main:
-        save_standard(enc.freeze(), args.out, provenance={"command": _command_line(), "data": str(args.images),
+        save_standard(enc.freeze(), args.out, provenance={"command": _command_line(args), "data": str(args.images),
                                                           "config": cfg.to_dict(), "final_loss": res["final_loss"]})
         print(f"wrote {args.out} (final loss {res['final_loss']:.4f})")
     return 0
@@ -258,7 +258,7 @@ def _distill(args) -> int:
                   workers=args.workers)
     if dist.main:
         save_lipsim(student.freeze(), args.out, preset=preset, provenance={
-            "command": _command_line(), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
+            "command": _command_line(args), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
             "config": cfg.to_dict(), "final_loss": res["final_loss"]})
         print(f"wrote {args.out} (final loss {res['final_loss']:.4f}, {res['images_per_second'] or 0:.1f} images/s)")
     return 0
@@ -285,7 +285,7 @@ def _finetune(args) -> int:
     res = finetune(enc, NightsDataset(rows, enc.input_size, cache=args.cache), cfg, run_dir=_run_dir(args),
                    progress=not args.no_progress, dist=dist, workers=args.workers)
     if dist.main:
-        prov = {"command": _command_line(), "stage": "finetune", "init": args.init, "data": str(args.nights),
+        prov = {"command": _command_line(args), "stage": "finetune", "init": args.init, "data": str(args.nights),
                 "config": cfg.to_dict(), "final_loss": res["final_loss"]}
         if isinstance(enc, LipSimEncoder):
             save_lipsim(enc.freeze(), args.out, preset=enc.metadata.get("preset") or "custom", provenance=prov)
