@@ -86,7 +86,7 @@ def run(args) -> int:
         print(f"[{role}] {spec}: {report.total} photos indexed in {index_dir} "
               f"({report.embedded} embedded now, {report.unchanged} unchanged)")
     lip = galleries["LipSim"]
-    if "random" in lip.encoder.name:
+    if not lip.encoder.pretrained:
         print("  NOTE: no bundled lipsim:demo model: random weights — radii are real, quality is not.")
     record: dict = {"encoders": {role: spec for role, (spec, _) in encoders.items()}, "query": args.query,
                     "target": args.target, "searches": {}, "attacks": []}
