@@ -30,6 +30,7 @@ class Encoder(Protocol):
     dim: int
     input_size: int
     lipschitz: float | None
+    pretrained: bool  # trained weights (or none needed) vs a random-weight preset: facts, not name substrings
 
     def embed(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -86,6 +87,7 @@ class TorchEncoder(nn.Module):
     dim: int = 0
     input_size: int = 0
     lipschitz: float | None = None
+    pretrained: bool = False  # backends set True for trained weights (or when none are needed)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

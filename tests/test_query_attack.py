@@ -47,10 +47,13 @@ def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_atta
     assert list(x.shape[-2:]) == report["query_hw"] and max(x.shape[-2:]) == MAX_SIDE
     from index import Gallery
 
+    from encoder.certify import slack_for
+
     with Gallery.open(gallery_dir[1], encoder=tiny_lipsim) as g:
         ids, vecs = g.all_vectors()
+        slack = slack_for(g.float_error, g.max_norm)  # the slack search uses: the encoder's float error
     q = ImageEmbedder(tiny_lipsim).embed(x[None])[0].numpy()
-    top, radius, set_radius = certify_topk_bruteforce(q, vecs, 3, 1.0)
+    top, radius, set_radius = certify_topk_bruteforce(q, vecs, 3, 1.0, slack=slack)
     norm = tiny_lipsim.input_norm(tuple(x.shape[-2:]))
     assert [r["id"] for r in report["before"]["top"]] == ids[top].tolist()
     assert report["certificate"]["set_radius"] == pytest.approx(set_radius / norm, rel=1e-5)
@@ -130,3 +133,30 @@ def test_demo_runs_end_to_end_and_compares_with_dreamsim_when_its_weights_load(t
         if a["role"] == "LipSim" and a["budget"].startswith("inside"):
             assert a["certificate"]["within_radius"] and not a["certificate"]["set_changed"]
             assert a["after"]["top"][0]["id"] == a["before"]["top"][0]["id"]
+
+
+def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_certificate_holds(
+        tmp_path, gallery_dir, tiny_lipsim, capsys):
+    """moon.png is 8-bit grayscale: the attack perturbs its 1-channel samples, and the radius it is compared
+    with is stated over them (divided by the channel factor √3 as well as the resize norm)."""
+    folder, index_dir = gallery_dir
+    q = query_image(Image.open(folder / "moon.png"), MAX_SIDE)
+    assert q.layout == "L" and q.x.shape[0] == 1 and "(L, 1-channel" in q.space
+    emb = ImageEmbedder(tiny_lipsim, layout="L")
+    assert emb.input_norm(tuple(q.x.shape[-2:])) == pytest.approx(
+        np.sqrt(3) * ImageEmbedder(tiny_lipsim).input_norm(tuple(q.x.shape[-2:])), rel=1e-9)
+    from retrieval.attacks import attack_query
+    from index import Gallery
+
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        first = attack_query(g, q.x, k=3, layout="L", config=None)
+        radius = first.certificate.set_radius
+        from encoder.attack import PGDConfig
+
+        inside = attack_query(g, q.x, k=3, layout="L", config=PGDConfig(norm="l2", eps=0.95 * radius, steps=20))
+    assert inside.delta_l2 <= 0.95 * radius * (1 + 1e-5) and inside.certificate.ok
+    assert inside.after.top == inside.before.top  # nothing moves inside the certified radius
+    out = tmp_path / "moon.json"
+    assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
+                 "--max-side", str(MAX_SIDE), "--json", str(out)]) == 0
+    assert "over the file's own samples (L, 1-channel" in capsys.readouterr().out

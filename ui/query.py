@@ -60,7 +60,7 @@ def working_image(image: Image.Image, work_side: int) -> tuple[torch.Tensor, tup
     from retrieval.attacks import query_image
 
     try:
-        q = query_image(image, work_side)
+        q = query_image(image, work_side, own_channels=False)  # the page works on (3, H, W) RGB
     except (OSError, ValueError) as exc:
         raise UploadError(f"cannot convert the image to RGB ({exc})") from None
     return q.x, q.original_hw

@@ -1,12 +1,15 @@
-"""The differentiable map an attacker sees: image (any size) → float resize → encoder → unit vector.
+"""The differentiable map an attacker sees: file samples (any size, the file's own channels) → float
+channel conversion to RGB (encoder.image.to_rgb) → float resize → encoder → unit vector.
 
 Attacks perturb the image the user gave, not the encoder's input, so the resize (linear, see
 encoder/preprocess.py) sits inside the attacked function, and certificates for that image use the
 Lipschitz bound L·‖R‖₂ of the composition.
 
 This module is the one place that decides what an attack perturbs and how it relates to the
-certificate: `query_image` makes the tensor (the user's decoded pixels, optionally shrunk) and
-`ImageEmbedder.input_norm` its factor ‖R‖₂, taken from the encoder's own `input_norm`.
+certificate: `query_image` makes the tensor (the file's own samples, optionally shrunk) and
+`ImageEmbedder.input_norm` its factor c·‖R‖₂ (channel conversion × resize), taken from the encoder's own
+`input_norm`. A query whose decode is not continuous in its samples (encoder.image.Pixels.uncertified)
+is attacked in RGB, and says so.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder.preprocess import pil_to_tensor, resize, resize_operator_norm
+from encoder.image import LAYOUT_CHANNELS, channel_lipschitz, pixels, to_rgb
+from encoder.preprocess import resize, resize_operator_norm
 
 __all__ = ["ImageEmbedder", "QueryImage", "query_image", "as_embedder", "as_tensor"]
 
@@ -26,34 +30,50 @@ __all__ = ["ImageEmbedder", "QueryImage", "query_image", "as_embedder", "as_tens
 class QueryImage:
     """The tensor a query attack perturbs; radii, ε and ‖δ‖ are all stated over its values."""
 
-    x: torch.Tensor  # (3, H, W) float in [0, 1]
+    x: torch.Tensor  # (C, H, W) float in [0, 1]: the file's samples in `layout`'s channels
     original_hw: tuple[int, int]  # (H, W) of the decoded image before shrinking
     note: str | None = None  # why x is smaller than the image, when it is
+    layout: str = "RGB"  # channels of x (encoder.image.LAYOUT_CHANNELS)
+    uncertified: str | None = None  # why the file's own samples cannot be certified (then x is its RGB)
+
+    @property
+    def space(self) -> str:
+        """What radii, ε and ‖δ‖ are over, in words."""
+        c = LAYOUT_CHANNELS[self.layout]
+        what = "the file's own samples" if self.uncertified is None else "the file's pixels converted to RGB"
+        return f"{what} ({self.layout}, {c}-channel, {self.x.shape[-1]}×{self.x.shape[-2]}) in [0,1]"
 
 
-def query_image(image: Image.Image, max_side: int | None = None) -> QueryImage:
-    """PIL image → its [0, 1] pixels (encoder.preprocess.pil_to_tensor), shrunk by a float antialiased
-    resize (aspect kept) when its longest side exceeds `max_side`."""
-    x = pil_to_tensor(image)
+def query_image(image: Image.Image, max_side: int | None = None, own_channels: bool = True) -> QueryImage:
+    """PIL image → its samples in [0, 1] (encoder.image.pixels: the file's own channels, or RGB with
+    own_channels=False or when its decode cannot be certified), shrunk by a float antialiased resize
+    (aspect kept, each channel alike) when its longest side exceeds `max_side`."""
+    px = pixels(image)
+    if own_channels and px.uncertified is None:
+        x, layout = px.samples, px.layout
+    else:
+        x, layout = px.rgb(), "RGB"
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     note = None
     if max_side is not None and max(hw) > max_side:
         f = max_side / max(hw)
         x = resize(x, (max(1, round(hw[0] * f)), max(1, round(hw[1] * f)))).clamp(0, 1)
         note = f"query shrunk from {hw[1]}×{hw[0]} to {x.shape[-1]}×{x.shape[-2]} px before attacking"
-    return QueryImage(x.contiguous(), hw, note)
+    return QueryImage(x.contiguous(), hw, note, layout, px.uncertified)
 
 
 class ImageEmbedder:
-    """x (B, 3, H, W) in [0, 1] → unit-norm (B, D), differentiable in x, batched to bound memory.
+    """x (B, C, H, W) in [0, 1] in `layout`'s channels → unit-norm (B, D), differentiable in x, batched.
 
     `encoder` is an Encoder (encoder.protocol) or any callable with the same contract at its own
     input size (then `input_size` must be given, and `lipschitz` if certificates are wanted).
+    `layout`: the channels of the images it is given (default RGB; see encoder.image.to_rgb).
     """
 
     def __init__(self, encoder, input_size: int | None = None, lipschitz: float | None = None,
-                 batch_size: int = 256):
+                 batch_size: int = 256, layout: str = "RGB"):
         self.encoder = encoder
+        self.layout = layout
         self._embed: Callable[[torch.Tensor], torch.Tensor] = getattr(encoder, "embed", encoder)
         self.input_size = int(input_size if input_size is not None else encoder.input_size)
         self.lipschitz = lipschitz if lipschitz is not None else getattr(encoder, "lipschitz", None)
@@ -64,6 +84,8 @@ class ImageEmbedder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32)
+        if self.layout != "RGB":
+            x = to_rgb(x, self.layout)
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = resize(x, self.input_size)
         if x.shape[0] <= self.batch_size:
@@ -76,12 +98,13 @@ class ImageEmbedder:
         return self(x).detach()
 
     def input_norm(self, image_hw: tuple[int, int]) -> float:
-        """‖R‖₂ of the map from an image of size image_hw to the encoder's input: the encoder's own
-        `input_norm` (TorchEncoder), else the norm of the float resize this embedder applies."""
+        """c·‖R‖₂, the norm bound of the map from an image of size image_hw (in this embedder's layout)
+        to the encoder's input: the encoder's own `input_norm` (TorchEncoder), else the same product
+        for the float conversion and resize this embedder applies."""
         own = getattr(self.encoder, "input_norm", None)
         if own is not None:
-            return float(own(tuple(image_hw)))
-        return resize_operator_norm(tuple(image_hw), (self.input_size, self.input_size))
+            return float(own(tuple(image_hw), self.layout))
+        return resize_operator_norm(tuple(image_hw), (self.input_size, self.input_size)) * channel_lipschitz(self.layout)
 
     def image_lipschitz(self, image_hw: tuple[int, int]) -> float | None:
         """Bound on ‖e(x) − e(y)‖/‖x − y‖ for images of size image_hw: L·‖R‖₂, or None."""

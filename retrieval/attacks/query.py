@@ -24,7 +24,7 @@ import torch
 from encoder.attack import Callback, PGDConfig
 from retrieval.search import SearchResult, search_embedding
 
-from ._embed import ImageEmbedder, as_embedder
+from ._embed import ImageEmbedder
 from .autoattack import autoattack_untargeted
 from .topk import topk_targeted, topk_untargeted
 
@@ -224,15 +224,16 @@ class QueryAttackOutcome:
 def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: PGDConfig | None = None,
                  k: int = 5, target: int | None = None, target_rank: int | None = None, embedder: ImageEmbedder | None = None,
                  pool: int | None = None, depth: int | None = None, callback: Callback | None = None,
-                 generator: torch.Generator | None = None, seed: int = 0) -> QueryAttackOutcome:
+                 generator: torch.Generator | None = None, seed: int = 0, layout: str = "RGB") -> QueryAttackOutcome:
     """Attack the query tensor x against `gallery` and report the outcome next to its certificate.
 
     gallery: an index.Gallery (or VectorGallery): search/vectors/all_vectors/paths and `lipschitz`;
-    x: (3, H, W) or (1, 3, H, W) float in [0, 1], the exact tensor perturbed (see `query_image`);
+    x: (C, H, W) or (1, C, H, W) float in [0, 1], the exact tensor perturbed (see `query_image`), in
+    `layout`'s channels (the file's own samples; RGB by default);
     kind: "untargeted" | "targeted" (needs `target`, a gallery id, or `target_rank`, the 1-based clean
     rank of the item to bring into the top-k) | "autoattack" (APGD-CE + APGD-DLR,
     config.steps iterations); config: norm and ε over x's values (default ℓ2, ε = 0.5, 50 steps);
-    embedder: the differentiable image → embedding map (default ImageEmbedder(gallery.encoder));
+    embedder: the differentiable image → embedding map (default ImageEmbedder(gallery.encoder, layout=layout));
     pool: optimise against at most this many items (the query's exact neighbours) on large galleries;
     depth: how far the before/after lists go (≥ k) to report where displaced items went.
     """
@@ -246,10 +247,10 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
     if target_rank is not None and not 1 <= target_rank <= n:
         raise ValueError(f"the target rank must be in 1..{n}")
     config = config or PGDConfig(norm="l2", eps=0.5, steps=50)
-    emb = embedder if embedder is not None else as_embedder(gallery.encoder)
+    emb = embedder if embedder is not None else ImageEmbedder(gallery.encoder, layout=layout)
     x = (x[None] if x.dim() == 3 else x).detach().to(emb.device, torch.float32)
     if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"x must be one (3, H, W) query, got {tuple(x.shape)}")
+        raise ValueError(f"x must be one (C, H, W) query, got {tuple(x.shape)}")
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     input_norm = emb.input_norm(hw) if gallery.lipschitz is not None else None
     t0 = time.perf_counter()

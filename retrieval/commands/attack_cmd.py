@@ -59,7 +59,7 @@ def run(args) -> int:
                 raise ValueError(f"{args.target} is not in the index")
             target = match[0]
         targeted = target is not None or args.target_rank is not None
-        emb = ImageEmbedder(gallery.encoder)
+        emb = ImageEmbedder(gallery.encoder, layout=query.layout)
         with tqdm(total=args.steps, desc="attack", unit="step") as bar:
             def progress(step, total, loss):
                 bar.update(1)
@@ -71,7 +71,9 @@ def run(args) -> int:
         paths = {int(i): str(p) for i, p in zip(ids, gallery.paths(ids))}
 
         print(f"\nencoder {out.encoder}; query {query.x.shape[-1]}×{query.x.shape[-2]} px; "
-              f"threat {args.norm} ε = {args.eps:g}")
+              f"threat {args.norm} ε = {args.eps:g}; ε, ‖δ‖ and radii over {query.space}")
+        if query.uncertified:
+            print(f"note: no certificate holds for the file's own samples ({query.uncertified})")
         cert = out.certificate
         if cert is not None:
             r = cert.set_radius if args.norm == "l2" else cert.set_radius / math.sqrt(query.x.numel())

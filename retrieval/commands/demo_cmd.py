@@ -97,7 +97,7 @@ def run(args) -> int:
         res = search_image(g, query, k=args.k)
         record["searches"][role] = res.to_dict()
         print(f"\n[{role}] {g.encoder.name} top-{args.k}" +
-              (f" (L = {res.lipschitz}, radii: ℓ2 over the query's pixels)" if res.set_radius is not None
+              (f" (L = {res.lipschitz}, radii: {res.radius_space})" if res.set_radius is not None
                else " (no Lipschitz bound: no certificate)"))
         for h in res.hits:
             radius = f"  certified ‖δ‖ < {h.radius:.3f}" if h.radius is not None else ""
@@ -105,7 +105,8 @@ def run(args) -> int:
         if res.set_radius is not None:
             print(f"   top-{args.k} set certified for ‖δ‖₂ < {res.set_radius:.4f}")
 
-    x = query_image(query).x
+    q = query_image(query)
+    x = q.x
     top1_radius = search_image(lip, query, k=1).set_radius or 0.0
     budgets = [("inside LipSim's top-1 certificate", 0.95 * top1_radius), ("larger budget", args.eps)]
     n_values = x.numel()
@@ -123,7 +124,7 @@ def run(args) -> int:
             if not target:
                 raise ValueError(f"--target {args.target!r} is not in the gallery ({', '.join(names.values())})")
             out = attack_query(g, x, kind="targeted", config=PGDConfig(norm="l2", eps=float(eps), steps=args.steps),
-                               k=1, target=target[0], depth=len(g))
+                               k=1, target=target[0], depth=len(g), layout=q.layout)
             record["attacks"].append({"budget": label, "eps": float(eps), "role": role, **out.to_dict(names)})
             s_before, s_after = out.target_score
             rms = eps / n_values ** 0.5 * 255
