@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .attack import PGDConfig, canonical_norm, make_autoattack, pgd, run_autoattack
-from .certify import DEFAULT_SLACK, twoafc_radius
+from .certify import DEFAULT_SLACK, slack_for, twoafc_radius
 
 __all__ = ["EPSILONS", "eps_label", "twoafc_sample_scores", "twoafc_score", "certified_sample_scores",
            "embed_triplets", "TwoAFCLogits", "autoattack_2afc", "pgd_2afc", "evaluate_2afc", "format_table",
@@ -183,10 +183,14 @@ def evaluate_2afc(encoder, ref, x0, x1, p, eps=EPSILONS, attacks=("autoattack-L2
         "natural": twoafc_score(d0, d1, p), "certified": {}, "empirical": {},
     }
     if encoder.lipschitz is not None:
-        radius = twoafc_radius(e, e0, e1, encoder.lipschitz, slack=DEFAULT_SLACK)
+        # the margin ⟨ê(x), ê0 − ê1⟩ carries the float error of ê(x) and ê(x + δ): slack 2ε·‖ê0 − ê1‖ ≤ 4ε
+        slack = slack_for(getattr(encoder, "float_error", None))
+        radius = twoafc_radius(e, e0, e1, encoder.lipschitz, slack=slack)
         result["median_radius"] = float(np.median(radius))
+        result["slack"] = slack
         for ep in eps:
-            result["certified"][eps_label(ep)] = float(certified_sample_scores(e, e0, e1, p, encoder.lipschitz, ep).mean())
+            result["certified"][eps_label(ep)] = float(
+                certified_sample_scores(e, e0, e1, p, encoder.lipschitz, ep, slack=slack).mean())
     n_att = len(p) if attack_limit is None else min(attack_limit, len(p))
     sl = slice(0, n_att)
     defaults = {"L2": tuple(eps), "Linf": (1 / 255, 2 / 255, 4 / 255)}

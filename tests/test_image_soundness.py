@@ -317,3 +317,33 @@ def test_an_encoder_whose_float_error_exceeds_the_old_fixed_slack_still_gets_sou
             elif flipped.any():
                 violated_old = True
     assert violated_old, "the control never broke the old fixed-slack radius: the test would not show a regression"
+
+
+@pytest.mark.parametrize("fmt,mode,layout,certified", [
+    ("PNG", "RGB", "RGB", True), ("PNG", "L", "L", True), ("PNG", "LA", "LA", True), ("PNG", "RGBA", "RGBA", True),
+    ("PNG", "1", "L", True), ("PNG", "P", "RGB", False), ("BMP", "RGB", "RGB", True), ("BMP", "L", "L", True),
+    ("TIFF", "RGB", "RGB", True), ("TIFF", "L", "L", True), ("TIFF", "CMYK", "CMYK", True),
+    ("TIFF", "RGBA", "RGBA", True), ("TIFF", "I;16", "L", True), ("TIFF", "F", "L", True),
+    ("WEBP", "RGB", "RGB", True), ("WEBP", "RGBA", "RGBA", True), ("PPM", "RGB", "RGB", True),
+    ("PPM", "L", "L", True), ("PPM", "1", "L", True), ("TGA", "RGB", "RGB", True), ("TGA", "L", "L", True),
+    ("GIF", "P", "RGB", False), ("JPEG", "RGB", "RGB", True), ("JPEG", "L", "L", True),
+    ("JPEG", "CMYK", "CMYK", True), ("ICO", "RGBA", "RGBA", True),
+])
+def test_every_accepted_format_decodes_to_a_known_layout_and_says_whether_it_is_certified(fmt, mode, layout,
+                                                                                          certified):
+    """Pillow's mode for each format robret accepts (encoder.image.IMAGE_EXTENSIONS), as `pixels` sees it."""
+    rgb = _rng_u8((16, 16, 3), seed=7)
+    image = Image.fromarray(rgb).convert(mode) if mode not in ("I;16", "F") else \
+        Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257) if mode == "I;16" else rgb[:, :, 0] / 255.0)
+    if mode == "RGBA":  # a real alpha channel (fully opaque images may be stored without one)
+        image.putalpha(Image.fromarray(_rng_u8((16, 16), seed=8)))
+    kw = {"lossless": True} if fmt == "WEBP" else {}
+    px, _, decoded = _decode(_save(image, fmt, **kw))
+    assert px.layout == layout, (fmt, mode, decoded.mode)
+    assert (px.uncertified is None) == certified, (fmt, mode, decoded.mode, px.uncertified)
+    assert px.size == (16, 16) and px.samples.min() >= 0 and px.samples.max() <= 1
+    if certified and fmt in ("PNG", "TIFF", "PPM", "WEBP") and mode in ("RGB", "L"):  # lossless: exact samples
+        expected = np.asarray(image, dtype=np.float64) / 255
+        got = px.samples.numpy()
+        np.testing.assert_allclose(got.transpose(1, 2, 0).squeeze(-1) if got.shape[0] == 1 else got.transpose(1, 2, 0),
+                                   expected, atol=1e-6)
