@@ -82,20 +82,33 @@ class ImageEmbedder:
         dev = getattr(encoder, "device", None)
         self.device = dev if isinstance(dev, torch.device) else torch.device("cpu")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in this embedder's layout → the encoder's input (B, 3, S, S): to_rgb, then the float resize."""
         x = x.to(self.device, torch.float32)
         if self.layout != "RGB":
             x = to_rgb(x, self.layout)
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = resize(x, self.input_size)
+        return x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._prepare(x)
         if x.shape[0] <= self.batch_size:
             return self._embed(x)
         return torch.cat([self._embed(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)])
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings without gradients (for galleries and evaluation)."""
-        return self(x).detach()
+        """Embeddings without gradients, through the gallery's own embedding path
+        (index.embedder.embed_inputs: inference mode, the encoder's fastest kernels) for Encoders."""
+        if not hasattr(self.encoder, "embed"):
+            return self(x).detach()
+        from index.embedder import embed_inputs
+
+        x = self._prepare(x)
+        parts = [torch.from_numpy(embed_inputs(self.encoder, [x[i:i + self.batch_size]]))
+                 for i in range(0, x.shape[0], self.batch_size)]
+        return torch.cat(parts).to(self.device)
 
     def input_norm(self, image_hw: tuple[int, int]) -> float:
         """c·‖R‖₂, the norm bound of the map from an image of size image_hw (in this embedder's layout)
