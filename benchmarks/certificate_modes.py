@@ -158,10 +158,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="one case per layout, tight setting only, short attacks")
     p.add_argument("--cases", type=int, default=4, help="queries per layout and setting (default 4)")
     p.add_argument("-k", type=int, default=1, help="top-k size (default 1)")
+    p.add_argument("--settings", nargs="+", choices=("tight", "demo"), default=("tight", "demo"),
+                   help="which settings to run (default both; demo is the slow one)")
     p.add_argument("--out", default="benchmarks/results/certificate_modes", help="output prefix (.json, .md)")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    settings = ["tight"] if args.quick else ["tight", "demo"]
+    settings = ["tight"] if args.quick else list(args.settings)
     n, steps, restarts = (1, 20, 1) if args.quick else (args.cases, 50, 3)
     rows = [r for s in settings for r in measure(s, n, args.k, steps, restarts)]
     out = Path(args.out)

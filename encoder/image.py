@@ -47,8 +47,10 @@ with pypng; the samples travel with the PIL image in `image.info[SAMPLES16_KEY]`
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -60,7 +62,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS", "DecodeLimits", "DecodeError", "decode_bytes", "check_shape", "oriented_size",
     "exif_orientation", "Pixels", "pixels", "to_rgb", "channel_lipschitz", "LAYOUT_CHANNELS", "SAMPLES16_KEY",
-    "is_image_name",
+    "is_image_name", "DecodeBudget", "decode_cost",
 ]
 
 # Extensions that count as images (compared lower-case), for training, indexing and benchmarks alike.
@@ -117,6 +119,49 @@ class DecodeError(ValueError):
 
 
 # Decoding ---------------------------------------------------------------------------------------
+class DecodeBudget:
+    """Bounds the memory of the images being decoded at once, across threads.
+
+    `reserve(n)` blocks until n more bytes fit under `max_bytes`; an image larger than the whole budget
+    waits until it is alone (so it is never refused for that, only serialised).
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError("a decode budget needs a positive number of bytes")
+        self.max_bytes = int(max_bytes)
+        self.used = 0
+        self.peak = 0  # the most ever reserved at once (for tests and benchmarks)
+        self._cv = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int):
+        n = min(int(nbytes), self.max_bytes)
+        with self._cv:
+            self._cv.wait_for(lambda: self.used + n <= self.max_bytes)
+            self.used += n
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= n
+                self._cv.notify_all()
+
+
+def decode_cost(data: bytes) -> int:
+    """Bytes that decoding and preprocessing this file will hold at peak, from its header alone:
+    the decoder's image plus `pixels`' copy of its samples (w·h·bands·bytes per sample each), plus the
+    float bands `to_input` converts (≤ 4·2²² pixels·4 bytes·2). 0 when the header cannot be read
+    (`decode_bytes` will say why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+            depth = 4 if im.mode in ("I", "F") else (2 if im.mode.startswith("I;16") else 1)
+    except Exception:
+        return 0
+    return 2 * w * h * bands * depth + 32 * 2**22
 def _looks_like_text(head: bytes) -> bool:
     if not head or b"\x00" in head:
         return False

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
+from encoder.image import DecodeBudget, decode_cost
+
 from . import embedder
 from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
@@ -70,6 +72,7 @@ class IngestOptions:
     retry_failed: bool = False  # re-read files that failed before even if unchanged
     progress: bool = False  # tqdm progress bar (images/s) on stderr
     use_gpu: bool = True  # FAISS and the encoder on the GPU when one is visible
+    decode_memory: int = 512 * 2**20  # bytes of decoded pixels held at once across workers (large images wait)
 
 
 @dataclass
@@ -272,6 +275,7 @@ class _Writer:
             self.dirty = True
         self.version = int(self.index_meta["version"])
         self.limits = options.limits or DecodeLimits(**self.meta.get("limits", {}))
+        self.budget = DecodeBudget(options.decode_memory)  # shared by the decode workers
         self.root = os.fsencode(self.meta["root"])
         self.report = IngestReport(root=self.meta["root"], index_dir=str(layout.path), encoder=encoder.name)
         self.pending: dict[int, dict] = {}  # id → full row state to write at the next checkpoint
@@ -419,14 +423,16 @@ class _Writer:
                 return _Loaded(entry, row, "touched", digest, len(data))
             if allow_reuse and digest in self.by_hash:
                 return _Loaded(entry, row, "known", digest, len(data))
-            image, notes, _ = decode_bytes(data, self.limits)
-            del data
-            width, height = oriented_size(image)
-            check_shape(width, height, self.limits)
-            try:
-                tensor = self.encoder.preprocess(image)
-            except Exception as exc:  # a conversion PIL/torch cannot do is this file's problem only
-                raise DecodeError("corrupt", f"preprocessing failed ({type(exc).__name__}: {exc})") from None
+            with self.budget.reserve(decode_cost(data)):  # bounded decode memory across workers
+                image, notes, _ = decode_bytes(data, self.limits)
+                del data
+                width, height = oriented_size(image)
+                check_shape(width, height, self.limits)
+                try:
+                    tensor = self.encoder.preprocess(image)
+                except Exception as exc:  # a conversion PIL/torch cannot do is this file's problem only
+                    raise DecodeError("corrupt", f"preprocessing failed ({type(exc).__name__}: {exc})") from None
+                del image
             return _Loaded(entry, row, "decoded", digest, entry.size, tensor=tensor, width=width, height=height,
                            notes=entry.notes + notes)
         except DecodeError as exc:

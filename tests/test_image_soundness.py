@@ -347,3 +347,41 @@ def test_every_accepted_format_decodes_to_a_known_layout_and_says_whether_it_is_
         got = px.samples.numpy()
         np.testing.assert_allclose(got.transpose(1, 2, 0).squeeze(-1) if got.shape[0] == 1 else got.transpose(1, 2, 0),
                                    expected, atol=1e-6)
+
+
+# Decode memory ----------------------------------------------------------------------------------------
+def test_decode_budget_never_lets_reservations_exceed_it_and_serialises_oversized_images():
+    import threading
+    import time
+
+    from encoder.image import DecodeBudget
+
+    budget = DecodeBudget(100)
+    inside, worst = [0], [0]
+    lock = threading.Lock()
+
+    def job(n):
+        with budget.reserve(n):
+            with lock:
+                inside[0] += min(n, 100)
+                worst[0] = max(worst[0], inside[0])
+            time.sleep(0.01)
+            with lock:
+                inside[0] -= min(n, 100)
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in (60, 30, 50, 250, 10, 90, 40) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert worst[0] <= 100 and budget.peak <= 100 and budget.used == 0
+    assert worst[0] > 60  # it did let several images decode at once when they fit
+
+
+def test_decode_cost_covers_the_decoded_image_and_the_samples_copy():
+    from encoder.image import decode_cost
+
+    data = _save(Image.fromarray(_rng_u8((300, 200, 3))), "PNG")
+    assert decode_cost(data) >= 2 * 300 * 200 * 3
+    assert decode_cost(b"not an image") == 0
