@@ -252,7 +252,8 @@ def _topk_attacks(emb, gallery, sub, args) -> dict:
     (expected: never)."""
     from retrieval.attacks import PGDConfig, VectorGallery, attack_query
 
-    g = VectorGallery(gallery.cpu().numpy(), emb.lipschitz, emb.input_size)
+    g = VectorGallery(gallery.cpu().numpy(), emb.lipschitz, emb.input_size,
+                      float_error=getattr(emb.encoder, "float_error", None) if emb.lipschitz is not None else None)
     cfg = PGDConfig(norm="l2", eps=args.topk_eps, steps=args.steps)
     outcomes = [attack_query(g, sub.queries[i], kind="untargeted", config=cfg, k=5, embedder=emb)
                 for i in range(sub.queries.shape[0])]

@@ -293,9 +293,12 @@ class VectorGallery:
     """An in-memory gallery of unit-norm vectors with the interface `attack_query` and
     retrieval.search use (exact inner-product search), for benchmarks over embedded datasets."""
 
-    def __init__(self, vectors, lipschitz: float | None, input_size: int | None = None, names=None):
+    def __init__(self, vectors, lipschitz: float | None, input_size: int | None = None, names=None,
+                 float_error: float | None = None):
         self._v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         self.lipschitz = lipschitz
+        self.float_error = float_error  # the embedding's float error (certificates' slack); None: the default slack
+        self.max_norm = float(np.linalg.norm(self._v.astype(np.float64), axis=1).max()) if len(self._v) else 1.0
         self.encoder_info = {"input_size": input_size}
         self._names = names
 
