@@ -32,7 +32,7 @@ from encoder import load_encoder
 from encoder.certify import certify_topk, slack_for
 from encoder.image import LAYOUT_CHANNELS, channel_lipschitz, to_rgb
 from encoder.preprocess import input_norm, resize, resize_operator_norm, samples_to_input
-from retrieval.attacks.pgd import PGDConfig, pgd
+from encoder.attack import PGDConfig, pgd
 
 LAYOUTS = ("RGB", "L", "LA", "RGBA", "CMYK")
 MULTIPLES = (0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0, 2.5, 3.0, 4.0,
