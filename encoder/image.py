@@ -483,8 +483,11 @@ def pixels(image: Image.Image | Pixels) -> Pixels:
     mode = image.mode
     if wide is not None:
         wide = _TRANSPOSE[orientation](wide) if orientation in _TRANSPOSE else wide
-        layout = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[wide.shape[2]]
-        return Pixels(_raw(wide), 65535.0, layout, 16, uncertified)
+        if wide.shape[:2] == (image.height, image.width):
+            layout = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[wide.shape[2]]
+            return Pixels(_raw(wide), 65535.0, layout, 16, uncertified)
+        # the image was transformed after decoding (its 16-bit samples no longer match it): 8 bits, uncertified
+        uncertified = uncertified or "16-bit samples that no longer match the image (transformed after decoding)"
     if mode == "1":
         return Pixels(_raw(np.asarray(image)), 1.0, "L", 1, uncertified)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
