@@ -64,10 +64,20 @@ class SearchResult:
     pairs_evaluated: int = 0
     notes: list[str] = field(default_factory=list)
     slack: float | None = None  # subtracted from every score margin: the encoder's float error (certify.slack_for)
+    values: int | None = None  # how many samples the radii are over (channels × height × width)
 
     @property
     def certified(self) -> bool:
         return self.set_radius is not None
+
+    def rms255(self, radius: float | None) -> float | None:
+        """A radius as the RMS change per sample it allows, in 1/255 units: ℓ2 / √values · 255.
+
+        Comparable across image sizes and modes: "1.0" means every sample may move by one 8-bit grey level.
+        """
+        if radius is None or not self.values:
+            return None
+        return radius / math.sqrt(self.values) * 255.0
 
     def to_dict(self) -> dict:
         def num(x):
@@ -82,9 +92,12 @@ class SearchResult:
             "radius_space": self.radius_space,
             "query_size": list(self.query_size) if self.query_size else None, "eps": self.eps,
             "eps_certified": self.eps_certified, "pairs_evaluated": self.pairs_evaluated, "notes": self.notes,
-            "slack": self.slack,
+            "slack": self.slack, "values": self.values,
+            "set_radius_rms255": num(self.rms255(self.set_radius)),
+            "order_radius_rms255": num(self.rms255(self.order_radius)),
             "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
-                      "radius": num(h.radius), "certified": h.certified} for h in self.hits],
+                      "radius": num(h.radius), "radius_rms255": num(self.rms255(h.radius)),
+                      "certified": h.certified} for h in self.hits],
         }
 
 
@@ -176,6 +189,8 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
     result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
                               candidates=candidates, query_size=px.size,
                               radius_space=px.describe() if input_norm is not None else None)
+    if input_norm is not None:
+        result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
     if certify and px.uncertified is not None and gallery.lipschitz is not None:
         result.notes = [f"no certificate for this file: {px.uncertified}"]
     elif certify and result.lipschitz is not None and norm_fn is None:

@@ -113,3 +113,15 @@ def test_index_build_command_with_default_encoder_explains_when_demo_is_absent(t
     assert main(["index", "build", str(sample_folder), "--index-dir", str(tmp_path / "i")]) == 1
     err = capsys.readouterr().err
     assert "lipsim:demo" in err and "--encoder" in err
+
+
+def test_radii_are_also_stated_as_an_rms_change_per_sample_in_grey_levels(gallery_dir, tiny_lipsim):
+    folder, index_dir = gallery_dir
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        res = search_image(g, folder / "moon.png", k=3)  # 512×512 grayscale: 1 channel
+    h, w = res.query_size
+    assert res.values == 1 * h * w
+    data = res.to_dict()
+    assert data["set_radius_rms255"] == pytest.approx(res.set_radius / np.sqrt(h * w) * 255, rel=1e-12)
+    assert [hit["radius_rms255"] for hit in data["hits"]] == pytest.approx(
+        [hit.radius / np.sqrt(h * w) * 255 for hit in res.hits], rel=1e-12)

@@ -237,6 +237,9 @@ def _query(args) -> int:
         if certified:
             print(f"top-{res.k} set certified for ‖δ‖₂ < {_fmt(res.set_radius)} and its order for "
                   f"‖δ‖₂ < {_fmt(res.order_radius)}")
+            if res.values:
+                print(f"as an RMS change per sample: top-{res.k} set {_fmt(res.rms255(res.set_radius))}/255, "
+                      f"order {_fmt(res.rms255(res.order_radius))}/255")
             print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
                   f"{'complete' if res.complete else f'{res.candidates} candidates'})")
             if res.eps is not None:
