@@ -48,10 +48,10 @@ from PIL import Image
 from . import embedder
 from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
-from .errors import CatalogError, EncoderMismatchError, StoreError
+from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
 from .scan import ScanEntry, scan_folder
-from .store import NORM_TOLERANCE, VectorStore, file_sha256, parse_factory, target_factory
+from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]
 
@@ -222,17 +222,23 @@ def _catalog_initialised(url: str) -> bool:
         catalog.close()
 
 
-def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True, check_sha: bool = False) -> VectorStore:
-    """The index file named by the catalog (an empty index at version 0), checked against the catalog."""
+def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True) -> VectorStore:
+    """The index file named by the catalog (an empty index at version 0), checked against the catalog:
+    its SHA-256 (IntegrityError on a mismatch, see VectorStore.read), dimension and row count.
+
+    Every open that answers queries (Gallery.open) or writes (build, update, repair) comes here, so
+    no answer and no new version is ever derived from a file that is not the one committed.
+    """
     version = int(index_meta["version"])
     if version == 0:
         return VectorStore.create(int(index_meta["dim"]), "Flat", use_gpu=use_gpu)
     path = layout.index_file(version)
     if not path.is_file():
         raise StoreError(f"index file {path.name} (version {version}) is missing; run `robret index repair`")
-    if check_sha and file_sha256(path) != index_meta.get("sha256"):
-        raise StoreError(f"index file {path.name} does not match the checksum recorded in the catalog")
-    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu)
+    if not index_meta.get("sha256"):
+        raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
+    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu,
+                             sha256=index_meta["sha256"])
     if store.dim != int(index_meta["dim"]):
         raise StoreError(f"index file has dimension {store.dim}, the catalog says {index_meta['dim']}")
     if store.ntotal != int(index_meta["rows"]):
@@ -279,7 +285,7 @@ class _Writer:
     # Setup ----------------------------------------------------------------------------------
     def _load_store(self) -> VectorStore:
         try:
-            store = load_live_store(self.layout, self.index_meta, self.options.use_gpu, check_sha=self.repair)
+            store = load_live_store(self.layout, self.index_meta, self.options.use_gpu)
         except StoreError as exc:
             if not self.repair:
                 raise

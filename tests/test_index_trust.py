@@ -1,0 +1,100 @@
+"""Trusting an index: tampering, hostile file types, files swapped after the scan, secrets, bad input.
+
+Each test reproduces one way robret used to answer wrongly with full confidence, hang or leak.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from index import (Catalog, Gallery, IngestOptions, IntegrityError, StoreError, VectorStore, build_index,
+                   repair_index, update_index, verify_index)
+from index.layout import IndexDir
+from retrieval.cli import main as robret
+from _index_fixtures import copy_photos
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTS = IngestOptions(workers=1, batch_size=4)
+NAMES = ("coffee", "coins", "camera", "moon", "rocket")
+
+
+@pytest.fixture()
+def built(tmp_path, sample_folder, tiny_lipsim):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=NAMES)
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    return folder, index_dir
+
+
+def _index_meta(index_dir) -> dict:
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    try:
+        return catalog.meta()["index"]
+    finally:
+        catalog.close()
+
+
+def _ids_by_name(index_dir) -> dict[str, int]:
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    try:
+        return {r.path: r.id for r in catalog.find()}
+    finally:
+        catalog.close()
+
+
+def _swap_two_vectors(index_dir, a: int, b: int) -> None:
+    """Tamper as an attacker would: same ids, same row count, two vectors exchanged."""
+    meta = _index_meta(index_dir)
+    live = IndexDir(index_dir).index_file(meta["version"])
+    store = VectorStore.read(live, meta["factory"], use_gpu=False)
+    va, vb = store.reconstruct([a]), store.reconstruct([b])
+    store.remove([a, b])
+    store.add([a, b], np.concatenate([vb, va]))
+    store.write(live)
+
+
+def _robret_subprocess(args, timeout, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "retrieval.cli", *args], env=env, cwd=cwd, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+# 1. tampered index file --------------------------------------------------------------------------------
+def test_swapped_vectors_are_refused_at_open_query_and_update_until_repair(built, tiny_lipsim, capsys):
+    folder, index_dir = built
+    ids = _ids_by_name(index_dir)
+    _swap_two_vectors(index_dir, ids["coffee.png"], ids["moon.png"])
+    version = _index_meta(index_dir)["version"]
+    with pytest.raises(IntegrityError, match="robret index repair"):
+        Gallery.open(index_dir, encoder=tiny_lipsim)
+    # The command line says so and answers nothing (it used to print moon.png at rank 1, score 1.0).
+    code = robret(["query", str(folder / "coffee.png"), "--index-dir", str(index_dir), "--cpu"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "robret index repair" in err and "moon.png" not in out
+    # update refuses to build on it (it used to write a fresh checksum over the swapped vectors)
+    with pytest.raises(IntegrityError, match="robret index repair"):
+        update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert _index_meta(index_dir)["version"] == version
+    assert any(p.startswith("checksum") for p in verify_index(index_dir).problems)
+    # repair rebuilds from the files: coffee finds coffee again
+    repair_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert verify_index(index_dir).ok
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        q = g.embed_images([g.decode(folder / "coffee.png").image])
+        scores, found = g.search(q, k=1)
+    assert g.paths(found[0])[0].name == "coffee.png" and scores[0, 0] > 0.999
+
+
+def test_a_flipped_byte_in_the_index_file_is_refused(built, tiny_lipsim):
+    _, index_dir = built
+    live = IndexDir(index_dir).index_file(_index_meta(index_dir)["version"])
+    data = bytearray(live.read_bytes())
+    data[-5] ^= 0x01  # inside the last stored vector: still a loadable FAISS file
+    live.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        Gallery.open(index_dir)
