@@ -416,7 +416,7 @@ class _Writer:
     def _load(self, entry: ScanEntry, row: dict | None, allow_reuse: bool) -> _Loaded:
         """Worker thread: read, hash, and (unless the content is known) decode and preprocess."""
         try:
-            data = read_bytes(entry.path, self.limits.max_bytes)
+            data = read_bytes(entry.path, self.limits.max_bytes, root=self.root)
             digest = hash_bytes(data)
             if (row is not None and row["status"] == INDEXED and row["content_hash"] == digest
                     and row["id"] in self.in_store):

@@ -98,3 +98,71 @@ def test_a_flipped_byte_in_the_index_file_is_refused(built, tiny_lipsim):
     live.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="SHA-256"):
         Gallery.open(index_dir)
+
+
+# 2. FIFOs and other non-regular files -----------------------------------------------------------------
+def _guarded(fn, fifo, seconds=30.0):
+    """Run fn() in a thread; if it is still blocked after `seconds`, unblock it (open the FIFO's writing
+    end, then close it: the reader sees end of file) and fail the test."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        t.join(10)
+        pytest.fail(f"blocked for {seconds:.0f} s on the FIFO {fifo}")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def test_read_bytes_refuses_a_fifo_without_blocking(tmp_path):
+    from index.decode import DecodeError, read_bytes
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DecodeError) as err:
+        _guarded(lambda: read_bytes(fifo, 1 << 20), fifo)
+    assert err.value.kind == "not_regular"
+
+
+def test_file_swapped_for_a_fifo_after_the_scan_fails_that_file_only(built, tiny_lipsim, monkeypatch):
+    import index.ingest as ingest
+
+    folder, index_dir = built
+    target = folder / "coins.png"
+    real_scan = ingest.scan_folder
+
+    def scan_then_swap(*args, **kwargs):
+        result = real_scan(*args, **kwargs)  # the scan saw a regular file …
+        os.remove(target)  # … which becomes a FIFO before it is read
+        os.mkfifo(target)
+        return result
+
+    os.utime(folder / "coins.png", ns=(1, 1))  # changed stat: the update must read it
+    monkeypatch.setattr(ingest, "scan_folder", scan_then_swap)
+    report = _guarded(lambda: update_index(index_dir, encoder=tiny_lipsim, options=OPTS), target)
+    assert [(p, r.split(":")[0]) for p, r in report.failed] == [("coins.png", "not_regular")]
+    assert verify_index(index_dir).ok
+
+
+def test_query_of_a_fifo_exits_with_a_message_instead_of_hanging(built, tmp_path):
+    _, index_dir = built
+    fifo = tmp_path / "f.png"
+    os.mkfifo(fifo)
+    try:
+        done = _robret_subprocess(["query", str(fifo), "--index-dir", str(index_dir), "--cpu"], timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("robret query on a FIFO did not return")
+    assert done.returncode == 1 and "not a regular file" in done.stderr and "Traceback" not in done.stderr
