@@ -22,6 +22,8 @@ Reading — `Gallery` is the one object the CLI, the UI and the attacks use:
     g.paths(ids[0])                              # absolute Paths (None for −1); g.path(id) for one
     g.records(ids[0])                            # catalog rows: path, size, width, height, content_hash, notes…
     g.decode("query.jpg")                        # hardened decode: DecodedImage or DecodeError(kind, reason)
+    g.image(id)                                  # a gallery file as indexed (inside the root, same content
+                                                 # hash) or DecodeError (kind "changed": changed since indexed)
 
 Certified search lives in retrieval/search.py (it combines a Gallery with encoder.certify):
 

@@ -166,3 +166,86 @@ def test_query_of_a_fifo_exits_with_a_message_instead_of_hanging(built, tmp_path
     except subprocess.TimeoutExpired:
         pytest.fail("robret query on a FIFO did not return")
     assert done.returncode == 1 and "not a regular file" in done.stderr and "Traceback" not in done.stderr
+
+
+# 3. files outside the gallery (symlinks swapped in after the scan) ------------------------------------
+def _secret(tmp_path, sample_folder):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    secret.write_bytes((sample_folder / "astronaut.png").read_bytes())
+    return secret
+
+
+def test_symlink_swapped_in_after_the_scan_is_not_indexed(built, tiny_lipsim, tmp_path, sample_folder,
+                                                          monkeypatch):
+    import index.ingest as ingest
+
+    folder, index_dir = built
+    secret = _secret(tmp_path, sample_folder)
+    target = folder / "coins.png"
+    real_scan = ingest.scan_folder
+
+    def scan_then_swap(*args, **kwargs):
+        result = real_scan(*args, **kwargs)
+        os.remove(target)
+        os.symlink(secret, target)
+        return result
+
+    os.utime(target, ns=(1, 1))
+    monkeypatch.setattr(ingest, "scan_folder", scan_then_swap)
+    report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert [(p, r.split(":")[0]) for p, r in report.failed] == [("coins.png", "symlink_escape")]
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        q = g.embed_images([g.decode(secret).image])
+        scores, _ = g.search(q, k=1)
+    assert scores[0, 0] < 0.999  # the outside file's content never entered the index
+
+
+def test_gallery_image_refuses_an_escaping_symlink_and_a_changed_file(built, tmp_path, sample_folder):
+    from index import DecodeError
+
+    folder, index_dir = built
+    ids = _ids_by_name(index_dir)
+    secret = _secret(tmp_path, sample_folder)
+    with Gallery.open(index_dir) as g:
+        assert g.image(ids["moon.png"]).size == g.decode(folder / "moon.png").image.size
+        os.remove(folder / "coffee.png")
+        os.symlink(secret, folder / "coffee.png")
+        with pytest.raises(DecodeError) as err:
+            g.image(ids["coffee.png"])
+        assert err.value.kind == "symlink_escape"
+        (folder / "coins.png").write_bytes((folder / "camera.png").read_bytes())
+        with pytest.raises(DecodeError, match="changed since indexed") as err:
+            g.image(ids["coins.png"])
+        assert err.value.kind == "changed"
+
+
+def test_ui_shows_changed_since_indexed_instead_of_the_file(built, tmp_path, sample_folder):
+    from PIL import Image
+    import io
+
+    from index import DecodeError
+    from ui.config import UIConfig
+    from ui.engine import Engine
+
+    folder, index_dir = built
+    ids = _ids_by_name(index_dir)
+    engine = Engine(UIConfig(index_dir=str(index_dir), compare="pixels:16", cache_dir=str(tmp_path / "cache")))
+    good = Image.open(io.BytesIO(engine.thumbnail(ids["moon.png"])))
+    secret = _secret(tmp_path, sample_folder)
+    os.remove(folder / "coffee.png")
+    os.symlink(secret, folder / "coffee.png")
+    (folder / "coins.png").write_bytes((folder / "camera.png").read_bytes())
+    for name in ("coffee.png", "coins.png"):
+        with pytest.raises(DecodeError):
+            engine.image(ids[name])  # a query picked from the gallery: refused, with the reason
+    changed = np.asarray(Image.open(io.BytesIO(engine.thumbnail(ids["coins.png"]))).convert("L"), float)
+    escaped = np.asarray(Image.open(io.BytesIO(engine.thumbnail(ids["coffee.png"]))).convert("L"), float)
+    blank = np.asarray(Image.open(io.BytesIO(engine.thumbnail(-5))).convert("L"), float)
+    assert good.size == (160, 160) or max(good.size) == 160
+    # placeholders (grey, with their label drawn), never the pixels of the file now at that path
+    for img in (changed, escaped):
+        assert img.shape == blank.shape and np.median(img) == pytest.approx(np.median(blank), abs=3)
+        assert np.abs(img - blank).max() > 50  # the label
+    assert np.abs(changed - escaped).max() > 50  # different labels
