@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 from typing import Any, Iterable
 
 import numpy as np
@@ -84,27 +85,58 @@ PLAN_COLUMNS = ("id", "path_key", "path", "content_hash", "size", "mtime_ns", "w
                 "reason", "notes", "encoder", "embedded_at")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, read_only: bool = False) -> Engine:
+    """An engine for `url`. Writers put SQLite in WAL mode (persistent in the file); readers
+    (`read_only`) never write a pragma, and on read-only media open the file read-only (see
+    `_read_only_sqlite_url`), so a shared gallery on a read-only drive can be queried."""
+    if read_only:
+        url = _read_only_sqlite_url(url)
     engine = create_engine(url, future=True)
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA busy_timeout=30000")
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed index version survives power loss too (old index files are deleted
-            # right after the commit, so the commit must be durable first).
-            cur.execute("PRAGMA synchronous=FULL")
+            if not read_only:
+                cur.execute("PRAGMA journal_mode=WAL")
+                # FULL: a committed index version survives power loss too (old index files are
+                # deleted right after the commit, so the commit must be durable first).
+                cur.execute("PRAGMA synchronous=FULL")
             cur.close()
     return engine
+
+
+def _read_only_sqlite_url(url: str) -> str:
+    """`url` unchanged, except a SQLite file that this process cannot write (read-only media or
+    permissions): then opened with mode=ro, and immutable=1 when no write-ahead log exists (WAL
+    readers otherwise need to create the -shm file beside it, which read-only media forbid; without
+    a -wal file the main file holds every committed transaction)."""
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # an unparsable URL: create_engine reports it
+        return url
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return url
+    if os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)) or ".", os.W_OK):
+        return url
+    query = {"mode": "ro", "uri": "true"}
+    if not os.path.exists(path + "-wal"):
+        query["immutable"] = "1"
+    return parsed.set(database=f"file:{quote(os.path.abspath(path))}", query=query).render_as_string(
+        hide_password=False)
 
 
 class Catalog:
     """A catalog at a SQLAlchemy URL. `create` makes a new one; `open` checks schema and tables."""
 
-    def __init__(self, url: str, engine: Engine | None = None):
+    def __init__(self, url: str, engine: Engine | None = None, read_only: bool = False):
         self.url = url
-        self.engine = engine or make_engine(url)
+        self.engine = engine or make_engine(url, read_only=read_only)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     # Opening --------------------------------------------------------------------------------
@@ -122,15 +154,20 @@ class Catalog:
         return cat
 
     @classmethod
-    def open(cls, url: str) -> "Catalog":
-        cat = cls(url)
+    def open(cls, url: str, read_only: bool = False) -> "Catalog":
+        """An existing catalog. `read_only`: this process only reads (queries, verify, stats)."""
+        cat = cls(url, read_only=read_only)
         try:
-            tables = set(inspect(cat.engine).get_table_names())
-        except SQLAlchemyError as exc:
-            raise CatalogError(f"cannot open the catalog at {_safe(url)}: {exc}") from None
-        if not {"robret_meta", "robret_files"} <= tables:
-            raise CatalogError(f"no robret catalog at {_safe(url)}")
-        cat.check_schema()
+            try:
+                tables = set(inspect(cat.engine).get_table_names())
+            except SQLAlchemyError as exc:
+                raise CatalogError(f"cannot open the catalog at {_safe(url)}: {exc}") from None
+            if not {"robret_meta", "robret_files"} <= tables:
+                raise CatalogError(f"no robret catalog at {_safe(url)}")
+            cat.check_schema()
+        except BaseException:
+            cat.close()
+            raise
         return cat
 
     def close(self) -> None:

@@ -33,22 +33,25 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     facts: dict = field(default_factory=dict)
+    repairable: bool = True  # False when the catalog itself could not be read: repair cannot help
 
     def fail(self, message: str) -> None:
         self.ok = False
         self.problems.append(message)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "facts": self.facts}
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "facts": self.facts,
+                "repairable": self.repairable}
 
 
 def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
     report = VerifyReport()
     layout = IndexDir(index_dir)
     try:
-        catalog = Catalog.open(layout.catalog_url())
+        catalog = Catalog.open(layout.catalog_url(), read_only=True)
     except GalleryError as exc:
         report.fail(f"schema: {exc}")
+        report.repairable = False
         return report
     try:
         _verify(layout, catalog, report, check_files)
@@ -127,7 +130,7 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
 def index_stats(index_dir) -> dict:
     """What `robret index stats` prints: root, encoder, file counts by status, failure kinds, index facts."""
     layout = IndexDir(index_dir)
-    catalog = Catalog.open(layout.catalog_url())
+    catalog = Catalog.open(layout.catalog_url(), read_only=True)
     try:
         meta = catalog.meta()
         version = int(meta["index"]["version"])

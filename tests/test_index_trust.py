@@ -249,3 +249,77 @@ def test_ui_shows_changed_since_indexed_instead_of_the_file(built, tmp_path, sam
         assert img.shape == blank.shape and np.median(img) == pytest.approx(np.median(blank), abs=3)
         assert np.abs(img - blank).max() > 50  # the label
     assert np.abs(changed - escaped).max() > 50  # different labels
+
+
+# 6. read-only index (a shared gallery on read-only media) ---------------------------------------------
+@pytest.fixture()
+def read_only():
+    """read_only(path): a context manager making `path` read-only for this process — chmod for a normal
+    user; for root (who writes through chmod) a read-only bind mount; skipped where neither works."""
+    import contextlib
+    import stat
+
+    @contextlib.contextmanager
+    def make(path):
+        path = str(path)
+        if os.geteuid() != 0:
+            modes = {}
+            for dirpath, _dirs, files in os.walk(path):
+                for p in [dirpath, *(os.path.join(dirpath, f) for f in files)]:
+                    modes[p] = os.lstat(p).st_mode
+                    os.chmod(p, modes[p] & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            try:
+                yield
+            finally:
+                for p, mode in modes.items():
+                    os.chmod(p, mode)
+            return
+        bind = subprocess.run(["mount", "--bind", path, path], capture_output=True)
+        if bind.returncode != 0:
+            pytest.skip("cannot make a read-only mount here")
+        try:
+            ro = subprocess.run(["mount", "-o", "remount,ro,bind", path], capture_output=True)
+            if ro.returncode != 0:
+                pytest.skip("cannot make a read-only mount here")
+            with pytest.raises(OSError):
+                open(os.path.join(path, "probe"), "w")
+            yield
+        finally:
+            subprocess.run(["umount", path], check=True)
+
+    return make
+
+
+def test_read_only_index_answers_queries_and_verifies(tmp_path, sample_folder, tiny_lipsim, read_only, capsys):
+    share = tmp_path / "share"
+    folder = copy_photos(sample_folder, share / "photos", names=NAMES)
+    index_dir = share / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    import gc
+
+    gc.collect()  # as after the build process exits: SQLite's -wal/-shm files go with its last connection
+    before = sorted(os.listdir(index_dir))
+    assert "catalog.sqlite-shm" not in before
+    with read_only(share):
+        with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+            q = g.embed_images([g.decode(folder / "moon.png").image])
+            _, found = g.search(q, k=1)
+            assert g.paths(found[0])[0].name == "moon.png"
+        report = verify_index(index_dir)
+        assert report.ok, report.problems
+        assert robret(["query", str(folder / "moon.png"), "--index-dir", str(index_dir), "--cpu", "-k", "2"]) == 0
+        assert robret(["index", "verify", str(index_dir)]) == 0
+        assert robret(["index", "stats", str(index_dir)]) == 0
+        out, err = capsys.readouterr()
+        assert "moon.png" in out and "OK" in out and "repair" not in out + err
+    assert sorted(os.listdir(index_dir)) == before
+
+
+def test_verify_does_not_advise_repair_when_the_catalog_cannot_be_read(built, capsys):
+    _, index_dir = built
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    catalog.set_meta({"schema_version": 99})
+    catalog.close()
+    assert robret(["index", "verify", str(index_dir)]) == 1
+    out, _ = capsys.readouterr()
+    assert "upgrade robret" in out and "repair" not in out

@@ -159,7 +159,7 @@ def _stats(args) -> int:
 
     stats = index_stats(args.index_dir)
     layout = IndexDir(args.index_dir)
-    catalog = Catalog.open(layout.catalog_url())
+    catalog = Catalog.open(layout.catalog_url(), read_only=True)
     try:
         failed = [(r.path, r.reason) for r in catalog.find(FAILED, limit=args.failed)] if args.failed else []
     finally:
@@ -195,8 +195,9 @@ def _verify(args) -> int:
             print(f"OK: version {f.get('version')}, {f.get('ntotal', 0)} vectors = {f.get('indexed_rows')} indexed "
                   f"rows, ids equal, norms 1, checksum matches")
         else:
-            print("INCONSISTENT:", *report.problems, sep="\n  ")
-            print("run `robret index repair DIR` to fix it")
+            print("INCONSISTENT:" if report.repairable else "CANNOT VERIFY:", *report.problems, sep="\n  ")
+            if report.repairable:
+                print("run `robret index repair DIR` to fix it")
         for note in report.notes:
             print(f"note: {note}")
     return 0 if report.ok else 1
