@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine, event,
                         func, insert, inspect, select, update)
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -80,6 +80,10 @@ class FileRecord(Base):
         return {c.key: getattr(self, c.key) for c in inspect(FileRecord).column_attrs if c.key != "path_key"}
 
 
+# Metadata keys every catalog has (and the fields each holds), checked at open.
+REQUIRED_META = {"root": (), "encoder": ("spec", "name", "dim"),
+                 "index": ("version", "rows", "dim", "factory", "sha256")}
+
 # Columns ingest reads to plan an update, and writes back (with updated_at) for changed rows.
 PLAN_COLUMNS = ("id", "path_key", "path", "content_hash", "size", "mtime_ns", "width", "height", "status",
                 "reason", "notes", "encoder", "embedded_at")
@@ -91,7 +95,17 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
     `_read_only_sqlite_url`), so a shared gallery on a read-only drive can be queried."""
     if read_only:
         url = _read_only_sqlite_url(url)
-    engine = create_engine(url, future=True)
+    try:
+        engine = create_engine(url, future=True)
+    except ImportError as exc:  # the dialect's driver module is not installed
+        if make_url(url).get_backend_name() == "postgresql":
+            hint = "PostgreSQL catalogs need psycopg 3: pip install 'robret[postgres]'"
+        else:
+            hint = f"install the Python driver module {exc.name!r} for it"
+        raise CatalogError(f"no database driver for the catalog URL {_safe(url)}: {hint}") from None
+    except SQLAlchemyError as exc:  # unparsable URL, unknown dialect or driver name
+        raise CatalogError(f"unusable catalog URL {_safe(url)}: {str(exc).splitlines()[0]} (expected a "
+                           "SQLAlchemy URL such as sqlite:///PATH or postgresql://USER@HOST/DB)") from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
@@ -112,8 +126,6 @@ def _read_only_sqlite_url(url: str) -> str:
     readers otherwise need to create the -shm file beside it, which read-only media forbid; without
     a -wal file the main file holds every committed transaction)."""
     from urllib.parse import quote
-
-    from sqlalchemy.engine import make_url
 
     try:
         parsed = make_url(url)
@@ -165,6 +177,7 @@ class Catalog:
             if not {"robret_meta", "robret_files"} <= tables:
                 raise CatalogError(f"no robret catalog at {_safe(url)}")
             cat.check_schema()
+            cat.check_meta()
         except BaseException:
             cat.close()
             raise
@@ -182,6 +195,20 @@ class Catalog:
                 f"the catalog has schema version {version}, newer than this robret's {SCHEMA_VERSION}: "
                 "upgrade robret to open it")
         return version
+
+    def check_meta(self) -> dict[str, Any]:
+        """The metadata, if it has every key readers and writers rely on (CatalogError naming the
+        missing ones otherwise: such a catalog was not written by robret, or was altered)."""
+        meta = self.meta()
+        missing = [key for key in REQUIRED_META if key not in meta]
+        for key, fields in REQUIRED_META.items():
+            if key in meta:
+                value = meta[key]
+                missing += [f"{key}.{f}" for f in fields if not isinstance(value, dict) or f not in value]
+        if missing:
+            raise CatalogError(f"the catalog's metadata lacks {', '.join(map(repr, missing))}: it was not "
+                               "written by this robret or was altered; build a new index directory")
+        return meta
 
     # Metadata -------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
@@ -284,8 +311,6 @@ def check_same_encoder(recorded: dict, identity: dict) -> None:
 def _safe(url: str) -> str:
     """The URL without its password, for messages."""
     try:
-        from sqlalchemy.engine import make_url
-
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<catalog url>"

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
@@ -154,6 +154,8 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
                 raise EncoderMismatchError(f"{layout.path} is an index for {config['encoder']!r}, not "
                                            f"{encoder_spec!r}: encoders are never mixed; use another --index-dir")
         else:
+            if db_url is not None:
+                make_engine(db_url).dispose()  # an unusable URL is refused before anything is written
             config = layout.write_config(db_url, os.fsdecode(root), encoder_spec, index_type)
         catalog = _open_or_create_catalog(layout, config, enc, options)
         try:

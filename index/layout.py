@@ -50,8 +50,14 @@ class IndexDir:
             config = json.loads(self.config_path.read_text())
         except (OSError, ValueError) as exc:
             raise CatalogError(f"unreadable {self.config_path}: {exc}") from None
-        if config.get("format") != "robret-index":
+        if not isinstance(config, dict) or config.get("format") != "robret-index":
             raise CatalogError(f"{self.config_path} is not a robret index configuration")
+        for key in ("root", "encoder"):
+            if not isinstance(config.get(key), str) or not config[key]:
+                raise CatalogError(f"{self.config_path} has no {key!r} (it was altered): restore it, or "
+                                   "build a new index directory")
+        if not isinstance(config.get("catalog"), (str, type(None))):
+            raise CatalogError(f"{self.config_path} has an invalid 'catalog' entry")
         return config
 
     def write_config(self, catalog_url: str | None, root: str, encoder: str, index_type: str) -> dict:

@@ -323,3 +323,64 @@ def test_verify_does_not_advise_repair_when_the_catalog_cannot_be_read(built, ca
     assert robret(["index", "verify", str(index_dir)]) == 1
     out, _ = capsys.readouterr()
     assert "upgrade robret" in out and "repair" not in out
+
+
+# 7. messages, not tracebacks ---------------------------------------------------------------------------
+@pytest.mark.parametrize("url, says", [
+    ("nosuchdb://user@localhost/x", "nosuchdb"),
+    ("postgresql+nosuchdriver://user@localhost/x", "nosuchdriver"),
+    ("postgresql://user@localhost/x", "robret[postgres]"),
+])
+def test_unusable_db_url_is_a_message_and_writes_nothing(tmp_path, sample_folder, url, says, capsys):
+    if "postgresql://" in url:
+        try:
+            import psycopg  # noqa: F401
+            pytest.skip("psycopg is installed here: the missing-driver message cannot be provoked")
+        except ImportError:
+            pass
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon",))
+    index_dir = tmp_path / "index"
+    code = robret(["index", "build", str(folder), "--index-dir", str(index_dir), "--db", url,
+                   "--encoder", "lipsim:cpu-tiny", "--cpu", "--no-progress"])
+    _, err = capsys.readouterr()
+    assert code == 1 and says in err and "Traceback" not in err
+    assert not (index_dir / "robret-index.json").exists()
+
+
+def test_config_without_encoder_is_a_message(built, capsys):
+    _, index_dir = built
+    config_path = IndexDir(index_dir).config_path
+    config = json.loads(config_path.read_text())
+    del config["encoder"]
+    config_path.write_text(json.dumps(config))
+    assert robret(["index", "update", str(index_dir), "--cpu", "--no-progress"]) == 1
+    _, err = capsys.readouterr()
+    assert "encoder" in err and "robret-index.json" in err
+
+
+@pytest.mark.parametrize("key", ["encoder", "index", "root"])
+def test_catalog_metadata_with_a_missing_key_is_a_message(built, key, capsys):
+    from index.catalog import MetaEntry
+    from sqlalchemy import delete
+
+    folder, index_dir = built
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    with catalog.sessions.begin() as s:
+        s.execute(delete(MetaEntry).where(MetaEntry.key == key))
+    catalog.close()
+    for args in (["query", str(folder / "moon.png"), "--index-dir", str(index_dir), "--cpu"],
+                 ["index", "verify", str(index_dir)], ["index", "stats", str(index_dir)]):
+        code = robret(args)
+        out, err = capsys.readouterr()
+        assert code == 1 and repr(key) in out + err, args
+
+
+def test_json_piped_into_a_closed_pipe_exits_quietly(built):
+    _, index_dir = built
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.cli", "index", "stats", str(index_dir), "--json"],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head -0`: the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipe" not in err and code == 141
