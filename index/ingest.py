@@ -137,7 +137,7 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
     from encoder import DEFAULT_ENCODER
 
     options = options or IngestOptions()
-    encoder_spec = encoder_spec or DEFAULT_ENCODER
+    encoder_spec = embedder.canonical_spec(encoder_spec or DEFAULT_ENCODER)
     parse_factory(index_type)
     root = os.path.abspath(os.fsencode(folder))
     if not os.path.isdir(root):

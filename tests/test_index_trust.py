@@ -384,3 +384,25 @@ def test_json_piped_into_a_closed_pipe_exits_quietly(built):
     err = proc.stderr.read().decode()
     code = proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipe" not in err and code == 141
+
+
+# 9. a relative checkpoint path --------------------------------------------------------------------------
+def test_relative_encoder_checkpoint_is_recorded_absolute(tmp_path, sample_folder, tiny_lipsim, monkeypatch,
+                                                          capsys):
+    from encoder.checkpoint import save_lipsim
+
+    work = tmp_path / "work"
+    work.mkdir()
+    save_lipsim(tiny_lipsim, work / "mine.safetensors", preset="cpu-tiny")
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins", "camera"))
+    monkeypatch.chdir(work)
+    assert robret(["index", "build", str(folder), "--index-dir", str(tmp_path / "index"),
+                   "--encoder", "lipsim:mine.safetensors", "--cpu", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "index" / "robret-index.json").read_text())
+    assert config["encoder"] == f"lipsim:{work / 'mine.safetensors'}"
+    monkeypatch.chdir(tmp_path)  # elsewhere: update and query still find the weights
+    assert robret(["index", "update", str(tmp_path / "index"), "--cpu", "--no-progress"]) == 0
+    assert robret(["query", str(folder / "moon.png"), "--index-dir", str(tmp_path / "index"), "--cpu",
+                   "-k", "1"]) == 0
+    out, _ = capsys.readouterr()
+    assert "moon.png" in out
