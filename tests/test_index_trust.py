@@ -406,3 +406,32 @@ def test_relative_encoder_checkpoint_is_recorded_absolute(tmp_path, sample_folde
                    "-k", "1"]) == 0
     out, _ = capsys.readouterr()
     assert "moon.png" in out
+
+
+# 10. input validation -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, says", [
+    (["-k", "0"], "at least 1"), (["-k", "-3"], "at least 1"), (["--certify-eps", "-1"], "≥ 0"),
+    (["--certify-eps", "nan"], "≥ 0"), (["--candidates", "-1"], "at least 1"),
+])
+def test_bad_query_arguments_exit_2_with_a_message(tmp_path, args, says, capsys):
+    with pytest.raises(SystemExit) as exited:
+        robret(["query", "q.png", "--index-dir", str(tmp_path), *args])
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_bad_max_pixels_exits_2_before_anything_is_written(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as exited:
+        robret(["index", "build", str(tmp_path), "--index-dir", str(tmp_path / "index"), "--max-pixels", value])
+    assert exited.value.code == 2 and "--max-pixels" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()
+
+
+def test_max_pixels_given_is_the_limit_recorded(tmp_path, sample_folder, tiny_lipsim):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    assert robret(["index", "build", str(folder), "--index-dir", str(tmp_path / "index"), "--encoder",
+                   "lipsim:cpu-tiny", "--cpu", "--no-progress", "--max-pixels", "1000"]) == 0
+    catalog = Catalog.open(IndexDir(tmp_path / "index").catalog_url())
+    assert catalog.meta()["limits"]["max_pixels"] == 1000
+    assert {r.reason.split(":")[0] for r in catalog.find()} == {"too_many_pixels"}
+    catalog.close()

@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+from ._argtypes import nonnegative_float, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("index", help="build and maintain an image index",
@@ -24,7 +26,7 @@ def register(sub) -> None:
                    help="SQLAlchemy URL of the catalog (default: SQLite file inside --index-dir)")
     b.add_argument("--index-type", default="auto", metavar="TYPE",
                    help="Flat, IVF<nlist>,Flat, HNSW<M> or auto (exact Flat below 1M vectors; default)")
-    b.add_argument("--max-pixels", type=int, default=None,
+    b.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse images with more pixels (decompression bombs; default 64,000,000)")
     _common_run_args(b)
     b.set_defaults(func=_build)
@@ -64,10 +66,10 @@ def register(sub) -> None:
                        "as ℓ2 norms over the query image's own [0,1] pixels.")
     q.add_argument("image", help="query image file")
     q.add_argument("--index-dir", required=True)
-    q.add_argument("-k", type=int, default=10, help="results (default 10)")
-    q.add_argument("--certify-eps", type=float, default=None, metavar="E",
+    q.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
+    q.add_argument("--certify-eps", type=nonnegative_float, default=None, metavar="E",
                    help="also say whether the top-k set is certified against every ‖δ‖₂ ≤ E")
-    q.add_argument("--candidates", type=int, default=None, metavar="M",
+    q.add_argument("--candidates", type=positive_int, default=None, metavar="M",
                    help="list length used for the certificate (default max(2k, k+64))")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
     q.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
@@ -76,9 +78,9 @@ def register(sub) -> None:
 
 
 def _common_run_args(p) -> None:
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default min(4, CPUs))")
-    p.add_argument("--checkpoint-seconds", type=float, default=120.0,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (default 32)")
+    p.add_argument("--workers", type=positive_int, default=None, help="decode threads (default min(4, CPUs))")
+    p.add_argument("--checkpoint-seconds", type=nonnegative_float, default=120.0,
                    help="write the index and commit the catalog at least this often (default 120)")
     p.add_argument("--cpu", action="store_true", help="keep FAISS and the encoder on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,12 +91,12 @@ def _options(args):
     from index import IngestOptions
     from index.decode import DecodeLimits
 
-    opts = IngestOptions(batch_size=max(1, args.batch_size), checkpoint_seconds=args.checkpoint_seconds,
+    opts = IngestOptions(batch_size=args.batch_size, checkpoint_seconds=args.checkpoint_seconds,
                          progress=not args.no_progress and not args.json and sys.stderr.isatty(),
                          use_gpu=not args.cpu, retry_failed=getattr(args, "retry_failed", False))
     if args.workers is not None:
-        opts.workers = max(1, args.workers)
-    if getattr(args, "max_pixels", None):
+        opts.workers = args.workers
+    if getattr(args, "max_pixels", None) is not None:
         opts.limits = DecodeLimits(max_pixels=args.max_pixels)
     return opts
 
