@@ -25,18 +25,19 @@ from typing import Any, Iterable
 import numpy as np
 from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine, event,
                         func, insert, inspect, select, update)
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import CatalogError, EncoderMismatchError, SchemaVersionError
 
-__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "Base", "FileRecord", "MetaEntry", "Catalog",
-           "utcnow"]
+__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "Base", "FileRecord", "MetaEntry",
+           "Catalog", "connect_url", "recorded_url", "utcnow"]
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+DB_URL_ENV = "ROBRET_DB_URL"  # a catalog URL, possibly with its password, read from the environment only
 INDEXED, FAILED, REMOVED = "indexed", "failed", "removed"
 
 
@@ -118,6 +119,30 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
                 cur.execute("PRAGMA synchronous=FULL")
             cur.close()
     return engine
+
+
+def recorded_url(url: str) -> str:
+    """`url` as robret records it (robret-index.json): without its password, which is never written
+    to disk nor printed. `connect_url` finds it again at connection time."""
+    try:
+        parsed = make_url(url)
+    except Exception:  # unparsable: make_engine refuses it before anything is recorded
+        return url
+    if parsed.password is None:
+        return url
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database,
+                      parsed.query)
+    return bare.render_as_string(hide_password=False)
+
+
+def connect_url(recorded: str) -> str:
+    """The URL to connect to a recorded (password-less) catalog URL with: $ROBRET_DB_URL when it names
+    the same database (it may carry the password), else the recorded URL itself — PostgreSQL's
+    driver (libpq) then takes the password from PGPASSWORD or ~/.pgpass."""
+    env = os.environ.get(DB_URL_ENV)
+    if env and recorded_url(env) == recorded_url(recorded):
+        return env
+    return recorded
 
 
 def _read_only_sqlite_url(url: str) -> str:

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, _safe, make_engine, recorded_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
@@ -144,20 +144,22 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
         scan_folder(root)  # raises FolderError with the precise reason
     enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
     layout = IndexDir(index_dir)
+    record = None
+    if db_url is not None:
+        make_engine(db_url).dispose()  # an unusable URL is refused before anything is written
+        record = recorded_url(db_url)  # never its password
     with layout.writer_lock():
         if layout.exists():
             config = layout.read_config()
-            if db_url is not None and config.get("catalog") != db_url:
+            if db_url is not None and recorded_url(config.get("catalog") or "") != record:
                 raise CatalogError(f"{layout.path} already uses the catalog "
-                                   f"{config.get('catalog') or 'inside the directory'}")
+                                   f"{_safe(config['catalog']) if config.get('catalog') else 'inside the directory'}")
             if config["encoder"] != encoder_spec:
                 raise EncoderMismatchError(f"{layout.path} is an index for {config['encoder']!r}, not "
                                            f"{encoder_spec!r}: encoders are never mixed; use another --index-dir")
         else:
-            if db_url is not None:
-                make_engine(db_url).dispose()  # an unusable URL is refused before anything is written
-            config = layout.write_config(db_url, os.fsdecode(root), encoder_spec, index_type)
-        catalog = _open_or_create_catalog(layout, config, enc, options)
+            config = layout.write_config(record, os.fsdecode(root), encoder_spec, index_type)
+        catalog = _open_or_create_catalog(layout, config, enc, options, url=db_url)
         try:
             meta = catalog.meta()
             if os.fsencode(meta["root"]) != root:
@@ -169,10 +171,12 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
             catalog.close()
 
 
-def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: IngestOptions) -> Catalog:
-    """The directory's catalog; created from the configuration when it is new, or when a creation was
-    interrupted before the catalog's metadata was committed (the configuration is written first)."""
-    url = layout.catalog_url(config)
+def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: IngestOptions,
+                            url: str | None = None) -> Catalog:
+    """The directory's catalog (at `url`, else the configured one); created from the configuration when
+    it is new, or when a creation was interrupted before the catalog's metadata was committed (the
+    configuration is written first)."""
+    url = url or layout.catalog_url(config)
     try:
         return Catalog.open(url)
     except CatalogError:

@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+from .catalog import connect_url
 from .errors import CatalogError, IndexLockedError
 
 __all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
@@ -74,9 +75,10 @@ class IndexDir:
         return config
 
     def catalog_url(self, config: dict | None = None) -> str:
-        """The catalog's SQLAlchemy URL: the configured one, else the SQLite file in this directory."""
+        """The catalog's SQLAlchemy URL to connect with: the configured one (recorded without a password;
+        see catalog.connect_url for where the password comes from), else the SQLite file in this directory."""
         url = (config if config is not None else self.read_config()).get("catalog")
-        return url or f"sqlite:///{self.path / DEFAULT_CATALOG}"
+        return connect_url(url) if url else f"sqlite:///{self.path / DEFAULT_CATALOG}"
 
     def leftovers(self, live_version: int) -> list[Path]:
         """Files of interrupted writes: index versions other than the live one, and temporary files."""

@@ -435,3 +435,53 @@ def test_max_pixels_given_is_the_limit_recorded(tmp_path, sample_folder, tiny_li
     assert catalog.meta()["limits"]["max_pixels"] == 1000
     assert {r.reason.split(":")[0] for r in catalog.find()} == {"too_many_pixels"}
     catalog.close()
+
+
+# 5. credentials ----------------------------------------------------------------------------------------
+def _files_containing(root, needle: bytes) -> list[str]:
+    found = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                if needle in f.read():
+                    found.append(path)
+    return found
+
+
+def test_a_password_in_db_url_is_never_written_or_printed(tmp_path, sample_folder, capsys):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon",))
+    url = "postgresql://robret:s3cret-pw@127.0.0.1:1/gallery"  # nothing listens on port 1
+    code = robret(["index", "build", str(folder), "--index-dir", str(tmp_path / "index"), "--db", url,
+                   "--encoder", "lipsim:cpu-tiny", "--cpu", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "s3cret-pw" not in out + err and "***" in err
+    assert _files_containing(tmp_path, b"s3cret-pw") == []
+
+
+def test_recorded_catalog_url_has_no_password_and_the_environment_supplies_it(tmp_path, monkeypatch):
+    from index.catalog import DB_URL_ENV, recorded_url
+
+    url = "postgresql://robret:s3cret-pw@db.example:5432/gallery"
+    assert recorded_url(url) == "postgresql://robret@db.example:5432/gallery"
+    layout = IndexDir(tmp_path / "index")
+    layout.write_config(recorded_url(url), str(tmp_path), "lipsim:cpu-tiny", "auto")
+    assert b"s3cret" not in layout.config_path.read_bytes()
+    monkeypatch.delenv(DB_URL_ENV, raising=False)
+    assert layout.catalog_url() == "postgresql://robret@db.example:5432/gallery"  # libpq: PGPASSWORD, .pgpass
+    monkeypatch.setenv(DB_URL_ENV, url)
+    assert layout.catalog_url() == url
+    monkeypatch.setenv(DB_URL_ENV, "postgresql://robret:other@db.example:5432/another")
+    assert layout.catalog_url() == "postgresql://robret@db.example:5432/gallery"  # another database: not used
+
+
+def test_db_url_from_the_environment_is_used_and_recorded(tmp_path, sample_folder, monkeypatch):
+    from index.catalog import DB_URL_ENV
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setenv(DB_URL_ENV, url)
+    assert robret(["index", "build", str(folder), "--index-dir", str(tmp_path / "index"),
+                   "--encoder", "lipsim:cpu-tiny", "--cpu", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "index" / "robret-index.json").read_text())["catalog"] == url
+    assert (tmp_path / "shared.db").is_file() and verify_index(tmp_path / "index").ok

@@ -23,7 +23,9 @@ def register(sub) -> None:
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
     b.add_argument("--db", default=None, metavar="URL",
-                   help="SQLAlchemy URL of the catalog (default: SQLite file inside --index-dir)")
+                   help="SQLAlchemy URL of the catalog (default: $ROBRET_DB_URL if set, else a SQLite file "
+                   "inside --index-dir). Never recorded with its password: give the password in "
+                   "$ROBRET_DB_URL, or to PostgreSQL through PGPASSWORD or ~/.pgpass")
     b.add_argument("--index-type", default="auto", metavar="TYPE",
                    help="Flat, IVF<nlist>,Flat, HNSW<M> or auto (exact Flat below 1M vectors; default)")
     b.add_argument("--max-pixels", type=positive_int, default=None,
@@ -104,8 +106,10 @@ def _options(args):
 def _build(args) -> int:
     from index import build_index
 
-    report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db, index_type=args.index_type,
-                         options=_options(args))
+    from index.catalog import DB_URL_ENV
+
+    report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db or os.environ.get(DB_URL_ENV),
+                         index_type=args.index_type, options=_options(args))
     return _print_report(report, args.json)
 
 
