@@ -32,7 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from .errors import CatalogError, EncoderMismatchError, SchemaVersionError
 
 __all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "Base", "FileRecord", "MetaEntry",
-           "Catalog", "connect_url", "recorded_url", "utcnow"]
+           "Catalog", "connect_url", "recorded_url", "safe_url", "utcnow"]
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
             hint = "PostgreSQL catalogs need psycopg 3: pip install 'robret[postgres]'"
         else:
             hint = f"install the Python driver module {exc.name!r} for it"
-        raise CatalogError(f"no database driver for the catalog URL {_safe(url)}: {hint}") from None
+        raise CatalogError(f"no database driver for the catalog URL {safe_url(url)}: {hint}") from None
     except SQLAlchemyError as exc:  # unparsable URL, unknown dialect or driver name
-        raise CatalogError(f"unusable catalog URL {_safe(url)}: {str(exc).splitlines()[0]} (expected a "
+        raise CatalogError(f"unusable catalog URL {safe_url(url)}: {str(exc).splitlines()[0]} (expected a "
                            "SQLAlchemy URL such as sqlite:///PATH or postgresql://USER@HOST/DB)") from None
     if engine.dialect.name == "sqlite":
         @event.listens_for(engine, "connect")
@@ -184,9 +184,9 @@ class Catalog:
         try:
             Base.metadata.create_all(cat.engine)
         except SQLAlchemyError as exc:
-            raise CatalogError(f"cannot create the catalog at {_safe(url)}: {exc}") from None
+            raise CatalogError(f"cannot create the catalog at {safe_url(url)}: {exc}") from None
         if cat.meta():
-            raise CatalogError(f"a catalog already exists at {_safe(url)}")
+            raise CatalogError(f"a catalog already exists at {safe_url(url)}")
         cat.set_meta({"schema_version": SCHEMA_VERSION, "created_at": utcnow().isoformat(), **meta})
         return cat
 
@@ -198,9 +198,9 @@ class Catalog:
             try:
                 tables = set(inspect(cat.engine).get_table_names())
             except SQLAlchemyError as exc:
-                raise CatalogError(f"cannot open the catalog at {_safe(url)}: {exc}") from None
+                raise CatalogError(f"cannot open the catalog at {safe_url(url)}: {exc}") from None
             if not {"robret_meta", "robret_files"} <= tables:
-                raise CatalogError(f"no robret catalog at {_safe(url)}")
+                raise CatalogError(f"no robret catalog at {safe_url(url)}")
             cat.check_schema()
             cat.check_meta()
         except BaseException:
@@ -333,7 +333,7 @@ def check_same_encoder(recorded: dict, identity: dict) -> None:
                 "encoders are never mixed in one index; build a new index directory for this encoder")
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password, for messages."""
     try:
         return make_url(url).render_as_string(hide_password=True)

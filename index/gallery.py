@@ -47,7 +47,7 @@ class Gallery:
         use_gpu=False keeps FAISS searches on the CPU even when a GPU is visible.
         """
         layout = IndexDir(index_dir)
-        catalog = Catalog.open(layout.catalog_url(), read_only=True)
+        catalog = layout.open_catalog()
         for attempt in range(5):
             meta = catalog.meta()
             try:

@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,7 @@ import numpy as np
 from PIL import Image
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, _safe, make_engine, recorded_url, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, recorded_url, safe_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
@@ -153,12 +154,16 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
             config = layout.read_config()
             if db_url is not None and recorded_url(config.get("catalog") or "") != record:
                 raise CatalogError(f"{layout.path} already uses the catalog "
-                                   f"{_safe(config['catalog']) if config.get('catalog') else 'inside the directory'}")
+                                   f"{safe_url(config['catalog']) if config.get('catalog') else 'inside the directory'}")
             if config["encoder"] != encoder_spec:
                 raise EncoderMismatchError(f"{layout.path} is an index for {config['encoder']!r}, not "
                                            f"{encoder_spec!r}: encoders are never mixed; use another --index-dir")
         else:
-            config = layout.write_config(record, os.fsdecode(root), encoder_spec, index_type)
+            if db_url is not None and _catalog_initialised(db_url):
+                raise CatalogError(f"the catalog {safe_url(db_url)} already belongs to an index: each index needs "
+                                   "a catalog of its own (another --db database)")
+            config = layout.write_config(record, os.fsdecode(root), encoder_spec, index_type,
+                                         owner=uuid.uuid4().hex)
         catalog = _open_or_create_catalog(layout, config, enc, options, url=db_url)
         try:
             meta = catalog.meta()
@@ -178,12 +183,14 @@ def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: Ingest
     configuration is written first)."""
     url = url or layout.catalog_url(config)
     try:
-        return Catalog.open(url)
+        return layout.open_catalog(read_only=False, config=config, url=url)
     except CatalogError:
         if _catalog_initialised(url):
             raise
     ident = embedder.identity(enc, config["encoder"])
     return Catalog.create(url, {
+        "owner": config.get("owner"),
+        "index_dir": str(layout.path),
         "root": config["root"],
         "encoder": ident,
         "limits": asdict(options.limits or DecodeLimits()),

@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from .catalog import connect_url
+from .catalog import Catalog, connect_url, safe_url
 from .errors import CatalogError, IndexLockedError
 
 __all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
@@ -61,11 +61,15 @@ class IndexDir:
             raise CatalogError(f"{self.config_path} has an invalid 'catalog' entry")
         return config
 
-    def write_config(self, catalog_url: str | None, root: str, encoder: str, index_type: str) -> dict:
-        """Written once, first, atomically: enough to (re)create the catalog if creation is interrupted."""
+    def write_config(self, catalog_url: str | None, root: str, encoder: str, index_type: str,
+                     owner: str | None = None) -> dict:
+        """Written once, first, atomically: enough to (re)create the catalog if creation is interrupted.
+
+        `owner` is this index's id, recorded in its catalog too: a catalog is used only by the index
+        directory whose id it records (see `open_catalog`)."""
         self.path.mkdir(parents=True, exist_ok=True)
         config = {"format": "robret-index", "layout": 1, "catalog": catalog_url, "root": root, "encoder": encoder,
-                  "index_type": index_type}
+                  "index_type": index_type, "owner": owner}
         tmp = self.config_path.with_name(CONFIG_NAME + ".tmp")
         with open(tmp, "w") as f:
             f.write(json.dumps(config, indent=2) + "\n")
@@ -79,6 +83,28 @@ class IndexDir:
         see catalog.connect_url for where the password comes from), else the SQLite file in this directory."""
         url = (config if config is not None else self.read_config()).get("catalog")
         return connect_url(url) if url else f"sqlite:///{self.path / DEFAULT_CATALOG}"
+
+    def open_catalog(self, read_only: bool = True, config: dict | None = None, url: str | None = None) -> Catalog:
+        """This directory's catalog (at `url`, else the configured one), refused (CatalogError) when it
+        belongs to another index directory."""
+        config = config if config is not None else self.read_config()
+        catalog = Catalog.open(url or self.catalog_url(config), read_only=read_only)
+        try:
+            self.check_owner(catalog.meta(), config)
+        except BaseException:
+            catalog.close()
+            raise
+        return catalog
+
+    def check_owner(self, meta: dict, config: dict) -> None:
+        """Several index directories may share a database server, never one catalog: its recorded
+        owner id must be this directory's (indexes made before owner ids have none on either side)."""
+        if meta.get("owner") != config.get("owner"):
+            raise CatalogError(
+                f"the catalog {safe_url(self.catalog_url(config))} belongs to another index "
+                f"(created for {meta.get('index_dir') or 'an unknown directory'}), not to {self.path}: "
+                "each index needs a catalog of its own (another --db database), and using that one "
+                "from here would break the other index")
 
     def leftovers(self, live_version: int) -> list[Path]:
         """Files of interrupted writes: index versions other than the live one, and temporary files."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .catalog import INDEXED, Catalog
+from .catalog import INDEXED, Catalog, safe_url
 from .errors import GalleryError
 from .layout import IndexDir
 from .store import NORM_TOLERANCE, VectorStore, file_sha256
@@ -48,7 +48,7 @@ def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
     report = VerifyReport()
     layout = IndexDir(index_dir)
     try:
-        catalog = Catalog.open(layout.catalog_url(), read_only=True)
+        catalog = layout.open_catalog()
     except GalleryError as exc:
         report.fail(f"schema: {exc}")
         report.repairable = False
@@ -130,7 +130,7 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
 def index_stats(index_dir) -> dict:
     """What `robret index stats` prints: root, encoder, file counts by status, failure kinds, index facts."""
     layout = IndexDir(index_dir)
-    catalog = Catalog.open(layout.catalog_url(), read_only=True)
+    catalog = layout.open_catalog()
     try:
         meta = catalog.meta()
         version = int(meta["index"]["version"])
@@ -152,6 +152,4 @@ def index_stats(index_dir) -> dict:
 
 
 def _display_url(layout: IndexDir) -> str:
-    from .catalog import _safe
-
-    return _safe(layout.catalog_url())
+    return safe_url(layout.catalog_url())

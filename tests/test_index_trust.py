@@ -485,3 +485,28 @@ def test_db_url_from_the_environment_is_used_and_recorded(tmp_path, sample_folde
                    "--encoder", "lipsim:cpu-tiny", "--cpu", "--no-progress"]) == 0
     assert json.loads((tmp_path / "index" / "robret-index.json").read_text())["catalog"] == url
     assert (tmp_path / "shared.db").is_file() and verify_index(tmp_path / "index").ok
+
+
+# 4. two index directories, one catalog -----------------------------------------------------------------
+def test_a_second_index_on_the_same_catalog_is_refused_and_the_first_stays_intact(tmp_path, sample_folder,
+                                                                                  tiny_lipsim):
+    from index import CatalogError
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins", "camera"))
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_index(folder, a, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url, options=OPTS)
+    version = _index_meta(a)["version"]
+    with pytest.raises(CatalogError, match="already belongs to an index"):
+        build_index(folder, b, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url, options=OPTS)
+    # B's directory made to point at A's catalog (a copied configuration): every use of it is refused
+    b.mkdir(exist_ok=True)
+    IndexDir(b).write_config(url, str(folder), "lipsim:cpu-tiny", "auto", owner="someone-else")
+    for use in (lambda: repair_index(b, encoder=tiny_lipsim, options=OPTS),
+                lambda: update_index(b, encoder=tiny_lipsim, options=OPTS), lambda: Gallery.open(b)):
+        with pytest.raises(CatalogError, match="belongs to another index"):
+            use()
+    assert not verify_index(b).ok
+    assert verify_index(a).ok and _index_meta(a)["version"] == version
+    with Gallery.open(a) as g:
+        assert len(g) == 3

@@ -160,12 +160,12 @@ def _print_report(report, as_json: bool) -> int:
 
 
 def _stats(args) -> int:
-    from index import FAILED, Catalog, index_stats
+    from index import FAILED, index_stats
     from index.layout import IndexDir
 
     stats = index_stats(args.index_dir)
     layout = IndexDir(args.index_dir)
-    catalog = Catalog.open(layout.catalog_url(), read_only=True)
+    catalog = layout.open_catalog()
     try:
         failed = [(r.path, r.reason) for r in catalog.find(FAILED, limit=args.failed)] if args.failed else []
     finally:
