@@ -510,3 +510,60 @@ def test_a_second_index_on_the_same_catalog_is_refused_and_the_first_stays_intac
     assert verify_index(a).ok and _index_meta(a)["version"] == version
     with Gallery.open(a) as g:
         assert len(g) == 3
+
+
+# 8. verify while a writer commits -------------------------------------------------------------------------
+def test_verify_reads_a_consistent_version_when_a_writer_commits_midway(built, tiny_lipsim, monkeypatch):
+    folder, index_dir = built
+    version = _index_meta(index_dir)["version"]
+    os.remove(folder / "rocket.png")  # the next update removes a row: a new version, the old file deleted
+    real = Catalog.indexed_ids
+    calls = []
+
+    def writer_commits_first(self):
+        if not calls:  # between verify's read of the committed version and its read of the rows
+            update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Catalog, "indexed_ids", writer_commits_first)
+    report = verify_index(index_dir)
+    assert report.ok, report.problems
+    assert report.facts["version"] == version + 1 and report.facts["indexed_rows"] == len(NAMES) - 1
+
+
+def test_verify_during_a_stream_of_updates_never_reports_a_false_inconsistency(built, tiny_lipsim):
+    import threading
+
+    folder, index_dir = built
+    stop = threading.Event()
+    errors: list = []
+
+    def writer():
+        names = sorted(p.name for p in folder.iterdir())
+        n = 0
+        while not stop.is_set():
+            path = folder / names[n % len(names)]
+            data = path.read_bytes()
+            os.remove(path)
+            try:
+                update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+                path.write_bytes(data)
+                update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+            except Exception as exc:  # noqa: BLE001 - reported by the test thread
+                errors.append(exc)
+                return
+            n += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        versions = set()
+        for _ in range(40):
+            report = verify_index(index_dir)
+            assert report.ok, report.problems
+            versions.add(report.facts["version"])
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors and len(versions) > 3  # the writer really committed meanwhile
