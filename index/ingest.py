@@ -51,7 +51,7 @@ from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, recorded_ur
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
-from .scan import ScanEntry, scan_folder
+from .scan import ScanEntry, display_path, scan_folder
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]
@@ -91,6 +91,7 @@ class IngestReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ignored: int = 0  # non-image or hidden entries
+    unlisted: list[str] = field(default_factory=list)  # directories that could not be listed (files kept)
     total: int = 0  # vectors in the index afterwards
     index_version: int = 0
     index_type: str = "Flat"
@@ -345,6 +346,7 @@ class _Writer:
         scan = scan_folder(self.root, exclude=(self.layout.path,))
         self.report.warnings.extend(scan.warnings)
         self.report.ignored = scan.ignored
+        self.report.unlisted = [display_path(p) or "." for p in scan.protected]
         self.rows = {r["id"]: r for r in self.catalog.plan_rows()}
         self.by_key = {r["path_key"]: r["id"] for r in self.rows.values()}
         self.next_id = self.catalog.max_id() + 1
@@ -382,7 +384,10 @@ class _Writer:
             row = self.rows.get(row_id) if row_id is not None else None
             same_stat = row is not None and row["size"] == entry.size and row["mtime_ns"] == entry.mtime_ns
             if entry.problem is not None:
-                if row is not None and row["status"] == FAILED and same_stat and row["reason"] == entry.problem.reason:
+                # Same kind, same stat: the same problem (its detail may name a process id, e.g. a link
+                # into /proc/self, and must not make every update a new version).
+                if (row is not None and row["status"] == FAILED and same_stat
+                        and (row["reason"] or "").split(":", 1)[0] == entry.problem.kind):
                     self.report.still_failed += 1
                 else:
                     self._fail(entry, row, entry.problem)

@@ -567,3 +567,55 @@ def test_verify_during_a_stream_of_updates_never_reports_a_false_inconsistency(b
         stop.set()
         t.join(60)
     assert not errors and len(versions) > 3  # the writer really committed meanwhile
+
+
+# 12. smaller ---------------------------------------------------------------------------------------------
+def test_a_directory_that_cannot_be_listed_is_recorded_in_stats(built, tiny_lipsim, monkeypatch, capsys):
+    import errno
+
+    import index.scan as scan
+
+    folder, index_dir = built
+    locked = folder / "locked"
+    locked.mkdir()
+    (locked / "inside.png").write_bytes((folder / "moon.png").read_bytes())
+    update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    if os.geteuid() == 0:  # root lists chmod-000 directories: inject the error scandir gives others
+        real = os.scandir
+
+        def deny(path):
+            if os.fsencode(path).endswith(b"/locked"):
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real(path)
+
+        monkeypatch.setattr(scan.os, "scandir", deny)
+    else:
+        locked.chmod(0)
+    try:
+        report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    finally:
+        locked.chmod(0o755)
+    assert report.unlisted == ["locked"] and report.removed == 0
+    assert robret(["index", "stats", str(index_dir)]) == 0
+    out, _ = capsys.readouterr()
+    assert "could not be listed" in out and "locked" in out
+
+
+def test_a_failure_whose_reason_names_a_process_id_does_not_bump_the_version(built, tiny_lipsim):
+    folder, index_dir = built
+    import threading
+
+    # resolves to /proc/<pid>/task/<tid>/…: another id for every process (here: every thread) that looks
+    os.symlink("/proc/thread-self/comm", folder / "proc.png")
+
+    def update_in_a_new_thread():
+        box = []
+        t = threading.Thread(target=lambda: box.append(update_index(index_dir, encoder=tiny_lipsim, options=OPTS)))
+        t.start()
+        t.join()
+        return box[0]
+
+    first = update_in_a_new_thread()
+    assert [r.split(":")[0] for _, r in first.failed] == ["symlink_escape"]
+    again = update_in_a_new_thread()
+    assert again.index_version == first.index_version and again.still_failed == 1

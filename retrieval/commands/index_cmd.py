@@ -154,6 +154,8 @@ def _print_report(report, as_json: bool) -> int:
             print(f"    {path}: {reason}")
         if len(report.failed) > 20:
             print(f"    … {len(report.failed) - 20} more (robret index stats DIR --failed N)")
+    if report.unlisted:
+        print(f"  unlisted     {len(report.unlisted):>5}  directories that could not be listed")
     for w in report.warnings[:10]:
         print(f"  warning: {w}")
     return 0
@@ -182,6 +184,10 @@ def _stats(args) -> int:
     print(f"index      {idx['factory']} (requested {idx.get('requested')}), version {idx['version']}, "
           f"{idx['rows']} vectors, {idx['bytes'] / 2**20:.1f} MiB, params {idx.get('params') or {}}")
     print(f"files      {files['indexed']} indexed, {files['failed']} failed, {files['removed']} removed")
+    unlisted = (stats.get("last_run") or {}).get("unlisted") or []
+    if unlisted:
+        print(f"unlisted   {len(unlisted)} director{'y' if len(unlisted) == 1 else 'ies'} could not be listed at the "
+              f"last update (their files are kept as they were): {', '.join(unlisted[:10])}")
     if stats["failures"]:
         print("failures   " + ", ".join(f"{k} {n}" for k, n in stats["failures"].items()))
         for path, reason in failed:
