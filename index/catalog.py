@@ -4,8 +4,9 @@ Tables:
     robret_files   one row per file ever seen under the root: stable 64-bit id (= the FAISS id),
                    relative path, content hash, size, mtime, displayed width/height, status
                    (indexed / failed / removed), failure reason, notes, encoder, timestamps.
-    robret_meta    key → JSON: schema_version, root, encoder identity, index {version, rows,
-                   sha256, file, factory, requested, params, dim}, created_at, last_run.
+    robret_meta    key → JSON: schema_version, owner (the id of the one index directory using this
+                   catalog) and index_dir, root, encoder identity, index {version, rows, sha256,
+                   file, factory, requested, params, dim}, created_at, last_run.
 
 The catalog owns the truth; the FAISS file is derived from it. A row is `indexed` exactly when its
 id is in the index file of the committed `index.version` — ingest commits row changes and the new

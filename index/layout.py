@@ -1,7 +1,9 @@
 """What an index directory holds, and the writer lock.
 
     DIR/robret-index.json      {"format": "robret-index", "layout": 1, "catalog": URL or null,
-                                "root": folder, "encoder": spec, "index_type": requested type}
+                                "root": folder, "encoder": spec, "index_type": requested type,
+                                "owner": this index's id (also in its catalog)}
+                               The catalog URL is recorded without its password (catalog.connect_url).
     DIR/catalog.sqlite         the catalog when no other SQLAlchemy URL was given (WAL mode)
     DIR/vectors.<version>.faiss  the FAISS index; <version> is the catalog's index version
     DIR/.lock                  held (flock) by the one process allowed to write
