@@ -131,3 +131,15 @@ def test_build_killed_at_each_point_heals_on_each_catalog(tmp_path, sample_folde
         assert got.keys() == want.keys()
         for path in want:
             assert np.allclose(got[path], want[path], atol=1e-5), (point, path)
+
+
+def test_verify_keeps_only_a_consistent_version_on_each_catalog(tmp_path, sample_folder, tiny_lipsim, new_catalog,
+                                                                monkeypatch):
+    from test_index_trust import verify_with_a_commit_midway
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=NAMES)
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    report = verify_with_a_commit_midway(folder, index_dir, tiny_lipsim, monkeypatch)
+    assert report.ok, report.problems
+    assert report.facts["indexed_rows"] == len(NAMES) - 1

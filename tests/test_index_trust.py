@@ -510,21 +510,27 @@ def test_a_second_index_on_the_same_catalog_is_refused_and_the_first_stays_intac
 
 
 # 8. verify while a writer commits -------------------------------------------------------------------------
-def test_verify_reads_a_consistent_version_when_a_writer_commits_midway(built, tiny_lipsim, monkeypatch):
-    folder, index_dir = built
-    version = _index_meta(index_dir)["version"]
-    os.remove(folder / "rocket.png")  # the next update removes a row: a new version, the old file deleted
+def verify_with_a_commit_midway(folder, index_dir, encoder, monkeypatch):
+    """verify_index while a writer commits between verify's read of the committed version and its
+    read of the rows (that update removes a row: a new version, the old file deleted)."""
+    os.remove(folder / "rocket.png")
     real = Catalog.indexed_ids
     calls = []
 
     def writer_commits_first(self):
-        if not calls:  # between verify's read of the committed version and its read of the rows
-            update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+        if not calls:
+            update_index(index_dir, encoder=encoder, options=OPTS)
         calls.append(1)
         return real(self)
 
     monkeypatch.setattr(Catalog, "indexed_ids", writer_commits_first)
-    report = verify_index(index_dir)
+    return verify_index(index_dir)
+
+
+def test_verify_reads_a_consistent_version_when_a_writer_commits_midway(built, tiny_lipsim, monkeypatch):
+    folder, index_dir = built
+    version = _index_meta(index_dir)["version"]
+    report = verify_with_a_commit_midway(folder, index_dir, tiny_lipsim, monkeypatch)
     assert report.ok, report.problems
     assert report.facts["version"] == version + 1 and report.facts["indexed_rows"] == len(NAMES) - 1
 
