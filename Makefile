@@ -1,4 +1,5 @@
-# robret: `make demo` and `make test` do all set-up themselves on a fresh machine.
+# robret: `make demo` and `make test` do all set-up themselves on a fresh machine (the PostgreSQL
+# catalog tests install Debian's postgresql server themselves when it is missing, see tests/_postgres_fixtures.py).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +11,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# PyPI's torch build (not a local CPU-only wheel): torchvision, which dreamsim imports, needs it.
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,postgres]'
 	$(PY) -c "import torch, torchvision, faiss, dreamsim, pyautoattack, streamlit, sqlalchemy"
 	touch $(STAMP)
 

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .protocol import EncoderError
 
-__all__ = ["CheckpointError", "atomic_write", "atomic_write_text", "fsync_dir", "file_sha256", "save_tensors",
+__all__ = ["CheckpointError", "atomic_write", "atomic_write_text", "fsync_dir", "file_sha256", "fd_sha256", "save_tensors",
            "read_header", "load_tensors"]
 
 
@@ -52,10 +52,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex of a file's content."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        return fd_sha256(fd, chunk)
+    finally:
+        os.close(fd)
+
+
+def fd_sha256(fd: int, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex of an open file's whole content, read from its start (positional reads: the
+    descriptor's offset is left alone, so the same descriptor can then be loaded)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    offset = 0
+    while block := os.pread(fd, chunk, offset):
+        h.update(block)
+        offset += len(block)
     return h.hexdigest()
 
 

@@ -22,6 +22,8 @@ Reading — `Gallery` is the one object the CLI, the UI and the attacks use:
     g.paths(ids[0])                              # absolute Paths (None for −1); g.path(id) for one
     g.records(ids[0])                            # catalog rows: path, size, width, height, content_hash, notes…
     g.decode("query.jpg")                        # hardened decode: DecodedImage or DecodeError(kind, reason)
+    g.image(id)                                  # a gallery file as indexed (inside the root, same content
+                                                 # hash) or DecodeError (kind "changed": changed since indexed)
 
 Certified search lives in retrieval/search.py (it combines a Gallery with encoder.certify):
 
@@ -35,12 +37,12 @@ Certified search lives in retrieval/search.py (it combines a Gallery with encode
 Ids are stable 64-bit integers: a file keeps its id while it exists (a change re-embeds it under the
 same id; a rename moves the row and keeps the id); a removed file's id is never reused. Errors are
 typed (index.errors): CatalogError, SchemaVersionError, EncoderMismatchError, StoreError,
-IndexLockedError, FolderError, all GalleryError (a RuntimeError); decode failures are DecodeError.
+IndexLockedError, FolderError, IntegrityError (a StoreError), all GalleryError (a RuntimeError); decode failures are DecodeError.
 """
 from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, FileRecord
 from .decode import DecodedImage, DecodeError, DecodeLimits, read_image
 from .errors import (CatalogError, EncoderMismatchError, FolderError, GalleryError, IndexLockedError,
-                     SchemaVersionError, StoreError)
+                     IntegrityError, SchemaVersionError, StoreError)
 from .gallery import Gallery, open_gallery
 from .ingest import IngestOptions, IngestReport, build_index, repair_index, update_index
 from .store import VectorStore
@@ -49,6 +51,7 @@ from .verify import VerifyReport, index_stats, verify_index
 __all__ = [
     "Catalog", "CatalogError", "DecodeError", "DecodeLimits", "DecodedImage", "EncoderMismatchError", "FAILED",
     "FileRecord", "FolderError", "Gallery", "GalleryError", "INDEXED", "IndexLockedError", "IngestOptions",
+    "IntegrityError",
     "IngestReport", "REMOVED", "SCHEMA_VERSION", "SchemaVersionError", "StoreError", "VectorStore",
     "VerifyReport", "build_index", "index_stats", "open_gallery", "read_image", "repair_index", "update_index",
     "verify_index",

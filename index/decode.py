@@ -31,6 +31,8 @@ __all__ = [
     "DecodedImage",
     "read_image",
     "read_bytes",
+    "opened_path",
+    "is_inside",
     "decode_bytes",
     "check_shape",
     "oriented_size",
@@ -55,18 +57,22 @@ def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
-    """The file's bytes, or DecodeError(missing | permission | not_regular | too_large | unreadable)."""
+def read_bytes(path: str | os.PathLike | bytes, max_bytes: int,
+               root: str | os.PathLike | bytes | None = None) -> bytes:
+    """The file's bytes, or DecodeError(missing | permission | not_regular | too_large | unreadable |
+    symlink_loop | symlink_escape).
+
+    Nothing is trusted between a check and the read: the path is opened once, with O_NONBLOCK (a
+    FIFO or a device cannot block the open) and O_NOCTTY, and every check is made on the opened
+    descriptor — `fstat` refuses anything that is not a regular file before a byte is read, and with
+    `root` the file actually opened must lie inside the real `root` (resolved from the descriptor),
+    so a symlink or directory swapped in after a scan cannot lead outside the gallery. Symlinks are
+    followed (O_NOFOLLOW does not fit: links inside the root are part of a gallery), which is why
+    confinement is checked on the descriptor.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise DecodeError("not_regular", "not a regular file")
-            if st.st_size > max_bytes:
-                raise DecodeError("too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
-            return f.read(max_bytes + 1)
-    except DecodeError:
-        raise
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise DecodeError("missing", "file disappeared before it could be read") from None
     except PermissionError:
@@ -77,6 +83,60 @@ def read_bytes(path: str | os.PathLike, max_bytes: int) -> bytes:
         if exc.errno == errno.ELOOP:
             raise DecodeError("symlink_loop", "too many levels of symbolic links") from None
         raise DecodeError("unreadable", exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DecodeError("not_regular", "not a regular file (directory, device, FIFO or socket)")
+        if root is not None:
+            _check_confined(fd, st, path, root)
+        if st.st_size > max_bytes:
+            raise DecodeError("too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
+        chunks, total = [], 0
+        while block := os.read(fd, min(1 << 24, max_bytes + 1 - total)):
+            chunks.append(block)
+            total += len(block)
+            if total > max_bytes:  # grew since fstat
+                raise DecodeError("too_large", f"more than {max_bytes} bytes (the limit)")
+        return b"".join(chunks)
+    except OSError as exc:
+        raise DecodeError("unreadable", exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+
+
+def opened_path(fd: int, st: os.stat_result, path: str | os.PathLike | bytes) -> bytes | None:
+    """The real path of the file open as `fd` (bytes), or None when it cannot be established.
+
+    Linux names it in /proc/self/fd; elsewhere the resolved `path` counts only if it is the same
+    file (device and inode) as the descriptor.
+    """
+    try:
+        target = os.readlink(b"/proc/self/fd/%d" % fd)
+        if not target.endswith(b" (deleted)"):
+            return target
+        return None
+    except OSError:
+        pass
+    try:
+        resolved = os.path.realpath(os.fsencode(path))
+        same = os.stat(resolved)
+    except OSError:
+        return None
+    return resolved if (same.st_dev, same.st_ino) == (st.st_dev, st.st_ino) else None
+
+
+def is_inside(path: bytes, root: bytes) -> bool:
+    """`path` is `root` or below it (both absolute, already resolved)."""
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def _check_confined(fd: int, st: os.stat_result, path, root) -> None:
+    real_root = os.path.realpath(os.fsencode(root))
+    real = opened_path(fd, st, path)
+    if real is None:
+        raise DecodeError("unreadable", "could not establish which file was opened")
+    if not is_inside(real, real_root):
+        raise DecodeError("symlink_escape", f"resolves outside the indexed folder (→ {os.fsdecode(real)})")
 
 
 def read_image(path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:

@@ -6,11 +6,12 @@ name, dim, input_size, lipschitz), so any registered backend can fill a gallery.
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import torch
 
-__all__ = ["load", "identity", "weights_fingerprint", "embed_inputs", "pick_device"]
+__all__ = ["load", "canonical_spec", "identity", "weights_fingerprint", "embed_inputs", "pick_device"]
 
 
 def pick_device(force_cpu: bool = False) -> str:
@@ -28,6 +29,19 @@ def load(spec: str, device: str = "cpu"):
             raise ValueError(f"the default encoder {spec!r} is not available in this installation "
                              f"(its checkpoint is not bundled); pass --encoder with another spec. {exc}") from None
         raise
+
+
+def canonical_spec(spec: str) -> str:
+    """`spec` as recorded in an index: a checkpoint given by a relative path (`lipsim:FILE`) becomes
+    absolute, so that updates and queries from any directory load the same file. Registry names
+    (bundled models, presets) take precedence over files, as in `encoder.load_encoder`."""
+    from encoder import list_encoders
+
+    prefix, sep, arg = spec.partition(":")
+    if not sep or not arg or spec in list_encoders():
+        return spec
+    path = os.path.expanduser(arg)
+    return f"{prefix}:{os.path.abspath(path)}" if os.path.exists(path) else spec
 
 
 def weights_fingerprint(encoder) -> str | None:

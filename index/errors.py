@@ -7,6 +7,7 @@ __all__ = [
     "SchemaVersionError",
     "EncoderMismatchError",
     "StoreError",
+    "IntegrityError",
     "IndexLockedError",
     "FolderError",
 ]
@@ -30,6 +31,11 @@ class EncoderMismatchError(CatalogError):
 
 class StoreError(GalleryError):
     """The FAISS index file is missing, corrupt, or of the wrong dimension/version."""
+
+
+class IntegrityError(StoreError):
+    """The index file's bytes do not match the SHA-256 the catalog committed with its version
+    (corrupted or altered): nothing may be answered from it, and nothing built on it."""
 
 
 class IndexLockedError(GalleryError):

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import embedder
 from .catalog import Catalog, FileRecord, check_same_encoder
-from .decode import DecodedImage, DecodeLimits, read_image
+from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
 from .ingest import load_live_store
 from .layout import IndexDir
@@ -46,7 +47,7 @@ class Gallery:
         use_gpu=False keeps FAISS searches on the CPU even when a GPU is visible.
         """
         layout = IndexDir(index_dir)
-        catalog = Catalog.open(layout.catalog_url())
+        catalog = layout.open_catalog()
         for attempt in range(5):
             meta = catalog.meta()
             try:
@@ -187,6 +188,23 @@ class Gallery:
     def decode(self, path, limits: DecodeLimits | None = None) -> DecodedImage:
         """Read an image file with the gallery's hardened decoder (DecodeError with a reason)."""
         return read_image(path, limits or DecodeLimits(**self.meta.get("limits", {})))
+
+    def image(self, id: int, limits: DecodeLimits | None = None) -> Image.Image:
+        """The indexed file of `id`, decoded, only if it is still what was indexed.
+
+        The file is opened once and checked on the opened descriptor: a regular file, inside the
+        gallery's root (a symlink swapped in after indexing cannot show a file from elsewhere), whose
+        SHA-256 is the recorded content hash — else DecodeError (kind `changed`: "changed since
+        indexed"; or not_regular, symlink_escape, missing…). Callers silence PIL's
+        DecompressionBombWarning (see decode.decode_bytes).
+        """
+        rec = self.record(id)
+        limits = limits or DecodeLimits(**self.meta.get("limits", {}))
+        data = read_bytes(self._abs(rec.path_key), limits.max_bytes, root=self._root)
+        if rec.content_hash is None or hash_bytes(data) != rec.content_hash:
+            raise DecodeError("changed", "changed since indexed (its content is not the indexed file's); "
+                              "run `robret index update`")
+        return decode_bytes(data, limits)[0]
 
     def embed_images(self, images) -> np.ndarray:
         """PIL images → (n, dim) unit-norm float32 with the gallery's encoder and preprocessing."""

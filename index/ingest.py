@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -48,12 +49,12 @@ from PIL import Image
 from encoder.image import DecodeBudget, decode_cost
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, recorded_url, safe_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
-from .errors import CatalogError, EncoderMismatchError, StoreError
+from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
-from .scan import ScanEntry, scan_folder
-from .store import NORM_TOLERANCE, VectorStore, file_sha256, parse_factory, target_factory
+from .scan import ScanEntry, display_path, scan_folder
+from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]
 
@@ -93,6 +94,7 @@ class IngestReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     ignored: int = 0  # non-image or hidden entries
+    unlisted: list[str] = field(default_factory=list)  # directories that could not be listed (files kept)
     total: int = 0  # vectors in the index afterwards
     index_version: int = 0
     index_type: str = "Flat"
@@ -140,25 +142,33 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
     from encoder import DEFAULT_ENCODER
 
     options = options or IngestOptions()
-    encoder_spec = encoder_spec or DEFAULT_ENCODER
+    encoder_spec = embedder.canonical_spec(encoder_spec or DEFAULT_ENCODER)
     parse_factory(index_type)
     root = os.path.abspath(os.fsencode(folder))
     if not os.path.isdir(root):
         scan_folder(root)  # raises FolderError with the precise reason
     enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
     layout = IndexDir(index_dir)
+    record = None
+    if db_url is not None:
+        make_engine(db_url).dispose()  # an unusable URL is refused before anything is written
+        record = recorded_url(db_url)  # never its password
     with layout.writer_lock():
         if layout.exists():
             config = layout.read_config()
-            if db_url is not None and config.get("catalog") != db_url:
+            if db_url is not None and recorded_url(config.get("catalog") or "") != record:
                 raise CatalogError(f"{layout.path} already uses the catalog "
-                                   f"{config.get('catalog') or 'inside the directory'}")
+                                   f"{safe_url(config['catalog']) if config.get('catalog') else 'inside the directory'}")
             if config["encoder"] != encoder_spec:
                 raise EncoderMismatchError(f"{layout.path} is an index for {config['encoder']!r}, not "
                                            f"{encoder_spec!r}: encoders are never mixed; use another --index-dir")
         else:
-            config = layout.write_config(db_url, os.fsdecode(root), encoder_spec, index_type)
-        catalog = _open_or_create_catalog(layout, config, enc, options)
+            if db_url is not None and _catalog_initialised(db_url):
+                raise CatalogError(f"the catalog {safe_url(db_url)} already belongs to an index: each index needs "
+                                   "a catalog of its own (another --db database)")
+            config = layout.write_config(record, os.fsdecode(root), encoder_spec, index_type,
+                                         owner=uuid.uuid4().hex)
+        catalog = _open_or_create_catalog(layout, config, enc, options, url=db_url)
         try:
             meta = catalog.meta()
             if os.fsencode(meta["root"]) != root:
@@ -170,12 +180,14 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
             catalog.close()
 
 
-def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: IngestOptions) -> Catalog:
-    """The directory's catalog; created from the configuration when it is new, or when a creation was
-    interrupted before the catalog's metadata was committed (the configuration is written first)."""
-    url = layout.catalog_url(config)
+def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: IngestOptions,
+                            url: str | None = None) -> Catalog:
+    """The directory's catalog (at `url`, else the configured one); created from the configuration when
+    it is new, or when a creation was interrupted before the catalog's metadata was committed (the
+    configuration is written first)."""
+    url = url or layout.catalog_url(config)
     try:
-        return Catalog.open(url)
+        return layout.open_catalog(read_only=False, config=config, url=url)
     except CatalogError:
         if _catalog_initialised(url):
             raise
@@ -183,6 +195,8 @@ def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: Ingest
     if ident["lipschitz"] is not None and getattr(enc, "float_error", None) is not None:
         ident["float_error"] = float(enc.float_error)  # certificates' slack (encoder.certify.slack_for)
     return Catalog.create(url, {
+        "owner": config.get("owner"),
+        "index_dir": str(layout.path),
         "root": config["root"],
         "encoder": ident,
         "limits": asdict(options.limits or DecodeLimits()),
@@ -227,17 +241,23 @@ def _catalog_initialised(url: str) -> bool:
         catalog.close()
 
 
-def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True, check_sha: bool = False) -> VectorStore:
-    """The index file named by the catalog (an empty index at version 0), checked against the catalog."""
+def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True) -> VectorStore:
+    """The index file named by the catalog (an empty index at version 0), checked against the catalog:
+    its SHA-256 (IntegrityError on a mismatch, see VectorStore.read), dimension and row count.
+
+    Every open that answers queries (Gallery.open) or writes (build, update, repair) comes here, so
+    no answer and no new version is ever derived from a file that is not the one committed.
+    """
     version = int(index_meta["version"])
     if version == 0:
         return VectorStore.create(int(index_meta["dim"]), "Flat", use_gpu=use_gpu)
     path = layout.index_file(version)
     if not path.is_file():
         raise StoreError(f"index file {path.name} (version {version}) is missing; run `robret index repair`")
-    if check_sha and file_sha256(path) != index_meta.get("sha256"):
-        raise StoreError(f"index file {path.name} does not match the checksum recorded in the catalog")
-    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu)
+    if not index_meta.get("sha256"):
+        raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
+    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu,
+                             sha256=index_meta["sha256"])
     if store.dim != int(index_meta["dim"]):
         raise StoreError(f"index file has dimension {store.dim}, the catalog says {index_meta['dim']}")
     if store.ntotal != int(index_meta["rows"]):
@@ -285,7 +305,7 @@ class _Writer:
     # Setup ----------------------------------------------------------------------------------
     def _load_store(self) -> VectorStore:
         try:
-            store = load_live_store(self.layout, self.index_meta, self.options.use_gpu, check_sha=self.repair)
+            store = load_live_store(self.layout, self.index_meta, self.options.use_gpu)
         except StoreError as exc:
             if not self.repair:
                 raise
@@ -332,6 +352,7 @@ class _Writer:
         scan = scan_folder(self.root, exclude=(self.layout.path,))
         self.report.warnings.extend(scan.warnings)
         self.report.ignored = scan.ignored
+        self.report.unlisted = [display_path(p) or "." for p in scan.protected]
         self.rows = {r["id"]: r for r in self.catalog.plan_rows()}
         self.by_key = {r["path_key"]: r["id"] for r in self.rows.values()}
         self.next_id = self.catalog.max_id() + 1
@@ -369,7 +390,10 @@ class _Writer:
             row = self.rows.get(row_id) if row_id is not None else None
             same_stat = row is not None and row["size"] == entry.size and row["mtime_ns"] == entry.mtime_ns
             if entry.problem is not None:
-                if row is not None and row["status"] == FAILED and same_stat and row["reason"] == entry.problem.reason:
+                # Same kind, same stat: the same problem (its detail may name a process id, e.g. a link
+                # into /proc/self, and must not make every update a new version).
+                if (row is not None and row["status"] == FAILED and same_stat
+                        and (row["reason"] or "").split(":", 1)[0] == entry.problem.kind):
                     self.report.still_failed += 1
                 else:
                     self._fail(entry, row, entry.problem)
@@ -416,7 +440,7 @@ class _Writer:
     def _load(self, entry: ScanEntry, row: dict | None, allow_reuse: bool) -> _Loaded:
         """Worker thread: read, hash, and (unless the content is known) decode and preprocess."""
         try:
-            data = read_bytes(entry.path, self.limits.max_bytes)
+            data = read_bytes(entry.path, self.limits.max_bytes, root=self.root)
             digest = hash_bytes(data)
             if (row is not None and row["status"] == INDEXED and row["content_hash"] == digest
                     and row["id"] in self.in_store):

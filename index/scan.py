@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from .decode import DecodeError, IMAGE_EXTENSIONS
+from .decode import DecodeError, IMAGE_EXTENSIONS, is_inside
 from .errors import FolderError
 
 __all__ = ["ScanEntry", "ScanResult", "scan_folder", "display_path"]
@@ -57,10 +57,6 @@ class ScanResult:
 
 def _is_image(name: bytes) -> bool:
     return name.lower().endswith(_EXTENSIONS)
-
-
-def _inside(path: bytes, root: bytes) -> bool:
-    return path == root or path.startswith(root.rstrip(b"/") + b"/")
 
 
 def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLike, ...] = ()) -> ScanResult:
@@ -122,7 +118,7 @@ def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLik
                 continue
             if is_link:
                 target = os.path.realpath(e.path)
-                if not _inside(target, root_real):
+                if not is_inside(target, root_real):
                     detail = f"symbolic link leaves the indexed folder (→ {display_path(target)})"
                     if stat.S_ISDIR(st.st_mode):
                         warn(rel, detail + ", not followed")

@@ -31,9 +31,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from encoder.io import atomic_write, file_sha256, fsync_dir
+from encoder.io import atomic_write, fd_sha256, file_sha256, fsync_dir
 
-from .errors import StoreError
+from .errors import IntegrityError, StoreError
 
 __all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", "target_factory",
            "default_params", "file_sha256", "fsync_dir"]
@@ -169,11 +169,38 @@ class VectorStore:
 
     @classmethod
     def read(cls, path: str | os.PathLike, factory: str, params: dict | None = None,
-             use_gpu: bool = True) -> "VectorStore":
+             use_gpu: bool = True, sha256: str | None = None) -> "VectorStore":
+        """Load an index file; with `sha256`, only if its bytes have that digest (else IntegrityError).
+
+        Integrity design: the whole file is hashed at every open that passes `sha256`, whatever its
+        size. FAISS reads the whole file at open anyway (no lazy loading here), so the check costs
+        one more sequential pass over bytes already in the page cache: proportional to what is read.
+        The file is opened once; the digest is taken and the index loaded through that one
+        descriptor, so what is checked is the very inode that is loaded (a file swapped in between
+        cannot slip through). Index files are never rewritten in place (a new version is a new file
+        renamed into place), so a match means the bytes committed with the version. Per-segment
+        checksums belong with lazily loaded (memory-mapped) segments, where each read would check
+        only the segment it touches.
+        """
         try:
-            index = faiss.read_index(os.fspath(path))
-        except RuntimeError as exc:
-            raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
+            fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise StoreError(f"cannot read index file {path}: {exc.strerror or exc}") from None
+        try:
+            if sha256 is not None:
+                digest = fd_sha256(fd)
+                if digest != sha256:
+                    raise IntegrityError(
+                        f"index file {Path(path).name} has SHA-256 {digest[:16]}…, not the {str(sha256)[:16]}… "
+                        "committed with its version: it is corrupted or was altered, and nothing is answered "
+                        f"from it; run `robret index repair {Path(path).parent}`")
+            source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fspath(path)
+            try:
+                index = faiss.read_index(source)
+            except RuntimeError as exc:
+                raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
+        finally:
+            os.close(fd)
         if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
         return cls(index, factory, params, use_gpu)

@@ -9,22 +9,32 @@ Checks, each one a line in `problems` when it fails:
   norms        every stored vector has unit norm (|‖v‖ − 1| ≤ NORM_TOLERANCE) and is finite
   dim          the index dimension equals the recorded encoder's
   type         the index type is the recorded one
+A writer may commit meanwhile (its commit changes rows and the version in one transaction, then
+deletes the old version's file). A report is therefore kept only if the committed version is the
+same after every check as before them: version numbers only grow, so then no commit happened in
+between and everything read belongs to one version. Otherwise the checks are run again on the new
+version (a few times).
 Leftover files of interrupted writes are reported as notes (harmless: the next writer deletes them).
 `check_files=True` also stats every indexed file (present, same size) — folder drift, not corruption.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .catalog import INDEXED, Catalog
+from .catalog import INDEXED, Catalog, safe_url
 from .errors import GalleryError
 from .layout import IndexDir
 from .store import NORM_TOLERANCE, VectorStore, file_sha256
 
 __all__ = ["VerifyReport", "verify_index", "index_stats"]
+
+log = logging.getLogger(__name__)
+SNAPSHOT_ATTEMPTS = 20  # verify runs again while writers keep committing, at most this often
 
 
 @dataclass
@@ -33,25 +43,37 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     facts: dict = field(default_factory=dict)
+    repairable: bool = True  # False when the catalog itself could not be read: repair cannot help
 
     def fail(self, message: str) -> None:
         self.ok = False
         self.problems.append(message)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "facts": self.facts}
+        return {"ok": self.ok, "problems": self.problems, "notes": self.notes, "facts": self.facts,
+                "repairable": self.repairable}
 
 
 def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
     report = VerifyReport()
     layout = IndexDir(index_dir)
     try:
-        catalog = Catalog.open(layout.catalog_url())
+        catalog = layout.open_catalog()
     except GalleryError as exc:
         report.fail(f"schema: {exc}")
+        report.repairable = False
         return report
     try:
-        _verify(layout, catalog, report, check_files)
+        for attempt in range(SNAPSHOT_ATTEMPTS):
+            report = VerifyReport()
+            _verify(layout, catalog, report, check_files)
+            if catalog.meta()["index"]["version"] == report.facts["version"]:
+                return report  # nothing was committed while this version was read: a consistent snapshot
+            log.info("a writer committed while version %s was being verified; verifying the new one",
+                     report.facts["version"])
+            time.sleep(0.01 * (attempt + 1))
+        report.notes.append(f"a writer committed {SNAPSHOT_ATTEMPTS} new versions while this ran: "
+                            "the report may mix them; run verify again when the writer is done")
     finally:
         catalog.close()
     return report
@@ -74,7 +96,11 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
     if not path.is_file():
         report.fail(f"file: {path.name} (version {version}) is missing")
         return
-    digest = file_sha256(path)
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:  # e.g. deleted by a writer that committed a newer version meanwhile
+        report.fail(f"file: {path.name} (version {version}) cannot be read: {exc.strerror or exc}")
+        return
     if digest != index_meta.get("sha256"):
         report.fail(f"checksum: {path.name} has SHA-256 {digest[:16]}…, the catalog recorded "
                     f"{str(index_meta.get('sha256'))[:16]}…")
@@ -127,7 +153,7 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
 def index_stats(index_dir) -> dict:
     """What `robret index stats` prints: root, encoder, file counts by status, failure kinds, index facts."""
     layout = IndexDir(index_dir)
-    catalog = Catalog.open(layout.catalog_url())
+    catalog = layout.open_catalog()
     try:
         meta = catalog.meta()
         version = int(meta["index"]["version"])
@@ -149,6 +175,4 @@ def index_stats(index_dir) -> dict:
 
 
 def _display_url(layout: IndexDir) -> str:
-    from .catalog import _safe
-
-    return _safe(layout.catalog_url())
+    return safe_url(layout.catalog_url())

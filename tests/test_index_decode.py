@@ -105,18 +105,16 @@ def test_unreadable_file_gets_permission_reason(tmp_path):
 
 def test_permission_error_becomes_a_reason(tmp_path, monkeypatch):
     # Tests run as root here, where chmod 000 does not stop reading: inject the error open() would raise.
-    import builtins
-
-    real_open = builtins.open
+    real_open = os.open
 
     def deny(path, *a, **kw):
-        if str(path).endswith("locked.png"):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        if os.fsdecode(path).endswith("locked.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
         return real_open(path, *a, **kw)
 
     path = tmp_path / "locked.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(path)
-    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(os, "open", deny)
     with pytest.raises(DecodeError) as err:
         read_image(path)
     assert err.value.kind == "permission" and err.value.reason == "permission: permission denied"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from encoder.choose import DEFAULT_DREAMSIM  # noqa: F401  (re-exported: the comparison the page prefers)
 
@@ -58,13 +58,12 @@ class Opened:
 
 
 # --- gallery images ------------------------------------------------------------------------------------
-def read_gallery_image(path: Path) -> Image.Image:
-    """A gallery file through the gallery's own hardened decoder (DecodeError with a reason)."""
-    from index.decode import read_image
-
+def read_gallery_image(gallery, item_id: int) -> Image.Image:
+    """A gallery file as indexed (index.Gallery.image: inside the gallery's folder, content unchanged),
+    else DecodeError with a reason (kind "changed": changed since indexed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return read_image(path).image
+        return gallery.image(item_id)
 
 
 def thumbnail_bytes(image: Image.Image, side: int) -> bytes:
@@ -80,9 +79,27 @@ def thumbnail_bytes(image: Image.Image, side: int) -> bytes:
     return buf.getvalue()
 
 
-def placeholder_bytes(side: int) -> bytes:
+def gallery_thumbnail(gallery, item_id: int, side: int) -> bytes:
+    """A gallery file's thumbnail; a labelled placeholder when the file is no longer what was indexed
+    ("changed since indexed"), has left the folder, or is gone: such a file's pixels are never shown."""
+    from index.decode import DecodeError
+
+    try:
+        image = read_gallery_image(gallery, item_id)
+    except DecodeError as exc:
+        return placeholder_bytes(side, "changed since\nindexed" if exc.kind == "changed"
+                                 else exc.kind.replace("_", " "))
+    return thumbnail_bytes(image, side)
+
+
+def placeholder_bytes(side: int, text: str = "") -> bytes:
+    """A grey JPEG square, with `text` (e.g. "changed since indexed") written across it."""
+    im = Image.new("RGB", (side, side), (200, 200, 200))
+    draw = ImageDraw.Draw(im)
+    for n, line in enumerate(text.split("\n") if text else []):
+        draw.text((6, 6 + 14 * n), line, fill=(90, 20, 20))
     buf = io.BytesIO()
-    Image.new("RGB", (side, side), (200, 200, 200)).save(buf, format="JPEG")
+    im.save(buf, format="JPEG")
     return buf.getvalue()
 
 

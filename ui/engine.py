@@ -163,8 +163,8 @@ class Engine:
 
     # -- gallery images ---------------------------------------------------------------------------------
     def image(self, item_id: int):
-        """The gallery file as a decoded PIL image (the same decoder as indexing)."""
-        return backend.read_gallery_image(self.by_id[item_id].path)
+        """The gallery file as a decoded PIL image, only as indexed (DecodeError otherwise)."""
+        return backend.read_gallery_image(self.lipsim.index.gallery, item_id)
 
     def thumbnail(self, item_id: int, side: int = 160) -> bytes:
         """A JPEG thumbnail of a gallery image (cached; shared, immutable once made)."""
@@ -172,7 +172,7 @@ class Engine:
         if data is None and item_id not in self.by_id:
             return backend.placeholder_bytes(side)
         if data is None:
-            data = backend.thumbnail_bytes(self.image(item_id), side)
+            data = backend.gallery_thumbnail(self.lipsim.index.gallery, item_id, side)
             if len(self._thumbs) > 4096:  # bounded: large galleries are browsed a few images at a time
                 self._thumbs.clear()
             self._thumbs[item_id] = data

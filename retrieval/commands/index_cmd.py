@@ -6,6 +6,8 @@ import math
 import os
 import sys
 
+from ._argtypes import nonnegative_float, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("index", help="build and maintain an image index",
@@ -21,10 +23,12 @@ def register(sub) -> None:
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
     b.add_argument("--db", default=None, metavar="URL",
-                   help="SQLAlchemy URL of the catalog (default: SQLite file inside --index-dir)")
+                   help="SQLAlchemy URL of the catalog (default: $ROBRET_DB_URL if set, else a SQLite file "
+                   "inside --index-dir). Never recorded with its password: give the password in "
+                   "$ROBRET_DB_URL, or to PostgreSQL through PGPASSWORD or ~/.pgpass")
     b.add_argument("--index-type", default="auto", metavar="TYPE",
                    help="Flat, IVF<nlist>,Flat, HNSW<M> or auto (exact Flat below 1M vectors; default)")
-    b.add_argument("--max-pixels", type=int, default=None,
+    b.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse images with more pixels (decompression bombs; default 64,000,000)")
     _common_run_args(b)
     b.set_defaults(func=_build)
@@ -66,10 +70,10 @@ def register(sub) -> None:
                        "continuous in their samples (colour-key transparency, palettes) get no radius.")
     q.add_argument("image", help="query image file")
     q.add_argument("--index-dir", required=True)
-    q.add_argument("-k", type=int, default=10, help="results (default 10)")
-    q.add_argument("--certify-eps", type=float, default=None, metavar="E",
+    q.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
+    q.add_argument("--certify-eps", type=nonnegative_float, default=None, metavar="E",
                    help="also say whether the top-k set is certified against every ‖δ‖₂ ≤ E")
-    q.add_argument("--candidates", type=int, default=None, metavar="M",
+    q.add_argument("--candidates", type=positive_int, default=None, metavar="M",
                    help="list length used for the certificate (default max(2k, k+64))")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
     q.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
@@ -78,9 +82,9 @@ def register(sub) -> None:
 
 
 def _common_run_args(p) -> None:
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default 32)")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default min(4, CPUs))")
-    p.add_argument("--checkpoint-seconds", type=float, default=120.0,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (default 32)")
+    p.add_argument("--workers", type=positive_int, default=None, help="decode threads (default min(4, CPUs))")
+    p.add_argument("--checkpoint-seconds", type=nonnegative_float, default=120.0,
                    help="write the index and commit the catalog at least this often (default 120)")
     p.add_argument("--cpu", action="store_true", help="keep FAISS and the encoder on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,12 +95,12 @@ def _options(args):
     from index import IngestOptions
     from index.decode import DecodeLimits
 
-    opts = IngestOptions(batch_size=max(1, args.batch_size), checkpoint_seconds=args.checkpoint_seconds,
+    opts = IngestOptions(batch_size=args.batch_size, checkpoint_seconds=args.checkpoint_seconds,
                          progress=not args.no_progress and not args.json and sys.stderr.isatty(),
                          use_gpu=not args.cpu, retry_failed=getattr(args, "retry_failed", False))
     if args.workers is not None:
-        opts.workers = max(1, args.workers)
-    if getattr(args, "max_pixels", None):
+        opts.workers = args.workers
+    if getattr(args, "max_pixels", None) is not None:
         opts.limits = DecodeLimits(max_pixels=args.max_pixels)
     return opts
 
@@ -104,8 +108,10 @@ def _options(args):
 def _build(args) -> int:
     from index import build_index
 
-    report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db, index_type=args.index_type,
-                         options=_options(args))
+    from index.catalog import DB_URL_ENV
+
+    report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db or os.environ.get(DB_URL_ENV),
+                         index_type=args.index_type, options=_options(args))
     return _print_report(report, args.json)
 
 
@@ -150,18 +156,20 @@ def _print_report(report, as_json: bool) -> int:
             print(f"    {path}: {reason}")
         if len(report.failed) > 20:
             print(f"    … {len(report.failed) - 20} more (robret index stats DIR --failed N)")
+    if report.unlisted:
+        print(f"  unlisted     {len(report.unlisted):>5}  directories that could not be listed")
     for w in report.warnings[:10]:
         print(f"  warning: {w}")
     return 0
 
 
 def _stats(args) -> int:
-    from index import FAILED, Catalog, index_stats
+    from index import FAILED, index_stats
     from index.layout import IndexDir
 
     stats = index_stats(args.index_dir)
     layout = IndexDir(args.index_dir)
-    catalog = Catalog.open(layout.catalog_url())
+    catalog = layout.open_catalog()
     try:
         failed = [(r.path, r.reason) for r in catalog.find(FAILED, limit=args.failed)] if args.failed else []
     finally:
@@ -178,6 +186,10 @@ def _stats(args) -> int:
     print(f"index      {idx['factory']} (requested {idx.get('requested')}), version {idx['version']}, "
           f"{idx['rows']} vectors, {idx['bytes'] / 2**20:.1f} MiB, params {idx.get('params') or {}}")
     print(f"files      {files['indexed']} indexed, {files['failed']} failed, {files['removed']} removed")
+    unlisted = (stats.get("last_run") or {}).get("unlisted") or []
+    if unlisted:
+        print(f"unlisted   {len(unlisted)} director{'y' if len(unlisted) == 1 else 'ies'} could not be listed at the "
+              f"last update (their files are kept as they were): {', '.join(unlisted[:10])}")
     if stats["failures"]:
         print("failures   " + ", ".join(f"{k} {n}" for k, n in stats["failures"].items()))
         for path, reason in failed:
@@ -197,8 +209,9 @@ def _verify(args) -> int:
             print(f"OK: version {f.get('version')}, {f.get('ntotal', 0)} vectors = {f.get('indexed_rows')} indexed "
                   f"rows, ids equal, norms 1, checksum matches")
         else:
-            print("INCONSISTENT:", *report.problems, sep="\n  ")
-            print("run `robret index repair DIR` to fix it")
+            print("INCONSISTENT:" if report.repairable else "CANNOT VERIFY:", *report.problems, sep="\n  ")
+            if report.repairable:
+                print("run `robret index repair DIR` to fix it")
         for note in report.notes:
             print(f"note: {note}")
     return 0 if report.ok else 1

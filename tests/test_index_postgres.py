@@ -1,0 +1,145 @@
+"""The catalog on SQLite and on a real PostgreSQL server (started by tests/_postgres_fixtures.py):
+build, update, verify, tampering, ownership, credentials and SIGKILLs at each commit point."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from index import (CatalogError, Gallery, IngestOptions, IntegrityError, build_index, repair_index, update_index,
+                   verify_index)
+from index.catalog import DB_URL_ENV
+from retrieval.cli import main as robret
+from _index_fixtures import copy_photos
+from _postgres_fixtures import PASSWORD, postgres_server  # noqa: F401 - a fixture
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTS = IngestOptions(workers=1, batch_size=3)
+NAMES = ("coffee", "coins", "camera", "moon", "rocket")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_catalog(request, tmp_path, monkeypatch):
+    """new_catalog() → the URL of an empty catalog database on this parameter's backend."""
+    if request.param == "sqlite":
+        count = iter(range(100))
+        return lambda: f"sqlite:///{tmp_path / f'catalog-{next(count)}.db'}"
+    server = request.getfixturevalue("postgres_server")
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    return lambda: server.url(server.create_database())
+
+
+def _ids(index_dir) -> dict[str, int]:
+    with Gallery.open(index_dir) as g:
+        return {r.path: r.id for r in g.catalog.find()}
+
+
+def test_build_search_update_tamper_repair_on_each_catalog(tmp_path, sample_folder, tiny_lipsim, new_catalog):
+    from test_index_trust import _swap_two_vectors
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=NAMES)
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        q = g.embed_images([g.decode(folder / "moon.png").image])
+        scores, found = g.search(q, k=1)
+        assert g.paths(found[0])[0].name == "moon.png" and scores[0, 0] > 0.999
+    os.remove(folder / "rocket.png")
+    assert update_index(index_dir, encoder=tiny_lipsim, options=OPTS).removed == 1
+    assert verify_index(index_dir).ok
+    ids = _ids(index_dir)
+    _swap_two_vectors(index_dir, ids["coffee.png"], ids["moon.png"])
+    with pytest.raises(IntegrityError, match="repair"):
+        Gallery.open(index_dir)
+    with pytest.raises(IntegrityError):
+        update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    repair_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    assert verify_index(index_dir).ok
+
+
+def test_two_indexes_share_a_server_not_a_catalog(tmp_path, sample_folder, tiny_lipsim, new_catalog):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins", "camera"))
+    url_a = new_catalog()
+    build_index(folder, tmp_path / "a", "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url_a, options=OPTS)
+    with pytest.raises(CatalogError, match="already belongs to an index"):
+        build_index(folder, tmp_path / "b", "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url_a, options=OPTS)
+    build_index(folder, tmp_path / "c", "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    assert verify_index(tmp_path / "a").ok and verify_index(tmp_path / "c").ok
+
+
+def test_postgres_password_is_never_written_and_comes_from_the_environment(tmp_path, sample_folder,
+                                                                           postgres_server, monkeypatch, capsys):
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    index_dir = tmp_path / "index"
+    database = postgres_server.create_database()
+    with_password = postgres_server.url(database, PASSWORD)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.delenv(DB_URL_ENV, raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no-pgpass"))
+    assert robret(["index", "build", str(folder), "--index-dir", str(index_dir), "--db", with_password,
+                   "--encoder", "lipsim:cpu-tiny", "--cpu", "--no-progress"]) == 0
+    assert robret(["index", "stats", str(index_dir)]) == 1  # no password anywhere: refused, with a message
+    monkeypatch.setenv(DB_URL_ENV, with_password)  # the password from the environment …
+    assert robret(["index", "stats", str(index_dir)]) == 0
+    monkeypatch.delenv(DB_URL_ENV)
+    pgpass = tmp_path / "pgpass"  # … or from libpq's password file
+    pgpass.write_text(f"*:*:*:{postgres_server.user}:{PASSWORD}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    assert robret(["index", "verify", str(index_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert PASSWORD not in out + err
+    pgpass.unlink()
+    for dirpath, _dirs, files in os.walk(tmp_path):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                assert PASSWORD.encode() not in f.read(), name
+
+
+def test_build_killed_at_each_point_heals_on_each_catalog(tmp_path, sample_folder, tiny_lipsim, new_catalog):
+    from index.ingest import CRASH_ENV
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=NAMES)
+    clean = tmp_path / "clean"
+    build_index(folder, clean, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    with Gallery.open(clean) as g:
+        want = {r.path: g.vectors([r.id])[0] for r in g.catalog.find()}
+    procs = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    for point in ("batch:1", "write:2", "rename:1", "commit:1"):
+        index_dir = tmp_path / f"killed-{point.replace(':', '-')}"
+        args = ["index", "build", str(folder), "--index-dir", str(index_dir), "--encoder", "lipsim:cpu-tiny",
+                "--db", new_catalog(), "--batch-size", "2", "--checkpoint-seconds", "0", "--workers", "1",
+                "--no-progress", "--cpu"]
+        procs[point] = (index_dir, subprocess.Popen([sys.executable, "-m", "retrieval.cli", *args],
+                                                    env={**env, CRASH_ENV: point}, cwd=ROOT,
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for point, (index_dir, proc) in procs.items():
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == -signal.SIGKILL, (point, err.decode()[-2000:])
+        report = verify_index(index_dir)
+        assert report.ok, (point, report.problems)
+        update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+        report = verify_index(index_dir)
+        assert report.ok and not report.notes, (point, report.problems, report.notes)
+        with Gallery.open(index_dir) as g:
+            got = {r.path: g.vectors([r.id])[0] for r in g.catalog.find()}
+        assert got.keys() == want.keys()
+        for path in want:
+            assert np.allclose(got[path], want[path], atol=1e-5), (point, path)
+
+
+def test_verify_keeps_only_a_consistent_version_on_each_catalog(tmp_path, sample_folder, tiny_lipsim, new_catalog,
+                                                                monkeypatch):
+    from test_index_trust import verify_with_a_commit_midway
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=NAMES)
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    report = verify_with_a_commit_midway(folder, index_dir, tiny_lipsim, monkeypatch)
+    assert report.ok, report.problems
+    assert report.facts["indexed_rows"] == len(NAMES) - 1
