@@ -62,7 +62,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS", "DecodeLimits", "DecodeError", "decode_bytes", "check_shape", "oriented_size",
     "exif_orientation", "Pixels", "pixels", "to_rgb", "channel_lipschitz", "LAYOUT_CHANNELS", "SAMPLES16_KEY",
-    "is_image_name", "DecodeBudget", "decode_cost",
+    "is_image_name", "DecodeBudget", "decode_cost", "check_header",
 ]
 
 # Extensions that count as images (compared lower-case), for training, indexing and benchmarks alike.
@@ -175,6 +175,27 @@ def _looks_like_text(head: bytes) -> bool:
             return False
     printable = sum(ch.isprintable() or ch in "\r\n\t" for ch in text)
     return printable >= 0.95 * max(1, len(text))
+
+
+def check_header(head: bytes) -> None:
+    """Refuse, from its first bytes alone, a file that no image decoder would accept: DecodeError(text |
+    not_image). Lets a reader stop before reading the body of a large non-image file. The same test
+    Pillow's `Image.open` makes (each format's magic-number check on the first 16 bytes), plus a header
+    parse for the few formats that have no magic number (TGA, …)."""
+    if not head:
+        return
+    Image.init()
+    if any(accept is not None and accept(head[:16]) for _, accept in Image.OPEN.values()):
+        return
+    no_magic = [fmt for fmt, (_, accept) in Image.OPEN.items() if accept is None]
+    try:
+        with Image.open(io.BytesIO(head), formats=no_magic):
+            return
+    except Exception:
+        pass
+    if _looks_like_text(head[:512]):
+        raise DecodeError("text", "a text file, not an image (despite its extension)")
+    raise DecodeError("not_image", "unrecognised image format")
 
 
 def decode_bytes(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Image.Image, list[str], str | None]:

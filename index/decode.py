@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from encoder.image import (IMAGE_EXTENSIONS, DecodeError, DecodeLimits, check_shape, decode_bytes,
-                           oriented_size)
+from encoder.image import (IMAGE_EXTENSIONS, DecodeError, DecodeLimits, check_header, check_shape,
+                           decode_bytes, oriented_size)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -91,7 +91,9 @@ def read_bytes(path: str | os.PathLike | bytes, max_bytes: int,
             _check_confined(fd, st, path, root)
         if st.st_size > max_bytes:
             raise DecodeError("too_large", f"{st.st_size} bytes exceeds the {max_bytes}-byte limit")
-        chunks, total = [], 0
+        head = os.read(fd, min(1 << 16, max_bytes + 1))
+        check_header(head)  # a large non-image file is refused before its body is read
+        chunks, total = [head], len(head)
         while block := os.read(fd, min(1 << 24, max_bytes + 1 - total)):
             chunks.append(block)
             total += len(block)

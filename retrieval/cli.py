@@ -35,7 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _return_large_frees_to_the_os() -> None:
+    """glibc raises its mmap threshold after each large free (up to 32 MB), after which large buffers
+    come from per-thread heaps that are rarely returned to the OS: decode workers handling very large
+    images then grow the process by hundreds of MB. A fixed 1 MB threshold keeps every large buffer
+    (decoded images, sample arrays) in its own mapping, returned on free. Measured on a build over four
+    64-megapixel PNGs with 4 workers: peak RSS 2126 MB → 1592 MB (benchmarks/decode_memory.py).
+    A process setting of the command-line program, not of the library."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _return_large_frees_to_the_os()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for provenance records

@@ -385,3 +385,29 @@ def test_decode_cost_covers_the_decoded_image_and_the_samples_copy():
     data = _save(Image.fromarray(_rng_u8((300, 200, 3))), "PNG")
     assert decode_cost(data) >= 2 * 300 * 200 * 3
     assert decode_cost(b"not an image") == 0
+
+
+def test_a_large_non_image_file_is_refused_from_its_header_before_its_body_is_read(tmp_path):
+    import tracemalloc
+
+    from index.decode import read_bytes
+    from encoder.image import DecodeError
+
+    big = tmp_path / "archive.jpg"  # 200 MB, sparse: not an image despite its extension
+    with open(big, "wb") as f:
+        f.write(b"PK\x03\x04" + bytes(range(256)) * 64)
+        f.truncate(200 * 2**20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecodeError) as err:
+            read_bytes(big, 512 * 2**20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.kind == "not_image"
+    assert peak < 32 * 2**20, peak  # the first 64 KB were read (and a few MB of plugin imports), not 200 MB
+    # a real image still reads whole (TIFF: no magic problem; TGA: no magic number at all)
+    for fmt in ("TIFF", "TGA", "PNG"):
+        path = tmp_path / f"ok.{fmt.lower()}"
+        Image.fromarray(_rng_u8((40, 30, 3))).save(path, format=fmt)
+        assert read_bytes(path, 512 * 2**20) == path.read_bytes()
