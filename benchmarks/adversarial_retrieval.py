@@ -68,7 +68,7 @@ def _load(spec: str, device: str):
         enc = load_encoder(spec, device=device)
     except Exception as exc:  # weights absent, backend not installed, … — say so and go on
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-    if "random" in getattr(enc, "name", ""):
+    if not enc.pretrained:
         log.warning("%s has random weights: its numbers show the machinery, not a trained model", spec)
     return enc, None
 

@@ -107,7 +107,7 @@ def bench_build(n_images: int, workers: int, batch_size: int) -> dict:
         again = update_index(tmp / "index", encoder=enc, options=IngestOptions(workers=workers))
         rescan = time.perf_counter() - t
         return {
-            "encoder": spec, "encoder_name": enc.name, "random_weights": "random" in enc.name,
+            "encoder": spec, "encoder_name": enc.name, "random_weights": not enc.pretrained,
             "images": n_images, "image_size": "480x360 JPEG q90", "workers": workers, "batch_size": batch_size,
             "seconds": wall, "images_per_second": n_images / wall, "embed_seconds": report.embed_seconds,
             "embed_images_per_second": n_images / report.embed_seconds if report.embed_seconds else None,

@@ -10,6 +10,7 @@ from .lipsim import LipSimEncoder, LipSimNet
 from .presets import PRESETS, LipSimConfig, get_preset, list_presets
 from .protocol import Encoder, EncoderError, TorchEncoder
 from .registry import DEFAULT_ENCODER, list_encoders, load_encoder, load_metric, register_backend
+from . import dreamsim_backend, pixels, standard  # noqa: F401 (they register their backends)
 
 __all__ = [
     "CheckpointError", "DEFAULT_ENCODER", "Encoder", "EncoderError", "LipSimConfig", "LipSimEncoder",

@@ -1,4 +1,4 @@
-"""robret checkpoints: safetensors tensors plus a JSON header (preset shape, provenance).
+"""robret LipSim checkpoints (the safetensors-with-header format of encoder.io) and the `lipsim:` backend.
 
 Header keys (all strings, as safetensors metadata requires):
     format      "robret-lipsim"      version   "1"
@@ -8,86 +8,35 @@ Loading is strict: every expected tensor present, nothing unexpected, shapes equ
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .convert import load_official
+from .io import CheckpointError, load_tensors, read_header as _read_header, save_tensors
 from .lipsim import LipSimEncoder
-from .presets import LipSimConfig
+from .presets import PRESETS, LipSimConfig
 from .protocol import EncoderError
+from .registry import bundled_weights, register_backend
 
-__all__ = ["CheckpointError", "save_lipsim", "load_lipsim", "read_header", "write_safetensors"]
+__all__ = ["CheckpointError", "save_lipsim", "load_lipsim", "read_header"]
 
 FORMAT = "robret-lipsim"
 VERSION = "1"
 
 
-class CheckpointError(EncoderError):
-    """A checkpoint file is missing, truncated, of the wrong format or of the wrong shape."""
-
-
-def write_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Write tensors + string metadata atomically: temporary file in the same folder, then rename.
-
-    A reader sees the old file or the new one, never a torn one. Permissions follow the umask.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "custom",
                 provenance: dict | None = None) -> Path:
-    """Write `encoder`'s weights atomically (temporary file, then rename) with its header."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.net.state_dict().items()}
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": encoder.config.to_json(),
-        "preset": preset,
-        "provenance": json.dumps(provenance or {}, sort_keys=True),
-    }
-    return write_safetensors(tensors, path, meta)
+    """Write `encoder`'s weights atomically (encoder.io.atomic_write) with its header."""
+    return save_tensors(path, encoder.net.state_dict(), FORMAT, VERSION, encoder.config.to_json(), preset=preset,
+                        provenance=provenance or {})
 
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a robret checkpoint, with `config` and `provenance` decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a robret LipSim checkpoint (format={meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this robret reads {VERSION}")
-    try:
-        meta["config"] = LipSimConfig.from_json(meta["config"])
-        meta["provenance"] = json.loads(meta.get("provenance", "{}"))
-    except (KeyError, TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: corrupt robret header (config/provenance): {exc!r}") from exc
-    return meta
+    return _read_header(path, FORMAT, VERSION, "LipSim checkpoint", config=LipSimConfig.from_json,
+                        json_fields=("provenance",))
 
 
 def load_lipsim(path: str | os.PathLike, name: str | None = None, freeze: bool = True) -> LipSimEncoder:
@@ -95,14 +44,10 @@ def load_lipsim(path: str | os.PathLike, name: str | None = None, freeze: bool =
     path = Path(path)
     meta = read_header(path)
     enc = LipSimEncoder(
-        meta["config"], name=name or f"lipsim:{path.stem}",
+        meta["config"], name=name or f"lipsim:{path.stem}", pretrained=True,
         metadata={"preset": meta.get("preset"), "weights": str(path), "provenance": meta["provenance"]},
     )
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: cannot read tensors (truncated or corrupt?): {exc}") from exc
+    state = load_tensors(path)
     expected = enc.net.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -113,3 +58,28 @@ def load_lipsim(path: str | os.PathLike, name: str | None = None, freeze: bool =
         )
     enc.net.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     return enc.freeze() if freeze else enc
+
+
+@register_backend("lipsim", lister=lambda: [*bundled_weights("lipsim"), *PRESETS])
+def _load_backend(arg: str, seed: int = 0, **_) -> LipSimEncoder:
+    """`lipsim:<bundled name | preset | .safetensors path | official .pth path>` (encoder.registry)."""
+    bundled = bundled_weights("lipsim")
+    if arg in bundled:
+        return load_lipsim(bundled[arg], name=f"lipsim:{arg}")
+    if arg in PRESETS:
+        with torch.random.fork_rng(devices=[]):  # seeded weights without resetting the caller's RNG
+            torch.manual_seed(seed)
+            enc = LipSimEncoder(PRESETS[arg], name=f"lipsim:{arg} (random weights)", pretrained=False,
+                                metadata={"preset": arg, "weights": f"random (seed {seed})"})
+        return enc.freeze()
+    path = Path(arg).expanduser()
+    if path.suffix == ".safetensors":
+        return load_lipsim(path)
+    if path.suffix in (".pth", ".pt", ".tar", ".ckpt"):
+        return load_official(path)
+    if arg and path.exists():
+        raise EncoderError(f"{path}: unknown checkpoint type (expected .safetensors, or an official .pth)")
+    raise ValueError(
+        f"unknown LipSim checkpoint {arg!r}: not a bundled model ({', '.join(bundled) or 'none installed'}), "
+        f"a preset ({', '.join(PRESETS)}), or an existing file"
+    )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .io import CheckpointError
 from .lipsim import LipSimEncoder
 from .presets import PRESETS, LipSimConfig
 
@@ -145,7 +145,7 @@ def load_official(path: str | os.PathLike, embed_dim: int = 1792, mean=None, std
         )
     config, converted = convert_official_state_dict(state, embed_dim=embed_dim, mean=mean, std=std)
     preset = next((name for name, c in PRESETS.items() if c == config), "custom")
-    enc = LipSimEncoder(config, name=f"lipsim:{path.stem}",
+    enc = LipSimEncoder(config, name=f"lipsim:{path.stem}", pretrained=True,
                         metadata={"preset": preset, "weights": f"{path} (official, converted)"})
     try:
         enc.net.load_state_dict(converted)

@@ -179,6 +179,7 @@ class DreamSimEncoder(TorchEncoder):
 
     input_size = 224
     lipschitz = None
+    pretrained = True  # DreamSim's released weights
 
     def __init__(self, model: torch.nn.Module, variant: str, cache_dir: Path):
         super().__init__()
@@ -252,8 +253,6 @@ def load_dreamsim(variant: str = "ensemble", cache_dir: str | os.PathLike | None
     return DreamSimEncoder(model, variant, root)
 
 
+@register_backend("dreamsim", lister=lambda: list(VARIANTS))
 def _load(arg: str, cache_dir: str | os.PathLike | None = None, **_) -> DreamSimEncoder:
     return load_dreamsim(arg or "ensemble", cache_dir=cache_dir)
-
-
-register_backend("dreamsim", _load, lambda: list(VARIANTS))

@@ -106,10 +106,16 @@ class LipSimNet(nn.Module):
 
 
 class LipSimEncoder(TorchEncoder):
-    """Encoder-protocol wrapper around LipSimNet; `lipschitz` comes from the config (1 or 1/min std)."""
+    """Encoder-protocol wrapper around LipSimNet; `lipschitz` comes from the config (1 or 1/min std).
 
-    def __init__(self, config: LipSimConfig, name: str = "lipsim", metadata: dict | None = None):
+    `pretrained` states whether the weights were learned (loaded from a checkpoint, or trained in
+    place) or are a fresh random initialisation (timing and tests only).
+    """
+
+    def __init__(self, config: LipSimConfig, name: str = "lipsim", metadata: dict | None = None,
+                 pretrained: bool = False):
         super().__init__()
+        self.pretrained = pretrained
         self.net = LipSimNet(config)
         self.config = config
         self.name = name

@@ -10,11 +10,14 @@ from __future__ import annotations
 import torch
 
 from .protocol import TorchEncoder
+from .registry import register_backend
 
 __all__ = ["PixelsEncoder"]
 
 
 class PixelsEncoder(TorchEncoder):
+    pretrained = True  # nothing is random: no weights at all
+
     def __init__(self, input_size: int = 32):
         super().__init__()
         self.name = f"pixels:{input_size}" if input_size != 32 else "pixels"
@@ -25,3 +28,11 @@ class PixelsEncoder(TorchEncoder):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         f = torch.cat([x.flatten(1), torch.ones_like(x[:, :1, 0, 0])], dim=1)
         return f / f.norm(dim=1, keepdim=True)
+
+
+@register_backend("pixels", lister=lambda: ["", "64"])
+def _load_backend(arg: str, **_) -> PixelsEncoder:
+    """`pixels[:<size>]` (encoder.registry); the default input size is 32."""
+    if arg and not (arg.isdigit() and int(arg) > 0):
+        raise ValueError(f"unknown pixels size {arg!r}: use `pixels` (32 px) or `pixels:<positive size>`, e.g. pixels:64")
+    return PixelsEncoder(int(arg) if arg else 32)

@@ -89,10 +89,12 @@ PRESETS: dict[str, LipSimConfig] = {
     "medium": LipSimConfig(channels=60, conv_depth=30, linear_depth=10, linear_inner=2048, **_OFFICIAL),
     "large": LipSimConfig(channels=90, conv_depth=50, linear_depth=10, linear_inner=2048, **_OFFICIAL),
     "xlarge": LipSimConfig(channels=120, conv_depth=70, linear_depth=15, linear_inner=2048, **_OFFICIAL),
-    # Ours, for CPUs. cpu-tiny exists for tests; cpu-small is the demo model's shape. The conv trunk
-    # runs at full resolution, so its cost grows with pixels × channels × depth: cpu-base (96 px) and
-    # cpu-large (128 px) keep it thin (6 layers, inner 8) to still train at tens of images/s on two
-    # cores (measured against cpu-small in docs/benchmarks/lipsim.md).
+    # Ours, for CPUs. cpu-tiny exists for tests. The bundled lipsim:demo is none of these: its
+    # checkpoint header holds a custom shape (encoder.train.demo.DEMO_LIPSIM: 64 px, 6 conv layers of
+    # 16 channels with inner 8, 3 dense layers of 512, D = 128). The conv trunk runs at full
+    # resolution, so its cost grows with pixels × channels × depth: cpu-base (96 px) and cpu-large
+    # (128 px) keep it thin (6 layers, inner 8) to still train at tens of images/s on two cores
+    # (measured against cpu-small in docs/benchmarks/lipsim.md).
     "cpu-tiny": LipSimConfig(
         input_size=32, channels=8, conv_depth=3, conv_inner=8, linear_depth=2, linear_inner=64, embed_dim=32
     ),

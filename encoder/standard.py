@@ -7,7 +7,7 @@ DreamSim's weights are absent, and the teacher of the offline LipSim demo. It is
 contrastively (SimCLR's NT-Xent, Chen et al. 2020) on two views of photo crops; see
 `train_standard`.
 
-Checkpoints: safetensors tensors plus a JSON header (format "robret-standard", version, config,
+Checkpoints: encoder.io's safetensors-with-header format (format "robret-standard", version, config,
 provenance), like encoder.checkpoint's LipSim files. `standard:<name>` loads the bundled
 encoder/weights/standard_<name>.safetensors; `standard:<path.safetensors>` loads any file.
 """
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .io import CheckpointError, load_tensors, read_header, save_tensors
 from .protocol import EncoderError, TorchEncoder
+from .registry import bundled_weights, register_backend
 
 __all__ = ["StandardConfig", "StandardNet", "StandardEncoder", "save_standard", "load_standard"]
 
@@ -86,8 +87,10 @@ class StandardNet(nn.Module):
 class StandardEncoder(TorchEncoder):
     """Encoder-protocol wrapper: unit-norm embeddings, no Lipschitz guarantee (`lipschitz = None`)."""
 
-    def __init__(self, config: StandardConfig = StandardConfig(), name: str = "standard", metadata=None):
+    def __init__(self, config: StandardConfig = StandardConfig(), name: str = "standard", metadata=None,
+                 pretrained: bool = False):
         super().__init__()
+        self.pretrained = pretrained  # learned weights (loaded or trained), not a random initialisation
         self.net = StandardNet(config)
         self.config = config
         self.name = name
@@ -113,55 +116,32 @@ class StandardEncoder(TorchEncoder):
 
 def save_standard(encoder: StandardEncoder, path: str | os.PathLike, provenance: dict | None = None) -> Path:
     """Write weights (safetensors, BatchNorm buffers included) and the JSON header atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.net.state_dict().items()}
-    meta = {"format": FORMAT, "version": VERSION, "config": encoder.config.to_json(),
-            "provenance": json.dumps(provenance or {}, sort_keys=True)}
-    from .checkpoint import write_safetensors
-
-    return write_safetensors(tensors, path, meta)
+    return save_tensors(path, encoder.net.state_dict(), FORMAT, VERSION, encoder.config.to_json(),
+                        provenance=provenance or {})
 
 
 def read_standard_header(path: str | os.PathLike) -> dict:
-    from .checkpoint import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} is not a robret standard-CNN checkpoint v{VERSION} "
-                              f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-    meta["config"] = StandardConfig.from_json(meta["config"])
-    meta["provenance"] = json.loads(meta.get("provenance", "{}"))
-    return meta
+    """The header of a standard-CNN checkpoint, with `config` and `provenance` decoded."""
+    return read_header(path, FORMAT, VERSION, "standard-CNN checkpoint", config=StandardConfig.from_json,
+                       json_fields=("provenance",))
 
 
 def load_standard(path: str | os.PathLike, name: str | None = None, freeze: bool = True) -> StandardEncoder:
     """Build the baseline a checkpoint describes and load its tensors strictly."""
-    from .checkpoint import CheckpointError
-
     path = Path(path)
     meta = read_standard_header(path)
-    enc = StandardEncoder(meta["config"], name=name or f"standard:{path.stem}",
+    enc = StandardEncoder(meta["config"], name=name or f"standard:{path.stem}", pretrained=True,
                           metadata={"weights": str(path), "provenance": meta["provenance"]})
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
     try:
-        enc.net.load_state_dict(state, strict=True)
+        enc.net.load_state_dict(load_tensors(path), strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{path} does not match its config: {exc}") from exc
     return enc.freeze() if freeze else enc
 
 
+@register_backend("standard", lister=lambda: list(bundled_weights("standard")))
 def _load_backend(arg: str, **_) -> StandardEncoder:
-    from .registry import bundled_weights
-
+    """`standard:<bundled name | .safetensors path>` (encoder.registry)."""
     bundled = bundled_weights("standard")
     if arg in bundled:
         return load_standard(bundled[arg], name=f"standard:{arg}")
@@ -172,12 +152,3 @@ def _load_backend(arg: str, **_) -> StandardEncoder:
         raise EncoderError(f"{path}: not a standard-CNN .safetensors checkpoint")
     raise ValueError(f"unknown standard checkpoint {arg!r}: not bundled ({', '.join(bundled) or 'none installed'}) "
                      "nor an existing .safetensors file (train one with `robret train demo`)")
-
-
-def _register() -> None:
-    from .registry import bundled_weights, register_backend
-
-    register_backend("standard", _load_backend, lambda: list(bundled_weights("standard")))
-
-
-_register()

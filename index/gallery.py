@@ -193,12 +193,6 @@ class Gallery:
         enc = self.encoder
         return embedder.embed_inputs(enc, [enc.preprocess(im) for im in images])
 
-    def stats(self) -> dict:
-        counts = self.catalog.counts()
-        return {"root": str(self.root), "index_dir": str(self.index_dir), "encoder": self.meta["encoder"],
-                "files": counts, "index": {**self.meta["index"], "ntotal": len(self), "on_gpu": self.store.on_gpu},
-                "failures": self.catalog.failure_reasons(), "last_run": self.meta.get("last_run")}
-
     def __repr__(self) -> str:
         return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
                 f"encoder={self.encoder_spec!r}, version={self.version})")

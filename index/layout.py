@@ -6,8 +6,9 @@
     DIR/vectors.<version>.faiss  the FAISS index; <version> is the catalog's index version
     DIR/.lock                  held (flock) by the one process allowed to write
 
-Only the file named by the catalog's committed version is live. Other `vectors.*` files and `*.tmp`
-files are leftovers of an interrupted write; writers delete them when they open the directory.
+Only the file named by the catalog's committed version is live. Other `vectors.*` files and their
+temporary files (`vectors.<version>.faiss.<random>.tmp`) are leftovers of an interrupted write;
+writers delete them when they open the directory.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import os
 import re
 from pathlib import Path
 
+from encoder.io import atomic_write_text
+
 from .errors import CatalogError, IndexLockedError
 
 __all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
@@ -24,6 +27,7 @@ __all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
 CONFIG_NAME = "robret-index.json"
 DEFAULT_CATALOG = "catalog.sqlite"
 _VECTORS = re.compile(r"^vectors\.(\d+)\.faiss$")
+_VECTORS_TMP = re.compile(r"^vectors\.\d+\.faiss(\.\w+)?\.tmp$")  # encoder.io.atomic_write's temporary names
 
 
 class IndexDir:
@@ -59,12 +63,7 @@ class IndexDir:
         self.path.mkdir(parents=True, exist_ok=True)
         config = {"format": "robret-index", "layout": 1, "catalog": catalog_url, "root": root, "encoder": encoder,
                   "index_type": index_type}
-        tmp = self.config_path.with_name(CONFIG_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(json.dumps(config, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.config_path)
+        atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
         return config
 
     def catalog_url(self, config: dict | None = None) -> str:
@@ -78,7 +77,7 @@ class IndexDir:
         with contextlib.suppress(FileNotFoundError):
             for p in self.path.iterdir():
                 m = _VECTORS.match(p.name)
-                if (m and int(m.group(1)) != live_version) or p.name.endswith(".faiss.tmp"):
+                if (m and int(m.group(1)) != live_version) or _VECTORS_TMP.match(p.name):
                     found.append(p)
         return sorted(found)
 

@@ -14,14 +14,14 @@ index renumbers its rows in order (true of IndexFlat, false of IVF), which would
 with the wrong vectors. With IndexFlat the wrapper is exactly what prevents the classic id drift
 (IndexFlat alone renumbers everything after a removed row).
 
-Files: `write(path)` writes `path.tmp`, fsyncs, renames over `path` and fsyncs the directory, so a
-reader sees the old file or the new one, never a torn one; it returns the file's SHA-256.
+Files: `write(path)` goes through encoder.io.atomic_write (temporary file, fsync, rename over `path`,
+fsync of the directory), so a reader sees the old file or the new one, never a torn one; it returns
+the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
 `use_gpu=False`.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+
+from encoder.io import atomic_write, file_sha256, fsync_dir
 
 from .errors import StoreError
 
@@ -98,28 +100,6 @@ def default_params(factory: str) -> dict:
     if kind == "hnsw":
         return {"efSearch": 128, "efConstruction": 200}
     return {}
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -345,14 +325,12 @@ class VectorStore:
         `before_replace(tmp_path)` runs after the temporary file is durable, before the rename
         (a hook for crash tests).
         """
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, os.fspath(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_sha256(tmp)
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return digest
+        digest = []
+
+        def durable(tmp: Path) -> None:
+            digest.append(file_sha256(tmp))
+            if before_replace is not None:
+                before_replace(tmp)
+
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, os.fspath(tmp)), before_replace=durable)
+        return digest[0]

@@ -285,6 +285,7 @@ def test_preset_random_weights_are_seeded_and_leave_the_global_rng_alone():
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(e1.embed(x), e2.embed(x))
     assert "random" in e1.name and e1.info()["weights"].startswith("random")
+    assert not e1.pretrained and load_encoder("lipsim:demo").pretrained  # the fact is an attribute, not the name
 
 
 def test_report_model_audit_maxima():

@@ -54,3 +54,29 @@ def test_train_demo_quick_runs_every_stage_and_ships_files_with_provenance(tmp_p
     assert main(["train", "demo", "--quick", "--run-dir", str(tmp_path / "run"), "--no-ship", "--no-progress",
                  "--threads", "0"]) == 0
     assert "[1/5]" not in capsys.readouterr().out
+
+
+def test_run_demo_logs_its_stages_and_restores_threads_and_random_state(tmp_path, capsys, caplog):
+    import logging
+
+    from encoder.train.demo import QUICK_PLAN, STAGES, run_demo
+
+    import random
+
+    import numpy as np
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    rng, np_rng, py_rng = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    with caplog.at_level(logging.INFO, logger="encoder.train.demo"):
+        result = run_demo(tmp_path / "run", None, QUICK_PLAN, threads=threads + 1, progress=False)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    assert (np.random.get_state()[1] == np_rng).all() and random.getstate() == py_rng
+    assert capsys.readouterr().out == ""  # library code logs, never prints
+    lines = [r.getMessage() for r in caplog.records if r.name == "encoder.train.demo"]
+    assert [ln.split("]")[0] + "]" for ln in lines if ln.startswith("[")] == [f"[{i}/5]" for i in range(1, 6)]
+    assert [s.name for s in STAGES] == ["standard", "distill", "synthetic", "finetune", "evaluate"]
+    assert set(result["wall_seconds"]) == {s.name for s in STAGES}
+    assert set(result["metrics"]) == {"lipsim:demo", "standard:demo", "lipsim:demo before fine-tuning"}
+    assert (tmp_path / "run" / "eval.md").read_text().count("| lipsim:demo |") == 1
+    assert not list((tmp_path / "run").glob("*.tmp"))

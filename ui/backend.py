@@ -247,7 +247,7 @@ def open_gallery(cfg: UIConfig) -> Opened:
     if lip.lipschitz is None:
         notes.append(f"{lip.name} has no Lipschitz bound: its results carry no certificate.")
     for enc in (lip, cmp_enc):
-        if "random" in enc.name:
+        if not enc.pretrained:
             notes.append(f"{enc.name}: random weights — rankings show the machinery, not perceptual quality.")
     ids = primary.ids()
     records = primary.records(ids)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..io import atomic_write
 from .augment import EDIT_KINDS, random_resized_crop, randint, realistic_edit, uniform
 from .folder import ImageFolder
 from .nights import NIGHTS_COLUMNS
@@ -100,10 +101,11 @@ def make_synthetic_nights(images, out_dir: str | os.PathLike, per_image: int = 2
                            + (f"; distractor: the {'left' if weak_right else 'right'} image is a crop of "
                               f"{other_name}" if distractor else "")),
             })
-    tmp = root / "data.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(NIGHTS_COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, root / "data.csv")
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(NIGHTS_COLUMNS))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(root / "data.csv", write_csv)  # data.csv last: its presence marks a finished set
     return root

@@ -1,12 +1,13 @@
-"""Shared training machinery: per-step randomness, resumable state, DDP, the step loop, progress.
+"""Shared training machinery: per-step randomness, resumable state, DDP, the step loop, progress,
+and `train_encoder`, the skeleton every stage (distill, finetune, contrastive) runs in.
 
 Randomness: every step draws from generators seeded by (seed, step) and every item from
 (seed, step, position in the global batch), never from global RNG state, so a run interrupted at
 any checkpoint and resumed produces the same weights as an uninterrupted one (tested bitwise on CPU).
 
 Training state (`<run_dir>/state.safetensors` + `<run_dir>/state.json`): model tensors and optimizer
-tensors in safetensors, everything else (step, config, optimizer hyper-parameters, loss history) in
-JSON. No pickle anywhere.
+tensors in encoder.io's tensor format (header: the run's config and step), everything else (step,
+config, optimizer hyper-parameters, loss history) in JSON; both written atomically. No pickle anywhere.
 
 Multi-GPU / multi-node: launched by torchrun, the WORLD_SIZE/RANK/LOCAL_RANK variables are detected,
 a process group is initialised (NCCL on GPUs, gloo on CPUs), the model is wrapped in
@@ -24,15 +25,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..io import atomic_write_text, load_tensors, save_tensors
+
 __all__ = ["Dist", "init_distributed", "step_generator", "item_generator", "batch_indices", "TrainLoop",
-           "resolve_device", "StepBatches", "step_loader"]
+           "resolve_device", "StepBatches", "step_loader", "Embed", "train_encoder"]
 
 log = logging.getLogger(__name__)
 
 _MIX = 1_000_003
+STATE_FORMAT, STATE_VERSION = "robret-train-state", "1"
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -87,13 +90,6 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    def shard(self, items: list) -> list:
-        """This rank's contiguous slice of a global batch (the batch must divide evenly)."""
-        if len(items) % self.world:
-            raise ValueError(f"global batch {len(items)} is not divisible by the world size {self.world}")
-        per = len(items) // self.world
-        return items[self.rank * per:(self.rank + 1) * per]
 
     def positions(self, batch: int) -> range:
         per = batch // self.world
@@ -177,7 +173,6 @@ class TrainLoop:
     def save_state(self) -> None:
         if self.run_dir is None or not self.dist.main:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         st_path, js_path = self._paths()
         tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         opt_tensors, opt_meta = _optimizer_tensors(self.optimizer)
@@ -185,12 +180,8 @@ class TrainLoop:
         meta = {"step": self.step, "total_steps": self.total_steps, "config": self.config,
                 "optimizer": opt_meta, "history": self.history}
         # Tensors first, JSON last: state.json names the step the tensors belong to.
-        tmp = st_path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, st_path)
-        tmp = js_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, js_path)
+        save_tensors(st_path, tensors, STATE_FORMAT, STATE_VERSION, self.config, step=self.step)
+        atomic_write_text(js_path, json.dumps(meta, indent=1))
 
     def try_resume(self) -> bool:
         """Load state from run_dir when present (and made with the same config)."""
@@ -203,7 +194,7 @@ class TrainLoop:
         if meta.get("config") != json.loads(json.dumps(self.config)):
             raise ValueError(f"{self.run_dir} holds a run with a different configuration; "
                              "use another run directory (or delete it to start over)")
-        tensors = load_file(str(st_path))
+        tensors = load_tensors(st_path)
         model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_sd, strict=True)
         _restore_optimizer(self.optimizer, {k: v.to(self.dist.device) for k, v in tensors.items()
@@ -258,3 +249,53 @@ class TrainLoop:
         self.save_state()
         self.images_per_second = imgs / max(1e-9, time.perf_counter() - t0)
         return self.history
+
+
+class Embed(nn.Module):
+    """forward = the encoder's unit-norm embedding (what DDP wraps when the loss needs embeddings)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        return self.encoder._embed(x)
+
+
+StepFn = Callable[[int], tuple[torch.Tensor, int]]
+
+
+def train_encoder(encoder, forward: nn.Module, make_optimizer: Callable[[list], torch.optim.Optimizer], config,
+                  schedule: Callable[[int], float], record: dict, make_step: Callable[[nn.Module, int, Dist], StepFn],
+                  run_dir: str | os.PathLike | None = None, dist: Dist | None = None, progress: bool = True,
+                  stop_after: int | None = None, desc: str = "train") -> dict:
+    """The training skeleton every stage shares; trains `encoder` in place.
+
+    `forward` (a module over the encoder's parameters) is wrapped in DistributedDataParallel when
+    the job has several ranks; `make_optimizer(trainable parameters)` builds the optimizer;
+    `make_step(model, first_step, dist)` returns step_fn(step) -> (loss, images on this rank), given
+    the (possibly wrapped) model and the step the run starts or resumes at. `config` supplies steps,
+    lr, checkpoint_every and device; `record` is the JSON the training state is tied to (a run
+    directory of another record is refused). The encoder's `net` (else the encoder) is what the
+    training state saves. Returns {"history", "steps", "images_per_second", "seconds", "final_loss"}.
+    """
+    dist = dist or init_distributed(config.device)
+    encoder.to(dist.device)
+    encoder.train()
+    encoder.requires_grad_(True)
+    model = forward
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            forward, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    optimizer = make_optimizer([p for p in encoder.parameters() if p.requires_grad])
+    loop = TrainLoop(getattr(encoder, "net", encoder), optimizer, config.steps, config.lr, schedule,
+                     Path(run_dir) if run_dir else None, record, dist=dist, checkpoint_every=config.checkpoint_every,
+                     progress=progress, desc=desc)
+    loop.try_resume()
+    step_fn = make_step(model, loop.step, dist)
+    t0 = time.perf_counter()
+    history = loop.run(step_fn, stop_after=stop_after)
+    encoder.eval()
+    encoder.pretrained = True  # its weights are now learned, whatever they started from
+    return {"history": history, "steps": loop.step, "images_per_second": loop.images_per_second,
+            "seconds": time.perf_counter() - t0, "final_loss": history[-1][1] if history else None}

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.augment import random_edit, random_resized_crop, uniform
 from ..data.folder import ImageFolder
 from ._config import ConfigMixin
-from ._loop import Dist, TrainLoop, batch_indices, init_distributed, item_generator
+from ._loop import Dist, Embed, batch_indices, item_generator, train_encoder
 from .schedules import cosine_with_warmup
 
 __all__ = ["ContrastiveConfig", "nt_xent", "train_contrastive"]
@@ -57,54 +54,34 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-class _Embed(nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder._embed(x)
-
-
 def train_contrastive(encoder, images: ImageFolder, config: ContrastiveConfig = ContrastiveConfig(),
                       run_dir: str | os.PathLike | None = None, progress: bool = True,
                       stop_after: int | None = None, dist: Dist | None = None) -> dict:
-    """Train `encoder` (a StandardEncoder, in place) with NT-Xent on `images`. Resumable from run_dir."""
-    dist = dist or init_distributed(config.device)
-    encoder.to(dist.device)
-    encoder.train()
-    encoder.requires_grad_(True)
-    model = _Embed(encoder)
-    if dist.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loop = TrainLoop(encoder.net, opt, config.steps, config.lr,
-                     lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps),
-                     Path(run_dir) if run_dir else None,
-                     {"stage": "contrastive", "contrastive": config.to_dict(),
-                      "model": json.loads(encoder.config.to_json()), "images": len(images)},
-                     dist=dist, checkpoint_every=config.checkpoint_every, progress=progress, desc="standard")
-    loop.try_resume()
+    """Train `encoder` (a StandardEncoder, in place) with NT-Xent on `images`. Resumable from run_dir;
+    returns `train_encoder`'s record."""
     size = encoder.input_size
 
-    def step_fn(step: int):
-        idx = batch_indices(config.seed, step, len(images), config.batch_size)
-        mine = list(dist.positions(config.batch_size))
-        v1s, v2s = [], []
-        for pos in mine:
-            g = item_generator(config.seed, step, pos)
-            c = random_resized_crop(images[idx[pos]], size, g, scale=config.crop_scale)
-            if uniform(g) < 0.5:
-                c = c.flip(-1)
-            v1s.append(random_edit(c, g, max_strength=config.edit_strength))
-            v2s.append(random_edit(c, g, max_strength=config.edit_strength))
-        n = len(mine)
-        z = model(torch.cat([torch.stack(v1s), torch.stack(v2s)]).to(dist.device))
-        return nt_xent(z[:n], z[n:], config.temperature), 2 * n
+    def make_step(model, first_step: int, dist: Dist):
+        def step_fn(step: int):
+            idx = batch_indices(config.seed, step, len(images), config.batch_size)
+            mine = list(dist.positions(config.batch_size))
+            v1s, v2s = [], []
+            for pos in mine:
+                g = item_generator(config.seed, step, pos)
+                c = random_resized_crop(images[idx[pos]], size, g, scale=config.crop_scale)
+                if uniform(g) < 0.5:
+                    c = c.flip(-1)
+                v1s.append(random_edit(c, g, max_strength=config.edit_strength))
+                v2s.append(random_edit(c, g, max_strength=config.edit_strength))
+            n = len(mine)
+            z = model(torch.cat([torch.stack(v1s), torch.stack(v2s)]).to(dist.device))
+            return nt_xent(z[:n], z[n:], config.temperature), 2 * n
 
-    t0 = time.perf_counter()
-    history = loop.run(step_fn, stop_after=stop_after)
-    encoder.eval()
-    return {"history": history, "steps": loop.step, "images_per_second": loop.images_per_second,
-            "seconds": time.perf_counter() - t0, "final_loss": history[-1][1] if history else None}
+        return step_fn
+
+    return train_encoder(
+        encoder, Embed(encoder), lambda params: torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay),
+        config, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps),
+        {"stage": "contrastive", "contrastive": config.to_dict(), "model": json.loads(encoder.config.to_json()),
+         "images": len(images)},
+        make_step, run_dir=run_dir, dist=dist, progress=progress, stop_after=stop_after, desc="standard")

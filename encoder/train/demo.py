@@ -7,23 +7,34 @@
     4. lipsim:demo    — the student fine-tuned with the 2AFC hinge loss on the training set
     5. evaluation     — held-out 2AFC natural / certified / AutoAttack-ℓ2 scores and a near-duplicate
                         check, for both models; written into both checkpoints' provenance
-Every stage resumes (training state in the run directory) and finished stages are skipped, so an
-interrupted `robret train demo` continues where it stopped. The photos are scikit-image's and
+`run_demo` runs `STAGES` in order: every stage resumes (training state in the run directory) and
+finished stages are skipped, so an interrupted `robret train demo` continues where it stopped. It
+logs its progress (logger `encoder.train.demo`, INFO) and leaves the caller's torch threads and
+random state as it found them. The photos are scikit-image's and
 matplotlib's sample photographs (encoder.samples); nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import platform
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from ..checkpoint import load_lipsim, save_lipsim
+from ..data.nights import NightsDataset, read_nights
+from ..data.synthetic import make_synthetic_nights
+from ..evaluate import evaluate_2afc, evaluate_near_duplicates, format_table
+from ..io import atomic_write_text
 from ..lipsim import LipSimEncoder
 from ..preprocess import pil_to_tensor, resize
 from ..presets import LipSimConfig
@@ -33,7 +44,7 @@ from .contrastive import ContrastiveConfig, train_contrastive
 from .distill import DistillConfig, EncoderTeacher, distill
 from .finetune import FinetuneConfig, finetune
 
-__all__ = ["DEMO_LIPSIM", "DemoPlan", "QUICK_PLAN", "load_photos", "run_demo"]
+__all__ = ["DEMO_LIPSIM", "DemoPlan", "QUICK_PLAN", "STAGES", "Stage", "load_photos", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +113,8 @@ def load_photos(names, max_side: int) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-class _Timings:
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.data[stage] = self.data.get(stage, 0.0) + seconds
-        self.path.write_text(json.dumps(self.data, indent=1))
+def _write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _summary(result: dict) -> dict:
@@ -121,18 +126,179 @@ def _summary(result: dict) -> dict:
     return out
 
 
+@dataclass
+class _DemoRun:
+    """One demo run directory: its files, the plan, and what the stages have recorded so far."""
+
+    run_dir: Path
+    plan: DemoPlan  # seeded (DemoPlan.seeded)
+    progress: bool
+    timings: dict = field(default_factory=dict)  # stage → wall seconds (summed over resumptions)
+    summaries: dict = field(default_factory=dict)  # stage → training summary
+
+    def __post_init__(self):
+        for name in ("timings", "summaries"):
+            path = self.run_dir / f"{name}.json"
+            if path.is_file():
+                setattr(self, name, json.loads(path.read_text()))
+
+    def record(self, what: str, stage: str, value) -> None:
+        getattr(self, what)[stage] = value
+        _write_json(self.run_dir / f"{what}.json", getattr(self, what))
+
+    std_path = property(lambda self: self.run_dir / "standard.safetensors")
+    distilled_path = property(lambda self: self.run_dir / "lipsim_distilled.safetensors")
+    finetuned_path = property(lambda self: self.run_dir / "lipsim_finetuned.safetensors")
+    train_root = property(lambda self: self.run_dir / "nights-train")
+    heldout_root = property(lambda self: self.run_dir / "nights-heldout")
+    eval_path = property(lambda self: self.run_dir / "eval.json")
+
+    @cached_property
+    def train_photos(self) -> list[tuple[str, torch.Tensor]]:
+        return load_photos(DEMO_TRAIN_PHOTOS, self.plan.photo_max_side)
+
+    @property
+    def train_images(self) -> list[torch.Tensor]:
+        return [x for _, x in self.train_photos]
+
+    @cached_property
+    def standard(self) -> StandardEncoder:
+        return load_standard(self.std_path, name="standard:demo")
+
+
+def _train_standard(run: _DemoRun) -> None:
+    torch.manual_seed(run.plan.seed + 6)  # weight initialisation (run_demo restores the caller's RNG)
+    std = StandardEncoder(run.plan.standard, name="standard:demo")
+    res = train_contrastive(std, run.train_images, run.plan.contrastive, run_dir=run.run_dir / "standard",
+                            progress=run.progress)
+    run.record("summaries", "standard", _summary(res))
+    save_standard(std.freeze(), run.std_path, provenance={"stage": "contrastive", **run.summaries["standard"]})
+
+
+def _distill(run: _DemoRun) -> None:
+    torch.manual_seed(run.plan.seed + 5)
+    student = LipSimEncoder(run.plan.lipsim, name="lipsim:demo")
+    res = distill(student, EncoderTeacher(run.standard), run.train_images, run.plan.distill,
+                  run_dir=run.run_dir / "distill", progress=run.progress)
+    run.record("summaries", "distill", _summary(res))
+    save_lipsim(student.freeze(), run.distilled_path, provenance={"stage": "distill", **run.summaries["distill"]})
+
+
+def _synthesize(run: _DemoRun) -> None:
+    plan, size = run.plan, run.plan.lipsim.input_size
+    if not (run.train_root / "nights" / "data.csv").is_file():
+        make_synthetic_nights(run.train_photos, run.train_root, per_image=plan.train_triplets_per_photo, size=size,
+                              split="train", seed=plan.seed + 3, distractor_p=plan.distractor_p)
+    if not (run.heldout_root / "nights" / "data.csv").is_file():
+        make_synthetic_nights(load_photos(HELDOUT_PHOTOS, plan.photo_max_side), run.heldout_root,
+                              per_image=plan.heldout_triplets_per_photo, size=size, split="test", seed=plan.seed + 4)
+
+
+def _finetune(run: _DemoRun) -> None:
+    student = load_lipsim(run.distilled_path, name="lipsim:demo", freeze=False)
+    ds = NightsDataset(read_nights(run.train_root, "train"), run.plan.lipsim.input_size, cache=True)
+    res = finetune(student, ds, run.plan.finetune, run_dir=run.run_dir / "finetune", progress=run.progress)
+    run.record("summaries", "finetune", _summary(res))
+    save_lipsim(student.freeze(), run.finetuned_path, provenance={"stage": "finetune", **run.summaries["finetune"]})
+
+
+def _evaluate(run: _DemoRun) -> None:
+    plan = run.plan
+    ref, x0, x1, p = NightsDataset(read_nights(run.heldout_root, "test"), plan.lipsim.input_size).tensors()
+    heldout_photos = [x for _, x in load_photos(HELDOUT_PHOTOS, plan.photo_max_side)]
+    models = {"lipsim:demo": load_lipsim(run.finetuned_path, name="lipsim:demo"), "standard:demo": run.standard,
+              "lipsim:demo before fine-tuning": load_lipsim(run.distilled_path,
+                                                            name="lipsim:demo before fine-tuning")}
+    results = {}
+    for name, enc in models.items():
+        attacks = ("autoattack-L2",) if "before" not in name else ()
+        r = evaluate_2afc(enc, ref, x0, x1, p, attacks=attacks, attack_eps={"autoattack-L2": plan.eval_attack_eps},
+                          attack_limit=plan.eval_attack_limit, n_iter=plan.eval_attack_iters, seed=plan.seed)
+        r["near_duplicates"] = evaluate_near_duplicates(enc, heldout_photos, seed=plan.seed)
+        results[name] = r
+        log.info("  %s: natural %.3f", name, r["natural"])
+    atomic_write_text(run.run_dir / "eval.md", format_table(list(results.values())) + "\n")
+    _write_json(run.eval_path, results)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: `run` it unless `done` (its output already exists in the run directory)."""
+
+    name: str  # key in timings.json
+    describe: Callable[[_DemoRun], str]  # the progress line
+    done: Callable[[_DemoRun], bool]
+    run: Callable[[_DemoRun], None]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("standard", lambda r: f"standard CNN: {r.plan.contrastive.steps} steps of NT-Xent on "
+          f"{len(DEMO_TRAIN_PHOTOS)} photos", lambda r: r.std_path.is_file(), _train_standard),
+    Stage("distill", lambda r: f"LipSim distillation from standard:demo: {r.plan.distill.steps} steps",
+          lambda r: r.distilled_path.is_file(), _distill),
+    Stage("synthetic", lambda r: f"synthetic 2AFC sets ({r.plan.train_triplets_per_photo}/photo train, "
+          f"{r.plan.heldout_triplets_per_photo}/photo held out)",
+          lambda r: all((root / "nights" / "data.csv").is_file() for root in (r.train_root, r.heldout_root)),
+          _synthesize),
+    Stage("finetune", lambda r: f"2AFC hinge fine-tuning: {r.plan.finetune.steps} steps, "
+          f"margin {r.plan.finetune.margin}", lambda r: r.finetuned_path.is_file(), _finetune),
+    Stage("evaluate", lambda r: "evaluation on held-out photos", lambda r: r.eval_path.is_file(), _evaluate),
+)
+
+
+def _ship(run: _DemoRun, weights_dir: Path, command: str, results: dict) -> None:
+    plan = run.plan
+    data = {
+        "photos": "scikit-image / matplotlib sample photographs (encoder.samples)",
+        "train_photos": list(DEMO_TRAIN_PHOTOS), "heldout_photos": list(HELDOUT_PHOTOS),
+        "2afc_train": f"synthetic NIGHTS-layout set from the training photos ({plan.train_triplets_per_photo}/photo, "
+                      f"distractor_p={plan.distractor_p}); NOT human judgements",
+        "2afc_eval": f"synthetic NIGHTS-layout set from the held-out photos ({plan.heldout_triplets_per_photo}/photo)",
+    }
+    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    common = {"command": command, "data": data, "plan": json.loads(json.dumps(plan.to_dict())),
+              "training": run.summaries, "wall_seconds": run.timings, "environment": env}
+    save_standard(run.standard, weights_dir / "standard_demo.safetensors",
+                  provenance={**common, "model": "standard:demo", "metrics": results["standard:demo"]})
+    save_lipsim(load_lipsim(run.finetuned_path, name="lipsim:demo"), weights_dir / "lipsim_demo.safetensors",
+                preset="custom", provenance={**common, "model": "lipsim:demo", "teacher": "standard:demo",
+                                             "metrics": results["lipsim:demo"],
+                                             "metrics_before_finetuning": results["lipsim:demo before fine-tuning"]})
+    log.info("shipped %s and %s", weights_dir / "lipsim_demo.safetensors", weights_dir / "standard_demo.safetensors")
+
+
 def run_demo(run_dir: str | Path = "runs/demo", weights_dir: str | Path | None = None, plan: DemoPlan = DemoPlan(),
-             threads: int | None = 2, progress: bool = True, command: str = "robret train demo",
-             echo=print) -> dict:
-    """Train, evaluate and (when `weights_dir` is given) ship both demo models. Returns the metrics.
+             threads: int | None = 2, progress: bool = True, command: str = "robret train demo") -> dict:
+    """Run the unfinished `STAGES` in `run_dir`, then (when `weights_dir` is given) ship both demo
+    models. Returns {"metrics": per-model evaluation, "wall_seconds", "training"}.
 
     Shipped files: <weights_dir>/standard_demo.safetensors and <weights_dir>/lipsim_demo.safetensors,
-    each with provenance {command, data, plan, training summaries, wall times, metrics}.
+    each with provenance {command, data, plan, training summaries, wall times, metrics}. `threads`
+    sets torch's CPU threads for the run only (None or 0: leave them).
     """
-    from ..data.nights import NightsDataset, read_nights
-    from ..data.synthetic import make_synthetic_nights
-    from ..evaluate import evaluate_2afc, evaluate_near_duplicates, format_table
+    threads_before = torch.get_num_threads()
+    with _caller_random_state():
+        try:
+            return _run_stages(Path(run_dir), weights_dir, plan, threads, progress, command)
+        finally:
+            torch.set_num_threads(threads_before)
 
+
+@contextlib.contextmanager
+def _caller_random_state():
+    """Whatever the stages draw from global generators (data loaders, attack libraries), the
+    caller's torch, NumPy and `random` states are restored afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _run_stages(run_dir: Path, weights_dir, plan: DemoPlan, threads: int | None, progress: bool,
+                command: str) -> dict:
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -142,115 +308,16 @@ def run_demo(run_dir: str | Path = "runs/demo", weights_dir: str | Path | None =
     plan_file = run_dir / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan_json:
         raise ValueError(f"{run_dir} holds a demo run with a different plan; use another --run-dir")
-    plan_file.write_text(json.dumps(plan_json, indent=1))
-    timings = _Timings(run_dir / "timings.json")
-    summaries_file = run_dir / "summaries.json"
-    summaries = json.loads(summaries_file.read_text()) if summaries_file.is_file() else {}
-
-    def save_summaries():
-        summaries_file.write_text(json.dumps(summaries, indent=1))
-
-    train_photos = load_photos(DEMO_TRAIN_PHOTOS, plan.photo_max_side)
-    train_images = [x for _, x in train_photos]
-
-    # 1. Standard CNN ------------------------------------------------------------------------------
-    std_path = run_dir / "standard.safetensors"
-    if not std_path.is_file():
-        echo(f"[1/5] standard CNN: {plan.contrastive.steps} steps of NT-Xent on {len(train_images)} photos")
-        torch.manual_seed(plan.seed + 6)
-        std = StandardEncoder(plan.standard, name="standard:demo")
+    _write_json(plan_file, plan_json)
+    run = _DemoRun(run_dir, plan, progress)
+    for number, stage in enumerate(STAGES, 1):
+        if stage.done(run):
+            continue
+        log.info("[%d/%d] %s", number, len(STAGES), stage.describe(run))
         t0 = time.perf_counter()
-        res = train_contrastive(std, train_images, plan.contrastive, run_dir=run_dir / "standard", progress=progress)
-        timings.add("standard", time.perf_counter() - t0)
-        summaries["standard"] = _summary(res)
-        save_summaries()
-        save_standard(std.freeze(), std_path, provenance={"stage": "contrastive", **summaries["standard"]})
-    std = load_standard(std_path, name="standard:demo")
-
-    # 2. Distillation ------------------------------------------------------------------------------
-    dist_path = run_dir / "lipsim_distilled.safetensors"
-    if not dist_path.is_file():
-        echo(f"[2/5] LipSim distillation from standard:demo: {plan.distill.steps} steps")
-        torch.manual_seed(plan.seed + 5)
-        student = LipSimEncoder(plan.lipsim, name="lipsim:demo")
-        t0 = time.perf_counter()
-        res = distill(student, EncoderTeacher(std), train_images, plan.distill, run_dir=run_dir / "distill",
-                      progress=progress)
-        timings.add("distill", time.perf_counter() - t0)
-        summaries["distill"] = _summary(res)
-        save_summaries()
-        save_lipsim(student.freeze(), dist_path, provenance={"stage": "distill", **summaries["distill"]})
-
-    # 3. Synthetic 2AFC sets -----------------------------------------------------------------------
-    size = plan.lipsim.input_size
-    t0 = time.perf_counter()
-    train_root = run_dir / "nights-train"
-    if not (train_root / "nights" / "data.csv").is_file():
-        echo(f"[3/5] synthetic 2AFC sets ({plan.train_triplets_per_photo}/photo train, "
-             f"{plan.heldout_triplets_per_photo}/photo held out)")
-        make_synthetic_nights(train_photos, train_root, per_image=plan.train_triplets_per_photo, size=size,
-                              split="train", seed=plan.seed + 3, distractor_p=plan.distractor_p)
-    heldout_root = run_dir / "nights-heldout"
-    if not (heldout_root / "nights" / "data.csv").is_file():
-        make_synthetic_nights(load_photos(HELDOUT_PHOTOS, plan.photo_max_side), heldout_root,
-                              per_image=plan.heldout_triplets_per_photo, size=size, split="test", seed=plan.seed + 4)
-    timings.add("synthetic", time.perf_counter() - t0)
-
-    # 4. 2AFC fine-tuning --------------------------------------------------------------------------
-    ft_path = run_dir / "lipsim_finetuned.safetensors"
-    if not ft_path.is_file():
-        echo(f"[4/5] 2AFC hinge fine-tuning: {plan.finetune.steps} steps, margin {plan.finetune.margin}")
-        student = load_lipsim(dist_path, name="lipsim:demo", freeze=False)
-        ds = NightsDataset(read_nights(train_root, "train"), size, cache=True)
-        t0 = time.perf_counter()
-        res = finetune(student, ds, plan.finetune, run_dir=run_dir / "finetune", progress=progress)
-        timings.add("finetune", time.perf_counter() - t0)
-        summaries["finetune"] = _summary(res)
-        save_summaries()
-        save_lipsim(student.freeze(), ft_path, provenance={"stage": "finetune", **summaries["finetune"]})
-
-    # 5. Evaluation on held-out photos -------------------------------------------------------------
-    eval_path = run_dir / "eval.json"
-    if not eval_path.is_file():
-        echo("[5/5] evaluation on held-out photos")
-        t0 = time.perf_counter()
-        rows = read_nights(heldout_root, "test")
-        ref, x0, x1, p = NightsDataset(rows, size).tensors()
-        heldout_photos = [x for _, x in load_photos(HELDOUT_PHOTOS, plan.photo_max_side)]
-        models = {"lipsim:demo": load_lipsim(ft_path, name="lipsim:demo"), "standard:demo": std,
-                  "lipsim:demo before fine-tuning": load_lipsim(dist_path, name="lipsim:demo before fine-tuning")}
-        results = {}
-        for name, enc in models.items():
-            attacks = ("autoattack-L2",) if "before" not in name else ()
-            r = evaluate_2afc(enc, ref, x0, x1, p, attacks=attacks, attack_eps={"autoattack-L2": plan.eval_attack_eps},
-                              attack_limit=plan.eval_attack_limit, n_iter=plan.eval_attack_iters, seed=plan.seed)
-            r["near_duplicates"] = evaluate_near_duplicates(enc, heldout_photos, seed=plan.seed)
-            results[name] = r
-            echo(f"  {name}: natural {r['natural']:.3f}")
-        timings.add("evaluate", time.perf_counter() - t0)
-        eval_path.write_text(json.dumps(results, indent=1))
-        (run_dir / "eval.md").write_text(format_table(list(results.values())) + "\n")
-    results = json.loads(eval_path.read_text())
-    echo(format_table(list(results.values())))
-
-    data = {
-        "photos": "scikit-image / matplotlib sample photographs (encoder.samples)",
-        "train_photos": list(DEMO_TRAIN_PHOTOS), "heldout_photos": list(HELDOUT_PHOTOS),
-        "2afc_train": f"synthetic NIGHTS-layout set from the training photos ({plan.train_triplets_per_photo}/photo, "
-                      f"distractor_p={plan.distractor_p}); NOT human judgements",
-        "2afc_eval": f"synthetic NIGHTS-layout set from the held-out photos ({plan.heldout_triplets_per_photo}/photo)",
-    }
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
-    timings_data = json.loads((run_dir / "timings.json").read_text())
+        stage.run(run)
+        run.record("timings", stage.name, run.timings.get(stage.name, 0.0) + time.perf_counter() - t0)
+    results = json.loads(run.eval_path.read_text())
     if weights_dir is not None:
-        weights_dir = Path(weights_dir)
-        common = {"command": command, "data": data, "plan": plan_json, "training": summaries,
-                  "wall_seconds": timings_data, "environment": env}
-        save_standard(std, weights_dir / "standard_demo.safetensors",
-                      provenance={**common, "model": "standard:demo", "metrics": results["standard:demo"]})
-        save_lipsim(load_lipsim(ft_path, name="lipsim:demo"), weights_dir / "lipsim_demo.safetensors",
-                    preset="custom", provenance={**common, "model": "lipsim:demo", "teacher": "standard:demo",
-                                                 "metrics": results["lipsim:demo"],
-                                                 "metrics_before_finetuning": results["lipsim:demo before fine-tuning"]})
-        echo(f"shipped {weights_dir / 'lipsim_demo.safetensors'} and {weights_dir / 'standard_demo.safetensors'}")
-    return {"metrics": results, "wall_seconds": timings_data, "training": summaries}
+        _ship(run, Path(weights_dir), command, results)
+    return {"metrics": results, "wall_seconds": run.timings, "training": run.summaries}

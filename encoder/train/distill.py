@@ -26,21 +26,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..data.augment import center_view, lipsim_view, random_edit
 from ..data.folder import ImageFolder
+from ..io import load_tensors, read_header, save_tensors
 from ..lipsim import LipSimEncoder
 from ..preprocess import resize
 from ._config import ConfigMixin
-from ._loop import Dist, TrainLoop, init_distributed, item_generator, step_loader
+from ._loop import Dist, item_generator, step_loader, train_encoder
 from .schedules import cosine_with_warmup
 
 __all__ = ["DistillConfig", "EncoderTeacher", "PrecomputedTeacher", "center_view", "compute_teacher_embeddings",
@@ -91,19 +89,29 @@ class EncoderTeacher:
         return self.encoder.embed(x).float()
 
 
+TEACHER_FORMAT = "robret-teacher-embeddings"
+TEACHER_VERSION = "1"
+
+
+def _upgrade_teacher_header(meta: dict) -> dict:
+    """Files written before the header had a version: {format, teacher, paths} → version 1."""
+    if meta.get("format") == TEACHER_FORMAT and "version" not in meta and "paths" in meta:
+        config = {"teacher": meta.get("teacher", "?"), "paths": json.loads(meta["paths"])}
+        return {"format": TEACHER_FORMAT, "version": TEACHER_VERSION, "config": json.dumps(config)}
+    return meta
+
+
 class PrecomputedTeacher:
     """Teacher embeddings read from a file written by `compute_teacher_embeddings` (one per image)."""
 
     fixed_view = True
 
     def __init__(self, path: str | os.PathLike, folder: ImageFolder | None = None):
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            self.embeddings = f.get_tensor("embeddings").float()
-        if meta.get("format") != "robret-teacher-embeddings":
-            raise ValueError(f"{path} is not a teacher-embedding file")
-        self.paths = json.loads(meta["paths"])
-        self.name = f"precomputed:{meta.get('teacher', '?')}"
+        meta = read_header(path, TEACHER_FORMAT, TEACHER_VERSION, "teacher-embedding file",
+                           upgrade=_upgrade_teacher_header)
+        self.embeddings = load_tensors(path)["embeddings"].float()
+        self.paths = list(meta["config"]["paths"])
+        self.name = f"precomputed:{meta['config'].get('teacher', '?')}"
         self.dim = self.embeddings.shape[1]
         if folder is not None and folder.relpaths() != self.paths:
             raise ValueError(f"{path} was computed for a different list of images than {folder.root}")
@@ -114,18 +122,15 @@ class PrecomputedTeacher:
 
 @torch.no_grad()
 def compute_teacher_embeddings(encoder, folder: ImageFolder, path: str | os.PathLike, batch_size: int = 64) -> Path:
-    """Run `encoder` once over every image's central square crop; write (N, D) embeddings plus
-    the relative image paths (JSON) to a safetensors file."""
-    path = Path(path)
+    """Run `encoder` once over every image's central square crop; write the (N, D) embeddings with
+    config {teacher: name, paths: relative image paths} (encoder.io's tensor format, atomically)."""
     out = []
     for start in range(0, len(folder), batch_size):
         views = torch.stack([center_view(folder[i], encoder.input_size)
                              for i in range(start, min(len(folder), start + batch_size))])
         out.append(encoder.embed(views).float().cpu())
-    meta = {"format": "robret-teacher-embeddings", "teacher": encoder.name, "paths": json.dumps(folder.relpaths())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": torch.cat(out).contiguous()}, str(path), metadata=meta)
-    return path
+    return save_tensors(path, {"embeddings": torch.cat(out)}, TEACHER_FORMAT, TEACHER_VERSION,
+                        {"teacher": encoder.name, "paths": folder.relpaths()})
 
 
 class _Views(torch.utils.data.Dataset):
@@ -176,43 +181,30 @@ def distill(student: LipSimEncoder, teacher, images: ImageFolder, config: Distil
     Returns {"history", "steps", "images_per_second", "seconds", "final_loss"}. `stop_after` stops
     (and saves) after that many steps: a simulated interruption for tests. `workers` > 0 renders
     the views in that many loader processes (same results)."""
-    dist = dist or init_distributed(config.device)
     D = student.config.embed_dim
     if teacher.dim != D:
         raise ValueError(f"teacher dimension {teacher.dim} != student embed_dim {D}: choose a LipSimConfig "
                          f"with embed_dim={teacher.dim}")
-    net = student.net.to(dist.device)
-    net.train()
-    net.requires_grad_(True)
-    feats = _Features(net)
-    model = feats
-    if dist.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            feats, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    size = student.input_size
-    loop = TrainLoop(net, opt, config.steps, config.lr,
-                     lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps, config.min_lr_ratio),
-                     Path(run_dir) if run_dir else None,
-                     {"stage": "distill", "distill": config.to_dict(), "student": json.loads(student.config.to_json()),
-                      "teacher": teacher.name, "images": len(images)},
-                     dist=dist, checkpoint_every=config.checkpoint_every, progress=progress, desc="distill")
-    loop.try_resume()
+    views = _Views(images, student.input_size, config, teacher.fixed_view)
 
-    batches = iter(step_loader(_Views(images, size, config, teacher.fixed_view), config.seed, len(images),
-                               config.batch_size, loop.step, config.steps, dist, workers))
+    def make_step(model, first_step: int, dist: Dist):
+        batches = iter(step_loader(views, config.seed, len(images), config.batch_size, first_step, config.steps,
+                                   dist, workers))
 
-    def step_fn(step: int):
-        v1, v2, idx = next(batches)
-        v1, v2 = v1.to(dist.device), v2.to(dist.device)
-        target = config.target_scale * teacher(v1, idx.tolist())
-        x = model(torch.cat([v1, v2]))
-        n = len(v1)
-        loss = 0.5 * (_rmse(x[:n], target) + _rmse(x[n:], target))
-        return loss, n
+        def step_fn(step: int):
+            v1, v2, idx = next(batches)
+            v1, v2 = v1.to(dist.device), v2.to(dist.device)
+            target = config.target_scale * teacher(v1, idx.tolist())
+            x = model(torch.cat([v1, v2]))
+            n = len(v1)
+            return 0.5 * (_rmse(x[:n], target) + _rmse(x[n:], target)), n
 
-    t0 = time.perf_counter()
-    history = loop.run(step_fn, stop_after=stop_after)
-    net.eval()
-    return {"history": history, "steps": loop.step, "images_per_second": loop.images_per_second,
-            "seconds": time.perf_counter() - t0, "final_loss": history[-1][1] if history else None}
+        return step_fn
+
+    return train_encoder(
+        student, _Features(student.net),
+        lambda params: torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay),
+        config, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps, config.min_lr_ratio),
+        {"stage": "distill", "distill": config.to_dict(), "student": json.loads(student.config.to_json()),
+         "teacher": teacher.name, "images": len(images)},
+        make_step, run_dir=run_dir, dist=dist, progress=progress, stop_after=stop_after, desc="distill")

@@ -15,17 +15,14 @@ Works on any TorchEncoder whose parameters train (LipSim, the standard CNN).
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..data.augment import random_edit, uniform
 from ..data.nights import NightsDataset
 from ._config import ConfigMixin
-from ._loop import Dist, TrainLoop, init_distributed, item_generator, step_loader
+from ._loop import Dist, Embed, item_generator, step_loader, train_encoder
 from .schedules import triangular
 
 __all__ = ["FinetuneConfig", "hinge_2afc_loss", "finetune"]
@@ -77,15 +74,6 @@ class _Triplets(torch.utils.data.Dataset):
         return ref, x0, x1, p
 
 
-class _Embed(nn.Module):
-    def __init__(self, encoder):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x):
-        return self.encoder._embed(x)
-
-
 def finetune(encoder, dataset: NightsDataset, config: FinetuneConfig = FinetuneConfig(),
              run_dir: str | os.PathLike | None = None, progress: bool = True, stop_after: int | None = None,
              dist: Dist | None = None, workers: int = 0) -> dict:
@@ -94,38 +82,24 @@ def finetune(encoder, dataset: NightsDataset, config: FinetuneConfig = FinetuneC
     `workers` > 0 loads triplets in that many processes (same results)."""
     if dataset.size != encoder.input_size:
         raise ValueError(f"dataset images are {dataset.size} px, the encoder takes {encoder.input_size}")
-    dist = dist or init_distributed(config.device)
-    encoder.to(dist.device)
-    encoder.train()
-    encoder.requires_grad_(True)
-    model = _Embed(encoder)
-    if dist.world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    params = [p for p in encoder.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    state_module = getattr(encoder, "net", encoder)
-    loop = TrainLoop(state_module, opt, config.steps, config.lr, lambda s: triangular(s, config.steps, config.peak),
-                     Path(run_dir) if run_dir else None,
-                     {"stage": "finetune", "finetune": config.to_dict(), "encoder": encoder.name,
-                      "triplets": len(dataset)},
-                     dist=dist, checkpoint_every=config.checkpoint_every, progress=progress, desc="finetune")
-    loop.try_resume()
 
-    batches = iter(step_loader(_Triplets(dataset, config), config.seed, len(dataset), config.batch_size, loop.step,
-                               config.steps, dist, workers))
+    def make_step(model, first_step: int, dist: Dist):
+        batches = iter(step_loader(_Triplets(dataset, config), config.seed, len(dataset), config.batch_size,
+                                   first_step, config.steps, dist, workers))
 
-    def step_fn(step: int):
-        ref, x0, x1, p = next(batches)
-        n = len(ref)
-        e = model(torch.cat([ref, x0, x1]).to(dist.device))
-        er, e0, e1 = e[:n], e[n:2 * n], e[2 * n:]
-        d0, d1 = 1 - (er * e0).sum(1), 1 - (er * e1).sum(1)
-        loss = hinge_2afc_loss(d0, d1, p.to(dist.device), config.margin)
-        return loss, 3 * n
+        def step_fn(step: int):
+            ref, x0, x1, p = next(batches)
+            n = len(ref)
+            e = model(torch.cat([ref, x0, x1]).to(dist.device))
+            er, e0, e1 = e[:n], e[n:2 * n], e[2 * n:]
+            d0, d1 = 1 - (er * e0).sum(1), 1 - (er * e1).sum(1)
+            return hinge_2afc_loss(d0, d1, p.to(dist.device), config.margin), 3 * n
 
-    t0 = time.perf_counter()
-    history = loop.run(step_fn, stop_after=stop_after)
-    encoder.eval()
-    return {"history": history, "steps": loop.step, "images_per_second": loop.images_per_second,
-            "seconds": time.perf_counter() - t0, "final_loss": history[-1][1] if history else None}
+        return step_fn
+
+    return train_encoder(
+        encoder, Embed(encoder),
+        lambda params: torch.optim.Adam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay),
+        config, lambda s: triangular(s, config.steps, config.peak),
+        {"stage": "finetune", "finetune": config.to_dict(), "encoder": encoder.name, "triplets": len(dataset)},
+        make_step, run_dir=run_dir, dist=dist, progress=progress, stop_after=stop_after, desc="finetune")

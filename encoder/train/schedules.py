@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_with_warmup", "triangular", "constant"]
+__all__ = ["cosine_with_warmup", "triangular"]
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -29,6 +29,3 @@ def triangular(step: int, total: int, peak: float = 0.5) -> float:
     down = max(1, total - up)
     return max(0.0, 1 - (step - up + 1) / down) if step < total - 1 else 1 / down
 
-
-def constant(step: int, total: int) -> float:
-    return 1.0

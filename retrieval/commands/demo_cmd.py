@@ -101,7 +101,7 @@ def run(args) -> int:
         print(f"[{role}] {spec}: {report.total} photos indexed in {index_dir} "
               f"({report.embedded} embedded now, {report.unchanged} unchanged)")
     lip = galleries["LipSim"]
-    if "random" in lip.encoder.name:
+    if not lip.encoder.pretrained:
         print("  NOTE: no bundled lipsim:demo model: random weights — radii are real, quality is not.")
 
     query = _edited_query(args.query)

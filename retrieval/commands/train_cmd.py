@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 
-def _command_line() -> str:
-    return "robret " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command_line(args) -> str:
+    return "robret " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def register(sub) -> None:
@@ -143,6 +143,9 @@ def _run_dir(args) -> Path:
 
 
 def _demo(args) -> int:
+    import logging
+
+    from encoder.evaluate import format_table
     from encoder.registry import WEIGHTS_DIR
     from encoder.train.demo import QUICK_PLAN, DemoPlan, run_demo
 
@@ -152,7 +155,21 @@ def _demo(args) -> int:
         weights = None  # never overwrite the bundled models with a smoke test
     # The reproducing command (flags that change the models only; paths and threads do not).
     command = "robret train demo" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
-    run_demo(args.run_dir, weights, plan, threads=args.threads, progress=not args.no_progress, command=command)
+    # The demo logs its stages; show them on stdout while it runs.
+    logger = logging.getLogger("encoder.train.demo")
+    handler, level, propagate = logging.StreamHandler(sys.stdout), logger.level, logger.propagate
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.propagate = False  # not a second time through the root logger's warning handler
+    try:
+        result = run_demo(args.run_dir, weights, plan, threads=args.threads, progress=not args.no_progress,
+                          command=command)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    print(format_table(list(result["metrics"].values())))
     return 0
 
 
@@ -174,7 +191,7 @@ def _standard(args) -> int:
                           name=f"standard:{Path(args.out).stem}")
     res = train_contrastive(enc, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
     if dist.main:
-        save_standard(enc.freeze(), args.out, provenance={"command": _command_line(), "data": str(args.images),
+        save_standard(enc.freeze(), args.out, provenance={"command": _command_line(args), "data": str(args.images),
                                                           "config": cfg.to_dict(), "final_loss": res["final_loss"]})
         print(f"wrote {args.out} (final loss {res['final_loss']:.4f})")
     return 0
@@ -241,7 +258,7 @@ def _distill(args) -> int:
                   workers=args.workers)
     if dist.main:
         save_lipsim(student.freeze(), args.out, preset=preset, provenance={
-            "command": _command_line(), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
+            "command": _command_line(args), "stage": "distill", "teacher": teacher.name, "data": str(args.images),
             "config": cfg.to_dict(), "final_loss": res["final_loss"]})
         print(f"wrote {args.out} (final loss {res['final_loss']:.4f}, {res['images_per_second'] or 0:.1f} images/s)")
     return 0
@@ -268,7 +285,7 @@ def _finetune(args) -> int:
     res = finetune(enc, NightsDataset(rows, enc.input_size, cache=args.cache), cfg, run_dir=_run_dir(args),
                    progress=not args.no_progress, dist=dist, workers=args.workers)
     if dist.main:
-        prov = {"command": _command_line(), "stage": "finetune", "init": args.init, "data": str(args.nights),
+        prov = {"command": _command_line(args), "stage": "finetune", "init": args.init, "data": str(args.nights),
                 "config": cfg.to_dict(), "final_loss": res["final_loss"]}
         if isinstance(enc, LipSimEncoder):
             save_lipsim(enc.freeze(), args.out, preset=enc.metadata.get("preset") or "custom", provenance=prov)
