@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .checkpoint import read_header, save_lipsim
 from .convert import load_official
-from .dreamsim_backend import missing_files
+from .dreamsim_backend import expected_files, missing_files
 from .io import atomic_write, atomic_write_text, file_sha256
 from .pretrained import (ENV_MIRROR, PretrainedWeights, RemoteFile, dreamsim_required_files, get_pretrained,
                          lipsim_official_path, weights_root)
@@ -83,10 +83,14 @@ def _installed(entry: PretrainedWeights, root: Path) -> bool:
     return not missing_files(entry.spec.partition(":")[2], install_path(entry, root))
 
 
-def _tree_size(path: Path) -> int:
-    if path.is_file():
+def _installed_size(entry: PretrainedWeights, path: Path) -> int:
+    """Bytes of the installed checkpoint, or of the files dreamsim reads for the variant."""
+    if entry.family == "lipsim":
         return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    files = [path / rel for rel in expected_files(entry.spec.partition(":")[2])]
+    lora = {p.parent for p in files if p.name == "adapter_config.json"}
+    files += [p for d in lora for p in d.iterdir()]  # the adapter weights (.safetensors or .bin)
+    return sum(p.stat().st_size for p in set(files) if p.is_file())
 
 
 def _manifest(root: Path) -> dict:
@@ -105,7 +109,7 @@ def weight_status(spec: str, cache_dir: str | os.PathLike | None = None) -> Weig
         prov = read_header(path)["provenance"]
         recorded = {**recorded, prov.get("file", ""): {"sha256": prov.get("sha256_original")}}
     sha = {f.name: f.sha256 or recorded.get(f.name, {}).get("sha256") for f in entry.files}
-    return WeightStatus(spec, cached, path, _tree_size(path) if cached else None, sha, entry.contains_code)
+    return WeightStatus(spec, cached, path, _installed_size(entry, path) if cached else None, sha, entry.contains_code)
 
 
 # --- download -------------------------------------------------------------------------------------
@@ -128,14 +132,19 @@ def _http_download(spec: str, url: str, part: Path, progress: bool, restarted: b
     try:
         resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
     except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have and not restarted:  # nothing left to resume from: start over
-            part.unlink()
-            return _http_download(spec, url, part, progress, restarted=True)
+        if exc.code == 416 and have:  # "bytes */N": nothing after byte `have`
+            if (exc.headers.get("Content-Range") or "").endswith(f"/{have}"):
+                return  # the partial file is already complete (a later file of a previous attempt failed)
+            if not restarted:
+                part.unlink()
+                return _http_download(spec, url, part, progress, restarted=True)
         raise WeightsError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise _unreachable(spec, url, getattr(exc, "reason", exc)) from exc
     with resp:
-        if have and resp.status != 206:  # the server ignored the Range request: restart from 0
+        content_range = resp.headers.get("Content-Range") or ""
+        if have and (resp.status != 206 or not content_range.startswith(f"bytes {have}-")):
+            # the server ignored the Range request (or answered another one): restart from 0
             log.info("%s does not resume downloads; restarting %s", url, part.name)
             have = 0
         length = resp.headers.get("Content-Length")
@@ -177,8 +186,22 @@ def _sniff(path: Path) -> bytes:
         return fh.read(512)
 
 
+def _zip_expects(spec: str, f: RemoteFile) -> tuple[str, ...]:
+    """Top-level names an archive must hold: a repository's hubconf.py, a release zip's files (from dreamsim)."""
+    if f.strip_top:
+        return ("hubconf.py",)
+    return dreamsim_required_files()[spec.partition(":")[2]]
+
+
+def _member_path(f: RemoteFile, rel: PurePosixPath) -> PurePosixPath:
+    """Where an archive entry goes, relative to the folder it is unpacked into."""
+    return PurePosixPath(*rel.parts[1:]) if f.strip_top else rel
+
+
 def _check_file(spec: str, f: RemoteFile, path: Path, source: str) -> str:
-    """Raise WeightsError unless `path` is what `f` describes; return its SHA-256."""
+    """Raise WeightsError unless `path` is what `f` describes; return its SHA-256.
+
+    Zips: every entry checked (no absolute path, `..` or link) and the expected content present."""
     head = _sniff(path)
     text = head.lstrip().lower()
     if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]:
@@ -194,6 +217,12 @@ def _check_file(spec: str, f: RemoteFile, path: Path, source: str) -> str:
     is_zip = head.startswith(b"PK\x03\x04") and zipfile.is_zipfile(path)
     if f.kind == "zip" and not is_zip:
         raise WeightsError(f"{f.name} from {source} is not a zip archive")
+    if f.kind == "zip":
+        with zipfile.ZipFile(path) as zf:
+            names = {_member_path(f, rel).parts[0] for _, rel in _safe_members(path, zf) if _member_path(f, rel).parts}
+        lacking = [name for name in _zip_expects(spec, f) if name not in names]
+        if lacking:
+            raise WeightsError(f"{f.name} from {source} lacks {', '.join(lacking)} (not the archive {spec} needs)")
     if f.kind == "torch" and not (is_zip or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
         raise WeightsError(f"{f.name} from {source} is not a PyTorch checkpoint")
     return digest
@@ -227,16 +256,14 @@ def _replace_tree(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-def _unpack(spec: str, f: RemoteFile, archive: Path, dest: Path, expect: tuple[str, ...]) -> None:
-    """Unpack `archive` into `dest` through a staging folder; every entry and `expect` checked first."""
+def _unpack(f: RemoteFile, archive: Path, dest: Path) -> None:
+    """Unpack `archive` (checked by _check_file) into `dest` through a staging folder, then rename into place."""
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest, prefix=f".{f.name}.unpack-"))
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = _safe_members(archive, zf)
-            for info, rel in members:
-                if f.strip_top:
-                    rel = PurePosixPath(*rel.parts[1:]) if len(rel.parts) > 1 else PurePosixPath()
+            for info, rel in _safe_members(archive, zf):
+                rel = _member_path(f, rel)
                 if not rel.parts:
                     continue
                 target = staging.joinpath(*rel.parts)
@@ -246,9 +273,6 @@ def _unpack(spec: str, f: RemoteFile, archive: Path, dest: Path, expect: tuple[s
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
                     shutil.copyfileobj(src, out, _CHUNK)
-        lacking = [name for name in expect if not (staging / name).exists()]
-        if lacking:
-            raise WeightsError(f"{archive.name} lacks {', '.join(lacking)} (not the {spec} release archive)")
         if f.strip_top:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; it becomes the repository folder
             _replace_tree(staging, dest / f.install_as)
@@ -271,9 +295,7 @@ def _install(entry: PretrainedWeights, f: RemoteFile, path: Path, root: Path, pr
                                f"{str(exc).splitlines()[0]}") from exc
         save_lipsim(enc, dest, preset=enc.metadata.get("preset", "custom"), provenance=provenance)
     elif f.kind == "zip":
-        variant = entry.spec.partition(":")[2]
-        expect = dreamsim_required_files()[variant] if not f.strip_top else ("hubconf.py",)
-        _unpack(entry.spec, f, path, dest, expect)
+        _unpack(f, path, dest)
     else:
         atomic_write(dest / f.install_as, lambda tmp: shutil.copyfile(path, tmp))
 
