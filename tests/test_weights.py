@@ -10,6 +10,10 @@ formats under the registry's file names, as a mirror would (`--mirror URL`):
   dreamsim_clip_vitb32_checkpoint.zip   the release zip layout: the variant's files at the archive's top
                                         level (dreamsim unzips it into its cache directory), written by
                                         tests/_dreamsim_fixtures.py.
+  dreamsim_dino_vitb16_checkpoint.zip,  dino_vitb16's release zip, the facebookresearch/dino repository as a
+  facebookresearch_dino_main-….zip,     GitHub archive (one top folder `dino-<commit>/`; its hubconf.py is a
+  dino_vitbase16_pretrain.pth           stand-in, see _dreamsim_fixtures.DINO_HUBCONF) and the backbone
+                                        checkpoint that hubconf loads with torch.hub.load_state_dict_from_url.
 It honours Range requests (resumption) and can drop a connection half-way through a file once.
 """
 from __future__ import annotations
@@ -22,12 +26,12 @@ import json
 import socket
 import threading
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
 
-from _dreamsim_fixtures import write_release_cache
+from _dreamsim_fixtures import write_dino_cache, write_release_cache
 from encoder import EncoderError, load_encoder
 from encoder.checkpoint import read_header
 from encoder.pretrained import LIPSIM_OFFICIAL, get_pretrained
@@ -72,7 +76,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
         if start >= len(data) and rng:
-            self.send_error(416)
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         body = data[start:]
         self.send_response(206 if rng else 200)
@@ -346,3 +353,68 @@ def test_list_marks_random_presets_apart_and_lists_every_dreamsim_variant_with_i
     presets = {r["spec"] for r in rows["random_weight_presets"]}
     assert "lipsim:small" in presets and not presets & set(down)
     assert "lipsim:demo" in {r["spec"] for r in rows["bundled"]} and "lipsim:demo" not in presets
+
+
+def _zip_dir(root: Path, names, top: str = "") -> bytes:
+    """A zip of root/<name> (files and folders) for each name, under `top`/ when given."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name in names:
+            for p in sorted([root / name, *(root / name).rglob("*")]):
+                if p.is_file():
+                    zf.write(p, (PurePosixPath(top) / p.relative_to(root).as_posix()).as_posix())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dino_sources(tmp_path_factory):
+    """(dreamsim cache for dino_vitb16, {mirror file name: bytes}) in the upstream layouts."""
+    root = write_dino_cache(tmp_path_factory.mktemp("dino"))
+    entry = get_pretrained("dreamsim:dino_vitb16")
+    release, archive, backbone = entry.files
+    files = {
+        release.name: _zip_dir(root, ["dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"]),
+        archive.name: _zip_dir(root / "facebookresearch_dino_main", ["hubconf.py"], top=f"dino-{archive.commit}"),
+        backbone.name: (root / backbone.install_as).read_bytes(),
+    }
+    return root, files
+
+
+def test_fetch_dino_variant_installs_pinned_hub_repository_and_backbone_and_loads_offline(
+        mirror, dino_sources, cache, capsys):
+    source_cache, files = dino_sources
+    release, archive, backbone = get_pretrained("dreamsim:dino_vitb16").files
+    assert archive.contains_code and archive.url == f"https://github.com/facebookresearch/dino/archive/{archive.commit}.zip"
+    before = _tree(cache)
+    with pytest.raises(EncoderError, match="robret weights fetch dreamsim:dino_vitb16"):
+        load_encoder("dreamsim:dino_vitb16")  # loading never fetches, and writes no code
+    assert _tree(cache) == before
+
+    # first attempt: the repository archive tries to escape its folder; nothing is installed
+    mirror.files.update(files)
+    mirror.files[archive.name] = _evil_zip()
+    rc, _, err = _run(capsys, "weights", "fetch", "dreamsim:dino_vitb16", "--mirror", mirror.url, "--quiet")
+    assert rc == 1 and "refusing to unpack" in err and _tree(cache, skip=".partial") == before
+    # second attempt: the release zip already downloaded is not downloaded again
+    mirror.files.update(files)
+    mirror.requests.clear()
+    rc, _, err = _run(capsys, "weights", "fetch", "dreamsim:dino_vitb16", "--mirror", mirror.url, "--quiet")
+    assert rc == 0, err
+    assert mirror.requests[0] == (release.name, f"bytes={len(files[release.name])}-")  # answered 416: complete
+    dreamsim_dir = cache / "dreamsim"
+    assert (dreamsim_dir / "facebookresearch_dino_main" / "hubconf.py").read_bytes() == \
+        (source_cache / "facebookresearch_dino_main" / "hubconf.py").read_bytes()
+    assert (dreamsim_dir / backbone.install_as).read_bytes() == files[backbone.name]
+    assert not (cache / ".partial").exists()
+
+    rc, out, _ = _run(capsys, "weights", "list", "--json")
+    row = next(r for r in json.loads(out)["downloadable"] if r["spec"] == "dreamsim:dino_vitb16")
+    assert row["cached"] and row["contains_code"] and row["files"][1]["commit"] == archive.commit
+    assert row["files"][1]["sha256"] == hashlib.sha256(files[archive.name]).hexdigest()  # recorded at fetch
+
+    enc = load_encoder("dreamsim:dino_vitb16")
+    ref = load_encoder("dreamsim:dino_vitb16", cache_dir=source_cache)
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        e = enc.embed(x)
+        assert e.shape == (1, 768) and torch.equal(e, ref.embed(x))
