@@ -20,7 +20,7 @@ upstream source (air-gapped sites, CI).
 """
 from __future__ import annotations
 
-import hashlib
+import http.client
 import json
 import logging
 import os
@@ -35,6 +35,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import gdown
 from tqdm import tqdm
 
 from .checkpoint import read_header, save_lipsim
@@ -138,7 +139,7 @@ def _http_download(spec: str, url: str, part: Path, progress: bool, restarted: b
             if not restarted:
                 part.unlink()
                 return _http_download(spec, url, part, progress, restarted=True)
-        raise WeightsError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+        raise _unreachable(spec, url, f"HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise _unreachable(spec, url, getattr(exc, "reason", exc)) from exc
     with resp:
@@ -159,7 +160,7 @@ def _http_download(spec: str, url: str, part: Path, progress: bool, restarted: b
                     bar.update(len(chunk))
                 out.flush()
                 os.fsync(out.fileno())
-        except OSError as exc:  # reset, timeout, IncompleteRead
+        except (OSError, http.client.HTTPException) as exc:  # reset, timeout, IncompleteRead
             raise WeightsError(f"connection to {url} dropped after {got} bytes ({exc}); run the same fetch again "
                                f"to resume") from exc
     if total is not None and got < total:
@@ -169,8 +170,6 @@ def _http_download(spec: str, url: str, part: Path, progress: bool, restarted: b
 
 def _drive_download(spec: str, f: RemoteFile, part: Path, progress: bool) -> None:
     """Google Drive through gdown (it handles Drive's confirmation page and its resumption)."""
-    import gdown
-
     try:
         out = gdown.download(id=f.drive_id, output=str(part), quiet=not progress, resume=True)
     except Exception as exc:  # gdown raises its own types (FileURLRetrievalError) and requests' ones

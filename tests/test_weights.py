@@ -259,7 +259,8 @@ def _with_checks(monkeypatch, spec, **fields):
     monkeypatch.setattr(fetch_mod, "get_pretrained", lambda s: entry if s == spec else get_pretrained(s))
 
 
-@pytest.mark.parametrize("case", ["sha256", "short", "html", "zip-slip", "not-a-zip", "wrong-archive"])
+@pytest.mark.parametrize("case", ["sha256", "short", "html", "zip-slip", "not-a-zip", "wrong-archive",
+                                  "missing-on-mirror"])
 def test_failed_check_prints_one_line_and_leaves_the_cache_as_it_was(case, mirror, official_pth, cache, capsys,
                                                                      monkeypatch, tmp_path):
     _, data = official_pth
@@ -276,6 +277,8 @@ def test_failed_check_prints_one_line_and_leaves_the_cache_as_it_was(case, mirro
     elif case == "zip-slip":
         spec, name, expect = DREAMSIM, DREAMSIM_ZIP, "refusing to unpack entry '../escaped.txt'"
         mirror.files[name] = _evil_zip()
+    elif case == "missing-on-mirror":
+        expect = f"cannot download {mirror.url}/{name} (HTTP 404"
     elif case == "not-a-zip":
         spec, name, expect = DREAMSIM, DREAMSIM_ZIP, "is not a zip archive"
         mirror.files[name] = bytes(range(256)) * 8
