@@ -315,8 +315,8 @@ def _needed(entry: PretrainedWeights, root: Path) -> list[RemoteFile]:
     for f in entry.files:
         if f.kind == "zip" and f.strip_top:
             present = (have / f.install_as / "hubconf.py").is_file()
-        elif f.kind == "zip":
-            present = False  # the release zip: its files are what `_installed` found missing
+        elif f.kind == "zip":  # the release zip
+            present = all((have / name).exists() for name in dreamsim_required_files()[entry.spec.partition(":")[2]])
         else:
             present = (have / f.install_as).is_file()
         if not present:

@@ -414,6 +414,11 @@ def test_fetch_dino_variant_installs_pinned_hub_repository_and_backbone_and_load
     row = next(r for r in json.loads(out)["downloadable"] if r["spec"] == "dreamsim:dino_vitb16")
     assert row["cached"] and row["contains_code"] and row["files"][1]["commit"] == archive.commit
     assert row["files"][1]["sha256"] == hashlib.sha256(files[archive.name]).hexdigest()  # recorded at fetch
+    # a file lost from the cache: only that one is downloaded again
+    (dreamsim_dir / backbone.install_as).unlink()
+    mirror.requests.clear()
+    assert _run(capsys, "weights", "fetch", "dreamsim:dino_vitb16", "--mirror", mirror.url, "--quiet")[0] == 0
+    assert mirror.requests == [(backbone.name, None)]
 
     enc = load_encoder("dreamsim:dino_vitb16")
     ref = load_encoder("dreamsim:dino_vitb16", cache_dir=source_cache)
