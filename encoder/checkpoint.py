@@ -17,6 +17,7 @@ from .convert import load_official
 from .io import CheckpointError, load_tensors, read_header as _read_header, save_tensors
 from .lipsim import LipSimEncoder
 from .presets import PRESETS, LipSimConfig
+from .pretrained import LIPSIM_OFFICIAL, lipsim_official_path, weights_root
 from .protocol import EncoderError
 from .registry import bundled_weights, register_backend
 
@@ -60,12 +61,27 @@ def load_lipsim(path: str | os.PathLike, name: str | None = None, freeze: bool =
     return enc.freeze() if freeze else enc
 
 
-@register_backend("lipsim", lister=lambda: [*bundled_weights("lipsim"), *PRESETS])
-def _load_backend(arg: str, seed: int = 0, **_) -> LipSimEncoder:
-    """`lipsim:<bundled name | preset | .safetensors path | official .pth path>` (encoder.registry)."""
+def _load_official_tag(tag: str, weights_dir: str | os.PathLike | None) -> LipSimEncoder:
+    """`lipsim:official-*` from the weights cache, where `robret weights fetch` put it (never downloads)."""
+    path = lipsim_official_path(tag, weights_dir)
+    if not path.is_file():
+        where = f" --cache-dir {weights_root(weights_dir)[0]}" if weights_dir else ""
+        raise EncoderError(f"'lipsim:{tag}' is not in the weights cache ({path} is missing); fetch it with: "
+                           f"robret weights fetch lipsim:{tag}{where}")
+    return load_lipsim(path, name=f"lipsim:{tag}")
+
+
+@register_backend("lipsim", lister=lambda: [*bundled_weights("lipsim"), *LIPSIM_OFFICIAL, *PRESETS])
+def _load_backend(arg: str, seed: int = 0, weights_dir: str | os.PathLike | None = None, **_) -> LipSimEncoder:
+    """`lipsim:<bundled name | official-* | preset | .safetensors path | official .pth path>` (encoder.registry).
+
+    `official-*` checkpoints are read from the weights cache (`weights_dir`, else encoder.pretrained's root).
+    """
     bundled = bundled_weights("lipsim")
     if arg in bundled:
         return load_lipsim(bundled[arg], name=f"lipsim:{arg}")
+    if arg in LIPSIM_OFFICIAL:
+        return _load_official_tag(arg, weights_dir)
     if arg in PRESETS:
         with torch.random.fork_rng(devices=[]):  # seeded weights without resetting the caller's RNG
             torch.manual_seed(seed)
@@ -81,5 +97,6 @@ def _load_backend(arg: str, seed: int = 0, **_) -> LipSimEncoder:
         raise EncoderError(f"{path}: unknown checkpoint type (expected .safetensors, or an official .pth)")
     raise ValueError(
         f"unknown LipSim checkpoint {arg!r}: not a bundled model ({', '.join(bundled) or 'none installed'}), "
+        f"an official checkpoint ({', '.join(LIPSIM_OFFICIAL)}), "
         f"a preset ({', '.join(PRESETS)}), or an existing file"
     )

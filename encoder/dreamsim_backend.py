@@ -10,10 +10,12 @@ dino_vitb16_patch, dinov2_vitb14_patch (`use_patch_model`: CLS token and mean pa
 Weights come from a cache directory, chosen in this order:
   1. the `cache_dir=` argument (`robret … --cache-dir DIR`),
   2. the environment variable ROBRET_DREAMSIM_CACHE,
-  3. $XDG_CACHE_HOME/robret/dreamsim (default ~/.cache/robret/dreamsim).
-robret never downloads: when a file dreamsim would read is missing, loading stops with an
-EncoderError naming the variant, the files expected and the release zip to unpack there (dreamsim's
-own code path would download it; it is only called once every file it reads is present). The DINO
+  3. <weights cache root>/dreamsim (encoder.pretrained.weights_root: $ROBRET_WEIGHTS_DIR, else the
+     user cache directory, ~/.cache/robret on Linux), where `robret weights fetch` installs them.
+Loading never downloads: when a file dreamsim would read is missing, loading stops with an
+EncoderError naming the variant, the files expected and the `robret weights fetch` command that
+installs them (encoder.fetch; dreamsim's own code path would download them: it is only called once
+every file it reads is present). The release files each variant needs are read from dreamsim.model. The DINO
 variants also need the torch.hub copy of their backbone in that directory (dreamsim points torch.hub
 there); for the DINOv2 variants torch.hub still asks github.com for the repository's default branch
 name before using its cached copy (no download; offline, the request fails and the cache is used).
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .pretrained import HUB_REPOS, dreamsim_required_files, weights_root
 from .protocol import EncoderError, TorchEncoder
 from .registry import register_backend
 
@@ -53,46 +56,52 @@ ENV_CACHE = "ROBRET_DREAMSIM_CACHE"
 class _Variant:
     dreamsim_type: str  # dreamsim()'s dreamsim_type argument
     patch: bool  # dreamsim()'s use_patch_model argument
-    release_files: tuple[str, ...]  # what the release zip unpacks into the cache directory
-    lora_dir: str  # the peft adapter folder among them
     hub: str | None = None  # torch.hub repo dreamsim loads the backbone from ("dino" / "dinov2")
     dim: int = 768  # embedding dimension
 
+    @property
+    def key(self) -> str:
+        """The variant's key in dreamsim's own tables (dreamsim_weights, download_weights)."""
+        return self.dreamsim_type + ("_patch" if self.patch else "")
 
-# dreamsim 0.2.1, model.py (download_weights, dreamsim) and feature_extraction/extractor.py.
+    @property
+    def release_files(self) -> tuple[str, ...]:
+        """What the release zip unpacks into the cache directory (read from dreamsim.model)."""
+        return dreamsim_required_files()[self.key]
+
+    @property
+    def lora_dir(self) -> str:
+        """The peft adapter folder among the release files."""
+        return next(f for f in self.release_files if f.endswith("_lora"))
+
+
+# dreamsim 0.2.1, model.py (dreamsim) and feature_extraction/extractor.py.
 VARIANTS: dict[str, _Variant] = {
-    "ensemble": _Variant("ensemble", False, ("dino_vitb16_pretrain.pth", "clip_vitb16_pretrain.pth.tar",
-                                             "open_clip_vitb16_pretrain.pth.tar", "ensemble_lora"),
-                         "ensemble_lora", hub="dino", dim=768 + 512 + 512),
-    "dino_vitb16": _Variant("dino_vitb16", False, ("dino_vitb16_pretrain.pth", "dino_vitb16_single_lora"),
-                            "dino_vitb16_single_lora", hub="dino"),
-    "dinov2_vitb14": _Variant("dinov2_vitb14", False, ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_single_lora"),
-                              "dinov2_vitb14_single_lora", hub="dinov2"),
-    "clip_vitb32": _Variant("clip_vitb32", False, ("clip_vitb32_pretrain.pth.tar", "clip_vitb32_single_lora"),
-                            "clip_vitb32_single_lora", dim=512),
-    "open_clip_vitb32": _Variant("open_clip_vitb32", False,
-                                 ("open_clip_vitb32_pretrain.pth.tar", "open_clip_vitb32_single_lora"),
-                                 "open_clip_vitb32_single_lora", dim=512),
-    "synclr_vitb16": _Variant("synclr_vitb16", False, ("synclr_vit_b_16.pth", "synclr_vitb16_single_lora"),
-                              "synclr_vitb16_single_lora"),
-    "dino_vitb16_patch": _Variant("dino_vitb16", True, ("dino_vitb16_pretrain.pth", "dino_vitb16_patch_lora"),
-                                  "dino_vitb16_patch_lora", hub="dino", dim=2 * 768),
-    "dinov2_vitb14_patch": _Variant("dinov2_vitb14", True, ("dinov2_vitb14_pretrain.pth", "dinov2_vitb14_patch_lora"),
-                                    "dinov2_vitb14_patch_lora", hub="dinov2", dim=2 * 768),
+    "ensemble": _Variant("ensemble", False, hub="dino", dim=768 + 512 + 512),
+    "dino_vitb16": _Variant("dino_vitb16", False, hub="dino"),
+    "dinov2_vitb14": _Variant("dinov2_vitb14", False, hub="dinov2"),
+    "clip_vitb32": _Variant("clip_vitb32", False, dim=512),
+    "open_clip_vitb32": _Variant("open_clip_vitb32", False, dim=512),
+    "synclr_vitb16": _Variant("synclr_vitb16", False),
+    "dino_vitb16_patch": _Variant("dino_vitb16", True, hub="dino", dim=2 * 768),
+    "dinov2_vitb14_patch": _Variant("dinov2_vitb14", True, hub="dinov2", dim=2 * 768),
 }
 
-# dreamsim sets torch.hub's directory to the cache directory and loads these backbones through
-# torch.hub.load (the code of the repo, then the checkpoint via load_state_dict_from_url); they are
-# not in the release zips: dreamsim's first online call fetches them.
-_HUB_FILES = {
-    "dino": (("facebookresearch_dino_main/hubconf.py", "the github.com/facebookresearch/dino repository, branch main"),
-             ("checkpoints/dino_vitbase16_pretrain.pth",
-              "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth")),
-    "dinov2": (("facebookresearch_dinov2_main/hubconf.py",
-                "the github.com/facebookresearch/dinov2 repository, branch main"),
-               ("checkpoints/dinov2_vitb14_pretrain.pth",
-                "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth")),
-}
+
+def _hub_files(hub: str | None) -> tuple[tuple[str, str], ...]:
+    """(path under the cache directory, what it is) for the torch.hub repository and backbone of `hub`.
+
+    dreamsim sets torch.hub's directory to the cache directory and loads these backbones through
+    torch.hub.load (the code of the repo, then the checkpoint via load_state_dict_from_url); they are
+    not in the release zips.
+    """
+    if hub is None:
+        return ()
+    repo = HUB_REPOS[hub]
+    return ((f"{repo.folder}/hubconf.py", f"{repo.archive.url} (unpacked as {repo.folder})"),
+            (repo.backbone.install_as, repo.backbone.url))
+
+
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # peft reads either
 
 
@@ -103,8 +112,8 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> tuple[Path,
     env = os.environ.get(ENV_CACHE)
     if env:
         return Path(env).expanduser().resolve(), f"${ENV_CACHE}"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    return (base / "robret" / "dreamsim").resolve(), f"the default (set --cache-dir or ${ENV_CACHE})"
+    root, source = weights_root()
+    return root / "dreamsim", f"{source}, /dreamsim (or set --cache-dir or ${ENV_CACHE})"
 
 
 def _variant(name: str) -> _Variant:
@@ -119,7 +128,7 @@ def expected_files(variant: str) -> list[str]:
     v = _variant(variant)
     files = [f for f in v.release_files if f != v.lora_dir]
     files += [f"{v.lora_dir}/adapter_config.json", f"{v.lora_dir}/{_ADAPTER_WEIGHTS[0]}"]
-    files += [path for path, _ in _HUB_FILES.get(v.hub, ())]
+    files += [path for path, _ in _hub_files(v.hub)]
     return files
 
 
@@ -139,7 +148,16 @@ def missing_files(variant: str, root: Path) -> list[str]:
 def _release_url(v: _Variant) -> str:
     from dreamsim.config import dreamsim_weights
 
-    return dreamsim_weights[v.dreamsim_type + ("_patch" if v.patch else "")]
+    return dreamsim_weights[v.key]
+
+
+def fetch_command(spec: str, root: Path) -> str:
+    """The `robret weights fetch` command that installs `spec` into the DreamSim directory `root`."""
+    if root == weights_root()[0] / "dreamsim":
+        return f"robret weights fetch {spec}"
+    if root.name == "dreamsim":
+        return f"robret weights fetch {spec} --cache-dir {root.parent}"
+    return f"robret weights fetch {spec} --cache-dir ROOT (it installs into ROOT/dreamsim; use that directory)"
 
 
 def _missing_message(variant: str, root: Path, source: str, missing: list[str]) -> str:
@@ -153,19 +171,16 @@ def _missing_message(variant: str, root: Path, source: str, missing: list[str]) 
         "Expected there:",
         *(f"  {rel}{'   (or adapter_model.bin)' if rel.endswith(_ADAPTER_WEIGHTS[0]) else ''}"
           f"{'   <- missing' if rel in missing else ''}" for rel in expected_files(variant)),
-        f"To obtain them: download {url}",
-        f"  and unpack it there: mkdir -p {root} && cd {root} && unzip {url.rsplit('/', 1)[-1]}",
+        f"Fetch them (download, verify, unpack): {fetch_command(f'dreamsim:{variant}', root)}",
+        f"  or, with files obtained elsewhere: robret weights import dreamsim:{variant} FILE|DIR"
+        f"{'' if root.name == 'dreamsim' else ' --cache-dir ROOT (then use ROOT/dreamsim)'}",
+        f"  By hand: download {url} and unpack it there: mkdir -p {root} && cd {root} && "
+        f"unzip {url.rsplit('/', 1)[-1]}",
     ]
     if v.hub:
         lines.append(f"  Not in the zip: dreamsim loads the {'DINOv2' if v.hub == 'dinov2' else 'DINO'} backbone "
                      "with torch.hub from this directory, which needs")
-        lines += [f"    {path}: {what}" for path, what in _HUB_FILES[v.hub]]
-    lines += [
-        "  Or, on a machine with internet access, let dreamsim fetch everything once:",
-        f"    python -c \"from dreamsim import dreamsim; dreamsim(cache_dir='{root}', device='cpu', "
-        f"dreamsim_type='{v.dreamsim_type}', use_patch_model={v.patch})\"",
-        "  and copy that directory here. robret itself never downloads weights.",
-    ]
+        lines += [f"    {path}: {what}" for path, what in _hub_files(v.hub)]
     return "\n".join(lines)
 
 

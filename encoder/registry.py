@@ -1,6 +1,7 @@
 """Spec strings → encoders, like timm's `create_model`: `load_encoder("lipsim:demo")`.
 
     lipsim:<name>        a bundled checkpoint (encoder/weights/lipsim_<name>.safetensors)
+    lipsim:official-*    an official checkpoint from the weights cache (`robret weights fetch`; encoder.pretrained)
     lipsim:<preset>      a preset shape with random weights (`pretrained` False: timing and tests only)
     lipsim:<path>        a robret .safetensors checkpoint, or an official LipSim .pth (converted)
     standard:<name|path> the standard CNN baseline (encoder.standard)

@@ -14,6 +14,7 @@ import sys
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = [
     "retrieval.commands.encoder_cmd",
+    "retrieval.commands.weights_cmd",
     "retrieval.commands.demo_cmd",
     "retrieval.commands.train_cmd",
     "retrieval.commands.index_cmd",

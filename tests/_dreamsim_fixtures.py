@@ -72,3 +72,57 @@ def write_release_cache(root: Path, variants=SYNTHETIC_VARIANTS, seed: int = 0) 
         write_backbone(root, variant, seed + 10 * i)
         write_lora_adapter(root, variant, seed + 10 * i)
     return root
+
+
+# --- a DINO variant: its release zip plus the torch.hub repository and backbone it loads -------------------
+
+# Stands in for facebookresearch/dino's hubconf.py (which builds vision_transformer.vit_base and loads the
+# checkpoint with torch.hub.load_state_dict_from_url): the same VisionTransformer (dreamsim's copy of DINO's),
+# with 12 blocks of width 768 as dreamsim needs (it hooks block 11; CLS width 768), but a 1-wide MLP to keep
+# the test's files small.
+DINO_HUBCONF = '''dependencies = ["torch"]
+from functools import partial
+
+import torch
+from torch import nn
+from dreamsim.feature_extraction.vision_transformer import VisionTransformer
+
+
+def dino_vitb16(pretrained=True, **kwargs):
+    model = VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=1 / 768,
+                              qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0, **kwargs)
+    if pretrained:
+        url = "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"
+        model.load_state_dict(torch.hub.load_state_dict_from_url(url, map_location="cpu"), strict=True)
+    return model
+'''
+
+
+def write_dino_cache(root: Path, seed: int = 0) -> Path:
+    """Fill `root` as dreamsim's cache for dino_vitb16 (hub repo, backbone, release files), random weights."""
+    import importlib.util
+
+    repo = root / "facebookresearch_dino_main"
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "hubconf.py").write_text(DINO_HUBCONF)
+    spec = importlib.util.spec_from_file_location("_dino_hubconf", repo / "hubconf.py")
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    g = torch.Generator().manual_seed(seed)
+    vit = hubconf.dino_vitb16(pretrained=False)
+    (root / "checkpoints").mkdir(exist_ok=True)
+    torch.save({k: _random_like(k, v, g) for k, v in vit.state_dict().items()},
+               root / "checkpoints" / "dino_vitbase16_pretrain.pth")
+    # the release's DINO checkpoint: dreamsim reads only the student's projection head from it
+    head = {"module.head.mlp.0.weight": (2048, 768), "module.head.mlp.0.bias": (2048,),
+            "module.head.mlp.2.weight": (2048, 2048), "module.head.mlp.2.bias": (2048,),
+            "module.head.mlp.4.weight": (256, 2048), "module.head.mlp.4.bias": (256,),
+            "module.head.last_layer.weight": (2048, 256)}
+    torch.save({"student": {k: 0.02 * torch.randn(shape, generator=g) for k, shape in head.items()}},
+               root / "dino_vitb16_pretrain.pth")
+    hub_dir = torch.hub.get_dir()
+    try:
+        write_lora_adapter(root, "dino_vitb16", seed)  # dreamsim points torch.hub at root to build the model
+    finally:
+        torch.hub.set_dir(hub_dir)
+    return root

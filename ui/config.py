@@ -9,17 +9,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from encoder.pretrained import user_cache_root
+
 __all__ = ["ENV_PREFIX", "UIConfig", "default_cache_dir"]
 
 ENV_PREFIX = "ROBRET_UI_"
 
 
 def default_cache_dir() -> Path:
-    """$ROBRET_CACHE, else $XDG_CACHE_HOME/robret, else ~/.cache/robret."""
-    if os.environ.get("ROBRET_CACHE"):
-        return Path(os.environ["ROBRET_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "robret"
+    """$ROBRET_CACHE, else the user cache directory (encoder.pretrained.user_cache_root)."""
+    return user_cache_root()
 
 
 @dataclass(frozen=True)
