@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         folder.mkdir()
         for i in range(files):
             make_png(folder / f"big{i}.png", side, i)
-        rows["baseline: import torch + load the encoder"] = measure(
-            [sys.executable, "-c", f"from encoder import load_encoder; load_encoder({ENCODER!r})"])
+        rows[f"baseline: robret encoder info {ENCODER} (import torch, load the encoder)"] = measure(
+            [*robret, "encoder", "info", ENCODER])
         rows[f"index build, {files} × {side}×{side} PNG, {workers} workers"] = measure(
             [*robret, "index", "build", str(folder), "--index-dir", str(tmp / "idx"), "--encoder", ENCODER,
              "--workers", str(workers)])

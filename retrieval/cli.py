@@ -80,5 +80,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The console entry point: `main()`, then exit without the interpreter's module teardown.
+
+    Tearing torch's modules down at exit costs ~0.3 GB of memory and ~1 s on every command (`python -c
+    "import torch"` peaks at 1.19 GB with it, 0.92 GB without). Everything robret writes is closed by
+    then (context managers, atomic writers); the atexit handlers (logging, tqdm, any library's cleanup)
+    still run, then the process leaves with main's exit code.
+    """
+    import atexit
+
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+    atexit._run_exitfuncs()  # noqa: SLF001 — the public way (sys.exit) would also tear modules down
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
