@@ -53,19 +53,10 @@ def can_use_fast_path(x: torch.Tensor, module: torch.nn.Module) -> bool:
     return True
 
 
-def _current_fold(layer, *weights) -> torch.Tensor:
-    """layer._folded, refolded first when the weights changed in place since (as layer.forward does)."""
-    from .layers import _weights_key
-
-    if layer._fold_key != _weights_key(*weights):
-        layer.freeze()
-    return layer._folded
-
-
 def _tap_matrices(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(K_all, K̃_all), both (k²·inner, C), of a frozen SLLConv2d (see the module doc)."""
     inner, channels, k, _ = layer.kernel.shape
-    folded = _current_fold(layer, layer.kernel, layer.q)
+    folded = layer._fresh_fold()  # refolded first if the weights changed in place
     k_all = layer.kernel.permute(2, 3, 0, 1).reshape(k * k * inner, channels).contiguous()
     # conv_transpose2d correlates with the flipped kernel: flipping here lets the im2col of r use
     # non-negative strides (one strided copy instead of one copy per tap).
@@ -221,6 +212,6 @@ def _trunk_images(x, images, out, mats, biases, k: int) -> None:
 @torch.no_grad()
 def linear_inference(x: torch.Tensor, layer) -> torch.Tensor:
     """Frozen SLLLinear: x − ReLU(x Wᵀ + b) · W̃ with bias and residual fused into the GEMMs."""
-    folded = _current_fold(layer, layer.weight, layer.q)
+    folded = layer._fresh_fold()
     res = torch.addmm(layer.bias, x, layer.weight.t()).relu_()
     return torch.addmm(x, res, folded, alpha=-1)

@@ -44,16 +44,49 @@ def _weights_key(*params: torch.Tensor) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in params)
 
 
-def _load_refolding(module, base_load, *args) -> None:
-    """`_load_from_state_dict` for a foldable layer: refold after loading so a fold is never stale."""
-    was_frozen = module._folded is not None
-    module._folded = None
-    base_load(*args)
-    if was_frozen:
-        module.freeze()
+class _FoldedSLL(nn.Module):
+    """The inference form shared by the SLL layers: 2·T⁻¹ folded into the output weight W.
+
+    Subclasses name their weight (`_weight`) and how t broadcasts against it (`_fold_view`). A fold
+    records the identity and in-place version of (W, q); a forward that finds them changed (optimizer
+    step, in-place edit) refolds first, and loading a state dict refolds: a stale fold is not 1-Lipschitz.
+    """
+
+    _fold_view: tuple[int, ...] = (-1,)
+
+    def _weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fold 2·T⁻¹ into the output weight (inference form)."""
+        # Not an inference tensor even when called under inference_mode: attacks need autograd through it.
+        with torch.inference_mode(False), torch.no_grad():
+            self._folded = (2 * self.inv_t()).view(self._fold_view) * self._weight()
+        self._fold_key = _weights_key(self._weight(), self.q)
+
+    def unfreeze(self) -> None:
+        self._folded = None
+
+    @property
+    def frozen(self) -> bool:
+        return self._folded is not None
+
+    def _fresh_fold(self) -> torch.Tensor | None:
+        """The fold, refolded first when the weights changed in place since it was made (None: unfrozen)."""
+        if self._folded is not None and self._fold_key != _weights_key(self._weight(), self.q):
+            self.freeze()
+        return self._folded
+
+    def _load_from_state_dict(self, *args) -> None:
+        was_frozen = self._folded is not None
+        self._folded = None
+        super()._load_from_state_dict(*args)
+        if was_frozen:
+            self.freeze()
 
 
-class SLLConv2d(nn.Module):
+class SLLConv2d(_FoldedSLL):
     """Convolutional SLL layer on (B, C, H, W) tensors, 1-Lipschitz in ℓ2 (any H, W; zero padding).
 
     kernel K: (inner, C, k, k); bias: (1, inner, 1, 1); q_param: (inner,).
@@ -87,36 +120,21 @@ class SLLConv2d(nn.Module):
     def inv_t(self) -> torch.Tensor:
         return _sll_scale(self.gram_abs(), self.q)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Fold 2·T⁻¹ into the transposed kernel (inference form). A later in-place change of the
-        kernel or q (optimizer step, load_state_dict) is detected and refolds at the next forward."""
-        # Not an inference tensor even when called under inference_mode: attacks need autograd through it.
-        with torch.inference_mode(False), torch.no_grad():
-            self._folded = (2 * self.inv_t())[:, None, None, None] * self.kernel
-        self._fold_key = _weights_key(self.kernel, self.q)
+    _fold_view = (-1, 1, 1, 1)
 
-    def _load_from_state_dict(self, *args) -> None:
-        _load_refolding(self, super()._load_from_state_dict, *args)
-
-    def unfreeze(self) -> None:
-        self._folded = None
-
-    @property
-    def frozen(self) -> bool:
-        return self._folded is not None
+    def _weight(self) -> torch.Tensor:
+        return self.kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._folded is not None and self._fold_key != _weights_key(self.kernel, self.q):
-            self.freeze()  # weights changed in place since the fold: a stale fold is not 1-Lipschitz
+        folded = self._fresh_fold()
         res = F.relu(F.conv2d(x, self.kernel, padding=self.padding) + self.bias)
-        if self._folded is not None:
-            return x - F.conv_transpose2d(res, self._folded, padding=self.padding)
+        if folded is not None:
+            return x - F.conv_transpose2d(res, folded, padding=self.padding)
         res = self.inv_t()[None, :, None, None] * res
         return x - 2 * F.conv_transpose2d(res, self.kernel, padding=self.padding)
 
 
-class SLLLinear(nn.Module):
+class SLLLinear(_FoldedSLL):
     """Dense SLL layer on (B, features) tensors, 1-Lipschitz in ℓ2.
 
     weight W: (inner, features) (so Wx is the inner pre-activation); bias (1, inner); q_param (inner,).
@@ -141,29 +159,16 @@ class SLLLinear(nn.Module):
     def inv_t(self) -> torch.Tensor:
         return _sll_scale((self.weight @ self.weight.T).abs(), self.q)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        """Fold 2·T⁻¹ into the output weight (inference form); in-place weight changes refold (see SLLConv2d)."""
-        with torch.inference_mode(False), torch.no_grad():
-            self._folded = (2 * self.inv_t())[:, None] * self.weight
-        self._fold_key = _weights_key(self.weight, self.q)
+    _fold_view = (-1, 1)
 
-    def _load_from_state_dict(self, *args) -> None:
-        _load_refolding(self, super()._load_from_state_dict, *args)
-
-    def unfreeze(self) -> None:
-        self._folded = None
-
-    @property
-    def frozen(self) -> bool:
-        return self._folded is not None
+    def _weight(self) -> torch.Tensor:
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._folded is not None and self._fold_key != _weights_key(self.weight, self.q):
-            self.freeze()
+        folded = self._fresh_fold()
         res = F.relu(F.linear(x, self.weight) + self.bias)
-        if self._folded is not None:
-            return x - res @ self._folded
+        if folded is not None:
+            return x - res @ folded
         return x - 2 * (self.inv_t() * res) @ self.weight
 
 
