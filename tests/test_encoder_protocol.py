@@ -9,9 +9,10 @@ Each spec falls in one of three cases, decided from the registry itself:
     positive number, and where it is a number, random pairs and dark nearby pairs never stretch
     beyond it (the ratios found are shown in the terminal summary);
   * LipSim presets above BIG_PARAMS (the official 224 px shapes, 63M–723M parameters, seconds to
-    minutes to build): built on the meta device, so only the shape is checked — dim, input size,
-    bound and parameter count against the preset, and a forward pass's output shape. Their numbers
-    come from the same LipSimEncoder code the cpu-* presets run in the first case;
+    minutes to build): each preset's shape against the paper's table (OFFICIAL_SHAPES), and the
+    smallest one built through the registry on the meta device (one cheap check for all of them:
+    dim, input size, bound, parameter count, a forward pass's output shape). Their numbers come
+    from the same LipSimEncoder code the cpu-* presets run in the first case;
   * DreamSim variants whose backbones come through torch.hub (DINO, DINOv2, SynCLR, the ensemble):
     skipped, their weights are not on a test machine; they share DreamSimEncoder with the
     synthesised single-branch variants.
@@ -31,7 +32,11 @@ from encoder import PRESETS, Encoder, list_encoders, load_encoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BIG_PARAMS = 20_000_000  # above this a random-weight preset is checked on the meta device only
+BIG_PARAMS = 20_000_000  # above this a random-weight preset is checked for its shape only
+# LipSim (Ghazanfari et al., ICLR 2024; DESIGN.md): conv layers, channels, dense layers, dense width;
+# all with conv inner dimension 5, 224 px input and D = 1792 kept coordinates.
+OFFICIAL_SHAPES = {"small": (20, 45, 7, 1024), "medium": (30, 60, 10, 2048), "large": (50, 90, 10, 2048),
+                   "xlarge": (70, 120, 15, 2048)}
 
 SPECS = list_encoders()
 
@@ -127,7 +132,14 @@ def test_registered_encoder_states_a_bound_or_none_and_random_pairs_stay_within_
 
 
 @pytest.mark.parametrize("spec", BIG)
-def test_big_lipsim_preset_has_its_shape_on_the_meta_device(spec):
+def test_big_lipsim_preset_is_the_official_shape(spec):
+    cfg = _lipsim_preset(spec)
+    assert (cfg.conv_depth, cfg.channels, cfg.linear_depth, cfg.linear_inner) == OFFICIAL_SHAPES[spec.split(":")[1]]
+    assert (cfg.conv_inner, cfg.input_size, cfg.embed_dim, cfg.lipschitz) == (5, 224, 1792, 1.0)
+
+
+def test_smallest_big_lipsim_preset_builds_through_the_registry_on_the_meta_device():
+    spec = min(BIG, key=lambda s: _lipsim_preset(s).num_params())
     cfg = _lipsim_preset(spec)
     with torch.device("meta"):
         enc = load_encoder(spec, device="meta")
