@@ -7,7 +7,6 @@ test never mix samples), so one call audits many inputs at once.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 # The audited bound: float32 rounding may exceed an exact 1 by ~1e-6; anything above this is a bug.
@@ -95,12 +94,3 @@ def hill_climb_jacobian(fn, x: torch.Tensor, rounds: int = 4, scale: float = 0.1
         best_x = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best_x)
     return best, best_x
 
-
-@pytest.fixture
-def single_thread():
-    """Run a test on one intra-op thread: the audited tensors are tiny, so a second thread only adds
-    synchronisation cost (and on a CPU shared with other processes, a lot of it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

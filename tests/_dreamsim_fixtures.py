@@ -10,12 +10,17 @@ For the single-branch CLIP and OpenCLIP variants dreamsim 0.2.1 reads, from its 
 and nothing from a hub: open_clip is imported but no OpenCLIP/CLIP model is built or fetched.
 The adapter is written by peft's own save_pretrained on dreamsim's own PerceptualModel, so its keys
 are the ones dreamsim's PeftModel.from_pretrained expects.
+
+Fixtures (registered by conftest.py): `release_cache`, and `synthetic_dreamsim`, which builds each
+synthesised variant once per session.
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 SYNTHETIC_VARIANTS = ("clip_vitb32", "open_clip_vitb32")
@@ -126,3 +131,22 @@ def write_dino_cache(root: Path, seed: int = 0) -> Path:
     finally:
         torch.hub.set_dir(hub_dir)
     return root
+
+
+@pytest.fixture(scope="session")
+def release_cache(tmp_path_factory):
+    """A cache directory with clip_vitb32 and open_clip_vitb32 in the release layout, random weights."""
+    return write_release_cache(tmp_path_factory.mktemp("dreamsim-cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dreamsim(release_cache):
+    """load(variant) → the `dreamsim:<variant>` encoder read from `release_cache`, built once per
+    session (ask for `no_network` too in the test that first calls it)."""
+    from encoder import load_encoder
+
+    @functools.lru_cache(maxsize=None)
+    def load(variant: str):
+        return load_encoder(f"dreamsim:{variant}", cache_dir=release_cache)
+
+    return load

@@ -1,6 +1,9 @@
-"""Shared pytest fixtures: small encoders and sample-photo folders, built once per session.
+"""Shared pytest fixtures, registered once for every test module.
 
-Area-specific fixtures live in their own test modules (or tests/_<area>_fixtures.py).
+Here: small encoders and sample-photo folders built once per session, the one-thread fixture, a
+network guard, and the terminal summary of what the audit tests measured. Area fixtures live in
+tests/_<area>_fixtures.py and are registered below through `pytest_plugins`; test modules import
+only plain helpers from those files, never fixtures.
 """
 from __future__ import annotations
 
@@ -10,11 +13,40 @@ import os
 # the UI server) running beside the test process, spinning threads starve each other 10–20×.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import socket  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from _report import MEASURED  # noqa: E402
+
+pytest_plugins = ["_dreamsim_fixtures", "_ui_fixtures", "_postgres_fixtures"]
+
 # Two cores: keep torch from oversubscribing them when several processes run.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one intra-op thread (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    Tiny models and tensors run as fast on one thread, and a single thread does not stall in
+    OpenMP's synchronisation when the two cores are shared with other processes (10× slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection (a download, a hub query) fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +65,14 @@ def sample_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("samples")
     export_sample_photos(folder)
     return folder
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Show the figures the audit and soundness tests recorded (tests/_report.py); their own
+    assertions decide pass or fail."""
+    if config.get_verbosity() < 0:
+        return
+    for section, table in MEASURED.items():
+        terminalreporter.write_sep("-", section)
+        for key in sorted(table):
+            terminalreporter.write_line(f"{key}: {table[key]:.9f}")

@@ -21,9 +21,8 @@ from torch import nn
 from encoder import CheckpointError, EncoderError, LipSimNet, get_preset, load_encoder
 from encoder.convert import convert_official_state_dict, load_official
 from encoder.presets import PRESETS
-from tests._audit import single_thread  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e-5
 
 

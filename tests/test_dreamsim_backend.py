@@ -2,52 +2,22 @@
 from __future__ import annotations
 
 import json
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from _dreamsim_fixtures import SYNTHETIC_VARIANTS, write_release_cache
+from _dreamsim_fixtures import SYNTHETIC_VARIANTS
 from encoder import EncoderError, list_encoders, load_encoder
 from encoder.dreamsim_backend import ENV_CACHE, VARIANTS, _patch_embedding, expected_files, resolve_cache_dir
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: a few ViT-B/32 images; a second thread mostly waits on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread: a few ViT-B/32 images; a second thread mostly waits on a busy CPU.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection (a download, a hub query) fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-
-
-@pytest.fixture(scope="session")
-def release_cache(tmp_path_factory):
-    """A cache directory with clip_vitb32 and open_clip_vitb32 in the release layout, random weights."""
-    return write_release_cache(tmp_path_factory.mktemp("dreamsim-cache"))
-
-
-_loaded: dict[str, object] = {}
-
-
-@pytest.fixture
-def synthetic_encoder(request, release_cache, no_network):
-    variant = request.param
-    if variant not in _loaded:
-        _loaded[variant] = load_encoder(f"dreamsim:{variant}", cache_dir=release_cache)
-    return _loaded[variant]
+def synthetic_encoder(request, synthetic_dreamsim, no_network):
+    return synthetic_dreamsim(request.param)
 
 
 def test_variants_are_exactly_those_of_the_installed_dreamsim_package():

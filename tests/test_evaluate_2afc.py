@@ -9,7 +9,8 @@ import torch
 from encoder.evaluate import (autoattack_2afc, certified_sample_scores, combine_results, eps_label, evaluate_2afc,
                               format_table, pgd_2afc, twoafc_sample_scores, twoafc_score)
 from encoder.protocol import TorchEncoder
-from _train_fixtures import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_twoafc_score_is_dreamsims_formula_with_ties_counting_half():

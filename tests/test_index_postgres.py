@@ -15,7 +15,7 @@ from index import (CatalogError, Gallery, IngestOptions, IntegrityError, build_i
 from index.catalog import DB_URL_ENV
 from retrieval.cli import main as robret
 from _index_fixtures import copy_photos
-from _postgres_fixtures import PASSWORD, postgres_server  # noqa: F401 - a fixture
+from _postgres_fixtures import PASSWORD
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTS = IngestOptions(workers=1, batch_size=3)

@@ -6,7 +6,7 @@ truncation (the stack of 1-Lipschitz layers, where the bound is nearly attained)
   * the Jacobian spectral norm at random inputs and at adversarially chosen inputs, by power
     iteration (jvp/vjp) and, where the output is small, exactly from the full Jacobian;
   * ‖f(x) − f(y)‖ / ‖x − y‖ over random pairs and over pairs found by gradient ascent on the ratio.
-Everything must stay ≤ L·(1 + 1e-4). Maxima are printed by test_report_model_audit_maxima (-s).
+Everything must stay ≤ L·(1 + 1e-4). The maxima are shown in pytest's terminal summary.
 """
 from __future__ import annotations
 
@@ -15,15 +15,13 @@ import dataclasses
 import pytest
 import torch
 
+from _audit import TOL, exact_jacobian_norm, hill_climb_jacobian, max_ratio_search, power_iteration_norm
+from _report import note_max
 from encoder import Encoder, LipSimEncoder, LipSimNet, get_preset, load_encoder, load_metric
 from encoder.presets import LipSimConfig
-from tests._audit import (TOL, exact_jacobian_norm, hill_climb_jacobian, max_ratio_search,  # noqa: F401
-                          power_iteration_norm, single_thread)
 
-pytestmark = [pytest.mark.usefixtures("single_thread"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")]
-
-AUDIT: dict[str, float] = {}
 
 # Official widths (45 channels, conv inner 5, dense inner 1024) at reduced depth and a 32 px input.
 OFFICIAL_REDUCED = dataclasses.replace(get_preset("small"), input_size=32, conv_depth=3, linear_depth=2,
@@ -33,7 +31,7 @@ NORMALISED = dataclasses.replace(get_preset("cpu-tiny"), mean=(0.485, 0.456, 0.4
 
 
 def _note(key: str, value) -> None:
-    AUDIT[key] = max(AUDIT.get(key, 0.0), float(value))
+    note_max("LipSim model audit: largest norm and ratio found (bound L)", key, value)
 
 
 def _trunk(net: LipSimNet, x: torch.Tensor) -> torch.Tensor:
@@ -286,8 +284,3 @@ def test_preset_random_weights_are_seeded_and_leave_the_global_rng_alone():
     assert torch.equal(e1.embed(x), e2.embed(x))
     assert "random" in e1.name and e1.info()["weights"].startswith("random")
     assert not e1.pretrained and load_encoder("lipsim:demo").pretrained  # the fact is an attribute, not the name
-
-
-def test_report_model_audit_maxima():
-    for key in sorted(AUDIT):
-        print(f"audit {key}: {AUDIT[key]:.9f}")

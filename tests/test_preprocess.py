@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from encoder.preprocess import pil_to_tensor, resize, resize_matrix, resize_operator_norm, to_input
-from tests._audit import single_thread  # noqa: F401
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 sizes = st.integers(1, 97)
 

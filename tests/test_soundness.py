@@ -14,17 +14,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _pgd import pgd_l2
+from _report import note
 from encoder.certify import certify_topk, pair_radius, twoafc_radius
 from encoder.preprocess import resize
-from tests._audit import single_thread  # noqa: F401
-from tests._pgd import pgd_l2
 
-pytestmark = [pytest.mark.usefixtures("single_thread"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*torch.jit.script.*:FutureWarning")]
 
 INSIDE = 1 - 1e-4  # attack radius as a fraction of the certified one
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-MEASURED: dict[str, float] = {}
+TIGHTNESS = "soundness: radius multiple at which PGD breaks a certificate (lipsim:cpu-tiny)"
 
 
 def _images(gen, n, brightness, s=32):
@@ -202,8 +202,8 @@ def test_attacks_succeed_somewhat_beyond_the_2afc_radius(tiny_lipsim):
         return best > 0
 
     factors = _smallest_breaking_factor(attack, radius)
-    MEASURED["2afc: smallest radius multiple that PGD breaks (best case)"] = factors.min().item()
-    MEASURED["2afc: median multiple"] = factors.median().item()
+    note(TIGHTNESS, "2afc: smallest radius multiple that PGD breaks (best case)", factors.min())
+    note(TIGHTNESS, "2afc: median multiple", factors.median())
     print(f"2AFC radii {radius.tolist()} broken at multiples {factors.tolist()}")
     assert factors.min() <= 5, factors
     assert torch.isfinite(factors).sum() >= 2, factors
@@ -229,11 +229,6 @@ def test_attacks_succeed_somewhat_beyond_the_topk_set_radius(tiny_lipsim):
             return best > 0
 
         factors.append(_smallest_breaking_factor(attack, torch.tensor([cert.set_radius])).item())
-    MEASURED["top-2 set: smallest radius multiple that PGD breaks (best case)"] = min(factors)
+    note(TIGHTNESS, "top-2 set: smallest radius multiple that PGD breaks (best case)", min(factors))
     print(f"top-2 set radii broken at multiples {factors}")
     assert min(factors) <= 5, factors
-
-
-def test_report_measured_tightness():
-    for key, value in MEASURED.items():
-        print(f"soundness {key}: {value}")

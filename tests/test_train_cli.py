@@ -16,7 +16,8 @@ from encoder.standard import read_standard_header
 from encoder.train import PrecomputedTeacher
 from encoder.train.distill import center_view
 from retrieval.cli import main
-from _train_fixtures import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--device", "cpu", "--no-progress", "--seed", "0"]
 

@@ -10,7 +10,8 @@ from encoder import load_encoder
 from encoder.checkpoint import read_header
 from encoder.samples import DEMO_TRAIN_PHOTOS, HELDOUT_PHOTOS, SAMPLE_PHOTOS
 from encoder.standard import StandardConfig, StandardEncoder, load_standard, read_standard_header, save_standard
-from _train_fixtures import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_photo_split_is_fixed_disjoint_and_complete():

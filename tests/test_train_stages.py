@@ -14,7 +14,8 @@ from encoder.presets import LipSimConfig
 from encoder.standard import StandardConfig, StandardEncoder
 from encoder.train import (ContrastiveConfig, DistillConfig, EncoderTeacher, FinetuneConfig, cosine_with_warmup,
                            distill, finetune, hinge_2afc_loss, train_contrastive, triangular)
-from _train_fixtures import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = LipSimConfig(input_size=16, channels=6, conv_depth=2, conv_inner=4, linear_depth=1, linear_inner=32, pools=1,
                     embed_dim=8)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _ui_fixtures import APP, page_env, ui_engine, ui_env  # noqa: F401  (fixtures)
+from _ui_fixtures import APP
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

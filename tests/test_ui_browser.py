@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from _ui_fixtures import ui_env  # noqa: F401  (fixture)
-
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
