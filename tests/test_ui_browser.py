@@ -137,6 +137,52 @@ def test_browser_runs_a_query_and_an_attack_and_saves_a_screenshot(ui_env, tmp_p
     assert shot.stat().st_size > 20_000
 
 
+def test_upload_limits_hold_on_the_server_when_the_widget_is_bypassed(ui_env, tmp_path):
+    """ROBRET_UI_MAX_UPLOAD_MB=1 in ui_env. The page's own session uploads a small file through the widget
+    (recorded: the server's upload URL and the XSRF header); the same request replayed from outside the
+    widget with a 3 MB body is refused by the server (413). A 41-megapixel PNG (a few hundred KB, under the
+    byte limit) is refused by the page from its header, before it is decoded."""
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from PIL import Image as PILImage
+
+    small = tmp_path / "small.png"
+    PILImage.new("RGB", (64, 48), (90, 120, 30)).save(small)
+    huge = tmp_path / "huge.png"
+    PILImage.new("L", (8100, 5100), 128).save(huge)  # 41.3 MP, a few hundred KB compressed
+    assert huge.stat().st_size < 2**20
+    with serve([], {**os.environ, **ui_env}, tmp_path / "server.log") as url:
+        with sync_playwright() as p:
+            ctx = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+                viewport={"width": 1300, "height": 900})
+            try:
+                page = ctx.new_page()
+                page.goto(url)
+                expect(page.get_by_text("2 · Top-5")).to_be_visible(timeout=120_000)
+                page.get_by_text("an upload", exact=True).click()
+                uploads = []
+                page.on("request", lambda r: uploads.append(r) if "/_stcore/upload_file/" in r.url and
+                        r.method == "PUT" else None)
+                page.locator('input[type="file"]').set_input_files(str(small))
+                expect(page.get_by_text("upload: small.png").first).to_be_visible(timeout=60_000)
+                assert uploads, "the widget's upload request was not seen"
+                sent = uploads[0]
+                headers = {k: v for k, v in sent.headers.items() if k.lower() == "x-xsrftoken"}
+                replay = page.request.put(sent.url, headers=headers, multipart={"file": {
+                    "name": "big.png", "mimeType": "image/png", "buffer": b"\x89PNG" + bytes(3 * 2**20)}})
+                assert replay.status == 413, (replay.status, replay.text()[:200])
+                ok = page.request.put(sent.url, headers=headers, multipart={"file": {
+                    "name": "small.png", "mimeType": "image/png", "buffer": small.read_bytes()}})
+                assert ok.status < 300, (ok.status, ok.text()[:200])  # the same route takes a small body
+                page.locator('input[type="file"]').set_input_files(str(huge))
+                expect(page.get_by_text("too many pixels").first).to_be_visible(timeout=60_000)
+                assert page.locator('[data-testid="stException"]').count() == 0
+            finally:
+                ctx.close()
+
+
 if __name__ == "__main__":
     # The docs screenshot, with the page's real defaults (demo index, bundled models):
     #   python tests/test_ui_browser.py docs/ui-screenshot.png [robret ui options]
