@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "retrieval.commands.index_cmd",
     "retrieval.commands.attack_cmd",
     "retrieval.commands.ui_cmd",
+    "retrieval.commands.serve_cmd",
 ]
 
 
