@@ -282,3 +282,15 @@ def test_request_past_its_deadline_is_answered_504(served, tiny_lipsim, sample_f
     with ServerThread(app) as server:
         status, body = post(server.port, "/search", files=[("file", "q.png", (sample_folder / "coffee.png").read_bytes())])
         assert status == 504 and "longer than" in body["detail"]
+
+
+def test_load_benchmark_quick_run_answers_every_request(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--quick", "--out", str(tmp_path / "load")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["requests"] == 40 and result["errors"] == 0 and result["certified_answers"] == 40
+    lat = result["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert result["throughput_rps"] > 0 and result["server_rss_mb"]["after_run"] > 0
