@@ -114,15 +114,15 @@ class RayEmbedder:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         actors = self.actors or max(1, gpus or int(resources.get("CPU", 1)))
-        remote_args = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        if os.environ.get(RAY_CRASH_ENV):
-            remote_args["runtime_env"] = {"env_vars": {RAY_CRASH_ENV: os.environ[RAY_CRASH_ENV]}}
+        crash = os.environ.get(RAY_CRASH_ENV)
+        runtime_env = {"env_vars": {RAY_CRASH_ENV: crash}} if crash else None
         log.info("embedding %d files on %d Ray actors (%s)", len(paths), actors, "GPU" if gpus else "CPU")
         blocks = max(1, min(len(paths) // self.batch_size + 1, 4 * actors))
         ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(paths)], override_num_blocks=blocks)
         ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"identity": identity, "limits": asdict(limits)},
                             batch_size=self.batch_size, batch_format="numpy", concurrency=actors,
-                            max_restarts=-1, max_task_retries=-1, **remote_args)
+                            num_gpus=1 if gpus else None, num_cpus=None if gpus else 1, runtime_env=runtime_env)
+        # Ray Data's actor pools restart dead actors and retry their batches by default.
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for j in range(len(batch["i"])):
                 error = batch["error"][j]

@@ -34,7 +34,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, sample_folder):
     root = tmp_path_factory.mktemp("ray") / "photos"
-    copy_photos(sample_folder, root)
+    copy_photos(sample_folder, root, ("astronaut", "brick", "camera", "coins", "moon"))
     make_hostile_folder(root / "hostile")
     return root
 
@@ -77,7 +77,7 @@ def test_ray_build_equals_local_build_on_a_folder_with_bad_files(cluster, folder
     report = build_index(folder, out, SPEC, encoder=tiny_lipsim,
                          options=IngestOptions(workers=1, batch_size=4, use_gpu=False,
                                                embed_files=RayEmbedder(actors=2, batch_size=4)))
-    assert report.failed and report.indexed > 10
+    assert report.failed and report.indexed > 5
     assert_same_index(local_index, out)
 
 
@@ -95,16 +95,15 @@ def test_killed_actor_is_retried_without_duplicate_rows(cluster, folder, local_i
 
 def test_driver_killed_mid_run_then_update_completes(cluster, folder, local_index, tmp_path, tiny_lipsim):
     out = tmp_path / "index"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), CRASH_ENV: "batch:3"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), CRASH_ENV: "batch:2"}
     done = subprocess.run([sys.executable, "-m", "retrieval.cli", "index", "build", str(folder), "--index-dir",
                            str(out), "--encoder", SPEC, "--cpu", "--batch-size", "4", "--workers", "1",
                            "--checkpoint-seconds", "0", "--ray", "auto", "--ray-actors", "1"],
                           env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == -9, done.stderr[-2000:]  # SIGKILLed at the third batch
+    assert done.returncode == -9, done.stderr[-2000:]  # SIGKILLed at the second batch
     partial = {p: r for p, r in rows(out).items() if r[1] == "indexed"}
     assert 0 < len(partial) < len(vectors(local_index))
-    update_index(out, encoder=tiny_lipsim, options=IngestOptions(workers=1, batch_size=4, use_gpu=False,
-                                                                 embed_files=RayEmbedder(actors=1, batch_size=4)))
+    update_index(out, encoder=tiny_lipsim, options=IngestOptions(workers=1, batch_size=4, use_gpu=False))
     # Ids are given in processing order, so after a crash they may differ: compare by path.
     ra, rb = rows(local_index), rows(out)
     assert {p: r[1:] for p, r in ra.items()} == {p: r[1:] for p, r in rb.items()}
