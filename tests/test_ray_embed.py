@@ -113,3 +113,10 @@ def test_driver_killed_mid_run_then_update_completes(cluster, folder, local_inde
         if status == "indexed":
             np.testing.assert_allclose(va[i], vb[rb[path][0]], atol=1e-5)
     assert verify_index(out).ok
+
+
+def test_ray_actors_without_ray_is_refused(tmp_path, capsys):
+    from retrieval.cli import main
+
+    assert main(["index", "update", str(tmp_path), "--ray-actors", "2"]) == 1
+    assert "--ray-actors needs --ray" in capsys.readouterr().err

@@ -104,6 +104,8 @@ def _options(args):
         opts.workers = max(1, args.workers)
     if getattr(args, "max_pixels", None):
         opts.limits = DecodeLimits(max_pixels=args.max_pixels)
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        raise ValueError("--ray-actors needs --ray and at least 1 actor")
     if args.ray is not None:
         from index.ray_embed import RayEmbedder, connect
 
