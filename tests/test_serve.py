@@ -275,6 +275,7 @@ def test_serve_command_refuses_a_public_address_without_a_token_and_serves_on_lo
     finally:
         proc.terminate()
         proc.wait(20)
+    assert f"on http://127.0.0.1:{port}" in proc.stderr.read()
 
 
 def test_request_past_its_deadline_is_answered_504(served, tiny_lipsim, sample_folder):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 TOKEN_ENV = "ROBRET_API_TOKEN"
@@ -45,6 +46,10 @@ def run(args) -> int:
                          request_timeout=args.timeout, concurrency=args.concurrency,
                          cors_origins=tuple(args.cors_origin), use_gpu=not args.cpu)
     app = create_app(args.index_dir, config)
+    gallery = app.state.holder.current()
+    print(f"serving {gallery.index_dir} ({len(gallery)} images, {gallery.encoder_spec}, version {gallery.version}) "
+          f"on http://{args.host}:{args.port}  (API docs: /docs{'; bearer token required' if token else ''})",
+          file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning",
                 timeout_keep_alive=5, limit_concurrency=64, server_header=False)
     return 0
