@@ -56,7 +56,7 @@ class _EmbedActor:
     """One Ray actor: the encoder loaded once; a batch of paths in, vectors (or failure reasons) out."""
 
     def __init__(self, identity: dict, limits: dict):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors that did not ask for one
         self.encoder = embedder.load(identity["spec"], device)
         check_same_encoder(identity, embedder.identity(self.encoder, identity["spec"]))
         self.limits = DecodeLimits(**limits)
@@ -101,18 +101,19 @@ def _crash_once() -> None:
 class RayEmbedder:
     """`IngestOptions.embed_files` on Ray Data: an actor pool of encoders (see the module doc).
 
-    actors: pool size (default: the cluster's GPUs, else its CPUs); batch_size: files per actor call.
+    actors: pool size (default: the cluster's GPUs, else its CPUs); batch_size: files per actor call;
+    use_gpu=False: CPU actors even on a cluster with GPUs.
     """
 
-    def __init__(self, actors: int | None = None, batch_size: int = 32):
-        self.actors, self.batch_size = actors, max(1, int(batch_size))
+    def __init__(self, actors: int | None = None, batch_size: int = 32, use_gpu: bool = True):
+        self.actors, self.batch_size, self.use_gpu = actors, max(1, int(batch_size)), use_gpu
 
     def __call__(self, paths: list[bytes], identity: dict, limits: DecodeLimits):
         if not paths:
             return
         connect()
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        gpus = int(resources.get("GPU", 0)) if self.use_gpu else 0
         actors = self.actors or max(1, gpus or int(resources.get("CPU", 1)))
         crash = os.environ.get(RAY_CRASH_ENV)
         runtime_env = {"env_vars": {RAY_CRASH_ENV: crash}} if crash else None

@@ -110,7 +110,7 @@ def _options(args):
         from index.ray_embed import RayEmbedder, connect
 
         connect(None if args.ray == "local" else args.ray)
-        opts.embed_files = RayEmbedder(actors=args.ray_actors, batch_size=opts.batch_size)
+        opts.embed_files = RayEmbedder(actors=args.ray_actors, batch_size=opts.batch_size, use_gpu=opts.use_gpu)
     return opts
 
 
