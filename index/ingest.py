@@ -34,6 +34,7 @@ so that tests can kill a build at exact moments. Unset, it costs one dict lookup
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -56,7 +57,8 @@ from .layout import IndexDir
 from .scan import ScanEntry, display_path, scan_folder
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
-__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV"]
+__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV",
+           "preprocess_bytes"]
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "ROBRET_INDEX_CRASH_AT"
@@ -74,6 +76,11 @@ class IngestOptions:
     progress: bool = False  # tqdm progress bar (images/s) on stderr
     use_gpu: bool = True  # FAISS and the encoder on the GPU when one is visible
     decode_memory: int = 512 * 2**20  # bytes of decoded pixels held at once across workers (large images wait)
+    # Decode + embed elsewhere (e.g. index.ray_embed.RayEmbedder): called once per run with the absolute
+    # paths to embed (bytes, already hashed here), the recorded encoder identity and the limits; yields
+    # (position, dict(vector, digest, size, width, height, notes) | DecodeError) in any order.
+    # None: decode and embed in this process.
+    embed_files: object = None
 
 
 @dataclass
@@ -276,6 +283,7 @@ class _Loaded:
     size: int | None = None
     error: DecodeError | None = None
     tensor: object = None
+    vector: object = None  # (dim,) float32 when embedded elsewhere (options.embed_files)
     width: int | None = None
     height: int | None = None
     notes: list[str] = field(default_factory=list)
@@ -370,7 +378,7 @@ class _Writer:
         }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            self._process(work)
+            (self._process if self.options.embed_files is None else self._process_elsewhere)(work)
         self._remove_missing()
         self.report.seconds = time.monotonic() - t0
         self._checkpoint(final=True)
@@ -437,8 +445,39 @@ class _Writer:
             if bar is not None:
                 bar.close()
 
-    def _load(self, entry: ScanEntry, row: dict | None, allow_reuse: bool) -> _Loaded:
-        """Worker thread: read, hash, and (unless the content is known) decode and preprocess."""
+    def _process_elsewhere(self, work) -> None:
+        """Read and hash here, decode + embed through `options.embed_files`, write here. Results are
+        handled in the order of `work` (buffered when they arrive early), so rows, ids and batches come
+        out exactly as a local run's; the digest recorded is the one of the bytes actually embedded."""
+        with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
+            loaded = list(pool.map(lambda w: self._load(w[0], w[1], True, decode=False), work))
+        remote = [i for i, item in enumerate(loaded) if item.kind == "hashed"]
+        results = self.options.embed_files([loaded[i].entry.path for i in remote], self.meta["encoder"], self.limits)
+        arrived: dict[int, object] = {}
+        batch: list[_Loaded] = []
+        position = 0
+        for j, result in itertools.chain(results, [(None, None)]):
+            if j is not None:
+                arrived[remote[j]] = result
+            while position < len(loaded) and (loaded[position].kind != "hashed" or position in arrived):
+                item = loaded[position]
+                result = arrived.pop(position, None)
+                if isinstance(result, DecodeError):
+                    item = _Loaded(item.entry, item.row, "failed", error=result)
+                elif result is not None:
+                    item = _Loaded(item.entry, item.row, "decoded", result["digest"], result["size"],
+                                   vector=result["vector"], width=result["width"], height=result["height"],
+                                   notes=item.entry.notes + list(result["notes"]))
+                if self._handle(item, batch) and len(batch) >= self.options.batch_size:
+                    self._flush(batch)
+                position += 1
+        if position < len(loaded):
+            raise RuntimeError(f"{len(loaded) - position} files were sent to be embedded and never came back")
+        self._flush(batch)
+
+    def _load(self, entry: ScanEntry, row: dict | None, allow_reuse: bool, decode: bool = True) -> _Loaded:
+        """Worker thread: read, hash, and (unless the content is known) decode and preprocess
+        (decode=False: stop after hashing, kind "hashed")."""
         try:
             data = read_bytes(entry.path, self.limits.max_bytes, root=self.root)
             digest = hash_bytes(data)
@@ -447,16 +486,10 @@ class _Writer:
                 return _Loaded(entry, row, "touched", digest, len(data))
             if allow_reuse and digest in self.by_hash:
                 return _Loaded(entry, row, "known", digest, len(data))
+            if not decode:
+                return _Loaded(entry, row, "hashed", digest, len(data))
             with self.budget.reserve(decode_cost(data)):  # bounded decode memory across workers
-                image, notes, _ = decode_bytes(data, self.limits)
-                del data
-                width, height = oriented_size(image)
-                check_shape(width, height, self.limits)
-                try:
-                    tensor = self.encoder.preprocess(image)
-                except Exception as exc:  # a conversion PIL/torch cannot do is this file's problem only
-                    raise DecodeError("corrupt", f"preprocessing failed ({type(exc).__name__}: {exc})") from None
-                del image
+                tensor, width, height, notes = preprocess_bytes(data, self.limits, self.encoder)
             return _Loaded(entry, row, "decoded", digest, entry.size, tensor=tensor, width=width, height=height,
                            notes=entry.notes + notes)
         except DecodeError as exc:
@@ -543,9 +576,13 @@ class _Writer:
     def _flush(self, batch: list[_Loaded]) -> None:
         if not batch:
             return
-        t = time.monotonic()
-        vectors = embedder.embed_inputs(self.encoder, [b.tensor for b in batch])
-        self.report.embed_seconds += time.monotonic() - t
+        local = [b for b in batch if b.vector is None]
+        if local:
+            t = time.monotonic()
+            for b, v in zip(local, embedder.embed_inputs(self.encoder, [b.tensor for b in local])):
+                b.vector = v
+            self.report.embed_seconds += time.monotonic() - t
+        vectors = np.stack([b.vector for b in batch])
         ids, now = [], utcnow()
         for loaded in batch:
             row = loaded.row
@@ -609,6 +646,18 @@ class _Writer:
         self.last_checkpoint = time.monotonic()
         for leftover in self.layout.leftovers(version):
             leftover.unlink(missing_ok=True)
+
+
+def preprocess_bytes(data: bytes, limits: DecodeLimits, encoder) -> tuple[object, int, int, list[str]]:
+    """A file's bytes → (encoder input tensor, displayed width, height, notes); DecodeError with a reason."""
+    image, notes, _ = decode_bytes(data, limits)
+    width, height = oriented_size(image)
+    check_shape(width, height, limits)
+    try:
+        tensor = encoder.preprocess(image)
+    except Exception as exc:  # a conversion PIL/torch cannot do is this file's problem only
+        raise DecodeError("corrupt", f"preprocessing failed ({type(exc).__name__}: {exc})") from None
+    return tensor, width, height, notes
 
 
 def _under(key: bytes, prefixes: list[bytes]) -> bool:

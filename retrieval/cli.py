@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "retrieval.commands.index_cmd",
     "retrieval.commands.attack_cmd",
     "retrieval.commands.ui_cmd",
+    "retrieval.commands.serve_cmd",
 ]
 
 

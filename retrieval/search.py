@@ -104,35 +104,47 @@ class SearchResult:
 def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: float | None = None,
                      input_norm: float | None = None, candidates: int | None = None,
                      query_size: tuple[int, int] | None = None, radius_space: str | None = None,
-                     float_error: float | None = None) -> SearchResult:
+                     float_error: float | None = None, exclude=()) -> SearchResult:
     """Top-k for one unit-norm embedding (dim,), certified when the encoder has a Lipschitz bound.
 
     input_norm: bound on the norm of the map from the user's image samples to the encoder input
     (`encoder.input_norm(size, layout)`); None states the radii at the encoder input (for attacks that
     perturb the encoder input directly). radius_space: what the radii are over, in words.
     float_error: the encoder's float error bound (default: the gallery's, recorded at build).
+    exclude: ids left out of the answer and of its certificate (e.g. the query itself): the result is
+    the top-k of the gallery without them. Dropping items from the descending list keeps every unlisted
+    score below the last listed one, so the certificate stays sound.
     """
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     n = len(gallery)
+    dropped = {int(i) for i in exclude}
     k = max(1, min(int(k), n))
     lipschitz = gallery.lipschitz if certify else None
+    empty = SearchResult([], 0, 0, 0, True, lipschitz, notes=["the gallery is empty"])
     if n == 0:
-        return SearchResult([], 0, 0, 0, True, lipschitz, notes=["the gallery is empty"])
+        return empty
     if lipschitz is None:
-        scores, ids = gallery.search(q[None], k)
-        hits = [Hit(r + 1, int(i), float(s), p)
-                for r, (i, s, p) in enumerate(zip(ids[0], scores[0], gallery.paths(ids[0])))]
+        scores, ids = gallery.search(q[None], k + len(dropped))
+        keep = [j for j, i in enumerate(ids[0]) if int(i) >= 0 and int(i) not in dropped][:k]
+        if not keep:
+            return empty
+        k, scores, ids = len(keep), scores[0][keep], ids[0][keep]
+        hits = [Hit(r + 1, int(i), float(s), p) for r, (i, s, p) in enumerate(zip(ids, scores, gallery.paths(ids)))]
         notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
         return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
 
-    m = min(n, max(k, int(candidates or default_candidates(k))))
+    m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))
     _, ids = gallery.search(q[None], m, exact=True)
     ids = ids[0][ids[0] >= 0]
+    complete = len(ids) >= n
+    ids = np.asarray([i for i in ids if int(i) not in dropped], dtype=np.int64)
+    if len(ids) == 0:
+        return empty
+    k = min(k, len(ids))
     vectors = gallery.vectors(ids).astype(np.float64)
     scores = vectors @ q.astype(np.float64)
     order = np.argsort(-scores, kind="stable")  # recomputed in float64; ties keep FAISS's order
     ids, vectors, scores = ids[order], vectors[order], scores[order]
-    complete = len(ids) >= n
     max_norm = float(getattr(gallery, "max_norm", 1.0))
     if float_error is None:
         float_error = getattr(gallery, "float_error", None)
@@ -163,7 +175,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
 
 
 def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
-                 candidates: int | None = None) -> SearchResult:
+                 candidates: int | None = None, exclude=()) -> SearchResult:
     """Embed a query (file path or PIL image) with the gallery's encoder, search, certify.
 
     Radii are ℓ2 norms over the file's own samples (each scaled to [0,1] by its bit depth, in the file's
@@ -188,7 +200,7 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
     input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
     result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
                               candidates=candidates, query_size=px.size,
-                              radius_space=px.describe() if input_norm is not None else None)
+                              radius_space=px.describe() if input_norm is not None else None, exclude=exclude)
     if input_norm is not None:
         result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
     if certify and px.uncertified is not None and gallery.lipschitz is not None:

@@ -52,6 +52,26 @@ def test_short_candidate_list_gives_a_sound_lower_bound(gallery_dir, tiny_lipsim
     assert all(s.radius <= f.radius + 1e-12 for s, f in zip(short.hits, full.hits))
 
 
+def test_excluded_ids_leave_the_answer_and_its_certificate(gallery_dir, tiny_lipsim):
+    folder, index_dir = gallery_dir
+    query = folder / "chelsea.png"
+    with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+        full = search_image(g, query, k=3)
+        drop = [full.hits[0].id, full.hits[2].id]
+        res = search_image(g, query, k=3, exclude=drop)
+        short = search_image(g, query, k=3, exclude=drop, candidates=4)
+        ids, vecs = g.all_vectors()
+        q = g.embed_images([g.decode(query).image])[0]
+    keep = ~np.isin(ids, drop)
+    top, radius, set_radius = certify_topk_bruteforce(q, vecs[keep], 3, 1.0, slack=res.slack)
+    norm = res.input_norm
+    assert [h.id for h in res.hits] == ids[keep][top].tolist() and not set(drop) & {h.id for h in res.hits}
+    assert res.complete and np.allclose([h.radius for h in res.hits], radius / norm, rtol=1e-6)
+    assert res.set_radius == pytest.approx(set_radius / norm, rel=1e-6)
+    assert not short.complete and [h.id for h in short.hits] == [h.id for h in res.hits]
+    assert short.set_radius <= res.set_radius + 1e-12
+
+
 def test_noise_inside_the_certified_radius_never_changes_the_topk(gallery_dir, tiny_lipsim):
     folder, index_dir = gallery_dir
     gen = torch.Generator().manual_seed(0)

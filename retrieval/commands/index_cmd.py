@@ -89,6 +89,12 @@ def _common_run_args(p) -> None:
     p.add_argument("--cpu", action="store_true", help="keep FAISS and the encoder on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="decode and embed on a Ray cluster (pip install robret[ray]): ADDRESS of a running one "
+                   "(e.g. auto, ray://head:10001); alone, RAY_ADDRESS or a new local cluster. Listing, hashing "
+                   "and writing stay here")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="encoder actors on Ray (default: the cluster's GPUs, else its CPUs)")
 
 
 def _options(args):
@@ -102,6 +108,13 @@ def _options(args):
         opts.workers = args.workers
     if getattr(args, "max_pixels", None) is not None:
         opts.limits = DecodeLimits(max_pixels=args.max_pixels)
+    if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
+        raise ValueError("--ray-actors needs --ray and at least 1 actor")
+    if args.ray is not None:
+        from index.ray_embed import RayEmbedder, connect
+
+        connect(None if args.ray == "local" else args.ray)
+        opts.embed_files = RayEmbedder(actors=args.ray_actors, batch_size=opts.batch_size, use_gpu=opts.use_gpu)
     return opts
 
 

@@ -1,0 +1,55 @@
+"""`robret serve`: the certified search service (retrieval/serve.py) under uvicorn."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+TOKEN_ENV = "ROBRET_API_TOKEN"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve certified search over HTTP (FastAPI + uvicorn)",
+                       description="Answer certified top-k queries over HTTP: POST /search (an image upload or an "
+                       "indexed id), POST /search/batch, GET /items/{id}, /healthz, /stats; the OpenAPI schema is at "
+                       "/docs. The model and the index load once; a newly committed index version is picked up "
+                       f"without restart. Set {TOKEN_ENV} to require a bearer token (required when --host is not "
+                       "a loopback address).")
+    p.add_argument("--index-dir", required=True, help="an index built by `robret index build`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=32, help="largest request body in MB (default 32)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="largest upload in pixels, checked from the header (default: the index's limit)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request is answered 504 (default 60)")
+    p.add_argument("--concurrency", type=int, default=2, help="queries embedded at once (default 2)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; default: CORS off)")
+    p.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from retrieval.serve import ServeConfig, create_app, is_loopback
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(args.host) and token is None:
+        raise ValueError(f"--host {args.host} is reachable from other machines: set {TOKEN_ENV} to a secret "
+                         "bearer token first")
+    if not Path(args.index_dir).is_dir():
+        raise FileNotFoundError(f"--index-dir {args.index_dir}: no such directory")
+    if args.max_upload_mb <= 0 or args.timeout <= 0 or args.concurrency < 1:
+        raise ValueError("--max-upload-mb and --timeout must be positive, --concurrency at least 1")
+    config = ServeConfig(token=token, max_body_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                         request_timeout=args.timeout, concurrency=args.concurrency,
+                         cors_origins=tuple(args.cors_origin), use_gpu=not args.cpu)
+    app = create_app(args.index_dir, config)
+    gallery = app.state.holder.current()
+    print(f"serving {gallery.index_dir} ({len(gallery)} images, {gallery.encoder_spec}, version {gallery.version}) "
+          f"on http://{args.host}:{args.port}  (API docs: /docs{'; bearer token required' if token else ''})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning",
+                timeout_keep_alive=5, limit_concurrency=64, server_header=False)
+    return 0
