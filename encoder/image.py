@@ -52,7 +52,7 @@ import io
 import math
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -62,7 +62,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS", "DecodeLimits", "DecodeError", "decode_bytes", "check_shape", "oriented_size",
     "exif_orientation", "Pixels", "pixels", "to_rgb", "channel_lipschitz", "LAYOUT_CHANNELS", "SAMPLES16_KEY",
-    "is_image_name", "DecodeBudget", "decode_cost", "check_header",
+    "is_image_name", "DecodeBudget", "decode_cost", "check_header", "to_pil", "thumbnail_jpeg",
 ]
 
 # Extensions that count as images (compared lower-case), for training, indexing and benchmarks alike.
@@ -469,6 +469,26 @@ def _raw(arr: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():  # Pillow's arrays are read-only; the tensor is only ever read
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+def to_pil(samples: torch.Tensor, layout: str = "RGB") -> Image.Image:
+    """Samples (C, H, W) in [0, 1] → an 8-bit PIL image in the layout's own mode (L, LA, RGB, RGBA, CMYK,
+    YCbCr), each sample rounded to the nearest of 256 levels (the inverse of `pixels` for 8-bit files)."""
+    if layout not in LAYOUT_CHANNELS:
+        raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
+    u8 = (samples.detach().to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = u8.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode=layout)
+
+
+def thumbnail_jpeg(image: Image.Image, side: int, quality: int = 85) -> bytes:
+    """JPEG thumbnail (longest side ≤ side) of what the encoder sees: `pixels(image).rgb()`, so EXIF
+    orientation, alpha on white, 16-bit samples and CMYK look as they are embedded."""
+    im = to_pil(pixels(image).rgb())
+    im.thumbnail((side, side), Image.BILINEAR)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
 def _sample_depth_of_mode_i(image: Image.Image) -> tuple[int, str | None]:

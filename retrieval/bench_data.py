@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from encoder.data.folder import load_image
-from encoder.image import IMAGE_EXTENSIONS, is_image_name
+from encoder.image import IMAGE_EXTENSIONS, is_image_name, to_pil
 
 __all__ = ["RetrievalDataset", "heldout_benchmark", "folder_benchmark", "load_benchmark", "IMAGE_EXTENSIONS"]
 SCALES = (0.22, 0.3, 0.4)  # crop side as a fraction of the photo's shorter side
@@ -199,8 +199,7 @@ def folder_benchmark(root: str | Path, size: int = 64, max_per_class: int | None
     for c_idx, d in enumerate(classes):
         files = sorted(f for f in d.rglob("*") if f.is_file() and is_image_name(f.name))
         for f in files[:max_per_class]:
-            rgb = load_image(f).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            images.append(ImageOps.fit(Image.fromarray(rgb), (size, size), Image.Resampling.LANCZOS))
+            images.append(ImageOps.fit(to_pil(load_image(f)), (size, size), Image.Resampling.LANCZOS))
             labels.append(c_idx)
             paths.append(str(f.relative_to(root)))
     if len({*labels}) < 2:

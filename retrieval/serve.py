@@ -293,7 +293,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
 
     @app.get("/items/{item_id}", summary="Catalog metadata and a thumbnail of an indexed file")
     def item(item_id: int, thumbnail: bool = True) -> dict:
-        from ui.backend import thumbnail_bytes
+        from encoder.image import thumbnail_jpeg
 
         gallery = holder.current()
         rec = indexed_record(gallery, item_id)
@@ -301,7 +301,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
                 for key, value in rec.to_dict().items()}
         out = {"item": meta, "index_version": gallery.version}
         if thumbnail:
-            jpeg = thumbnail_bytes(indexed_image(gallery, item_id), config.thumbnail_side)
+            jpeg = thumbnail_jpeg(indexed_image(gallery, item_id), config.thumbnail_side)
             out["thumbnail"] = {"media_type": "image/jpeg", "base64": base64.b64encode(jpeg).decode("ascii")}
         return out
 

@@ -411,3 +411,14 @@ def test_a_large_non_image_file_is_refused_from_its_header_before_its_body_is_re
         path = tmp_path / f"ok.{fmt.lower()}"
         Image.fromarray(_rng_u8((40, 30, 3))).save(path, format=fmt)
         assert read_bytes(path, 512 * 2**20) == path.read_bytes()
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_CHANNELS))
+def test_to_pil_writes_each_layout_in_its_own_mode_and_pixels_reads_it_back_to_the_nearest_level(layout):
+    from encoder.image import to_pil
+
+    x = torch.rand(LAYOUT_CHANNELS[layout], 5, 7, generator=torch.Generator().manual_seed(0))
+    im = to_pil(x, layout)
+    assert im.mode == layout and im.size == (7, 5)
+    back = pixels(im)
+    assert back.layout == layout and float((back.samples - x).abs().max()) <= 0.5 / 255 + 1e-6

@@ -160,3 +160,14 @@ def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_cer
     assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
                  "--max-side", str(MAX_SIDE), "--json", str(out)]) == 0
     assert "over the file's own samples (L, 1-channel" in capsys.readouterr().out
+
+
+def test_attack_command_saves_a_grayscale_query_in_its_own_mode(tmp_path, gallery_dir):
+    """--save writes the adversarial samples in the file's own mode (here 8-bit L), the space ‖δ‖ is over."""
+    folder, index_dir = gallery_dir
+    out = tmp_path / "moon-adv.png"
+    assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
+                 "--max-side", str(MAX_SIDE), "--save", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    with Image.open(out) as im:
+        assert im.mode == "L" and max(im.size) == MAX_SIDE
+    assert json.loads((tmp_path / "r.json").read_text())["saved"]["path"] == str(out)

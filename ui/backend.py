@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from encoder.choose import DEFAULT_DREAMSIM  # noqa: F401  (re-exported: the comparison the page prefers)
+from encoder.image import thumbnail_jpeg
 
 from .config import UIConfig
 
@@ -66,19 +67,6 @@ def read_gallery_image(gallery, item_id: int) -> Image.Image:
         return gallery.image(item_id)
 
 
-def thumbnail_bytes(image: Image.Image, side: int) -> bytes:
-    """JPEG thumbnail with the encoder's own conversions (EXIF, alpha on white, 16-bit, CMYK…)."""
-    from encoder.preprocess import pil_to_tensor
-
-    from .query import to_pil
-
-    im = to_pil(pil_to_tensor(image))
-    im.thumbnail((side, side), Image.BILINEAR)
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
 def gallery_thumbnail(gallery, item_id: int, side: int) -> bytes:
     """A gallery file's thumbnail; a labelled placeholder when the file is no longer what was indexed
     ("changed since indexed"), has left the folder, or is gone: such a file's pixels are never shown."""
@@ -89,7 +77,7 @@ def gallery_thumbnail(gallery, item_id: int, side: int) -> bytes:
     except DecodeError as exc:
         return placeholder_bytes(side, "changed since\nindexed" if exc.kind == "changed"
                                  else exc.kind.replace("_", " "))
-    return thumbnail_bytes(image, side)
+    return thumbnail_jpeg(image, side)
 
 
 def placeholder_bytes(side: int, text: str = "") -> bytes:

@@ -11,12 +11,13 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
 
 __all__ = ["UploadError", "Query", "decode_upload", "working_image", "to_pil", "png_bytes"]
+
+from encoder.image import to_pil  # noqa: E402  (re-exported: the page's images are its RGB working tensors)
 
 
 class UploadError(ValueError):
@@ -65,11 +66,6 @@ def working_image(image: Image.Image, work_side: int) -> tuple[torch.Tensor, tup
         raise UploadError(f"cannot convert the image to RGB ({exc})") from None
     return q.x, q.original_hw
 
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) float in [0, 1] → 8-bit RGB PIL image."""
-    arr = (x.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -112,9 +112,10 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    from ..image import to_pil
+
     buf = io.BytesIO()
-    Image.fromarray(u8).save(buf, format="JPEG", quality=int(quality))
+    to_pil(x).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
     with Image.open(buf) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from ..image import to_pil
 from ..io import atomic_write
 from .augment import EDIT_KINDS, random_resized_crop, randint, realistic_edit, uniform
 from .folder import ImageFolder
@@ -33,8 +33,7 @@ __all__ = ["make_synthetic_nights"]
 
 def _save_png(x: torch.Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
+    to_pil(x).save(path)
 
 
 def make_synthetic_nights(images, out_dir: str | os.PathLike, per_image: int = 20, size: int = 128,

@@ -37,8 +37,6 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    import numpy as np
-    import torch
     from tqdm.auto import tqdm
 
     from index.gallery import Gallery
@@ -97,11 +95,11 @@ def run(args) -> int:
             print(f"certificate {cert.verdict}")
         report = out.to_dict(paths)
         if args.save:
-            from PIL import Image
+            from encoder.image import pixels, to_pil
 
-            arr = (out.x_adv.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
-            Image.fromarray(arr).save(args.save)
-            q8 = torch.from_numpy(arr).permute(2, 0, 1).float()[None] / 255
+            saved = to_pil(out.x_adv, query.layout)  # the file's own mode: ‖δ‖ was measured over its samples
+            saved.save(args.save)
+            q8 = pixels(saved).samples[None]
             kept = rank_query(gallery, emb.embed(q8)[0].cpu().numpy(), args.k).top
             same = len(set(kept) & set(out.after.top))
             report["saved"] = {"path": str(args.save), "adversarial_topk_kept": same}
