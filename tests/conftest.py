@@ -26,6 +26,19 @@ pytest_plugins = ["_dreamsim_fixtures", "_ui_fixtures", "_postgres_fixtures"]
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="session")
+def photo_index(tmp_path_factory, sample_folder, tiny_lipsim):
+    """(folder, index_dir): the bundled photos indexed with lipsim:cpu-tiny, built once per session.
+    Read-only: tests that change a gallery build their own."""
+    from index import IngestOptions, build_index
+    from _index_fixtures import copy_photos
+
+    base = tmp_path_factory.mktemp("photo-index")
+    folder = copy_photos(sample_folder, base / "photos")
+    build_index(folder, base / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=2))
+    return folder, base / "index"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module on one intra-op thread (`pytestmark = pytest.mark.usefixtures("one_thread")`).

@@ -9,24 +9,14 @@ import pytest
 from PIL import Image
 
 from encoder.certify import certify_topk_bruteforce
-from index import IngestOptions, build_index
 from retrieval.attacks import CertificateCheck, ImageEmbedder, VectorGallery, query_image, rank_query
 from retrieval.cli import main
-from _index_fixtures import copy_photos
 
 MAX_SIDE = 96  # the attack command shrinks the query to this side: small tensors, fast attacks
 
 
-@pytest.fixture(scope="module")
-def gallery_dir(tmp_path_factory, sample_folder, tiny_lipsim):
-    base = tmp_path_factory.mktemp("attack")
-    folder = copy_photos(sample_folder, base / "photos")
-    build_index(folder, base / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
-    return folder, base / "index"
-
-
-def _attack(tmp_path, gallery_dir, *extra) -> dict:
-    folder, index_dir = gallery_dir
+def _attack(tmp_path, photo_index, *extra) -> dict:
+    folder, index_dir = photo_index
     out = tmp_path / "attack.json"
     rc = main(["attack", str(folder / "chelsea.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "5",
                "--max-side", str(MAX_SIDE), "--json", str(out), *extra])
@@ -35,9 +25,9 @@ def _attack(tmp_path, gallery_dir, *extra) -> dict:
 
 
 def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_attacked_tensor(
-        tmp_path, gallery_dir, tiny_lipsim):
-    folder, _ = gallery_dir
-    report = _attack(tmp_path, gallery_dir, "--eps", "3")
+        tmp_path, photo_index, tiny_lipsim):
+    folder, _ = photo_index
+    report = _attack(tmp_path, photo_index, "--eps", "3")
     assert report["kind"] == "untargeted" and report["attack"]["norm"] == "l2"
     assert report["delta_l2"] <= 3 * (1 + 1e-5) and report["delta_linf"] <= 1
     assert report["before"]["top"][0]["path"] == str(folder / "chelsea.png")
@@ -49,7 +39,7 @@ def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_atta
 
     from encoder.certify import slack_for
 
-    with Gallery.open(gallery_dir[1], encoder=tiny_lipsim) as g:
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim) as g:
         ids, vecs = g.all_vectors()
         slack = slack_for(g.float_error, g.max_norm)  # the slack search uses: the encoder's float error
     q = ImageEmbedder(tiny_lipsim).embed(x[None])[0].numpy()
@@ -66,18 +56,18 @@ def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_atta
     assert report["overlap_at_k"] == pytest.approx(len(after & set(ids[top].tolist())) / 3)
 
 
-def test_attack_command_inside_the_certified_radius_changes_nothing(tmp_path, gallery_dir):
-    radius = _attack(tmp_path, gallery_dir, "--eps", "1")["certificate"]["set_radius"]
+def test_attack_command_inside_the_certified_radius_changes_nothing(tmp_path, photo_index):
+    radius = _attack(tmp_path, photo_index, "--eps", "1")["certificate"]["set_radius"]
     assert radius > 1e-3
-    report = _attack(tmp_path, gallery_dir, "--eps", f"{0.9 * radius:.6f}")
+    report = _attack(tmp_path, photo_index, "--eps", f"{0.9 * radius:.6f}")
     cert = report["certificate"]
     assert report["delta_l2"] <= 0.9 * radius * (1 + 1e-4)
     assert cert["within_radius"] and not cert["set_changed"] and cert["ok"] and cert["verdict"].startswith("held")
     assert report["overlap_at_k"] == 1.0 and not report["success"]
 
 
-def test_attack_command_targeted_linf_stays_in_its_box_and_tracks_the_target(tmp_path, gallery_dir):
-    report = _attack(tmp_path, gallery_dir, "--norm", "linf", "--eps", "0.1", "--target-rank", "6",
+def test_attack_command_targeted_linf_stays_in_its_box_and_tracks_the_target(tmp_path, photo_index):
+    report = _attack(tmp_path, photo_index, "--norm", "linf", "--eps", "0.1", "--target-rank", "6",
                      "--save", str(tmp_path / "adv.png"))
     assert report["kind"] == "targeted" and report["attack"]["norm"] == "linf"
     assert report["delta_linf"] <= 0.1 + 1e-6
@@ -136,10 +126,10 @@ def test_demo_runs_end_to_end_and_compares_with_dreamsim_when_its_weights_load(t
 
 
 def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_certificate_holds(
-        tmp_path, gallery_dir, tiny_lipsim, capsys):
+        tmp_path, photo_index, tiny_lipsim, capsys):
     """moon.png is 8-bit grayscale: the attack perturbs its 1-channel samples, and the radius it is compared
     with is stated over them (divided by the channel factor √3 as well as the resize norm)."""
-    folder, index_dir = gallery_dir
+    folder, index_dir = photo_index
     q = query_image(Image.open(folder / "moon.png"), MAX_SIDE)
     assert q.layout == "L" and q.x.shape[0] == 1 and "(L, 1-channel" in q.space
     emb = ImageEmbedder(tiny_lipsim, layout="L")
@@ -162,9 +152,9 @@ def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_cer
     assert "over the file's own samples (L, 1-channel" in capsys.readouterr().out
 
 
-def test_attack_command_saves_a_grayscale_query_in_its_own_mode(tmp_path, gallery_dir):
+def test_attack_command_saves_a_grayscale_query_in_its_own_mode(tmp_path, photo_index):
     """--save writes the adversarial samples in the file's own mode (here 8-bit L), the space ‖δ‖ is over."""
-    folder, index_dir = gallery_dir
+    folder, index_dir = photo_index
     out = tmp_path / "moon-adv.png"
     assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
                  "--max-side", str(MAX_SIDE), "--save", str(out), "--json", str(tmp_path / "r.json")]) == 0

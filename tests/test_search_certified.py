@@ -9,22 +9,13 @@ import torch
 
 from encoder.certify import certify_topk_bruteforce
 from encoder.preprocess import pil_to_tensor, resize
-from index import Gallery, IngestOptions, build_index
+from index import Gallery
 from retrieval.cli import main
 from retrieval.search import search_embedding, search_image
-from _index_fixtures import copy_photos
 
 
-@pytest.fixture(scope="module")
-def gallery_dir(tmp_path_factory, sample_folder, tiny_lipsim):
-    base = tmp_path_factory.mktemp("search")
-    folder = copy_photos(sample_folder, base / "photos")
-    build_index(folder, base / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=2))
-    return folder, base / "index"
-
-
-def test_certified_search_equals_bruteforce_certificate_in_query_pixels(gallery_dir, tiny_lipsim):
-    folder, index_dir = gallery_dir
+def test_certified_search_equals_bruteforce_certificate_in_query_pixels(photo_index, tiny_lipsim):
+    folder, index_dir = photo_index
     query = folder / "chelsea.png"
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         res = search_image(g, query, k=4, eps=1e-3)
@@ -41,8 +32,8 @@ def test_certified_search_equals_bruteforce_certificate_in_query_pixels(gallery_
     assert res.hits[0].path == query and res.hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_short_candidate_list_gives_a_sound_lower_bound(gallery_dir, tiny_lipsim):
-    folder, index_dir = gallery_dir
+def test_short_candidate_list_gives_a_sound_lower_bound(photo_index, tiny_lipsim):
+    folder, index_dir = photo_index
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         full = search_image(g, folder / "coffee.png", k=3)
         short = search_image(g, folder / "coffee.png", k=3, candidates=4)
@@ -52,8 +43,8 @@ def test_short_candidate_list_gives_a_sound_lower_bound(gallery_dir, tiny_lipsim
     assert all(s.radius <= f.radius + 1e-12 for s, f in zip(short.hits, full.hits))
 
 
-def test_excluded_ids_leave_the_answer_and_its_certificate(gallery_dir, tiny_lipsim):
-    folder, index_dir = gallery_dir
+def test_excluded_ids_leave_the_answer_and_its_certificate(photo_index, tiny_lipsim):
+    folder, index_dir = photo_index
     query = folder / "chelsea.png"
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         full = search_image(g, query, k=3)
@@ -72,8 +63,8 @@ def test_excluded_ids_leave_the_answer_and_its_certificate(gallery_dir, tiny_lip
     assert short.set_radius <= res.set_radius + 1e-12
 
 
-def test_noise_inside_the_certified_radius_never_changes_the_topk(gallery_dir, tiny_lipsim):
-    folder, index_dir = gallery_dir
+def test_noise_inside_the_certified_radius_never_changes_the_topk(photo_index, tiny_lipsim):
+    folder, index_dir = photo_index
     gen = torch.Generator().manual_seed(0)
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         image = g.decode(folder / "astronaut.png").image
@@ -89,8 +80,8 @@ def test_noise_inside_the_certified_radius_never_changes_the_topk(gallery_dir, t
             assert set(ids[0].tolist()) == top
 
 
-def test_search_embedding_states_radii_at_the_encoder_input(gallery_dir, tiny_lipsim):
-    _, index_dir = gallery_dir
+def test_search_embedding_states_radii_at_the_encoder_input(photo_index, tiny_lipsim):
+    _, index_dir = photo_index
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         ids, vecs = g.all_vectors()
         res = search_embedding(g, vecs[0], k=2)
@@ -100,8 +91,8 @@ def test_search_embedding_states_radii_at_the_encoder_input(gallery_dir, tiny_li
     assert res.hits[0].id == ids[0]
 
 
-def test_query_command_prints_radii_and_json(gallery_dir, capsys):
-    folder, index_dir = gallery_dir
+def test_query_command_prints_radii_and_json(photo_index, capsys):
+    folder, index_dir = photo_index
     assert main(["query", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3",
                  "--certify-eps", "0.001"]) == 0
     out = capsys.readouterr().out
@@ -112,8 +103,8 @@ def test_query_command_prints_radii_and_json(gallery_dir, capsys):
     assert data["set_radius"] > 0 and data["radius_space"].startswith("ℓ2 over the file's 1-channel 8-bit samples (L,")
 
 
-def test_index_commands_stats_verify_and_errors(gallery_dir, tmp_path, capsys):
-    folder, index_dir = gallery_dir
+def test_index_commands_stats_verify_and_errors(photo_index, tmp_path, capsys):
+    folder, index_dir = photo_index
     assert main(["index", "verify", str(index_dir)]) == 0
     assert "OK" in capsys.readouterr().out
     assert main(["index", "stats", str(index_dir), "--json"]) == 0
@@ -135,8 +126,8 @@ def test_index_build_command_with_default_encoder_explains_when_demo_is_absent(t
     assert "lipsim:demo" in err and "--encoder" in err
 
 
-def test_radii_are_also_stated_as_an_rms_change_per_sample_in_grey_levels(gallery_dir, tiny_lipsim):
-    folder, index_dir = gallery_dir
+def test_radii_are_also_stated_as_an_rms_change_per_sample_in_grey_levels(photo_index, tiny_lipsim):
+    folder, index_dir = photo_index
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
         res = search_image(g, folder / "moon.png", k=3)  # 512×512 grayscale: 1 channel
     h, w = res.query_size
