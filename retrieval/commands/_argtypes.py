@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "nonnegative_float"]
+__all__ = ["positive_int", "nonnegative_float", "pixel_eps"]
 
 
 def positive_int(text: str) -> int:
@@ -27,3 +27,27 @@ def nonnegative_float(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
     return value
+
+
+def pixel_eps(text: str) -> float:
+    """A perturbation budget in [0, 1] pixel units, written as a decimal (`0.03`) or a fraction (`8/255`).
+
+    Both forms give the same number: `8/255` = 0.0313… For ℓ∞ a budget above 1 is meaningless (every
+    sample lies in [0, 1]); callers that take ℓ∞ budgets reject it (see `check_linf_eps`)."""
+    num, sep, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if sep else float(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction such as 8/255") from None
+    except ZeroDivisionError:
+        raise argparse.ArgumentTypeError(f"{text!r} divides by zero") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
+    return value
+
+
+def check_linf_eps(value: float) -> None:
+    """Refuse an ℓ∞ budget above 1 in [0, 1] pixel units (e.g. `--eps 8` meant as 8/255)."""
+    if value > 1:
+        raise ValueError(f"an ℓ∞ budget of {value:g} exceeds the [0, 1] pixel range: write 8/255 (or 0.031) "
+                         f"for eight grey levels")
