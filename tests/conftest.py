@@ -89,3 +89,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_sep("-", section)
         for key in sorted(table):
             terminalreporter.write_line(f"{key}: {table[key]:.9f}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under pytest-xdist, a worker sends what its tests recorded to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["measured"] = {section: dict(table) for section, table in MEASURED.items()}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """Under pytest-xdist, the controller gathers each worker's figures for the terminal summary."""
+    for section, table in getattr(node, "workeroutput", {}).get("measured", {}).items():
+        MEASURED.setdefault(section, {}).update(table)

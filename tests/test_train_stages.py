@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -168,10 +169,15 @@ def _ddp_worker(rank, world, port, photos, out):
 
 @pytest.mark.skipif(bool(os.environ.get("ROBRET_SKIP_DDP_TEST")),
                     reason="ROBRET_SKIP_DDP_TEST is set (the test spawns two processes: ~10 s on 2 cores)")
-def test_ddp_on_two_cpu_processes_keeps_ranks_identical(photos, tmp_path):
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(photos, tmp_path, monkeypatch):
     import socket
+    import types
 
     import torch.multiprocessing as mp
+
+    # spawn re-runs the parent's __main__ in each child; in a test process that is whatever ran last
+    # (a Streamlit script left by AppTest, a test runner's worker): give the children an empty one.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -172,10 +172,20 @@ def demo_index(cfg: UIConfig) -> Path:
 
     spec = _demo_encoder_spec(cfg)
     photos = cfg.cache_path / "demo" / "photos"
-    export_sample_photos(photos)
     index_dir = cfg.cache_path / "demo" / f"index-{_slug(spec)}"
-    _build(photos, index_dir, spec, load_encoder(spec))
+    with _cache_lock(cfg.cache_path / "demo"):
+        export_sample_photos(photos)
+        _build(photos, index_dir, spec, load_encoder(spec))
     return index_dir
+
+
+def _cache_lock(folder: Path):
+    """A blocking lock over a cache folder that pages build into: two UI sessions (or processes) opening
+    at once wait for each other instead of one of them failing on the index's non-blocking writer lock."""
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / ".build.lock"))
 
 
 def pick_compare(cfg: UIConfig):
@@ -210,7 +220,8 @@ def _open_compare(cfg: UIConfig, primary, primary_dir: Path):
     spec, enc, notes = pick_compare(cfg)
     tag = hashlib.sha1(f"{primary_dir.resolve()}|{spec}".encode()).hexdigest()[:12]
     index_dir = cfg.cache_path / "compare" / f"{_slug(spec)}-{tag}"
-    _build(primary.root, index_dir, spec, enc)
+    with _cache_lock(index_dir.parent):
+        _build(primary.root, index_dir, spec, enc)
     return Gallery.open(index_dir, encoder=enc, use_gpu=torch.cuda.is_available()), notes
 
 
