@@ -316,6 +316,31 @@ def test_engine_serialises_concurrent_searches_from_two_threads(ui_engine):
         assert r["lipsim"].top == expected["lipsim"].top and r["compare"].top == expected["compare"].top
 
 
+def test_two_pages_opening_at_once_wait_for_one_demo_index_build(tmp_path):
+    """Two sessions (or `robret ui` processes) opening on an empty cache: the second waits for the
+    first's build instead of failing on the index's non-blocking writer lock."""
+    import threading
+
+    from ui.backend import demo_index
+    from ui.config import UIConfig
+
+    cfg = UIConfig(cache_dir=str(tmp_path / "cache"), demo_encoder="lipsim:cpu-tiny")
+    out, errors = [], []
+
+    def work():
+        try:
+            out.append(demo_index(cfg))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 2 and out[0] == out[1]
+
+
 def test_ui_command_serves_on_localhost_with_the_upload_limit(tmp_path):
     from retrieval.cli import build_parser
     from retrieval.commands.ui_cmd import streamlit_command
