@@ -317,7 +317,10 @@ def _query(args) -> int:
 
     if not args.images and not args.id:
         raise UsageError("give at least one query: an IMAGE, a folder, an @LIST file or --id N")
-    sources = expand_sources(args.images, args.id)
+    try:
+        sources = expand_sources(args.images, args.id)
+    except ValueError as exc:  # an unreadable @LIST
+        raise UsageError(str(exc)) from None
     # One FILE or one --id prints that query's document; folders, lists and several queries print a batch.
     single = len(args.images) + len(args.id) == 1 and not any(
         item.startswith("@") or os.path.isdir(item) for item in args.images)
