@@ -15,8 +15,8 @@ What a query can be:
                 stated at the encoder input (the stored vector carries no record of the file's channel
                 layout); give the file itself to state them over its own samples.
 
-The encoder and the index load once (the gallery's). Files are decoded by a small thread pool one batch
-ahead of the encoder, which embeds a batch per call (`search_images`); each query is then searched and
+The encoder and the index load once (the gallery's). Files are decoded and preprocessed (`prepare_query`)
+by a small thread pool one batch ahead of the encoder, which embeds a batch per call (`search_images`); each query is then searched and
 certified on its own, exactly as `search_image` would (the same numbers: tests check it). A file that
 cannot be read or decoded becomes an outcome with an error (`kind`, `detail`) and the batch goes on.
 
@@ -37,7 +37,7 @@ from index.errors import StoreError
 from index.scan import scan_folder
 
 from .schema import SCHEMA_VERSION
-from .search import SearchResult, result_document, search_embedding, search_images
+from .search import SearchResult, prepare_query, result_document, search_embedding, search_images
 
 __all__ = ["QuerySource", "QueryOutcome", "expand_sources", "run_queries", "relative_path", "summary", "DEFAULT_BATCH"]
 
@@ -130,14 +130,13 @@ def _read_list(path: str) -> list[str]:
 
 
 def _load(gallery, source: QuerySource):
-    """Decode one file query (in a worker thread): (Pixels, content hash) or a QueryOutcome with the error."""
-    from encoder.image import pixels
-
+    """Decode and preprocess one file query (in a worker thread): (PreparedQuery, content hash), or a
+    QueryOutcome with the error."""
     if source.problem is not None:
         return QueryOutcome(source, error_kind=source.problem.kind, error=source.problem.detail)
     try:
         decoded = gallery.decode(source.path)
-        return pixels(decoded.image), decoded.content_hash
+        return prepare_query(gallery, decoded.image), decoded.content_hash
     except DecodeError as exc:
         return QueryOutcome(source, error_kind=exc.kind, error=exc.detail)
     except (OSError, ValueError) as exc:
@@ -177,6 +176,8 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
     batch_size = max(1, int(batch_size))
     workers = workers or min(4, os.cpu_count() or 1)
     chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    if any(s.path is not None for s in sources):
+        gallery.encoder  # noqa: B018 — load it here, once, before worker threads preprocess with it
 
     def submit(chunk):
         return [None if s.path is None else pool.submit(_load, gallery, s) for s in chunk]

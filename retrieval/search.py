@@ -30,8 +30,8 @@ from encoder.certify import certify_ranked, float32_dot_error, slack_for
 
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Hit", "SearchResult", "search_image", "search_images", "search_embedding", "default_candidates",
-           "result_document"]
+__all__ = ["Hit", "SearchResult", "PreparedQuery", "prepare_query", "search_image", "search_images",
+           "search_embedding", "default_candidates", "result_document"]
 
 
 def default_candidates(k: int) -> int:
@@ -219,33 +219,52 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
                          exclude=[exclude])[0]
 
 
-def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: float | None = None,
-                  candidates: int | None = None, exclude=None) -> list[SearchResult]:
-    """`search_image` for several queries with one encoder call: the same results, faster in bulk.
+@dataclass
+class PreparedQuery:
+    """A query ready for the encoder: its samples (`encoder.image.Pixels`) and the encoder input made from them."""
 
-    images: file paths, PIL images or `Pixels` (a path is decoded with the gallery's hardened decoder:
-    a bad file raises DecodeError, so callers that must go on decode first; see retrieval.bulk).
-    exclude: None, or one collection of ids per image (see `search_embedding`).
-    """
+    pixels: object  # encoder.image.Pixels: the file's own samples, what radii are stated over
+    input: object  # (1, 3, S, S) float tensor in [0, 1]: encoder.preprocess(pixels)
+
+
+def prepare_query(gallery, image) -> PreparedQuery:
+    """Decode (a path, with the gallery's hardened decoder: DecodeError for a bad file) and preprocess one
+    query with the gallery's encoder: the per-query work before embedding, safe to run in threads once
+    `gallery.encoder` is loaded."""
     from PIL import Image
 
     from encoder.image import Pixels, pixels
 
-    queries = []
-    for image in images:
-        if isinstance(image, (str, os.PathLike)):
-            queries.append(pixels(gallery.decode(image).image))
-        elif isinstance(image, (Image.Image, Pixels)):
-            queries.append(pixels(image))
-        else:
-            raise TypeError(f"expected a file path, a PIL image or Pixels, got {type(image).__name__}")
-    if not queries:
+    if isinstance(image, PreparedQuery):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        px = pixels(gallery.decode(image).image)
+    elif isinstance(image, (Image.Image, Pixels)):
+        px = pixels(image)
+    else:
+        raise TypeError(f"expected a file path, a PIL image or Pixels, got {type(image).__name__}")
+    return PreparedQuery(px, gallery.encoder.preprocess(px))
+
+
+def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: float | None = None,
+                  candidates: int | None = None, exclude=None) -> list[SearchResult]:
+    """`search_image` for several queries with one encoder call: the same results, faster in bulk.
+
+    images: file paths, PIL images, `Pixels` or `PreparedQuery` (a path is decoded with the gallery's
+    hardened decoder: a bad file raises DecodeError, so callers that must go on prepare first, as
+    retrieval.bulk does in worker threads). exclude: None, or one collection of ids per image.
+    """
+    from index.embedder import embed_inputs
+
+    prepared = [prepare_query(gallery, image) for image in images]
+    if not prepared:
         return []
-    exclude = [()] * len(queries) if exclude is None else list(exclude)
-    if len(exclude) != len(queries):
-        raise ValueError(f"exclude holds {len(exclude)} id lists for {len(queries)} images")
+    exclude = [()] * len(prepared) if exclude is None else list(exclude)
+    if len(exclude) != len(prepared):
+        raise ValueError(f"exclude holds {len(exclude)} id lists for {len(prepared)} images")
     enc = gallery.encoder
-    embedded = gallery.embed_images(queries)
+    embedded = embed_inputs(enc, [p.input for p in prepared])
+    queries = [p.pixels for p in prepared]
     norm_fn = getattr(enc, "input_norm", None)
     results = []
     for px, q, dropped in zip(queries, embedded, exclude):
