@@ -4,17 +4,22 @@
     model, preprocess = load_metric("lipsim:demo")
     d = model(preprocess(img_a), preprocess(img_b))     # cosine distance, shape (1,)
 """
-from .certify import TopKCertificate, certify_ranked, certify_topk, pair_radius, twoafc_radius
-from .checkpoint import CheckpointError, load_lipsim, save_lipsim
-from .lipsim import LipSimEncoder, LipSimNet
-from .presets import PRESETS, LipSimConfig, get_preset, list_presets
-from .protocol import Encoder, EncoderError, TorchEncoder
-from .registry import DEFAULT_ENCODER, list_encoders, load_encoder, load_metric, register_backend
-from . import dreamsim_backend, pixels, standard  # noqa: F401 (they register their backends)
+from ._lazy import lazy_exports
 
-__all__ = [
-    "CheckpointError", "DEFAULT_ENCODER", "Encoder", "EncoderError", "LipSimConfig", "LipSimEncoder",
-    "LipSimNet", "PRESETS", "TopKCertificate", "TorchEncoder", "certify_ranked", "certify_topk",
-    "get_preset", "list_encoders", "list_presets", "load_encoder", "load_lipsim", "load_metric",
-    "pair_radius", "register_backend", "save_lipsim", "twoafc_radius",
-]
+# Public names → the submodule that defines them. They are imported on first use (PEP 562), so that
+# `import encoder.io` or `from encoder import list_encoders` does not import torch and every backend:
+# commands that need no model start fast (`robret encoder list`, `robret index stats`).
+_EXPORTS = {
+    "TopKCertificate": "certify", "certify_ranked": "certify", "certify_topk": "certify", "pair_radius": "certify",
+    "twoafc_radius": "certify",
+    "CheckpointError": "checkpoint", "load_lipsim": "checkpoint", "save_lipsim": "checkpoint",
+    "LipSimEncoder": "lipsim", "LipSimNet": "lipsim",
+    "PRESETS": "presets", "LipSimConfig": "presets", "get_preset": "presets", "list_presets": "presets",
+    "Encoder": "protocol", "TorchEncoder": "protocol",
+    "EncoderError": "errors",
+    "DEFAULT_ENCODER": "registry", "list_encoders": "registry", "load_encoder": "registry", "load_metric": "registry",
+    "register_backend": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .convert import load_official
-from .io import CheckpointError, load_tensors, read_header as _read_header, save_tensors
+from .checkpoint_header import FORMAT, VERSION, read_header
+from .io import CheckpointError, load_tensors, save_tensors
 from .lipsim import LipSimEncoder
 from .presets import PRESETS, LipSimConfig
 from .pretrained import LIPSIM_OFFICIAL, lipsim_official_path, weights_root
@@ -23,8 +24,6 @@ from .registry import bundled_weights, register_backend
 
 __all__ = ["CheckpointError", "save_lipsim", "load_lipsim", "read_header"]
 
-FORMAT = "robret-lipsim"
-VERSION = "1"
 
 
 def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "custom",
@@ -32,12 +31,6 @@ def save_lipsim(encoder: LipSimEncoder, path: str | os.PathLike, preset: str = "
     """Write `encoder`'s weights atomically (encoder.io.atomic_write) with its header."""
     return save_tensors(path, encoder.net.state_dict(), FORMAT, VERSION, encoder.config.to_json(), preset=preset,
                         provenance=provenance or {})
-
-
-def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a robret checkpoint, with `config` and `provenance` decoded."""
-    return _read_header(path, FORMAT, VERSION, "LipSim checkpoint", config=LipSimConfig.from_json,
-                        json_fields=("provenance",))
 
 
 def load_lipsim(path: str | os.PathLike, name: str | None = None, freeze: bool = True) -> LipSimEncoder:
@@ -71,7 +64,7 @@ def _load_official_tag(tag: str, weights_dir: str | os.PathLike | None) -> LipSi
     return load_lipsim(path, name=f"lipsim:{tag}")
 
 
-@register_backend("lipsim", lister=lambda: [*bundled_weights("lipsim"), *LIPSIM_OFFICIAL, *PRESETS])
+@register_backend("lipsim")  # its specs: registry._builtin_listers
 def _load_backend(arg: str, seed: int = 0, weights_dir: str | os.PathLike | None = None, **_) -> LipSimEncoder:
     """`lipsim:<bundled name | official-* | preset | .safetensors path | official .pth path>` (encoder.registry).
 

@@ -32,18 +32,17 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import gdown
 from tqdm import tqdm
 
-from .checkpoint import read_header, save_lipsim
+from .checkpoint import save_lipsim
 from .convert import load_official
-from .dreamsim_backend import expected_files, missing_files
+from .installed import _MANIFEST, WeightStatus, _installed, _manifest, install_path, weight_status
 from .io import atomic_write, atomic_write_text, file_sha256
 from .pretrained import (ENV_MIRROR, PretrainedWeights, RemoteFile, dreamsim_required_files, get_pretrained,
-                         lipsim_official_path, weights_root)
+                         weights_root)
 from .protocol import EncoderError
 
 __all__ = ["WeightsError", "WeightStatus", "fetch", "import_weights", "weight_status", "install_path"]
@@ -51,66 +50,11 @@ __all__ = ["WeightsError", "WeightStatus", "fetch", "import_weights", "weight_st
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_MANIFEST = "fetched.json"
 _PARTIAL = ".partial"
 
 
 class WeightsError(EncoderError):
     """A download or an imported file failed; the message is one line that says what to do."""
-
-
-@dataclass(frozen=True)
-class WeightStatus:
-    """What `robret weights list` shows about one registry entry."""
-
-    spec: str
-    cached: bool
-    path: Path  # the converted checkpoint (lipsim) or the DreamSim directory
-    size: int | None  # bytes installed (None when not cached)
-    sha256: dict[str, str | None]  # file name → published SHA-256, else the one recorded at fetch, else None
-    contains_code: bool
-
-
-def install_path(entry: PretrainedWeights, root: Path) -> Path:
-    """Where `entry` is installed under the cache root `root`."""
-    if entry.family == "lipsim":
-        return lipsim_official_path(entry.spec.partition(":")[2], root)
-    return root / "dreamsim"
-
-
-def _installed(entry: PretrainedWeights, root: Path) -> bool:
-    if entry.family == "lipsim":
-        return install_path(entry, root).is_file()
-    return not missing_files(entry.spec.partition(":")[2], install_path(entry, root))
-
-
-def _installed_size(entry: PretrainedWeights, path: Path) -> int:
-    """Bytes of the installed checkpoint, or of the files dreamsim reads for the variant."""
-    if entry.family == "lipsim":
-        return path.stat().st_size
-    files = [path / rel for rel in expected_files(entry.spec.partition(":")[2])]
-    lora = {p.parent for p in files if p.name == "adapter_config.json"}
-    files += [p for d in lora for p in d.iterdir()]  # the adapter weights (.safetensors or .bin)
-    return sum(p.stat().st_size for p in set(files) if p.is_file())
-
-
-def _manifest(root: Path) -> dict:
-    try:
-        return json.loads((root / _MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def weight_status(spec: str, cache_dir: str | os.PathLike | None = None) -> WeightStatus:
-    entry = get_pretrained(spec)
-    root = weights_root(cache_dir)[0]
-    path, cached = install_path(entry, root), _installed(entry, root)
-    recorded = _manifest(root)
-    if entry.family == "lipsim" and cached:
-        prov = read_header(path)["provenance"]
-        recorded = {**recorded, prov.get("file", ""): {"sha256": prov.get("sha256_original")}}
-    sha = {f.name: f.sha256 or recorded.get(f.name, {}).get("sha256") for f in entry.files}
-    return WeightStatus(spec, cached, path, _installed_size(entry, path) if cached else None, sha, entry.contains_code)
 
 
 # --- download -------------------------------------------------------------------------------------

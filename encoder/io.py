@@ -21,13 +21,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .protocol import EncoderError
+if TYPE_CHECKING:
+    import torch
+
+from .errors import EncoderError
 
 __all__ = ["CheckpointError", "atomic_write", "atomic_write_text", "fsync_dir", "file_sha256", "fd_sha256", "save_tensors",
            "read_header", "load_tensors"]
@@ -119,6 +120,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], form
                  config: Any, **fields: Any) -> Path:
     """Write `tensors` (moved to the CPU, made contiguous) with the header {format, version, config,
     **fields} atomically. `config` and the fields are stored as given when strings, else as JSON."""
+    from safetensors.torch import save_file  # imports torch: only writers of tensors pay for it
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": format, "version": version, "config": _metadata_value(config),
             **{k: _metadata_value(v) for k, v in fields.items()}}

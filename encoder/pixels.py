@@ -30,7 +30,7 @@ class PixelsEncoder(TorchEncoder):
         return f / f.norm(dim=1, keepdim=True)
 
 
-@register_backend("pixels", lister=lambda: ["", "64"])
+@register_backend("pixels")  # its specs: registry._builtin_listers
 def _load_backend(arg: str, **_) -> PixelsEncoder:
     """`pixels[:<size>]` (encoder.registry); the default input size is 32."""
     if arg and not (arg.isdigit() and int(arg) > 0):

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
-from .protocol import EncoderError
+from .errors import EncoderError
 
 __all__ = ["RemoteFile", "PretrainedWeights", "ENV_WEIGHTS", "ENV_MIRROR", "user_cache_root", "weights_root",
            "list_pretrained", "get_pretrained", "lipsim_official_path", "dreamsim_required_files", "HUB_REPOS",
@@ -130,10 +130,34 @@ HUB_REPOS: dict[str, HubRepo] = {
 }
 
 
+@functools.cache
+def _dreamsim_tree(module: str) -> ast.Module:
+    """The parsed source of the installed dreamsim/<module>.py, found without importing dreamsim (its
+    `__init__` imports the model, hence torch: listing weights must not)."""
+    spec = importlib.util.find_spec("dreamsim")
+    if spec is None or not spec.submodule_search_locations:
+        raise EncoderError("the dreamsim package is not installed (pip install dreamsim)")
+    path = Path(list(spec.submodule_search_locations)[0]) / f"{module}.py"
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def _dreamsim_literal(module: str, name: str):
+    """The literal value assigned to `name` in dreamsim/<module>.py (at any depth), read with `ast`."""
+    for node in ast.walk(_dreamsim_tree(module)):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise EncoderError(f"dreamsim.{module} no longer holds its `{name}` table; this dreamsim version is not "
+                       "supported by `robret weights`")
+
+
+def dreamsim_weights() -> dict[str, str]:
+    """{variant: release zip URL}, dreamsim.config.dreamsim_weights as installed."""
+    return dict(_dreamsim_literal("config", "dreamsim_weights"))
+
+
 def dreamsim_hub(variant: str) -> str | None:
     """'dino', 'dinov2' or None: the torch.hub backbone dreamsim loads for `variant` (from dreamsim_args)."""
-    from dreamsim.config import dreamsim_args
-
+    dreamsim_args = _dreamsim_literal("config", "dreamsim_args")
     model_type = dreamsim_args["model_config"][variant.removesuffix("_patch")]["model_type"]
     return "dinov2" if "dinov2" in model_type else "dino" if "dino_" in model_type else None
 
@@ -141,21 +165,12 @@ def dreamsim_hub(variant: str) -> str | None:
 @functools.cache
 def dreamsim_required_files() -> dict[str, tuple[str, ...]]:
     """{variant: files and folders its release zip provides}, read from dreamsim.model.download_weights."""
-    from dreamsim import model
-
-    tree = ast.parse(inspect.getsource(model.download_weights))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "dreamsim_required_ckpts" for t in node.targets):
-            return {k: tuple(v) for k, v in ast.literal_eval(node.value).items()}
-    raise EncoderError("dreamsim.model.download_weights no longer holds its `dreamsim_required_ckpts` table; "
-                       "this dreamsim version is not supported by `robret weights`")
+    return {k: tuple(v) for k, v in _dreamsim_literal("model", "dreamsim_required_ckpts").items()}
 
 
 def _dreamsim_entries() -> list[PretrainedWeights]:
-    from dreamsim.config import dreamsim_weights
-
     entries = []
-    for variant, url in dreamsim_weights.items():
+    for variant, url in dreamsim_weights().items():
         files = [RemoteFile(name=url.rsplit("/", 1)[-1], url=url, kind="zip")]
         hub = dreamsim_hub(variant)
         licence, citation = _DREAMSIM_LICENCE, _DREAMSIM_CITATION

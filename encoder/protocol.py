@@ -15,13 +15,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .errors import EncoderError
 from .preprocess import input_norm, to_input
 
 __all__ = ["Encoder", "TorchEncoder", "EncoderError", "measure_float_error", "FLOAT_ERROR_SAFETY"]
-
-
-class EncoderError(RuntimeError):
-    """An encoder cannot be built or loaded (missing weights, wrong checkpoint format, …)."""
 
 
 @runtime_checkable

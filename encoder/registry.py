@@ -8,16 +8,19 @@
     dreamsim:<variant>   DreamSim (encoder.dreamsim_backend)
     pixels[:<size>]      raw pixels (1-Lipschitz baseline)
 Each backend registers its prefix with the `register_backend` decorator next to its definition
-(timm's `@register_model`); importing the `encoder` package imports those modules.
+(timm's `@register_model`). The built-in backends (lipsim, dreamsim, pixels, standard) are imported on the
+first `load_encoder`; the specs they know are data (bundled files, presets, official tags, DreamSim
+variants), listed by `list_encoders` without importing torch or any model code (`robret encoder list`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from .protocol import TorchEncoder
+    from .protocol import TorchEncoder
 
 __all__ = ["load_encoder", "list_encoders", "register_backend", "load_metric", "bundled_weights",
            "DEFAULT_ENCODER"]
@@ -52,11 +55,28 @@ def bundled_weights(prefix: str = "lipsim") -> dict[str, Path]:
     return found
 
 
+def _builtin_listers() -> dict[str, Callable[[], list[str]]]:
+    """The specs each built-in backend knows, from data modules that do not import torch."""
+    from .dreamsim_files import VARIANTS
+    from .presets import PRESETS
+    from .pretrained import LIPSIM_OFFICIAL
+
+    return {"lipsim": lambda: [*bundled_weights("lipsim"), *LIPSIM_OFFICIAL, *PRESETS],
+            "dreamsim": lambda: list(VARIANTS), "pixels": lambda: ["", "64"],
+            "standard": lambda: list(bundled_weights("standard"))}
+
+
+def _import_builtin_backends() -> None:
+    """Import the built-in backend modules: their `register_backend` decorators register the factories."""
+    from . import checkpoint, dreamsim_backend, pixels, standard  # noqa: F401
+
+
 def list_encoders() -> list[str]:
     """Every spec this installation knows (bundled checkpoints, presets, variants)."""
+    listers = {**_builtin_listers(), **_LISTERS}
     specs = []
-    for prefix in _BACKENDS:
-        for arg in _LISTERS.get(prefix, lambda: [""])():
+    for prefix in dict.fromkeys([*_builtin_listers(), *_BACKENDS]):
+        for arg in listers.get(prefix, lambda: [""])():
             specs.append(f"{prefix}:{arg}" if arg else prefix)
     return specs
 
@@ -64,6 +84,7 @@ def list_encoders() -> list[str]:
 def load_encoder(spec: str = DEFAULT_ENCODER, device: str | torch.device = "cpu", **kwargs) -> TorchEncoder:
     """Build the encoder named by `spec` (see module doc) on `device`, in inference mode."""
     prefix, _, arg = spec.partition(":")
+    _import_builtin_backends()
     if prefix not in _BACKENDS:
         raise ValueError(f"unknown encoder {spec!r}; known backends: {', '.join(_BACKENDS)} "
                          f"(try one of: {', '.join(list_encoders())})")

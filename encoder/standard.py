@@ -139,7 +139,7 @@ def load_standard(path: str | os.PathLike, name: str | None = None, freeze: bool
     return enc.freeze() if freeze else enc
 
 
-@register_backend("standard", lister=lambda: list(bundled_weights("standard")))
+@register_backend("standard")  # its specs: registry._builtin_listers
 def _load_backend(arg: str, **_) -> StandardEncoder:
     """`standard:<bundled name | .safetensors path>` (encoder.registry)."""
     bundled = bundled_weights("standard")

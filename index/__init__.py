@@ -39,20 +39,21 @@ same id; a rename moves the row and keeps the id); a removed file's id is never 
 typed (index.errors): CatalogError, SchemaVersionError, EncoderMismatchError, StoreError,
 IndexLockedError, FolderError, IntegrityError (a StoreError), all GalleryError (a RuntimeError); decode failures are DecodeError.
 """
-from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, FileRecord
-from .decode import DecodedImage, DecodeError, DecodeLimits, read_image
-from .errors import (CatalogError, EncoderMismatchError, FolderError, GalleryError, IndexLockedError,
-                     IntegrityError, SchemaVersionError, StoreError)
-from .gallery import Gallery, open_gallery
-from .ingest import IngestOptions, IngestReport, build_index, repair_index, update_index
-from .store import VectorStore
-from .verify import VerifyReport, index_stats, verify_index
+from encoder._lazy import lazy_exports
 
-__all__ = [
-    "Catalog", "CatalogError", "DecodeError", "DecodeLimits", "DecodedImage", "EncoderMismatchError", "FAILED",
-    "FileRecord", "FolderError", "Gallery", "GalleryError", "INDEXED", "IndexLockedError", "IngestOptions",
-    "IntegrityError",
-    "IngestReport", "REMOVED", "SCHEMA_VERSION", "SchemaVersionError", "StoreError", "VectorStore",
-    "VerifyReport", "build_index", "index_stats", "open_gallery", "read_image", "repair_index", "update_index",
-    "verify_index",
-]
+# Public names → the submodule that defines them, imported on first use (PEP 562): `index stats` reads
+# the catalog without importing FAISS or torch, `index verify` without torch.
+_EXPORTS = {
+    **dict.fromkeys(["FAILED", "INDEXED", "REMOVED", "SCHEMA_VERSION", "Catalog", "FileRecord"], "catalog"),
+    **dict.fromkeys(["DecodedImage", "DecodeError", "DecodeLimits", "read_image"], "decode"),
+    **dict.fromkeys(["CatalogError", "EncoderMismatchError", "FolderError", "GalleryError", "IndexLockedError",
+                     "IntegrityError", "SchemaVersionError", "StoreError"], "errors"),
+    **dict.fromkeys(["Gallery", "open_gallery"], "gallery"),
+    **dict.fromkeys(["IngestOptions", "IngestReport", "build_index", "repair_index", "update_index"], "ingest"),
+    "VectorStore": "store",
+    **dict.fromkeys(["VerifyReport", "verify_index"], "verify"),
+    "index_stats": "stats",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

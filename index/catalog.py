@@ -282,6 +282,12 @@ class Catalog:
             ids = s.scalars(select(FileRecord.id).where(FileRecord.status == INDEXED)).all()
         return np.asarray(ids, dtype=np.int64)
 
+    def ids_with_content(self, content_hash: str) -> list[int]:
+        """Ids of the indexed rows whose content hash (SHA-256 hex of the file's bytes) is `content_hash`."""
+        with self.sessions() as s:
+            return sorted(s.scalars(select(FileRecord.id).where(FileRecord.content_hash == content_hash,
+                                                                FileRecord.status == INDEXED)))
+
     def records(self, ids: Iterable[int]) -> dict[int, FileRecord]:
         ids = [int(i) for i in ids]
         out: dict[int, FileRecord] = {}

@@ -177,6 +177,10 @@ class Gallery:
             raise KeyError(f"no file with id {id}")
         return rec
 
+    def same_content(self, content_hash: str) -> list[int]:
+        """Ids of the indexed files whose bytes have this SHA-256 (hex): the query itself and its exact copies."""
+        return self.catalog.ids_with_content(content_hash)
+
     def paths(self, ids) -> list[Path | None]:
         """Absolute file paths for `ids`, in order (None for −1 or an unknown id)."""
         return [None if r is None else self._abs(r.path_key) for r in self.records(ids)]

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .catalog import INDEXED, Catalog, safe_url
+from .catalog import INDEXED, Catalog
 from .errors import GalleryError
 from .layout import IndexDir
 from .store import NORM_TOLERANCE, VectorStore, file_sha256
 
-__all__ = ["VerifyReport", "verify_index", "index_stats"]
+__all__ = ["VerifyReport", "verify_index"]
 
 log = logging.getLogger(__name__)
 SNAPSHOT_ATTEMPTS = 20  # verify runs again while writers keep committing, at most this often
@@ -148,31 +148,3 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
         if gone or changed:
             report.notes.append(f"folder changed since the last update: {gone} indexed files missing, "
                                 f"{changed} modified (run `robret index update`)")
-
-
-def index_stats(index_dir) -> dict:
-    """What `robret index stats` prints: root, encoder, file counts by status, failure kinds, index facts."""
-    layout = IndexDir(index_dir)
-    catalog = layout.open_catalog()
-    try:
-        meta = catalog.meta()
-        version = int(meta["index"]["version"])
-        path = layout.index_file(version)
-        return {
-            "index_dir": str(layout.path),
-            "root": meta["root"],
-            "catalog": _display_url(layout),
-            "schema_version": meta["schema_version"],
-            "encoder": meta["encoder"],
-            "files": catalog.counts(),
-            "failures": catalog.failure_reasons(),
-            "index": {**meta["index"], "bytes": path.stat().st_size if version and path.is_file() else 0},
-            "limits": meta.get("limits"),
-            "last_run": meta.get("last_run"),
-        }
-    finally:
-        catalog.close()
-
-
-def _display_url(layout: IndexDir) -> str:
-    return safe_url(layout.catalog_url())

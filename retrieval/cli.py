@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from retrieval.commands._argtypes import UsageError
+
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = [
     "retrieval.commands.encoder_cmd",
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"robret: error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         if args.verbose:
             raise

@@ -28,7 +28,10 @@ import numpy as np
 
 from encoder.certify import certify_ranked, float32_dot_error, slack_for
 
-__all__ = ["Hit", "SearchResult", "search_image", "search_embedding", "default_candidates"]
+from .schema import SCHEMA_VERSION
+
+__all__ = ["Hit", "SearchResult", "PreparedQuery", "prepare_query", "search_image", "search_images",
+           "search_embedding", "default_candidates", "result_document"]
 
 
 def default_candidates(k: int) -> int:
@@ -79,14 +82,33 @@ class SearchResult:
             return None
         return radius / math.sqrt(self.values) * 255.0
 
+    def ties(self) -> list[str]:
+        """Zero radii explained in words: a radius is 0 when two scores are equal within the encoder's float
+        error (`slack`), i.e. the two items tie and an arbitrarily small change of the query may swap them."""
+        if self.set_radius is None:
+            return []
+        said = []
+        tied = [h.rank for h in self.hits if h.radius is not None and h.radius <= 0]
+        if tied:
+            which = ", ".join(f"#{r}" for r in tied)
+            said.append(f"rank{'s' if len(tied) > 1 else ''} {which} tie{'' if len(tied) > 1 else 's'} with an "
+                        f"item outside the top-{self.k} (equal scores within the float error {self.slack:.2g}): any "
+                        f"change of the query, however small, may swap them, so the top-{self.k} set is not "
+                        "certified")
+        if self.order_radius is not None and self.order_radius <= 0 < self.set_radius:
+            said.append(f"two consecutive results tie (equal scores within the float error): their order may swap "
+                        f"under any change of the query; the top-{self.k} set itself is certified")
+        return said
+
     def to_dict(self) -> dict:
+        """The result as JSON-ready data (every field is documented in docs/json.md)."""
         def num(x):
             if x is None:
                 return None
             return "inf" if math.isinf(x) else float(x)
 
         return {
-            "k": self.k, "gallery_size": self.gallery_size, "candidates": self.candidates,
+            "schema": SCHEMA_VERSION, "k": self.k, "gallery_size": self.gallery_size, "candidates": self.candidates,
             "complete": self.complete, "lipschitz": self.lipschitz, "set_radius": num(self.set_radius),
             "order_radius": num(self.order_radius), "input_norm": self.input_norm,
             "radius_space": self.radius_space,
@@ -94,11 +116,19 @@ class SearchResult:
             "eps_certified": self.eps_certified, "pairs_evaluated": self.pairs_evaluated, "notes": self.notes,
             "slack": self.slack, "values": self.values,
             "set_radius_rms255": num(self.rms255(self.set_radius)),
-            "order_radius_rms255": num(self.rms255(self.order_radius)),
+            "order_radius_rms255": num(self.rms255(self.order_radius)), "ties": self.ties(),
             "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
                       "radius": num(h.radius), "radius_rms255": num(self.rms255(h.radius)),
                       "certified": h.certified} for h in self.hits],
         }
+
+
+def result_document(result: SearchResult, query: dict, gallery) -> dict:
+    """One query's JSON document, as `robret query --json` and the HTTP service print it (docs/json.md):
+    `query` (what was searched), `encoder`, `index_version`, then `SearchResult.to_dict()` (with `schema`)."""
+    body = result.to_dict()
+    return {"schema": body.pop("schema"), "query": query, "encoder": gallery.encoder_spec,
+            "index_version": gallery.version, **body}
 
 
 def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: float | None = None,
@@ -160,51 +190,94 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         radius = float(cert.radius[r])
         hits.append(Hit(r + 1, int(ids[r]), float(scores[r]), paths[r], radius,
                         None if eps is None else bool(radius > eps)))
+    values = None  # set by search_images for image queries; here: the encoder input's 3·S·S values
     if radius_space is not None:
         space = radius_space
     elif input_norm is None:
         side = gallery.encoder_info.get("input_size")
         space = f"encoder input {side}×{side}"
+        values = 3 * int(side) ** 2 if side else None
     else:
         size = f" ({query_size[1]}×{query_size[0]})" if query_size else ""  # W×H
         space = f"ℓ2 over the query image's 3-channel RGB samples{size} scaled to [0,1]"
     return SearchResult(
         hits, k, n, len(ids), complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
         query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated),
-        slack=slack)
+        slack=slack, values=values)
 
 
 def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
                  candidates: int | None = None, exclude=()) -> SearchResult:
-    """Embed a query (file path or PIL image) with the gallery's encoder, search, certify.
+    """Embed a query (file path, PIL image or `encoder.image.Pixels`) with the gallery's encoder, search, certify.
 
     Radii are ℓ2 norms over the file's own samples (each scaled to [0,1] by its bit depth, in the file's
     own channels, EXIF orientation applied; `encoder.image.pixels`), through the encoder's
     `input_norm(size, layout)`: the channel conversion's Lipschitz constant times the exact resize norm.
     A query whose decode is not continuous in its samples gets no radius, with the reason in `notes`.
     """
+    return search_images(gallery, [image], k, certify=certify, eps=eps, candidates=candidates,
+                         exclude=[exclude])[0]
+
+
+@dataclass
+class PreparedQuery:
+    """A query ready for the encoder: its samples (`encoder.image.Pixels`) and the encoder input made from them."""
+
+    pixels: object  # encoder.image.Pixels: the file's own samples, what radii are stated over
+    input: object  # (1, 3, S, S) float tensor in [0, 1]: encoder.preprocess(pixels)
+
+
+def prepare_query(gallery, image) -> PreparedQuery:
+    """Decode (a path, with the gallery's hardened decoder: DecodeError for a bad file) and preprocess one
+    query with the gallery's encoder: the per-query work before embedding, safe to run in threads once
+    `gallery.encoder` is loaded."""
     from PIL import Image
 
-    from encoder.image import pixels
+    from encoder.image import Pixels, pixels
 
+    if isinstance(image, PreparedQuery):
+        return image
     if isinstance(image, (str, os.PathLike)):
         px = pixels(gallery.decode(image).image)
-    elif isinstance(image, Image.Image):
+    elif isinstance(image, (Image.Image, Pixels)):
         px = pixels(image)
     else:
-        raise TypeError(f"expected a file path or a PIL image, got {type(image).__name__}")
+        raise TypeError(f"expected a file path, a PIL image or Pixels, got {type(image).__name__}")
+    return PreparedQuery(px, gallery.encoder.preprocess(px))
+
+
+def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: float | None = None,
+                  candidates: int | None = None, exclude=None) -> list[SearchResult]:
+    """`search_image` for several queries with one encoder call: the same results, faster in bulk.
+
+    images: file paths, PIL images, `Pixels` or `PreparedQuery` (a path is decoded with the gallery's
+    hardened decoder: a bad file raises DecodeError, so callers that must go on prepare first, as
+    retrieval.bulk does in worker threads). exclude: None, or one collection of ids per image.
+    """
+    from index.embedder import embed_inputs
+
+    prepared = [prepare_query(gallery, image) for image in images]
+    if not prepared:
+        return []
+    exclude = [()] * len(prepared) if exclude is None else list(exclude)
+    if len(exclude) != len(prepared):
+        raise ValueError(f"exclude holds {len(exclude)} id lists for {len(prepared)} images")
     enc = gallery.encoder
-    q = gallery.embed_images([px])[0]
+    embedded = embed_inputs(enc, [p.input for p in prepared])
+    queries = [p.pixels for p in prepared]
     norm_fn = getattr(enc, "input_norm", None)
-    certifiable = certify and px.uncertified is None
-    input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
-    result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
-                              candidates=candidates, query_size=px.size,
-                              radius_space=px.describe() if input_norm is not None else None, exclude=exclude)
-    if input_norm is not None:
-        result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
-    if certify and px.uncertified is not None and gallery.lipschitz is not None:
-        result.notes = [f"no certificate for this file: {px.uncertified}"]
-    elif certify and result.lipschitz is not None and norm_fn is None:
-        result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
-    return result
+    results = []
+    for px, q, dropped in zip(queries, embedded, exclude):
+        certifiable = certify and px.uncertified is None
+        input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
+        result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
+                                  candidates=candidates, query_size=px.size,
+                                  radius_space=px.describe() if input_norm is not None else None, exclude=dropped)
+        if input_norm is not None:
+            result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
+        if certify and px.uncertified is not None and gallery.lipschitz is not None:
+            result.notes = [f"no certificate for this file: {px.uncertified}"]
+        elif certify and result.lipschitz is not None and norm_fn is None:
+            result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
+        results.append(result)
+    return results

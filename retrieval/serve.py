@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from encoder.image import DecodeBudget, DecodeError, DecodeLimits, check_shape, decode_bytes, decode_cost, oriented_size
 from index import INDEXED, EncoderMismatchError, FileRecord, Gallery, index_stats
-from retrieval.search import search_image
+from retrieval.search import result_document, search_image
 
 __all__ = ["ServeConfig", "GalleryHolder", "create_app", "is_loopback"]
 
@@ -235,17 +234,12 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return gallery.decode(path).image
 
-    def same_content(gallery: Gallery, digest: str) -> list[int]:
-        with gallery.catalog.sessions() as s:
-            return list(s.scalars(select(FileRecord.id).where(FileRecord.content_hash == digest,
-                                                                 FileRecord.status == INDEXED)))
-
     def run_search(gallery: Gallery, query: dict, image: Image.Image, k: int, eps: float | None,
                    exclude: list[int]) -> dict:
         with slots:
             res = search_image(gallery, image, k=k, eps=eps, exclude=exclude)
         counters.searches += 1
-        return {"query": query, "encoder": gallery.encoder_spec, "index_version": gallery.version, **res.to_dict()}
+        return result_document(res, query, gallery)
 
     def search_upload(data: bytes, filename: str | None, k: int, eps: float | None, exclude_self: bool) -> dict:
         gallery = holder.current()
@@ -253,7 +247,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
         with budget.reserve(decode_cost(data)):
             image = decode_upload(gallery, data)
             query = {"upload": os.path.basename(filename or "") or None, "bytes": len(data), "sha256": digest}
-            return run_search(gallery, query, image, k, eps, same_content(gallery, digest) if exclude_self else [])
+            return run_search(gallery, query, image, k, eps, gallery.same_content(digest) if exclude_self else [])
 
     def search_id(item_id: int, k: int, eps: float | None, exclude_self: bool) -> dict:
         gallery = holder.current()

@@ -4,18 +4,31 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "nonnegative_float", "pixel_eps"]
+__all__ = ["UsageError", "positive_int", "nonnegative_int", "nonnegative_float", "pixel_eps"]
 
 
-def positive_int(text: str) -> int:
-    """An integer ≥ 1."""
+class UsageError(ValueError):
+    """A command line that cannot be run as given (checked after parsing): the CLI prints it and exits 2."""
+
+
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {low}" if low else f"{value} must be ≥ 0")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    return _int_at_least(text, 0)
 
 
 def nonnegative_float(text: str) -> float:

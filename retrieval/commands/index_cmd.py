@@ -1,4 +1,7 @@
-"""`robret index build|update|stats|verify|repair` and `robret query`."""
+"""`robret index build|update|stats|verify|repair|export` and `robret query`.
+
+Every subcommand takes the index directory as `--index-dir DIR`. `update`, `repair`, `stats`, `verify` and
+`export` also accept it as their first positional argument, as they did before (a deprecated alias)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +9,11 @@ import math
 import os
 import sys
 
-from ._argtypes import nonnegative_float, positive_int
+from retrieval.schema import SCHEMA_VERSION
+
+from ._argtypes import UsageError, nonnegative_float, nonnegative_int, positive_int
+
+_INDEX_DIR_HELP = "the index directory (made by `robret index build FOLDER --index-dir DIR`)"
 
 
 def register(sub) -> None:
@@ -14,12 +21,13 @@ def register(sub) -> None:
                        description="Index an image folder (FAISS on the unit sphere + a SQLAlchemy catalog), "
                        "keep it current, check it.")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    p.epilog = "Every ACTION takes the index directory as --index-dir DIR."
 
     b = isub.add_parser("build", help="index a folder",
                         description="Embed every image under FOLDER into a new index directory (an existing "
                         "index of the same folder and encoder is updated instead).")
     b.add_argument("folder", help="image folder to index (recursively)")
-    b.add_argument("--index-dir", required=True, help="directory for the index and catalog")
+    b.add_argument("--index-dir", required=True, help="directory for the new index and its catalog")
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
     b.add_argument("--db", default=None, metavar="URL",
@@ -36,7 +44,7 @@ def register(sub) -> None:
     u = isub.add_parser("update", help="re-scan the indexed folder",
                         description="Embed new and changed files, reuse vectors of renamed ones, remove deleted "
                         "ones. Safe to re-run after a crash.")
-    u.add_argument("index_dir", metavar="DIR")
+    _index_dir_args(u)
     u.add_argument("--retry-failed", action="store_true", help="re-read files that failed before")
     _common_run_args(u)
     u.set_defaults(func=_update)
@@ -44,12 +52,12 @@ def register(sub) -> None:
     r = isub.add_parser("repair", help="make catalog and index agree (rebuilding what is lost)",
                         description="Like update, but a missing, corrupt or altered index file is rebuilt "
                         "(re-embedding files) instead of refused.")
-    r.add_argument("index_dir", metavar="DIR")
+    _index_dir_args(r)
     _common_run_args(r)
     r.set_defaults(func=_repair)
 
     s = isub.add_parser("stats", help="counts, failures, encoder, index type")
-    s.add_argument("index_dir", metavar="DIR")
+    _index_dir_args(s)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--failed", type=int, default=10, metavar="N", help="list up to N failed files (default 10)")
     s.set_defaults(func=_stats)
@@ -57,28 +65,74 @@ def register(sub) -> None:
     v = isub.add_parser("verify", help="prove catalog and index agree (exit 1 if not)",
                         description="Check the committed index file (exists, checksum), row counts, id sets, "
                         "vector norms and dimension against the catalog. Changes nothing.")
-    v.add_argument("index_dir", metavar="DIR")
+    _index_dir_args(v)
     v.add_argument("--files", action="store_true", help="also stat every indexed file (folder drift)")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=_verify)
 
-    q = sub.add_parser("query", help="search an index with an image (certified top-k)",
-                       description="Print the top-k gallery images for a query image: rank, score, path and, "
-                       "for a Lipschitz encoder, each result's certified radius and the top-k set's radius, "
-                       "as ℓ2 norms over the query file's own samples (each scaled to [0,1] by its bit depth, in the "
-                       "file's own channels: 1 for grayscale, 4 for RGBA or CMYK, …); files whose decoding is not "
-                       "continuous in their samples (colour-key transparency, palettes) get no radius.")
-    q.add_argument("image", help="query image file")
-    q.add_argument("--index-dir", required=True)
-    q.add_argument("-k", type=positive_int, default=10, help="results (default 10)")
+    e = isub.add_parser("export", help="write ids, paths, hashes, sizes and vectors to Parquet or .npy",
+                        description="Export the indexed items: --parquet OUT writes one row per item (id, path "
+                        "relative to the indexed folder, sha256, width, height, vector as a fixed-size list of "
+                        "float32; readable with pyarrow or pandas); --npy OUT writes the vectors (N, dim) float32 "
+                        "to OUT and their ids (N,) int64 to OUT with .ids.npy in place of .npy.")
+    _index_dir_args(e)
+    e.add_argument("--parquet", metavar="OUT", help="Parquet file to write")
+    e.add_argument("--npy", metavar="OUT", help=".npy file for the vectors (ids beside it)")
+    e.set_defaults(func=_export)
+
+    q = sub.add_parser("query", help="search an index with images (certified top-k)",
+                       description="Print the top-k gallery images for each query: rank, score, path and, for a "
+                       "Lipschitz encoder, each result's certified radius and the top-k set's radius. A radius is "
+                       "stated twice: as an ℓ2 norm over the query file's own samples (each scaled to [0,1] by its "
+                       "bit depth, in the file's own C channels: 1 for grayscale, 3 for RGB, 4 for RGBA or CMYK, …), "
+                       "and as the RMS change per sample it allows, in 1/255 units (ℓ2/√(C·H·W)·255), comparable "
+                       "with one grey level whatever the image size. Files whose decoding is not continuous in their "
+                       "samples (colour-key transparency, palettes) get no radius. The encoder and index load once "
+                       "for all queries; a query that cannot be read is reported and the others go on (exit 1 if "
+                       "any failed).",
+                       epilog="JSON fields are documented in docs/json.md.")
+    q.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="query image files, folders (every image inside, recursively) or @LIST files (one file or "
+                   "folder per line)")
+    q.add_argument("--id", type=nonnegative_int, action="append", default=[], metavar="N",
+                   help="also query by an indexed item's stored vector (its file is not read; radii at the encoder "
+                   "input); repeatable")
+    q.add_argument("--index-dir", required=True, help=_INDEX_DIR_HELP)
+    q.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     q.add_argument("--certify-eps", type=nonnegative_float, default=None, metavar="E",
-                   help="also say whether the top-k set is certified against every ‖δ‖₂ ≤ E")
+                   help="also say whether each top-k set is certified against every ‖δ‖₂ ≤ E")
     q.add_argument("--candidates", type=positive_int, default=None, metavar="M",
                    help="list length used for the certificate (default max(2k, k+64))")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
+    q.add_argument("--exclude-self", action="store_true",
+                   help="leave out hits whose content (SHA-256 of the file) equals the query's")
+    q.add_argument("--relative", action="store_true", help="print result paths relative to the indexed folder")
+    q.add_argument("--batch-size", type=positive_int, default=16, help="images per encoder call (default 16)")
     q.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
-    q.add_argument("--json", action="store_true", help="print JSON")
+    fmt = q.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="print JSON: one query's document, or {schema, summary, results: [...]} for several")
+    fmt.add_argument("--jsonl", action="store_true", help="print one JSON document per query and line, as each is done")
+    fmt.add_argument("--csv", action="store_true", help="print CSV: one row per result (a row with the error for a "
+                     "failed query)")
+    fmt.add_argument("--paths-only", action="store_true", help="print only the result paths, one per line")
     q.set_defaults(func=_query)
+
+
+def _index_dir_args(p) -> None:
+    p.add_argument("index_dir_positional", nargs="?", metavar="DIR",
+                   help="the index directory (deprecated spelling of --index-dir DIR)")
+    p.add_argument("--index-dir", dest="index_dir_option", metavar="DIR", help=_INDEX_DIR_HELP)
+
+
+def _index_dir(args) -> str:
+    """The index directory, from --index-dir or the older positional DIR (both: they must agree)."""
+    given = [d for d in (args.index_dir_option, args.index_dir_positional) if d is not None]
+    if not given:
+        raise UsageError("the index directory is required: --index-dir DIR")
+    if len(given) == 2 and os.path.abspath(given[0]) != os.path.abspath(given[1]):
+        raise UsageError(f"two index directories given: --index-dir {given[0]} and {given[1]}")
+    return given[0]
 
 
 def _common_run_args(p) -> None:
@@ -131,15 +185,16 @@ def _build(args) -> int:
 def _update(args) -> int:
     from index import update_index
 
-    return _print_report(update_index(args.index_dir, options=_options(args)), args.json)
+    return _print_report(update_index(_index_dir(args), options=_options(args)), args.json)
 
 
 def _repair(args) -> int:
     from index import repair_index, verify_index
 
-    report = repair_index(args.index_dir, options=_options(args))
+    index_dir = _index_dir(args)
+    report = repair_index(index_dir, options=_options(args))
     code = _print_report(report, args.json)
-    check = verify_index(args.index_dir)
+    check = verify_index(index_dir)
     if not check.ok:
         print("repair did not make the index consistent:", *check.problems, sep="\n  ", file=sys.stderr)
         return 1
@@ -180,8 +235,9 @@ def _stats(args) -> int:
     from index import FAILED, index_stats
     from index.layout import IndexDir
 
-    stats = index_stats(args.index_dir)
-    layout = IndexDir(args.index_dir)
+    index_dir = _index_dir(args)
+    stats = index_stats(index_dir)
+    layout = IndexDir(index_dir)
     catalog = layout.open_catalog()
     try:
         failed = [(r.path, r.reason) for r in catalog.find(FAILED, limit=args.failed)] if args.failed else []
@@ -213,7 +269,7 @@ def _stats(args) -> int:
 def _verify(args) -> int:
     from index import verify_index
 
-    report = verify_index(args.index_dir, check_files=args.files)
+    report = verify_index(_index_dir(args), check_files=args.files)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -224,7 +280,7 @@ def _verify(args) -> int:
         else:
             print("INCONSISTENT:" if report.repairable else "CANNOT VERIFY:", *report.problems, sep="\n  ")
             if report.repairable:
-                print("run `robret index repair DIR` to fix it")
+                print("run `robret index repair --index-dir DIR` to fix it")
         for note in report.notes:
             print(f"note: {note}")
     return 0 if report.ok else 1
@@ -236,41 +292,142 @@ def _fmt(r) -> str:
     return "inf" if math.isinf(r) else f"{r:.4g}"
 
 
+def _export(args) -> int:
+    from index import Gallery
+    from index.export import export_npy, export_parquet
+
+    if not (args.parquet or args.npy):
+        raise UsageError("say what to write: --parquet OUT and/or --npy OUT")
+    with Gallery.open(_index_dir(args), use_gpu=False) as gallery:
+        if args.parquet:
+            rows = export_parquet(gallery, args.parquet)
+            print(f"{args.parquet}: {rows} rows (id, path, sha256, width, height, vector[{gallery.dim}] float32)")
+        if args.npy:
+            vectors, ids = export_npy(gallery, args.npy)
+            print(f"{vectors}: vectors ({len(gallery)}, {gallery.dim}) float32; {ids}: their ids")
+    return 0
+
+
+CSV_COLUMNS = ("query", "rank", "id", "score", "radius", "radius_rms255", "certified", "path", "error")
+
+
 def _query(args) -> int:
     from index import Gallery
-    from retrieval.search import search_image
+    from retrieval.bulk import expand_sources, run_queries, summary
 
-    if not os.path.exists(args.image):
-        raise FileNotFoundError(f"query image {args.image!r} does not exist")
+    if not args.images and not args.id:
+        raise UsageError("give at least one query: an IMAGE, a folder, an @LIST file or --id N")
+    try:
+        sources = expand_sources(args.images, args.id)
+    except ValueError as exc:  # an unreadable @LIST
+        raise UsageError(str(exc)) from None
+    # One FILE or one --id prints that query's document; folders, lists and several queries print a batch.
+    single = len(args.images) + len(args.id) == 1 and not any(
+        item.startswith("@") or os.path.isdir(item) for item in args.images)
     with Gallery.open(args.index_dir, use_gpu=not args.cpu) as gallery:
-        res = search_image(gallery, args.image, k=args.k, certify=not args.no_certify, eps=args.certify_eps,
-                           candidates=args.candidates)
+        outcomes = run_queries(gallery, sources, args.k, certify=not args.no_certify, eps=args.certify_eps,
+                               candidates=args.candidates, exclude_self=args.exclude_self, batch_size=args.batch_size)
+        done = []
+        writer = None
+        if args.csv:
+            import csv
+
+            writer = csv.writer(sys.stdout, lineterminator="\n")
+            writer.writerow(CSV_COLUMNS)
+        elif not (args.json or args.jsonl or args.paths_only):
+            print(f"encoder {gallery.encoder_spec}  gallery {len(gallery)} images ({gallery.store.factory}) "
+                  f"in {gallery.root}")
+        for outcome in outcomes:
+            done.append(outcome)
+            if not outcome.ok:
+                print(f"robret: {outcome.source.label}: {outcome.error_kind}: {outcome.error}", file=sys.stderr)
+            if args.jsonl:
+                print(json.dumps(outcome.document(gallery, args.relative)), flush=True)
+            elif writer is not None:
+                _csv_rows(writer, outcome, gallery, args.relative)
+                sys.stdout.flush()
+            elif args.paths_only:
+                for hit in (outcome.result.hits if outcome.ok else []):
+                    print(_path(hit.path, gallery, args.relative), flush=True)
+            elif not args.json and outcome.ok:
+                _print_result(outcome, gallery, args.relative)
+        stats = summary(done)
         if args.json:
-            print(json.dumps({"query": os.path.abspath(args.image), "encoder": gallery.encoder_spec,
-                              **res.to_dict()}, indent=2))
-            return 0
-        h, w = res.query_size or (0, 0)
-        print(f"query {args.image} ({w}×{h} px)  encoder {gallery.encoder_spec}  "
-              f"gallery {res.gallery_size} images ({gallery.store.factory})")
-        certified = res.set_radius is not None
-        at_eps = certified and res.eps is not None
-        print(f"{'rank':>4}  {'score':>7}  " + (f"{'radius':>9}  " if certified else "")
-              + (f"{'>eps':>4}  " if at_eps else "") + "path")
-        for hit in res.hits:
-            rad = f"{_fmt(hit.radius):>9}  " if certified else ""
-            flag = f"{'yes' if hit.certified else 'no':>4}  " if at_eps else ""
-            print(f"{hit.rank:>4}  {hit.score:7.4f}  {rad}{flag}{hit.path}")
-        if certified:
-            print(f"top-{res.k} set certified for ‖δ‖₂ < {_fmt(res.set_radius)} and its order for "
-                  f"‖δ‖₂ < {_fmt(res.order_radius)}")
-            if res.values:
-                print(f"as an RMS change per sample: top-{res.k} set {_fmt(res.rms255(res.set_radius))}/255, "
-                      f"order {_fmt(res.rms255(res.order_radius))}/255")
-            print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
-                  f"{'complete' if res.complete else f'{res.candidates} candidates'})")
-            if res.eps is not None:
-                verdict = "CERTIFIED" if res.eps_certified else "NOT certified"
-                print(f"eps {res.eps:g}: top-{res.k} set {verdict}")
-        for note in res.notes:
-            print(f"note: {note}")
+            docs = [o.document(gallery, args.relative) for o in done]
+            doc = docs[0] if single else {"schema": SCHEMA_VERSION, "encoder": gallery.encoder_spec,
+                                          "index_version": gallery.version, "summary": stats, "results": docs}
+            print(json.dumps(doc, indent=2))
+    if stats["failed"]:
+        print(f"robret: {stats['failed']} of {stats['queries']} queries failed ("
+              + ", ".join(f"{k} {n}" for k, n in stats["failures"].items()) + ")", file=sys.stderr)
+        return 1
     return 0
+
+
+def _path(path, gallery, relative: bool) -> str:
+    from retrieval.bulk import relative_path
+
+    return str(relative_path(path, gallery.root) if relative else path)
+
+
+def _csv_rows(writer, outcome, gallery, relative: bool) -> None:
+    label = outcome.source.label
+    if not outcome.ok:
+        writer.writerow([label, "", "", "", "", "", "", "", f"{outcome.error_kind}: {outcome.error}"])
+        return
+    res = outcome.result
+    for hit in res.hits:
+        writer.writerow([label, hit.rank, hit.id, f"{hit.score:.7g}", _num(hit.radius), _num(res.rms255(hit.radius)),
+                         "" if hit.certified is None else str(hit.certified).lower(),
+                         _path(hit.path, gallery, relative), ""])
+
+
+def _num(r) -> str:
+    return "" if r is None else ("inf" if math.isinf(r) else repr(float(r)))
+
+
+def _fmt(r) -> str:
+    if r is None:
+        return "-"
+    return "inf" if math.isinf(r) else f"{r:.4g}"
+
+
+def _radius_words(res, r) -> str:
+    """A radius as ℓ2 and as RMS per sample in 1/255 units; a zero radius is a tie, said in words."""
+    if r is None:
+        return "-"
+    if r <= 0:
+        return "0 (tie)"
+    rms = res.rms255(r)
+    return _fmt(r) + ("" if rms is None else f" = {_fmt(rms)}/255 RMS")
+
+
+def _print_result(outcome, gallery, relative: bool) -> None:
+    res = outcome.result
+    h, w = res.query_size or (0, 0)
+    print(f"\nquery {outcome.source.label} ({w}×{h} px)")
+    certified = res.set_radius is not None
+    at_eps = certified and res.eps is not None
+    cells = [[str(hit.rank), f"{hit.score:.4f}"] + ([_fmt(hit.radius) if hit.radius else "0 (tie)",
+                                                     _fmt(res.rms255(hit.radius))] if certified else [])
+             + (["yes" if hit.certified else "no"] if at_eps else []) for hit in res.hits]
+    head = ["rank", "score"] + (["radius ℓ2", "RMS/255"] if certified else []) + ([">eps"] if at_eps else [])
+    widths = [max(len(row[i]) for row in [head, *cells]) for i in range(len(head))]
+    print("  ".join(f"{c:>{wd}}" for c, wd in zip(head, widths)) + "  path")
+    for row, hit in zip(cells, res.hits):
+        print("  ".join(f"{c:>{wd}}" for c, wd in zip(row, widths)) + "  " + _path(hit.path, gallery, relative))
+    if certified:
+        print(f"top-{res.k} set certified for ‖δ‖₂ < {_radius_words(res, res.set_radius)}; its order for "
+              f"‖δ‖₂ < {_radius_words(res, res.order_radius)}")
+        if res.values:
+            print(f"RMS/255: the RMS change per sample a radius allows, ℓ2/√{res.values}·255 over the "
+                  f"{res.values} samples (C·H·W) the radii are over: 1.0 = every sample moves one grey level")
+        print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
+              f"{'complete' if res.complete else f'{res.candidates} candidates'})")
+        if res.eps is not None:
+            verdict = "CERTIFIED" if res.eps_certified else "NOT certified"
+            print(f"eps {res.eps:g}: top-{res.k} set {verdict}")
+        for sentence in res.ties():
+            print(f"tie: {sentence}")
+    for note in res.notes:
+        print(f"note: {note}")

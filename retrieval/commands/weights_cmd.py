@@ -47,7 +47,7 @@ def _size(n: int | None) -> str:
 
 
 def _rows(cache_dir) -> dict:
-    from encoder.fetch import weight_status
+    from encoder.installed import weight_status
     from encoder.presets import PRESETS
     from encoder.pretrained import list_pretrained
     from encoder.registry import bundled_weights

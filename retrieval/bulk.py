@@ -1,0 +1,213 @@
+"""Queries in bulk: many images, folders, lists and indexed ids against one gallery (`robret query`).
+
+    sources = expand_sources(["a.jpg", "holiday/", "@todo.txt"], ids=[42])
+    for outcome in run_queries(gallery, sources, k=10, exclude_self=True):
+        outcome.ok, outcome.result, outcome.error, outcome.document(gallery, relative=True)
+
+What a query can be:
+    FILE        an image file (any name: what you give is what is read)
+    FOLDER      every image under it, recursively, with the extensions indexing uses
+                (`encoder.image.IMAGE_EXTENSIONS`), in the order and with the checks of `index.scan.scan_folder`
+                (symlinks leaving the folder, FIFOs, loops: reported per file, never opened)
+    @LIST       a text file naming one FILE or FOLDER per line (blank lines and lines starting with # skipped;
+                relative names are relative to the current directory, as for names on the command line)
+    id N        an indexed item, queried by its stored vector: the file is not read again. Its radii are
+                stated at the encoder input (the stored vector carries no record of the file's channel
+                layout); give the file itself to state them over its own samples.
+
+The encoder and the index load once (the gallery's). Files are decoded and preprocessed (`prepare_query`)
+by a small thread pool one batch ahead of the encoder, which embeds a batch per call (`search_images`); each query is then searched and
+certified on its own, exactly as `search_image` would (the same numbers: tests check it). A file that
+cannot be read or decoded becomes an outcome with an error (`kind`, `detail`) and the batch goes on.
+
+`exclude_self`: hits whose content (SHA-256 of the file's bytes) equals the query's are left out of the
+answer and of its certificate (`search_embedding`'s `exclude`): a query taken from the gallery, or an
+exact copy of a gallery file, does not find itself first.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from index.decode import DecodeError
+from index.errors import StoreError
+from index.scan import scan_folder
+
+from .schema import SCHEMA_VERSION
+from .search import SearchResult, prepare_query, result_document, search_embedding, search_images
+
+__all__ = ["QuerySource", "QueryOutcome", "expand_sources", "run_queries", "relative_path", "summary", "DEFAULT_BATCH"]
+
+log = logging.getLogger(__name__)
+DEFAULT_BATCH = 16  # images per encoder call
+
+
+@dataclass(frozen=True)
+class QuerySource:
+    """One query: a file to read, or an indexed id (its stored vector)."""
+
+    label: str  # how the user named it: the path as given (folder entries joined to the folder), or "id:N"
+    path: str | bytes | None = None  # the file to read (bytes for names that are not UTF-8)
+    id: int | None = None  # an indexed item, queried by its stored vector
+    problem: DecodeError | None = None  # known before reading (from the folder scan): never opened
+
+
+@dataclass
+class QueryOutcome:
+    """What one query gave: a result, or an error (kind, detail); never both."""
+
+    source: QuerySource
+    result: SearchResult | None = None
+    content_hash: str | None = None  # SHA-256 hex of the query file's bytes (or the indexed item's)
+    error_kind: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def query(self) -> dict:
+        """The `query` object of the JSON document (docs/json.md)."""
+        path = self.source.path
+        if path is not None:
+            path = os.path.abspath(os.fsdecode(path))
+        return {"source": self.source.label, "path": path, "id": self.source.id, "sha256": self.content_hash}
+
+    def document(self, gallery, relative: bool = False) -> dict:
+        """This query's JSON document (`search.result_document`), or `{query, error}` for a failure.
+
+        relative: hit paths relative to the indexed root (a path outside it stays absolute)."""
+        if not self.ok:
+            return {"schema": SCHEMA_VERSION, "query": self.query(),
+                    "error": {"kind": self.error_kind, "detail": self.error}}
+        doc = result_document(self.result, self.query(), gallery)
+        if relative:
+            for hit in doc["hits"]:
+                hit["path"] = relative_path(hit["path"], gallery.root)
+        return doc
+
+
+def relative_path(path: str | os.PathLike | None, root: str | os.PathLike) -> str | None:
+    """`path` relative to `root` when it lies inside it (the catalog's relative path), else unchanged."""
+    if path is None:
+        return None
+    rel = os.path.relpath(os.fspath(path), os.fspath(root))
+    return os.fspath(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+def expand_sources(items: Iterable[str], ids: Iterable[int] = ()) -> list[QuerySource]:
+    """Command-line query names (FILE, FOLDER, @LIST; module docstring) and ids → one source per query.
+
+    Raises ValueError for a list file that cannot be read, FolderError (a GalleryError) for a folder that
+    cannot be listed; a FILE is not checked here (reading it is the query's own outcome)."""
+    out: list[QuerySource] = []
+    for item in items:
+        if item.startswith("@") and len(item) > 1:
+            out.extend(expand_sources(_read_list(item[1:])))
+        elif os.path.isdir(item):
+            result = scan_folder(item)
+            for entry in result.entries:
+                out.append(QuerySource(label=os.path.join(item, entry.display), path=entry.path,
+                                       problem=entry.problem))
+            for warning in result.warnings:
+                log.warning("%s", warning)
+        else:
+            out.append(QuerySource(label=item, path=item))
+    out.extend(QuerySource(label=f"id:{int(i)}", id=int(i)) for i in ids)
+    return out
+
+
+def _read_list(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the query list {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _load(gallery, source: QuerySource):
+    """Decode and preprocess one file query (in a worker thread): (PreparedQuery, content hash), or a
+    QueryOutcome with the error."""
+    if source.problem is not None:
+        return QueryOutcome(source, error_kind=source.problem.kind, error=source.problem.detail)
+    try:
+        decoded = gallery.decode(source.path)
+        return prepare_query(gallery, decoded.image), decoded.content_hash
+    except DecodeError as exc:
+        return QueryOutcome(source, error_kind=exc.kind, error=exc.detail)
+    except (OSError, ValueError) as exc:
+        return QueryOutcome(source, error_kind="unreadable", error=str(exc))
+
+
+def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates, exclude_self: bool) -> QueryOutcome:
+    rec = gallery.records([source.id])[0]
+    try:
+        vector = gallery.vectors([source.id])[0]
+    except StoreError:
+        vector = None
+    if rec is None or vector is None:
+        return QueryOutcome(source, error_kind="unknown_id", error=f"no indexed item with id {source.id}")
+    exclude = gallery.same_content(rec.content_hash) if (exclude_self and rec.content_hash) else ()
+    if exclude_self and source.id not in exclude:
+        exclude = [*exclude, source.id]
+    result = search_embedding(gallery, vector, k, certify=certify, eps=eps, candidates=candidates, exclude=exclude)
+    result.query_size = (rec.height, rec.width) if rec.height and rec.width else None
+    if result.set_radius is not None:
+        result.notes.append("queried by its stored vector: radii are at the encoder input; query the file "
+                            "itself to state them over its own samples")
+    return QueryOutcome(QuerySource(source.label, path=gallery.path(source.id), id=source.id), result,
+                        content_hash=rec.content_hash)
+
+
+def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify: bool = True,
+                eps: float | None = None, candidates: int | None = None, exclude_self: bool = False,
+                batch_size: int = DEFAULT_BATCH, workers: int | None = None) -> Iterator[QueryOutcome]:
+    """One outcome per source, in order, each as soon as its batch is done (module docstring).
+
+    Every result is the one `search_image(gallery, file, k, eps=, candidates=, exclude=)` gives (with
+    `exclude` = the ids of indexed files with the query's content when `exclude_self`), or, for an id,
+    `search_embedding` on its stored vector.
+    """
+    sources = list(sources)
+    batch_size = max(1, int(batch_size))
+    workers = workers or min(4, os.cpu_count() or 1)
+    chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    if any(s.path is not None for s in sources):
+        gallery.encoder  # noqa: B018 — load it here, once, before worker threads preprocess with it
+
+    def submit(chunk):
+        return [None if s.path is None else pool.submit(_load, gallery, s) for s in chunk]
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robret-query") as pool:
+        pending = submit(chunks[0]) if chunks else []
+        for n, chunk in enumerate(chunks):
+            loaded = [None if f is None else f.result() for f in pending]
+            pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []  # decode ahead while this batch runs
+            images = [(i, got) for i, got in enumerate(loaded) if isinstance(got, tuple)]
+            excludes = [gallery.same_content(digest) if exclude_self else () for _, (_, digest) in images]
+            results = search_images(gallery, [px for _, (px, _) in images], k, certify=certify, eps=eps,
+                                    candidates=candidates, exclude=excludes) if images else []
+            found = {i: QueryOutcome(chunk[i], res, content_hash=digest)
+                     for (i, (_, digest)), res in zip(images, results)}
+            for i, source in enumerate(chunk):
+                if source.path is None:
+                    yield _by_id(gallery, source, k, certify, eps, candidates, exclude_self)
+                elif i in found:
+                    yield found[i]
+                else:
+                    yield loaded[i]
+
+
+def summary(outcomes: list[QueryOutcome]) -> dict:
+    """Counts for a batch: queries, failed, and failures by kind."""
+    kinds: dict[str, int] = {}
+    for o in outcomes:
+        if not o.ok:
+            kinds[o.error_kind] = kinds.get(o.error_kind, 0) + 1
+    return {"queries": len(outcomes), "failed": sum(kinds.values()), "failures": kinds}
+
+
