@@ -4,17 +4,34 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["positive_int", "nonnegative_float", "pixel_eps"]
+__all__ = ["positive_int", "nonnegative_int", "nonnegative_float", "pixel_eps", "check_linf_eps", "unit_interval"]
 
 
-def positive_int(text: str) -> int:
-    """An integer ≥ 1."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer ≥ 0."""
+    return _int_at_least(text, 0)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (e.g. a cosine-similarity threshold)."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
     return value
 
 
