@@ -81,7 +81,7 @@ def test_a_bad_file_in_a_batch_is_reported_and_the_batch_goes_on(capsys, photo_i
     captured = capsys.readouterr()
     doc = json.loads(captured.out)
     assert rc == 1 and doc["failed"] == 1
-    assert "error" in doc["results"][0] and "truncated" in doc["results"][0]["error"]
+    assert doc["results"][0]["error"]["kind"] == "truncated" and doc["results"][0]["error"]["detail"]
     assert doc["results"][1]["before"]["top"][0]["path"] == str(folder / "coffee.png")
     assert "broken.png" in captured.err
 

@@ -111,7 +111,9 @@ def run(args) -> int:
                 query = query_image(gallery.decode(path).image)
             except (DecodeError, OSError) as exc:
                 failed += 1
-                records.append({"query": str(path), "error": str(exc)})
+                error = ({"kind": exc.kind, "detail": exc.detail} if isinstance(exc, DecodeError)
+                         else {"kind": "unreadable", "detail": str(exc)})
+                records.append({"query": str(path), "error": error})
                 print(f"robret attack: {path}: {exc}", file=sys.stderr)
                 continue
             with tqdm(total=args.steps, desc=f"attack {path.name}", unit="step", leave=False,
