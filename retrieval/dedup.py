@@ -42,7 +42,10 @@ import io
 import math
 from dataclasses import dataclass, field
 
+import faiss
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from encoder.certify import slack_for
 from encoder.image import LAYOUT_CHANNELS, channel_lipschitz
@@ -130,8 +133,6 @@ class DedupReport:
 
 def _range_pairs(vectors: np.ndarray, radius: float, block: int = 4096) -> set[tuple[int, int]]:
     """Position pairs (i < j) with float32 inner product ≥ radius: FAISS exact range search."""
-    import faiss
-
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
     found: set[tuple[int, int]] = set()
@@ -149,9 +150,6 @@ def find_duplicates(gallery, threshold: float = 0.9, certify_eps: float | None =
     threshold: T in [−1, 1], a pair is a duplicate iff its cosine similarity s ≥ T;
     certify_eps: E ≥ 0 (ℓ2 over each image's own [0,1] samples) at which each verdict is checked.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"the threshold {threshold} must be a cosine similarity in [-1, 1]")
     ids, vectors = gallery.all_vectors()
