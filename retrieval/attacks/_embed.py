@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoder.attack import project
 from encoder.image import LAYOUT_CHANNELS, channel_lipschitz, pixels, to_rgb
 from encoder.preprocess import resize, resize_matrix, resize_operator_norm
 
@@ -93,8 +94,6 @@ class WorkingCopy:
 
     def lift(self, x: torch.Tensor, x_adv_copy: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
         """x + Π(U·(x_adv_copy − S·x)): the original image perturbed as the copy was, inside the threat set."""
-        from encoder.attack import project
-
         delta = resize(x_adv_copy.to(x.dtype) - self.x.to(x.dtype), self.original_hw)
         return project(x + delta, x, eps, norm)
 
