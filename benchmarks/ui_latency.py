@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from ui.config import UIConfig
     from ui.engine import AttackSpec, Engine
-    from ui.query import working_image
+    from ui.query import query_pixels
 
     torch.set_num_threads(2)
     cache = args.cache_dir or tempfile.mkdtemp(prefix="robret-ui-bench-")
@@ -46,24 +46,24 @@ def main(argv=None) -> int:
     print(f"engine load (indexes built or reused, encoders loaded): {load:.1f} s\n")
 
     items = engine.gallery[: args.queries]
-    queries = [working_image(engine.image(g.id), cfg.work_side) for g in items]
-    engine.search(queries[0][0], args.k)  # warm-up
+    queries = [query_pixels(engine.image(g.id)) for g in items]
+    engine.search(queries[0].x, args.k, layout=queries[0].layout)  # warm-up
     times = []
-    for x, _ in queries:
+    for q in queries:
         t = time.perf_counter()
-        engine.search(x, args.k)
+        engine.search(q.x, args.k, layout=q.layout)
         times.append(time.perf_counter() - t)
-    x, hw = queries[0]
+    x, hw, layout = queries[0].x, queries[0].original_hw, queries[0].layout
     print(f"| action (k = {args.k}, query {items[0].name} {hw[1]}×{hw[0]} px) | wall time |")
     print("| --- | --- |")
     print(f"| search, both encoders (median of {len(times)} gallery queries) | {statistics.median(times) * 1000:.0f} ms |")
-    target = engine.search(x, args.k)["lipsim"].ids[-1]
+    target = engine.search(x, args.k, layout=layout)["lipsim"].ids[-1]
     for spec in (AttackSpec("untargeted", "l2", 0.5, args.steps, args.k),
                  AttackSpec("targeted", "l2", 0.5, args.steps, args.k, target_id=int(target)),
                  AttackSpec("autoattack", "l2", 0.5, args.steps, args.k),
                  AttackSpec("untargeted", "linf", 8 / 255, args.steps, args.k)):
         t = time.perf_counter()
-        res = engine.attack(x, spec)
+        res = engine.attack(x, spec, layout=layout)
         total = time.perf_counter() - t
         per = ", ".join(f"{r.label} {r.seconds:.2f} s (overlap@{args.k} {r.overlap:.0%})" for r in res.values())
         eps = f"{spec.eps:.2f}" if spec.norm == "l2" else f"{spec.eps * 255:.0f}/255"

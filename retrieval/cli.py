@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "retrieval.commands.train_cmd",
     "retrieval.commands.index_cmd",
     "retrieval.commands.attack_cmd",
+    "retrieval.commands.dedup_cmd",
     "retrieval.commands.ui_cmd",
     "retrieval.commands.serve_cmd",
 ]

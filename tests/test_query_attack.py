@@ -12,16 +12,18 @@ from encoder.certify import certify_topk_bruteforce
 from retrieval.attacks import CertificateCheck, ImageEmbedder, VectorGallery, query_image, rank_query
 from retrieval.cli import main
 
-MAX_SIDE = 96  # the attack command shrinks the query to this side: small tensors, fast attacks
+WORK_SIDE = 96  # the attack command searches on a copy of this side: small tensors, fast attacks
 
 
 def _attack(tmp_path, photo_index, *extra) -> dict:
     folder, index_dir = photo_index
     out = tmp_path / "attack.json"
     rc = main(["attack", str(folder / "chelsea.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "5",
-               "--max-side", str(MAX_SIDE), "--json", str(out), *extra])
+               "--work-side", str(WORK_SIDE), "--json-out", str(out), *extra])
     assert rc == 0
-    return json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    assert len(doc["results"]) == 1
+    return doc["results"][0]
 
 
 def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_attacked_tensor(
@@ -31,10 +33,11 @@ def test_attack_command_reports_norms_within_eps_and_the_certificate_of_the_atta
     assert report["kind"] == "untargeted" and report["attack"]["norm"] == "l2"
     assert report["delta_l2"] <= 3 * (1 + 1e-5) and report["delta_linf"] <= 1
     assert report["before"]["top"][0]["path"] == str(folder / "chelsea.png")
-    # The certificate is the one of the tensor the attack perturbed: the query shrunk to MAX_SIDE,
-    # radii divided by the norm of that tensor's resize to the encoder input.
-    x = query_image(Image.open(folder / "chelsea.png"), MAX_SIDE).x
-    assert list(x.shape[-2:]) == report["query_hw"] and max(x.shape[-2:]) == MAX_SIDE
+    # The certificate is the one of the image the user gave (full size; the attack only searched on a
+    # WORK_SIDE copy), radii divided by the norm of its resize to the encoder input.
+    x = query_image(Image.open(folder / "chelsea.png")).x
+    assert list(x.shape[-2:]) == report["query_size"] == [300, 451]
+    assert any("copy" in n for n in report["notes"])
     from index import Gallery
 
     from encoder.certify import slack_for
@@ -74,7 +77,7 @@ def test_attack_command_targeted_linf_stays_in_its_box_and_tracks_the_target(tmp
     assert report["target_rank"]["before"] == 6 and report["target"] is not None
     assert report["success"] == (report["target"] in [r["id"] for r in report["after"]["top"]])
     assert report["certificate"]["ok"]
-    assert Image.open(tmp_path / "adv.png").size == tuple(reversed(report["query_hw"]))
+    assert Image.open(tmp_path / "adv.png").size == tuple(reversed(report["query_size"]))
 
 
 def test_certificate_check_flags_exactly_the_promises_an_attack_broke():
@@ -130,7 +133,7 @@ def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_cer
     """moon.png is 8-bit grayscale: the attack perturbs its 1-channel samples, and the radius it is compared
     with is stated over them (divided by the channel factor √3 as well as the resize norm)."""
     folder, index_dir = photo_index
-    q = query_image(Image.open(folder / "moon.png"), MAX_SIDE)
+    q = query_image(Image.open(folder / "moon.png"))
     assert q.layout == "L" and q.x.shape[0] == 1 and "(L, 1-channel" in q.space
     emb = ImageEmbedder(tiny_lipsim, layout="L")
     assert emb.input_norm(tuple(q.x.shape[-2:])) == pytest.approx(
@@ -139,16 +142,17 @@ def test_attack_command_perturbs_a_grayscale_file_in_its_own_channel_and_its_cer
     from index import Gallery
 
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
-        first = attack_query(g, q.x, k=3, layout="L", config=None)
+        first = attack_query(g, q.x, k=3, layout="L", config=None, work_side=WORK_SIDE)
         radius = first.certificate.set_radius
         from encoder.attack import PGDConfig
 
-        inside = attack_query(g, q.x, k=3, layout="L", config=PGDConfig(norm="l2", eps=0.95 * radius, steps=20))
+        inside = attack_query(g, q.x, k=3, layout="L", config=PGDConfig(norm="l2", eps=0.95 * radius, steps=20),
+                              work_side=WORK_SIDE)
     assert inside.delta_l2 <= 0.95 * radius * (1 + 1e-5) and inside.certificate.ok
     assert inside.after.top == inside.before.top  # nothing moves inside the certified radius
     out = tmp_path / "moon.json"
     assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
-                 "--max-side", str(MAX_SIDE), "--json", str(out)]) == 0
+                 "--work-side", str(WORK_SIDE), "--json-out", str(out)]) == 0
     assert "over the file's own samples (L, 1-channel" in capsys.readouterr().out
 
 
@@ -157,7 +161,7 @@ def test_attack_command_saves_a_grayscale_query_in_its_own_mode(tmp_path, photo_
     folder, index_dir = photo_index
     out = tmp_path / "moon-adv.png"
     assert main(["attack", str(folder / "moon.png"), "--index-dir", str(index_dir), "-k", "3", "--steps", "3",
-                 "--max-side", str(MAX_SIDE), "--save", str(out), "--json", str(tmp_path / "r.json")]) == 0
+                 "--work-side", str(WORK_SIDE), "--save", str(out), "--json-out", str(tmp_path / "r.json")]) == 0
     with Image.open(out) as im:
-        assert im.mode == "L" and max(im.size) == MAX_SIDE
-    assert json.loads((tmp_path / "r.json").read_text())["saved"]["path"] == str(out)
+        assert im.mode == "L" and im.size == (512, 512)  # the original's size: the adversarial original
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["saved"]["path"] == str(out)

@@ -133,9 +133,9 @@ def test_upload_good_image_is_searched_like_the_library(page_env, ui_engine):
     assert res.query_size == (150, 200)
 
 
-def test_large_upload_is_shrunk_to_the_working_size_and_radii_are_stated_for_it(page_env, ui_engine):
-    from ui.query import working_image
-
+def test_large_upload_is_certified_at_its_full_size_as_robret_query_states_it(page_env, ui_engine):
+    """A 1300×975 upload is searched and certified at its full size (not the 1024-px working copy the
+    attack searches on): the page's table, radii included, is retrieval.search.search_image's."""
     at = run_clean(new_page())
     at.radio(key="source").set_value("an upload")
     run_clean(at)
@@ -145,17 +145,13 @@ def test_large_upload_is_shrunk_to_the_working_size_and_radii_are_stated_for_it(
     at.file_uploader(key="upload").set_value(("big.jpg", buf.getvalue(), "image/jpeg"))
     run_clean(at)
     q = at.session_state["query"]
-    assert q.original_hw == (975, 1300) and tuple(q.x.shape) == (3, 768, 1024)
-    x, _ = working_image(Image.open(io.BytesIO(buf.getvalue())), 1024)
-    torch.testing.assert_close(q.x, x)
-    # Radii are stated for the working image: the library's search with its resize norm.
-    from index import Gallery
-    from retrieval.search import search_embedding
-
-    side = ui_engine.lipsim
-    with Gallery.open(ui_engine.index_dir, use_gpu=False) as g:
-        lib = search_embedding(g, side.embed(x), 5, input_norm=side.encoder.input_norm((768, 1024)))
+    assert q.original_hw == (975, 1300) and tuple(q.x.shape) == (3, 975, 1300) and q.layout == "RGB"
+    lib = library_search(ui_engine.index_dir, Image.open(io.BytesIO(buf.getvalue())), k=5)
+    assert lib.query_size == (975, 1300)
     assert_table_matches(table(at, "table_lipsim"), lib, ui_engine.names)
+    rows = table(at, "table_lipsim")
+    np.testing.assert_allclose([r["radius_rms255"] for r in rows],
+                               [lib.rms255(h.radius) for h in lib.hits], rtol=1e-6)
 
 
 def bad_uploads() -> list[tuple[str, bytes, str]]:
@@ -287,10 +283,13 @@ def test_attack_on_a_gallery_larger_than_the_attack_pool_optimises_on_the_query_
 
 
 def ui_engine_query(engine, name):
-    from ui.query import working_image
+    """(samples, (H, W)) of a gallery photo as the page queries it (RGB photos only here)."""
+    from ui.query import query_pixels
 
     item = next(g for g in engine.gallery if g.name == name)
-    return working_image(engine.image(item.id), engine.cfg.work_side)
+    q = query_pixels(engine.image(item.id))
+    assert q.layout == "RGB"
+    return q.x, q.original_hw
 
 
 def test_engine_serialises_concurrent_searches_from_two_threads(ui_engine):

@@ -23,7 +23,7 @@ import streamlit as st
 
 from ui.config import UIConfig
 from ui.engine import ATTACK_KINDS, AttackSpec, Engine, attack_report, ranking_rows
-from ui.query import Query, UploadError, decode_upload, png_bytes, to_pil, working_image
+from ui.query import Query, UploadError, decode_upload, display_rgb, png_bytes, query_pixels, to_pil
 from ui.render import CSS, cards_html, data_uri, fmt_radius, fmt_rank, magnified_perturbation, md_escape
 
 log = logging.getLogger("ui.app")
@@ -77,9 +77,9 @@ with st.sidebar:
         st.warning(note)
     k = st.slider("k (results per encoder)", 1, max(2, min(10, N - 1)), max(1, min(5, N - 1)), key="k")
     st.caption(f"Loaded in {engine.load_seconds:.1f} s (once per server). Radii, ε and ‖δ‖ are ℓ2/ℓ∞ norms "
-               f"over the 3-channel RGB working query in [0,1] units (the file converted to RGB in float, longest "
-               f"side ≤ {cfg.work_side} px). For a grayscale, alpha or CMYK file, `robret query` states the radius "
-               "over the file's own samples instead (smaller by √3, √6 or 2).")
+               "over the query file's own samples in [0,1] units, at its full size — the radius `robret query` "
+               "states — and, in brackets, the RMS change per sample in 1/255. Attacks search on a copy with "
+               f"longest side ≤ {cfg.work_side} px for speed; their outcome is measured on the full image.")
 
 st.title("robret — certified image retrieval under attack")
 st.caption(f"Search the gallery with **{md_escape(engine.lipsim.label)}** and "
@@ -92,8 +92,9 @@ def use_query(label: str, load, gallery_id: int | None = None) -> None:
     """Make `label` the session's query; `load()` gives its PIL image (decoded only when it changes)."""
     if state.get("query_key") == label:
         return
-    x, hw = working_image(load(), cfg.work_side)
-    state.query = Query(x, label, hw, gallery_id, png_bytes(to_pil(x)))
+    q = query_pixels(load())
+    shown = png_bytes(to_pil(display_rgb(q.x, q.layout, cfg.work_side)))
+    state.query = Query(q.x, label, q.original_hw, gallery_id, shown, q.layout, q.space)
     state.query_key = label
     state.pop("attack", None)
 
@@ -154,10 +155,8 @@ if query is None:
     st.stop()
 
 with qimg:
-    wh = tuple(query.x.shape[-2:])
     st.image(query.png, caption=f"{query.label.split(' (')[0]} · "
-             f"{query.original_hw[1]}×{query.original_hw[0]} px" +
-             ("" if wh == query.original_hw else f" → {wh[1]}×{wh[0]} working"), width=200)
+             f"{query.original_hw[1]}×{query.original_hw[0]} px · {query.layout}", width=200)
 
 
 # ---- 2. top-k ----------------------------------------------------------------------------------------
@@ -165,13 +164,18 @@ search_key = (state.query_key, k)
 if state.get("search_key") != search_key:
     try:
         t0 = time.perf_counter()
-        state.rankings = engine.search(query.x, k)
+        state.rankings = engine.search(query.x, k, layout=query.layout)
         state.search_seconds = time.perf_counter() - t0
         state.search_key = search_key
     except Exception as exc:  # noqa: BLE001
         fail("Search failed", exc)
         st.stop()
 rankings = state.rankings
+
+
+def query_rms255(l2: float | None) -> float | None:
+    """An ℓ2 norm over the query's samples as the RMS change per sample in 1/255 (ℓ2/√(C·H·W)·255)."""
+    return None if l2 is None else l2 / query.x.numel() ** 0.5 * 255
 
 
 def side_cards(side, ranking, before=None, target=None) -> str:
@@ -195,7 +199,7 @@ def set_badge(side, ranking) -> str:
     if not side.certified:
         return '<span class="rr-nosetbadge">no certificate</span>'
     return (f'<span class="rr-setbadge">top-{ranking.k} set certified for ‖δ‖₂ &lt; '
-            f'{fmt_radius(ranking.set_radius)}</span>')
+            f'{fmt_radius(ranking.set_radius)} ({fmt_radius(query_rms255(ranking.set_radius))}/255 RMS per sample)</span>')
 
 
 st.subheader(f"2 · Top-{k}")
@@ -217,12 +221,14 @@ a1, a2, a3, a4 = st.columns([3, 1, 1, 1])
 kind = a1.radio("Attack", list(ATTACK_KINDS), format_func=ATTACK_KINDS.get, key="attack_kind")
 norm = a2.radio("Norm", ["l2", "linf"], format_func={"l2": "ℓ2", "linf": "ℓ∞"}.get, key="attack_norm")
 if norm == "l2":
-    eps = a3.number_input("ε (ℓ2)", min_value=0.0, max_value=50.0, value=0.5, step=0.05, format="%.3f",
+    eps = a3.number_input("ε (ℓ2)", min_value=0.0, max_value=1000.0, value=0.5, step=0.05, format="%.3f",
                           key="eps_l2")
 else:
     eps = a3.number_input("ε (ℓ∞, in 1/255)", min_value=0.0, max_value=64.0, value=8.0, step=1.0,
                           key="eps_linf") / 255
 steps = a4.number_input("steps", min_value=1, max_value=cfg.max_steps, value=20, step=5, key="attack_steps")
+if norm == "l2":
+    a3.caption(f"= {query_rms255(eps):.3g}/255 RMS per sample")
 target = None
 if kind == "targeted":
     candidates = [g.id for g in engine.gallery if g.id not in rankings["lipsim"].top] or [g.id for g in engine.gallery]
@@ -234,15 +240,18 @@ if st.button("Run the attack on both encoders", type="primary", key="run_attack"
     try:
         spec = AttackSpec(kind=kind, norm=norm, eps=float(eps), steps=int(steps), k=k, target_id=target)
         t0 = time.perf_counter()
-        results = engine.attack(query.x, spec, progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
+        results = engine.attack(query.x, spec, layout=query.layout, space=query.space,
+                                progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
         seconds = time.perf_counter() - t0
-        report = attack_report(engine, query.label.split(" (")[0], query.original_hw,
-                               tuple(query.x.shape[-2:]), spec, results)
+        report = attack_report(engine, query.label.split(" (")[0], query.original_hw, query.space, spec, results)
         report["seconds"] = seconds
         images = {}
+        clean_shown = display_rgb(query.x, query.layout, cfg.work_side)
         for key, res in results.items():  # encoded once, not on every rerun
-            mag, m = magnified_perturbation(res.x_adv - query.x)
-            images[key] = (png_bytes(to_pil(res.x_adv)), png_bytes(to_pil(mag)), m)
+            adv_shown = display_rgb(res.x_adv, query.layout, cfg.work_side)
+            mag, m = magnified_perturbation(adv_shown - clean_shown)
+            images[key] = (png_bytes(to_pil(adv_shown)), png_bytes(to_pil(mag)), m,
+                           png_bytes(to_pil(res.x_adv, query.layout)))
         state.attack = {"spec": spec, "results": results, "report": report, "seconds": seconds, "images": images}
     except Exception as exc:  # noqa: BLE001
         fail("The attack failed", exc)
@@ -257,14 +266,14 @@ if att is not None:
         res = results[side.key]
         st.markdown(f"#### {md_escape(res.label)}")
         c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
-        adv_png, mag_png, m = att["images"][side.key]
+        adv_png, mag_png, m, adv_full_png = att["images"][side.key]
         c1.image(query.png, caption="clean query", width="stretch")
         c2.image(adv_png, caption="adversarial query", width="stretch")
         c3.image(mag_png, caption=f"perturbation ×{m:.0f} (grey = 0)", width="stretch")
         with c4:
             m1, m2, m3 = st.columns(3)
             m1.metric(f"overlap@{spec.k}", f"{res.overlap:.0%}")
-            m2.metric("‖δ‖₂", f"{res.delta_l2:.4f}")
+            m2.metric("‖δ‖₂", f"{res.delta_l2:.4f}", help=f"{query_rms255(res.delta_l2):.3g}/255 RMS per sample")
             m3.metric("‖δ‖∞ × 255", f"{res.delta_linf * 255:.2f}")
             if res.target_rank is not None:
                 b, a = res.target_rank
@@ -274,15 +283,16 @@ if att is not None:
             if cert is None:
                 st.info(f"{res.label} has no Lipschitz bound: nothing was guaranteed.")
             elif not cert["ok"]:
-                st.error(f"Certificate {cert['verdict']} (set radius {fmt_radius(cert['set_radius'])}, "
+                st.error(f"Certificate {cert['verdict']} (set radius {fmt_radius(cert['set_radius'])} = "
+                         f"{fmt_radius(query_rms255(cert['set_radius']))}/255 RMS, "
                          f"‖δ‖₂ = {cert['delta_l2']:.4f})")
             elif cert["within_radius"]:
                 st.success(f"Certificate {cert['verdict']} (‖δ‖₂ = {cert['delta_l2']:.4f} < "
-                           f"{fmt_radius(cert['set_radius'])})")
+                           f"{fmt_radius(cert['set_radius'])} = {fmt_radius(query_rms255(cert['set_radius']))}/255 RMS)")
             else:
                 st.info(f"Certificate {cert['verdict']} (‖δ‖₂ = {cert['delta_l2']:.4f} ≥ set radius "
-                        f"{fmt_radius(cert['set_radius'])})")
-            st.download_button("Download the adversarial image (PNG)", adv_png,
+                        f"{fmt_radius(cert['set_radius'])} = {fmt_radius(query_rms255(cert['set_radius']))}/255 RMS)")
+            st.download_button("Download the adversarial image (PNG)", adv_full_png,
                                file_name=f"adversarial-{side.key}.png", mime="image/png", key=f"dl_{side.key}")
         b1, b2 = st.columns(2)
         with b1:

@@ -4,9 +4,11 @@ One `Engine` per (index, comparison encoder) is shared by every browser session 
 it holds no per-user state. Searches and attacks run under one lock, so two sessions never compete
 for the CPU inside torch at once (the second waits), and nothing shared is mutated after start-up.
 
-The query is the *working image* (ui/query.py): float (3, H, W) in [0, 1]. Each encoder sees it
-through its own float resize (retrieval.attacks ImageEmbedder), so certified radii, ε and ‖δ‖ are
-all stated in the working image's pixels.
+The query is the user's image itself (ui/query.py): the file's own samples (C, H, W) in [0, 1] in
+its channel layout. Each encoder sees them through the same map as `robret query` (channel conversion
+and float resize, retrieval.attacks.ImageEmbedder), so certified radii, ε and ‖δ‖ are stated over
+those samples and the page's radius is `robret query`'s. Attacks search on a copy no larger than
+`work_side` for speed (retrieval.attacks.WorkingCopy) and are measured on the full image.
 """
 from __future__ import annotations
 
@@ -45,18 +47,23 @@ class Ranking(RankedIds):
     ids: np.ndarray  # (depth,) gallery ids, best first
     scores: np.ndarray  # (depth,) cosine similarities
     k: int
-    radius: np.ndarray | None = None  # (k,) item i stays in the top-k for ‖δ‖₂ < radius[i] (working image)
+    radius: np.ndarray | None = None  # (k,) item i stays in the top-k for ‖δ‖₂ < radius[i] (the query's samples)
     set_radius: float | None = None  # the top-k set cannot change for ‖δ‖₂ < set_radius
     order_radius: float | None = None  # the ordered top-k cannot change for ‖δ‖₂ < order_radius
     seconds: float = 0.0  # wall time of embed + search + certify
     embedding: np.ndarray | None = None  # (D,) the query's embedding
+    values: int | None = None  # samples the radii are over (C·H·W), for rms255
+
+    def rms255(self, l2: float | None) -> float | None:
+        """An ℓ2 norm over the query's samples as the RMS change per sample in 1/255: ℓ2/√values·255."""
+        return None if l2 is None or not self.values else l2 / self.values ** 0.5 * 255
 
 
 @dataclass(frozen=True)
 class AttackSpec:
     kind: str  # a key of ATTACK_KINDS
     norm: str  # "l2" or "linf"
-    eps: float  # budget in [0, 1] pixel units of the working image
+    eps: float  # budget in [0, 1] units of the query's own samples
     steps: int
     k: int
     target_id: int | None = None  # gallery id, for kind == "targeted"
@@ -76,7 +83,7 @@ class SideAttack:
 
     side: str  # "lipsim" or "compare"
     label: str  # the encoder's real name
-    x_adv: torch.Tensor  # (3, H, W) adversarial working image
+    x_adv: torch.Tensor  # (C, H, W) the adversarial query, full size, in the query's layout
     before: Ranking
     after: Ranking
     delta_l2: float
@@ -111,26 +118,33 @@ class Side:
     def certified(self) -> bool:
         return self.encoder.lipschitz is not None
 
-    def embed(self, x: torch.Tensor) -> np.ndarray:
-        """(3, H, W) working image → unit-norm (D,) float32."""
-        with torch.no_grad():
-            return self.embedder.embed(x[None])[0].cpu().numpy().astype(np.float32)
+    def embedder_for(self, layout: str):
+        """The differentiable samples → embedding map for queries in `layout` (ImageEmbedder)."""
+        from retrieval.attacks import ImageEmbedder
 
-    def search(self, x: torch.Tensor, k: int, depth: int) -> Ranking:
-        """Embed the working image and search; radii are stated in its pixels (ImageEmbedder.input_norm)."""
+        return self.embedder if layout == "RGB" else ImageEmbedder(self.encoder, layout=layout)
+
+    def embed(self, x: torch.Tensor, layout: str = "RGB") -> np.ndarray:
+        """(C, H, W) query samples in `layout` → unit-norm (D,) float32."""
+        with torch.no_grad():
+            return self.embedder_for(layout).embed(x[None])[0].cpu().numpy().astype(np.float32)
+
+    def search(self, x: torch.Tensor, k: int, depth: int, layout: str = "RGB") -> Ranking:
+        """Embed the query's samples and search; radii are stated over them (ImageEmbedder.input_norm)."""
         t0 = time.perf_counter()
-        q = self.embed(x)
+        q = self.embed(x, layout)
         hw = tuple(int(v) for v in x.shape[-2:])
-        norm = self.embedder.input_norm(hw) if self.certified else None
+        norm = self.embedder_for(layout).input_norm(hw) if self.certified else None
         res = self.index.search(q, k=k, depth=depth, input_norm=norm, query_size=hw)
         return Ranking(ids=res.ids, scores=res.scores, k=k, radius=res.radius, set_radius=res.set_radius,
-                       order_radius=res.order_radius, seconds=time.perf_counter() - t0, embedding=q)
+                       order_radius=res.order_radius, seconds=time.perf_counter() - t0, embedding=q,
+                       values=int(x.numel()))
 
     def ranking(self, ranking) -> Ranking:
         """The page's Ranking (primary ids) of a retrieval.attacks.Ranking."""
         res = self.index.ranked(ranking)
         return Ranking(ids=res.ids, scores=res.scores, k=ranking.k, radius=res.radius, set_radius=res.set_radius,
-                       order_radius=res.order_radius, embedding=ranking.embedding)
+                       order_radius=res.order_radius, embedding=ranking.embedding, values=ranking.search.values)
 
 
 class Engine:
@@ -179,16 +193,17 @@ class Engine:
         return data
 
     # -- search -----------------------------------------------------------------------------------------
-    def search(self, x: torch.Tensor, k: int) -> dict[str, Ranking]:
+    def search(self, x: torch.Tensor, k: int, layout: str = "RGB") -> dict[str, Ranking]:
+        """Both encoders' top-k for the query samples x (C, H, W) in `layout`."""
         k = max(1, min(k, len(self.gallery) - 1))
         with self._lock:
-            return {s.key: s.search(x, k, max(k, self.depth())) for s in self.sides}
+            return {s.key: s.search(x, k, max(k, self.depth()), layout) for s in self.sides}
 
     # -- attacks ----------------------------------------------------------------------------------------
-    def attack(self, x: torch.Tensor, spec: AttackSpec,
-               progress: Callable[[float, str], None] | None = None) -> dict[str, SideAttack]:
-        """Attack the query on each encoder (white-box, same budget) with retrieval.attacks.attack_query;
-        progress(fraction, text)."""
+    def attack(self, x: torch.Tensor, spec: AttackSpec, progress: Callable[[float, str], None] | None = None,
+               layout: str = "RGB", space: str | None = None) -> dict[str, SideAttack]:
+        """Attack the query samples x (C, H, W) in `layout` on each encoder (white-box, same budget) with
+        retrieval.attacks.attack_query, searching on a copy of side ≤ cfg.work_side; progress(fraction, text)."""
         from retrieval.attacks import PGDConfig, attack_query
 
         if spec.steps > self.cfg.max_steps:
@@ -211,7 +226,8 @@ class Engine:
                         raise ValueError("the target image is not in this encoder's index")
                 t0 = time.perf_counter()
                 res = attack_query(side.index.gallery, x, kind=spec.kind, config=config, k=k, target=target,
-                                   embedder=side.embedder, pool=self.cfg.attack_pool, depth=depth, callback=report)
+                                   embedder=side.embedder_for(layout), pool=self.cfg.attack_pool, depth=depth,
+                                   callback=report, work_side=self.cfg.work_side, radius_space=space)
                 before, after = side.ranking(res.before), side.ranking(res.after)
                 result = SideAttack(side.key, side.label, res.x_adv, before, after, delta_l2=res.delta_l2,
                                     delta_linf=res.delta_linf, seconds=time.perf_counter() - t0)
@@ -235,11 +251,12 @@ def ranking_rows(engine: "Engine", ranking: Ranking, upto: int | None = None) ->
         row = {"rank": n + 1, "id": int(item), "name": engine.name_of(item), "score": float(score)}
         if ranking.radius is not None and n < ranking.k:
             row["radius"] = float(ranking.radius[n])
+            row["radius_rms255"] = ranking.rms255(float(ranking.radius[n]))
         rows.append(row)
     return rows
 
 
-def attack_report(engine: "Engine", query_label: str, query_hw: tuple[int, int], working_hw: tuple[int, int],
+def attack_report(engine: "Engine", query_label: str, query_hw: tuple[int, int], space: str,
                   spec: AttackSpec, results: dict[str, SideAttack]) -> dict:
     """Everything the page shows about one attack, as a JSON-serialisable dict."""
     enc = {}
@@ -256,7 +273,9 @@ def attack_report(engine: "Engine", query_label: str, query_hw: tuple[int, int],
             "before": ranking_rows(engine, res.before),
             "after": ranking_rows(engine, res.after),
             "set_radius_before": res.before.set_radius,
+            "set_radius_before_rms255": res.before.rms255(res.before.set_radius),
             "set_radius_after": res.after.set_radius,
+            "delta_l2_rms255": res.before.rms255(res.delta_l2),
             "moves": [{**m, "name": engine.name_of(m["id"])} for m in res.moves()],
             "target_rank": None if res.target_rank is None else
             {"before": res.target_rank[0], "after": res.target_rank[1]},
@@ -268,8 +287,10 @@ def attack_report(engine: "Engine", query_label: str, query_hw: tuple[int, int],
         "index_dir": str(engine.index_dir),
         "gallery_size": len(engine.gallery),
         "rank_depth": engine.depth(),
-        "query": {"source": query_label, "original_hw": list(query_hw), "working_hw": list(working_hw),
-                  "units": "radii, eps and norms are in [0,1] pixel units of the working image"},
+        "query": {"source": query_label, "query_size": list(query_hw), "work_side": engine.cfg.work_side,
+                  "units": f"radii, eps and norms are ℓ2/ℓ∞ over {space or 'the query samples in [0,1]'} (the "
+                  "radius robret query states); the attack searched on a copy of side ≤ work_side and was "
+                  "measured on the full image"},
         "adversarial_png": "8-bit: rounding moves each pixel by at most 0.5/255 from the float attack reported here",
         "attack": {"kind": spec.kind, "norm": spec.norm, "eps": spec.eps, "steps": spec.steps, "k": spec.k,
                    "target": target},

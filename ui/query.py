@@ -1,9 +1,11 @@
 """Queries for the page: uploads checked before decoding, and the working image searched and attacked.
 
 An upload is refused with a message (never an exception trace) when it is too large in bytes, not an
-image, truncated, larger than the pixel limit (decompression bombs), or too small. The working image
-is the user's image as float RGB in [0, 1], shrunk (float antialiased resize, aspect kept) so that its
-longest side is at most `work_side`; certificates and attack budgets are stated in its pixels.
+image, truncated, larger than the pixel limit (decompression bombs), or too small. The query is the
+user's image itself: the file's own samples in [0, 1] (retrieval.attacks.query_image, what `robret
+query` certifies), so certificates, attack budgets and ‖δ‖ are stated over them and the page states
+the same radius as `robret query` and `robret attack`. Only the attack's search runs on a copy whose
+longest side is at most `work_side` (retrieval.attacks.WorkingCopy); the page shows shrunk RGB copies.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 
 
-__all__ = ["UploadError", "Query", "decode_upload", "working_image", "to_pil", "png_bytes"]
+__all__ = ["UploadError", "Query", "decode_upload", "query_pixels", "display_rgb", "to_pil", "png_bytes"]
 
 from encoder.image import to_pil  # noqa: E402  (re-exported: the page's images are its RGB working tensors)
 
@@ -26,11 +28,13 @@ class UploadError(ValueError):
 
 @dataclass
 class Query:
-    x: torch.Tensor  # (3, H, W) float in [0, 1]: the working image
+    x: torch.Tensor  # (C, H, W) float in [0, 1]: the file's own samples (what radii, ε and ‖δ‖ are over)
     label: str  # what the user picked: "gallery: NAME" or "upload: FILE"
-    original_hw: tuple[int, int]  # the image's size before shrinking to the working size
+    original_hw: tuple[int, int]  # (H, W) of x
     gallery_id: int | None = None  # set when the query is a gallery image
-    png: bytes = b""  # the working image as PNG, for display
+    png: bytes = b""  # a shrunk RGB copy as PNG, for display
+    layout: str = "RGB"  # channels of x (encoder.image.LAYOUT_CHANNELS)
+    space: str = ""  # what radii, ε and ‖δ‖ are over, in words (QueryImage.space)
 
 
 def decode_upload(data: bytes, filename: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -55,17 +59,27 @@ def decode_upload(data: bytes, filename: str, max_bytes: int, max_pixels: int) -
     return image
 
 
-def working_image(image: Image.Image, work_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """PIL image → ((3, H, W) float in [0, 1] with max(H, W) ≤ work_side, original (H, W)), through
-    retrieval.attacks.query_image (what every query attack perturbs)."""
+def query_pixels(image: Image.Image):
+    """PIL image → retrieval.attacks.QueryImage: the file's own samples, as `robret query` reads them."""
     from retrieval.attacks import query_image
 
     try:
-        q = query_image(image, work_side, own_channels=False)  # the page works on (3, H, W) RGB
+        return query_image(image)
     except (OSError, ValueError) as exc:
-        raise UploadError(f"cannot convert the image to RGB ({exc})") from None
-    return q.x, q.original_hw
+        raise UploadError(f"cannot read the image's samples ({exc})") from None
 
+
+def display_rgb(x: torch.Tensor, layout: str, side: int) -> torch.Tensor:
+    """Samples (C, H, W) in `layout` → (3, h, w) RGB with max(h, w) ≤ side, for showing only."""
+    from encoder.image import to_rgb
+    from encoder.preprocess import resize
+
+    rgb = to_rgb(x, layout)
+    h, w = rgb.shape[-2:]
+    if max(h, w) > side:
+        f = side / max(h, w)
+        rgb = resize(rgb, (max(1, round(h * f)), max(1, round(w * f)))).clamp(0, 1)
+    return rgb
 
 
 def png_bytes(image: Image.Image) -> bytes:

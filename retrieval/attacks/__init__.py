@@ -17,12 +17,12 @@ from .ranking import (ATTACKS, AttackResult, candidate_attack, embedding_shift, 
                       targeted_mismatch)
 from .suite import SUITE_ATTACKS, SuiteResult, robrank_suite
 from .topk import TopKAttackResult, misrank_top1, topk_targeted, topk_untargeted
-from .query import (QUERY_ATTACKS, CertificateCheck, QueryAttackOutcome, RankedIds, Ranking, rank_moves, VectorGallery, attack_candidates,
+from .query import (AUTOATTACK_CONFIGURATION, QUERY_ATTACKS, CertificateCheck, QueryAttackOutcome, RankedIds, Ranking, rank_moves, VectorGallery, attack_candidates,
                     attack_query, rank_query)
-from ._embed import ImageEmbedder, QueryImage, query_image
+from ._embed import ImageEmbedder, QueryImage, WorkingCopy, query_image, working_copy
 
 __all__ = [
-    "QUERY_ATTACKS", "CertificateCheck", "QueryAttackOutcome", "RankedIds", "Ranking", "rank_moves", "VectorGallery", "attack_candidates",
+    "AUTOATTACK_CONFIGURATION", "QUERY_ATTACKS", "WorkingCopy", "working_copy", "CertificateCheck", "QueryAttackOutcome", "RankedIds", "Ranking", "rank_moves", "VectorGallery", "attack_candidates",
     "attack_query", "rank_query", "QueryImage", "query_image",
     "ATTACKS", "AttackResult", "ImageEmbedder", "NearestNeighbourClassifier", "PGDConfig", "ROBRANK_LINF",
     "SUITE_ATTACKS", "SuiteResult", "TopKAttackResult", "autoattack_targeted", "autoattack_untargeted", "candidate_attack", "embedding_shift",

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoder.attack import project
 from encoder.image import LAYOUT_CHANNELS, channel_lipschitz, pixels, to_rgb
-from encoder.preprocess import resize, resize_operator_norm
+from encoder.preprocess import resize, resize_matrix, resize_operator_norm
 
-__all__ = ["ImageEmbedder", "QueryImage", "query_image", "as_embedder", "as_tensor"]
+__all__ = ["ImageEmbedder", "QueryImage", "query_image", "WorkingCopy", "working_copy", "as_embedder", "as_tensor"]
 
 
 @dataclass
@@ -60,6 +61,58 @@ def query_image(image: Image.Image, max_side: int | None = None, own_channels: b
         x = resize(x, (max(1, round(hw[0] * f)), max(1, round(hw[1] * f)))).clamp(0, 1)
         note = f"query shrunk from {hw[1]}×{hw[0]} to {x.shape[-1]}×{x.shape[-2]} px before attacking"
     return QueryImage(x.contiguous(), hw, note, layout, px.uncertified)
+
+
+@dataclass
+class WorkingCopy:
+    """A shrunk copy of a query that an attack optimises on for speed, and the way back to the original.
+
+    With S the float antialiased shrink from the original size (H, W) to (h, w) and U the float resize
+    back (both linear, separable: U = U_h ⊗ U_w on every channel), the attack searches η on the copy
+    S·x and the original receives δ = Π(U·η), Π the exact projection onto the threat set
+    {‖δ‖ ≤ ε} ∩ {x + δ ∈ [0, 1]} (encoder.attack.project). The copy's budgets are
+        ℓ2:  ε_w = ε / ‖U‖₂,   ‖U‖₂ = σ_max(U_h)·σ_max(U_w)      (resize_operator_norm, exact),
+        ℓ∞:  ε_w = ε / ‖U‖∞,   ‖U‖∞ = ‖U_h‖∞·‖U_w‖∞              (largest absolute row sums; for a
+                                                                  Kronecker product they multiply),
+    so that ‖U·η‖ ≤ ‖U‖·‖η‖ ≤ ε before Π: Π then only corrects float rounding and the [0, 1] box.
+    Every number reported (‖δ‖, the rankings, the certificate) is computed on the original x and
+    x + δ, through the same map as `robret query`: the copy only steers the search.
+    """
+
+    x: torch.Tensor  # (1, C, h, w) the shrunk copy S·x
+    original_hw: tuple[int, int]  # (H, W)
+    up_l2: float  # ‖U‖₂ (rounded up)
+    up_linf: float  # ‖U‖∞ (rounded up)
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return int(self.x.shape[-2]), int(self.x.shape[-1])
+
+    def budget(self, norm: str, eps: float) -> float:
+        """The copy's budget ε_w for the original's ε (class doc)."""
+        return eps / (self.up_l2 if norm == "l2" else self.up_linf)
+
+    def lift(self, x: torch.Tensor, x_adv_copy: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+        """x + Π(U·(x_adv_copy − S·x)): the original image perturbed as the copy was, inside the threat set."""
+        delta = resize(x_adv_copy.to(x.dtype) - self.x.to(x.dtype), self.original_hw)
+        return project(x + delta, x, eps, norm)
+
+    def describe(self) -> str:
+        h, w = self.hw
+        return (f"the attack searched on a {w}×{h} copy of the {self.original_hw[1]}×{self.original_hw[0]} query "
+                f"(for speed); ‖δ‖, rankings and the certificate are for the original image")
+
+
+def working_copy(x: torch.Tensor, max_side: int | None) -> WorkingCopy | None:
+    """The WorkingCopy of a (1, C, H, W) query when its longest side exceeds `max_side` (aspect kept), else None."""
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    if max_side is None or max(hw) <= max_side:
+        return None
+    f = max_side / max(hw)
+    small = (max(1, round(hw[0] * f)), max(1, round(hw[1] * f)))
+    up_l2 = resize_operator_norm(small, hw)
+    up_linf = float(np.prod([np.abs(resize_matrix(a, b)).sum(1).max() for a, b in zip(small, hw)])) * (1 + 1e-5)
+    return WorkingCopy(resize(x, small).clamp(0, 1), hw, up_l2, up_linf)
 
 
 class ImageEmbedder:

@@ -15,6 +15,7 @@ is the negation, and must always hold.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -22,21 +23,15 @@ import numpy as np
 import torch
 
 from encoder.attack import Callback, PGDConfig
+from retrieval.attack_info import AUTOATTACK_CONFIGURATION, QUERY_ATTACKS
 from retrieval.search import SearchResult, search_embedding
 
-from ._embed import ImageEmbedder
+from ._embed import ImageEmbedder, working_copy
 from .autoattack import autoattack_untargeted
 from .topk import topk_targeted, topk_untargeted
 
-__all__ = ["QUERY_ATTACKS", "RankedIds", "rank_moves", "Ranking", "CertificateCheck", "QueryAttackOutcome", "attack_query", "rank_query",
+__all__ = ["QUERY_ATTACKS", "AUTOATTACK_CONFIGURATION", "RankedIds", "rank_moves", "Ranking", "CertificateCheck", "QueryAttackOutcome", "attack_query", "rank_query",
            "attack_candidates", "VectorGallery"]
-
-# kind → what it does (labels for front ends)
-QUERY_ATTACKS = {
-    "untargeted": "untargeted top-k (push the clean top-k out)",
-    "targeted": "targeted (pull a chosen gallery image into the top-k)",
-    "autoattack": "AutoAttack (nearest neighbour as a classifier: move the top-1)",
-}
 
 
 def _num(x):
@@ -89,17 +84,22 @@ class Ranking(RankedIds):
                 row["path"] = paths.get(int(i))
             if n < len(radii) and radii[n] is not None:
                 row["radius"] = _num(radii[n])
+                row["radius_rms255"] = _num(self.search.rms255(radii[n]))
             rows.append(row)
         return {"top": rows, "set_radius": _num(self.search.set_radius),
+                "set_radius_rms255": _num(self.search.rms255(self.search.set_radius)),
                 "order_radius": _num(self.search.order_radius), "radius_space": self.search.radius_space}
 
 
 def rank_query(gallery, q: np.ndarray, k: int, depth: int | None = None, *, input_norm: float | None = None,
-               query_size: tuple[int, int] | None = None) -> Ranking:
+               query_size: tuple[int, int] | None = None, values: int | None = None,
+               radius_space: str | None = None) -> Ranking:
     """`search_embedding` for the (certified, when the encoder allows) top-k of the unit-norm query
-    embedding q, plus the exhaustive ranked list to `depth` to tell where displaced items went."""
+    embedding q, plus the exhaustive ranked list to `depth` to tell where displaced items went.
+    values: how many samples the radii are over (channels·H·W), for SearchResult.rms255."""
     q = np.asarray(q, dtype=np.float32).reshape(-1)
-    res = search_embedding(gallery, q, k, input_norm=input_norm, query_size=query_size)
+    res = search_embedding(gallery, q, k, input_norm=input_norm, query_size=query_size, radius_space=radius_space)
+    res.values = values
     top = [h.id for h in res.hits]
     scores, ids = gallery.search(q[None], max(depth or 0, res.k), exact=True)
     keep = ids[0] >= 0
@@ -206,11 +206,17 @@ class QueryAttackOutcome:
     def moves(self) -> list[dict]:
         return rank_moves(self.before, self.after)
 
+    def rms255(self, l2: float | None) -> float | None:
+        """An ℓ2 norm over the query's samples as the RMS change per sample, in 1/255: ℓ2/√(C·H·W)·255."""
+        return None if l2 is None else l2 / math.sqrt(self.x_adv.numel()) * 255.0
+
     def to_dict(self, paths: dict[int, str] | None = None) -> dict:
         """JSON-ready; `paths` (id → display name) adds a path to each listed item."""
         return {
             "kind": self.kind, "attack": self.config.to_dict(), "encoder": self.encoder, "k": self.k,
-            "query_hw": list(self.x_adv.shape[-2:]), "delta_l2": self.delta_l2, "delta_linf": self.delta_linf,
+            "configuration": AUTOATTACK_CONFIGURATION if self.kind == "autoattack" else QUERY_ATTACKS[self.kind],
+            "query_size": list(self.x_adv.shape[-2:]), "delta_l2": self.delta_l2,
+            "delta_l2_rms255": _num(self.rms255(self.delta_l2)), "delta_linf": self.delta_linf,
             "overlap_at_k": self.overlap, "success": self.success, "before": self.before.to_dict(paths),
             "after": self.after.to_dict(paths), "moves": self.moves(),
             "certificate": None if self.certificate is None else self.certificate.to_dict(),
@@ -224,7 +230,8 @@ class QueryAttackOutcome:
 def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: PGDConfig | None = None,
                  k: int = 5, target: int | None = None, target_rank: int | None = None, embedder: ImageEmbedder | None = None,
                  pool: int | None = None, depth: int | None = None, callback: Callback | None = None,
-                 generator: torch.Generator | None = None, seed: int = 0, layout: str = "RGB") -> QueryAttackOutcome:
+                 generator: torch.Generator | None = None, seed: int = 0, layout: str = "RGB",
+                 work_side: int | None = None, radius_space: str | None = None) -> QueryAttackOutcome:
     """Attack the query tensor x against `gallery` and report the outcome next to its certificate.
 
     gallery: an index.Gallery (or VectorGallery): search/vectors/all_vectors/paths and `lipschitz`;
@@ -235,7 +242,12 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
     config.steps iterations); config: norm and ε over x's values (default ℓ2, ε = 0.5, 50 steps);
     embedder: the differentiable image → embedding map (default ImageEmbedder(gallery.encoder, layout=layout));
     pool: optimise against at most this many items (the query's exact neighbours) on large galleries;
-    depth: how far the before/after lists go (≥ k) to report where displaced items went.
+    depth: how far the before/after lists go (≥ k) to report where displaced items went;
+    work_side: when x's longest side exceeds it, the attack searches on a copy shrunk to it (for speed)
+    and the original is perturbed as the copy was, inside the same threat set (`WorkingCopy`): the
+    rankings, ‖δ‖ and the certificate are always those of x itself, through the same map as
+    `robret query` (retrieval.search.search_image), so its radius is the one `robret query` states;
+    radius_space: what the radii are over, in words (e.g. QueryImage.space).
     """
     if kind not in QUERY_ATTACKS:
         raise ValueError(f"unknown attack kind {kind!r}; known: {', '.join(QUERY_ATTACKS)}")
@@ -255,12 +267,41 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
     input_norm = emb.input_norm(hw) if gallery.lipschitz is not None else None
     t0 = time.perf_counter()
     depth = max(depth or k, target_rank or 0)
-    before = rank_query(gallery, emb.embed(x)[0].cpu().numpy(), k, depth, input_norm=input_norm, query_size=hw)
+    ranked = dict(input_norm=input_norm, query_size=hw, values=int(x[0].numel()), radius_space=radius_space)
+    before = rank_query(gallery, emb.embed(x)[0].cpu().numpy(), k, depth, **ranked)
     if target_rank is not None:
         target = int(before.ids[target_rank - 1])
     ids, vectors = attack_candidates(gallery, before.embedding, pool, () if target is None else (target,))
     g = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(emb.device)
     kk = min(k, len(ids) - 1)
+    copy = working_copy(x, work_side)
+    x_run, run_config = x, config
+    if copy is not None:
+        eps_w = copy.budget(config.norm, config.eps)
+        step = None if config.step is None else config.step * eps_w / max(config.eps, 1e-300)
+        x_run, run_config = copy.x, config.replace(eps=eps_w, step=step)
+    x_adv = _run_attack(kind, emb, x_run, g, ids, target, kk, run_config, callback, generator, seed)
+    if copy is not None:
+        x_adv = copy.lift(x, x_adv, config.norm, config.eps)
+    x_adv = x_adv.detach()
+    after = rank_query(gallery, emb.embed(x_adv)[0].cpu().numpy(), k, depth, **ranked)
+    delta = (x_adv - x).flatten()
+    d2, dinf = float(delta.norm()), float(delta.abs().max())
+    notes = list(before.search.notes) + ([copy.describe()] if copy is not None else [])
+    out = QueryAttackOutcome(kind, config, emb.name, x_adv[0].cpu(), before, after, d2, dinf,
+                             CertificateCheck.of(before, after, d2) if before.search.certified else None,
+                             notes=notes)
+    if target is not None:
+        t = gallery.vectors(np.array([target], dtype=np.int64))[0].astype(np.float64)
+        out.target = int(target)
+        out.target_rank = (before.rank_of(target), after.rank_of(target))
+        out.target_score = (float(before.embedding @ t), float(after.embedding @ t))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _run_attack(kind, emb, x, g, ids, target, kk, config, callback, generator, seed) -> torch.Tensor:
+    """The adversarial x of one attack kind against the candidate vectors g (ids), in x's own threat set."""
     if kind == "autoattack":
         x_adv, _ = autoattack_untargeted(emb, x, g, norm=config.norm, eps=config.eps, version="custom",
                                          attacks=["apgd-ce", "apgd-dlr"], n_iter=config.steps, seed=seed,
@@ -273,20 +314,7 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
             raise ValueError(f"the target {target} is not in the gallery")
         x_adv = topk_targeted(emb, x, g, int(hit[0]), k=kk, config=config, callback=callback,
                               generator=generator).x_adv
-    x_adv = x_adv.detach()
-    after = rank_query(gallery, emb.embed(x_adv)[0].cpu().numpy(), k, depth, input_norm=input_norm, query_size=hw)
-    delta = (x_adv - x).flatten()
-    d2, dinf = float(delta.norm()), float(delta.abs().max())
-    out = QueryAttackOutcome(kind, config, emb.name, x_adv[0].cpu(), before, after, d2, dinf,
-                             CertificateCheck.of(before, after, d2) if before.search.certified else None,
-                             notes=list(before.search.notes))
-    if target is not None:
-        t = gallery.vectors(np.array([target], dtype=np.int64))[0].astype(np.float64)
-        out.target = int(target)
-        out.target_rank = (before.rank_of(target), after.rank_of(target))
-        out.target_score = (float(before.embedding @ t), float(after.embedding @ t))
-    out.seconds = time.perf_counter() - t0
-    return out
+    return x_adv
 
 
 class VectorGallery:

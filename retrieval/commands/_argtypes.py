@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["UsageError", "positive_int", "nonnegative_int", "nonnegative_float", "pixel_eps"]
+__all__ = ["UsageError", "positive_int", "nonnegative_int", "nonnegative_float", "pixel_eps", "check_linf_eps",
+           "unit_interval"]
 
 
 class UsageError(ValueError):
@@ -29,6 +30,14 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An integer ≥ 0."""
     return _int_at_least(text, 0)
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1] (e.g. a cosine-similarity threshold)."""
+    value = nonnegative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 1")
+    return value
 
 
 def nonnegative_float(text: str) -> float:
