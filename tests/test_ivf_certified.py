@@ -231,3 +231,17 @@ def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_
     assert flat.set_radius <= set_radius + TOL
     if not flat.exhaustive:
         assert any("probe budget" in n for n in flat.notes)
+
+
+def test_quick_certified_search_benchmark_matches_the_exhaustive_certificate(tmp_path, capsys):
+    from benchmarks.certified_search import REGIMES, main
+
+    out = tmp_path / "cs.json"
+    assert main(["--quick", "--work-dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.read_text())
+    assert sorted(r["regime"] for r in rows) == sorted(REGIMES)
+    for r in rows:
+        assert r["radius_larger"] == 0 and r["radius_equal"] == r["queries"] == 10
+        assert r["ivf_proved_exhaustive"] == r["queries"]
+        assert r["ivf"]["p50_ms"] > 0 and r["exhaustive"]["p50_ms"] > 0
+    assert "| near-duplicates | 5,000 |" in capsys.readouterr().out
