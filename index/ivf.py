@@ -84,6 +84,7 @@ class CertifiedIVF:
         self._centroid_norm = float(np.linalg.norm(self.centroids.astype(np.float64), axis=1).max()) * (
             1 + REL_ALLOWANCE) + ABS_ALLOWANCE if len(self.centroids) else 0.0
         self._where: dict[int, int] | None = None  # id → list, built on first removal
+        self._whole: tuple[np.ndarray, np.ndarray] | None = None  # (ids, vectors) of every list, when contiguous
 
     # Construction -------------------------------------------------------------------------
     @classmethod
@@ -166,6 +167,11 @@ class CertifiedIVF:
     def ids(self) -> np.ndarray:
         return np.concatenate([lst.ids for lst in self.lists]) if self.lists else np.zeros(0, np.int64)
 
+    def contiguous(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids (N,), vectors (N, D)) of all lists back to back when stored so (opened from disk, unchanged
+        since), for scanning most lists in one product; None otherwise."""
+        return self._whole
+
     def list_vectors(self, c: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n,), exact float32 vectors (n, D)) of list c."""
         lst = self.lists[c]
@@ -180,6 +186,7 @@ class CertifiedIVF:
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(ids) == 0:
             return
+        self._whole = None
         where = self.assign(self.centroids, vectors)
         for c in np.unique(where):
             pick = where == c
@@ -200,6 +207,8 @@ class CertifiedIVF:
             if c is not None:
                 by_list.setdefault(c, set()).add(int(i))
         removed = 0
+        if by_list:
+            self._whole = None
         for c, drop in by_list.items():
             lst = self.lists[c]
             keep = ~np.isin(lst.ids, list(drop))
@@ -283,7 +292,9 @@ class CertifiedIVF:
         ids = np.load(path / "ids.npy", mmap_mode="r")
         vecs = np.load(path / "vectors.npy", mmap_mode="r")
         lists = [_List(ids[a:b], vecs[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        return cls(centroids, lists, rho, float(manifest["max_norm"]))
+        ivf = cls(centroids, lists, rho, float(manifest["max_norm"]))
+        ivf._whole = (ids, vecs)
+        return ivf
 
 
 def _write_lists(path, centroids: np.ndarray, chunks, where, rho: np.ndarray, max_norm: float) -> dict:

@@ -38,6 +38,7 @@ __all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DE
 
 DEFAULT_FIRST_PROBES = 8  # lists in the first chunk (then 2×, 4×, … as needed)
 DEFAULT_CAP = 512  # visited items scored exactly per round (doubled when this cap is what binds)
+FULL_SCAN = 0.25  # with a contiguous store, a chunk of at least this fraction of the lists scans them all at once
 
 
 @dataclass
@@ -77,13 +78,19 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     pos, step, chunk, rounds = 0, max(1, int(first_probes)), max(1, int(first_probes)), 0
     while True:
         rounds += 1
-        for c in order[pos:min(budget, pos + chunk)]:
-            ids, vecs = ivf.list_vectors(int(c))
-            if len(dropped) and len(ids):
-                keep = ~np.isin(ids, dropped)
-                ids, vecs = ids[keep], vecs[keep]
-            pool.add(ids, vecs, q)
-        pos = min(budget, pos + chunk)
+        whole = ivf.contiguous()
+        if whole is not None and budget == nonempty and nonempty - pos > 1 and chunk >= FULL_SCAN * nonempty:
+            # Most lists are still needed: one matrix product over the contiguous store costs less than a
+            # Python loop over them (the certificate is the same: every item is then visited).
+            pool = _Pool()
+            ids, vecs = whole
+            pool.add(ids, vecs, q, dropped)
+            pos = nonempty
+        else:
+            for c in order[pos:min(budget, pos + chunk)]:
+                ids, vecs = ivf.list_vectors(int(c))
+                pool.add(ids, vecs, q, dropped)
+            pos = min(budget, pos + chunk)
         rest = float(upper[order[pos]]) if pos < nonempty else -np.inf  # bound on every unvisited list
         if pool.size == 0:
             if pos >= budget:
@@ -121,11 +128,17 @@ class _Pool:
         self.scores: list[np.ndarray] = []
         self.size = 0
 
-    def add(self, ids, vecs, q) -> None:
+    def add(self, ids, vecs, q, dropped) -> None:
+        """Add items with their float32 scores; excluded ids get score −inf (never listed, never counted)."""
         if len(ids):
+            scores = vecs @ q
+            if len(dropped):
+                gone = np.isin(ids, dropped)
+                scores[gone] = -np.inf
+                self.size -= int(gone.sum())
             self.ids.append(ids)
             self.vecs.append(vecs)
-            self.scores.append(vecs @ q)
+            self.scores.append(scores)
             self.size += len(ids)
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +158,7 @@ def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, 
     the module doc's `listed`) and certify them against B = max(rest, t + γ)."""
     s32 = np.concatenate(pool.scores)
     over = int(np.sum(s32 > rest - gamma))
-    m = min(len(s32), max(min(over, cap), k))
+    m = min(pool.size, max(min(over, cap), k))  # excluded items (score −inf) are never listed
     if m < len(s32):
         part = np.argpartition(-s32, m)
         rows, threshold = part[:m], float(s32[part[m]])  # the largest float32 score left out

@@ -245,3 +245,22 @@ def test_quick_certified_search_benchmark_matches_the_exhaustive_certificate(tmp
         assert r["ivf_proved_exhaustive"] == r["queries"]
         assert r["ivf"]["p50_ms"] > 0 and r["exhaustive"]["p50_ms"] > 0
     assert "| near-duplicates | 5,000 |" in capsys.readouterr().out
+
+
+def test_memory_mapped_lists_scanned_at_once_give_the_same_certificate_with_exclusions(tmp_path):
+    x = clustered_unit_vectors(800, 16, 20, seed=8)
+    mem = CertifiedIVF.build(np.arange(800), x, 8, seed=0)
+    mem.save(tmp_path / "m")
+    disk = CertifiedIVF.open(tmp_path / "m")
+    assert disk.contiguous() is not None and mem.contiguous() is None
+    slack = slack_for(1e-6, mem.max_norm)
+    for q in clustered_unit_vectors(4, 16, 20, seed=8, stream=5):
+        drop = np.argsort(-(x @ q))[:3]  # the three best items are excluded
+        keep = np.setdiff1d(np.arange(800), drop)
+        pos, radius, _ = _exhaustive(q, x[keep], 5, slack)
+        for first in (1, 8):  # a list at a time, or (a chunk ≥ a quarter of the lists) all at once
+            got = certified_ivf_search(disk, q, 5, 1.0, slack=slack, exclude=drop, first_probes=first)
+            assert got.exhaustive and got.ids.tolist() == keep[pos].tolist()
+            np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+    disk.remove([0])
+    assert disk.contiguous() is None
