@@ -204,7 +204,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
 
 
 def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
-                 candidates: int | None = None, exclude=()) -> SearchResult:
+                 candidates: int | None = None, exclude=(), probe_budget: int | None = None) -> SearchResult:
     """Embed a query (file path or PIL image) with the gallery's encoder, search, certify.
 
     Radii are ℓ2 norms over the file's own samples (each scaled to [0,1] by its bit depth, in the file's
@@ -229,7 +229,8 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
     input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
     result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
                               candidates=candidates, query_size=px.size,
-                              radius_space=px.describe() if input_norm is not None else None, exclude=exclude)
+                              radius_space=px.describe() if input_norm is not None else None, exclude=exclude,
+                              probe_budget=probe_budget)
     if input_norm is not None:
         result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
     if certify and px.uncertified is not None and gallery.lipschitz is not None:

@@ -200,7 +200,7 @@ def test_streamed_build_equals_the_in_memory_one_and_a_flipped_byte_is_refused(t
         CertifiedIVF.open(tmp_path / "s")
 
 
-def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_path, tiny_lipsim):
+def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_path, tiny_lipsim, capsys):
     from PIL import Image
 
     from encoder.certify import certify_topk_bruteforce
@@ -231,6 +231,13 @@ def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_
     assert flat.set_radius <= set_radius + TOL
     if not flat.exhaustive:
         assert any("probe budget" in n for n in flat.notes)
+    from retrieval.cli import main
+
+    capsys.readouterr()
+    assert main(["query", str(folder / "05.png"), "--index-dir", str(tmp_path / "index"), "-k", "3",
+                 "--probe-budget", "1", "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["method"] == "certified-ivf" and out["lists_visited"] == 1 and len(out["hits"]) == 3
 
 
 def test_quick_certified_search_benchmark_matches_the_exhaustive_certificate(tmp_path, capsys):

@@ -75,6 +75,9 @@ def register(sub) -> None:
                    help="also say whether the top-k set is certified against every ‖δ‖₂ ≤ E")
     q.add_argument("--candidates", type=positive_int, default=None, metavar="M",
                    help="list length used for the certificate (default max(2k, k+64))")
+    q.add_argument("--probe-budget", type=positive_int, default=None, metavar="LISTS",
+                   help="IVF indexes: visit at most LISTS inverted lists for the certificate (sound, possibly "
+                        "smaller than the exhaustive one; default: as many as the exhaustive certificate needs)")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
     q.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -244,7 +247,7 @@ def _query(args) -> int:
         raise FileNotFoundError(f"query image {args.image!r} does not exist")
     with Gallery.open(args.index_dir, use_gpu=not args.cpu) as gallery:
         res = search_image(gallery, args.image, k=args.k, certify=not args.no_certify, eps=args.certify_eps,
-                           candidates=args.candidates)
+                           candidates=args.candidates, probe_budget=args.probe_budget)
         if args.json:
             print(json.dumps({"query": os.path.abspath(args.image), "encoder": gallery.encoder_spec,
                               **res.to_dict()}, indent=2))
@@ -268,6 +271,10 @@ def _query(args) -> int:
                       f"order {_fmt(res.rms255(res.order_radius))}/255")
             print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
                   f"{'complete' if res.complete else f'{res.candidates} candidates'})")
+            if res.method == "certified-ivf":
+                print(f"certified IVF: {res.lists_visited} lists, {res.vectors_scanned} vectors scored; radii "
+                      f"{'equal to' if res.exhaustive else 'at most'} the exhaustive certificate's"
+                      f"{'; top-k exact (proved)' if res.exact_topk else ''}")
             if res.eps is not None:
                 verdict = "CERTIFIED" if res.eps_certified else "NOT certified"
                 print(f"eps {res.eps:g}: top-{res.k} set {verdict}")
