@@ -58,12 +58,14 @@ class IVFCertificate:
 
 def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, probe_budget: int | None = None,
                          first_probes: int = DEFAULT_FIRST_PROBES, cap: int = DEFAULT_CAP,
-                         exclude=()) -> IVFCertificate | None:
+                         exclude=(), radii: bool = True) -> IVFCertificate | None:
     """Certified top-k of `query` (D,) float32 over `ivf` (index.ivf.CertifiedIVF); see the module doc.
 
     slack: the encoder's margin slack (`encoder.certify.slack_for`). probe_budget: at most this many lists
     visited (None: no limit, the result is then always the exhaustive certificate). exclude: ids left out
     of the answer and of its certificate. None when the gallery (minus `exclude`) is empty.
+    radii=False: plain top-k search that stops as soon as the top-k is proved exact (condition (a) only);
+    its radii are then meaningless and `exhaustive` means "top-k exact with proof".
     """
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1))
     q64 = q.astype(np.float64)
@@ -101,7 +103,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
         cert, bound, cap_binds, top_vecs, listed_ids = _certify_pool(
             pool, q64, k, lipschitz, slack, ivf.max_norm, rest, gamma, cap)
         exact_topk = bool(bound == -np.inf or cert.scores[-1] - bound > ARITHMETIC_SLACK)
-        done = exact_topk and not cert.tail_binds
+        done = exact_topk and (not radii or not cert.tail_binds)
         if done or (pos >= budget and not cap_binds):
             return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),
                                   exact_topk, done, not done, pos, pool.size, rounds)

@@ -134,6 +134,21 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     empty = SearchResult([], 0, 0, 0, True, lipschitz, notes=["the gallery is empty"])
     if n == 0:
         return empty
+    ivf = getattr(gallery, "certified_ivf", None)
+    if lipschitz is None and ivf is not None:  # plain top-k on IVF, proved exact by the list bounds
+        found = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, probe_budget=probe_budget, exclude=dropped,
+                                     radii=False)
+        if found is None:
+            return empty
+        ids, scores = found.ids, found.cert.scores
+        hits = [Hit(r + 1, int(i), float(s), p) for r, (i, s, p) in enumerate(zip(ids, scores, gallery.paths(ids)))]
+        notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
+        if not found.exact_topk:
+            notes.append(f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the top-{len(ids)} "
+                         "may miss better items")
+        return SearchResult(hits, len(ids), n, len(found.listed_ids), found.bound == -np.inf, None, query_size=query_size,
+                            eps=eps, notes=notes, method="certified-ivf", exact_topk=found.exact_topk,
+                            lists_visited=found.lists_visited, vectors_scanned=found.vectors_scanned)
     if lipschitz is None:
         scores, ids = gallery.search(q[None], k + len(dropped))
         keep = [j for j, i in enumerate(ids[0]) if int(i) >= 0 and int(i) not in dropped][:k]
@@ -148,7 +163,6 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     if float_error is None:
         float_error = getattr(gallery, "float_error", None)
     slack = slack_for(float_error, max_norm)
-    ivf = getattr(gallery, "certified_ivf", None)
     extra: dict = {}
     if ivf is not None:  # certified IVF: the exhaustive certificate without an exhaustive scan
         found = certified_ivf_search(ivf, q, k, lipschitz, slack=slack, probe_budget=probe_budget, exclude=dropped)

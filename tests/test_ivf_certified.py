@@ -222,12 +222,15 @@ def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_
         q = vecs[5]
         res = search_embedding(g, q, k=4, exclude=[int(ids[5])])
         flat = search_embedding(g, q, k=4, exclude=[int(ids[5])], probe_budget=1)
+        plain = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False)
     keep = np.arange(len(ids)) != 5
     top, radius, set_radius = certify_topk_bruteforce(q, vecs[keep], 4, 1.0, slack=res.slack)
     assert res.method == "certified-ivf" and res.exhaustive and res.exact_topk
     assert [h.id for h in res.hits] == ids[keep][top].tolist()
     np.testing.assert_allclose([h.radius for h in res.hits], radius, rtol=1e-9)
     assert res.to_dict()["method"] == "certified-ivf"
+    assert plain.method == "certified-ivf" and plain.exact_topk and plain.set_radius is None
+    assert [h.id for h in plain.hits] == [h.id for h in res.hits]
     assert flat.set_radius <= set_radius + TOL
     if not flat.exhaustive:
         assert any("probe budget" in n for n in flat.notes)
@@ -271,3 +274,21 @@ def test_memory_mapped_lists_scanned_at_once_give_the_same_certificate_with_excl
             np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
     disk.remove([0])
     assert disk.contiguous() is None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 16)))
+def test_plain_ivf_topk_flagged_exact_is_the_exhaustive_topk(p, budget):
+    x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
+    ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
+    k = min(p["k"], p["n"])
+    for q in queries:
+        truth = np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)), kind="stable")[:k]
+        got = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, probe_budget=budget, first_probes=1, radii=False)
+        if budget is None:
+            assert got.exact_topk
+        if got.exact_topk:
+            assert got.ids.tolist() == truth.tolist()
+        if budget is None:  # same schedule, fewer conditions: never more lists than a certificate needs
+            full = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, first_probes=1)
+            assert got.lists_visited <= full.lists_visited
