@@ -125,6 +125,8 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     On a gallery with certified inverted lists (`gallery.certified_ivf`, IVF index types) the certificate
     comes from `retrieval.ivf_search.certified_ivf_search`: equal to the exhaustive one (`exhaustive`),
     or, when `probe_budget` lists were visited first, sound and possibly smaller (and a note says so).
+    Without a certificate (no Lipschitz bound) an IVF gallery visits at most `probe_budget` lists (default:
+    the index's nprobe) by decreasing bound, and `exact_topk` says whether the bounds prove the top-k exact.
     """
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     n = len(gallery)
@@ -135,7 +137,9 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     if n == 0:
         return empty
     ivf = getattr(gallery, "certified_ivf", None)
-    if lipschitz is None and ivf is not None:  # plain top-k on IVF, proved exact by the list bounds
+    if lipschitz is None and ivf is not None:  # plain top-k on IVF: the index's nprobe lists, flagged when proved exact
+        if probe_budget is None:
+            probe_budget = getattr(getattr(gallery, "store", None), "params", {}).get("nprobe")
         found = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, probe_budget=probe_budget, exclude=dropped,
                                      radii=False)
         if found is None:

@@ -222,7 +222,8 @@ def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_
         q = vecs[5]
         res = search_embedding(g, q, k=4, exclude=[int(ids[5])])
         flat = search_embedding(g, q, k=4, exclude=[int(ids[5])], probe_budget=1)
-        plain = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False)
+        plain = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False, probe_budget=2)
+        quick = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False)  # the index's nprobe = 1
     keep = np.arange(len(ids)) != 5
     top, radius, set_radius = certify_topk_bruteforce(q, vecs[keep], 4, 1.0, slack=res.slack)
     assert res.method == "certified-ivf" and res.exhaustive and res.exact_topk
@@ -231,6 +232,9 @@ def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_
     assert res.to_dict()["method"] == "certified-ivf"
     assert plain.method == "certified-ivf" and plain.exact_topk and plain.set_radius is None
     assert [h.id for h in plain.hits] == [h.id for h in res.hits]
+    assert quick.lists_visited == 1
+    assert ([h.id for h in quick.hits] == [h.id for h in res.hits]) if quick.exact_topk else \
+        any("may miss" in n for n in quick.notes)
     assert flat.set_radius <= set_radius + TOL
     if not flat.exhaustive:
         assert any("probe budget" in n for n in flat.notes)
