@@ -38,7 +38,7 @@ __all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DE
 
 DEFAULT_FIRST_PROBES = 8  # lists in the first chunk (then 2×, 4×, … as needed)
 DEFAULT_CAP = 512  # visited items scored exactly per round (doubled when this cap is what binds)
-FULL_SCAN = 0.25  # with a contiguous store, a chunk of at least this fraction of the lists scans them all at once
+FULL_SCAN = 0.125  # with a contiguous store, a chunk of this fraction of the lists scans them all at once
 
 
 @dataclass
@@ -78,12 +78,14 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     pool = _Pool()
     cap = max(int(cap), 2 * k + 1)
     pos, step, chunk, rounds = 0, max(1, int(first_probes)), max(1, int(first_probes)), 0
+    needed_lists = chunk  # lists that may still change the certificate (all unvisited ones until known)
     while True:
         rounds += 1
         whole = ivf.contiguous()
-        if whole is not None and budget == nonempty and nonempty - pos > 1 and chunk >= FULL_SCAN * nonempty:
-            # Most lists are still needed: one matrix product over the contiguous store costs less than a
-            # Python loop over them (the certificate is the same: every item is then visited).
+        if whole is not None and budget == nonempty and nonempty - pos > 1 and needed_lists >= FULL_SCAN * nonempty:
+            # Many lists are still needed (the doubling chunk reached FULL_SCAN of them): one matrix product over
+            # the contiguous store costs less than a Python loop over them, and the certificate is the same
+            # (every item is then visited).
             pool = _Pool()
             ids, vecs = whole
             pool.add(ids, vecs, q, dropped)
@@ -98,7 +100,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
             if pos >= budget:
                 return None
             step *= 2
-            chunk = step
+            chunk = needed_lists = step
             continue
         cert, bound, cap_binds, top_vecs, listed_ids = _certify_pool(
             pool, q64, k, lipschitz, slack, ivf.max_norm, rest, gamma, cap)
@@ -109,7 +111,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
                                   exact_topk, done, not done, pos, pool.size, rounds)
         if cap_binds:  # the exactly scored list was too short, not the unvisited lists: lengthen it
             cap *= 2
-            chunk = 0
+            chunk = needed_lists = 0
             continue
         # Lists whose bound is at most what every radius needs can never change the certificate (module doc).
         norms = np.linalg.norm(top_vecs, axis=1)
@@ -119,6 +121,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
         useful = int(np.sum(upper[order[pos:budget]] > needed))
         step *= 2
         chunk = max(1, min(step, useful))
+        needed_lists = chunk  # (`useful` itself overstates what is needed while radii are still loose)
 
 
 class _Pool:
