@@ -1,15 +1,15 @@
 """Certified top-k latency: exhaustive scan vs certified IVF (retrieval/ivf_search.py), one query at a time.
 
     python -m benchmarks.certified_search --quick                 # seconds (a test runs it)
-    nice -n 10 python -m benchmarks.certified_search --sizes 1000000 10000000 --work-dir /tmp/cs
+    nice -n 10 python -m benchmarks.certified_search --sizes 1000000 10000000 --nlist 4096 4096 --work-dir /tmp/cs
 
 Data (`clustered_unit_vectors`): a mixture of von Mises–Fisher-like clusters on the unit sphere in
-D = 129 dimensions (robret's lipsim:demo width). Cluster centres are uniform on the sphere; cluster
-sizes follow a Zipf law (exponent 1: a few large clusters, a long tail of small ones, as photo
-collections have: bursts of near-identical shots, many singletons); a point of cluster c is
-normalise(μ_c + τ_c·z), z ~ N(0, I/D), with a per-cluster spread τ_c uniform in [0.35, 0.9], so that
-cosine to the own centre is ~0.75–0.95 and to other centres ~0 ± 0.09. Queries are fresh draws from
-the same mixture (a new photo of a known scene), not gallery items.
+D = 129 dimensions (robret's lipsim:demo width): normalise(a·c₀ + μ_c + τ_c·z), z ~ N(0, I/D), with c₀ a
+direction every embedding shares (LipSim's appended constant coordinate makes every cosine positive-ish),
+cluster centres μ_c uniform on the sphere, clusters of ~36 points (crops per photo) chosen uniformly, and
+(a, τ range) from REGIMES: "lipsim-demo" is calibrated on the bundled encoder's embeddings of the held-out
+crop benchmark, "near-duplicates" has tight clusters. Queries are fresh draws from the same clusters (a new
+crop of a known photo), not gallery items.
 
 Per size: the exact (exhaustive) certified search is `retrieval.search`'s path (FAISS flat exact top-m,
 m = max(2k, k + 64), float64 rescoring, `certify_ranked`); the certified IVF path is
