@@ -115,12 +115,29 @@ class TopKCertificate:
     set_radius: float  # the top-k set cannot change for ‖δ‖ < set_radius
     order_radius: float  # the ordered top-k list cannot change for ‖δ‖ < order_radius
     pairs_evaluated: int  # exact pairs computed (all pairs would be k·(n − k))
+    # (k,) min over listed outsiders j of r(i, j) (inf: none listed), before the unlisted bound and the clamp at 0
+    listed_radius: np.ndarray | None = None
+    # (k,) the bound every unlisted item gives, (s_i − unlisted_max − slack)/(L·(‖e_i‖ + M)); None when complete
+    tail_radius: np.ndarray | None = None
+
+    @property
+    def tail_binds(self) -> bool:
+        """True when the bound on unlisted items lowered some radius below its listed pairs' minimum.
+
+        False means every radius_i is max(0, min over *listed* outsiders of r(i, j)): no unlisted item can
+        lower it, so it is what an exhaustive pair scan over the same top-k would give.
+        """
+        if self.tail_radius is None or self.listed_radius is None:
+            return False
+        return bool(np.any(self.tail_radius < self.listed_radius))
 
     def scaled(self, factor: float) -> "TopKCertificate":
         """The same certificate with radii divided by `factor` (e.g. the preprocessing norm)."""
         return TopKCertificate(
             self.positions, self.scores, self.radius / factor, self.set_radius / factor,
             self.order_radius / factor, self.pairs_evaluated,
+            None if self.listed_radius is None else self.listed_radius / factor,
+            None if self.tail_radius is None else self.tail_radius / factor,
         )
 
 
@@ -134,6 +151,7 @@ def certify_ranked(
     block: int = 32,
     max_norm: float | None = None,
     unlisted_slack: float = 0.0,
+    unlisted_max: float | None = None,
 ) -> TopKCertificate:
     """Certify the top-k of one query from its ranked list, with pruning.
 
@@ -141,6 +159,8 @@ def certify_ranked(
     ranked_embeddings: (n, D) (unit-norm) embeddings in the same order.
     complete: True when the list holds the whole gallery; otherwise unlisted items (scores at most
     s_last + unlisted_slack) are bounded by (s_i − s_last − unlisted_slack − slack)/(L·(‖e_i‖ + M)).
+    unlisted_max: an upper bound on every unlisted item's exact score, given by the caller instead of
+    s_last + unlisted_slack (e.g. the certified IVF search's bound on lists it has not visited).
     max_norm: M, an upper bound on every gallery vector's norm. Default: the largest listed norm when the
     list is complete; otherwise also at least 1 + 1e-6, the bound for vectors stored renormalised
     (index/store.py) — callers that know their gallery's maximum (retrieval.search) pass it.
@@ -174,8 +194,12 @@ def certify_ranked(
         radius = np.minimum(radius, r.min(1))
         pairs += r.size
         j = stop
+    listed = radius.copy()
+    tail = None
     if not complete:
-        radius = np.minimum(radius, (top_s - s[-1] - unlisted_slack - slack) / diam)
+        bound = s[-1] + unlisted_slack if unlisted_max is None else float(unlisted_max)
+        tail = (top_s - bound - slack) / diam
+        radius = np.minimum(radius, tail)
     radius = np.maximum(radius, 0.0)
     set_radius = float(radius.min())
     order = set_radius
@@ -185,7 +209,7 @@ def certify_ranked(
         with np.errstate(divide="ignore", invalid="ignore"):
             consecutive = np.where(dn > 0, m / (lipschitz * np.where(dn > 0, dn, 1.0)), 0.0)
         order = min(order, float(max(consecutive.min(), 0.0)))
-    return TopKCertificate(np.arange(k), top_s, radius, set_radius, order, pairs)
+    return TopKCertificate(np.arange(k), top_s, radius, set_radius, order, pairs, listed, tail)
 
 
 def certify_topk(query, gallery, k: int, lipschitz: float, slack: float = DEFAULT_SLACK) -> TopKCertificate:

@@ -19,6 +19,7 @@ from .catalog import Catalog, FileRecord, check_same_encoder
 from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
 from .ingest import load_live_store
+from .ivf import CertifiedIVF
 from .layout import IndexDir
 from .store import VectorStore
 
@@ -116,8 +117,21 @@ class Gallery:
         return getattr(self.encoder, "float_error", None)
 
     @property
+    def certified_ivf(self) -> CertifiedIVF | None:
+        """The IVF index's lists with their radius bounds (index/ivf.py), for certified search without an
+        exhaustive scan; None for other index types. Built once per opened version: exact bounds from the
+        float32 vectors the index stores (a view, not a copy)."""
+        if self.store.kind != "ivf" or len(self) == 0:
+            return None
+        if getattr(self, "_ivf", None) is None:
+            self._ivf = CertifiedIVF.from_faiss(self.store.index)
+        return self._ivf
+
+    @property
     def max_norm(self) -> float:
         """The largest stored vector norm (exact, from the float32 vectors; computed once per version)."""
+        if self.certified_ivf is not None:
+            return self.certified_ivf.max_norm
         key = (self.version, len(self))
         if getattr(self, "_max_norm", (None, None))[0] != key:
             _, vectors = self.all_vectors()

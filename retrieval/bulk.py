@@ -143,7 +143,8 @@ def _load(gallery, source: QuerySource):
         return QueryOutcome(source, error_kind="unreadable", error=str(exc))
 
 
-def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates, exclude_self: bool) -> QueryOutcome:
+def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates, exclude_self: bool,
+           probe_budget: int | None = None) -> QueryOutcome:
     rec = gallery.records([source.id])[0]
     try:
         vector = gallery.vectors([source.id])[0]
@@ -154,7 +155,8 @@ def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates,
     exclude = gallery.same_content(rec.content_hash) if (exclude_self and rec.content_hash) else ()
     if exclude_self and source.id not in exclude:
         exclude = [*exclude, source.id]
-    result = search_embedding(gallery, vector, k, certify=certify, eps=eps, candidates=candidates, exclude=exclude)
+    result = search_embedding(gallery, vector, k, certify=certify, eps=eps, candidates=candidates, exclude=exclude,
+                              probe_budget=probe_budget)
     result.query_size = (rec.height, rec.width) if rec.height and rec.width else None
     if result.set_radius is not None:
         result.notes.append("queried by its stored vector: radii are at the encoder input; query the file "
@@ -165,7 +167,8 @@ def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates,
 
 def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify: bool = True,
                 eps: float | None = None, candidates: int | None = None, exclude_self: bool = False,
-                batch_size: int = DEFAULT_BATCH, workers: int | None = None) -> Iterator[QueryOutcome]:
+                batch_size: int = DEFAULT_BATCH, workers: int | None = None,
+                probe_budget: int | None = None) -> Iterator[QueryOutcome]:
     """One outcome per source, in order, each as soon as its batch is done (module docstring).
 
     Every result is the one `search_image(gallery, file, k, eps=, candidates=, exclude=)` gives (with
@@ -190,12 +193,12 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
             images = [(i, got) for i, got in enumerate(loaded) if isinstance(got, tuple)]
             excludes = [gallery.same_content(digest) if exclude_self else () for _, (_, digest) in images]
             results = search_images(gallery, [px for _, (px, _) in images], k, certify=certify, eps=eps,
-                                    candidates=candidates, exclude=excludes) if images else []
+                                    candidates=candidates, exclude=excludes, probe_budget=probe_budget) if images else []
             found = {i: QueryOutcome(chunk[i], res, content_hash=digest)
                      for (i, (_, digest)), res in zip(images, results)}
             for i, source in enumerate(chunk):
                 if source.path is None:
-                    yield _by_id(gallery, source, k, certify, eps, candidates, exclude_self)
+                    yield _by_id(gallery, source, k, certify, eps, candidates, exclude_self, probe_budget)
                 elif i in found:
                     yield found[i]
                 else:

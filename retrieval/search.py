@@ -26,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder.certify import certify_ranked, float32_dot_error, slack_for
+from encoder.certify import ARITHMETIC_SLACK, certify_ranked, float32_dot_error, slack_for
+
+from .ivf_search import certified_ivf_search
 
 from .schema import SCHEMA_VERSION
 
@@ -68,6 +70,11 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     slack: float | None = None  # subtracted from every score margin: the encoder's float error (certify.slack_for)
     values: int | None = None  # how many samples the radii are over (channels × height × width)
+    method: str = "exhaustive"  # "exhaustive" (every item scored) | "certified-ivf" (retrieval/ivf_search.py)
+    exact_topk: bool | None = None  # proved: no item outside the top-k scores above the k-th (certified paths)
+    exhaustive: bool | None = None  # proved: the radii equal the exhaustive certificate's
+    lists_visited: int | None = None  # certified IVF: inverted lists scanned
+    vectors_scanned: int | None = None  # certified IVF: items scored
 
     @property
     def certified(self) -> bool:
@@ -114,7 +121,8 @@ class SearchResult:
             "radius_space": self.radius_space,
             "query_size": list(self.query_size) if self.query_size else None, "eps": self.eps,
             "eps_certified": self.eps_certified, "pairs_evaluated": self.pairs_evaluated, "notes": self.notes,
-            "slack": self.slack, "values": self.values,
+            "slack": self.slack, "values": self.values, "method": self.method, "exact_topk": self.exact_topk,
+            "exhaustive": self.exhaustive, "lists_visited": self.lists_visited, "vectors_scanned": self.vectors_scanned,
             "set_radius_rms255": num(self.rms255(self.set_radius)),
             "order_radius_rms255": num(self.rms255(self.order_radius)), "ties": self.ties(),
             "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
@@ -134,7 +142,7 @@ def result_document(result: SearchResult, query: dict, gallery) -> dict:
 def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: float | None = None,
                      input_norm: float | None = None, candidates: int | None = None,
                      query_size: tuple[int, int] | None = None, radius_space: str | None = None,
-                     float_error: float | None = None, exclude=()) -> SearchResult:
+                     float_error: float | None = None, exclude=(), probe_budget: int | None = None) -> SearchResult:
     """Top-k for one unit-norm embedding (dim,), certified when the encoder has a Lipschitz bound.
 
     input_norm: bound on the norm of the map from the user's image samples to the encoder input
@@ -144,6 +152,11 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     exclude: ids left out of the answer and of its certificate (e.g. the query itself): the result is
     the top-k of the gallery without them. Dropping items from the descending list keeps every unlisted
     score below the last listed one, so the certificate stays sound.
+    On a gallery with certified inverted lists (`gallery.certified_ivf`, IVF index types) the certificate
+    comes from `retrieval.ivf_search.certified_ivf_search`: equal to the exhaustive one (`exhaustive`),
+    or, when `probe_budget` lists were visited first, sound and possibly smaller (and a note says so).
+    Without a certificate (no Lipschitz bound) an IVF gallery visits at most `probe_budget` lists (default:
+    the index's nprobe) by decreasing bound, and `exact_topk` says whether the bounds prove the top-k exact.
     """
     q = np.asarray(query, dtype=np.float32).reshape(-1)
     n = len(gallery)
@@ -153,6 +166,23 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     empty = SearchResult([], 0, 0, 0, True, lipschitz, notes=["the gallery is empty"])
     if n == 0:
         return empty
+    ivf = getattr(gallery, "certified_ivf", None)
+    if lipschitz is None and ivf is not None:  # plain top-k on IVF: the index's nprobe lists, flagged when proved exact
+        if probe_budget is None:
+            probe_budget = getattr(getattr(gallery, "store", None), "params", {}).get("nprobe")
+        found = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, probe_budget=probe_budget, exclude=dropped,
+                                     radii=False)
+        if found is None:
+            return empty
+        ids, scores = found.ids, found.cert.scores
+        hits = [Hit(r + 1, int(i), float(s), p) for r, (i, s, p) in enumerate(zip(ids, scores, gallery.paths(ids)))]
+        notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
+        if not found.exact_topk:
+            notes.append(f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the top-{len(ids)} "
+                         "may miss better items")
+        return SearchResult(hits, len(ids), n, len(found.listed_ids), found.bound == -np.inf, None, query_size=query_size,
+                            eps=eps, notes=notes, method="certified-ivf", exact_topk=found.exact_topk,
+                            lists_visited=found.lists_visited, vectors_scanned=found.vectors_scanned)
     if lipschitz is None:
         scores, ids = gallery.search(q[None], k + len(dropped))
         keep = [j for j, i in enumerate(ids[0]) if int(i) >= 0 and int(i) not in dropped][:k]
@@ -163,25 +193,42 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
         return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
 
-    m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))
-    _, ids = gallery.search(q[None], m, exact=True)
-    ids = ids[0][ids[0] >= 0]
-    complete = len(ids) >= n
-    ids = np.asarray([i for i in ids if int(i) not in dropped], dtype=np.int64)
-    if len(ids) == 0:
-        return empty
-    k = min(k, len(ids))
-    vectors = gallery.vectors(ids).astype(np.float64)
-    scores = vectors @ q.astype(np.float64)
-    order = np.argsort(-scores, kind="stable")  # recomputed in float64; ties keep FAISS's order
-    ids, vectors, scores = ids[order], vectors[order], scores[order]
     max_norm = float(getattr(gallery, "max_norm", 1.0))
     if float_error is None:
         float_error = getattr(gallery, "float_error", None)
-    unlisted = 0.0 if complete else 2 * float32_dot_error(len(q), max_norm, float(np.linalg.norm(q)))
     slack = slack_for(float_error, max_norm)
-    cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
-                          unlisted_slack=unlisted)
+    extra: dict = {}
+    if ivf is not None:  # certified IVF: the exhaustive certificate without an exhaustive scan
+        found = certified_ivf_search(ivf, q, k, lipschitz, slack=slack, probe_budget=probe_budget, exclude=dropped)
+        if found is None:
+            return empty
+        ids, cert, complete = found.ids, found.cert, found.bound == -np.inf
+        scores, listed = cert.scores, len(found.listed_ids)
+        k = len(ids)
+        extra = {"method": "certified-ivf", "exact_topk": found.exact_topk, "exhaustive": found.exhaustive,
+                 "lists_visited": found.lists_visited, "vectors_scanned": found.vectors_scanned}
+        if found.budget_hit:
+            extra["notes"] = [f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the radii are "
+                              "sound but may be smaller than the exhaustive certificate's"]
+    else:
+        m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))
+        _, ids = gallery.search(q[None], m, exact=True)
+        ids = ids[0][ids[0] >= 0]
+        complete = len(ids) >= n
+        ids = np.asarray([i for i in ids if int(i) not in dropped], dtype=np.int64)
+        if len(ids) == 0:
+            return empty
+        k = min(k, len(ids))
+        vectors = gallery.vectors(ids).astype(np.float64)
+        scores = vectors @ q.astype(np.float64)
+        order = np.argsort(-scores, kind="stable")  # recomputed in float64; ties keep FAISS's order
+        ids, vectors, scores = ids[order], vectors[order], scores[order]
+        unlisted = 0.0 if complete else 2 * float32_dot_error(len(q), max_norm, float(np.linalg.norm(q)))
+        cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
+                              unlisted_slack=unlisted)
+        listed = len(ids)
+        extra = {"exhaustive": complete or not cert.tail_binds,
+                 "exact_topk": complete or bool(scores[k - 1] - scores[-1] - unlisted > ARITHMETIC_SLACK)}
     norm = float(input_norm) if input_norm is not None else 1.0
     cert = cert.scaled(norm)
     paths = gallery.paths(ids[:k])
@@ -201,13 +248,13 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         size = f" ({query_size[1]}×{query_size[0]})" if query_size else ""  # W×H
         space = f"ℓ2 over the query image's 3-channel RGB samples{size} scaled to [0,1]"
     return SearchResult(
-        hits, k, n, len(ids), complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
+        hits, k, n, listed, complete, lipschitz, float(cert.set_radius), float(cert.order_radius), norm, space,
         query_size, eps, None if eps is None else bool(cert.set_radius > eps), int(cert.pairs_evaluated),
-        slack=slack, values=values)
+        slack=slack, values=values, **extra)
 
 
 def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: float | None = None,
-                 candidates: int | None = None, exclude=()) -> SearchResult:
+                 candidates: int | None = None, exclude=(), probe_budget: int | None = None) -> SearchResult:
     """Embed a query (file path, PIL image or `encoder.image.Pixels`) with the gallery's encoder, search, certify.
 
     Radii are ℓ2 norms over the file's own samples (each scaled to [0,1] by its bit depth, in the file's
@@ -216,7 +263,7 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
     A query whose decode is not continuous in its samples gets no radius, with the reason in `notes`.
     """
     return search_images(gallery, [image], k, certify=certify, eps=eps, candidates=candidates,
-                         exclude=[exclude])[0]
+                         exclude=[exclude], probe_budget=probe_budget)[0]
 
 
 @dataclass
@@ -247,7 +294,7 @@ def prepare_query(gallery, image) -> PreparedQuery:
 
 
 def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: float | None = None,
-                  candidates: int | None = None, exclude=None) -> list[SearchResult]:
+                  candidates: int | None = None, exclude=None, probe_budget: int | None = None) -> list[SearchResult]:
     """`search_image` for several queries with one encoder call: the same results, faster in bulk.
 
     images: file paths, PIL images, `Pixels` or `PreparedQuery` (a path is decoded with the gallery's
@@ -272,7 +319,8 @@ def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: fl
         input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
         result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
                                   candidates=candidates, query_size=px.size,
-                                  radius_space=px.describe() if input_norm is not None else None, exclude=dropped)
+                                  radius_space=px.describe() if input_norm is not None else None, exclude=dropped,
+                                  probe_budget=probe_budget)
         if input_norm is not None:
             result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
         if certify and px.uncertified is not None and gallery.lipschitz is not None:

@@ -103,6 +103,9 @@ def register(sub) -> None:
                    help="also say whether each top-k set is certified against every ‖δ‖₂ ≤ E")
     q.add_argument("--candidates", type=positive_int, default=None, metavar="M",
                    help="list length used for the certificate (default max(2k, k+64))")
+    q.add_argument("--probe-budget", type=positive_int, default=None, metavar="LISTS",
+                   help="IVF indexes: visit at most LISTS inverted lists for the certificate (sound, possibly "
+                        "smaller than the exhaustive one; default: as many as the exhaustive certificate needs)")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
     q.add_argument("--exclude-self", action="store_true",
                    help="leave out hits whose content (SHA-256 of the file) equals the query's")
@@ -326,7 +329,8 @@ def _query(args) -> int:
         item.startswith("@") or os.path.isdir(item) for item in args.images)
     with Gallery.open(args.index_dir, use_gpu=not args.cpu) as gallery:
         outcomes = run_queries(gallery, sources, args.k, certify=not args.no_certify, eps=args.certify_eps,
-                               candidates=args.candidates, exclude_self=args.exclude_self, batch_size=args.batch_size)
+                               candidates=args.candidates, exclude_self=args.exclude_self, batch_size=args.batch_size,
+                               probe_budget=args.probe_budget)
         done = []
         writer = None
         if args.csv:
@@ -424,6 +428,10 @@ def _print_result(outcome, gallery, relative: bool) -> None:
                   f"{res.values} samples (C·H·W) the radii are over: 1.0 = every sample moves one grey level")
         print(f"radii: {res.radius_space} (L={res.lipschitz}, preprocessing norm {res.input_norm:.4g}, "
               f"{'complete' if res.complete else f'{res.candidates} candidates'})")
+        if res.method == "certified-ivf":
+            print(f"certified IVF: {res.lists_visited} lists, {res.vectors_scanned} vectors scored; radii "
+                  f"{'equal to' if res.exhaustive else 'at most'} the exhaustive certificate's"
+                  f"{'; top-k exact (proved)' if res.exact_topk else ''}")
         if res.eps is not None:
             verdict = "CERTIFIED" if res.eps_certified else "NOT certified"
             print(f"eps {res.eps:g}: top-{res.k} set {verdict}")

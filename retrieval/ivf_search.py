@@ -1,0 +1,182 @@
+"""Certified top-k on inverted lists without an exhaustive scan (DESIGN.md, "Certificates"; index/ivf.py).
+
+Setting: an L-Lipschitz embedding, query q (float32, ‖q‖ ≈ 1), gallery items e_j partitioned into lists
+with bounds U_c ≥ max_{j ∈ c} ⟨q, e_j⟩ (`CertifiedIVF.upper_bounds`, proved there). Exhaustive
+certificate of a top-k T (encoder/certify.py): radius_i = max(0, min_{j ∉ T} r(i, j)),
+r(i, j) = (s_i − s_j − slack)/(L·‖e_i − e_j‖), scores s exact (float64 from the float32 vectors).
+
+Algorithm. Visit lists in decreasing U_c. After visiting a set V of lists, let
+    B = max( max_{c ∉ V} U_c ,  t + γ )
+where t is the largest float32 score of a visited item left out of the exactly scored list (`listed`:
+the visited items whose float32 score exceeds max_{c ∉ V} U_c − γ, at most `cap` of them) and
+γ = float32_dot_error(D, M, ‖q‖) bounds a float32 score's error. Every item not listed, visited or not,
+has exact score ≤ B. `certify_ranked(listed, unlisted_max=B)` then gives, for the listed top-k,
+    radius_i = max(0, min( min_{j listed, ∉ T} r(i, j),  (s_i − B − slack)/(L·(‖e_i‖ + M)) )),
+which is sound because ‖e_i − e_j‖ ≤ ‖e_i‖ + M and s_j ≤ B for every unlisted j, so
+r(i, j) ≥ (s_i − B − slack)/(L·(‖e_i‖ + M)) whenever that is ≥ 0 (and a negative bound clamps to 0).
+
+Equal to the exhaustive certificate (proof of the stopping rule). Stop when
+  (a) s_k − B > ARITHMETIC_SLACK: every unlisted item scores below the k-th listed one, so the listed
+      top-k T is the exact top-k ("exact with proof", up to float64 ties); and
+  (b) the tail bound does not bind: (s_i − B − slack)/(L·(‖e_i‖ + M)) ≥ min_{j listed ∉ T} r(i, j) for all i.
+By (a) the outsiders of T are the listed ones plus every unlisted item; by (b) and the bound above,
+no unlisted j has r(i, j) below the listed minimum, so radius_i is the exhaustive radius_i exactly.
+Otherwise the next lists are those whose U_c exceeds what (b) needs for every i,
+    B_needed = min_i (s_i − slack − L·(‖e_i‖ + M)·min_{j listed ∉ T} r(i, j))   (and < s_k),
+visited in chunks that double; lists with U_c ≤ B_needed are never needed. A probe budget (lists) ends
+the loop early: the certificate is then still sound, possibly smaller, and says so (`exhaustive` False).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from encoder.certify import ARITHMETIC_SLACK, TopKCertificate, certify_ranked, float32_dot_error
+
+__all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DEFAULT_CAP"]
+
+DEFAULT_FIRST_PROBES = 8  # lists in the first chunk (then 2×, 4×, … as needed)
+DEFAULT_CAP = 512  # visited items scored exactly per round (doubled when this cap is what binds)
+FULL_SCAN = 0.125  # with a contiguous store, a chunk of this fraction of the lists scans them all at once
+
+
+@dataclass
+class IVFCertificate:
+    ids: np.ndarray  # (k,) the top-k ids, by decreasing exact score
+    cert: TopKCertificate  # radii at the embedding (encoder-input units before any scaling)
+    vectors: np.ndarray  # (k, D) float64 top-k vectors
+    listed_ids: np.ndarray  # ids scored exactly, by decreasing exact score (the top-k first)
+    bound: float  # B: every item not listed scores at most this (−inf: every item was listed)
+    exact_topk: bool  # proved: no item outside the top-k scores above s_k (up to ARITHMETIC_SLACK ties)
+    exhaustive: bool  # proved: the radii equal the exhaustive certificate's
+    budget_hit: bool  # stopped at the probe budget
+    lists_visited: int
+    vectors_scanned: int
+    rounds: int
+
+
+def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, probe_budget: int | None = None,
+                         first_probes: int = DEFAULT_FIRST_PROBES, cap: int = DEFAULT_CAP,
+                         exclude=(), radii: bool = True) -> IVFCertificate | None:
+    """Certified top-k of `query` (D,) float32 over `ivf` (index.ivf.CertifiedIVF); see the module doc.
+
+    slack: the encoder's margin slack (`encoder.certify.slack_for`). probe_budget: at most this many lists
+    visited (None: no limit, the result is then always the exhaustive certificate). exclude: ids left out
+    of the answer and of its certificate. None when the gallery (minus `exclude`) is empty.
+    radii=False: plain top-k search that stops as soon as the top-k is proved exact (condition (a) only);
+    its radii are then meaningless and `exhaustive` means "top-k exact with proof".
+    """
+    q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1))
+    q64 = q.astype(np.float64)
+    upper = ivf.upper_bounds(q)
+    order = np.argsort(-upper, kind="stable")
+    nonempty = int(np.isfinite(upper).sum())
+    budget = nonempty if probe_budget is None else max(1, min(nonempty, int(probe_budget)))
+    gamma = float32_dot_error(len(q), ivf.max_norm, float(np.linalg.norm(q64)) * (1 + 1e-9))
+    dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
+    pool = _Pool()
+    cap = max(int(cap), 2 * k + 1)
+    pos, step, chunk, rounds = 0, max(1, int(first_probes)), max(1, int(first_probes)), 0
+    needed_lists = chunk  # lists that may still change the certificate (all unvisited ones until known)
+    while True:
+        rounds += 1
+        whole = ivf.contiguous()
+        if whole is not None and budget == nonempty and nonempty - pos > 1 and needed_lists >= FULL_SCAN * nonempty:
+            # Many lists are still needed (the doubling chunk reached FULL_SCAN of them): one matrix product over
+            # the contiguous store costs less than a Python loop over them, and the certificate is the same
+            # (every item is then visited).
+            pool = _Pool()
+            ids, vecs = whole
+            pool.add(ids, vecs, q, dropped)
+            pos = nonempty
+        else:
+            for c in order[pos:min(budget, pos + chunk)]:
+                ids, vecs = ivf.list_vectors(int(c))
+                pool.add(ids, vecs, q, dropped)
+            pos = min(budget, pos + chunk)
+        rest = float(upper[order[pos]]) if pos < nonempty else -np.inf  # bound on every unvisited list
+        if pool.size == 0:
+            if pos >= budget:
+                return None
+            step *= 2
+            chunk = needed_lists = step
+            continue
+        cert, bound, cap_binds, top_vecs, listed_ids = _certify_pool(
+            pool, q64, k, lipschitz, slack, ivf.max_norm, rest, gamma, cap)
+        exact_topk = bool(bound == -np.inf or cert.scores[-1] - bound > ARITHMETIC_SLACK)
+        done = exact_topk and (not radii or not cert.tail_binds)
+        if done or (pos >= budget and not cap_binds):
+            return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),
+                                  exact_topk, done, not done, pos, pool.size, rounds)
+        if cap_binds:  # the exactly scored list was too short, not the unvisited lists: lengthen it
+            cap *= 2
+            chunk = needed_lists = 0
+            continue
+        # Lists whose bound is at most what every radius needs can never change the certificate (module doc).
+        norms = np.linalg.norm(top_vecs, axis=1)
+        diam = lipschitz * (norms + max(ivf.max_norm, float(norms.max())))
+        needed = float(np.min(cert.scores - slack - diam * np.minimum(cert.listed_radius, 1e30)))
+        needed = min(needed, float(cert.scores[-1]) - 2 * ARITHMETIC_SLACK)
+        useful = int(np.sum(upper[order[pos:budget]] > needed))
+        step *= 2
+        chunk = max(1, min(step, useful))
+        needed_lists = chunk  # (`useful` itself overstates what is needed while radii are still loose)
+
+
+class _Pool:
+    """Visited items: ids, exact float32 vectors (views into the lists) and float32 scores."""
+
+    def __init__(self):
+        self.ids: list[np.ndarray] = []
+        self.vecs: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, ids, vecs, q, dropped) -> None:
+        """Add items with their float32 scores; excluded ids get score −inf (never listed, never counted)."""
+        if len(ids):
+            scores = vecs @ q
+            if len(dropped):
+                gone = np.isin(ids, dropped)
+                scores[gone] = -np.inf
+                self.size -= int(gone.sum())
+            self.ids.append(ids)
+            self.vecs.append(vecs)
+            self.scores.append(scores)
+            self.size += len(ids)
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sizes = np.fromiter((len(i) for i in self.ids), np.int64, len(self.ids))
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        which = np.searchsorted(starts, rows, side="right") - 1
+        vecs = np.empty((len(rows), self.vecs[0].shape[1]), np.float64)
+        ids = np.empty(len(rows), np.int64)
+        for n, (w, r) in enumerate(zip(which, rows - starts[which])):
+            vecs[n] = self.vecs[w][r]
+            ids[n] = self.ids[w][r]
+        return ids, vecs
+
+
+def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, cap):
+    """Score exactly the visited items whose float32 score exceeds rest − γ (at least k, at most `cap`;
+    the module doc's `listed`) and certify them against B = max(rest, t + γ)."""
+    s32 = np.concatenate(pool.scores)
+    over = int(np.sum(s32 > rest - gamma))
+    m = min(pool.size, max(min(over, cap), k))  # excluded items (score −inf) are never listed
+    if m < len(s32):
+        part = np.argpartition(-s32, m)
+        rows, threshold = part[:m], float(s32[part[m]])  # the largest float32 score left out
+    else:
+        rows, threshold = np.arange(len(s32)), -np.inf
+    bound = max(rest, threshold + gamma)
+    cap_binds = m == cap and threshold + gamma >= rest
+    ids, vecs = pool.gather(rows)
+    s = vecs @ q64
+    order = np.argsort(-s, kind="stable")
+    s, vecs, ids = s[order], vecs[order], ids[order]
+    kk = min(k, len(s))
+    complete = bound == -np.inf
+    cert = certify_ranked(s, vecs, kk, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
+                          unlisted_max=None if complete else bound)
+    return cert, bound, cap_binds, vecs[:kk], ids

@@ -1,0 +1,298 @@
+"""Certified IVF search (index/ivf.py, retrieval/ivf_search.py) against the exhaustive certificate.
+
+Galleries are random clustered unit vectors (`benchmarks.certified_search.clustered_unit_vectors`);
+the reference is `encoder.certify.certify_topk` over the whole gallery (every pair, with exact pruning),
+and attacks run on the brute-force ranking of the whole gallery, independently of the IVF code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _pgd import pgd_l2
+from benchmarks.certified_search import clustered_unit_vectors
+from encoder.certify import certify_topk, slack_for
+from index.errors import IntegrityError
+from index.ivf import CertifiedIVF, exact_radius_bounds
+from index.store import VectorStore
+from retrieval.ivf_search import certified_ivf_search
+
+TOL = 1e-9  # float64 slack between two computations of the same radius
+
+
+def _gallery(n, dim, clusters, seed):
+    return clustered_unit_vectors(n, dim, clusters, seed=seed), clustered_unit_vectors(6, dim, clusters, seed, 9)
+
+
+def _exhaustive(q, x, k, slack, lipschitz=1.0):
+    ref = certify_topk(q, x, k, lipschitz, slack=slack)
+    return ref.positions, ref.radius, ref.set_radius
+
+
+def _recomputed_bounds(ivf):
+    return np.array([np.linalg.norm(lst.vectors.astype(np.float64) - c, axis=1).max() if len(lst.ids) else 0.0
+                     for c, lst in zip(ivf.centroids.astype(np.float64), ivf.lists)])
+
+
+gallery_params = st.fixed_dictionaries({
+    "n": st.integers(30, 400), "dim": st.integers(3, 24), "clusters": st.integers(1, 12),
+    "nlist": st.integers(1, 16), "k": st.integers(1, 8), "seed": st.integers(0, 2**16),
+    "float_error": st.sampled_from([0.0, 1e-7, 1e-5]),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 16)))
+def test_ivf_certificate_is_never_larger_than_the_exhaustive_one_and_equal_without_a_budget(p, budget):
+    x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
+    ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
+    slack = slack_for(p["float_error"], ivf.max_norm)
+    k = min(p["k"], p["n"])
+    for q in queries:
+        upper = ivf.upper_bounds(q)
+        for c, lst in enumerate(ivf.lists):
+            assert np.all(lst.vectors.astype(np.float64) @ q.astype(np.float64) <= upper[c])
+        pos, radius, set_radius = _exhaustive(q, x, k, slack)
+        got = certified_ivf_search(ivf, q, k, 1.0, slack=slack, probe_budget=budget, first_probes=1)
+        assert got.cert.set_radius <= set_radius + TOL
+        if got.cert.set_radius > 0:  # a positive radius proves the top-k: it must be the true one
+            assert set(got.ids.tolist()) == set(pos.tolist())
+            assert np.all(got.cert.radius <= radius + TOL)
+        if got.exact_topk:
+            assert set(got.ids.tolist()) == set(pos.tolist())
+        if budget is None:
+            assert got.exhaustive and not got.budget_hit
+        if got.exhaustive:
+            assert got.ids.tolist() == pos.tolist()
+            np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+        else:
+            assert got.budget_hit and got.lists_visited <= budget
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 4)))
+def test_pgd_never_changes_the_topk_inside_the_ivf_certificate(p, budget):
+    # The attacked "encoder" is e(x) = 2x − 1 on [0,1]^D (2-Lipschitz), whose clean input maps to the query:
+    # the PGD below only sees the whole gallery's brute-force ranking.
+    x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
+    ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
+    k = min(p["k"], p["n"] - 1) or 1
+    slack = slack_for(p["float_error"], ivf.max_norm)
+    gal = torch.from_numpy(x.astype(np.float64))
+    cases, radii, tops = [], [], []
+    for q in queries:
+        got = certified_ivf_search(ivf, q, k, 2.0, slack=slack, probe_budget=budget, first_probes=1)
+        if got.cert.set_radius <= 0:
+            continue
+        cases.append((torch.from_numpy(q.astype(np.float64)) + 1) / 2)
+        radii.append(got.cert.set_radius * (1 - 1e-6))
+        tops.append(got.ids)
+    if not cases:
+        return
+    inside = torch.zeros(len(cases), len(x), dtype=torch.bool)
+    for b, top in enumerate(tops):
+        inside[b, torch.from_numpy(top)] = True
+
+    def objective(xa, case):  # > 0 iff some outsider beats some top-k member
+        s = (2 * xa - 1) @ gal.T
+        mask = inside[case]
+        return s.masked_fill(mask, -torch.inf).max(1).values - s.masked_fill(~mask, torch.inf).min(1).values
+
+    best, _ = pgd_l2(objective, torch.stack(cases), torch.tensor(radii, dtype=torch.float64), steps=40, restarts=3)
+    assert torch.all(best < 0), best
+
+
+def test_adding_and_removing_keeps_every_radius_bound_an_upper_bound():
+    rng = np.random.default_rng(3)
+    x = clustered_unit_vectors(600, 12, 6, seed=1)
+    ivf = CertifiedIVF.build(np.arange(600), x, 8, seed=0)
+    np.testing.assert_allclose(ivf.rho, _recomputed_bounds(ivf), rtol=1e-8)  # exact at build
+    before = ivf.rho.copy()
+    far = rng.standard_normal((40, 12)).astype(np.float32)  # anywhere on the sphere: enlarges lists
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    ivf.add(np.arange(1000, 1040), far)
+    assert np.all(ivf.rho >= before) and np.any(ivf.rho > before)  # only ever increased
+    assert np.all(ivf.rho >= _recomputed_bounds(ivf))
+    removed = ivf.remove(np.concatenate([np.arange(0, 600, 3), np.arange(1000, 1040, 2), [99999]]))
+    assert removed == 200 + 20 and len(ivf) == 640 - 220
+    assert np.all(ivf.rho >= _recomputed_bounds(ivf))  # still upper bounds over what is left
+    assert np.any(ivf.rho > _recomputed_bounds(ivf) * (1 + 1e-6))  # and now loose somewhere
+    ivf.recompute_bounds()
+    np.testing.assert_allclose(ivf.rho, _recomputed_bounds(ivf), rtol=1e-8)
+    assert np.all(ivf.rho >= _recomputed_bounds(ivf))
+    # Certificates after the changes still equal the exhaustive ones over the items left.
+    ids = ivf.ids()
+    vecs = np.concatenate([lst.vectors for lst in ivf.lists])
+    slack = slack_for(1e-6, ivf.max_norm)
+    for q in clustered_unit_vectors(5, 12, 6, seed=1, stream=4):
+        pos, radius, _ = _exhaustive(q, vecs, 5, slack)
+        got = certified_ivf_search(ivf, q, 5, 1.0, slack=slack)
+        assert got.exhaustive and got.ids.tolist() == ids[pos].tolist()
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+def test_list_bound_covers_every_item_score_including_float32_rounding():
+    x = clustered_unit_vectors(2000, 129, 20, seed=5)
+    ivf = CertifiedIVF.build(np.arange(2000), x, 16, seed=0)
+    for q in clustered_unit_vectors(20, 129, 20, seed=5, stream=3):
+        upper = ivf.upper_bounds(q)
+        for c, lst in enumerate(ivf.lists):
+            if len(lst.ids):
+                assert (lst.vectors.astype(np.float64) @ q.astype(np.float64)).max() <= upper[c]
+    assert exact_radius_bounds(ivf.centroids[0], np.zeros((0, 129), np.float32)) == 0.0
+
+
+def test_excluded_ids_leave_the_ivf_answer_and_its_certificate():
+    x = clustered_unit_vectors(500, 16, 5, seed=2)
+    ivf = CertifiedIVF.build(np.arange(500), x, 8)
+    q = x[17]
+    slack = slack_for(1e-6, ivf.max_norm)
+    drop = [17, int(np.argsort(-(x @ q))[1])]
+    keep = np.setdiff1d(np.arange(500), drop)
+    pos, radius, _ = _exhaustive(q, x[keep], 4, slack)
+    got = certified_ivf_search(ivf, q, 4, 1.0, slack=slack, exclude=drop)
+    assert got.ids.tolist() == keep[pos].tolist() and got.exhaustive
+    np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+def test_faiss_ivf_view_and_memory_mapped_copy_give_the_exhaustive_certificate(tmp_path):
+    x = clustered_unit_vectors(3000, 32, 30, seed=4)
+    ids = np.arange(5000, 8000)
+    store = VectorStore.from_vectors(ids, x, "IVF16,Flat", use_gpu=False)
+    ivf = CertifiedIVF.from_faiss(store.index)
+    assert len(ivf) == 3000 and sorted(ivf.ids().tolist()) == ids.tolist()
+    manifest = ivf.save(tmp_path / "ivf")
+    mapped = CertifiedIVF.open(tmp_path / "ivf")
+    assert manifest["count"] == 3000 and isinstance(mapped.lists[0].vectors, np.memmap)
+    np.testing.assert_array_equal(mapped.rho, ivf.rho)
+    stored = store.reconstruct(ids)  # what the index holds (renormalised), the certificate's vectors
+    slack = slack_for(1e-6, ivf.max_norm)
+    for q in clustered_unit_vectors(5, 32, 30, seed=4, stream=2):
+        pos, radius, _ = _exhaustive(q, stored, 10, slack)
+        for source in (ivf, mapped):
+            got = certified_ivf_search(source, q, 10, 1.0, slack=slack)
+            assert got.exhaustive and got.ids.tolist() == ids[pos].tolist()
+            np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+def test_streamed_build_equals_the_in_memory_one_and_a_flipped_byte_is_refused(tmp_path):
+    x = clustered_unit_vectors(1500, 20, 10, seed=6)
+    mem = CertifiedIVF.build(np.arange(1500), x, 8, seed=0)
+
+    def chunks():
+        for s in range(0, 1500, 400):
+            yield np.arange(s, min(s + 400, 1500)), x[s:s + 400]
+
+    CertifiedIVF.write_streamed(tmp_path / "s", mem.centroids, chunks)
+    disk = CertifiedIVF.open(tmp_path / "s")
+    for a, b in zip(mem.lists, disk.lists):
+        assert sorted(a.ids.tolist()) == sorted(b.ids.tolist())
+    np.testing.assert_allclose(disk.rho, mem.rho, rtol=1e-12)
+    assert disk.max_norm == pytest.approx(mem.max_norm, rel=1e-12)
+    path = tmp_path / "s" / "vectors.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="SHA-256"):
+        CertifiedIVF.open(tmp_path / "s")
+
+
+def test_a_gallery_on_an_ivf_index_answers_certified_queries_from_its_lists(tmp_path, tiny_lipsim, capsys):
+    from PIL import Image
+
+    from encoder.certify import certify_topk_bruteforce
+    from index import Gallery
+    from index.ingest import IngestOptions, build_index
+    from retrieval.search import search_embedding
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(80):  # enough for IVF2 to be trained (≥ 39 vectors per list)
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, index_type="IVF2,Flat",
+                options=IngestOptions(workers=2, batch_size=40))
+    with Gallery.open(tmp_path / "index", encoder=tiny_lipsim) as g:
+        assert g.certified_ivf is not None and g.certified_ivf.nlist == 2
+        ids, vecs = g.all_vectors()
+        assert g.max_norm >= np.linalg.norm(vecs.astype(np.float64), axis=1).max()
+        q = vecs[5]
+        res = search_embedding(g, q, k=4, exclude=[int(ids[5])])
+        flat = search_embedding(g, q, k=4, exclude=[int(ids[5])], probe_budget=1)
+        plain = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False, probe_budget=2)
+        quick = search_embedding(g, q, k=4, exclude=[int(ids[5])], certify=False)  # the index's nprobe = 1
+    keep = np.arange(len(ids)) != 5
+    top, radius, set_radius = certify_topk_bruteforce(q, vecs[keep], 4, 1.0, slack=res.slack)
+    assert res.method == "certified-ivf" and res.exhaustive and res.exact_topk
+    assert [h.id for h in res.hits] == ids[keep][top].tolist()
+    np.testing.assert_allclose([h.radius for h in res.hits], radius, rtol=1e-9)
+    assert res.to_dict()["method"] == "certified-ivf"
+    assert plain.method == "certified-ivf" and plain.exact_topk and plain.set_radius is None
+    assert [h.id for h in plain.hits] == [h.id for h in res.hits]
+    assert quick.lists_visited == 1
+    assert ([h.id for h in quick.hits] == [h.id for h in res.hits]) if quick.exact_topk else \
+        any("may miss" in n for n in quick.notes)
+    assert flat.set_radius <= set_radius + TOL
+    if not flat.exhaustive:
+        assert any("probe budget" in n for n in flat.notes)
+    from retrieval.cli import main
+
+    capsys.readouterr()
+    assert main(["query", str(folder / "05.png"), "--index-dir", str(tmp_path / "index"), "-k", "3",
+                 "--probe-budget", "1", "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out)
+    assert out["method"] == "certified-ivf" and out["lists_visited"] == 1 and len(out["hits"]) == 3
+
+
+def test_quick_certified_search_benchmark_matches_the_exhaustive_certificate(tmp_path, capsys):
+    from benchmarks.certified_search import REGIMES, main
+
+    out = tmp_path / "cs.json"
+    assert main(["--quick", "--work-dir", str(tmp_path), "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.read_text())
+    assert sorted(r["regime"] for r in rows) == sorted(REGIMES)
+    for r in rows:
+        assert r["radius_larger"] == 0 and r["radius_equal"] == r["queries"] == 10
+        assert r["ivf_proved_exhaustive"] == r["queries"]
+        assert r["ivf"]["p50_ms"] > 0 and r["exhaustive"]["p50_ms"] > 0
+    assert "| near-duplicates | 5,000 |" in capsys.readouterr().out
+
+
+def test_memory_mapped_lists_scanned_at_once_give_the_same_certificate_with_exclusions(tmp_path):
+    x = clustered_unit_vectors(800, 16, 20, seed=8)
+    mem = CertifiedIVF.build(np.arange(800), x, 8, seed=0)
+    mem.save(tmp_path / "m")
+    disk = CertifiedIVF.open(tmp_path / "m")
+    assert disk.contiguous() is not None and mem.contiguous() is None
+    slack = slack_for(1e-6, mem.max_norm)
+    for q in clustered_unit_vectors(4, 16, 20, seed=8, stream=5):
+        drop = np.argsort(-(x @ q))[:3]  # the three best items are excluded
+        keep = np.setdiff1d(np.arange(800), drop)
+        pos, radius, _ = _exhaustive(q, x[keep], 5, slack)
+        for first in (1, 8):  # a list at a time, or (a chunk ≥ a quarter of the lists) all at once
+            got = certified_ivf_search(disk, q, 5, 1.0, slack=slack, exclude=drop, first_probes=first)
+            assert got.exhaustive and got.ids.tolist() == keep[pos].tolist()
+            np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+    disk.remove([0])
+    assert disk.contiguous() is None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 16)))
+def test_plain_ivf_topk_flagged_exact_is_the_exhaustive_topk(p, budget):
+    x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
+    ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
+    k = min(p["k"], p["n"])
+    for q in queries:
+        truth = np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)), kind="stable")[:k]
+        got = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, probe_budget=budget, first_probes=1, radii=False)
+        if budget is None:
+            assert got.exact_topk
+        if got.exact_topk:
+            assert got.ids.tolist() == truth.tolist()
+        if budget is None:  # same schedule, fewer conditions: never more lists than a certificate needs
+            full = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, first_probes=1)
+            assert got.lists_visited <= full.lists_visited
