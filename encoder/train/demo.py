@@ -352,7 +352,7 @@ def run_robdml_demo(run_dir: str | Path = "runs/robdml-demo", weights_dir: str |
                     command: str = "robret train robdml --demo", init_path: str | Path | None = None) -> dict:
     """Train robdml:demo from `plan.init` (or the checkpoint `init_path`) and, when `weights_dir` is
     given, ship <weights_dir>/robdml_demo.safetensors with its provenance (command, plan, data, the
-    init checkpoint's SHA-256, training summary and trace, wall time, environment). Resumable from
+    init checkpoint's SHA-256, training summary, wall time, environment). Resumable from
     `run_dir`. Returns {"summary", "wall_seconds", "path"}."""
     import hashlib
 
