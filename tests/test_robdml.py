@@ -198,7 +198,13 @@ def _benign_loss(enc, batches) -> float:
 
 def test_a_short_run_lowers_the_loss_and_the_adversary_raises_ers_over_the_same_run_without_it(region_classes):
     """Same init, data and steps; with and without hardness manipulation. ERS on the held-out
-    near-duplicate benchmark at 16 px (robrank's suite, ℓ∞ 8/255, 8 PGD steps)."""
+    near-duplicate benchmark at 16 px (robrank's suite, ℓ∞ 8/255, 8 PGD steps).
+
+    Deterministic (one thread, seeded), but at this scale the effect is not seed-proof: over init
+    seeds 0–4 the adversary raised ERS for 4 (25.7/25.3, 19.2/12.9, 27.4/17.0, 19.8/14.7) and lowered
+    it for seed 1 (20.3/22.6); the benign loss fell in all ten runs. Seed 2 is pinned here as a
+    regression check of the whole pipeline; the evidence of the effect is the benchmark
+    (docs/benchmarks.md: ERS 68.4 for robdml:demo against 42.6 for standard:demo)."""
     from retrieval.attacks import ROBRANK_LINF, robrank_suite
     from retrieval.bench_data import heldout_benchmark
 
