@@ -1,7 +1,8 @@
 """Adversarial retrieval benchmark: how far adversarial queries move what a user gets back.
 
-For each encoder (LipSim checkpoints, DreamSim when its weights exist, the standard baseline, raw
-pixels) on a retrieval dataset (the offline held-out near-duplicate benchmark, or a labelled folder):
+For each encoder (LipSim checkpoints, DreamSim when its weights exist, the standard baseline, the same
+CNN with robust metric learning (robdml:demo: an empirical defence, no certificate), raw pixels) on a
+retrieval dataset (the offline held-out near-duplicate benchmark, or a labelled folder):
 
 - clean Recall@1/5/10 and mAP;
 - certified Recall@1 at each ℓ2 ε (a query counts when its correct top-1 is certified at ε), for
@@ -56,6 +57,8 @@ def default_encoders() -> list[str]:
     from encoder import list_encoders
 
     specs = ["lipsim:demo", "standard:demo", "pixels"]
+    if "robdml:demo" in list_encoders():  # the empirical defence (HM[S, g_LGA] + ICS), beside the certified one
+        specs.insert(2, "robdml:demo")
     if "dreamsim:ensemble" in list_encoders():  # the paper's DreamSim; name other variants explicitly
         specs.append("dreamsim:ensemble")
     return specs
@@ -417,7 +420,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.adversarial_retrieval", description=__doc__.split("\n\n")[0])
     p.add_argument("--encoders", nargs="+", default=None, help="encoder specs (default: lipsim:demo standard:demo "
-                   "pixels dreamsim:ensemble; --quick: lipsim:demo or lipsim:cpu-tiny, and pixels)")
+                   "robdml:demo pixels dreamsim:ensemble; --quick: lipsim:demo or lipsim:cpu-tiny, and pixels)")
     p.add_argument("--dataset", default="heldout", help="'heldout' (offline near-duplicate benchmark) or a labelled folder")
     p.add_argument("--size", type=int, default=None, help="benchmark image side in px (default 64; --quick 32)")
     p.add_argument("--queries", type=int, default=None,

@@ -63,7 +63,7 @@ def _builtin_listers() -> dict[str, Callable[[], list[str]]]:
 
     return {"lipsim": lambda: [*bundled_weights("lipsim"), *LIPSIM_OFFICIAL, *PRESETS],
             "dreamsim": lambda: list(VARIANTS), "pixels": lambda: ["", "64"],
-            "standard": lambda: list(bundled_weights("standard"))}
+            "standard": lambda: list(bundled_weights("standard")), "robdml": lambda: list(bundled_weights("robdml"))}
 
 
 def _import_builtin_backends() -> None:

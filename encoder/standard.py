@@ -10,6 +10,8 @@ contrastively (SimCLR's NT-Xent, Chen et al. 2020) on two views of photo crops; 
 Checkpoints: encoder.io's safetensors-with-header format (format "robret-standard", version, config,
 provenance), like encoder.checkpoint's LipSim files. `standard:<name>` loads the bundled
 encoder/weights/standard_<name>.safetensors; `standard:<path.safetensors>` loads any file.
+`robdml:<name>` is the same network trained with robust metric learning (encoder.train.robdml):
+encoder/weights/robdml_<name>.safetensors, or any file, in this format.
 """
 from __future__ import annotations
 
@@ -139,16 +141,28 @@ def load_standard(path: str | os.PathLike, name: str | None = None, freeze: bool
     return enc.freeze() if freeze else enc
 
 
+def _bundled_or_file(prefix: str, arg: str) -> StandardEncoder:
+    bundled = bundled_weights(prefix)
+    if arg in bundled:
+        return load_standard(bundled[arg], name=f"{prefix}:{arg}")
+    path = Path(arg).expanduser()
+    if path.suffix == ".safetensors" and path.exists():
+        return load_standard(path, name=f"{prefix}:{path.stem}")
+    if path.exists():
+        raise EncoderError(f"{path}: not a standard-CNN .safetensors checkpoint")
+    train = "robret train robdml --demo" if prefix == "robdml" else "robret train demo"
+    raise ValueError(f"unknown {prefix} checkpoint {arg!r}: not bundled ({', '.join(bundled) or 'none installed'}) "
+                     f"nor an existing .safetensors file (train one with `{train}`)")
+
+
 @register_backend("standard")  # its specs: registry._builtin_listers
 def _load_backend(arg: str, **_) -> StandardEncoder:
     """`standard:<bundled name | .safetensors path>` (encoder.registry)."""
-    bundled = bundled_weights("standard")
-    if arg in bundled:
-        return load_standard(bundled[arg], name=f"standard:{arg}")
-    path = Path(arg).expanduser()
-    if path.suffix == ".safetensors" and path.exists():
-        return load_standard(path)
-    if path.exists():
-        raise EncoderError(f"{path}: not a standard-CNN .safetensors checkpoint")
-    raise ValueError(f"unknown standard checkpoint {arg!r}: not bundled ({', '.join(bundled) or 'none installed'}) "
-                     "nor an existing .safetensors file (train one with `robret train demo`)")
+    return _bundled_or_file("standard", arg)
+
+
+@register_backend("robdml")  # its specs: registry._builtin_listers
+def _load_robdml(arg: str, **_) -> StandardEncoder:
+    """`robdml:<bundled name | .safetensors path>`: the same CNN adversarially trained for metric learning
+    (HM[S, g_LGA] + ICS, encoder.train.robdml); `robdml:demo` is encoder/weights/robdml_demo.safetensors."""
+    return _bundled_or_file("robdml", arg)

@@ -2,8 +2,8 @@
 
 Near-duplicate benchmark (`heldout_benchmark`), deterministic for a given seed and size:
 - sources: only `encoder.samples.HELDOUT_PHOTOS`, the photos the demo models never saw in training;
-- gallery: from every photo, many distinct square regions (three scales, centres drawn at random,
-  any two regions of a photo overlapping by IoU < `max_iou`), resized to size × size; the first
+- gallery: from every photo, many distinct square regions (encoder.data.regions: three scales,
+  centres drawn at random, any two overlapping by IoU < `max_iou`), resized to size × size; the first
   `crops_per_photo` of each photo are queried, the remaining `distractors_per_photo` are not
   (hard distractors: same photo, same statistics, nothing to find);
 - queries: each queried region again, after two or three realistic edits drawn from: a small shift
@@ -17,20 +17,18 @@ laid out so); every image is a query against all the others (leave-one-out, as r
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
 from encoder.data.folder import load_image
+from encoder.data.regions import EDITS, crop_region, edit_region, regions
 from encoder.image import IMAGE_EXTENSIONS, is_image_name, to_pil
 
-__all__ = ["RetrievalDataset", "heldout_benchmark", "folder_benchmark", "load_benchmark", "IMAGE_EXTENSIONS"]
-SCALES = (0.22, 0.3, 0.4)  # crop side as a fraction of the photo's shorter side
-EDITS = ("shift", "rescale", "jpeg", "blur", "noise", "colour")
+__all__ = ["RetrievalDataset", "heldout_benchmark", "folder_benchmark", "load_benchmark", "IMAGE_EXTENSIONS", "EDITS"]
 
 
 @dataclass
@@ -76,80 +74,6 @@ def _to_tensor(images: list[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
-def _iou(a, b) -> float:
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
-
-
-def _regions(w: int, h: int, count: int, rng: np.random.Generator, max_iou: float) -> list[tuple]:
-    """Up to `count` square boxes (x0, y0, x1, y1) inside w×h with pairwise IoU < max_iou."""
-    boxes: list[tuple] = []
-    attempts = 0
-    while len(boxes) < count and attempts < 400 * count:
-        attempts += 1
-        side = SCALES[rng.integers(len(SCALES))] * min(w, h)
-        # keep room for the query's shift/rescale inside the photo
-        margin = 0.12 * side
-        lo, hi_x, hi_y = margin, w - side - margin, h - side - margin
-        if hi_x <= lo or hi_y <= lo:
-            continue
-        x0, y0 = rng.uniform(lo, hi_x), rng.uniform(lo, hi_y)
-        box = (x0, y0, x0 + side, y0 + side)
-        if all(_iou(box, b) < max_iou for b in boxes):
-            boxes.append(box)
-    return boxes
-
-
-def _crop(photo: Image.Image, box, size: int) -> Image.Image:
-    return photo.resize((size, size), Image.Resampling.LANCZOS, box=tuple(float(v) for v in box))
-
-
-def _edit(photo: Image.Image, box, size: int, rng: np.random.Generator) -> tuple[Image.Image, list[str]]:
-    """The region `box` of `photo` after 2–3 random edits (see module doc); returns (image, edit log)."""
-    chosen = sorted(rng.choice(len(EDITS), size=int(rng.integers(2, 4)), replace=False))
-    names = [EDITS[i] for i in chosen]
-    log = []
-    x0, y0, x1, y1 = box
-    side = x1 - x0
-    if "rescale" in names:
-        f = rng.uniform(0.9, 1.1)
-        cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, side * f / 2
-        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
-        log.append(f"rescale×{f:.3f}")
-    if "shift" in names:
-        dx, dy = rng.uniform(-0.08, 0.08, size=2) * side
-        x0, x1, y0, y1 = x0 + dx, x1 + dx, y0 + dy, y1 + dy
-        log.append(f"shift({dx:+.1f},{dy:+.1f})px")
-    x0, y0 = max(0.0, x0), max(0.0, y0)
-    x1, y1 = min(float(photo.width), x1), min(float(photo.height), y1)
-    im = _crop(photo, (x0, y0, x1, y1), size)
-    if "colour" in names:
-        b, c, s = rng.uniform(0.85, 1.15, size=3)
-        im = ImageEnhance.Color(ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(b)).enhance(c)).enhance(s)
-        log.append(f"colour(b{b:.2f},c{c:.2f},s{s:.2f})")
-    if "blur" in names:
-        r = rng.uniform(0.4, 1.0)
-        im = im.filter(ImageFilter.GaussianBlur(r))
-        log.append(f"blur({r:.2f})")
-    if "noise" in names:
-        sigma = rng.uniform(0.01, 0.03)
-        arr = np.asarray(im, dtype=np.float32) / 255.0 + rng.normal(0.0, sigma, size=(size, size, 3))
-        im = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8))
-        log.append(f"noise({sigma:.3f})")
-    if "jpeg" in names:
-        q = int(rng.integers(30, 71))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=q)
-        buf.seek(0)
-        with Image.open(buf) as j:
-            im = j.convert("RGB")
-        log.append(f"jpeg(q{q})")
-    return im, log
-
-
 def heldout_benchmark(size: int = 64, crops_per_photo: int = 24, distractors_per_photo: int = 12,
                       seed: int = 0, max_iou: float = 0.25, photos=None) -> RetrievalDataset:
     """The offline near-duplicate benchmark (module doc) from encoder.samples.HELDOUT_PHOTOS."""
@@ -163,14 +87,14 @@ def heldout_benchmark(size: int = 64, crops_per_photo: int = 24, distractors_per
     for p_idx, name in enumerate(photos):
         photo = sample_photo(name).convert("RGB")
         rng = np.random.default_rng([seed, p_idx])
-        boxes = _regions(photo.width, photo.height, crops_per_photo + distractors_per_photo, rng, max_iou)
+        boxes = regions(photo.width, photo.height, crops_per_photo + distractors_per_photo, rng, max_iou)
         for b_idx, box in enumerate(boxes):
             label = len(gallery)
-            gallery.append(_crop(photo, box, size))
+            gallery.append(crop_region(photo, box, size))
             g_labels.append(label)
             sources.append(name)
             if b_idx < crops_per_photo:
-                im, log = _edit(photo, box, size, rng)
+                im, log = edit_region(photo, box, size, rng)
                 queries.append(im)
                 q_labels.append(label)
                 edits.append(log)

@@ -49,6 +49,7 @@ class PGDConfig:
     steps: int = 32  # gradient steps per restart
     random_start: bool = False  # first restart from a uniform random point of the ball (robrank: off)
     restarts: int = 1  # independent runs; runs after the first always start at random
+    stop_at: float | None = None  # end a restart early once every sample's best objective is ≤ this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", canonical_norm(self.norm))
@@ -163,6 +164,8 @@ def pgd(
             done += 1
             if callback is not None:
                 callback(done, total, float(best_loss.mean()))
+            if config.stop_at is not None and bool((best_loss <= config.stop_at).all()):
+                break  # every sample has reached its goal (robrank's HM stops on saturation too)
         with torch.no_grad():  # the last iterate has not been scored yet
             loss = objective(x).detach().float()
             better = loss < best_loss

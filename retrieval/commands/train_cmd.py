@@ -3,6 +3,8 @@ and the reproducible demo models.
 
     robret train demo                                   # both bundled demo models, from seed 0, on CPU
     robret train standard PHOTOS --out std.safetensors  # the contrastive CNN baseline on any folder
+    robret train robdml --demo                          # robdml:demo (HM[S, g_LGA] + ICS from standard:demo)
+    robret train robdml CLASSES/ --init standard:demo --out robust.safetensors   # class/image.jpg folder
     robret train teacher-embed IMAGES --teacher dreamsim:ensemble --out teacher.safetensors
     robret train distill IMAGES --teacher SPEC | --teacher-embeddings FILE --preset small --out s1.safetensors
     robret train finetune NIGHTS --init s1.safetensors --margin 0.5 --out s2.safetensors
@@ -17,6 +19,8 @@ import json
 import shlex
 import sys
 from pathlib import Path
+
+from ._argtypes import check_linf_eps, pixel_eps
 
 
 def _command_line(args) -> str:
@@ -52,6 +56,41 @@ def register(sub) -> None:
     _common(s, steps=500, batch=64, lr=2e-3)
     s.add_argument("--temperature", type=float, default=0.2)
     s.set_defaults(func=_standard)
+
+    r = tsub.add_parser("robdml", help="robust metric learning of the standard CNN: HM[S, g_LGA] + ICS (Zhou & Patel 2022)",
+                        description="Adversarial metric learning (hardness manipulation, softhard source, linear "
+                        "gradual adversary, intra-class structure term; encoder.train.robdml, docs/training.md). "
+                        "Classes: the sub-folders of IMAGES (class/image.jpg), or with --classes regions the "
+                        "regions of every photo in IMAGES (the near-duplicate benchmark's labels). --demo trains "
+                        "and ships robdml:demo.")
+    r.add_argument("images", nargs="?", default=None, help="labelled folder (class/image.jpg), or photos with "
+                   "--classes regions; not with --demo")
+    r.add_argument("--demo", action="store_true", help="train robdml:demo from the bundled standard:demo on the "
+                   "demo photos and ship it to --weights-dir")
+    r.add_argument("--weights-dir", default=None, help="--demo: where the shipped file goes (default: encoder/weights)")
+    r.add_argument("--no-ship", action="store_true", help="--demo: train only; write no weights")
+    r.add_argument("--quick", action="store_true", help="--demo: a few tiny steps (smoke test; useless model)")
+    r.add_argument("--threads", type=int, default=2, help="--demo: torch CPU threads (0 leaves torch's default)")
+    r.add_argument("--classes", choices=("folder", "regions"), default="folder",
+                   help="folder: sub-folders are classes; regions: each region of each photo is a class")
+    r.add_argument("--regions-per-photo", type=int, default=36)
+    r.add_argument("--init", default="standard:demo", help="starting weights: standard:SPEC or a .safetensors file")
+    r.add_argument("--input-size", type=int, default=None, help="image side (default: the init model's)")
+    r.add_argument("--out", default=None, help="output .safetensors (required without --demo)")
+    r.add_argument("--run-dir", default=None, help="resumable training state (default: OUT.run, or runs/robdml-demo)")
+    _common(r, steps=400, batch=64, lr=5e-4)
+    r.add_argument("--eps", type=pixel_eps, default=8 / 255, help="ℓ∞ budget of the hardness manipulation (8/255)")
+    r.add_argument("--pgd-step", type=pixel_eps, default=1 / 255, help="PGD step α (1/255)")
+    r.add_argument("--pgd-steps", type=int, default=32, help="PGD iterations (32)")
+    r.add_argument("--margin", type=float, default=0.2, help="triplet margin ξ, also the gradual adversary's cap")
+    r.add_argument("--ics-weight", type=float, default=0.5, help="λ of the intra-class structure term (0: off)")
+    r.add_argument("--source", choices=("softhard", "semihard", "random"), default="softhard")
+    r.add_argument("--destination", choices=("softhard", "semihard", "random"), default="semihard",
+                   help="destination triplets (used with --no-gradual)")
+    r.add_argument("--no-gradual", dest="gradual", action="store_false", help="destination = mined triplets' hardness")
+    r.add_argument("--no-adversary", dest="adversary", action="store_false",
+                   help="plain triplet training on the source triplets (the undefended reference)")
+    r.set_defaults(func=_robdml)
 
     te = tsub.add_parser("teacher-embed", help="run a teacher once over an image folder (for distill)")
     te.add_argument("images")
@@ -194,6 +233,72 @@ def _standard(args) -> int:
         save_standard(enc.freeze(), args.out, provenance={"command": _command_line(args), "data": str(args.images),
                                                           "config": cfg.to_dict(), "final_loss": res["final_loss"]})
         print(f"wrote {args.out} (final loss {res['final_loss']:.4f})")
+    return 0
+
+
+def _robdml(args) -> int:
+    from encoder.train.robdml import FolderClasses, RegionClasses, RobDMLConfig, train_robdml
+
+    check_linf_eps(args.eps)
+    if args.demo:
+        return _robdml_demo(args)
+    if args.images is None or args.out is None:
+        raise ValueError("robret train robdml needs IMAGES and --out (or --demo)")
+    from encoder import load_encoder
+    from encoder.data import ImageFolder
+    from encoder.standard import StandardEncoder, save_standard
+    from encoder.train._loop import init_distributed
+
+    dist = init_distributed(args.device)
+    spec = args.init if ":" in args.init else f"standard:{args.init}"
+    enc = load_encoder(spec)
+    if not isinstance(enc, StandardEncoder):
+        raise ValueError(f"--init {args.init}: robust metric learning trains the standard CNN (standard:…, robdml:…)")
+    size = args.input_size or enc.input_size
+    if size != enc.input_size:
+        raise ValueError(f"--input-size {size} differs from the init model's {enc.input_size}")
+    if args.classes == "folder":
+        classes = FolderClasses(args.images, size)
+    else:
+        folder = ImageFolder(args.images, cache=True)
+        _report_skipped(folder)
+        classes = RegionClasses([folder[i] for i in range(len(folder))], size,
+                                regions_per_photo=args.regions_per_photo, seed=args.seed)
+    cfg = RobDMLConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, margin=args.margin,
+                       adversary=args.adversary, eps=args.eps, pgd_step=args.pgd_step, pgd_steps=args.pgd_steps,
+                       source=args.source, destination=args.destination, gradual=args.gradual,
+                       ics_weight=args.ics_weight, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       device=args.device)
+    enc.name = f"robdml:{Path(args.out).stem}"
+    res = train_robdml(enc, classes, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist)
+    if dist.main:
+        save_standard(enc.freeze(), args.out, provenance={
+            "command": _command_line(args), "stage": "robdml", "init": args.init, "data": str(args.images),
+            "classes": {"kind": args.classes, "count": len(classes)}, "config": cfg.to_dict(),
+            "final_loss": res["final_loss"]})
+        print(f"wrote {args.out} (final loss {res['final_loss']:.4f}, {len(classes)} classes); "
+              f"load it as robdml:{args.out}")
+    return 0
+
+
+def _robdml_demo(args) -> int:
+    import logging
+
+    from encoder.registry import WEIGHTS_DIR
+    from encoder.train.demo import QUICK_ROBDML_PLAN, RobDMLDemoPlan, run_robdml_demo
+
+    plan = dataclasses.replace(QUICK_ROBDML_PLAN if args.quick else RobDMLDemoPlan(), seed=args.seed)
+    weights = None if args.no_ship else Path(args.weights_dir or WEIGHTS_DIR)
+    if args.quick and args.weights_dir is None:
+        weights = None  # never overwrite the bundled model with a smoke test
+    command = "robret train robdml --demo" + (" --quick" if args.quick else "") + \
+        (f" --seed {args.seed}" if args.seed else "")
+    logging.getLogger("encoder.train.demo").setLevel(logging.INFO)
+    res = run_robdml_demo(args.run_dir or "runs/robdml-demo", weights, plan, threads=args.threads,
+                          progress=not args.no_progress, command=command)
+    s = res["summary"]
+    print(f"robdml:demo: {s['steps']} steps, loss {s.get('first_loss', float('nan')):.4f} → {s['final_loss']:.4f}, "
+          f"{res['wall_seconds']:.0f} s" + (f"; wrote {res['path']}" if res["path"] else ""))
     return 0
 
 

@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--index-dir", help="a LipSim index built by `robret index build` (default: the demo index)")
     p.add_argument("--compare", default=None,
                    help="comparison encoder spec, or an index directory of the same folder (default: "
-                   "dreamsim:ensemble when its weights are available, else standard:demo)")
+                   "dreamsim:ensemble when its weights are available, else standard:demo; robdml:demo shows the "
+                   "empirically defended CNN)")
     p.add_argument("--cache-dir", default=None,
                    help="where the demo index and comparison indexes live (default $ROBRET_CACHE or "
                    "~/.cache/robret)")

@@ -63,7 +63,7 @@ def _rows(cache_dir) -> dict:
             "licence": entry.licence, "citation": entry.citation,
         })
     bundled = [{"spec": f"{prefix}:{name}", "path": str(path), "size": path.stat().st_size}
-               for prefix in ("lipsim", "standard") for name, path in bundled_weights(prefix).items()]
+               for prefix in ("lipsim", "standard", "robdml") for name, path in bundled_weights(prefix).items()]
     presets = [{"spec": f"lipsim:{name}", "parameters": cfg.num_params()} for name, cfg in PRESETS.items()]
     return {"downloadable": downloadable, "bundled": bundled, "random_weight_presets": presets}
 
