@@ -195,16 +195,18 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
         raise TypeError(f"expected a file path or a PIL image, got {type(image).__name__}")
     enc = gallery.encoder
     q = gallery.embed_images([px])[0]
+    size, layout, uncertified, space, channels = px.size, px.layout, px.uncertified, px.describe(), px.channels
+    del px  # a query file's decoded image is not held while the certificate is computed
     norm_fn = getattr(enc, "input_norm", None)
-    certifiable = certify and px.uncertified is None
-    input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
+    certifiable = certify and uncertified is None
+    input_norm = float(norm_fn(size, layout)) if (norm_fn is not None and certifiable) else None
     result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
-                              candidates=candidates, query_size=px.size,
-                              radius_space=px.describe() if input_norm is not None else None, exclude=exclude)
+                              candidates=candidates, query_size=size,
+                              radius_space=space if input_norm is not None else None, exclude=exclude)
     if input_norm is not None:
-        result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
-    if certify and px.uncertified is not None and gallery.lipschitz is not None:
-        result.notes = [f"no certificate for this file: {px.uncertified}"]
+        result.values = channels * size[0] * size[1]
+    if certify and uncertified is not None and gallery.lipschitz is not None:
+        result.notes = [f"no certificate for this file: {uncertified}"]
     elif certify and result.lipschitz is not None and norm_fn is None:
         result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
     return result
