@@ -15,10 +15,16 @@ def register(sub) -> None:
                        "keep it current, check it.")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
 
-    b = isub.add_parser("build", help="index a folder",
-                        description="Embed every image under FOLDER into a new index directory (an existing "
-                        "index of the same folder and encoder is updated instead).")
-    b.add_argument("folder", help="image folder to index (recursively)")
+    b = isub.add_parser("build", help="index a folder or a list of files",
+                        description="Embed every image under a folder, or every file of a list, into a new index "
+                        "directory (an existing index of the same source and encoder is updated instead).")
+    b.add_argument("folder", metavar="SOURCE",
+                   help="image folder to index (recursively); @FILE: a list of files, one path per line (relative "
+                   "paths are relative to FILE's directory); FILE.parquet: a table with a string column `path`; "
+                   "file:// URIs are accepted for each. `update` reads the list again")
+    b.add_argument("--root", default=None, metavar="DIR",
+                   help="for a list: the indexed root; files outside it are refused (default: the deepest directory "
+                   "holding every listed file)")
     b.add_argument("--index-dir", required=True, help="directory for the index and catalog")
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
@@ -119,12 +125,18 @@ def _options(args):
 
 
 def _build(args) -> int:
-    from index import build_index
-
+    from index import FolderError, build_index
     from index.catalog import DB_URL_ENV
 
+    from index.sources import resolve_source
+
+    try:
+        resolve_source(args.folder, args.root)  # a SOURCE that cannot be used is bad input (exit 2)
+    except (FolderError, ValueError) as exc:
+        print(f"robret index build: error: {exc}", file=sys.stderr)
+        return 2
     report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db or os.environ.get(DB_URL_ENV),
-                         index_type=args.index_type, options=_options(args))
+                         index_type=args.index_type, options=_options(args), root=args.root)
     return _print_report(report, args.json)
 
 
