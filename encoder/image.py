@@ -151,11 +151,12 @@ class DecodeBudget:
 
 def decode_cost(data: bytes) -> int:
     """Bytes that decoding and preprocessing this file will hold at peak, from its header alone:
-    the decoder's image (w·h·bands·bytes per sample), a second copy of its samples where `pixels` cannot
-    read them from the decoder's image band by band (16-bit, float, palette and colour-key images; for
-    16-bit colour PNGs also pypng's rows and their int32 widening), plus
-    the float bands `to_input` converts (≤ 32 bytes per pixel of a band of 2²⁰ pixels). 0 when the
-    header cannot be read (`decode_bytes` will say why)."""
+    the decoder's image as Pillow stores it (4 bytes per pixel for every multi-band mode, RGB included;
+    1, 2 or 4 for single-band modes), a copy of its samples where `pixels` cannot read them from that
+    image band by band (16-bit, float, palette and colour-key images; for 16-bit colour PNGs also pypng's
+    uint16 rows, their stacked copy and their int32 widening), plus the float bands `to_input` converts
+    (≤ 32 bytes per pixel of a band of 2²⁰ pixels). 0 when the header cannot be read (`decode_bytes`
+    will say why)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
@@ -166,10 +167,9 @@ def decode_cost(data: bytes) -> int:
                         and not ("transparency" in im.info and im.mode in ("L", "RGB")))
     except Exception:
         return 0
-    # 16-bit colour PNGs: the decoder's 8-bit image, pypng's uint16 rows and their stacked copy (2 + 2
-    # bytes per sample), then their int32 widening (4)
-    copies = 9 if wide else (1 if streamed else 2)
-    return copies * w * h * bands * depth + 32 * 2**20
+    stored = w * h * (4 if bands > 1 else depth)  # Pillow's storage (measured: 256 MB for a 64 MP RGB PNG)
+    samples = w * h * bands * (8 if wide else depth)  # uint16 rows + stacked copy + int32 widening: 8 B/sample
+    return stored + (0 if streamed else samples) + 32 * 2**20
 
 
 def _looks_like_text(head: bytes) -> bool:
