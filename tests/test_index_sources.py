@@ -135,7 +135,8 @@ def test_list_entries_outside_the_root_missing_or_not_files_are_reported_and_nev
     assert hash_bytes(outside.read_bytes()) not in {r[3] for r in rows(out).values()}
 
 
-def test_update_reads_the_list_again_and_removes_what_is_no_longer_listed(gallery_folder, tmp_path, tiny_lipsim):
+def test_update_reads_the_list_again_and_removes_what_is_no_longer_listed(gallery_folder, tmp_path, tiny_lipsim,
+                                                                         capsys):
     files = image_files(gallery_folder)
     listing = tmp_path / "files.txt"
     listing.write_text("".join(f"{p}\n" for p in files[:3]))
@@ -147,6 +148,10 @@ def test_update_reads_the_list_again_and_removes_what_is_no_longer_listed(galler
     status = {path: s for path, (_, s, *_) in rows(out).items()}
     assert status[os.path.relpath(files[0], gallery_folder)] == "removed"
     assert verify_index(out).ok
+    from retrieval.cli import main
+
+    assert main(["index", "stats", str(out)]) == 0  # the catalog records the list, and stats says so
+    assert f"list       {listing} (list; read again at each update)" in capsys.readouterr().out
     before = rows(out)
     listing.unlink()
     with pytest.raises(FileNotFoundError, match="is gone; nothing was changed"):

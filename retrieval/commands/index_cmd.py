@@ -39,7 +39,7 @@ def register(sub) -> None:
     _common_run_args(b)
     b.set_defaults(func=_build)
 
-    u = isub.add_parser("update", help="re-scan the indexed folder",
+    u = isub.add_parser("update", help="re-scan the indexed folder (or re-read its list of files)",
                         description="Embed new and changed files, reuse vectors of renamed ones, remove deleted "
                         "ones. Safe to re-run after a crash.")
     u.add_argument("index_dir", metavar="DIR")
@@ -205,6 +205,8 @@ def _stats(args) -> int:
     enc, idx, files = stats["encoder"], stats["index"], stats["files"]
     print(f"index      {stats['index_dir']}")
     print(f"folder     {stats['root']}")
+    if stats["source"].get("list"):
+        print(f"list       {stats['source']['list']} ({stats['source']['kind']}; read again at each update)")
     print(f"catalog    {stats['catalog']} (schema {stats['schema_version']})")
     print(f"encoder    {enc['spec']}  ({enc['name']}, dim {enc['dim']}, input {enc['input_size']} px, "
           f"L={enc['lipschitz']})")
