@@ -2,8 +2,8 @@
 
 Each measurement runs in its own process (`robret query` / `robret index build`), and its peak resident
 set size is read from the kernel (getrusage of the finished child). For reference the same is measured
-for a process that only imports torch and loads the encoder: most of a robret process's memory is torch
-itself (its shared libraries), not the image.
+for processes that only import torch (and FAISS), and one that also loads the encoder: most of a robret
+process's memory is torch itself (its shared libraries), not the image.
 
 The images are compressible PNGs (a few hundred KB on disk, 8000×8000 RGB = 192 MB decoded): the
 files a decompression-bomb-conscious decoder must still handle within its pixel limit.
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
         folder.mkdir()
         for i in range(files):
             make_png(folder / f"big{i}.png", side, i)
+        # The floor under every command: the libraries alone (each exits as the CLI does, without teardown)
+        rows["python -c 'import torch'"] = measure([sys.executable, "-c", "import os, torch; os._exit(0)"])
+        rows["python -c 'import torch, faiss'"] = measure(
+            [sys.executable, "-c", "import os, torch, faiss; os._exit(0)"])
         rows[f"baseline: robret encoder info {ENCODER} (import torch, load the encoder)"] = measure(
             [*robret, "encoder", "info", ENCODER])
         rows[f"index build, {files} × {side}×{side} PNG, {workers} workers"] = measure(

@@ -54,7 +54,7 @@ def timed_build(folder: Path, index_dir: Path, spec: str, encoder, embed_files=N
             "images_per_s": round(report.embedded / wall, 2)}
 
 
-def free_embedding(paths, identity, limits):
+def free_embedding(paths, identity, limits, root=None):
     """An `embed_files` whose embedding costs nothing (reads and hashes each file, returns a fixed unit
     vector): what is left is the single writer's own cost per image (hash, rows, index adds, checkpoint)."""
     from index.decode import hash_bytes, read_bytes
@@ -62,7 +62,7 @@ def free_embedding(paths, identity, limits):
     vector = np.zeros(int(identity["dim"]), np.float32)
     vector[0] = 1
     for i, path in enumerate(paths):
-        data = read_bytes(path, limits.max_bytes)
+        data = read_bytes(path, limits.max_bytes, root=root)
         yield i, {"vector": vector, "digest": hash_bytes(data), "size": len(data), "width": 256, "height": 256,
                   "notes": []}
 

@@ -151,17 +151,27 @@ class DecodeBudget:
 
 def decode_cost(data: bytes) -> int:
     """Bytes that decoding and preprocessing this file will hold at peak, from its header alone:
-    the decoder's image plus `pixels`' copy of its samples (w·h·bands·bytes per sample each), plus the
-    float bands `to_input` converts (≤ 4·2²² pixels·4 bytes·2). 0 when the header cannot be read
-    (`decode_bytes` will say why)."""
+    the decoder's image as Pillow stores it (4 bytes per pixel for every multi-band mode, RGB included;
+    1, 2 or 4 for single-band modes), a copy of its samples where `pixels` cannot read them from that
+    image band by band (16-bit, float, palette and colour-key images; for 16-bit colour PNGs also pypng's
+    uint16 rows, their stacked copy and their int32 widening), plus the float bands `to_input` converts
+    (≤ 32 bytes per pixel of a band of 2²⁰ pixels). 0 when the header cannot be read (`decode_bytes`
+    will say why)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             bands = len(im.getbands())
             depth = 4 if im.mode in ("I", "F") else (2 if im.mode.startswith("I;16") else 1)
+            wide = _has_16bit_tiles(im)
+            streamed = (im.mode in _STREAMED_MODES and not wide
+                        and not ("transparency" in im.info and im.mode in ("L", "RGB")))
     except Exception:
         return 0
-    return 2 * w * h * bands * depth + 32 * 2**22
+    stored = w * h * (4 if bands > 1 else depth)  # Pillow's storage (measured: 256 MB for a 64 MP RGB PNG)
+    samples = w * h * bands * (8 if wide else depth)  # uint16 rows + stacked copy + int32 widening: 8 B/sample
+    return stored + (0 if streamed else samples) + 32 * 2**20
+
+
 def _looks_like_text(head: bytes) -> bool:
     if not head or b"\x00" in head:
         return False
@@ -383,22 +393,55 @@ class Pixels:
     """An image as the file's own samples: the space in which its certificates are stated.
 
     samples = clip(raw / scale, 0, 1): float32 (C, H, W), each sample / (2^bits − 1), EXIF orientation
-    applied. `raw` keeps the decoder's integer samples (a view of them where possible), so that a large
-    image costs its integer size until `rgb_rows` converts it band by band.
+    applied. The integer samples come either from `raw` (the decoder's integer samples, a view of them
+    where possible) or, when `raw` is None, straight from the decoder's `image`, a band of rows at a
+    time (`raw_rows`): a large 8-bit image then costs only the decoder's own copy, never a second one.
     `uncertified` is None when the decode is a continuous function of those samples; otherwise it says
     why no radius can be stated (the image can still be embedded).
     """
 
-    raw: torch.Tensor  # (C, H, W) as decoded: uint8, int32 (16-bit and 32-bit integers) or float32
+    raw: torch.Tensor | None  # (C, H, W) as decoded: uint8, int32 (16-bit and 32-bit integers) or float32
     scale: float  # 2^bits − 1 (1 for float and bilevel samples)
     layout: str  # one of LAYOUT_CHANNELS
     bits: int  # sample depth in the file (1, 8, 16; 32 for float samples)
     uncertified: str | None = None  # why the decode is not continuous in the samples (None: certifiable)
+    image: Image.Image | None = None  # with raw None: the decoder's 8-bit image, EXIF orientation not applied
+    orientation: int = 1  # EXIF orientation applied to `image`'s rows on the way out (1..8)
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width), after EXIF orientation."""
-        return tuple(self.raw.shape[-2:])
+        if self.raw is not None:
+            return tuple(self.raw.shape[-2:])
+        w, h = self.image.size
+        return (w, h) if self.orientation in _SWAPS_AXES else (h, w)
+
+    @property
+    def channels(self) -> int:
+        """Samples per pixel (the layout's channels)."""
+        return LAYOUT_CHANNELS[self.layout]
+
+    def raw_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of the integer samples (C, r1 − r0, W), oriented.
+
+        From `image`: EXIF orientation is a permutation of pixel positions, so the oriented rows r0..r1
+        are one rectangle of the stored image (rows for orientations 1–4, columns for 5–8, counted from
+        the far side when flipped), permuted by the same `_TRANSPOSE` table as 16-bit samples.
+        """
+        if self.raw is not None:
+            return self.raw[:, r0:r1]
+        w, h = self.image.size
+        o = self.orientation
+        if o in (1, 2):
+            box = (0, r0, w, r1)
+        elif o in (3, 4):
+            box = (0, h - r1, w, h - r0)
+        elif o in (5, 6):
+            box = (r0, 0, r1, h)
+        else:  # 7, 8
+            box = (w - r1, 0, w - r0, h)
+        arr = _array(self.image, box)[:, :, : self.channels]  # RGBX: its padding band is dropped
+        return _raw(_TRANSPOSE[o](arr).copy() if o in _TRANSPOSE else arr)  # (a one-row band can be "contiguous" with a negative stride)
 
     @property
     def samples(self) -> torch.Tensor:
@@ -407,7 +450,7 @@ class Pixels:
 
     def samples_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1 of `samples` (a band, for images too large to convert whole)."""
-        band = self.raw[:, r0:r1].to(torch.float32)
+        band = self.raw_rows(r0, r1).to(torch.float32)
         if self.scale != 1:
             band.div_(self.scale)
         return band.clamp_(0, 1)
@@ -426,11 +469,13 @@ class Pixels:
 
     def describe(self) -> str:
         """The space a radius is stated in, e.g. "ℓ2 over the file's 1-channel 16-bit samples (L, 640×480) scaled to [0,1]"."""
-        c = LAYOUT_CHANNELS[self.layout]
         depth = "floating-point" if self.bits == 32 else f"{self.bits}-bit"
         h, w = self.size
-        return (f"ℓ2 over the file's {c}-channel {depth} samples ({self.layout}, {w}×{h}) scaled to [0,1]")
+        return (f"ℓ2 over the file's {self.channels}-channel {depth} samples ({self.layout}, {w}×{h}) scaled to [0,1]")
 
+
+# 8-bit modes whose samples `Pixels.raw_rows` reads straight from the decoder's image.
+_STREAMED_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "RGBX"})
 
 _TRANSPOSE = {  # EXIF orientation → the same operation on an (H, W, …) array
     2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
@@ -439,17 +484,19 @@ _TRANSPOSE = {  # EXIF orientation → the same operation on an (H, W, …) arra
 }
 
 
-def _array(image: Image.Image) -> np.ndarray:
-    """The pixels of an 8-bit-per-sample image as an (H, W, bands) uint8 array, copied band by band of
-    rows (np.asarray goes through a whole-image bytes object: a 64-megapixel RGB image would briefly cost
-    three copies, 576 MB, instead of one)."""
-    w, h = image.size
+def _array(image: Image.Image, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The pixels of an 8-bit-per-sample image (or of `box` in it) as an (H, W, bands) uint8 array, copied
+    band by band of rows (np.asarray goes through a whole-image bytes object: a 64-megapixel RGB image
+    would briefly cost three copies, 576 MB, instead of one)."""
+    x0, y0, x1, y1 = box or (0, 0, *image.size)
+    w, h = x1 - x0, y1 - y0
     bands = len(image.getbands())
     out = np.empty((h, w, bands), dtype=np.uint8)
     rows = max(1, (1 << 20) // max(1, w))
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        out[r0:r1] = np.frombuffer(image.crop((0, r0, w, r1)).tobytes(), dtype=np.uint8).reshape(r1 - r0, w, bands)
+        out[r0:r1] = np.frombuffer(image.crop((x0, y0 + r0, x1, y0 + r1)).tobytes(),
+                                   dtype=np.uint8).reshape(r1 - r0, w, bands)
     return out
 
 
@@ -520,15 +567,20 @@ def pixels(image: Image.Image | Pixels) -> Pixels:
                        "white, so no radius holds")
     if image.info.get("robret.reduced16"):
         uncertified = "16-bit samples that the decoder reduced to 8 bits: a change of 1/65535 can move a pixel by 1/255"
-    image = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
-    mode = image.mode
+    o = orientation if orientation in range(2, 9) else 1
     if wide is not None:
-        wide = _TRANSPOSE[orientation](wide) if orientation in _TRANSPOSE else wide
-        if wide.shape[:2] == (image.height, image.width):
+        wide = _TRANSPOSE[o](wide) if o in _TRANSPOSE else wide
+        if wide.shape[:2] == oriented_size(image)[::-1]:
             layout = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[wide.shape[2]]
             return Pixels(_raw(wide), 65535.0, layout, 16, uncertified)
         # the image was transformed after decoding (its 16-bit samples no longer match it): 8 bits, uncertified
         uncertified = uncertified or "16-bit samples that no longer match the image (transformed after decoding)"
+    mode = image.mode
+    if mode in _STREAMED_MODES and not ("transparency" in image.info and mode in ("L", "RGB")):
+        # 8-bit samples read from the decoder's image band by band (Pixels.raw_rows): no second copy
+        return Pixels(None, 255.0, "RGB" if mode == "RGBX" else mode, 8, uncertified, image=image, orientation=o)
+    image = ImageOps.exif_transpose(image) if o > 1 else image
+    mode = image.mode
     if mode == "1":
         return Pixels(_raw(np.asarray(image)), 1.0, "L", 1, uncertified)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
@@ -538,12 +590,9 @@ def pixels(image: Image.Image | Pixels) -> Pixels:
         return Pixels(_raw(np.asarray(image)), 2.0 ** bits - 1, "L", bits, uncertified or reason)
     if mode == "F":
         return Pixels(_raw(np.asarray(image)), 1.0, "L", 32, uncertified)
-    if mode in ("L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"):
-        if "transparency" in image.info and mode in ("L", "RGB"):
-            image, mode = image.convert("RGBA"), "RGBA"  # the key colour becomes transparent (uncertified above)
-        return Pixels(_raw(_array(image)), 255.0, mode, 8, uncertified)
-    if mode == "RGBX":
-        return Pixels(_raw(_array(image)[:, :, :3]), 255.0, "RGB", 8, uncertified)
+    if "transparency" in image.info and mode in ("L", "RGB"):
+        # the key colour becomes transparent (uncertified above)
+        return Pixels(_raw(_array(image.convert("RGBA"))), 255.0, "RGBA", 8, uncertified)
     # Modes whose conversion is not a continuous function of the samples: expand with Pillow, refuse to certify.
     reasons = {
         "P": "palette image: its samples are palette indices, not intensities",

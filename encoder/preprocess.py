@@ -57,8 +57,8 @@ def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     # (n_in, 1) strip instead is wrong in torch's antialiased kernel: every output row comes out
     # equal to the first.)
     cols = []
-    for start in range(0, n_in, 512):
-        stop = min(n_in, start + 512)
+    for start in range(0, n_in, 128):  # 128 identity columns at a time: 8 MB of float64 for 8000 rows
+        stop = min(n_in, start + 128)
         # A last chunk one column wide would hit that same bug (n_in = 513, 1025, …): pad it with a
         # zero column and drop the column again.
         width = max(stop - start, 2)
@@ -85,7 +85,7 @@ def resize_operator_norm(in_hw: tuple[int, int], out_hw: tuple[int, int]) -> flo
     return float(sh * sw) * (1 + 1e-5)
 
 
-BAND_PIXELS = 1 << 22  # larger images are converted and resized in bands of rows (bounded memory)
+BAND_PIXELS = 1 << 20  # larger images are converted and resized in bands of rows (bounded memory)
 
 
 def to_input(image: Image.Image | Pixels, size: int) -> torch.Tensor:
@@ -95,7 +95,8 @@ def to_input(image: Image.Image | Pixels, size: int) -> torch.Tensor:
     (R(X) = R_h·X·R_wᵀ) and the channel conversion is per pixel, so each band is converted and resized
     along its width alone (its height unchanged: the identity), and the stacked result along the height.
     The same linear map, computed without a float copy of the whole image (a 64-megapixel RGB file
-    would need 768 MB for it).
+    would need 768 MB for it), and, for 8-bit images, without an integer copy either: each band's samples
+    are read from the decoder's image (`Pixels.raw_rows`).
     """
     px = pixels(image)
     h, w = px.size

@@ -54,7 +54,8 @@ from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, recorded_ur
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
-from .scan import ScanEntry, display_path, scan_folder
+from .scan import ScanEntry, display_path
+from .sources import Source, resolve_source, scan_source
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV",
@@ -77,7 +78,8 @@ class IngestOptions:
     use_gpu: bool = True  # FAISS and the encoder on the GPU when one is visible
     decode_memory: int = 512 * 2**20  # bytes of decoded pixels held at once across workers (large images wait)
     # Decode + embed elsewhere (e.g. index.ray_embed.RayEmbedder): called once per run with the absolute
-    # paths to embed (bytes, already hashed here), the recorded encoder identity and the limits; yields
+    # paths to embed (bytes, already hashed here), the recorded encoder identity, the limits and the indexed
+    # root (every read must be confined to it: index.decode.read_bytes(path, max_bytes, root)); yields
     # (position, dict(vector, digest, size, width, height, notes) | DecodeError) in any order.
     # None: decode and embed in this process.
     embed_files: object = None
@@ -139,10 +141,14 @@ def _crash_point(name: str) -> None:
 
 # Public entry points ----------------------------------------------------------------------------
 def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: str | None = None,
-                index_type: str = "auto", options: IngestOptions | None = None, encoder=None) -> IngestReport:
-    """Index `folder` into `index_dir` (created). An existing index of the same folder and encoder is
+                index_type: str = "auto", options: IngestOptions | None = None, encoder=None,
+                root=None) -> IngestReport:
+    """Index `folder` into `index_dir` (created). An existing index of the same source and encoder is
     updated instead; anything else there is refused.
 
+    `folder` is a source (index/sources.py): an image folder, "@files.txt" (one path per line), a
+    ".parquet" file with a `path` column, or their file:// URIs; `root` is the indexed root of a list
+    (default: the deepest directory holding every listed file).
     encoder_spec defaults to encoder.DEFAULT_ENCODER; `encoder` may pass an already loaded one (its
     spec must still be given, to be recorded for later updates and queries).
     """
@@ -151,9 +157,8 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
     options = options or IngestOptions()
     encoder_spec = embedder.canonical_spec(encoder_spec or DEFAULT_ENCODER)
     parse_factory(index_type)
-    root = os.path.abspath(os.fsencode(folder))
-    if not os.path.isdir(root):
-        scan_folder(root)  # raises FolderError with the precise reason
+    source = resolve_source(folder, root)
+    root = source.root
     enc = encoder if encoder is not None else embedder.load(encoder_spec, embedder.pick_device(not options.use_gpu))
     layout = IndexDir(index_dir)
     record = None
@@ -174,12 +179,13 @@ def build_index(folder, index_dir, encoder_spec: str | None = None, *, db_url: s
                 raise CatalogError(f"the catalog {safe_url(db_url)} already belongs to an index: each index needs "
                                    "a catalog of its own (another --db database)")
             config = layout.write_config(record, os.fsdecode(root), encoder_spec, index_type,
-                                         owner=uuid.uuid4().hex)
+                                         owner=uuid.uuid4().hex, source=source.to_meta())
         catalog = _open_or_create_catalog(layout, config, enc, options, url=db_url)
         try:
             meta = catalog.meta()
-            if os.fsencode(meta["root"]) != root:
-                raise CatalogError(f"{layout.path} indexes {meta['root']!r}, not {os.fsdecode(root)!r}; "
+            recorded = Source.from_meta(meta)
+            if recorded != source:
+                raise CatalogError(f"{layout.path} indexes {recorded.describe()}, not {source.describe()}; "
                                    "use another --index-dir")
             catalog.check_encoder(embedder.identity(enc, encoder_spec))
             return _Writer(layout, catalog, enc, options, repair=False, requested=index_type).run()
@@ -205,6 +211,7 @@ def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: Ingest
         "owner": config.get("owner"),
         "index_dir": str(layout.path),
         "root": config["root"],
+        "source": config.get("source") or {"kind": "folder", "list": None},
         "encoder": ident,
         "limits": asdict(options.limits or DecodeLimits()),
         "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
@@ -357,7 +364,7 @@ class _Writer:
     # Run ------------------------------------------------------------------------------------
     def run(self) -> IngestReport:
         t0 = time.monotonic()
-        scan = scan_folder(self.root, exclude=(self.layout.path,))
+        scan = scan_source(Source.from_meta(self.meta), exclude=(self.layout.path,))
         self.report.warnings.extend(scan.warnings)
         self.report.ignored = scan.ignored
         self.report.unlisted = [display_path(p) or "." for p in scan.protected]
@@ -415,15 +422,17 @@ class _Writer:
                 work.append((entry, row))
         return work, seen
 
-    def _process(self, work) -> None:
-        bar = None
-        if self.options.progress and work:
-            from tqdm import tqdm
+    def _progress(self, total: int):
+        """A tqdm progress bar (images/s on stderr) when asked for, else one that shows nothing."""
+        from tqdm import tqdm
 
-            bar = tqdm(total=len(work), unit="img", desc="indexing", dynamic_ncols=True)
+        return tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True,
+                    disable=not (self.options.progress and total))
+
+    def _process(self, work) -> None:
         batch: list[_Loaded] = []
         window = max(1, self.options.workers) * max(1, self.options.batch_size) * 2
-        try:
+        with self._progress(len(work)) as bar:
             with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
                 pending = collections.deque()
                 items = iter(work)
@@ -438,12 +447,8 @@ class _Writer:
                         pending.append(pool.submit(self._load, nxt[0], nxt[1], True))
                     if self._handle(loaded, batch) and len(batch) >= self.options.batch_size:
                         self._flush(batch)
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
             self._flush(batch)
-        finally:
-            if bar is not None:
-                bar.close()
 
     def _process_elsewhere(self, work) -> None:
         """Read and hash here, decode + embed through `options.embed_files`, write here. Results are
@@ -452,25 +457,28 @@ class _Writer:
         with ThreadPoolExecutor(max_workers=max(1, self.options.workers)) as pool:
             loaded = list(pool.map(lambda w: self._load(w[0], w[1], True, decode=False), work))
         remote = [i for i, item in enumerate(loaded) if item.kind == "hashed"]
-        results = self.options.embed_files([loaded[i].entry.path for i in remote], self.meta["encoder"], self.limits)
+        results = self.options.embed_files([loaded[i].entry.path for i in remote], self.meta["encoder"], self.limits,
+                                           self.root)
         arrived: dict[int, object] = {}
         batch: list[_Loaded] = []
         position = 0
-        for j, result in itertools.chain(results, [(None, None)]):
-            if j is not None:
-                arrived[remote[j]] = result
-            while position < len(loaded) and (loaded[position].kind != "hashed" or position in arrived):
-                item = loaded[position]
-                result = arrived.pop(position, None)
-                if isinstance(result, DecodeError):
-                    item = _Loaded(item.entry, item.row, "failed", error=result)
-                elif result is not None:
-                    item = _Loaded(item.entry, item.row, "decoded", result["digest"], result["size"],
-                                   vector=result["vector"], width=result["width"], height=result["height"],
-                                   notes=item.entry.notes + list(result["notes"]))
-                if self._handle(item, batch) and len(batch) >= self.options.batch_size:
-                    self._flush(batch)
-                position += 1
+        with self._progress(len(loaded)) as bar:
+            for j, result in itertools.chain(results, [(None, None)]):
+                if j is not None:
+                    arrived[remote[j]] = result
+                while position < len(loaded) and (loaded[position].kind != "hashed" or position in arrived):
+                    item = loaded[position]
+                    result = arrived.pop(position, None)
+                    if isinstance(result, DecodeError):
+                        item = _Loaded(item.entry, item.row, "failed", error=result)
+                    elif result is not None:
+                        item = _Loaded(item.entry, item.row, "decoded", result["digest"], result["size"],
+                                       vector=result["vector"], width=result["width"], height=result["height"],
+                                       notes=item.entry.notes + list(result["notes"]))
+                    if self._handle(item, batch) and len(batch) >= self.options.batch_size:
+                        self._flush(batch)
+                    position += 1
+                    bar.update(1)
         if position < len(loaded):
             raise RuntimeError(f"{len(loaded) - position} files were sent to be embedded and never came back")
         self._flush(batch)

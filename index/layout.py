@@ -68,14 +68,15 @@ class IndexDir:
         return config
 
     def write_config(self, catalog_url: str | None, root: str, encoder: str, index_type: str,
-                     owner: str | None = None) -> dict:
+                     owner: str | None = None, source: dict | None = None) -> dict:
         """Written once, first, atomically: enough to (re)create the catalog if creation is interrupted.
 
         `owner` is this index's id, recorded in its catalog too: a catalog is used only by the index
-        directory whose id it records (see `open_catalog`)."""
+        directory whose id it records (see `open_catalog`). `source`: what is indexed under `root` (a
+        folder, or a list of files: index/sources.py `Source.to_meta`)."""
         self.path.mkdir(parents=True, exist_ok=True)
         config = {"format": "robret-index", "layout": 1, "catalog": catalog_url, "root": root, "encoder": encoder,
-                  "index_type": index_type, "owner": owner}
+                  "index_type": index_type, "owner": owner, "source": source}
         atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
         return config
 

@@ -11,7 +11,8 @@ duplicate files are settled before anything is scheduled; only files that need e
 There, a Ray Data pipeline `from_items(paths).map_batches(_EmbedActor, concurrency=N)` runs an actor
 pool: each actor loads the encoder once (one GPU per actor when the cluster has GPUs, one CPU
 otherwise), checks its weights against the fingerprint the catalog recorded, and per batch reads,
-hashes, decodes (the same `preprocess_bytes` as a local run, so failures carry the same reasons) and
+hashes (each read confined to the indexed root on its opened descriptor, as the writer's), decodes (the
+same `preprocess_bytes` as a local run, so failures carry the same reasons) and
 embeds. Embedded batches stream back (`iter_batches`) to the writer, which handles them in listing
 order and checkpoints exactly as a local run does: catalog, ids and crash safety are unchanged.
 
@@ -55,11 +56,12 @@ def connect(address: str | None = None) -> None:
 class _EmbedActor:
     """One Ray actor: the encoder loaded once; a batch of paths in, vectors (or failure reasons) out."""
 
-    def __init__(self, identity: dict, limits: dict):
+    def __init__(self, identity: dict, limits: dict, root: bytes | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray hides GPUs from actors that did not ask for one
         self.encoder = embedder.load(identity["spec"], device)
         check_same_encoder(identity, embedder.identity(self.encoder, identity["spec"]))
         self.limits = DecodeLimits(**limits)
+        self.root = root  # every read confined to the indexed root, on the opened descriptor
 
     def __call__(self, batch: dict) -> dict:
         _crash_once()
@@ -72,7 +74,7 @@ class _EmbedActor:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             for j, path in enumerate(batch["path"]):
                 try:
-                    data = read_bytes(bytes(path), self.limits.max_bytes)
+                    data = read_bytes(bytes(path), self.limits.max_bytes, root=self.root)
                     out["digest"][j], out["size"][j] = hash_bytes(data), len(data)
                     tensor, out["width"][j], out["height"][j], notes = preprocess_bytes(data, self.limits, self.encoder)
                     out["notes"][j] = "\n".join(notes)
@@ -108,7 +110,7 @@ class RayEmbedder:
     def __init__(self, actors: int | None = None, batch_size: int = 32, use_gpu: bool = True):
         self.actors, self.batch_size, self.use_gpu = actors, max(1, int(batch_size)), use_gpu
 
-    def __call__(self, paths: list[bytes], identity: dict, limits: DecodeLimits):
+    def __call__(self, paths: list[bytes], identity: dict, limits: DecodeLimits, root: bytes | None = None):
         if not paths:
             return
         connect()
@@ -120,8 +122,8 @@ class RayEmbedder:
         log.info("embedding %d files on %d Ray actors (%s)", len(paths), actors, "GPU" if gpus else "CPU")
         blocks = max(1, min(len(paths) // self.batch_size + 1, 4 * actors))
         ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(paths)], override_num_blocks=blocks)
-        ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs={"identity": identity, "limits": asdict(limits)},
-                            batch_size=self.batch_size, batch_format="numpy", concurrency=actors,
+        kwargs = {"identity": identity, "limits": asdict(limits), "root": root}
+        ds = ds.map_batches(_EmbedActor, fn_constructor_kwargs=kwargs, batch_size=self.batch_size, batch_format="numpy", concurrency=actors,
                             num_gpus=1 if gpus else None, num_cpus=None if gpus else 1, runtime_env=runtime_env)
         # Ray Data's actor pools restart dead actors and retry their batches by default.
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

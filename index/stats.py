@@ -18,6 +18,7 @@ def index_stats(index_dir) -> dict:
         return {
             "index_dir": str(layout.path),
             "root": meta["root"],
+            "source": meta.get("source") or {"kind": "folder", "list": None},
             "catalog": _display_url(layout),
             "schema_version": meta["schema_version"],
             "encoder": meta["encoder"],

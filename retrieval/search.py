@@ -311,20 +311,24 @@ def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: fl
         raise ValueError(f"exclude holds {len(exclude)} id lists for {len(prepared)} images")
     enc = gallery.encoder
     embedded = embed_inputs(enc, [p.input for p in prepared])
-    queries = [p.pixels for p in prepared]
+    # What each certificate needs of its query; the decoded samples are not held while certificates are
+    # computed (a large query's image would otherwise stay alive beside the resize-norm computation).
+    facts = [(p.pixels.size, p.pixels.layout, p.pixels.uncertified, p.pixels.describe(), p.pixels.channels)
+             for p in prepared]
+    del prepared, images
     norm_fn = getattr(enc, "input_norm", None)
     results = []
-    for px, q, dropped in zip(queries, embedded, exclude):
-        certifiable = certify and px.uncertified is None
-        input_norm = float(norm_fn(px.size, px.layout)) if (norm_fn is not None and certifiable) else None
+    for (size, layout, uncertified, space, channels), q, dropped in zip(facts, embedded, exclude):
+        certifiable = certify and uncertified is None
+        input_norm = float(norm_fn(size, layout)) if (norm_fn is not None and certifiable) else None
         result = search_embedding(gallery, q, k, certify=certifiable, eps=eps, input_norm=input_norm,
-                                  candidates=candidates, query_size=px.size,
-                                  radius_space=px.describe() if input_norm is not None else None, exclude=dropped,
+                                  candidates=candidates, query_size=size,
+                                  radius_space=space if input_norm is not None else None, exclude=dropped,
                                   probe_budget=probe_budget)
         if input_norm is not None:
-            result.values = int(px.raw.shape[0]) * px.size[0] * px.size[1]
-        if certify and px.uncertified is not None and gallery.lipschitz is not None:
-            result.notes = [f"no certificate for this file: {px.uncertified}"]
+            result.values = channels * size[0] * size[1]
+        if certify and uncertified is not None and gallery.lipschitz is not None:
+            result.notes = [f"no certificate for this file: {uncertified}"]
         elif certify and result.lipschitz is not None and norm_fn is None:
             result.notes.append("the encoder does not report its resize norm: radii are at the encoder input")
         results.append(result)

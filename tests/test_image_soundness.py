@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -379,11 +380,49 @@ def test_decode_budget_never_lets_reservations_exceed_it_and_serialises_oversize
     assert worst[0] > 60  # it did let several images decode at once when they fit
 
 
-def test_decode_cost_covers_the_decoded_image_and_the_samples_copy():
+_PEAK_OF_DECODE = r"""
+import ctypes, io, sys
+import numpy as np
+from PIL import Image
+from encoder.image import decode_bytes, decode_cost
+from encoder.preprocess import to_input
+ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as the command-line program (retrieval/cli.py)
+
+def png(side, seed):
+    a = np.zeros((side, side, 3), np.uint8); a[seed::7] = 200; a[:, seed::13, 1] = 90
+    buf = io.BytesIO(); Image.fromarray(a).save(buf, "PNG"); return buf.getvalue()
+
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+
+to_input(decode_bytes(png(1200, 1))[0], 32)  # warm up torch's kernels and allocator on a banded image
+data = png(4000, 2)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current RSS
+before = hwm()
+to_input(decode_bytes(data)[0], 32)
+print(hwm() - before, decode_cost(data))
+"""
+
+
+def test_decode_cost_bounds_the_measured_peak_of_decoding_and_preprocessing_a_large_image():
+    """In a fresh process, decoding + preprocessing a 16-megapixel RGB PNG raises the peak RSS by no more
+    than `decode_cost` says (Pillow's 4-byte RGB storage + one band), the figure the ingest workers' shared
+    DecodeBudget reserves; and well below the two copies of the samples the old path held."""
+    import subprocess
+    import sys
+
     from encoder.image import decode_cost
 
-    data = _save(Image.fromarray(_rng_u8((300, 200, 3))), "PNG")
-    assert decode_cost(data) >= 2 * 300 * 200 * 3
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("peak RSS read from /proc")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _PEAK_OF_DECODE], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, check=True)
+    grew, cost = map(int, out.stdout.split())
+    n = 4000 * 4000
+    assert 4 * n <= cost and grew <= cost, (grew, cost)
+    assert grew < 4 * n + 3 * n, grew  # less than Pillow's image plus one copy of its samples (the old path)
     assert decode_cost(b"not an image") == 0
 
 

@@ -142,7 +142,7 @@ def test_file_swapped_for_a_fifo_after_the_scan_fails_that_file_only(built, tiny
 
     folder, index_dir = built
     target = folder / "coins.png"
-    real_scan = ingest.scan_folder
+    real_scan = ingest.scan_source
 
     def scan_then_swap(*args, **kwargs):
         result = real_scan(*args, **kwargs)  # the scan saw a regular file …
@@ -151,7 +151,7 @@ def test_file_swapped_for_a_fifo_after_the_scan_fails_that_file_only(built, tiny
         return result
 
     os.utime(folder / "coins.png", ns=(1, 1))  # changed stat: the update must read it
-    monkeypatch.setattr(ingest, "scan_folder", scan_then_swap)
+    monkeypatch.setattr(ingest, "scan_source", scan_then_swap)
     report = _guarded(lambda: update_index(index_dir, encoder=tiny_lipsim, options=OPTS), target)
     assert [(p, r.split(":")[0]) for p, r in report.failed] == [("coins.png", "not_regular")]
     assert verify_index(index_dir).ok
@@ -184,7 +184,7 @@ def test_symlink_swapped_in_after_the_scan_is_not_indexed(built, tiny_lipsim, tm
     folder, index_dir = built
     secret = _secret(tmp_path, sample_folder)
     target = folder / "coins.png"
-    real_scan = ingest.scan_folder
+    real_scan = ingest.scan_source
 
     def scan_then_swap(*args, **kwargs):
         result = real_scan(*args, **kwargs)
@@ -193,7 +193,7 @@ def test_symlink_swapped_in_after_the_scan_is_not_indexed(built, tiny_lipsim, tm
         return result
 
     os.utime(target, ns=(1, 1))
-    monkeypatch.setattr(ingest, "scan_folder", scan_then_swap)
+    monkeypatch.setattr(ingest, "scan_source", scan_then_swap)
     report = update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
     assert [(p, r.split(":")[0]) for p, r in report.failed] == [("coins.png", "symlink_escape")]
     with Gallery.open(index_dir, encoder=tiny_lipsim) as g:

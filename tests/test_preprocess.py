@@ -193,3 +193,76 @@ def test_to_input_shape_range_and_linearity():
 def test_encoder_input_norm_is_the_resize_norm(tiny_lipsim):
     assert tiny_lipsim.input_norm((57, 45)) == resize_operator_norm((57, 45), (32, 32))
     assert tiny_lipsim.input_norm((32, 32)) == 1.0
+
+
+# Samples read from the decoder's image band by band -------------------------------------------------
+def _mode_image(mode: str, size=(37, 23), seed=0) -> Image.Image:
+    bands = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3}[mode]
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], bands), dtype=np.uint8)
+    return Image.frombytes(mode, size, arr.tobytes())
+
+
+def _whole_image_input(image: Image.Image, size: int) -> torch.Tensor:
+    """The reference map, computed independently of encoder.image's band reader: Pillow's own EXIF
+    transpose of the whole image, all samples / 255 as one float64 array, the float channel conversion,
+    then one resize of the whole image."""
+    from PIL import ImageOps
+
+    from encoder.image import to_rgb
+
+    arr = np.asarray(ImageOps.exif_transpose(image), dtype=np.float64) / 255
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    samples = torch.as_tensor(arr).permute(2, 0, 1).float()
+    return resize(to_rgb(samples, image.mode), size)[None]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "CMYK", "YCbCr"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_banded_input_straight_from_the_decoder_equals_the_whole_image_input(mode, orientation, monkeypatch):
+    """The streamed path (samples read from the decoder's image in bands of rows, EXIF orientation applied
+    per band, each band converted and resized along its width) is the same certified map as converting and
+    resizing the whole oriented image at once: its integer samples are identical bit for bit, and the model
+    input agrees to 2e-6 (float32: the two resizes sum the same terms in a different order)."""
+    import encoder.preprocess as pre
+    from PIL import ImageOps
+
+    from encoder.image import pixels
+
+    image = _mode_image(mode, seed=orientation)
+    if orientation > 1:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.info["exif"] = exif.tobytes()
+        image.getexif()[0x0112] = orientation
+    px = pixels(image)
+    assert px.raw is None and px.image is image  # no copy of the samples was made
+    oriented = np.asarray(ImageOps.exif_transpose(image))
+    oriented = oriented[:, :, None] if oriented.ndim == 2 else oriented
+    assert px.size == oriented.shape[:2]
+    for r0, r1 in ((0, px.size[0]), (0, 1), (3, 10), (px.size[0] - 4, px.size[0])):
+        np.testing.assert_array_equal(px.raw_rows(r0, r1).permute(1, 2, 0).numpy(), oriented[r0:r1])
+    expected = _whole_image_input(image, 16)
+    monkeypatch.setattr(pre, "BAND_PIXELS", 5 * max(px.size))  # bands of 5 rows (or columns)
+    banded = to_input(image, 16)
+    assert banded.shape == (1, 3, 16, 16)
+    torch.testing.assert_close(banded, expected, atol=2e-6, rtol=0)
+    monkeypatch.setattr(pre, "BAND_PIXELS", 1 << 22)  # the whole image in one band
+    torch.testing.assert_close(to_input(image, 16), expected, atol=2e-6, rtol=0)
+
+
+def test_preprocessing_a_large_image_never_copies_its_samples_whole(monkeypatch):
+    """A 1000×1000 RGB image (3 MB of samples) is preprocessed holding one band of its samples at a time:
+    numpy's allocations (the band copies, traced by tracemalloc) stay far below one copy of the image."""
+    import tracemalloc
+
+    import encoder.preprocess as pre
+
+    image = _mode_image("RGB", size=(1000, 1000))
+    monkeypatch.setattr(pre, "BAND_PIXELS", 1 << 16)  # bands of 65 rows
+    tracemalloc.start()
+    try:
+        to_input(image, 32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak} bytes traced: a whole copy of the 3 MB samples was made"

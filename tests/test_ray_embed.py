@@ -120,3 +120,44 @@ def test_ray_actors_without_ray_is_refused(tmp_path, capsys):
 
     assert main(["index", "update", str(tmp_path), "--ray-actors", "2"]) == 1
     assert "--ray-actors needs --ray" in capsys.readouterr().err
+
+
+def test_ray_build_from_a_list_equals_the_local_list_build_with_a_progress_bar(cluster, folder, tmp_path,
+                                                                               tiny_lipsim, sample_folder, capsys):
+    from index.scan import scan_folder
+
+    outside = copy_photos(sample_folder, tmp_path / "elsewhere", ("coffee",)) / "coffee.png"
+    listing = tmp_path / "files.txt"
+    entries = [e.path for e in scan_folder(folder).entries]  # with the hostile files (one name not UTF-8)
+    listing.write_bytes(b"\n".join([*entries, os.fsencode(outside), os.fsencode(folder / "missing.png")]) + b"\n")
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    build_index(f"@{listing}", local, SPEC, encoder=tiny_lipsim, root=folder,
+                options=IngestOptions(workers=1, batch_size=4, use_gpu=False))
+    capsys.readouterr()
+    report = build_index(f"@{listing}", remote, SPEC, encoder=tiny_lipsim, root=folder,
+                         options=IngestOptions(workers=1, batch_size=4, use_gpu=False, progress=True,
+                                               embed_files=RayEmbedder(actors=1, batch_size=4)))
+    kinds = {path: reason.split(":", 1)[0] for path, reason in report.failed}
+    assert kinds[str(outside)] == "outside_root" and kinds["missing.png"] == "missing"
+    assert_same_index(local, remote)
+    err = capsys.readouterr().err
+    import re
+
+    done = re.findall(r"indexing: 100%\|[^|]*\| (\d+)/(\d+) \[", err)  # the bar ran to its end, in images
+    assert done and done[-1][0] == done[-1][1] and int(done[-1][0]) >= report.indexed and "img/s" in err
+
+
+def test_ray_actor_reads_are_confined_to_the_root_on_the_opened_descriptor(folder, tmp_path, sample_folder):
+    """A file swapped for a symlink out of the root after the listing is refused by the actor itself."""
+    from dataclasses import asdict
+
+    from index.decode import DecodeLimits
+    from index.embedder import identity, load
+    from index.ray_embed import _EmbedActor
+
+    outside = copy_photos(sample_folder, tmp_path / "elsewhere", ("coffee",)) / "coffee.png"
+    root = copy_photos(sample_folder, tmp_path / "root", ("brick",))
+    (root / "swapped.png").symlink_to(outside)
+    actor = _EmbedActor(identity(load(SPEC, "cpu"), SPEC), asdict(DecodeLimits()), root=os.fsencode(root))
+    out = actor({"i": [0, 1], "path": [os.fsencode(root / "brick.png"), os.fsencode(root / "swapped.png")]})
+    assert out["error"][0] == "" and str(out["error"][1]).startswith("symlink_escape")

@@ -111,7 +111,7 @@ def test_index_commands_stats_verify_and_errors(photo_index, tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["files"]["indexed"] == len(list(folder.iterdir())) and stats["encoder"]["spec"] == "lipsim:cpu-tiny"
     assert main(["index", "build", str(tmp_path / "missing"), "--index-dir", str(tmp_path / "i"),
-                 "--encoder", "lipsim:cpu-tiny"]) == 1
+                 "--encoder", "lipsim:cpu-tiny"]) == 2  # a SOURCE that cannot be used is bad input
     assert "does not exist" in capsys.readouterr().err
     assert main(["index", "verify", str(tmp_path)]) == 1  # not an index directory
 

@@ -23,11 +23,17 @@ def register(sub) -> None:
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     p.epilog = "Every ACTION takes the index directory as --index-dir DIR."
 
-    b = isub.add_parser("build", help="index a folder",
-                        description="Embed every image under FOLDER into a new index directory (an existing "
-                        "index of the same folder and encoder is updated instead).")
-    b.add_argument("folder", help="image folder to index (recursively)")
-    b.add_argument("--index-dir", required=True, help="directory for the new index and its catalog")
+    b = isub.add_parser("build", help="index a folder or a list of files",
+                        description="Embed every image under a folder, or every file of a list, into a new index "
+                        "directory (an existing index of the same source and encoder is updated instead).")
+    b.add_argument("folder", metavar="SOURCE",
+                   help="image folder to index (recursively); @FILE: a list of files, one path per line (relative "
+                   "paths are relative to FILE's directory); FILE.parquet: a table with a string column `path`; "
+                   "file:// URIs are accepted for each. `update` reads the list again")
+    b.add_argument("--root", default=None, metavar="DIR",
+                   help="for a list: the indexed root; files outside it are refused (default: the deepest directory "
+                   "holding every listed file)")
+    b.add_argument("--index-dir", required=True, help="directory for the index and catalog")
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
     b.add_argument("--db", default=None, metavar="URL",
@@ -41,7 +47,7 @@ def register(sub) -> None:
     _common_run_args(b)
     b.set_defaults(func=_build)
 
-    u = isub.add_parser("update", help="re-scan the indexed folder",
+    u = isub.add_parser("update", help="re-scan the indexed folder (or re-read its list of files)",
                         description="Embed new and changed files, reuse vectors of renamed ones, remove deleted "
                         "ones. Safe to re-run after a crash.")
     _index_dir_args(u)
@@ -176,12 +182,18 @@ def _options(args):
 
 
 def _build(args) -> int:
-    from index import build_index
-
+    from index import FolderError, build_index
     from index.catalog import DB_URL_ENV
 
+    from index.sources import resolve_source
+
+    try:
+        resolve_source(args.folder, args.root)  # a SOURCE that cannot be used is bad input (exit 2)
+    except (FolderError, ValueError) as exc:
+        print(f"robret index build: error: {exc}", file=sys.stderr)
+        return 2
     report = build_index(args.folder, args.index_dir, args.encoder, db_url=args.db or os.environ.get(DB_URL_ENV),
-                         index_type=args.index_type, options=_options(args))
+                         index_type=args.index_type, options=_options(args), root=args.root)
     return _print_report(report, args.json)
 
 
@@ -252,6 +264,8 @@ def _stats(args) -> int:
     enc, idx, files = stats["encoder"], stats["index"], stats["files"]
     print(f"index      {stats['index_dir']}")
     print(f"folder     {stats['root']}")
+    if stats["source"].get("list"):
+        print(f"list       {stats['source']['list']} ({stats['source']['kind']}; read again at each update)")
     print(f"catalog    {stats['catalog']} (schema {stats['schema_version']})")
     print(f"encoder    {enc['spec']}  ({enc['name']}, dim {enc['dim']}, input {enc['input_size']} px, "
           f"L={enc['lipschitz']})")
