@@ -79,9 +79,19 @@ class RetrievalDataset:
         return int(self.gallery.shape[-1])
 
     def subset(self, n_queries: int) -> "RetrievalDataset":
-        """n_queries evenly spaced queries (every photo / class keeps its share), the gallery unchanged."""
+        """n_queries evenly spaced queries (every photo / class keeps its share; with query families,
+        evenly spaced within each family, n_queries // families of each), the gallery unchanged."""
         q = self.queries.shape[0]
-        idx = torch.linspace(0, q - 1, min(n_queries, q)).round().long().unique()
+        fam = self.info.get("query_family")
+        if fam and len(set(fam)) > 1 and n_queries < q:
+            per = max(1, n_queries // len(set(fam)))
+            picks = []
+            for f in dict.fromkeys(fam):
+                rows = torch.tensor([i for i, x in enumerate(fam) if x == f])
+                picks.append(rows[torch.linspace(0, len(rows) - 1, min(per, len(rows))).round().long().unique()])
+            idx = torch.cat(picks).sort().values
+        else:
+            idx = torch.linspace(0, q - 1, min(n_queries, q)).round().long().unique()
         info = dict(self.info, query_subset=idx.tolist())
         for key in ("query_edits", "query_family", "query_params"):  # per-query lists follow the queries
             if key in info:
