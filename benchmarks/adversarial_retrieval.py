@@ -337,8 +337,11 @@ def _targets(results: dict, l2_key: str = "0.5") -> dict | None:
             v = lip["empirical"]["l2"].get(key, {}).get("recall@1")
             if b is not None and v is not None:
                 out[f"l2_recall@1@{key} ≥ pixels"] = {"value": v, "target": b, "met": v >= b}
-        for fam, entry in lip.get("by_family", {}).items():
-            b = pix.get("by_family", {}).get(fam, {}).get("clean_recall@1")
+        def families(r):  # clean per family on every query when the run had more than it attacked
+            return r.get("all_queries", {}).get("by_family") or r.get("by_family", {})
+
+        for fam, entry in families(lip).items():
+            b = families(pix).get(fam, {}).get("clean_recall@1")
             if b is not None:
                 v = entry["clean_recall@1"]
                 out[f"clean_recall@1 ≥ pixels on {fam}"] = {"value": v, "target": b, "met": v >= b}
@@ -436,6 +439,22 @@ def write_markdown(report: dict, path: Path) -> str:
                 cells += [f"{emp['l2'][k]:.1f}" if k in emp.get("l2", {}) else "—" for k in l2_keys]
                 cells += [f"{emp['linf'][k]:.1f}" if k in emp.get("linf", {}) else "—" for k in linf_keys]
                 lines.append("| " + " | ".join(cells) + " |")
+    every = [(s_, r["all_queries"]["by_family"]) for s_, r in res.items()
+             if r.get("status") == "ok" and "by_family" in r.get("all_queries", {})]
+    if every:
+        cert_keys = [_fmt_eps(e) for e in FAMILY_CERT_L2]
+        heads = [f"{s_} clean" + ("".join(f" / cert {k}" for k in cert_keys)
+                                  if "certified_l2" in next(iter(bf.values())) else "") for s_, bf in every]
+        lines += ["", f"By query family on all {sum(e['queries'] for e in every[0][1].values())} queries, no attack "
+                  "(clean and certified Recall@1 %):", "",
+                  "| family | queries | " + " | ".join(heads) + " |", "|" + "---|" * (2 + len(every))]
+        for fam in every[0][1]:
+            cells = [fam, str(every[0][1][fam]["queries"])]
+            for _s, bf in every:
+                e = bf[fam]
+                cells.append(f"{e['clean_recall@1']:.1f}" + ("".join(f" / {e['certified_l2'][k]:.1f}" for k in cert_keys)
+                                                             if "certified_l2" in e else ""))
+            lines.append("| " + " | ".join(cells) + " |")
     if report.get("targets"):
         lines += ["", "Targets for lipsim:demo:", ""]
         for k, v in report["targets"].items():
