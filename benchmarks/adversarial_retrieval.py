@@ -461,7 +461,8 @@ def write_markdown(report: dict, path: Path) -> str:
         for k, v in report["targets"].items():
             val = v["value"]
             val = "—" if val is None else f"{val:.2f}"
-            lines.append(f"- {k}: {val} (target {v['target']}) — {'met' if v['met'] else 'NOT met'}")
+            target = v["target"] if isinstance(v["target"], int) else f"{v['target']:.2f}"
+            lines.append(f"- {k}: {val} (target {target}) — {'met' if v['met'] else 'NOT met'}")
             if "ratio_by_eps" in v:
                 lines.append("  - Recall@1 ratio lipsim:demo / standard:demo by radius: " + ", ".join(
                     f"{e}: {r:.2f}" for e, r in v["ratio_by_eps"].items()))
