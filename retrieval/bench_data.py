@@ -50,8 +50,9 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from encoder.data.folder import load_image
 from encoder.image import IMAGE_EXTENSIONS, is_image_name, to_pil
 
-__all__ = ["RetrievalDataset", "heldout_benchmark", "photo_benchmark", "near_duplicate_benchmark", "folder_benchmark", "load_benchmark",
-           "IMAGE_EXTENSIONS", "FAMILIES", "EDITS", "homography", "warp_window", "rotated_window", "overlap_fraction"]
+__all__ = ["RetrievalDataset", "heldout_benchmark", "photo_benchmark", "near_duplicate_benchmark", "folder_benchmark",
+           "load_benchmark", "IMAGE_EXTENSIONS", "FAMILIES", "EDITS", "homography", "warp_window", "rotated_window",
+           "overlap_fraction"]
 SCALES = (0.22, 0.3, 0.4)  # crop side as a fraction of the photo's shorter side
 EDITS = ("shift", "rescale", "jpeg", "blur", "noise", "colour")
 FAMILIES = ("edits", "flip", "rotate", "crop", "colour", "jpeg", "perspective")
