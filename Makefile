@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.robret-installed
 
-.PHONY: demo test install ui bench clean browser-deps
+.PHONY: demo test install ui bench clean browser-deps photos
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP) browser-deps
 # The real-browser UI test's needs: Debian's chromium (apt-get) and playwright (pip); quick when present.
 browser-deps: $(STAMP)
 	bash tests/browser/setup.sh $(PY)
+
+# Real photographs from Debian's wallpaper packages (training split and held-out benchmark; see
+# encoder/data/photos.py): installs the packages (a no-op when present), then checks every recorded
+# file's SHA-256. `make test` does not need them.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+photos: $(STAMP)
+	pk="$$($(PY) -m encoder.data.photos packages)" && { dpkg -s $$pk >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$pk; }; }
+	$(PY) -m encoder.data.photos check
 
 ui: $(STAMP)
 	$(VENV)/bin/robret ui
