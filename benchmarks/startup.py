@@ -45,10 +45,15 @@ def commands(index_dir: Path, image: Path, quick: bool) -> dict[str, list[str]]:
     """name → argv (the index directory positional: both trees accept it)."""
     cmds = {"--help": ["--help"], "index stats": ["index", "stats", str(index_dir)]}
     if not quick:
-        cmds.update({"index verify": ["index", "verify", str(index_dir)], "encoder list": ["encoder", "list"],
+        cmds.update({"index verify": ["index", "verify", str(index_dir)],
+                     "index verify --deep": ["index", "verify", str(index_dir), "--deep"],
+                     "encoder list": ["encoder", "list"],
                      "weights list": ["weights", "list"],
                      "query (1 image, k=10)": ["query", str(image), "--index-dir", str(index_dir), "--cpu"]})
     return cmds
+
+
+AFTER_ONLY = {"index verify --deep"}  # options the before tree does not have
 
 
 def run_once(tree: Path, argv: list[str]) -> dict:
@@ -110,7 +115,8 @@ def main(argv=None) -> dict:
         for _ in range(repeat):  # alternate trees and commands: both see the same machine load
             for name, argv_ in cmds.items():
                 for t, tree in trees.items():
-                    runs[name][t].append(run_once(tree, argv_))
+                    if not (t == "before" and name in AFTER_ONLY):
+                        runs[name][t].append(run_once(tree, argv_))
             if not args.quick:
                 for t, tree in trees.items():
                     floor[t].append(torch_import(tree))
@@ -118,6 +124,8 @@ def main(argv=None) -> dict:
     for name, by_tree in runs.items():
         row = {"command": name}
         for t, rs in by_tree.items():
+            if not rs:
+                continue
             row[t] = {"median_s": statistics.median(r["wall_s"] for r in rs), "runs": [r["wall_s"] for r in rs],
                       "imports_torch": rs[-1]["torch"], "imports_faiss": rs[-1]["faiss"]}
         rows.append(row)
@@ -132,7 +140,7 @@ def markdown(report: dict) -> str:
     lines = [head, "|---|" + "---|" * len(trees)]
     for row in report["commands"]:
         cells = [f"{row[t]['median_s']:.2f} ({'yes' if row[t]['imports_torch'] else 'no'}, "
-                 f"{'yes' if row[t]['imports_faiss'] else 'no'})" for t in trees]
+                 f"{'yes' if row[t]['imports_faiss'] else 'no'})" if t in row else "–" for t in trees]
         lines.append(f"| `robret {row['command']}` | " + " | ".join(cells) + " |")
     if report["import_torch_s"] is not None:
         lines.append(f"\n`python -c 'import torch'` alone: {report['import_torch_s']:.2f} s (median of "

@@ -44,7 +44,8 @@ from encoder._lazy import lazy_exports
 # Public names → the submodule that defines them, imported on first use (PEP 562): `index stats` reads
 # the catalog without importing FAISS or torch, `index verify` without torch.
 _EXPORTS = {
-    **dict.fromkeys(["FAILED", "INDEXED", "REMOVED", "SCHEMA_VERSION", "Catalog", "FileRecord"], "catalog"),
+    **dict.fromkeys(["FAILED", "INDEXED", "REMOVED", "SCHEMA_VERSION", "Catalog", "FileRecord", "record_dict"],
+                     "catalog"),
     **dict.fromkeys(["DecodedImage", "DecodeError", "DecodeLimits", "read_image"], "decode"),
     **dict.fromkeys(["CatalogError", "EncoderMismatchError", "FolderError", "GalleryError", "IndexLockedError",
                      "IntegrityError", "SchemaVersionError", "StoreError"], "errors"),

@@ -23,17 +23,15 @@ import logging
 import os
 from typing import Any, Iterable
 
-import numpy as np
-from sqlalchemy import (BigInteger, DateTime, Integer, LargeBinary, String, Text, create_engine, event,
-                        func, insert, inspect, select, update)
-from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy import (BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, Text,
+                        bindparam, create_engine, event, func, inspect, insert, select, update)
+from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .errors import CatalogError, EncoderMismatchError, SchemaVersionError
 
-__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "Base", "FileRecord", "MetaEntry",
-           "Catalog", "connect_url", "recorded_url", "safe_url", "utcnow"]
+__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "metadata", "meta_table", "files_table",
+           "FileRecord", "record_dict", "ids_digest", "Catalog", "connect_url", "recorded_url", "safe_url", "utcnow"]
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +44,44 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-class Base(DeclarativeBase):
-    pass
+# SQLAlchemy Core tables (no ORM: the catalog is read and written as rows, and `robret index stats` /
+# `verify` start faster without the ORM's import). Existing catalogs created by the earlier ORM
+# declarations have exactly these tables, columns, constraints and index names.
+metadata = MetaData()
+
+meta_table = Table(
+    "robret_meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),  # JSON
+)
+
+files_table = Table(
+    "robret_files", metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),  # the FAISS id
+    Column("path_key", LargeBinary, unique=True, nullable=False),  # relative path, raw bytes
+    Column("path", Text, nullable=False),  # relative path for display (undecodable bytes as \xNN)
+    Column("content_hash", String(64), index=True),  # SHA-256 hex
+    Column("size", BigInteger),  # bytes
+    Column("mtime_ns", BigInteger),
+    Column("width", Integer),  # displayed size (after EXIF orientation)
+    Column("height", Integer),
+    Column("status", String(16), index=True, nullable=False),  # indexed | failed | removed
+    Column("reason", Text),  # why it failed ("kind: detail")
+    Column("notes", Text),  # conversions applied ("; "-separated)
+    Column("encoder", String(200)),  # encoder name that embedded it
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("embedded_at", DateTime(timezone=True)),
+)
+
+# One image file under the root (a tombstone once it disappears): a row of robret_files, whose
+# attributes are the column names (rec.path, rec.content_hash, …).
+FileRecord = Row
 
 
-class MetaEntry(Base):
-    __tablename__ = "robret_meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(Text)  # JSON
-
-
-class FileRecord(Base):
-    """One image file under the root (a tombstone once it disappears)."""
-
-    __tablename__ = "robret_files"
-
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # the FAISS id
-    path_key: Mapped[bytes] = mapped_column(LargeBinary, unique=True)  # relative path, raw bytes
-    path: Mapped[str] = mapped_column(Text)  # relative path for display (undecodable bytes as \xNN)
-    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # SHA-256 hex
-    size: Mapped[int | None] = mapped_column(BigInteger)  # bytes
-    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
-    width: Mapped[int | None] = mapped_column(Integer)  # displayed size (after EXIF orientation)
-    height: Mapped[int | None] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # indexed | failed | removed
-    reason: Mapped[str | None] = mapped_column(Text)  # why it failed ("kind: detail")
-    notes: Mapped[str | None] = mapped_column(Text)  # conversions applied ("; "-separated)
-    encoder: Mapped[str | None] = mapped_column(String(200))  # encoder name that embedded it
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    embedded_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-
-    def to_dict(self) -> dict:
-        return {c.key: getattr(self, c.key) for c in inspect(FileRecord).column_attrs if c.key != "path_key"}
+def record_dict(rec: Row) -> dict:
+    """A file row as a dict of its columns, without the raw `path_key` bytes (for JSON)."""
+    return {k: v for k, v in rec._mapping.items() if k != "path_key"}
 
 
 # Metadata keys every catalog has (and the fields each holds), checked at open.
@@ -175,7 +177,6 @@ class Catalog:
     def __init__(self, url: str, engine: Engine | None = None, read_only: bool = False):
         self.url = url
         self.engine = engine or make_engine(url, read_only=read_only)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     # Opening --------------------------------------------------------------------------------
     @classmethod
@@ -183,7 +184,7 @@ class Catalog:
         """Create the tables and write `meta` (plus schema_version and created_at)."""
         cat = cls(url)
         try:
-            Base.metadata.create_all(cat.engine)
+            metadata.create_all(cat.engine)
         except SQLAlchemyError as exc:
             raise CatalogError(f"cannot create the catalog at {safe_url(url)}: {exc}") from None
         if cat.meta():
@@ -238,19 +239,23 @@ class Catalog:
 
     # Metadata -------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        with self.sessions() as s:
-            return {e.key: json.loads(e.value) for e in s.scalars(select(MetaEntry))}
+        with self.engine.connect() as c:
+            return {key: json.loads(value) for key, value in c.execute(select(meta_table.c.key, meta_table.c.value))}
 
-    def set_meta(self, values: dict[str, Any], session: Session | None = None) -> None:
-        def write(s: Session) -> None:
+    def set_meta(self, values: dict[str, Any], connection: Connection | None = None) -> None:
+        """Write `values` (key → JSON-able), replacing existing keys; in `connection`'s transaction when
+        given, else in a transaction of its own."""
+        def write(c: Connection) -> None:
             for key, value in values.items():
-                s.merge(MetaEntry(key=key, value=json.dumps(value, sort_keys=True)))
+                text = json.dumps(value, sort_keys=True)
+                if c.execute(update(meta_table).where(meta_table.c.key == key).values(value=text)).rowcount == 0:
+                    c.execute(insert(meta_table).values(key=key, value=text))
 
-        if session is not None:
-            write(session)
+        if connection is not None:
+            write(connection)
             return
-        with self.sessions.begin() as s:
-            write(s)
+        with self.engine.begin() as c:
+            write(c)
 
     def check_encoder(self, identity: dict) -> None:
         """Refuse an encoder other than the one recorded (name, dimension and weights fingerprint)."""
@@ -262,71 +267,106 @@ class Catalog:
     # Rows -----------------------------------------------------------------------------------
     def plan_rows(self) -> list[dict]:
         """Every row's planning columns (see PLAN_COLUMNS), as dicts."""
-        cols = [getattr(FileRecord, c) for c in PLAN_COLUMNS]
-        with self.sessions() as s:
-            return [dict(zip(PLAN_COLUMNS, r)) for r in s.execute(select(*cols))]
+        cols = [files_table.c[name] for name in PLAN_COLUMNS]
+        with self.engine.connect() as c:
+            return [dict(zip(PLAN_COLUMNS, r)) for r in c.execute(select(*cols))]
 
     def max_id(self) -> int:
-        with self.sessions() as s:
-            return int(s.scalar(select(func.max(FileRecord.id))) or 0)
+        with self.engine.connect() as c:
+            return int(c.scalar(select(func.max(files_table.c.id))) or 0)
 
     def counts(self) -> dict[str, int]:
-        with self.sessions() as s:
-            rows = s.execute(select(FileRecord.status, func.count()).group_by(FileRecord.status))
+        t = files_table.c
+        with self.engine.connect() as c:
+            rows = c.execute(select(t.status, func.count()).group_by(t.status))
             out = {INDEXED: 0, FAILED: 0, REMOVED: 0}
             out.update({status: int(n) for status, n in rows})
             return out
 
-    def indexed_ids(self) -> np.ndarray:
-        with self.sessions() as s:
-            ids = s.scalars(select(FileRecord.id).where(FileRecord.status == INDEXED)).all()
-        return np.asarray(ids, dtype=np.int64)
+    def indexed_id_list(self) -> list[int]:
+        """The indexed rows' ids, ascending."""
+        t = files_table.c
+        with self.engine.connect() as c:
+            return [int(i) for i in c.scalars(select(t.id).where(t.status == INDEXED).order_by(t.id))]
+
+    def indexed_ids(self):
+        """The indexed rows' ids, ascending, as an int64 numpy array."""
+        import numpy as np  # here, not at module level: `index stats` / `verify` never need numpy
+
+        return np.asarray(self.indexed_id_list(), dtype=np.int64)
 
     def ids_with_content(self, content_hash: str) -> list[int]:
         """Ids of the indexed rows whose content hash (SHA-256 hex of the file's bytes) is `content_hash`."""
-        with self.sessions() as s:
-            return sorted(s.scalars(select(FileRecord.id).where(FileRecord.content_hash == content_hash,
-                                                                FileRecord.status == INDEXED)))
+        t = files_table.c
+        with self.engine.connect() as c:
+            return sorted(c.scalars(select(t.id).where(t.content_hash == content_hash, t.status == INDEXED)))
 
     def records(self, ids: Iterable[int]) -> dict[int, FileRecord]:
         ids = [int(i) for i in ids]
         out: dict[int, FileRecord] = {}
-        with self.sessions() as s:
+        with self.engine.connect() as c:
             for start in range(0, len(ids), 900):  # stay under SQLite's bound-parameter limit
                 chunk = ids[start:start + 900]
-                for rec in s.scalars(select(FileRecord).where(FileRecord.id.in_(chunk))):
+                for rec in c.execute(select(files_table).where(files_table.c.id.in_(chunk))):
                     out[rec.id] = rec
         return out
 
     def find(self, status: str | None = None, limit: int | None = None) -> list[FileRecord]:
-        with self.sessions() as s:
-            q = select(FileRecord).order_by(FileRecord.path)
+        with self.engine.connect() as c:
+            q = select(files_table).order_by(files_table.c.path)
             if status:
-                q = q.where(FileRecord.status == status)
+                q = q.where(files_table.c.status == status)
             if limit:
                 q = q.limit(limit)
-            return list(s.scalars(q))
+            return list(c.execute(q))
 
     def failure_reasons(self) -> dict[str, int]:
         """{kind: count} over failed rows (kind = the reason's prefix)."""
         out: dict[str, int] = {}
-        with self.sessions() as s:
-            for (reason,) in s.execute(select(FileRecord.reason).where(FileRecord.status == FAILED)):
+        t = files_table.c
+        with self.engine.connect() as c:
+            for (reason,) in c.execute(select(t.reason).where(t.status == FAILED)):
                 kind = (reason or "unknown").split(":", 1)[0]
                 out[kind] = out.get(kind, 0) + 1
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def commit_changes(self, inserts: list[dict], updates: list[dict], meta: dict[str, Any]) -> None:
-        """One transaction: insert new rows, update rows by id, write meta. All or nothing."""
+        """One transaction: insert new rows, update rows by id (each dict holds `id` and the columns to
+        set), write meta. All or nothing."""
         try:
-            with self.sessions.begin() as s:
+            with self.engine.begin() as c:
                 if inserts:
-                    s.execute(insert(FileRecord), inserts)
-                if updates:
-                    s.execute(update(FileRecord), updates)
-                self.set_meta(meta, session=s)
+                    c.execute(insert(files_table), inserts)
+                by_columns: dict[tuple[str, ...], list[dict]] = {}
+                for row in updates:
+                    by_columns.setdefault(tuple(sorted(k for k in row if k != "id")), []).append(row)
+                for columns, rows in by_columns.items():
+                    # SET columns come from the parameter keys (the same for every row of this group)
+                    stmt = update(files_table).where(files_table.c.id == bindparam("_id"))
+                    c.execute(stmt, [{**{k: v for k, v in row.items() if k != "id"}, "_id": row["id"]}
+                                     for row in rows])
+                self.set_meta(meta, connection=c)
         except SQLAlchemyError as exc:
             raise CatalogError(f"catalog commit failed: {exc}") from exc
+
+
+def ids_digest(ascending_ids) -> str:
+    """SHA-256 (hex) of the ids in ascending order, each as a little-endian signed 64-bit integer.
+
+    The writer records it with every index version (`meta["index"]["ids_sha256"]`), computed from the
+    ids it stored in that version's file; `verify` recomputes it from the rows marked indexed, so that
+    catalog rows and index file are checked to hold the same id set without decoding the index file.
+    """
+    import hashlib
+    import sys
+    from array import array
+
+    if hasattr(ascending_ids, "dtype"):  # a numpy array (the writer): no Python loop over a million ids
+        return hashlib.sha256(ascending_ids.astype("<i8", copy=False).tobytes()).hexdigest()
+    packed = array("q", (int(i) for i in ascending_ids))
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return hashlib.sha256(packed.tobytes()).hexdigest()
 
 
 def check_same_encoder(recorded: dict, identity: dict) -> None:

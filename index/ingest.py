@@ -50,7 +50,7 @@ from PIL import Image
 from encoder.image import DecodeBudget, decode_cost
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, make_engine, recorded_url, safe_url, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, Catalog, ids_digest, make_engine, recorded_url, safe_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import IndexDir
@@ -639,7 +639,8 @@ class _Writer:
         digest = self.store.write(path, before_replace=lambda _tmp: _crash_point("write"))
         _crash_point("rename")
         index_meta = {**self.index_meta, "version": version, "rows": self.store.ntotal, "sha256": digest,
-                      "file": path.name, "factory": self.store.factory, "params": self.store.params}
+                      "ids_sha256": ids_digest(np.sort(self.store.ids())), "file": path.name,
+                      "factory": self.store.factory, "params": self.store.params}
         inserts = [self.pending[i] for i in sorted(self.new_ids)]
         updates = [{k: v for k, v in self.pending[i].items() if k != "created_at"}
                    for i in sorted(self.pending) if i not in self.new_ids]

@@ -4,11 +4,22 @@ Checks, each one a line in `problems` when it fails:
   schema       the catalog's schema version is one this code reads
   file         the index file of the committed version exists (none needed at version 0)
   checksum     its SHA-256 equals the one committed with that version
+  rows         the number of rows marked indexed equals the recorded row count
+  ids          the indexed rows' id set is the one committed with that version: the SHA-256 of the
+               ascending ids (catalog.ids_digest) equals the digest the writer recorded from the ids it
+               stored in that file
+With `deep=True` (`robret index verify --deep`), for versions written before the writer recorded the
+ids digest, and when the checksum does not match (to say how the file differs), the index file is also decoded (FAISS) and checked directly:
   rows         its vector count equals the recorded row count and the number of rows marked indexed
   ids          the index's id set equals the indexed rows' id set, with no id stored twice
   norms        every stored vector has unit norm (|‖v‖ − 1| ≤ NORM_TOLERANCE) and is finite
   dim          the index dimension equals the recorded encoder's
   type         the index type is the recorded one
+Why the default is enough to trust the pair: the checksum proves that the file is, byte for byte, the
+one the writer committed, and the digest that the catalog's indexed rows are the ids the writer stored
+in it; the deep checks re-examine what the writer itself wrote (a bug in robret, not tampering or
+corruption, would show there). The default needs neither FAISS nor numpy, so it starts in a third of a
+second (docs/benchmarks.md); its cost is one pass over the file (SHA-256) and one over the ids.
 A writer may commit meanwhile (its commit changes rows and the version in one transaction, then
 deletes the old version's file). A report is therefore kept only if the committed version is the
 same after every check as before them: version numbers only grow, so then no commit happened in
@@ -24,12 +35,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
+from encoder.io import file_sha256
 
-from .catalog import INDEXED, Catalog
+from .catalog import INDEXED, Catalog, ids_digest
 from .errors import GalleryError
 from .layout import IndexDir
-from .store import NORM_TOLERANCE, VectorStore, file_sha256
 
 __all__ = ["VerifyReport", "verify_index"]
 
@@ -54,7 +64,9 @@ class VerifyReport:
                 "repairable": self.repairable}
 
 
-def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
+def verify_index(index_dir, check_files: bool = False, deep: bool = False) -> VerifyReport:
+    """Verify an index directory (module doc); `deep` also decodes the index file and checks its
+    vectors and ids directly."""
     report = VerifyReport()
     layout = IndexDir(index_dir)
     try:
@@ -66,7 +78,7 @@ def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
     try:
         for attempt in range(SNAPSHOT_ATTEMPTS):
             report = VerifyReport()
-            _verify(layout, catalog, report, check_files)
+            _verify(layout, catalog, report, check_files, deep)
             if catalog.meta()["index"]["version"] == report.facts["version"]:
                 return report  # nothing was committed while this version was read: a consistent snapshot
             log.info("a writer committed while version %s was being verified; verifying the new one",
@@ -79,12 +91,12 @@ def verify_index(index_dir, check_files: bool = False) -> VerifyReport:
     return report
 
 
-def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_files: bool) -> None:
+def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_files: bool, deep: bool) -> None:
     meta = catalog.meta()
     index_meta = meta["index"]
     version = int(index_meta["version"])
-    indexed = catalog.indexed_ids()
-    report.facts.update(version=version, recorded_rows=int(index_meta["rows"]), indexed_rows=int(len(indexed)),
+    indexed = catalog.indexed_id_list()
+    report.facts.update(version=version, recorded_rows=int(index_meta["rows"]), indexed_rows=len(indexed),
                         factory=index_meta["factory"], counts=catalog.counts())
     for leftover in layout.leftovers(version):
         report.notes.append(f"leftover from an interrupted write: {leftover.name}")
@@ -101,9 +113,31 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
     except OSError as exc:  # e.g. deleted by a writer that committed a newer version meanwhile
         report.fail(f"file: {path.name} (version {version}) cannot be read: {exc.strerror or exc}")
         return
-    if digest != index_meta.get("sha256"):
+    tampered = digest != index_meta.get("sha256")
+    if tampered:
         report.fail(f"checksum: {path.name} has SHA-256 {digest[:16]}…, the catalog recorded "
                     f"{str(index_meta.get('sha256'))[:16]}…")
+    if len(indexed) != int(index_meta["rows"]):
+        report.fail(f"rows: {len(indexed)} rows are marked indexed; version {version} recorded {index_meta['rows']}")
+    recorded_ids = index_meta.get("ids_sha256")
+    if recorded_ids is not None and ids_digest(indexed) != recorded_ids:
+        report.fail(f"ids: the rows marked indexed are not the {index_meta['rows']} ids committed with version "
+                    f"{version} (their SHA-256 differs from the recorded one)")
+    deep = deep or recorded_ids is None or tampered  # a file that is not the committed one: say how it differs
+    report.facts["checks"] = "deep" if deep else "checksum+ids"
+    if deep:
+        _verify_file(path, meta, index_meta, indexed, report)
+    if check_files:
+        _check_files(catalog, meta, report)
+
+
+def _verify_file(path, meta: dict, index_meta: dict, indexed_list: list[int], report: VerifyReport) -> None:
+    """The deep checks: decode the index file (FAISS) and compare its vectors and ids with the catalog."""
+    import numpy as np
+
+    from .store import NORM_TOLERANCE, VectorStore
+
+    indexed = np.asarray(indexed_list, dtype=np.int64)
     try:
         store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=False)
     except GalleryError as exc:
@@ -135,16 +169,19 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
         report.fail(f"norms: {bad} stored vectors are not unit-norm")
     if store.factory != index_meta["factory"]:
         report.fail(f"type: index is {store.factory}, catalog recorded {index_meta['factory']}")
-    if check_files:
-        root = os.fsencode(meta["root"])
-        gone = changed = 0
-        for rec in catalog.find(INDEXED):
-            try:
-                st = os.stat(os.path.join(root, rec.path_key))
-            except OSError:
-                gone += 1
-                continue
-            changed += int(st.st_size != rec.size or st.st_mtime_ns != rec.mtime_ns)
-        if gone or changed:
-            report.notes.append(f"folder changed since the last update: {gone} indexed files missing, "
-                                f"{changed} modified (run `robret index update`)")
+
+
+def _check_files(catalog: Catalog, meta: dict, report: VerifyReport) -> None:
+    """With `check_files`: stat every indexed file (present, same size and mtime): folder drift, noted."""
+    root = os.fsencode(meta["root"])
+    gone = changed = 0
+    for rec in catalog.find(INDEXED):
+        try:
+            st = os.stat(os.path.join(root, rec.path_key))
+        except OSError:
+            gone += 1
+            continue
+        changed += int(st.st_size != rec.size or st.st_mtime_ns != rec.mtime_ns)
+    if gone or changed:
+        report.notes.append(f"folder changed since the last update: {gone} indexed files missing, "
+                            f"{changed} modified (run `robret index update`)")

@@ -41,7 +41,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from encoder.image import DecodeBudget, DecodeError, DecodeLimits, check_shape, decode_bytes, decode_cost, oriented_size
-from index import INDEXED, EncoderMismatchError, FileRecord, Gallery, index_stats
+from index import INDEXED, EncoderMismatchError, FileRecord, Gallery, index_stats, record_dict
 from retrieval.search import result_document, search_image
 
 __all__ = ["ServeConfig", "GalleryHolder", "create_app", "is_loopback"]
@@ -292,7 +292,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
         gallery = holder.current()
         rec = indexed_record(gallery, item_id)
         meta = {key: (value if value is None or isinstance(value, (int, float, str)) else str(value))
-                for key, value in rec.to_dict().items()}
+                for key, value in record_dict(rec).items()}
         out = {"item": meta, "index_version": gallery.version}
         if thumbnail:
             jpeg = thumbnail_jpeg(indexed_image(gallery, item_id), config.thumbnail_side)

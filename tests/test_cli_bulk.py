@@ -267,20 +267,23 @@ def test_every_index_subcommand_takes_index_dir_and_the_old_positional_still_wor
 
 
 LIGHT_COMMANDS = [["--help"], ["encoder", "list"], ["weights", "list"], ["index", "stats", "--index-dir", "{index}"],
-                  ["index", "verify", "--index-dir", "{index}"]]
+                  ["index", "verify", "--index-dir", "{index}"], ["index", "verify", "--index-dir", "{index}", "--deep"]]
 
 
-@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=lambda a: " ".join(a[:2]))
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=lambda a: " ".join(a[:2] + a[4:]))
 def test_commands_that_need_no_model_never_import_torch(photo_index, argv):
-    """Structural, not timed: what each command imports (verify reads the FAISS file, so it imports faiss)."""
+    """Structural, not timed: what each command imports. `index stats` and `verify` read only the catalog
+    and hash the index file (no numpy, no FAISS); `verify --deep` decodes the FAISS file."""
     _, index_dir = photo_index
     argv = [a.replace("{index}", str(index_dir)) for a in argv]
     probe = ("import json, sys\nfrom retrieval.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
              "except SystemExit as e:\n    code = e.code\n"
-             "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules, 'faiss': 'faiss' in sys.modules}),"
-             " file=sys.stderr)\n")
+             "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules, 'faiss': 'faiss' in sys.modules,"
+             " 'numpy': 'numpy' in sys.modules}), file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
     seen = json.loads(done.stderr.strip().splitlines()[-1])
     assert seen["code"] in (0, None) and not seen["torch"]
-    assert seen["faiss"] == (argv[:2] == ["index", "verify"])
+    assert seen["faiss"] == ("--deep" in argv)
+    if argv[0] == "index" and "--deep" not in argv:
+        assert not seen["numpy"]

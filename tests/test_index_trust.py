@@ -357,13 +357,13 @@ def test_config_without_encoder_is_a_message(built, capsys):
 
 @pytest.mark.parametrize("key", ["encoder", "index", "root"])
 def test_catalog_metadata_with_a_missing_key_is_a_message(built, key, capsys):
-    from index.catalog import MetaEntry
+    from index.catalog import meta_table
     from sqlalchemy import delete
 
     folder, index_dir = built
     catalog = Catalog.open(IndexDir(index_dir).catalog_url())
-    with catalog.sessions.begin() as s:
-        s.execute(delete(MetaEntry).where(MetaEntry.key == key))
+    with catalog.engine.begin() as c:
+        c.execute(delete(meta_table).where(meta_table.c.key == key))
     catalog.close()
     for args in (["query", str(folder / "moon.png"), "--index-dir", str(index_dir), "--cpu"],
                  ["index", "verify", str(index_dir)], ["index", "stats", str(index_dir)]):
@@ -509,12 +509,62 @@ def test_a_second_index_on_the_same_catalog_is_refused_and_the_first_stays_intac
         assert len(g) == 3
 
 
+# verify without decoding the index file: checksum + the committed ids' digest --------------------------------
+def test_the_recorded_ids_digest_is_the_sha256_of_the_files_ascending_ids(built):
+    import hashlib
+
+    from index.catalog import ids_digest
+
+    _, index_dir = built
+    meta = _index_meta(index_dir)
+    store = VectorStore.read(IndexDir(index_dir).index_file(meta["version"]), meta["factory"])
+    ids = np.sort(store.ids())
+    independent = hashlib.sha256(b"".join(int(i).to_bytes(8, "little", signed=True) for i in ids)).hexdigest()
+    assert meta["ids_sha256"] == independent == ids_digest([int(i) for i in ids]) == ids_digest(ids)
+    assert ids_digest([1, 2]) != ids_digest([1, 3]) and ids_digest([]) == hashlib.sha256(b"").hexdigest()
+
+
+def test_default_verify_catches_catalog_rows_that_no_longer_match_the_file_without_decoding_it(built):
+    """Counts unchanged, checksum unchanged: one indexed row's id is rewritten in the catalog. The default
+    verify (no FAISS) reports it from the ids digest; --deep reports it from the file's ids."""
+    from sqlalchemy import update
+
+    from index.catalog import files_table
+
+    _, index_dir = built
+    report = verify_index(index_dir)
+    assert report.ok and report.facts["checks"] == "checksum+ids"
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    victim = int(catalog.indexed_id_list()[0])
+    with catalog.engine.begin() as c:
+        c.execute(update(files_table).where(files_table.c.id == victim).values(id=victim + 10_000))
+    catalog.close()
+    report = verify_index(index_dir)
+    assert not report.ok and report.facts["checks"] == "checksum+ids"
+    assert [p.split(":")[0] for p in report.problems] == ["ids"]
+    deep = verify_index(index_dir, deep=True)
+    assert any("orphans" in p for p in deep.problems) and any("lost" in p for p in deep.problems)
+    code = robret(["index", "verify", "--index-dir", str(index_dir)])
+    assert code == 1
+
+
+def test_versions_written_without_an_ids_digest_are_verified_by_decoding_the_file(built):
+    _, index_dir = built
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    index_meta = catalog.meta()["index"]
+    del index_meta["ids_sha256"]
+    catalog.set_meta({"index": index_meta})
+    catalog.close()
+    report = verify_index(index_dir)
+    assert report.ok and report.facts["checks"] == "deep" and report.facts["ntotal"] == len(NAMES)
+
+
 # 8. verify while a writer commits -------------------------------------------------------------------------
 def verify_with_a_commit_midway(folder, index_dir, encoder, monkeypatch):
     """verify_index while a writer commits between verify's read of the committed version and its
     read of the rows (that update removes a row: a new version, the old file deleted)."""
     os.remove(folder / "rocket.png")
-    real = Catalog.indexed_ids
+    real = Catalog.indexed_id_list
     calls = []
 
     def writer_commits_first(self):
@@ -523,7 +573,7 @@ def verify_with_a_commit_midway(folder, index_dir, encoder, monkeypatch):
         calls.append(1)
         return real(self)
 
-    monkeypatch.setattr(Catalog, "indexed_ids", writer_commits_first)
+    monkeypatch.setattr(Catalog, "indexed_id_list", writer_commits_first)
     return verify_index(index_dir)
 
 
