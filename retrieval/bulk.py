@@ -186,10 +186,17 @@ class QueryReader:
             return QueryOutcome(source, error_kind="unreadable", error=str(exc))
 
 
-def load_ahead(reader: QueryReader, sources: list[QuerySource], batch_size: int = DEFAULT_BATCH) -> list:
-    """The first batch of `run_queries` read in advance (`QueryReader.load`, one file at a time), for its
-    `loaded_ahead`: call it before loading the gallery's libraries (module docstring)."""
-    return [None if s.path is None else reader.load(s) for s in sources[:max(1, int(batch_size))]]
+def load_ahead(reader: QueryReader, sources: list[QuerySource], batch_size: int = DEFAULT_BATCH,
+               workers: int | None = None) -> list:
+    """The first batch of `run_queries` read in advance (`QueryReader.load` in worker threads, within the
+    reader's decode budget), for its `loaded_ahead`: call it before loading the gallery's libraries (module
+    docstring)."""
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="robret-query") as pool:
+        return list(pool.map(lambda s: None if s.path is None else reader.load(s), sources[:max(1, int(batch_size))]))
+
+
+def _workers(workers: int | None) -> int:
+    return workers or min(4, os.cpu_count() or 1)
 
 
 def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates, exclude_self: bool,
@@ -228,7 +235,6 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
     """
     sources = list(sources)
     batch_size = max(1, int(batch_size))
-    workers = workers or min(4, os.cpu_count() or 1)
     reader = reader or QueryReader.for_meta(gallery.meta)
     chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
     if loaded_ahead is not None and (not chunks or len(loaded_ahead) != len(chunks[0])):
@@ -240,7 +246,7 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
     def submit(chunk):
         return [None if s.path is None else pool.submit(reader.load, s) for s in chunk]
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robret-query") as pool:
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="robret-query") as pool:
         pending = (loaded_ahead if loaded_ahead is not None else submit(chunks[0])) if chunks else []
         loaded_ahead = None  # held by `pending` only, so that it is freed with its batch
         for n, chunk in enumerate(chunks):

@@ -128,3 +128,20 @@ def test_a_small_query_keeps_its_samples_for_the_encoder_and_a_foreign_input_siz
         wrong = reduce_query(large, tiny_lipsim.input_size * 2)
         with pytest.raises(ValueError, match="input size"):
             prepare_query(g, wrong)
+
+
+def test_reading_a_batch_ahead_decodes_large_files_within_the_readers_decode_budget(photo_index, tmp_path):
+    """Four large files read ahead by four worker threads: each reserves its `decode_cost` from the reader's
+    budget, so with room for one image at a time the most ever reserved is exactly one file's cost, and every
+    file still comes back reduced (nothing refused for the budget)."""
+    from encoder.image import decode_cost
+    from retrieval.bulk import QueryReader, expand_sources, load_ahead
+
+    folder, index_dir = photo_index
+    files = [_large_query(folder, tmp_path, mode) for mode in ("RGB", "L", "RGBA", "LA")]
+    costs = [decode_cost(p.read_bytes()) for p in files]
+    reader = QueryReader.for_index(index_dir, decode_memory=int(1.5 * min(costs)))
+    loaded = load_ahead(reader, expand_sources([str(p) for p in files]), workers=4)
+    assert [q.layout for q, _ in loaded] == ["RGB", "L", "RGBA", "LA"]
+    assert all(q.pixels is None and q.input.shape[0] == 3 for q, _ in loaded)
+    assert reader.budget.used == 0 and reader.budget.peak == min(max(costs), reader.budget.max_bytes)
