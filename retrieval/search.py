@@ -319,7 +319,7 @@ def prepare_query(gallery, image) -> PreparedQuery:
 
         enc = gallery.encoder
         side = getattr(enc, "input_size", None)
-        if type(enc).preprocess is not TorchEncoder.preprocess or query.input.shape != (3, side, side):
+        if getattr(type(enc), "preprocess", None) is not TorchEncoder.preprocess or query.input.shape != (3, side, side):
             raise ValueError(f"a query reduced to a {query.input.shape[-1]}-pixel input with the standard "
                              f"preprocessing cannot be embedded by {enc.name} (its own preprocessing or input size)")
         return replace(query, input=torch.from_numpy(query.input)[None])
