@@ -11,7 +11,7 @@ files a decompression-bomb-conscious decoder must still handle within its pixel 
     python -m benchmarks.decode_memory [--quick] [--out benchmarks/results/decode_memory]
 
 --quick uses 2000×2000 images and 2 files (seconds); the full run 8000×8000 (64 MP) and 4 files
-decoded by 4 workers.
+decoded by 4 workers. Peak RSS is reported in MiB (ru_maxrss KiB / 1024).
 """
 from __future__ import annotations
 
@@ -72,6 +72,13 @@ def main(argv=None) -> int:
              "--workers", str(workers)])
         rows[f"query, one {side}×{side} PNG"] = measure(
             [*robret, "query", str(folder / "big0.png"), "--index-dir", str(tmp / "idx"), "-k", "1"])
+        # Bulk: one batch of several large files is reduced before the model loads, as one file is; with
+        # --batch-size 1 every later batch is decoded while torch and FAISS are loaded (one image at a time:
+        # the query workers' decode budget).
+        rows[f"query, {files} × {side}×{side} PNG (one batch)"] = measure(
+            [*robret, "query", str(folder), "--index-dir", str(tmp / "idx"), "-k", "1"])
+        rows[f"query, {files} × {side}×{side} PNG, --batch-size 1"] = measure(
+            [*robret, "query", str(folder), "--index-dir", str(tmp / "idx"), "-k", "1", "--batch-size", "1"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

@@ -51,12 +51,10 @@ import contextlib
 import io
 import math
 import threading
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
@@ -359,33 +357,41 @@ def channel_lipschitz(layout: str) -> float:
     raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
 
 
-def to_rgb(samples: torch.Tensor, layout: str) -> torch.Tensor:
+def to_rgb(samples, layout: str):
     """Samples (..., C, H, W) in the layout's channels → RGB (..., 3, H, W) in [0, 1]; differentiable.
 
     The float form of the conversions in the module docstring (alpha on white; Pillow's CMYK and JFIF
-    YCbCr formulas without their 8-bit rounding). Samples are clamped to [0, 1] first.
+    YCbCr formulas without their 8-bit rounding). Samples are clamped to [0, 1] first. `samples` is a
+    numpy array or a torch tensor: the function uses only operations both have (methods, operators and
+    indexing), so one definition serves the numpy path that reduces a query before torch is loaded
+    (`encoder.resize.reduce_to_input`) and the differentiable path attacks take.
     """
     c = LAYOUT_CHANNELS.get(layout)
     if c is None:
         raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
     if samples.shape[-3] != c:
         raise ValueError(f"layout {layout} has {c} channel(s), got samples of shape {tuple(samples.shape)}")
-    x = samples.clamp(0, 1)
-    rep = [1] * (x.dim() - 3) + [3, 1, 1]
+    x = samples.clip(0, 1)
+    grey3 = [0, 0, 0]  # channel 0 three times (a copy, as torch's repeat)
     if layout == "RGB":
         return x
     if layout == "L":
-        return x.repeat(rep)
+        return x[..., grey3, :, :]
     if layout == "LA":
         g, a = x[..., 0:1, :, :], x[..., 1:2, :, :]
-        return (1 - a * (1 - g)).repeat(rep)
+        return (1 - a * (1 - g))[..., grey3, :, :]
     if layout == "RGBA":
         return 1 - x[..., 3:4, :, :] * (1 - x[..., :3, :, :])
     if layout == "CMYK":
         return (1 - x[..., :3, :, :]) * (1 - x[..., 3:4, :, :])
-    m = torch.as_tensor(_YCBCR_TO_RGB, dtype=x.dtype, device=x.device)
-    centred = x - torch.tensor([0.0, 0.5, 0.5], dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return torch.einsum("rc,...chw->...rhw", m, centred).clamp(0, 1)
+    # YCbCr: M·(y, cb − ½, cr − ½) per pixel, with the channel axis moved last for the matrix product
+    shift = _like(x, [0.0, 0.5, 0.5]).reshape(3, 1, 1)
+    return ((x - shift).swapaxes(-3, -1) @ _like(x, _YCBCR_TO_RGB.T)).swapaxes(-3, -1).clip(0, 1)
+
+
+def _like(x, values):
+    """`values` as an array of x's own kind (numpy array or torch tensor), dtype and device."""
+    return np.asarray(values, dtype=x.dtype) if isinstance(x, np.ndarray) else x.new_tensor(values)
 
 
 @dataclass
@@ -398,9 +404,13 @@ class Pixels:
     time (`raw_rows`): a large 8-bit image then costs only the decoder's own copy, never a second one.
     `uncertified` is None when the decode is a continuous function of those samples; otherwise it says
     why no radius can be stated (the image can still be embedded).
+
+    Every array is numpy (torch.from_numpy views it without a copy): reading and reducing an image needs
+    no torch, so a query can be reduced to the encoder's input before torch is loaded
+    (`encoder.resize.reduce_to_input`).
     """
 
-    raw: torch.Tensor | None  # (C, H, W) as decoded: uint8, int32 (16-bit and 32-bit integers) or float32
+    raw: np.ndarray | None  # (C, H, W) as decoded: uint8, int32 (16-bit and 32-bit integers) or float32
     scale: float  # 2^bits − 1 (1 for float and bilevel samples)
     layout: str  # one of LAYOUT_CHANNELS
     bits: int  # sample depth in the file (1, 8, 16; 32 for float samples)
@@ -421,7 +431,7 @@ class Pixels:
         """Samples per pixel (the layout's channels)."""
         return LAYOUT_CHANNELS[self.layout]
 
-    def raw_rows(self, r0: int, r1: int) -> torch.Tensor:
+    def raw_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 of the integer samples (C, r1 − r0, W), oriented.
 
         From `image`: EXIF orientation is a permutation of pixel positions, so the oriented rows r0..r1
@@ -441,29 +451,29 @@ class Pixels:
         else:  # 7, 8
             box = (w - r1, 0, w - r0, h)
         arr = _array(self.image, box)[:, :, : self.channels]  # RGBX: its padding band is dropped
-        return _raw(_TRANSPOSE[o](arr).copy() if o in _TRANSPOSE else arr)  # (a one-row band can be "contiguous" with a negative stride)
+        return _raw(_TRANSPOSE[o](arr) if o in _TRANSPOSE else arr)
 
     @property
-    def samples(self) -> torch.Tensor:
+    def samples(self) -> np.ndarray:
         """float32 (C, H, W) in [0, 1]: the certified input space."""
         return self.samples_rows(0, self.size[0])
 
-    def samples_rows(self, r0: int, r1: int) -> torch.Tensor:
+    def samples_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 of `samples` (a band, for images too large to convert whole)."""
-        band = self.raw_rows(r0, r1).to(torch.float32)
+        band = self.raw_rows(r0, r1).astype(np.float32, order="C")  # (C, rows, W) in that order
         if self.scale != 1:
-            band.div_(self.scale)
-        return band.clamp_(0, 1)
+            band /= np.float32(self.scale)
+        return np.clip(band, 0, 1, out=band)
 
     @property
     def channel_lipschitz(self) -> float:
         return channel_lipschitz(self.layout)
 
-    def rgb(self) -> torch.Tensor:
+    def rgb(self) -> np.ndarray:
         """(3, H, W) float32 RGB in [0, 1]: what the encoder's resize sees."""
         return to_rgb(self.samples, self.layout)
 
-    def rgb_rows(self, r0: int, r1: int) -> torch.Tensor:
+    def rgb_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0..r1 of `rgb()` (the conversion is per pixel, so bands convert independently)."""
         return to_rgb(self.samples_rows(r0, r1), self.layout)
 
@@ -500,8 +510,8 @@ def _array(image: Image.Image, box: tuple[int, int, int, int] | None = None) -> 
     return out
 
 
-def _raw(arr: np.ndarray) -> torch.Tensor:
-    """(H, W[, C]) decoded samples → (C, H, W) tensor without a float copy (uint16 widened to int32)."""
+def _raw(arr: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) decoded samples → (C, H, W) array (a view) without a float copy (uint16 widened to int32)."""
     arr = np.asarray(arr)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -513,18 +523,19 @@ def _raw(arr: np.ndarray) -> torch.Tensor:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    with warnings.catch_warnings():  # Pillow's arrays are read-only; the tensor is only ever read
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    return arr.transpose(2, 0, 1)
 
 
-def to_pil(samples: torch.Tensor, layout: str = "RGB") -> Image.Image:
-    """Samples (C, H, W) in [0, 1] → an 8-bit PIL image in the layout's own mode (L, LA, RGB, RGBA, CMYK,
-    YCbCr), each sample rounded to the nearest of 256 levels (the inverse of `pixels` for 8-bit files)."""
+def to_pil(samples, layout: str = "RGB") -> Image.Image:
+    """Samples (C, H, W) in [0, 1] (a numpy array or a torch tensor) → an 8-bit PIL image in the layout's own
+    mode (L, LA, RGB, RGBA, CMYK, YCbCr), each sample rounded to the nearest of 256 levels (the inverse of
+    `pixels` for 8-bit files)."""
     if layout not in LAYOUT_CHANNELS:
         raise ValueError(f"unknown channel layout {layout!r}; expected one of {sorted(LAYOUT_CHANNELS)}")
-    u8 = (samples.detach().to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
-    arr = u8.permute(1, 2, 0).numpy()
+    if not isinstance(samples, np.ndarray):  # a tensor (any device, maybe requiring grad)
+        samples = samples.detach().cpu().float().numpy()
+    u8 = (np.clip(samples.astype(np.float32, copy=False), 0, 1) * np.float32(255)).round().astype(np.uint8)
+    arr = u8.transpose(1, 2, 0)
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode=layout)
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "DecodeError",
     "DecodedImage",
     "read_image",
+    "decode_image",
     "read_bytes",
     "opened_path",
     "is_inside",
@@ -143,7 +144,12 @@ def _check_confined(fd: int, st: os.stat_result, path, root) -> None:
 
 def read_image(path: str | os.PathLike, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     """Read, hash and decode one image file; every failure is a DecodeError with a reason."""
-    data = read_bytes(path, limits.max_bytes)
+    return decode_image(read_bytes(path, limits.max_bytes), limits)
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
+    """Hash and decode a file's bytes (`read_bytes`), checking its shape; every failure is a DecodeError.
+    Lets a caller size its decode memory (`encoder.image.decode_cost`) between reading and decoding."""
     digest = hash_bytes(data)
     image, notes, fmt = decode_bytes(data, limits)
     width, height = oriented_size(image)

@@ -15,10 +15,18 @@ What a query can be:
                 stated at the encoder input (the stored vector carries no record of the file's channel
                 layout); give the file itself to state them over its own samples.
 
-The encoder and the index load once (the gallery's). Files are decoded and preprocessed (`prepare_query`)
-by a small thread pool one batch ahead of the encoder, which embeds a batch per call (`search_images`); each query is then searched and
-certified on its own, exactly as `search_image` would (the same numbers: tests check it). A file that
-cannot be read or decoded becomes an outcome with an error (`kind`, `detail`) and the batch goes on.
+The encoder and the index load once (the gallery's). Files are decoded and reduced to the encoder's
+input (`search.reduce_query`) by a small thread pool one batch ahead of the encoder, which embeds a batch per
+call (`search_images`); each query is then searched and certified on its own, exactly as `search_image` would
+(the same numbers: tests check it). A file that cannot be read or decoded becomes an outcome with an error
+(`kind`, `detail`) and the batch goes on.
+
+Memory: a decoded image lives only until it is reduced (a 64-megapixel PNG: 256 MB as Pillow stores it, then
+a 0.6 MB input). `load_ahead` does this for the first batch before torch and FAISS are loaded (`robret query`
+calls it with the catalog's facts before opening the gallery), so that one large query's peak is the larger
+of "decoded image" and "libraries + model", not their sum; later batches are decoded while those libraries
+are loaded. Across worker threads the decoded images are bounded by a decode budget (`QueryReader`), as in
+a build (`encoder.image.DecodeBudget`, `decode_cost`).
 
 `exclude_self`: hits whose content (SHA-256 of the file's bytes) equals the query's are left out of the
 answer and of its certificate (`search_embedding`'s `exclude`): a query taken from the gallery, or an
@@ -28,21 +36,25 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from index.decode import DecodeError
+from encoder.image import DecodeBudget, decode_cost
+from index.decode import DecodeError, DecodeLimits, decode_image, read_bytes
 from index.errors import StoreError
+from index.layout import IndexDir
 from index.scan import scan_folder
 
 from .schema import SCHEMA_VERSION
-from .search import SearchResult, prepare_query, result_document, search_embedding, search_images
+from .search import SearchResult, reduce_query, result_document, search_embedding, search_images
 
-__all__ = ["QuerySource", "QueryOutcome", "expand_sources", "run_queries", "relative_path", "summary", "DEFAULT_BATCH"]
+__all__ = ["QuerySource", "QueryOutcome", "QueryReader", "expand_sources", "load_ahead", "run_queries",
+           "relative_path", "summary", "DEFAULT_BATCH", "DECODE_MEMORY"]
 
 log = logging.getLogger(__name__)
 DEFAULT_BATCH = 16  # images per encoder call
+DECODE_MEMORY = 512 * 2**20  # bytes of decoded images held at once across query workers (as a build's default)
 
 
 @dataclass(frozen=True)
@@ -129,18 +141,62 @@ def _read_list(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _load(gallery, source: QuerySource):
-    """Decode and preprocess one file query (in a worker thread): (PreparedQuery, content hash), or a
-    QueryOutcome with the error."""
-    if source.problem is not None:
-        return QueryOutcome(source, error_kind=source.problem.kind, error=source.problem.detail)
-    try:
-        decoded = gallery.decode(source.path)
-        return prepare_query(gallery, decoded.image), decoded.content_hash
-    except DecodeError as exc:
-        return QueryOutcome(source, error_kind=exc.kind, error=exc.detail)
-    except (OSError, ValueError) as exc:
-        return QueryOutcome(source, error_kind="unreadable", error=str(exc))
+@dataclass
+class QueryReader:
+    """How one gallery's query files are read: its decode limits, its encoder's input side (None: unknown,
+    the samples are kept for the encoder), and the decode budget its worker threads share."""
+
+    limits: DecodeLimits
+    input_size: int | None
+    budget: DecodeBudget
+
+    @classmethod
+    def for_meta(cls, meta: dict, decode_memory: int = DECODE_MEMORY) -> "QueryReader":
+        """From a catalog's metadata (`Gallery.meta`, `Catalog.meta()`)."""
+        size = (meta.get("encoder") or {}).get("input_size")
+        return cls(DecodeLimits(**meta.get("limits", {})), int(size) if size else None, DecodeBudget(decode_memory))
+
+    @classmethod
+    def for_index(cls, index_dir, decode_memory: int = DECODE_MEMORY) -> "QueryReader":
+        """From an index directory's catalog, read without loading its index file, torch or FAISS."""
+        catalog = IndexDir(index_dir).open_catalog()
+        try:
+            return cls.for_meta(catalog.meta(), decode_memory)
+        finally:
+            catalog.close()
+
+    def load(self, source: QuerySource):
+        """Read, decode and reduce one file query (any thread; no torch): (PreparedQuery, content hash), or a
+        QueryOutcome with the error. The decoded image is freed before this returns (large images) or kept
+        inside the PreparedQuery (small ones, `reduce_query`)."""
+        if source.problem is not None:
+            return QueryOutcome(source, error_kind=source.problem.kind, error=source.problem.detail)
+        try:
+            data = read_bytes(source.path, self.limits.max_bytes)
+            with self.budget.reserve(decode_cost(data)):  # bounded decode memory across workers
+                decoded = decode_image(data, self.limits)
+                del data
+                digest = decoded.content_hash
+                prepared = reduce_query(decoded.image, self.input_size)
+                del decoded
+            return prepared, digest
+        except DecodeError as exc:
+            return QueryOutcome(source, error_kind=exc.kind, error=exc.detail)
+        except (OSError, ValueError) as exc:
+            return QueryOutcome(source, error_kind="unreadable", error=str(exc))
+
+
+def load_ahead(reader: QueryReader, sources: list[QuerySource], batch_size: int = DEFAULT_BATCH,
+               workers: int | None = None) -> list:
+    """The first batch of `run_queries` read in advance (`QueryReader.load` in worker threads, within the
+    reader's decode budget), for its `loaded_ahead`: call it before loading the gallery's libraries (module
+    docstring)."""
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="robret-query") as pool:
+        return list(pool.map(lambda s: None if s.path is None else reader.load(s), sources[:max(1, int(batch_size))]))
+
+
+def _workers(workers: int | None) -> int:
+    return workers or min(4, os.cpu_count() or 1)
 
 
 def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates, exclude_self: bool,
@@ -168,27 +224,33 @@ def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates,
 def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify: bool = True,
                 eps: float | None = None, candidates: int | None = None, exclude_self: bool = False,
                 batch_size: int = DEFAULT_BATCH, workers: int | None = None,
-                probe_budget: int | None = None) -> Iterator[QueryOutcome]:
+                probe_budget: int | None = None, reader: QueryReader | None = None,
+                loaded_ahead: list | None = None) -> Iterator[QueryOutcome]:
     """One outcome per source, in order, each as soon as its batch is done (module docstring).
 
     Every result is the one `search_image(gallery, file, k, eps=, candidates=, exclude=)` gives (with
     `exclude` = the ids of indexed files with the query's content when `exclude_self`), or, for an id,
-    `search_embedding` on its stored vector.
+    `search_embedding` on its stored vector. reader: how files are read (default: from the gallery's
+    metadata); loaded_ahead: the first batch as `load_ahead` read it with that reader.
     """
     sources = list(sources)
     batch_size = max(1, int(batch_size))
-    workers = workers or min(4, os.cpu_count() or 1)
+    reader = reader or QueryReader.for_meta(gallery.meta)
     chunks = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+    if loaded_ahead is not None and (not chunks or len(loaded_ahead) != len(chunks[0])):
+        raise ValueError(f"loaded_ahead holds {len(loaded_ahead)} queries for a first batch of "
+                         f"{len(chunks[0]) if chunks else 0}")
     if any(s.path is not None for s in sources):
-        gallery.encoder  # noqa: B018 — load it here, once, before worker threads preprocess with it
+        gallery.encoder  # noqa: B018 — load it here, once, before worker threads read files
 
     def submit(chunk):
-        return [None if s.path is None else pool.submit(_load, gallery, s) for s in chunk]
+        return [None if s.path is None else pool.submit(reader.load, s) for s in chunk]
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="robret-query") as pool:
-        pending = submit(chunks[0]) if chunks else []
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="robret-query") as pool:
+        pending = (loaded_ahead if loaded_ahead is not None else submit(chunks[0])) if chunks else []
+        loaded_ahead = None  # held by `pending` only, so that it is freed with its batch
         for n, chunk in enumerate(chunks):
-            loaded = [None if f is None else f.result() for f in pending]
+            loaded = [f.result() if isinstance(f, Future) else f for f in pending]
             pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []  # decode ahead while this batch runs
             images = [(i, got) for i, got in enumerate(loaded) if isinstance(got, tuple)]
             excludes = [gallery.same_content(digest) if exclude_self else () for _, (_, digest) in images]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from .ivf_search import certified_ivf_search
 
 from .schema import SCHEMA_VERSION
 
-__all__ = ["Hit", "SearchResult", "PreparedQuery", "prepare_query", "search_image", "search_images",
+__all__ = ["Hit", "SearchResult", "PreparedQuery", "reduce_query", "prepare_query", "search_image", "search_images",
            "search_embedding", "default_candidates", "result_document"]
 
 
@@ -268,29 +268,62 @@ def search_image(gallery, image, k: int = 10, *, certify: bool = True, eps: floa
 
 @dataclass
 class PreparedQuery:
-    """A query ready for the encoder: its samples (`encoder.image.Pixels`) and the encoder input made from them."""
+    """A query ready for the encoder: what its certificate needs to know of the file's samples
+    (`encoder.image.Pixels`: size, layout, why not certifiable, the space radii are over) and the encoder
+    input made from them. The decoded image itself is not kept once the input is made."""
 
-    pixels: object  # encoder.image.Pixels: the file's own samples, what radii are stated over
-    input: object  # (1, 3, S, S) float tensor in [0, 1]: encoder.preprocess(pixels)
+    size: tuple[int, int]  # (height, width) of the samples, after EXIF orientation
+    layout: str  # the samples' channels (encoder.image.LAYOUT_CHANNELS)
+    channels: int  # samples per pixel
+    uncertified: str | None  # why no radius can be stated (None: certifiable)
+    space: str  # what radii are over, in words (Pixels.describe)
+    input: object  # (1, 3, S, S) tensor; from `reduce_query`: a (3, S, S) float32 array, or None (not yet made)
+    pixels: object = None  # the samples (encoder.image.Pixels), kept only while `input` is None
+
+
+def reduce_query(image, input_size: int | None) -> PreparedQuery:
+    """A decoded query (PIL image or `Pixels`) → a PreparedQuery, without torch: an image above
+    `encoder.resize.BAND_PIXELS` is reduced to the encoder's input now (`encoder.resize.reduce_to_input`,
+    the numbers `encoder.preprocess.to_input` gives), so that the caller can drop the decoded image before
+    loading the encoder (`robret query`: peak memory is then the larger of the two, not their sum). A
+    smaller image (≤ 4 MB as decoded) keeps its samples, and `prepare_query` preprocesses it with the
+    encoder. input_size None (unknown before the encoder loads): the samples are kept."""
+    from encoder.image import pixels
+    from encoder.resize import banded, reduce_to_input
+
+    px = pixels(image)
+    reduced = reduce_to_input(px, int(input_size)) if input_size and banded(px.size) else None
+    return PreparedQuery(px.size, px.layout, px.channels, px.uncertified, px.describe(), reduced,
+                         None if reduced is not None else px)
 
 
 def prepare_query(gallery, image) -> PreparedQuery:
     """Decode (a path, with the gallery's hardened decoder: DecodeError for a bad file) and preprocess one
     query with the gallery's encoder: the per-query work before embedding, safe to run in threads once
-    `gallery.encoder` is loaded."""
+    `gallery.encoder` is loaded. A PreparedQuery from `reduce_query` gets its input finished."""
     from PIL import Image
 
-    from encoder.image import Pixels, pixels
+    from encoder.image import Pixels
 
-    if isinstance(image, PreparedQuery):
-        return image
     if isinstance(image, (str, os.PathLike)):
-        px = pixels(gallery.decode(image).image)
-    elif isinstance(image, (Image.Image, Pixels)):
-        px = pixels(image)
-    else:
-        raise TypeError(f"expected a file path, a PIL image or Pixels, got {type(image).__name__}")
-    return PreparedQuery(px, gallery.encoder.preprocess(px))
+        image = gallery.decode(image).image
+    elif not isinstance(image, (Image.Image, Pixels, PreparedQuery)):
+        raise TypeError(f"expected a file path, a PIL image, Pixels or a PreparedQuery, got {type(image).__name__}")
+    query = image if isinstance(image, PreparedQuery) else reduce_query(image, None)
+    if query.pixels is not None:
+        return replace(query, input=gallery.encoder.preprocess(query.pixels), pixels=None)
+    if isinstance(query.input, np.ndarray):
+        import torch
+
+        from encoder.protocol import TorchEncoder
+
+        enc = gallery.encoder
+        side = getattr(enc, "input_size", None)
+        if getattr(type(enc), "preprocess", None) is not TorchEncoder.preprocess or query.input.shape != (3, side, side):
+            raise ValueError(f"a query reduced to a {query.input.shape[-1]}-pixel input with the standard "
+                             f"preprocessing cannot be embedded by {enc.name} (its own preprocessing or input size)")
+        return replace(query, input=torch.from_numpy(query.input)[None])
+    return query
 
 
 def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: float | None = None,
@@ -313,8 +346,7 @@ def search_images(gallery, images, k: int = 10, *, certify: bool = True, eps: fl
     embedded = embed_inputs(enc, [p.input for p in prepared])
     # What each certificate needs of its query; the decoded samples are not held while certificates are
     # computed (a large query's image would otherwise stay alive beside the resize-norm computation).
-    facts = [(p.pixels.size, p.pixels.layout, p.pixels.uncertified, p.pixels.describe(), p.pixels.channels)
-             for p in prepared]
+    facts = [(p.size, p.layout, p.uncertified, p.space, p.channels) for p in prepared]
     del prepared, images
     norm_fn = getattr(enc, "input_norm", None)
     results = []

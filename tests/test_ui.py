@@ -46,12 +46,15 @@ def library_search(index_dir, image, k):
         return search_image(g, image, k=k)
 
 
-def assert_table_matches(rows, res, names):
+def assert_table_matches(rows, res, names, radius_atol: float = 0.0):
+    """radius_atol: for queries the page resizes with torch's float32 kernel and the library with the resize
+    matrices (images above encoder.resize.BAND_PIXELS): inputs equal up to float rounding."""
     assert [r["id"] for r in rows] == [h.id for h in res.hits]
     assert [r["name"] for r in rows] == [names[h.id] for h in res.hits]
     np.testing.assert_allclose([r["score"] for r in rows], [h.score for h in res.hits], atol=1e-6)
     if res.certified:
-        np.testing.assert_allclose([r["radius"] for r in rows], [h.radius for h in res.hits], rtol=1e-6)
+        np.testing.assert_allclose([r["radius"] for r in rows], [h.radius for h in res.hits], rtol=1e-6,
+                                   atol=radius_atol)
     else:
         assert all("radius" not in r or r["radius"] is None or np.isnan(r["radius"]) for r in rows)
 
@@ -148,10 +151,15 @@ def test_large_upload_is_certified_at_its_full_size_as_robret_query_states_it(pa
     assert q.original_hw == (975, 1300) and tuple(q.x.shape) == (3, 975, 1300) and q.layout == "RGB"
     lib = library_search(ui_engine.index_dir, Image.open(io.BytesIO(buf.getvalue())), k=5)
     assert lib.query_size == (975, 1300)
-    assert_table_matches(table(at, "table_lipsim"), lib, ui_engine.names)
+    # The page resizes this 1.3-megapixel query with torch's float32 kernel, the library with the resize
+    # matrices (encoder.resize): their inputs differ by float rounding (~1e-6 per value), which moves a radius
+    # by far less than the encoder's float error does (slack / ‖P‖, the scale test_cli_bulk allows).
+    tol = lib.slack / lib.input_norm
+    assert tol < 1e-3 * min(h.radius for h in lib.hits if h.radius > 0)
+    assert_table_matches(table(at, "table_lipsim"), lib, ui_engine.names, radius_atol=tol)
     rows = table(at, "table_lipsim")
     np.testing.assert_allclose([r["radius_rms255"] for r in rows],
-                               [lib.rms255(h.radius) for h in lib.hits], rtol=1e-6)
+                               [lib.rms255(h.radius) for h in lib.hits], rtol=1e-6, atol=lib.rms255(tol))
 
 
 def bad_uploads() -> list[tuple[str, bytes, str]]:

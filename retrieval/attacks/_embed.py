@@ -51,9 +51,9 @@ def query_image(image: Image.Image, max_side: int | None = None, own_channels: b
     (aspect kept, each channel alike) when its longest side exceeds `max_side`."""
     px = pixels(image)
     if own_channels and px.uncertified is None:
-        x, layout = px.samples, px.layout
+        x, layout = torch.from_numpy(px.samples), px.layout
     else:
-        x, layout = px.rgb(), "RGB"
+        x, layout = torch.from_numpy(px.rgb()), "RGB"
     hw = (int(x.shape[-2]), int(x.shape[-1]))
     note = None
     if max_side is not None and max(hw) > max_side:

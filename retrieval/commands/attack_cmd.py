@@ -178,13 +178,15 @@ def _save(args, path: Path, query, out, gallery) -> dict | None:
         args.save_dir / f"{path.stem}.adv.png" if args.save_dir is not None else None)
     if dest is None:
         return None
+    import torch
+
     from encoder.image import pixels, to_pil
     from retrieval.attacks import ImageEmbedder, rank_query
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     saved = to_pil(out.x_adv, query.layout)  # the file's own mode: ‖δ‖ was measured over its samples
     saved.save(dest)
-    q8 = pixels(saved).samples[None]
+    q8 = torch.from_numpy(pixels(saved).samples)[None]
     emb = ImageEmbedder(gallery.encoder, layout=query.layout)
     kept = rank_query(gallery, emb.embed(q8)[0].cpu().numpy(), args.k).top
     return {"path": str(dest), "adversarial_topk_kept": len(set(kept) & set(out.after.top))}

@@ -336,8 +336,7 @@ CSV_COLUMNS = ("query", "rank", "id", "score", "radius", "radius_rms255", "certi
 
 
 def _query(args) -> int:
-    from index import Gallery
-    from retrieval.bulk import expand_sources, run_queries, summary
+    from retrieval.bulk import QueryReader, expand_sources, load_ahead, run_queries, summary
 
     if not args.images and not args.id:
         raise UsageError("give at least one query: an IMAGE, a folder, an @LIST file or --id N")
@@ -348,10 +347,15 @@ def _query(args) -> int:
     # One FILE or one --id prints that query's document; folders, lists and several queries print a batch.
     single = len(args.images) + len(args.id) == 1 and not any(
         item.startswith("@") or os.path.isdir(item) for item in args.images)
+    # The first batch is decoded and reduced before torch and FAISS load (retrieval/bulk.py: peak memory).
+    reader = QueryReader.for_index(args.index_dir)
+    ahead = load_ahead(reader, sources, args.batch_size)
+    from index import Gallery
+
     with Gallery.open(args.index_dir, use_gpu=not args.cpu) as gallery:
         outcomes = run_queries(gallery, sources, args.k, certify=not args.no_certify, eps=args.certify_eps,
                                candidates=args.candidates, exclude_self=args.exclude_self, batch_size=args.batch_size,
-                               probe_budget=args.probe_budget)
+                               probe_budget=args.probe_budget, reader=reader, loaded_ahead=ahead)
         done = []
         writer = None
         if args.csv:
