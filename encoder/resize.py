@@ -115,7 +115,8 @@ def reduce_to_input(image: Image.Image | Pixels, size: int) -> np.ndarray:
     separable. Memory: one band of BAND_PIXELS samples as floats plus the (3, H, size) intermediate, never
     a float copy of the image; 8-bit samples are read from the decoder's image band by band.
     `encoder.preprocess.to_input` uses this for images above BAND_PIXELS, so a query reduced early and the
-    same image preprocessed by the encoder give the same input, bit for bit.
+    same image preprocessed by the encoder give the same input, bit for bit in one process (another process
+    may run BLAS with other threads and sum in another order: the same input to float32 rounding).
     """
     px = pixels(image)
     h, w = px.size

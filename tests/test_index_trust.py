@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from index import (Catalog, Gallery, IngestOptions, IntegrityError, StoreError, VectorStore, build_index,
+from index import (Catalog, Gallery, IngestOptions, IntegrityError, VectorStore, build_index,
                    repair_index, update_index, verify_index)
 from index.layout import IndexDir
 from retrieval.cli import main as robret

@@ -87,10 +87,11 @@ def test_a_large_query_reduced_before_the_model_loads_gives_the_full_paths_top_k
 def test_the_query_is_reduced_without_torch_or_faiss_and_to_the_full_paths_input_bit_for_bit(
         photo_index, tiny_lipsim, tmp_path):
     """In a fresh process, reading the first batch (`load_ahead`) imports neither torch nor FAISS and keeps no
-    decoded image: only the (3, S, S) input, which equals the encoder's own preprocessing exactly."""
+    decoded image: only the (3, S, S) input, which equals the encoder's own preprocessing in that process
+    exactly (and in this one to float32 rounding)."""
     folder, index_dir = photo_index
     path = _large_query(folder, tmp_path, "RGB")
-    out = tmp_path / "input.npy"
+    out, ref = tmp_path / "input.npy", tmp_path / "reference.npy"
     code = (
         "import sys, numpy as np\n"
         "from retrieval.bulk import QueryReader, expand_sources, load_ahead\n"
@@ -99,6 +100,11 @@ def test_the_query_is_reduced_without_torch_or_faiss_and_to_the_full_paths_input
         "assert 'torch' not in sys.modules and 'faiss' not in sys.modules, 'a library was loaded'\n"
         "assert q.pixels is None and reader.budget.used == 0\n"
         f"np.save({str(out)!r}, q.input)\n"
+        # The encoder's own preprocessing in the same process: the same BLAS threads, so the same sums.
+        "from PIL import Image\n"
+        "from encoder.preprocess import to_input\n"
+        f"with Image.open({str(path)!r}) as image:\n"
+        f"    np.save({str(ref)!r}, to_input(image, {tiny_lipsim.input_size}).numpy()[0])\n"
         "print(q.size, q.layout, digest)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
@@ -106,8 +112,10 @@ def test_the_query_is_reduced_without_torch_or_faiss_and_to_the_full_paths_input
     assert run.stdout.split()[-2:] == ["RGB", __import__("hashlib").sha256(path.read_bytes()).hexdigest()]
     early = np.load(out)
     assert early.shape == (3, tiny_lipsim.input_size, tiny_lipsim.input_size) and early.dtype == np.float32
+    np.testing.assert_array_equal(early, np.load(ref))
+    # Across processes the float32 products may be summed in another order (BLAS threads): equal to rounding.
     with Image.open(path) as image:
-        np.testing.assert_array_equal(early, to_input(image, tiny_lipsim.input_size)[0].numpy())
+        np.testing.assert_allclose(early, to_input(image, tiny_lipsim.input_size)[0].numpy(), rtol=0, atol=2e-6)
 
 
 def test_a_small_query_keeps_its_samples_for_the_encoder_and_a_foreign_input_size_is_refused(

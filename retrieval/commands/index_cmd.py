@@ -310,12 +310,6 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
-def _fmt(r) -> str:
-    if r is None:
-        return "-"
-    return "inf" if math.isinf(r) else f"{r:.4g}"
-
-
 def _export(args) -> int:
     from index import Gallery
     from index.export import export_npy, export_parquet
