@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -611,11 +612,14 @@ def test_verify_during_a_stream_of_updates_never_reports_a_false_inconsistency(b
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     try:
-        versions = set()
-        for _ in range(40):
+        versions, checks, deadline = set(), 0, time.monotonic() + 180
+        # At least 40 checks, and on until verify has seen the writer commit several versions (verify is
+        # quicker than an update: a fixed count of checks could all fall between two commits).
+        while (checks < 40 or len(versions) <= 4) and time.monotonic() < deadline and not errors:
             report = verify_index(index_dir)
             assert report.ok, report.problems
             versions.add(report.facts["version"])
+            checks += 1
     finally:
         stop.set()
         t.join(60)

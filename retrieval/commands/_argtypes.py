@@ -40,15 +40,19 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def _nonnegative(value: float, text: str) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """A finite number ≥ 0."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
-    return value
+    return _nonnegative(value, text)
 
 
 def pixel_eps(text: str) -> float:
@@ -63,9 +67,7 @@ def pixel_eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction such as 8/255") from None
     except ZeroDivisionError:
         raise argparse.ArgumentTypeError(f"{text!r} divides by zero") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number ≥ 0")
-    return value
+    return _nonnegative(value, text)
 
 
 def check_linf_eps(value: float) -> None:
