@@ -13,7 +13,8 @@ Vectors are synthetic unit vectors of dimension D (default 1729: the `pixels:24`
 1792 of LipSim small); the files are tiny distinct placeholders, hashed and "embedded" through the
 writer's `embed_files` hook, so the figures are the storage path's alone (no decoding or model).
 
-    python -m benchmarks.segments                      # 20 checkpoints of 1,000 vectors (≈ 1 min)
+    python -m benchmarks.segments                      # 20 checkpoints of 1,000 vectors (≈ 30 s)
+    python -m benchmarks.segments --checkpoints 40 --batch 2500   # 100k vectors, an automatic compaction
     python -m benchmarks.segments --quick              # 8 checkpoints of 50 vectors (seconds)
 Writes benchmarks/results/segments.json and .md (--out PREFIX).
 """
@@ -100,8 +101,7 @@ def run(n_batches: int, batch: int) -> dict:
             pixels[0, 0, :] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)
             Image.fromarray(pixels).save(folder / f"f{i:06d}.png")
         before = _timed_build(folder, tmp / "before", encoder, batch, 0)
-        after = _timed_build(folder, tmp / "after", encoder, batch, None if n_batches > COMPACT_SEGMENTS else
-                             COMPACT_SEGMENTS)
+        after = _timed_build(folder, tmp / "after", encoder, batch, COMPACT_SEGMENTS)
         t = time.perf_counter()
         compacted = compact_index(tmp / "after")
         compact_s = time.perf_counter() - t
@@ -111,6 +111,7 @@ def run(n_batches: int, batch: int) -> dict:
             oa, ob = np.argsort(ids_a), np.argsort(ids_b)
             same = bool(np.array_equal(ids_a[oa], ids_b[ob]) and np.array_equal(vec_a[oa], vec_b[ob]))
         return {"dim": encoder.dim, "batch": batch, "checkpoints": n_batches, "before": before, "after": after,
+                "compact_segments": COMPACT_SEGMENTS,
                 "compact": {"seconds": compact_s, "files_before": compacted["files_before"],
                             "bytes": compacted["bytes"]},
                 "same_ids_and_vectors": same,
