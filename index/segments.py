@@ -19,6 +19,14 @@ Opening a gallery applies the live set in order: the base (a whole FAISS index, 
 then each segment's tombstones and rows. Applied to the state the previous files leave, each segment
 yields exactly the state its checkpoint had in memory; by induction the live set yields the committed
 state (the ids digest and row count recorded with the version check the result).
+
+On an IVF base, a segment's rows are added through the base's trained quantizer (each to its nearest
+list) and its tombstones removed from their lists. Certified IVF search stays sound whatever list a row
+lands in: the radius bounds ρ_c and the norm bound M it uses (index/ivf.py `CertifiedIVF.from_faiss`)
+are computed at open from the exact float32 vectors every list then holds, so ρ_c ≥ ‖e_j − μ_c‖ for
+every stored e_j, segment rows included; nothing recorded in a file is trusted for a bound. (In memory,
+`CertifiedIVF.add` keeps the same invariant by only ever raising ρ_c and M; `remove` leaves them, an
+upper bound over a set being one over any subset.)
 """
 from __future__ import annotations
 

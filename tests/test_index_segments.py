@@ -367,3 +367,58 @@ def test_segments_on_an_ivf_base_load_into_the_ivf_and_every_certified_bound_hol
     with pytest.raises(IntegrityError, match="robret index repair"):
         load_live_store(layout, meta, use_gpu=False)
     assert size2 == segment_bytes(dim, 2, 30)
+
+
+def test_an_ivf_gallery_grown_by_segments_answers_the_exhaustive_certificate_before_and_after_compaction(
+        tmp_path, tiny_lipsim):
+    from encoder.certify import certify_topk_bruteforce
+    from retrieval.search import search_embedding
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(92):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    late = [folder / f"{i:02d}.png" for i in range(80, 92)]
+    for p in late:
+        p.rename(p.with_suffix(".later"))
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, index_type="IVF2,Flat",
+                options=IngestOptions(workers=2, batch_size=40))
+    assert _kinds(index_dir) == ["faiss"] and _meta(index_dir)["factory"] == "IVF2,Flat"
+    for p in late:
+        p.with_suffix(".later").rename(p)
+    for i in range(3):
+        os.remove(folder / f"{i:02d}.png")
+    update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    last = _meta(index_dir)["segments"][-1]
+    assert _kinds(index_dir) == ["faiss", "rows"] and last["rows"] == 12 and last["removed"] == 3
+
+    def check():
+        with Gallery.open(index_dir, encoder=tiny_lipsim) as g:
+            assert g.store.factory == "IVF2,Flat" and len(g) == 89
+            ivf = g.certified_ivf
+            for c in range(ivf.nlist):  # every radius bound covers its list, the segment's rows included
+                _, vecs = ivf.list_vectors(c)
+                if len(vecs):
+                    assert np.linalg.norm(vecs.astype(np.float64) - ivf.centroids[c], axis=1).max() <= ivf.rho[c]
+            ids, vecs = g.all_vectors()
+            out = []
+            for row in (0, 85):
+                res = search_embedding(g, vecs[row], k=4, exclude=[int(ids[row])])
+                keep = np.arange(len(ids)) != row
+                top, radius, _ = certify_topk_bruteforce(vecs[row], vecs[keep], 4, 1.0, slack=res.slack)
+                assert res.method == "certified-ivf" and res.exhaustive
+                assert [h.id for h in res.hits] == ids[keep][top].tolist()
+                np.testing.assert_allclose([h.radius for h in res.hits], radius, rtol=1e-9)
+                out.append([(h.id, h.radius) for h in res.hits])
+            return out
+
+    before = check()
+    assert verify_index(index_dir, deep=True).ok
+    compact_index(index_dir)
+    assert _kinds(index_dir) == ["faiss"] and verify_index(index_dir, deep=True).ok
+    after = check()
+    assert [[i for i, _ in r] for r in after] == [[i for i, _ in r] for r in before]
+    for a, b in zip(after, before):
+        np.testing.assert_allclose([r for _, r in a], [r for _, r in b], rtol=1e-9)
