@@ -322,10 +322,10 @@ def _verify(args) -> int:
         f = report.facts
         if report.ok and f.get("checks") == "deep":
             print(f"OK: version {f.get('version')}, {f.get('ntotal', 0)} vectors = {f.get('indexed_rows')} indexed "
-                  f"rows, ids equal, norms 1, checksum matches")
+                  f"rows, ids equal, norms 1, checksums of {f.get('files')} files match")
         elif report.ok:
-            print(f"OK: version {f.get('version')}, checksum matches, {f.get('indexed_rows')} indexed rows = the "
-                  "committed count and id set (--deep also decodes the index file)")
+            print(f"OK: version {f.get('version')}, checksums of {f.get('files')} files match, {f.get('indexed_rows')} "
+                  "indexed rows = the committed count and id set (--deep also decodes the index files)")
         else:
             print("INCONSISTENT:" if report.repairable else "CANNOT VERIFY:", *report.problems, sep="\n  ")
             if report.repairable:
