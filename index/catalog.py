@@ -5,12 +5,13 @@ Tables:
                    relative path, content hash, size, mtime, displayed width/height, status
                    (indexed / failed / removed), failure reason, notes, encoder, timestamps.
     robret_meta    key → JSON: schema_version, owner (the id of the one index directory using this
-                   catalog) and index_dir, root, encoder identity, index {version, rows, sha256,
-                   file, factory, requested, params, dim}, created_at, last_run.
+                   catalog) and index_dir, root, encoder identity, index {version, rows, segments
+                   (the live files: name, kind, sha256, rows, removed), sha256 and file (the base's),
+                   ids_sha256, factory, requested, params, dim}, created_at, last_run.
 
-The catalog owns the truth; the FAISS file is derived from it. A row is `indexed` exactly when its
-id is in the index file of the committed `index.version` — ingest commits row changes and the new
-index version in one transaction, after that index file is durably on disk (see ingest.py).
+The catalog owns the truth; the index files are derived from it. A row is `indexed` exactly when its
+id is in the index the committed live set yields (index/layout.py) — ingest commits row changes and
+the new live set in one transaction, after its new file is durably on disk (see ingest.py).
 SQLite files run in WAL mode with synchronous=FULL. Any SQLAlchemy URL works; `path_key` is a
 binary column (raw file-name bytes, so non-UTF-8 names round-trip), which SQLite and PostgreSQL
 index directly.
@@ -35,7 +36,7 @@ __all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "meta
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the index is a live set of files (index.segments); 1 had one index file
 DB_URL_ENV = "ROBRET_DB_URL"  # a catalog URL, possibly with its password, read from the environment only
 INDEXED, FAILED, REMOVED = "indexed", "failed", "removed"
 

@@ -18,9 +18,9 @@ from . import embedder
 from .catalog import Catalog, FileRecord, check_same_encoder
 from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
-from .ingest import load_live_store
 from .ivf import CertifiedIVF
 from .layout import IndexDir
+from .segments import load_live_store
 from .store import VectorStore
 
 __all__ = ["Gallery", "open_gallery"]
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 class Gallery:
     """Read access to one index directory: search, stored vectors, file records, the encoder.
 
-    Opening loads the live index file named by the catalog (and checks its row count) but not the
+    Opening loads the live files named by the catalog (a base and segments, each checked against its
+    recorded SHA-256 and row count) into one FAISS index, but not the
     encoder, which loads on first use of `.encoder` (and is checked against the recorded weights).
     A writer may update the directory meanwhile; this object keeps the version it opened.
     """

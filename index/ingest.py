@@ -13,23 +13,32 @@ Incremental rules (per file, keyed by its path relative to the root):
 - files that fail are recorded with their reason and not retried until they change (or
   `retry_failed`). Nothing a file contains aborts the run.
 
-Commit protocol (crash safety). The catalog's committed `index.version` names the only live index
-file, `vectors.<version>.faiss`. Work happens in memory (FAISS index + pending row changes); a
-checkpoint then
-  1. writes the whole index to `vectors.<v+1>.faiss.tmp`, fsyncs, renames it into place, fsyncs the
-     directory;
+Commit protocol (crash safety). The catalog's committed `index.segments` names the live set (index/
+layout.py): at most one base (a whole FAISS index, `vectors.<v>.faiss`) followed by segments
+(`segment.<v>.rows`, index/segments.py), each with its SHA-256 and row count. Work happens in memory
+(FAISS index + pending row changes + what changed since the last checkpoint: the ids added, and the
+committed ids removed); a checkpoint then
+  1. writes ONE new file: normally a segment holding only the rows added since the previous checkpoint
+     and the ids it removed (tombstones) — temporary file, fsync, rename, directory fsync — so that a
+     checkpoint costs what changed, not the gallery's size; or, when a whole index is due (nothing live
+     yet, the index type changed, an HNSW graph was rebuilt by a removal, `repair`, or the live set
+     already holds `compact_segments` segments), a new base `vectors.<v+1>.faiss` the same way;
   2. commits, in ONE catalog transaction, every pending row change together with index.version = v+1,
-     its row count and SHA-256;
-  3. deletes `vectors.<v>.faiss` and any other leftovers.
-Killed before 2 commits, the catalog still names v, whose file is intact (step 3 has not run): the
-work since the last checkpoint is simply redone by the next update. Killed after 2, the catalog names
-v+1, whose file is complete. Either way the rows marked indexed are exactly the ids in the live file:
-nothing is lost, duplicated or orphaned. Checkpoints happen every `checkpoint_seconds` (and at the end).
+     its live set (the previous one plus the segment, or the base alone), row count and ids digest;
+  3. deletes files outside the new live set (after a base: the files it replaces) and any leftovers.
+Killed before 2 commits, the catalog still names v's live set, whose files are intact (files are never
+rewritten, and step 3 has not run): the work since the last checkpoint is simply redone by the next
+update. Killed after 2, the catalog names v+1, whose files are complete. Either way the rows marked
+indexed are exactly the ids the live set yields: nothing is lost, duplicated or orphaned. Checkpoints
+happen every `checkpoint_seconds` (and at the end). `compact_index` merges the live set into one base
+with the same steps (no row changes); a writer deletes orphan files of a killed checkpoint when it opens.
 
 `ROBRET_INDEX_CRASH_AT="point:n[,point:n]"` SIGKILLs the process at the n-th passage of a point —
-batch (after a batch is added in memory), write (index temp file durable, before the rename),
-rename (after the rename, before the catalog commit), commit (after the commit, before cleanup) —
-so that tests can kill a build at exact moments. Unset, it costs one dict lookup per point.
+batch (after a batch is added in memory), segment (a segment's temporary file half written, nothing
+fsynced), write (the new file's temporary file durable, before the rename), rename (after the rename,
+before the catalog commit), commit (after the commit, before cleanup), and in `compact_index`
+compact-write, compact-rename, compact-commit (the same moments) — so that tests can kill a build at
+exact moments. Unset, it costs one dict lookup per point.
 """
 from __future__ import annotations
 
@@ -50,19 +59,23 @@ from PIL import Image
 from encoder.image import DecodeBudget, decode_cost
 
 from . import embedder
-from .catalog import FAILED, INDEXED, REMOVED, Catalog, ids_digest, make_engine, recorded_url, safe_url, utcnow
+from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, ids_digest, make_engine, recorded_url, safe_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
-from .layout import IndexDir
+from .layout import BASE, ROWS, IndexDir, live_files
 from .scan import ScanEntry, display_path
+from .segments import load_live_store, write_segment
 from .sources import Source, resolve_source, scan_source
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
-__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "CRASH_ENV",
-           "preprocess_bytes"]
+__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "compact_index",
+           "load_live_store", "CRASH_ENV", "COMPACT_SEGMENTS", "preprocess_bytes"]
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "ROBRET_INDEX_CRASH_AT"
+# A checkpoint compacts (writes one base) instead of appending once the live set holds this many
+# segments: opening then reads at most this many files besides the base.
+COMPACT_SEGMENTS = 32
 
 
 @dataclass
@@ -83,6 +96,10 @@ class IngestOptions:
     # (position, dict(vector, digest, size, width, height, notes) | DecodeError) in any order.
     # None: decode and embed in this process.
     embed_files: object = None
+    # A checkpoint writes one base (all vectors) instead of a segment once the live set already holds
+    # this many segments; 0: every checkpoint rewrites the whole index (the layout before segments);
+    # None: never automatically (`robret index compact` does it).
+    compact_segments: int | None = COMPACT_SEGMENTS
 
 
 @dataclass
@@ -255,31 +272,6 @@ def _catalog_initialised(url: str) -> bool:
         catalog.close()
 
 
-def load_live_store(layout: IndexDir, index_meta: dict, use_gpu: bool = True) -> VectorStore:
-    """The index file named by the catalog (an empty index at version 0), checked against the catalog:
-    its SHA-256 (IntegrityError on a mismatch, see VectorStore.read), dimension and row count.
-
-    Every open that answers queries (Gallery.open) or writes (build, update, repair) comes here, so
-    no answer and no new version is ever derived from a file that is not the one committed.
-    """
-    version = int(index_meta["version"])
-    if version == 0:
-        return VectorStore.create(int(index_meta["dim"]), "Flat", use_gpu=use_gpu)
-    path = layout.index_file(version)
-    if not path.is_file():
-        raise StoreError(f"index file {path.name} (version {version}) is missing; run `robret index repair`")
-    if not index_meta.get("sha256"):
-        raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
-    store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu,
-                             sha256=index_meta["sha256"])
-    if store.dim != int(index_meta["dim"]):
-        raise StoreError(f"index file has dimension {store.dim}, the catalog says {index_meta['dim']}")
-    if store.ntotal != int(index_meta["rows"]):
-        raise StoreError(f"index file holds {store.ntotal} vectors, the catalog recorded {index_meta['rows']}; "
-                         "run `robret index repair`")
-    return store
-
-
 # The writer -------------------------------------------------------------------------------------
 @dataclass
 class _Loaded:
@@ -316,6 +308,12 @@ class _Writer:
         self.pending: dict[int, dict] = {}  # id → full row state to write at the next checkpoint
         self.new_ids: set[int] = set()  # pending ids not yet in the catalog (inserts)
         self.last_checkpoint = time.monotonic()
+        self.live = live_files(self.index_meta)  # the committed live set (index/layout.py)
+        # Changes since the last checkpoint, what its segment holds: ids added (in order; their vectors are
+        # read back from the index at the checkpoint) and committed ids removed (tombstones).
+        self.added: dict[int, None] = {}
+        self.removed: set[int] = set()
+        self.rebuilt = False  # the in-memory index was rebuilt (type change, lost files): a base is due
 
     # Setup ----------------------------------------------------------------------------------
     def _load_store(self) -> VectorStore:
@@ -327,8 +325,8 @@ class _Writer:
             self.report.warnings.append(f"index file unusable ({exc}); rebuilding it from the files")
             log.warning("repair: %s; rebuilding", exc)
             store = VectorStore.create(int(self.index_meta["dim"]), "Flat", use_gpu=self.options.use_gpu)
-            self.dirty = True
-        for leftover in self.layout.leftovers(self.version):
+            self.dirty = self.rebuilt = True
+        for leftover in self.layout.leftovers(self.index_meta):
             log.info("removing leftover %s from an interrupted write", leftover.name)
             leftover.unlink(missing_ok=True)
         return store
@@ -350,8 +348,8 @@ class _Writer:
                 bad |= set(chunk[~(np.abs(norms - 1) <= NORM_TOLERANCE)].tolist())
         orphans = (in_store - indexed) | bad
         if orphans:
-            self.store.remove(sorted(orphans))
-            self.dirty = True
+            self._remove(sorted(orphans))
+            self.rebuilt = True  # a base, not tombstones, for an index that disagreed (e.g. an id stored twice)
         reembed = (indexed - in_store) | (bad & indexed)
         if orphans or reembed:
             msg = f"catalog and index disagreed: {len(orphans)} index entries dropped, {len(reembed)} files to re-embed"
@@ -543,9 +541,8 @@ class _Writer:
         """Remove a row's current vector (if any) from the index and from the hash lookup."""
         if row is None or row["id"] not in self.in_store:
             return
-        self.store.remove([row["id"]])
+        self._remove([row["id"]])
         self.in_store.discard(row["id"])
-        self.dirty = True
         if row["content_hash"] and self.by_hash.get(row["content_hash"]) == row["id"]:
             del self.by_hash[row["content_hash"]]
 
@@ -575,9 +572,8 @@ class _Writer:
         vector = self.store.reconstruct([source])
         self._drop_vector(row)
         row = row if row is not None else self._new_row(entry)
-        self.store.add([row["id"]], vector)
+        self._add([row["id"]], vector)
         self.in_store.add(row["id"])
-        self.dirty = True
         self._stage(row["id"], {**row, **common})
         self.report.reused += 1
 
@@ -606,9 +602,8 @@ class _Writer:
                                     "height": loaded.height, "notes": "; ".join(loaded.notes) or None,
                                     "encoder": self.encoder.name, "embedded_at": now})
             self.by_hash.setdefault(loaded.digest, row["id"])
-        self.store.add(ids, vectors)
+        self._add(ids, vectors)
         self.in_store.update(ids)
-        self.dirty = True
         batch.clear()
         _crash_point("batch")
         if time.monotonic() - self.last_checkpoint >= self.options.checkpoint_seconds:
@@ -623,7 +618,40 @@ class _Writer:
             self._drop_vector(row)
             self._stage(row_id, {**row, "status": REMOVED})
 
+    # Changes to the index, recorded for the next segment ---------------------------------------
+    def _add(self, ids, vectors) -> None:
+        self.store.add(ids, vectors)
+        self.added.update(dict.fromkeys(int(i) for i in ids))
+        self.dirty = True
+
+    def _remove(self, ids) -> None:
+        """Remove stored ids. An id added since the last checkpoint simply leaves the next segment; any
+        other id is committed (an id is stored at most once, so a re-added id had its committed vector
+        removed first): it becomes a tombstone, applied before the segment's rows at open."""
+        self.store.remove(ids)
+        for i in ids:
+            i = int(i)
+            if i in self.added:
+                del self.added[i]
+            else:
+                self.removed.add(i)
+        if self.store.kind == "hnsw":
+            self.rebuilt = True  # VectorStore.remove rebuilt the graph: save it rather than redo it at open
+        self.dirty = True
+
     # Checkpoint -----------------------------------------------------------------------------
+    def _base_due(self, final: bool) -> bool:
+        """Whether this checkpoint writes one base (the whole index) rather than a segment (module doc)."""
+        segments = sum(f["kind"] == ROWS for f in self.live)
+        if self.rebuilt:
+            return True
+        if final and self.repair:  # repair leaves one verified base behind
+            return not (len(self.live) == 1 and self.live[0]["kind"] == BASE) or bool(self.added or self.removed)
+        if not (self.added or self.removed):
+            return False
+        limit = self.options.compact_segments
+        return not self.live or (limit is not None and segments >= limit)
+
     def _checkpoint(self, final: bool) -> None:
         requested = self.index_meta.get("requested", "auto")
         if final:
@@ -631,30 +659,100 @@ class _Writer:
             if target != self.store.factory:
                 log.info("converting the index from %s to %s", self.store.factory, target)
                 self.store = self.store.rebuild(target)
-                self.dirty = True
-        if not self.dirty and not self.pending and self.version > 0:
+                self.dirty = self.rebuilt = True
+        base = self._base_due(final)
+        if not self.dirty and not self.pending and self.version > 0 and not base:
             return
         version = self.version + 1
-        path = self.layout.index_file(version)
-        digest = self.store.write(path, before_replace=lambda _tmp: _crash_point("write"))
-        _crash_point("rename")
-        index_meta = {**self.index_meta, "version": version, "rows": self.store.ntotal, "sha256": digest,
-                      "ids_sha256": ids_digest(np.sort(self.store.ids())), "file": path.name,
+        if base:
+            path = self.layout.index_file(version)
+            digest = self.store.write(path, before_replace=lambda _tmp: _crash_point("write"))
+            _crash_point("rename")
+            live = [{"name": path.name, "kind": BASE, "sha256": digest, "rows": self.store.ntotal,
+                     "version": version, "bytes": path.stat().st_size}]
+        elif self.added or self.removed:
+            ids = np.fromiter(self.added, np.int64, len(self.added))
+            removed = np.array(sorted(self.removed), np.int64)
+            path = self.layout.segment_file(version)
+            digest, size = write_segment(path, self.store.dim, removed, ids, self.store.reconstruct(ids),
+                                         midway=lambda: _crash_point("segment"),
+                                         before_replace=lambda _tmp: _crash_point("write"))
+            _crash_point("rename")
+            live = self.live + [{"name": path.name, "kind": ROWS, "sha256": digest, "rows": len(ids),
+                                 "removed": len(removed), "version": version, "bytes": size}]
+        else:  # only catalog rows changed (failures, refreshed mtimes): the same live set
+            live = self.live
+        first = live[0] if live and live[0]["kind"] == BASE else None
+        index_meta = {**self.index_meta, "version": version, "rows": self.store.ntotal,
+                      "sha256": first and first["sha256"], "file": first and first["name"], "segments": live,
+                      "ids_sha256": ids_digest(np.sort(self.store.ids())),
                       "factory": self.store.factory, "params": self.store.params}
         inserts = [self.pending[i] for i in sorted(self.new_ids)]
         updates = [{k: v for k, v in self.pending[i].items() if k != "created_at"}
                    for i in sorted(self.pending) if i not in self.new_ids]
         for row in inserts:
             row.setdefault("created_at", row["updated_at"])
-        self.catalog.commit_changes(inserts, updates, {"index": index_meta})
+        self.catalog.commit_changes(inserts, updates, {"index": index_meta, "schema_version": SCHEMA_VERSION})
         _crash_point("commit")
-        self.version, self.index_meta = version, index_meta
+        self.version, self.index_meta, self.live = version, index_meta, live
         self.pending.clear()
         self.new_ids.clear()
-        self.dirty = False
+        self.added.clear()
+        self.removed.clear()
+        self.dirty = self.rebuilt = False
         self.last_checkpoint = time.monotonic()
-        for leftover in self.layout.leftovers(version):
+        for leftover in self.layout.leftovers(index_meta):
             leftover.unlink(missing_ok=True)
+
+
+def compact_index(index_dir, *, use_gpu: bool = False) -> dict:
+    """Merge an index directory's live set (a base and segments) into one base file (`robret index compact`).
+
+    The same protocol as a checkpoint, without row changes: the live set is loaded and checked (checksums,
+    row counts, and the ids digest recorded with the version: IntegrityError naming repair otherwise),
+    written whole to `vectors.<v+1>.faiss` (temporary file, fsync, rename, directory fsync), then ONE
+    catalog commit names it alone as version v+1; the files it replaces are deleted only after that commit.
+    Killed at any moment, the catalog names either the old live set (intact) or the new base (complete).
+    Returns {"version_before", "version", "files_before", "bytes_before", "bytes", "rows", "seconds"}.
+    """
+    t0 = time.monotonic()
+    layout = IndexDir(index_dir)
+    config = layout.read_config()
+    with layout.writer_lock():
+        catalog = layout.open_catalog(read_only=False, config=config)
+        try:
+            index_meta = catalog.meta()["index"]
+            before = live_files(index_meta)
+            store = load_live_store(layout, index_meta, use_gpu=use_gpu)
+            recorded = index_meta.get("ids_sha256")
+            if recorded is not None and ids_digest(np.sort(store.ids())) != recorded:
+                raise IntegrityError("the live index files do not hold the ids committed with version "
+                                     f"{index_meta['version']}; run `robret index repair {layout.path}`")
+            for leftover in layout.leftovers(index_meta):
+                leftover.unlink(missing_ok=True)
+            out = {"version_before": int(index_meta["version"]), "files_before": len(before),
+                   "bytes_before": sum((layout.path / f["name"]).stat().st_size for f in before),
+                   "rows": store.ntotal}
+            if len(before) <= 1 and all(f["kind"] == BASE for f in before):
+                return {**out, "version": out["version_before"], "bytes": out["bytes_before"],
+                        "seconds": time.monotonic() - t0}
+            version = int(index_meta["version"]) + 1
+            path = layout.index_file(version)
+            digest = store.write(path, before_replace=lambda _tmp: _crash_point("compact-write"))
+            _crash_point("compact-rename")
+            size = path.stat().st_size
+            new_meta = {**index_meta, "version": version, "rows": store.ntotal, "sha256": digest, "file": path.name,
+                        "segments": [{"name": path.name, "kind": BASE, "sha256": digest, "rows": store.ntotal,
+                                      "version": version, "bytes": size}],
+                        "ids_sha256": ids_digest(np.sort(store.ids())), "factory": store.factory,
+                        "params": store.params}
+            catalog.commit_changes([], [], {"index": new_meta, "schema_version": SCHEMA_VERSION})
+            _crash_point("compact-commit")
+            for leftover in layout.leftovers(new_meta):
+                leftover.unlink(missing_ok=True)
+            return {**out, "version": version, "bytes": size, "seconds": time.monotonic() - t0}
+        finally:
+            catalog.close()
 
 
 def preprocess_bytes(data: bytes, limits: DecodeLimits, encoder) -> tuple[object, int, int, list[str]]:

@@ -5,12 +5,18 @@
                                 "owner": this index's id (also in its catalog)}
                                The catalog URL is recorded without its password (catalog.connect_url).
     DIR/catalog.sqlite         the catalog when no other SQLAlchemy URL was given (WAL mode)
-    DIR/vectors.<version>.faiss  the FAISS index; <version> is the catalog's index version
+    DIR/vectors.<version>.faiss  a base: a whole FAISS index, written by the checkpoint (or compaction)
+                               of that catalog version
+    DIR/segment.<version>.rows   a segment: the rows one checkpoint added and the ids it removed
+                               (tombstones), append-only (index/segments.py)
     DIR/.lock                  held (flock) by the one process allowed to write
 
-Only the file named by the catalog's committed version is live. Other `vectors.*` files and their
-temporary files (`vectors.<version>.faiss.<random>.tmp`) are leftovers of an interrupted write;
-writers delete them when they open the directory.
+The live set is what the catalog's committed `index.segments` names, in order: at most one base
+first, then segments, each with its SHA-256 and row count (`live_files`). Indexes written before
+segments record no `segments`: their one live file is `vectors.<version>.faiss` (read as a base).
+Every other `vectors.*` / `segment.*` file and every temporary file (`<name>.<random>.tmp`) is a
+leftover of an interrupted write or of a compaction's last step; writers delete them when they
+open the directory.
 """
 from __future__ import annotations
 
@@ -29,8 +35,26 @@ __all__ = ["IndexDir", "CONFIG_NAME", "DEFAULT_CATALOG"]
 
 CONFIG_NAME = "robret-index.json"
 DEFAULT_CATALOG = "catalog.sqlite"
-_VECTORS = re.compile(r"^vectors\.(\d+)\.faiss$")
-_VECTORS_TMP = re.compile(r"^vectors\.\d+\.faiss(\.\w+)?\.tmp$")  # encoder.io.atomic_write's temporary names
+_VECTORS = re.compile(r"^(?:vectors\.(\d+)\.faiss|segment\.(\d+)\.rows)$")
+# encoder.io.atomic_write's temporary names
+_VECTORS_TMP = re.compile(r"^(?:vectors\.\d+\.faiss|segment\.\d+\.rows)(\.\w+)?\.tmp$")
+BASE, ROWS = "faiss", "rows"  # the two kinds of live file
+
+
+def live_files(index_meta: dict) -> list[dict]:
+    """The committed live set, in load order: [{"name", "kind" (BASE or ROWS), "sha256", "rows", ...}].
+
+    `rows` is the number of vectors a base holds, or the number a segment adds (its tombstones are
+    `removed`). An index written before segments existed records only `file`/`sha256`/`rows`: its one
+    file is read as a base. Version 0 has no file. Pure Python: `verify` and `stats` use it without numpy.
+    """
+    version = int(index_meta["version"])
+    if version == 0:
+        return []
+    if "segments" in index_meta:
+        return [dict(f) for f in index_meta["segments"]]
+    return [{"name": index_meta.get("file") or f"vectors.{version:08d}.faiss", "kind": BASE,
+             "sha256": index_meta.get("sha256"), "rows": int(index_meta["rows"]), "version": version}]
 
 
 class IndexDir:
@@ -47,7 +71,12 @@ class IndexDir:
         return self.config_path.is_file()
 
     def index_file(self, version: int) -> Path:
+        """The base file a checkpoint or compaction of `version` writes."""
         return self.path / f"vectors.{version:08d}.faiss"
+
+    def segment_file(self, version: int) -> Path:
+        """The segment file a checkpoint of `version` writes."""
+        return self.path / f"segment.{version:08d}.rows"
 
     def read_config(self) -> dict:
         if not self.exists():
@@ -108,13 +137,26 @@ class IndexDir:
                 "each index needs a catalog of its own (another --db database), and using that one "
                 "from here would break the other index")
 
-    def leftovers(self, live_version: int) -> list[Path]:
-        """Files of interrupted writes: index versions other than the live one, and temporary files."""
-        found = []
+    def leftovers(self, live: int | dict) -> list[Path]:
+        """Files of interrupted writes and of finished compactions: temporary files, and base or segment
+        files outside the live set. `live` is the committed index metadata (exact: every file it does
+        not name), or only its version number (then files of later versions, never committed, and bases
+        of other versions when no segment exists; files of earlier versions may be live segments)."""
+        if isinstance(live, dict):
+            names = {f["name"] for f in live_files(live)}
+            version = None
+        else:
+            names, version = {f"vectors.{int(live):08d}.faiss"}, int(live)
+        found, entries = [], []
         with contextlib.suppress(FileNotFoundError):
-            for p in self.path.iterdir():
-                m = _VECTORS.match(p.name)
-                if (m and int(m.group(1)) != live_version) or _VECTORS_TMP.match(p.name):
+            entries = list(self.path.iterdir())
+        segmented = any(_VECTORS.match(p.name) and _VECTORS.match(p.name).group(2) for p in entries)
+        for p in entries:
+            m = _VECTORS.match(p.name)
+            if _VECTORS_TMP.match(p.name):
+                found.append(p)
+            elif m and p.name not in names:
+                if version is None or int(m.group(1) or m.group(2)) > version or (m.group(1) and not segmented):
                     found.append(p)
         return sorted(found)
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .catalog import safe_url
-from .layout import IndexDir
+from .layout import IndexDir, live_files
 
 __all__ = ["index_stats"]
 
@@ -13,8 +13,7 @@ def index_stats(index_dir) -> dict:
     catalog = layout.open_catalog()
     try:
         meta = catalog.meta()
-        version = int(meta["index"]["version"])
-        path = layout.index_file(version)
+        files = [layout.path / f["name"] for f in live_files(meta["index"])]
         return {
             "index_dir": str(layout.path),
             "root": meta["root"],
@@ -24,7 +23,7 @@ def index_stats(index_dir) -> dict:
             "encoder": meta["encoder"],
             "files": catalog.counts(),
             "failures": catalog.failure_reasons(),
-            "index": {**meta["index"], "bytes": path.stat().st_size if version and path.is_file() else 0},
+            "index": {**meta["index"], "files": len(files), "bytes": sum(p.stat().st_size for p in files if p.is_file())},
             "limits": meta.get("limits"),
             "last_run": meta.get("last_run"),
         }

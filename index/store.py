@@ -36,7 +36,7 @@ from encoder.io import atomic_write, fd_sha256, file_sha256, fsync_dir
 from .errors import IntegrityError, StoreError
 
 __all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", "target_factory",
-           "default_params", "file_sha256", "fsync_dir"]
+           "default_params", "open_checked", "file_sha256", "fsync_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,29 @@ def default_params(factory: str) -> dict:
     if kind == "hnsw":
         return {"efSearch": 128, "efConstruction": 200}
     return {}
+
+
+def open_checked(path: str | os.PathLike, sha256: str | None) -> int:
+    """A read-only descriptor of an index file (base or segment) whose bytes have the digest `sha256`
+    (not checked when None): the caller reads what was checked through this very descriptor. StoreError
+    when it cannot be opened; IntegrityError, naming repair, when the digest differs."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise StoreError(f"cannot read index file {path}: {exc.strerror or exc}") from None
+    if sha256 is not None:
+        try:
+            digest = fd_sha256(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if digest != sha256:
+            os.close(fd)
+            raise IntegrityError(
+                f"index file {Path(path).name} has SHA-256 {digest[:16]}…, not the {str(sha256)[:16]}… "
+                "committed with its version: it is corrupted or was altered, and nothing is answered "
+                f"from it; run `robret index repair {Path(path).parent}`")
+    return fd
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -178,22 +201,11 @@ class VectorStore:
         The file is opened once; the digest is taken and the index loaded through that one
         descriptor, so what is checked is the very inode that is loaded (a file swapped in between
         cannot slip through). Index files are never rewritten in place (a new version is a new file
-        renamed into place), so a match means the bytes committed with the version. Per-segment
-        checksums belong with lazily loaded (memory-mapped) segments, where each read would check
-        only the segment it touches.
+        renamed into place), so a match means the bytes committed with the version. Segments
+        (index/segments.py) are checked the same way, each against its own recorded digest.
         """
+        fd = open_checked(path, sha256)
         try:
-            fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise StoreError(f"cannot read index file {path}: {exc.strerror or exc}") from None
-        try:
-            if sha256 is not None:
-                digest = fd_sha256(fd)
-                if digest != sha256:
-                    raise IntegrityError(
-                        f"index file {Path(path).name} has SHA-256 {digest[:16]}…, not the {str(sha256)[:16]}… "
-                        "committed with its version: it is corrupted or was altered, and nothing is answered "
-                        f"from it; run `robret index repair {Path(path).parent}`")
             source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fspath(path)
             try:
                 index = faiss.read_index(source)
@@ -239,20 +251,23 @@ class VectorStore:
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
     # Changes --------------------------------------------------------------------------------
-    def add(self, ids, vectors) -> None:
+    def add(self, ids, vectors, stored: bool = False) -> None:
         """Add vectors (n, dim) under ids (n,). Vectors must be unit-norm within NORM_TOLERANCE (checked);
         they are stored renormalised (in float64, then rounded to float32: |‖v‖ − 1| ≤ ~1e-7), so that the
-        certificates' bound on ‖e_i − e_j‖ stays 2 up to float rounding."""
+        certificates' bound on ‖e_i − e_j‖ stays 2 up to float rounding. stored=True: the vectors are ones
+        this class stored before (read back from a segment file whose checksum was checked), added bit for bit
+        as they are and unchecked, as a base file's vectors are read (`verify --deep` checks their norms)."""
         ids = _as_ids(ids)
         vectors = _as_vectors(vectors, self.dim)
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
         if len(ids) == 0:
             return
-        norms = np.linalg.norm(vectors, axis=1)
-        if np.any(np.abs(norms - 1) > NORM_TOLERANCE) or not np.all(np.isfinite(norms)):
-            raise ValueError("vectors must be finite and unit-norm (inner product = cosine similarity)")
-        vectors = np.ascontiguousarray(vectors / norms[:, None].astype(np.float64), dtype=np.float32)
+        if not stored:
+            norms = np.linalg.norm(vectors, axis=1)
+            if np.any(np.abs(norms - 1) > NORM_TOLERANCE) or not np.all(np.isfinite(norms)):
+                raise ValueError("vectors must be finite and unit-norm (inner product = cosine similarity)")
+            vectors = np.ascontiguousarray(vectors / norms[:, None].astype(np.float64), dtype=np.float32)
         self.index.add_with_ids(vectors, ids)
         self._gpu_index = None
 

@@ -2,14 +2,16 @@
 
 Checks, each one a line in `problems` when it fails:
   schema       the catalog's schema version is one this code reads
-  file         the index file of the committed version exists (none needed at version 0)
-  checksum     its SHA-256 equals the one committed with that version
+  file         every file of the committed live set (a base, segments: index/layout.py) exists
+  checksum     each one's SHA-256 equals the one committed with it
+  segments     the recorded row counts of the live files add up to the version's row count
   rows         the number of rows marked indexed equals the recorded row count
   ids          the indexed rows' id set is the one committed with that version: the SHA-256 of the
                ascending ids (catalog.ids_digest) equals the digest the writer recorded from the ids it
                stored in that file
 With `deep=True` (`robret index verify --deep`), for versions written before the writer recorded the
-ids digest, and when the checksum does not match (to say how the file differs), the index file is also decoded (FAISS) and checked directly:
+ids digest, and when a checksum does not match (to say how the files differ), the live files are also
+decoded (FAISS, segments applied in order) and checked directly:
   rows         its vector count equals the recorded row count and the number of rows marked indexed
   ids          the index's id set equals the indexed rows' id set, with no id stored twice
   norms        every stored vector has unit norm (|‖v‖ − 1| ≤ NORM_TOLERANCE) and is finite
@@ -39,7 +41,7 @@ from encoder.io import file_sha256
 
 from .catalog import INDEXED, Catalog, ids_digest
 from .errors import GalleryError
-from .layout import IndexDir
+from .layout import BASE, IndexDir, live_files
 
 __all__ = ["VerifyReport", "verify_index"]
 
@@ -98,48 +100,63 @@ def _verify(layout: IndexDir, catalog: Catalog, report: VerifyReport, check_file
     indexed = catalog.indexed_id_list()
     report.facts.update(version=version, recorded_rows=int(index_meta["rows"]), indexed_rows=len(indexed),
                         factory=index_meta["factory"], counts=catalog.counts())
-    for leftover in layout.leftovers(version):
+    for leftover in layout.leftovers(index_meta):
         report.notes.append(f"leftover from an interrupted write: {leftover.name}")
+    files = live_files(index_meta)
+    report.facts["files"] = len(files)
     if version == 0:
         if len(indexed) or int(index_meta["rows"]):
             report.fail(f"rows: version 0 has no index file, yet {len(indexed)} rows are marked indexed")
         return
-    path = layout.index_file(version)
-    if not path.is_file():
-        report.fail(f"file: {path.name} (version {version}) is missing")
+    tampered = missing = False
+    for f in files:
+        path = layout.path / f["name"]
+        if not path.is_file():
+            report.fail(f"file: {path.name} (version {version}) is missing")
+            missing = True
+            continue
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:  # e.g. deleted by a writer that compacted meanwhile
+            report.fail(f"file: {path.name} (version {version}) cannot be read: {exc.strerror or exc}")
+            missing = True
+            continue
+        if digest != f.get("sha256"):
+            tampered = True
+            report.fail(f"checksum: {path.name} has SHA-256 {digest[:16]}…, the catalog recorded "
+                        f"{str(f.get('sha256'))[:16]}…")
+    if missing:
         return
-    try:
-        digest = file_sha256(path)
-    except OSError as exc:  # e.g. deleted by a writer that committed a newer version meanwhile
-        report.fail(f"file: {path.name} (version {version}) cannot be read: {exc.strerror or exc}")
-        return
-    tampered = digest != index_meta.get("sha256")
-    if tampered:
-        report.fail(f"checksum: {path.name} has SHA-256 {digest[:16]}…, the catalog recorded "
-                    f"{str(index_meta.get('sha256'))[:16]}…")
+    total = sum(int(f["rows"]) if f["kind"] == BASE else int(f["rows"]) - int(f.get("removed", 0)) for f in files)
+    if total != int(index_meta["rows"]):
+        report.fail(f"segments: the live files record {total} vectors in all; version {version} recorded "
+                    f"{index_meta['rows']}")
     if len(indexed) != int(index_meta["rows"]):
         report.fail(f"rows: {len(indexed)} rows are marked indexed; version {version} recorded {index_meta['rows']}")
     recorded_ids = index_meta.get("ids_sha256")
     if recorded_ids is not None and ids_digest(indexed) != recorded_ids:
         report.fail(f"ids: the rows marked indexed are not the {index_meta['rows']} ids committed with version "
                     f"{version} (their SHA-256 differs from the recorded one)")
-    deep = deep or recorded_ids is None or tampered  # a file that is not the committed one: say how it differs
+    deep = deep or recorded_ids is None or tampered  # files that are not the committed ones: say how they differ
     report.facts["checks"] = "deep" if deep else "checksum+ids"
     if deep:
-        _verify_file(path, meta, index_meta, indexed, report)
+        _verify_files(layout, meta, index_meta, indexed, report)
     if check_files:
         _check_files(catalog, meta, report)
 
 
-def _verify_file(path, meta: dict, index_meta: dict, indexed_list: list[int], report: VerifyReport) -> None:
-    """The deep checks: decode the index file (FAISS) and compare its vectors and ids with the catalog."""
+def _verify_files(layout: IndexDir, meta: dict, index_meta: dict, indexed_list: list[int],
+                  report: VerifyReport) -> None:
+    """The deep checks: decode the live files (FAISS, segments applied) and compare vectors and ids with
+    the catalog."""
     import numpy as np
 
-    from .store import NORM_TOLERANCE, VectorStore
+    from .segments import load_live_store
+    from .store import NORM_TOLERANCE
 
     indexed = np.asarray(indexed_list, dtype=np.int64)
     try:
-        store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=False)
+        store = load_live_store(layout, index_meta, use_gpu=False, check=False)
     except GalleryError as exc:
         report.fail(f"file: {exc}")
         return

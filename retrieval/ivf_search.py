@@ -104,7 +104,9 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
             continue
         cert, bound, cap_binds, top_vecs, listed_ids = _certify_pool(
             pool, q64, k, lipschitz, slack, ivf.max_norm, rest, gamma, cap)
-        exact_topk = bool(bound == -np.inf or cert.scores[-1] - bound > ARITHMETIC_SLACK)
+        # Proved exact: nothing unvisited or unlisted can exceed the k-th score, and there are k scores (fewer
+        # visited items than k prove nothing while unvisited lists remain).
+        exact_topk = bool(bound == -np.inf or (len(cert.scores) >= k and cert.scores[-1] - bound > ARITHMETIC_SLACK))
         done = exact_topk and (not radii or not cert.tail_binds)
         if done or (pos >= budget and not cap_binds):
             return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),

@@ -1,10 +1,13 @@
 """SIGKILL a real `robret index build` / `update` at exact moments; the next update must heal it.
 
 The kill points (index/ingest.py, ROBRET_INDEX_CRASH_AT) are: after a batch is added in memory but
-before its checkpoint; with the new index file written to its temporary name (then torn in half
-here, as a crash mid-write leaves it); after the rename but before the catalog commit; after the
-commit but before the old file is deleted. At each, the directory must already verify (the committed
-state is always consistent), and after `update` it must equal a clean build, file for file.
+before its checkpoint; with a segment's temporary file half written (nothing fsynced); with the new
+file written to its temporary name (then torn in half here, as a crash mid-write leaves it); after the
+rename but before the catalog commit; after the commit but before cleanup. The first checkpoint of a
+build writes a base, the next ones segments, so the points at passages 2 and 3 fall inside segment
+checkpoints. At each, the directory must already verify (the committed state is always consistent),
+and after `update` it must equal a clean build, file for file. (Kills inside compaction:
+tests/test_index_segments.py.)
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ def folder_and_clean(tmp_path_factory, sample_folder, tiny_lipsim):
 
 def test_build_killed_at_each_point_then_update_equals_a_clean_build(folder_and_clean, tiny_lipsim):
     base, folder, want = folder_and_clean
-    points = ["batch:2", "write:3", "rename:2", "commit:2"]
+    points = ["batch:2", "segment:3", "write:3", "rename:2", "commit:2"]
     procs = {}
     for point in points:  # in parallel: each process pays the torch import once
         index_dir = base / f"killed-{point.replace(':', '-')}"
@@ -79,13 +82,16 @@ def test_build_killed_at_each_point_then_update_equals_a_clean_build(folder_and_
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, err.decode()[-2000:])
         layout = IndexDir(index_dir)
-        version = Catalog.open(layout.catalog_url()).meta()["index"]["version"]
-        leftovers = layout.leftovers(version)
-        if point.startswith("write"):
+        index_meta = Catalog.open(layout.catalog_url()).meta()["index"]
+        leftovers = layout.leftovers(index_meta)
+        if point.startswith(("write", "segment")):
             (tmp,) = leftovers
+            assert tmp.name.startswith("segment.") and tmp.name.endswith(".tmp"), tmp.name
             tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])  # a torn temporary file
-        if point.startswith(("write", "rename", "commit")):
+        if point.startswith(("write", "segment", "rename")):
             assert leftovers, point  # the kill really happened mid-protocol
+        if point.startswith("commit"):  # a segment was committed: the previous files all stay live
+            assert not leftovers and [f["kind"] for f in index_meta["segments"]] == ["faiss", "rows"]
         _healed(index_dir, tiny_lipsim, want)
 
 

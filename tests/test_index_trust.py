@@ -49,9 +49,12 @@ def _ids_by_name(index_dir) -> dict[str, int]:
 
 
 def _swap_two_vectors(index_dir, a: int, b: int) -> None:
-    """Tamper as an attacker would: same ids, same row count, two vectors exchanged."""
+    """Tamper as an attacker would: same ids, same row count, two vectors exchanged (in the live base file,
+    which holds both when they were indexed by the build)."""
+    from index.layout import live_files
+
     meta = _index_meta(index_dir)
-    live = IndexDir(index_dir).index_file(meta["version"])
+    live = IndexDir(index_dir).path / live_files(meta)[0]["name"]
     store = VectorStore.read(live, meta["factory"], use_gpu=False)
     va, vb = store.reconstruct([a]), store.reconstruct([b])
     store.remove([a, b])

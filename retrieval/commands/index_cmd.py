@@ -1,4 +1,4 @@
-"""`robret index build|update|stats|verify|repair|export` and `robret query`.
+"""`robret index build|update|stats|verify|repair|compact|export` and `robret query`.
 
 Every subcommand takes the index directory as `--index-dir DIR`. `update`, `repair`, `stats`, `verify` and
 `export` also accept it as their first positional argument, as they did before (a deprecated alias)."""
@@ -62,6 +62,15 @@ def register(sub) -> None:
     _common_run_args(r)
     r.set_defaults(func=_repair)
 
+    c = isub.add_parser("compact", help="merge the index's segments into one file",
+                        description="Each checkpoint appends a segment (the vectors it added and the ids it removed); "
+                        "compact writes the live vectors into one new index file, commits it in the catalog, then "
+                        "deletes the files it replaces. No image is read or embedded. Writers also compact on their "
+                        "own once an index holds 32 segments.")
+    _index_dir_args(c)
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=_compact)
+
     s = isub.add_parser("stats", help="counts, failures, encoder, index type")
     _index_dir_args(s)
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -69,7 +78,7 @@ def register(sub) -> None:
     s.set_defaults(func=_stats)
 
     v = isub.add_parser("verify", help="prove catalog and index agree (exit 1 if not)",
-                        description="Check the committed index file against the catalog: it exists, its SHA-256 "
+                        description="Check the committed index files against the catalog: each exists, its SHA-256 "
                         "is the committed one, the rows marked indexed are the committed count and id set (by "
                         "their recorded digest). --deep also decodes the index file and checks its ids, vector "
                         "norms, dimension and type directly. Changes nothing.")
@@ -220,6 +229,21 @@ def _repair(args) -> int:
     return code
 
 
+def _compact(args) -> int:
+    from index.ingest import compact_index
+
+    out = compact_index(_index_dir(args))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    elif out["version"] == out["version_before"]:
+        print(f"already one file: version {out['version']}, {out['rows']} vectors, {out['bytes'] / 2**20:.1f} MiB")
+    else:
+        print(f"compacted {out['files_before']} files ({out['bytes_before'] / 2**20:.1f} MiB) into one "
+              f"({out['bytes'] / 2**20:.1f} MiB): version {out['version']}, {out['rows']} vectors, "
+              f"{out['seconds']:.2f} s")
+    return 0
+
+
 def _print_report(report, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -274,7 +298,8 @@ def _stats(args) -> int:
     print(f"encoder    {enc['spec']}  ({enc['name']}, dim {enc['dim']}, input {enc['input_size']} px, "
           f"L={enc['lipschitz']})")
     print(f"index      {idx['factory']} (requested {idx.get('requested')}), version {idx['version']}, "
-          f"{idx['rows']} vectors, {idx['bytes'] / 2**20:.1f} MiB, params {idx.get('params') or {}}")
+          f"{idx['rows']} vectors, {idx['bytes'] / 2**20:.1f} MiB in {idx.get('files', 0)} files, "
+          f"params {idx.get('params') or {}}")
     print(f"files      {files['indexed']} indexed, {files['failed']} failed, {files['removed']} removed")
     unlisted = (stats.get("last_run") or {}).get("unlisted") or []
     if unlisted:
@@ -297,10 +322,10 @@ def _verify(args) -> int:
         f = report.facts
         if report.ok and f.get("checks") == "deep":
             print(f"OK: version {f.get('version')}, {f.get('ntotal', 0)} vectors = {f.get('indexed_rows')} indexed "
-                  f"rows, ids equal, norms 1, checksum matches")
+                  f"rows, ids equal, norms 1, checksums of {f.get('files')} files match")
         elif report.ok:
-            print(f"OK: version {f.get('version')}, checksum matches, {f.get('indexed_rows')} indexed rows = the "
-                  "committed count and id set (--deep also decodes the index file)")
+            print(f"OK: version {f.get('version')}, checksums of {f.get('files')} files match, {f.get('indexed_rows')} "
+                  "indexed rows = the committed count and id set (--deep also decodes the index files)")
         else:
             print("INCONSISTENT:" if report.repairable else "CANNOT VERIFY:", *report.problems, sep="\n  ")
             if report.repairable:
