@@ -278,4 +278,6 @@ def read_object(path: str | bytes, max_bytes: int, root: str | bytes | None = No
     except FileNotFoundError:
         raise DecodeError("missing", "object disappeared before it could be read") from None
     except (OSError, ValueError) as exc:
+        if any(code in str(exc) for code in ("ACCESS_DENIED", "AccessDenied", "PERMISSION_DENIED")):  # plain OSErrors
+            raise DecodeError("permission", f"access denied{_where(uri)}: {_error_text(exc)}") from None
         raise DecodeError("unreadable", _error_text(exc)) from None

@@ -124,6 +124,14 @@ def test_a_list_file_of_object_uris_builds_the_same_index(gallery_uris, local_in
     report = build_index(f"@{listing}", out, SPEC, encoder=tiny_lipsim, options=IngestOptions(**OPTS))
     assert report.root == f"s3://{BUCKET}/gallery"  # the deepest prefix holding every listed object
     assert_same_index(local_index, out)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "uris.parquet"
+    pq.write_table(pa.table({"path": listing.read_text().split()}), table)
+    build_index(str(table), tmp_path / "parquet", SPEC, encoder=tiny_lipsim, options=IngestOptions(**OPTS),
+                root=f"s3://{BUCKET}/gallery")
+    assert_same_index(local_index, tmp_path / "parquet")
 
 
 def test_root_confinement_refuses_hostile_keys_and_entries_outside_the_root_without_reading_them(
@@ -289,3 +297,28 @@ def test_gcs_build_through_the_emulator_equals_the_local_build(gcs, folder, loca
     report = build_index(f"gs://{gcs}/gallery", out, SPEC, encoder=tiny_lipsim, options=IngestOptions(**OPTS))
     assert report.root == f"gs://{gcs}/gallery" and report.indexed == 5
     assert_same_index(local_index, out)
+
+
+def test_the_endpoint_comes_from_robret_s3_endpoint_first_and_anonymous_access_is_a_setting(s3, env):
+    from index.remote import read_object, settings
+
+    endpoint = env["ROBRET_S3_ENDPOINT"]
+    saved = {k: env.get(k) for k in ("ROBRET_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "ROBRET_ANONYMOUS")}
+    try:
+        env.update(AWS_ENDPOINT_URL="http://general:1", AWS_ENDPOINT_URL_S3="http://s3-only:2")
+        assert settings("s3")[1] == endpoint
+        del env["ROBRET_S3_ENDPOINT"]
+        assert settings("s3")[1] == "http://s3-only:2"
+        del env["AWS_ENDPOINT_URL_S3"]
+        assert settings("s3")[1] == "http://general:1"
+        env.update(ROBRET_S3_ENDPOINT=endpoint, ROBRET_ANONYMOUS="1")
+        assert settings("s3")[3] is True
+        body = b"\x89PNG\r\n\x1a\n" + bytes(64)
+        s3.put_object(Bucket=BUCKET, Key="public/x.png", Body=body, ACL="public-read")
+        s3.put_object(Bucket=BUCKET, Key="public/private.png", Body=body)
+        assert read_object(f"s3://{BUCKET}/public/x.png", 10**6) == body  # unsigned requests
+        with pytest.raises(DecodeError, match="^permission: access denied"):
+            read_object(f"s3://{BUCKET}/public/private.png", 10**6)
+    finally:
+        for k, v in saved.items():
+            env.pop(k, None) if v is None else env.__setitem__(k, v)
