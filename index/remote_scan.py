@@ -83,8 +83,8 @@ def scan_uris(entries: list[str], root: bytes | str) -> ScanResult:
             if info.type == pafs.FileType.NotFound:
                 result.entries.append(_failed(rel, str(uri), "missing", "listed object does not exist"))
             elif info.type != pafs.FileType.File:
-                result.entries.append(_failed(rel, str(uri), "not_regular", "a prefix, not an object (list its objects, "
-                                              "or index the prefix itself)"))
+                result.entries.append(_failed(rel, str(uri), "not_regular",
+                                              "a prefix, not an object (list its objects, or index the prefix itself)"))
             else:
                 result.entries.append(ScanEntry(key=rel.encode(), path=str(uri).encode(), size=int(info.size),
                                                 mtime_ns=int(info.mtime_ns or 0)))

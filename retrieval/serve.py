@@ -233,7 +233,8 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
                 return gallery.image(item_id)
             except DecodeError as exc:
                 if exc.kind in ("symlink_escape", "outside_root", "unsafe_name"):
-                    raise HTTPException(404, f"the file of id {item_id} is no longer inside the indexed folder") from None
+                    raise HTTPException(404, f"the file of id {item_id} is no longer inside the indexed folder") \
+                        from None
                 raise
 
     def run_search(gallery: Gallery, query: dict, image: Image.Image, k: int, eps: float | None,

@@ -322,3 +322,21 @@ def test_the_endpoint_comes_from_robret_s3_endpoint_first_and_anonymous_access_i
     finally:
         for k, v in saved.items():
             env.pop(k, None) if v is None else env.__setitem__(k, v)
+
+
+def test_an_object_whose_read_failed_outside_the_object_is_retried_at_the_next_update(s3, gallery_uris, tmp_path,
+                                                                                      tiny_lipsim):
+    import sqlite3
+
+    out = tmp_path / "index"
+    build_index(f"s3://{BUCKET}/gallery", out, SPEC, encoder=tiny_lipsim, options=IngestOptions(**OPTS))
+    # as if the text object's read had failed on a dropped connection (size and mtime unchanged)
+    with sqlite3.connect(out / "catalog.sqlite") as db:
+        changed = db.execute("UPDATE robret_files SET reason = 'unreadable: connection reset' "
+                             "WHERE path = 'notes.png'")
+        assert changed.rowcount == 1
+    report = update_index(out, encoder=tiny_lipsim, options=IngestOptions(**OPTS))
+    assert [p for p, _ in report.failed] == ["notes.png"] and report.still_failed == 0
+    assert rows(out)["notes.png"][2] == "text"  # read again: the object's own failure this time
+    report = update_index(out, encoder=tiny_lipsim, options=IngestOptions(**OPTS))
+    assert report.failed == [] and report.still_failed == 1  # the object's own failure is not retried
