@@ -15,8 +15,15 @@ Credentials
 -----------
 Only the SDKs' own chains supply them (environment variables, shared credential files, instance or
 workload identity). robret never takes them as arguments, refuses a URI that carries any
-(`s3://KEY:SECRET@bucket/…`), and records only the bucket URI (catalog, index.json): nothing it writes
+(`s3://KEY:SECRET@bucket/…`), and records only the bucket URI (catalog, robret-index.json): nothing it writes
 or prints can hold a secret. Error messages name the URI, never the endpoint's user information.
+
+Listing and updates
+-------------------
+A prefix is listed recursively (one paginated LIST); each object's size and last-modified time stand for
+a file's size and mtime, so `update` rules are the folder's. Object stores keep last-modified to the
+second: an object rewritten with the same size within the second of its previous listing is seen as
+unchanged until it changes again (`repair` skips it too; a build into a new --index-dir reads all).
 
 Confinement
 -----------

@@ -84,7 +84,7 @@ def register(sub) -> None:
     _index_dir_args(v)
     v.add_argument("--deep", action="store_true",
                    help="also decode the index file (FAISS) and check ids, norms, dimension and type directly")
-    v.add_argument("--files", action="store_true", help="also stat every indexed file (folder drift)")
+    v.add_argument("--files", action="store_true", help="also stat every indexed file, or list the indexed bucket prefix (drift)")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=_verify)
 
