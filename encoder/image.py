@@ -103,7 +103,8 @@ class DecodeError(ValueError):
 
     Kinds: missing, permission, unreadable, not_regular, empty, too_large, not_image, text,
     truncated, corrupt, too_many_pixels, too_small, too_elongated (and, from the folder scan,
-    symlink_escape, symlink_broken, symlink_loop).
+    symlink_escape, symlink_broken, symlink_loop; from a list or an object store, outside_root and
+    unsafe_name).
     """
 
     def __init__(self, kind: str, detail: str):

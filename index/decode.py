@@ -23,6 +23,7 @@ from PIL import Image
 
 from encoder.image import (IMAGE_EXTENSIONS, DecodeError, DecodeLimits, check_header, check_shape,
                            decode_bytes, oriented_size)
+from .remote import is_remote, read_object
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -70,7 +71,12 @@ def read_bytes(path: str | os.PathLike | bytes, max_bytes: int,
     so a symlink or directory swapped in after a scan cannot lead outside the gallery. Symlinks are
     followed (O_NOFOLLOW does not fit: links inside the root are part of a gallery), which is why
     confinement is checked on the descriptor.
+
+    An `s3://` or `gs://` URI is read by `index.remote.read_object` (confined to a `root` URI, size
+    asked before the body is read).
     """
+    if is_remote(path):
+        return read_object(path, max_bytes, root)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags)

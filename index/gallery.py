@@ -18,6 +18,7 @@ from . import embedder
 from .catalog import Catalog, FileRecord, check_same_encoder
 from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
+from .remote import is_remote
 from .ivf import CertifiedIVF
 from .layout import IndexDir
 from .segments import load_live_store
@@ -78,8 +79,9 @@ class Gallery:
         return self.store.ntotal
 
     @property
-    def root(self) -> Path:
-        return Path(os.fsdecode(self._root))
+    def root(self) -> Path | str:
+        """The indexed folder, or the indexed object-store prefix as its URI (a str: `Path` would fold "//")."""
+        return os.fsdecode(self._root) if is_remote(self._root) else Path(os.fsdecode(self._root))
 
     @property
     def index_dir(self) -> Path:
@@ -177,7 +179,9 @@ class Gallery:
         return ids, self.store.reconstruct(ids)
 
     # Files ----------------------------------------------------------------------------------
-    def _abs(self, key: bytes) -> Path:
+    def _abs(self, key: bytes) -> Path | str:
+        if is_remote(self._root):  # an object URI, read by read_bytes through index/remote.py
+            return os.fsdecode(self._root.rstrip(b"/") + b"/" + key)
         return Path(os.fsdecode(os.path.join(self._root, key)))
 
     def records(self, ids) -> list[FileRecord | None]:
@@ -196,11 +200,12 @@ class Gallery:
         """Ids of the indexed files whose bytes have this SHA-256 (hex): the query itself and its exact copies."""
         return self.catalog.ids_with_content(content_hash)
 
-    def paths(self, ids) -> list[Path | None]:
-        """Absolute file paths for `ids`, in order (None for −1 or an unknown id)."""
+    def paths(self, ids) -> list[Path | str | None]:
+        """Absolute file paths for `ids`, in order (None for −1 or an unknown id); object URIs (str) for a
+        gallery of an object store."""
         return [None if r is None else self._abs(r.path_key) for r in self.records(ids)]
 
-    def path(self, id: int) -> Path:
+    def path(self, id: int) -> Path | str:
         return self._abs(self.record(id).path_key)
 
     # Embedding ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Incremental rules (per file, keyed by its path relative to the root):
   new id and a copy of the vector); else decoded and embedded (a changed file keeps its id);
 - recorded files no longer present → tombstoned (status "removed") and removed from the index;
 - files that fail are recorded with their reason and not retried until they change (or
-  `retry_failed`). Nothing a file contains aborts the run.
+  `retry_failed`); objects of an object store that were `unreadable` (network, throttling) are retried at
+  every update. Nothing a file contains aborts the run.
 
 Commit protocol (crash safety). The catalog's committed `index.segments` names the live set (index/
 layout.py): at most one base (a whole FAISS index, `vectors.<v>.faiss`) followed by segments
@@ -63,6 +64,7 @@ from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, ids_dige
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
 from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
 from .layout import BASE, ROWS, IndexDir, live_files
+from .remote import is_remote
 from .scan import ScanEntry, display_path
 from .segments import load_live_store, write_segment
 from .sources import Source, resolve_source, scan_source
@@ -414,11 +416,16 @@ class _Writer:
                 work.append((entry, row))
             elif row["status"] == INDEXED and same_stat and row["id"] not in reembed:
                 self.report.unchanged += 1
-            elif row["status"] == FAILED and same_stat and not self.options.retry_failed:
+            elif row["status"] == FAILED and same_stat and not self.options.retry_failed and not self._transient(row):
                 self.report.still_failed += 1
             else:
                 work.append((entry, row))
         return work, seen
+
+    def _transient(self, row: dict) -> bool:
+        """An object-store read that failed for a reason outside the object (network, throttling): retried at
+        every update, as a file whose read failed is not (its failure is the file's until it changes)."""
+        return is_remote(self.root) and (row["reason"] or "").startswith("unreadable:")
 
     def _progress(self, total: int):
         """A tqdm progress bar (images/s on stderr) when asked for, else one that shows nothing."""

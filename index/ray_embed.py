@@ -11,7 +11,8 @@ duplicate files are settled before anything is scheduled; only files that need e
 There, a Ray Data pipeline `from_items(paths).map_batches(_EmbedActor, concurrency=N)` runs an actor
 pool: each actor loads the encoder once (one GPU per actor when the cluster has GPUs, one CPU
 otherwise), checks its weights against the fingerprint the catalog recorded, and per batch reads,
-hashes (each read confined to the indexed root on its opened descriptor, as the writer's), decodes (the
+hashes (each read confined to the indexed root on its opened descriptor, as the writer's; an object
+store's URIs through index/remote.py, with the driver's endpoint settings), decodes (the
 same `preprocess_bytes` as a local run, so failures carry the same reasons) and
 embeds. Embedded batches stream back (`iter_batches`) to the writer, which handles them in listing
 order and checkpoints exactly as a local run does: catalog, ids and crash safety are unchanged.
@@ -39,6 +40,7 @@ from . import embedder
 from .catalog import check_same_encoder
 from .decode import DecodeError, DecodeLimits, hash_bytes, read_bytes
 from .ingest import preprocess_bytes
+from .remote import SETTINGS_ENV
 
 __all__ = ["RayEmbedder", "connect", "RAY_CRASH_ENV"]
 
@@ -117,8 +119,10 @@ class RayEmbedder:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if self.use_gpu else 0
         actors = self.actors or max(1, gpus or int(resources.get("CPU", 1)))
-        crash = os.environ.get(RAY_CRASH_ENV)
-        runtime_env = {"env_vars": {RAY_CRASH_ENV: crash}} if crash else None
+        # Actors read object stores with the driver's settings (endpoint, region, anonymous access), never
+        # with its credentials: those come from each node's own environment or identity.
+        env = {k: os.environ[k] for k in (RAY_CRASH_ENV, *SETTINGS_ENV) if os.environ.get(k)}
+        runtime_env = {"env_vars": env} if env else None
         log.info("embedding %d files on %d Ray actors (%s)", len(paths), actors, "GPU" if gpus else "CPU")
         blocks = max(1, min(len(paths) // self.batch_size + 1, 4 * actors))
         ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(paths)], override_num_blocks=blocks)

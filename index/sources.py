@@ -4,6 +4,8 @@
     build_index("@files.txt", ..., root="photos/")    # one path per line
     build_index("files.parquet", ...)                 # a string column `path`
     build_index("file:///data/photos", ...)           # file:// URIs wherever a local path goes
+    build_index("s3://bucket/photos", ...)            # an object-store prefix (s3://, gs://), recursively
+    build_index("@uris.txt", ..., root="s3://bucket/photos")   # a list of object URIs
 
 The indexed root
 ----------------
@@ -20,9 +22,11 @@ Relative entries are relative to the list file's directory (not to the working d
 Each entry becomes a row keyed, as a folder's files are, by its path relative to the root, so a list of
 a folder's image files builds the same index (same ids, paths, vectors) as the folder itself. An entry
 that cannot be indexed is a failed entry with its reason, never a fatal error: outside the root
-(`outside_root`), missing (`missing`), a directory or another non-regular file (`not_regular`), resolving
-outside the root through a symlink (`symlink_escape`), inside the index directory (`index_dir`), not named
-as an image (`not_image`), or a remote URI (`remote`). A path listed twice is indexed once (a warning).
+(`outside_root`; also an object URI under a local root, a local path under an object-store root),
+missing (`missing`), a directory or another non-regular file (`not_regular`), resolving outside the root
+through a symlink (`symlink_escape`), inside the index directory (`index_dir`), not named as an image
+(`not_image`), or an object key that could name another object (`unsafe_name`). A path listed twice is
+indexed once (a warning).
 
 Update
 ------
@@ -31,11 +35,13 @@ update` reads the list again: new entries are indexed, changed files re-embedded
 listed removed (tombstoned), exactly as files deleted from a folder. A list file that has gone is an
 error (nothing is removed).
 
-Remote file systems
--------------------
-`s3://`, `gs://` and other fsspec URIs are refused with a message: reading them confined to a root, by
-the writer and by every Ray actor and UI read, is not implemented (this machine has no cloud access to
-test it against).
+Object stores
+-------------
+An `s3://` or `gs://` prefix is a source like a folder (its root is the prefix, listed recursively), and
+a list may name object URIs under an object-store `--root` (default: the deepest prefix holding every
+listed object; they must all be in one bucket). Listing and confinement are index/remote.py and
+index/remote_scan.py; every read goes through index/decode.py `read_bytes`, which hands a URI to
+`remote.read_object`. The list file itself is local. Other fsspec schemes are refused with a message.
 """
 from __future__ import annotations
 
@@ -44,8 +50,9 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .decode import DecodeError, IMAGE_EXTENSIONS, is_inside
+from .decode import IMAGE_EXTENSIONS, is_inside
 from .errors import FolderError
+from .remote import is_remote
 from .scan import ScanEntry, ScanResult, _problem as _failed, display_path, scan_folder
 
 __all__ = ["Source", "resolve_source", "read_entries", "scan_source", "local_path", "SOURCE_KINDS"]
@@ -71,8 +78,11 @@ def local_path(text: str | os.PathLike | bytes) -> str | bytes:
 
     protocol, _ = split_protocol(text)
     if protocol not in ("file", "local"):
-        raise RemoteURIError(f"{text!r}: {protocol}:// is not supported: only local paths and file:// URIs "
-                             "can be indexed (remote file systems are not implemented)")
+        from .remote_scan import redact
+
+        where = "an object-store URI, not a local path" if is_remote(text) else \
+            f"{protocol}:// is not supported (local paths, file://, s3:// and gs:// are)"
+        raise RemoteURIError(f"{redact(text)!r}: {where}")
     fs, path = url_to_fs(text)
     assert isinstance(fs, LocalFileSystem)
     return path
@@ -106,6 +116,8 @@ def resolve_source(arg, root=None) -> Source:
 
     FolderError (a ValueError) with the reason when the source cannot be used at all.
     """
+    if is_remote(arg):
+        return _remote_prefix(arg, root)
     if isinstance(arg, str) and arg.startswith("@"):
         kind, path = "list", local_path(arg[1:])
     else:
@@ -124,7 +136,9 @@ def resolve_source(arg, root=None) -> Source:
     if not os.path.isfile(path):
         what = "does not exist" if not os.path.lexists(path) else "is not a regular file"
         raise FolderError(f"list of files {path!r} {what}")
-    if root is not None:
+    if root is not None and is_remote(root):
+        root_b = _remote_root(root)
+    elif root is not None:
         root_b = os.path.abspath(os.fsencode(local_path(root)))
         if not os.path.isdir(root_b):
             raise FolderError(f"--root {os.fsdecode(root_b)!r} is not a directory")
@@ -133,16 +147,42 @@ def resolve_source(arg, root=None) -> Source:
     return Source(kind, root_b, path)
 
 
+def _remote_root(text) -> bytes:
+    """An object-store root (index/remote.py), checked to be reachable; as recorded (bytes)."""
+    from .remote import check_prefix, root_uri
+
+    uri = root_uri(os.fsdecode(text))
+    check_prefix(uri)
+    return str(uri).encode()
+
+
+def _remote_prefix(arg, root) -> Source:
+    root_b = _remote_root(arg)
+    if root is not None and (not is_remote(root) or _remote_root(root) != root_b):
+        raise FolderError("--root is for a list of files (@FILE or .parquet); a bucket prefix is its own root")
+    return Source("folder", root_b)
+
+
 def _common_root(list_path: str, entries: list[str]) -> bytes:
     base = os.path.dirname(os.fsencode(list_path))
-    dirs = []
+    dirs, uris = [], []
     for text in entries:
+        if is_remote(text):
+            uris.append(text)
+            continue
         try:
             dirs.append(os.path.dirname(_absolute(text, base)))
         except RemoteURIError:
             continue
+    if uris and dirs:
+        raise FolderError(f"{list_path!r} lists both local files and object URIs: give the indexed root with --root "
+                          "(entries outside it are refused)")
+    if uris:
+        from .remote_scan import common_prefix
+
+        return _remote_root(common_prefix(uris))
     if not dirs:
-        raise FolderError(f"{list_path!r} names no local file: nothing to index")
+        raise FolderError(f"{list_path!r} names no file and no object: nothing to index")
     root = os.path.commonpath(dirs)
     if root == b"/":
         raise FolderError(f"the files listed in {list_path!r} have no common directory but / : give the "
@@ -186,6 +226,10 @@ def _parquet_entries(path: str) -> list[str]:
 
 def scan_source(source: Source, exclude: tuple = ()) -> ScanResult:
     """The files of `source` as scan entries (index/scan.py), problems attached instead of raised."""
+    if source.kind == "folder" and is_remote(source.root):
+        from .remote_scan import scan_prefix
+
+        return scan_prefix(source.root)
     if source.kind == "folder":
         return scan_folder(source.root, exclude=exclude)
     if source.kind not in SOURCE_KINDS:
@@ -193,8 +237,12 @@ def scan_source(source: Source, exclude: tuple = ()) -> ScanResult:
     if not os.path.isfile(source.list_path):
         raise FolderError(f"the list of files {source.list_path!r} this index was built from is gone; nothing "
                           "was changed")
-    return scan_list(read_entries(source.kind, source.list_path), os.path.dirname(os.fsencode(source.list_path)),
-                     source.root, exclude)
+    entries = read_entries(source.kind, source.list_path)
+    if is_remote(source.root):
+        from .remote_scan import scan_uris
+
+        return scan_uris(entries, source.root)
+    return scan_list(entries, os.path.dirname(os.fsencode(source.list_path)), source.root, exclude)
 
 
 def scan_list(entries: list[str], base: bytes, root: bytes, exclude: tuple = ()) -> ScanResult:
@@ -218,11 +266,14 @@ def scan_list(entries: list[str], base: bytes, root: bytes, exclude: tuple = ())
 
 
 def _list_entry(text: str, base: bytes, root: bytes, root_real: bytes, excluded: list[bytes]) -> ScanEntry:
-    raw = os.fsencode(text)
     try:
         path = _absolute(text, base)
-    except RemoteURIError as exc:
-        return _failed(raw, raw, "remote", str(exc).split(": ", 1)[-1])
+    except RemoteURIError as exc:  # an object URI (or another scheme) under a local root
+        from .remote_scan import redact
+
+        shown = os.fsencode(redact(text))
+        return _failed(shown, shown, "outside_root", f"{str(exc).split(': ', 1)[-1]}: outside the indexed root "
+                       f"{display_path(root)}")
     if not is_inside(path, root):
         return _failed(path, path, "outside_root", f"listed file lies outside the indexed root {display_path(root)}")
     key = os.path.relpath(path, root).replace(os.sep.encode(), b"/")

@@ -224,15 +224,18 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
         return rec
 
     def indexed_image(gallery: Gallery, item_id: int) -> Image.Image:
-        """The file of an indexed id, read through the gallery's decoder, only inside the indexed root."""
+        """The file (or object) of an indexed id as indexed (`Gallery.image`: confined to the indexed root on
+        the opened descriptor or by key, content hash unchanged)."""
         indexed_record(gallery, item_id)
-        path = gallery.path(item_id)
-        root = os.path.realpath(gallery.root)
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            raise HTTPException(404, f"the file of id {item_id} is no longer inside the indexed folder")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return gallery.decode(path).image
+            try:
+                return gallery.image(item_id)
+            except DecodeError as exc:
+                if exc.kind in ("symlink_escape", "outside_root", "unsafe_name"):
+                    raise HTTPException(404, f"the file of id {item_id} is no longer inside the indexed folder") \
+                        from None
+                raise
 
     def run_search(gallery: Gallery, query: dict, image: Image.Image, k: int, eps: float | None,
                    exclude: list[int]) -> dict:

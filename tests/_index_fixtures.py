@@ -136,3 +136,38 @@ def image_bytes(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, fmt)
     return buf.getvalue()
+
+
+def catalog_rows(index_dir) -> dict:
+    """{path: (id, status, reason kind, content_hash)} over every catalog row of an index directory."""
+    from index.catalog import Catalog
+    from index.layout import IndexDir
+
+    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
+    try:
+        return {r.path: (r.id, r.status, (r.reason or "").split(":", 1)[0] or None, r.content_hash)
+                for r in catalog.find()}
+    finally:
+        catalog.close()
+
+
+def index_vectors(index_dir) -> dict:
+    """{id: stored vector} of an index directory."""
+    from index import Gallery
+
+    with Gallery.open(index_dir, use_gpu=False) as g:
+        ids, vecs = g.all_vectors()
+        return dict(zip(ids.tolist(), vecs))
+
+
+def assert_same_index(a, b, atol: float = 0.0) -> None:
+    """Same rows (ids, paths, statuses, reasons, hashes) and the same vectors (to `atol`); `b` verifies."""
+    from index import verify_index
+
+    ra, rb = catalog_rows(a), catalog_rows(b)
+    assert ra == rb
+    va, vb = index_vectors(a), index_vectors(b)
+    assert va.keys() == vb.keys() == {i for i, status, *_ in ra.values() if status == "indexed"}
+    for i in va:
+        np.testing.assert_allclose(va[i], vb[i], rtol=0, atol=atol)
+    assert verify_index(b).ok

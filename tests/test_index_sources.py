@@ -8,34 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from index import Gallery, IngestOptions, build_index, update_index, verify_index
-from index.catalog import Catalog
-from index.layout import IndexDir
+from index import IngestOptions, build_index, update_index, verify_index
 
-from _index_fixtures import copy_photos
+from _index_fixtures import assert_same_index as same_index, catalog_rows as rows, copy_photos, index_vectors as vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "lipsim:cpu-tiny"
 OPTS = dict(workers=1, batch_size=4, use_gpu=False)
-
-
-def rows(index_dir) -> dict:
-    """{path: (id, status, reason kind, content_hash)} over every catalog row."""
-    catalog = Catalog.open(IndexDir(index_dir).catalog_url())
-    try:
-        return {r.path: (r.id, r.status, (r.reason or "").split(":", 1)[0] or None, r.content_hash)
-                for r in catalog.find()}
-    finally:
-        catalog.close()
-
-
-def vectors(index_dir) -> dict:
-    with Gallery.open(index_dir, use_gpu=False) as g:
-        ids, vecs = g.all_vectors()
-        return dict(zip(ids.tolist(), vecs))
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +40,8 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def assert_same_index(a, b) -> None:
-    ra, rb = rows(a), rows(b)
-    assert ra == rb and len(ra) == 5
-    va, vb = vectors(a), vectors(b)
-    assert va.keys() == vb.keys() == {i for i, status, *_ in ra.values() if status == "indexed"}
-    for i in va:
-        np.testing.assert_array_equal(va[i], vb[i])
-    assert verify_index(b).ok
+    assert len(rows(a)) == 5
+    same_index(a, b)
 
 
 def test_a_list_file_builds_the_same_index_as_the_folder(gallery_folder, folder_index, tmp_path, tiny_lipsim):
@@ -124,7 +100,7 @@ def test_list_entries_outside_the_root_missing_or_not_files_are_reported_and_nev
     kinds = {path: reason.split(":", 1)[0] for path, reason in report.failed}
     assert kinds == {
         str(outside): "outside_root", "missing.png": "missing", "sub": "not_regular", "escape.png": "symlink_escape",
-        "notes.txt": "not_image", "fifo.png": "not_regular", "s3://bucket/photo.png": "remote",
+        "notes.txt": "not_image", "fifo.png": "not_regular", "s3://bucket/photo.png": "outside_root",
     }
     assert report.indexed == 2 and any("listed more than once" in w for w in report.warnings)
     indexed = {path for path, (_, status, *_) in rows(out).items() if status == "indexed"}
@@ -175,10 +151,12 @@ def _robret(*args, cwd=None):
 
 
 @pytest.mark.parametrize("make_source,extra,message", [
-    (lambda t: "s3://bucket/photos", [], "s3:// is not supported"),
+    (lambda t: "s3://KEY:SECRET@bucket/photos", [], "URI with credentials or a port in its bucket name refused"),
+    (lambda t: "s3://bucket/../photos", [], "cannot be an indexed root"),
+    (lambda t: "hdfs://host/photos", [], "hdfs:// is not supported"),
     (lambda t: "@" + str(t / "absent.txt"), [], "does not exist"),
     (lambda t: _write(t / "spread.txt", "/etc/hosts.png\n/tmp/x.png\n"), [], "give the indexed root with --root"),
-    (lambda t: _write(t / "empty.txt", "\n\n"), [], "names no local file"),
+    (lambda t: _write(t / "empty.txt", "\n\n"), [], "names no file and no object"),
     (lambda t: str(t), ["--root", "/"], "--root is for a list of files"),
 ])
 def test_cli_refuses_an_unusable_source_with_one_line_and_exit_2(tmp_path, make_source, extra, message, capsys):

@@ -18,21 +18,29 @@ _INDEX_DIR_HELP = "the index directory (made by `robret index build FOLDER --ind
 
 def register(sub) -> None:
     p = sub.add_parser("index", help="build and maintain an image index",
-                       description="Index an image folder (FAISS on the unit sphere + a SQLAlchemy catalog), "
+                       description="Index an image folder or an s3:// / gs:// prefix (FAISS on the unit sphere + a "
+                       "SQLAlchemy catalog), "
                        "keep it current, check it.")
     isub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     p.epilog = "Every ACTION takes the index directory as --index-dir DIR."
 
-    b = isub.add_parser("build", help="index a folder or a list of files",
-                        description="Embed every image under a folder, or every file of a list, into a new index "
-                        "directory (an existing index of the same source and encoder is updated instead).")
+    b = isub.add_parser("build", help="index a folder, an s3:// or gs:// prefix, or a list of files",
+                        description="Embed every image under a folder or an object-store prefix, or every file of a "
+                        "list, into a new index directory (an existing index of the same source and encoder is "
+                        "updated instead). Object stores are read through pyarrow: the S3 endpoint is "
+                        "$ROBRET_S3_ENDPOINT (else $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL), a GCS emulator "
+                        "$STORAGE_EMULATOR_HOST, ROBRET_ANONYMOUS=1 reads public buckets; credentials come only from "
+                        "the SDKs' usual chains (environment, credential files, instance identity) and are never "
+                        "recorded.")
     b.add_argument("folder", metavar="SOURCE",
                    help="image folder to index (recursively); @FILE: a list of files, one path per line (relative "
                    "paths are relative to FILE's directory); FILE.parquet: a table with a string column `path`; "
-                   "file:// URIs are accepted for each. `update` reads the list again")
+                   "file:// URIs are accepted for each; s3://BUCKET/PREFIX or gs://BUCKET/PREFIX: every image "
+                   "object under the prefix, and a list may name such URIs. `update` reads the list (or lists the "
+                   "prefix) again")
     b.add_argument("--root", default=None, metavar="DIR",
-                   help="for a list: the indexed root; files outside it are refused (default: the deepest directory "
-                   "holding every listed file)")
+                   help="for a list: the indexed root, a directory or an s3:// / gs:// prefix; entries outside it "
+                   "are refused (default: the deepest directory or prefix holding every listed entry)")
     b.add_argument("--index-dir", required=True, help="directory for the index and catalog")
     b.add_argument("--encoder", default=None,
                    help="encoder spec (default: lipsim:demo); see `robret encoder list`")
@@ -85,7 +93,7 @@ def register(sub) -> None:
     _index_dir_args(v)
     v.add_argument("--deep", action="store_true",
                    help="also decode the index file (FAISS) and check ids, norms, dimension and type directly")
-    v.add_argument("--files", action="store_true", help="also stat every indexed file (folder drift)")
+    v.add_argument("--files", action="store_true", help="also stat every indexed file, or list the indexed bucket prefix (drift)")
     v.add_argument("--json", action="store_true", help="print JSON")
     v.set_defaults(func=_verify)
 
