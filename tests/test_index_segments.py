@@ -19,7 +19,7 @@ from PIL import Image
 
 from index import (INDEXED, Catalog, Gallery, IngestOptions, IntegrityError, StoreError, VectorStore, build_index,
                    repair_index, update_index, verify_index)
-from index.ingest import CRASH_ENV, compact_index
+from index.ingest import COMPACT_SEGMENTS, CRASH_ENV, compact_index
 from index.ivf import CertifiedIVF
 from index.layout import IndexDir
 from index.segments import load_live_store, read_segment, segment_bytes, write_segment
@@ -422,3 +422,23 @@ def test_an_ivf_gallery_grown_by_segments_answers_the_exhaustive_certificate_bef
     assert [[i for i, _ in r] for r in after] == [[i for i, _ in r] for r in before]
     for a, b in zip(after, before):
         np.testing.assert_allclose([r for _, r in a], [r for _, r in b], rtol=1e-9)
+
+
+def test_the_command_line_sets_when_writers_compact(folder, tmp_path, tiny_lipsim, capsys):
+    """`--compact-segments never` keeps every checkpoint a segment; `0` writes one base each time; the help states
+    the library's default."""
+    base = ["--encoder", "lipsim:cpu-tiny", "--batch-size", "2", "--checkpoint-seconds", "0", "--workers", "1",
+            "--no-progress"]
+    never, whole = tmp_path / "never", tmp_path / "whole"
+    assert robret(["index", "build", str(folder), "--index-dir", str(never), "--compact-segments", "never", *base]) == 0
+    kinds = _kinds(never)
+    assert kinds[0] == "faiss" and kinds.count("faiss") == 1 and len(kinds) >= 3  # one base, then segments only
+    assert robret(["index", "build", str(folder), "--index-dir", str(whole), "--compact-segments", "0", *base]) == 0
+    assert _kinds(whole) == ["faiss"]
+    _assert_same(_state(whole, tiny_lipsim), _state(never, tiny_lipsim))
+    with pytest.raises(SystemExit):
+        robret(["index", "build", "--help"])
+    assert f"default {COMPACT_SEGMENTS}," in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        robret(["index", "build", str(folder), "--index-dir", str(tmp_path / "x"), "--compact-segments", "-1"])
+    assert "--compact-segments" in capsys.readouterr().err

@@ -165,11 +165,20 @@ def _index_dir(args) -> str:
     return given[0]
 
 
+def _segments_limit(text: str) -> int | str:
+    """`--compact-segments`: a count ≥ 0, or `never`."""
+    return "never" if text == "never" else nonnegative_int(text)
+
+
 def _common_run_args(p) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call (default 32)")
     p.add_argument("--workers", type=positive_int, default=None, help="decode threads (default min(4, CPUs))")
     p.add_argument("--checkpoint-seconds", type=nonnegative_float, default=120.0,
                    help="write the index and commit the catalog at least this often (default 120)")
+    p.add_argument("--compact-segments", type=_segments_limit, default=None, metavar="N|never",
+                   help="write the whole index as one file instead of a segment once N segments are live "
+                   "(default 32, index.ingest.COMPACT_SEGMENTS); 0: at every checkpoint (no segments); never: only "
+                   "`robret index compact` merges them (checkpoints then stay proportional to new data)")
     p.add_argument("--cpu", action="store_true", help="keep FAISS and the encoder on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -190,6 +199,8 @@ def _options(args):
                          use_gpu=not args.cpu, retry_failed=getattr(args, "retry_failed", False))
     if args.workers is not None:
         opts.workers = args.workers
+    if args.compact_segments is not None:
+        opts.compact_segments = None if args.compact_segments == "never" else args.compact_segments
     if getattr(args, "max_pixels", None) is not None:
         opts.limits = DecodeLimits(max_pixels=args.max_pixels)
     if args.ray_actors is not None and (args.ray is None or args.ray_actors < 1):
