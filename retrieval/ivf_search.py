@@ -28,6 +28,7 @@ the loop early: the certificate is then still sound, possibly smaller, and says 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,4 +182,11 @@ def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, 
     complete = bound == -np.inf
     cert = certify_ranked(s, vecs, kk, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
                           unlisted_max=None if complete else bound)
+    if kk < k and not complete:
+        # Fewer than k items scored while some are unseen: the true top-k holds an unseen item, so neither the
+        # set nor any member's place in it is known. Nothing is certified (radius 0 is always sound); the tail
+        # "binds", so the search visits more lists unless its budget is spent.
+        zero = np.zeros(kk)
+        cert = dataclasses.replace(cert, radius=zero, set_radius=0.0, order_radius=0.0, tail_radius=zero,
+                                   listed_radius=np.full(kk, np.inf))
     return cert, bound, cap_binds, vecs[:kk], ids

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from _pgd import pgd_l2
@@ -46,6 +46,9 @@ gallery_params = st.fixed_dictionaries({
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 16)))
+# A budget spent on a first list holding fewer than k items: the top-k holds an unseen item (found by this test).
+@example(p={"n": 30, "dim": 3, "clusters": 4, "nlist": 6, "k": 2, "seed": 45, "float_error": 0.0}, budget=1)
+@example(p={"n": 30, "dim": 3, "clusters": 2, "nlist": 8, "k": 2, "seed": 45, "float_error": 0.0}, budget=1)
 def test_ivf_certificate_is_never_larger_than_the_exhaustive_one_and_equal_without_a_budget(p, budget):
     x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
     ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
