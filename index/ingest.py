@@ -672,11 +672,7 @@ class _Writer:
             return
         version = self.version + 1
         if base:
-            path = self.layout.index_file(version)
-            digest = self.store.write(path, before_replace=lambda _tmp: _crash_point("write"))
-            _crash_point("rename")
-            live = [{"name": path.name, "kind": BASE, "sha256": digest, "rows": self.store.ntotal,
-                     "version": version, "bytes": path.stat().st_size}]
+            live = [_write_base(self.layout, self.store, version)]
         elif self.added or self.removed:
             ids = np.fromiter(self.added, np.int64, len(self.added))
             removed = np.array(sorted(self.removed), np.int64)
@@ -689,11 +685,7 @@ class _Writer:
                                  "removed": len(removed), "version": version, "bytes": size}]
         else:  # only catalog rows changed (failures, refreshed mtimes): the same live set
             live = self.live
-        first = live[0] if live and live[0]["kind"] == BASE else None
-        index_meta = {**self.index_meta, "version": version, "rows": self.store.ntotal,
-                      "sha256": first and first["sha256"], "file": first and first["name"], "segments": live,
-                      "ids_sha256": ids_digest(np.sort(self.store.ids())),
-                      "factory": self.store.factory, "params": self.store.params}
+        index_meta = _version_meta(self.index_meta, self.store, version, live, ids_digest(np.sort(self.store.ids())))
         inserts = [self.pending[i] for i in sorted(self.new_ids)]
         updates = [{k: v for k, v in self.pending[i].items() if k != "created_at"}
                    for i in sorted(self.pending) if i not in self.new_ids]
@@ -710,6 +702,25 @@ class _Writer:
         self.last_checkpoint = time.monotonic()
         for leftover in self.layout.leftovers(index_meta):
             leftover.unlink(missing_ok=True)
+
+
+def _write_base(layout: IndexDir, store: VectorStore, version: int, crash: str = "") -> dict:
+    """Write `store` whole as the base of `version` (temporary file, fsync, rename, directory fsync; crash
+    points `<crash>write` and `<crash>rename`); returns its live-set entry."""
+    path = layout.index_file(version)
+    digest = store.write(path, before_replace=lambda _tmp: _crash_point(crash + "write"))
+    _crash_point(crash + "rename")
+    return {"name": path.name, "kind": BASE, "sha256": digest, "rows": store.ntotal, "version": version,
+            "bytes": path.stat().st_size}
+
+
+def _version_meta(index_meta: dict, store: VectorStore, version: int, live: list[dict], ids_sha256: str) -> dict:
+    """The catalog's `index` record of a new version whose live set is `live` and whose index is `store`
+    (`sha256`/`file` repeat the base's, for readers of single-file indexes)."""
+    first = live[0] if live and live[0]["kind"] == BASE else None
+    return {**index_meta, "version": version, "rows": store.ntotal, "sha256": first and first["sha256"],
+            "file": first and first["name"], "segments": live, "ids_sha256": ids_sha256,
+            "factory": store.factory, "params": store.params}
 
 
 def compact_index(index_dir, *, use_gpu: bool = False) -> dict:
@@ -731,8 +742,8 @@ def compact_index(index_dir, *, use_gpu: bool = False) -> dict:
             index_meta = catalog.meta()["index"]
             before = live_files(index_meta)
             store = load_live_store(layout, index_meta, use_gpu=use_gpu)
-            recorded = index_meta.get("ids_sha256")
-            if recorded is not None and ids_digest(np.sort(store.ids())) != recorded:
+            recorded, ids_sha256 = index_meta.get("ids_sha256"), ids_digest(np.sort(store.ids()))
+            if recorded is not None and ids_sha256 != recorded:
                 raise IntegrityError("the live index files do not hold the ids committed with version "
                                      f"{index_meta['version']}; run `robret index repair {layout.path}`")
             for leftover in layout.leftovers(index_meta):
@@ -744,20 +755,13 @@ def compact_index(index_dir, *, use_gpu: bool = False) -> dict:
                 return {**out, "version": out["version_before"], "bytes": out["bytes_before"],
                         "seconds": time.monotonic() - t0}
             version = int(index_meta["version"]) + 1
-            path = layout.index_file(version)
-            digest = store.write(path, before_replace=lambda _tmp: _crash_point("compact-write"))
-            _crash_point("compact-rename")
-            size = path.stat().st_size
-            new_meta = {**index_meta, "version": version, "rows": store.ntotal, "sha256": digest, "file": path.name,
-                        "segments": [{"name": path.name, "kind": BASE, "sha256": digest, "rows": store.ntotal,
-                                      "version": version, "bytes": size}],
-                        "ids_sha256": ids_digest(np.sort(store.ids())), "factory": store.factory,
-                        "params": store.params}
+            base = _write_base(layout, store, version, crash="compact-")
+            new_meta = _version_meta(index_meta, store, version, [base], ids_sha256)
             catalog.commit_changes([], [], {"index": new_meta, "schema_version": SCHEMA_VERSION})
             _crash_point("compact-commit")
             for leftover in layout.leftovers(new_meta):
                 leftover.unlink(missing_ok=True)
-            return {**out, "version": version, "bytes": size, "seconds": time.monotonic() - t0}
+            return {**out, "version": version, "bytes": base["bytes"], "seconds": time.monotonic() - t0}
         finally:
             catalog.close()
 

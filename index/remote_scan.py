@@ -11,15 +11,15 @@ control characters, backslashes) are failures, never read; a listed URI outside 
 """
 from __future__ import annotations
 
+import posixpath
 import re
 
-from .decode import DecodeError, IMAGE_EXTENSIONS
+from .decode import DecodeError
 from .remote import RemoteSourceError, RemoteURI, filesystem, is_remote, list_objects, parse_uri, unsafe_key
-from .scan import ScanEntry, ScanResult
+from .scan import NOT_IMAGE, ScanEntry, ScanResult, is_image_name
 
 __all__ = ["scan_prefix", "scan_uris", "common_prefix", "redact"]
 
-_EXTENSIONS = tuple(IMAGE_EXTENSIONS)
 _USERINFO = re.compile(r"^([A-Za-z0-9+.-]+://)[^/@]*@")
 
 
@@ -33,10 +33,6 @@ def _failed(key: str, path: str, kind: str, detail: str, size=None, mtime_ns=Non
                      size=size, mtime_ns=mtime_ns, problem=DecodeError(kind, detail))
 
 
-def _is_image(key: str) -> bool:
-    return key.lower().endswith(_EXTENSIONS)
-
-
 def scan_prefix(root: bytes | str) -> ScanResult:
     """Every image-named object under the root URI, sorted by key (RemoteSourceError when it cannot be
     listed)."""
@@ -44,7 +40,7 @@ def scan_prefix(root: bytes | str) -> ScanResult:
     result = ScanResult(root=str(uri).encode(), entries=[], protected=[], warnings=[], ignored=0)
     for rel, size, mtime_ns in list_objects(uri):
         problem = unsafe_key(rel)
-        if not _is_image(rel) or (problem is None and any(p.startswith(".") for p in rel.split("/"))):
+        if not is_image_name(rel) or (problem is None and any(p.startswith(".") for p in rel.split("/"))):
             result.ignored += 1
             continue
         path = str(uri.child(rel))
@@ -108,9 +104,8 @@ def _listed(text: str, base: RemoteURI) -> tuple[ScanEntry | None, RemoteURI | N
     rel = uri.key[len(base.key) + 1:] if base.key else uri.key
     if problem := unsafe_key(rel):
         return _failed(rel, str(uri), "unsafe_name", problem), None, None
-    if not _is_image(rel):
-        return (_failed(rel, str(uri), "not_image", f"not named as an image ({', '.join(sorted(IMAGE_EXTENSIONS))})"),
-                None, None)
+    if not is_image_name(rel):
+        return _failed(rel, str(uri), "not_image", NOT_IMAGE), None, None
     return None, uri, rel
 
 
@@ -121,11 +116,4 @@ def common_prefix(uris: list[str]) -> bytes:
     if len(buckets) != 1:
         raise RemoteSourceError("the listed objects lie in more than one bucket: give the indexed root with --root")
     scheme, bucket = buckets.pop()
-    dirs = [u.key.split("/")[:-1] for u in parsed]
-    common = dirs[0]
-    for d in dirs[1:]:
-        n = 0
-        while n < min(len(common), len(d)) and common[n] == d[n]:
-            n += 1
-        common = common[:n]
-    return str(RemoteURI(scheme, bucket, "/".join(common))).encode()
+    return str(RemoteURI(scheme, bucket, posixpath.commonpath([posixpath.dirname(u.key) for u in parsed]))).encode()

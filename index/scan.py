@@ -55,8 +55,12 @@ class ScanResult:
     ignored: int  # non-image and hidden entries
 
 
-def _is_image(name: bytes) -> bool:
-    return name.lower().endswith(_EXTENSIONS)
+NOT_IMAGE = f"not named as an image ({', '.join(sorted(IMAGE_EXTENSIONS))})"  # a `not_image` failure's detail
+
+
+def is_image_name(name: bytes | str) -> bool:
+    """Whether a file name (bytes) or object key (str) ends in an image extension (IMAGE_EXTENSIONS)."""
+    return os.fsencode(name).lower().endswith(_EXTENSIONS)
 
 
 def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLike, ...] = ()) -> ScanResult:
@@ -104,13 +108,13 @@ def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLik
                 is_link = e.is_symlink()
                 st = os.stat(e.path) if is_link else e.stat(follow_symlinks=False)
             except FileNotFoundError:
-                if is_link and _is_image(name):
+                if is_link and is_image_name(name):
                     result.entries.append(_problem(rel, e.path, "symlink_broken", "symbolic link to a missing file"))
                 elif is_link:
                     warn(rel, "broken symbolic link to a directory, skipped")
                 continue
             except OSError as exc:
-                if _is_image(name):
+                if is_image_name(name):
                     kind = "symlink_loop" if is_link else "unreadable"
                     result.entries.append(_problem(rel, e.path, kind, exc.strerror or str(exc)))
                 else:
@@ -122,7 +126,7 @@ def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLik
                     detail = f"symbolic link leaves the indexed folder (→ {display_path(target)})"
                     if stat.S_ISDIR(st.st_mode):
                         warn(rel, detail + ", not followed")
-                    elif _is_image(name):
+                    elif is_image_name(name):
                         result.entries.append(_problem(rel, e.path, "symlink_escape", detail))
                     else:
                         result.ignored += 1
@@ -137,7 +141,7 @@ def scan_folder(root: str | os.PathLike | bytes, exclude: tuple[str | os.PathLik
                     visited.add(key)
                     subdirs.append((e.path, rel))
                 continue
-            if not _is_image(name):
+            if not is_image_name(name):
                 result.ignored += 1
                 continue
             if not stat.S_ISREG(st.st_mode):

@@ -50,10 +50,10 @@ import os
 import stat
 from dataclasses import dataclass
 
-from .decode import IMAGE_EXTENSIONS, is_inside
+from .decode import is_inside
 from .errors import FolderError
 from .remote import is_remote
-from .scan import ScanEntry, ScanResult, _problem as _failed, display_path, scan_folder
+from .scan import NOT_IMAGE, ScanEntry, ScanResult, _problem as _failed, display_path, is_image_name, scan_folder
 
 __all__ = ["Source", "resolve_source", "read_entries", "scan_source", "local_path", "SOURCE_KINDS"]
 
@@ -297,8 +297,8 @@ def _list_entry(text: str, base: bytes, root: bytes, root_real: bytes, excluded:
         return _failed(key, path, "not_regular", "is a directory (list its files, or index the folder itself)")
     if not stat.S_ISREG(st.st_mode):
         return _failed(key, path, "not_regular", "not a regular file (device, FIFO or socket)")
-    if not key.lower().endswith(tuple(os.fsencode(e) for e in IMAGE_EXTENSIONS)):
-        return _failed(key, path, "not_image", f"not named as an image ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if not is_image_name(key):
+        return _failed(key, path, "not_image", NOT_IMAGE)
     entry = ScanEntry(key=key, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns)
     try:
         key.decode("utf-8")
