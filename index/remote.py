@@ -48,7 +48,7 @@ from encoder.image import DecodeError, check_header
 from .errors import FolderError
 
 __all__ = ["SCHEMES", "RemoteURI", "RemoteSourceError", "is_remote", "parse_uri", "filesystem", "list_objects",
-           "read_object", "unsafe_key", "root_uri", "check_prefix", "settings", "SETTINGS_ENV"]
+           "read_object", "relative_key", "unsafe_key", "root_uri", "check_prefix", "settings", "SETTINGS_ENV"]
 
 log = logging.getLogger(__name__)
 SCHEMES = ("s3", "gs")
@@ -160,21 +160,23 @@ def _filesystem(scheme: str, endpoint: str | None, region: str | None, anonymous
 
     kwargs = {}
     if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-        kwargs["endpoint_override"] = parts.hostname + (f":{parts.port}" if parts.port else "")
-        kwargs["scheme"] = parts.scheme or "https"
+        kwargs["scheme"], kwargs["endpoint_override"] = _endpoint(endpoint)
     if scheme == "s3":
         return pafs.S3FileSystem(region=region, anonymous=anonymous, **kwargs)
     # An emulator takes no credentials; the real GCS reads them from the usual chain.
     return pafs.GcsFileSystem(anonymous=anonymous or bool(endpoint), retry_time_limit=timedelta(seconds=30), **kwargs)
 
 
+def _endpoint(endpoint: str) -> tuple[str, str]:
+    """(scheme, host[:port]) of an endpoint setting ("http://host:port" or "host:port"), never its user
+    information."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    return parts.scheme or "https", parts.hostname + (f":{parts.port}" if parts.port else "")
+
+
 def _where(uri: RemoteURI) -> str:
     endpoint = settings(uri.scheme)[1]
-    if not endpoint:
-        return ""
-    parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    return f" at {parts.hostname}{f':{parts.port}' if parts.port else ''}"  # never the user information
+    return f" at {_endpoint(endpoint)[1]}" if endpoint else ""
 
 
 def _error_text(exc: BaseException) -> str:
@@ -225,15 +227,22 @@ def confine(path: str | bytes, root: str | bytes | None) -> RemoteURI:
         rel = uri.key
     else:
         base = parse_uri(root)
-        inside = (uri.scheme, uri.bucket) == (base.scheme, base.bucket) and (
-            not base.key or uri.key.startswith(base.key + "/"))
-        if not inside:
+        rel = relative_key(uri, base)
+        if rel is None:
             raise DecodeError("outside_root", f"object lies outside the indexed root {base}")
-        rel = uri.key[len(base.key) + 1:] if base.key else uri.key
     problem = unsafe_key(uri.key) or (None if rel else "names the root itself, not an object under it")
     if problem:
         raise DecodeError("unsafe_name", problem)
     return uri
+
+
+def relative_key(uri: RemoteURI, base: RemoteURI) -> str | None:
+    """`uri`'s key relative to the prefix `base`, or None when the object lies outside it."""
+    if (uri.scheme, uri.bucket) != (base.scheme, base.bucket):
+        return None
+    if not base.key:
+        return uri.key
+    return uri.key[len(base.key) + 1:] if uri.key.startswith(base.key + "/") else None
 
 
 @contextlib.contextmanager

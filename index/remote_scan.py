@@ -15,7 +15,7 @@ import posixpath
 import re
 
 from .decode import DecodeError
-from .remote import RemoteSourceError, RemoteURI, filesystem, is_remote, list_objects, parse_uri, unsafe_key
+from .remote import RemoteSourceError, RemoteURI, filesystem, is_remote, list_objects, parse_uri, relative_key, unsafe_key
 from .scan import NOT_IMAGE, ScanEntry, ScanResult, is_image_name
 
 __all__ = ["scan_prefix", "scan_uris", "common_prefix", "redact"]
@@ -97,11 +97,9 @@ def _listed(text: str, base: RemoteURI) -> tuple[ScanEntry | None, RemoteURI | N
         uri = parse_uri(text)
     except RemoteSourceError as exc:
         return _failed(shown, shown, "unsafe_name", str(exc)), None, None
-    inside = (uri.scheme, uri.bucket) == (base.scheme, base.bucket) and (
-        not base.key or uri.key.startswith(base.key + "/"))
-    if not inside:
+    rel = relative_key(uri, base)
+    if rel is None:
         return _failed(shown, shown, "outside_root", f"listed object lies outside the indexed root {base}"), None, None
-    rel = uri.key[len(base.key) + 1:] if base.key else uri.key
     if problem := unsafe_key(rel):
         return _failed(rel, str(uri), "unsafe_name", problem), None, None
     if not is_image_name(rel):
