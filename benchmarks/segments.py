@@ -1,12 +1,14 @@
-"""Checkpoint cost as the gallery grows: whole-file rewrite (before) vs append-only segments (after).
+"""Checkpoint cost as the gallery grows: whole-file rewrite, appended segments, size-tiered segments.
 
-One run builds the same synthetic gallery twice with the real writer (`index.build_index`, one checkpoint
-per batch, `checkpoint_seconds=0`) and times every checkpoint (`_Writer._checkpoint`: new file written,
-fsynced and renamed, directory fsynced, catalog committed, leftovers deleted):
-- before: `compact_segments=0`, every checkpoint writes the whole index (the layout before segments);
-- after:  the default, every checkpoint appends a segment of the batch's rows (a whole index only at
-  the first checkpoint, and once the live set holds COMPACT_SEGMENTS segments).
-Then `compact_index` merges the after build's segments into one file (timed), and the two galleries are
+One run builds the same synthetic gallery three times with the real writer (`index.build_index`, one
+checkpoint per batch, `checkpoint_seconds=0`) and times every checkpoint (`_Writer._checkpoint`: new file
+written, fsynced and renamed, directory fsynced, catalog committed, leftovers deleted):
+- before:   `compact_segments=0`, every checkpoint writes the whole index (the layout before segments);
+- appended: `merge_tiers=False`, every checkpoint appends a segment of the batch's rows (a whole index only
+  at the first checkpoint, and once the live set holds COMPACT_SEGMENTS segments);
+- after:    the default, size-tiered: a checkpoint's segment also takes in the newest live files while
+  they are no larger than it (a base when it reaches the first file; `_Writer._merge_start`).
+Then `compact_index` merges the tiered build's files into one (timed), and the three galleries are
 checked to hold the same ids and bit-identical vectors.
 
 Vectors are synthetic unit vectors of dimension D (default 1729: the `pixels:24` encoder's, close to the
@@ -14,7 +16,7 @@ Vectors are synthetic unit vectors of dimension D (default 1729: the `pixels:24`
 writer's `embed_files` hook, so the figures are the storage path's alone (no decoding or model).
 
     python -m benchmarks.segments                      # 20 checkpoints of 1,000 vectors (≈ 30 s)
-    python -m benchmarks.segments --checkpoints 40 --batch 2500   # 100k vectors, an automatic compaction
+    python -m benchmarks.segments --checkpoints 40 --batch 2500   # 100k vectors
     python -m benchmarks.segments --quick              # 8 checkpoints of 50 vectors (seconds)
 Writes benchmarks/results/segments.json and .md (--out PREFIX).
 """
@@ -56,7 +58,7 @@ def _embed_files(dim: int):
     return embed
 
 
-def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, compact_segments) -> list[dict]:
+def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, **policy) -> list[dict]:
     """build_index with one checkpoint per batch; returns one row per checkpoint that wrote a file."""
     from index import IngestOptions, build_index
     from index import ingest
@@ -76,13 +78,17 @@ def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, compact_seg
                          "live_files": len(self.live)})
 
     opts = IngestOptions(batch_size=batch, workers=1, checkpoint_seconds=0, use_gpu=False,
-                         embed_files=_embed_files(encoder.dim), compact_segments=compact_segments)
+                         embed_files=_embed_files(encoder.dim), **policy)
     ingest._Writer._checkpoint = timed
     try:
         build_index(folder, index_dir, f"pixels:{PIXELS}", encoder=encoder, options=opts)
     finally:
         ingest._Writer._checkpoint = real
     return rows
+
+
+# name → IngestOptions fields (module doc)
+POLICIES = {"before": {"compact_segments": 0}, "appended": {"merge_tiers": False}, "after": {}}
 
 
 def run(n_batches: int, batch: int) -> dict:
@@ -100,25 +106,25 @@ def run(n_batches: int, batch: int) -> dict:
             pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             pixels[0, 0, :] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)
             Image.fromarray(pixels).save(folder / f"f{i:06d}.png")
-        before = _timed_build(folder, tmp / "before", encoder, batch, 0)
-        after = _timed_build(folder, tmp / "after", encoder, batch, COMPACT_SEGMENTS)
+        builds = {name: _timed_build(folder, tmp / name, encoder, batch, **policy) for name, policy in POLICIES.items()}
         t = time.perf_counter()
         compacted = compact_index(tmp / "after")
         compact_s = time.perf_counter() - t
-        with Gallery.open(tmp / "before", use_gpu=False) as a, Gallery.open(tmp / "after", use_gpu=False) as b:
-            ids_a, vec_a = a.all_vectors()
-            ids_b, vec_b = b.all_vectors()
-            oa, ob = np.argsort(ids_a), np.argsort(ids_b)
-            same = bool(np.array_equal(ids_a[oa], ids_b[ob]) and np.array_equal(vec_a[oa], vec_b[ob]))
-        return {"dim": encoder.dim, "batch": batch, "checkpoints": n_batches, "before": before, "after": after,
+        contents = []
+        for name in POLICIES:
+            with Gallery.open(tmp / name, use_gpu=False) as g:
+                ids, vecs = g.all_vectors()
+                order = np.argsort(ids)
+                contents.append((ids[order], vecs[order]))
+        same = all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(contents, contents[1:]))
+        return {"dim": encoder.dim, "batch": batch, "checkpoints": n_batches, **builds,
                 "compact_segments": COMPACT_SEGMENTS,
                 "compact": {"seconds": compact_s, "files_before": compacted["files_before"],
                             "bytes": compacted["bytes"]},
                 "same_ids_and_vectors": same,
-                "total_seconds": {"before": sum(r["seconds"] for r in before),
-                                  "after": sum(r["seconds"] for r in after)},
-                "total_bytes_written": {"before": sum(r["bytes_written"] for r in before),
-                                        "after": sum(r["bytes_written"] for r in after)}}
+                "total_seconds": {name: sum(r["seconds"] for r in rows) for name, rows in builds.items()},
+                "total_bytes_written": {name: sum(r["bytes_written"] for r in rows) for name, rows in builds.items()},
+                "most_live_files": {name: max(r["live_files"] for r in rows) for name, rows in builds.items()}}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -126,18 +132,20 @@ def run(n_batches: int, batch: int) -> dict:
 def table(report: dict) -> str:
     mib = 2 ** 20
     lines = [f"| checkpoint (gallery after it, D = {report['dim']}, {report['batch']} vectors per batch) | before: "
-             "whole index rewritten | after: segment appended |", "|---|---|---|"]
-    for b, a in zip(report["before"], report["after"]):
-        lines.append(f"| {b['vectors']:,} vectors | {b['seconds'] * 1e3:.1f} ms, {b['bytes_written'] / mib:.2f} MiB "
-                     f"| {a['seconds'] * 1e3:.1f} ms, {a['bytes_written'] / mib:.2f} MiB ({a['kind']}) |")
-    tb, ta = report["total_seconds"], report["total_bytes_written"]
-    lines.append(f"| **all checkpoints** | **{tb['before']:.2f} s, {ta['before'] / mib:.1f} MiB** | "
-                 f"**{tb['after']:.2f} s, {ta['after'] / mib:.1f} MiB** |")
+             "whole index rewritten | appended segments (compaction past 32) | after: size-tiered segments |",
+             "|---|---|---|---|"]
+    for b, a, t in zip(report["before"], report["appended"], report["after"]):
+        cells = [f"{r['seconds'] * 1e3:.1f} ms, {r['bytes_written'] / mib:.2f} MiB" for r in (b, a, t)]
+        lines.append(f"| {b['vectors']:,} vectors | {cells[0]} | {cells[1]} ({a['kind']}) | {cells[2]} ({t['kind']}, "
+                     f"{t['live_files']} live files) |")
+    ts, tb, most = report["total_seconds"], report["total_bytes_written"], report["most_live_files"]
+    lines.append("| **all checkpoints** | " + " | ".join(
+        f"**{ts[n]:.2f} s, {tb[n] / mib:.1f} MiB** (at most {most[n]} live files)" for n in POLICIES) + " |")
     c = report["compact"]
     lines.append("")
-    lines.append(f"`robret index compact` afterwards: {c['files_before']} files → 1 ({c['bytes'] / mib:.1f} MiB) in "
-                 f"{c['seconds']:.2f} s. Same ids and bit-identical vectors in both galleries: "
-                 f"{report['same_ids_and_vectors']}. Machine: {report['machine']}.")
+    lines.append(f"`robret index compact` of the size-tiered build afterwards: {c['files_before']} files → 1 "
+                 f"({c['bytes'] / mib:.1f} MiB) in {c['seconds']:.2f} s. Same ids and bit-identical vectors in all "
+                 f"three galleries: {report['same_ids_and_vectors']}. Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
 
 

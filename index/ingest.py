@@ -66,7 +66,7 @@ from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreErr
 from .layout import BASE, ROWS, IndexDir, live_files
 from .remote import is_remote
 from .scan import ScanEntry, display_path
-from .segments import load_live_store, write_segment
+from .segments import load_live_store, read_segment, segment_bytes, write_segment
 from .sources import Source, resolve_source, scan_source
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
@@ -76,7 +76,8 @@ __all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repa
 log = logging.getLogger(__name__)
 CRASH_ENV = "ROBRET_INDEX_CRASH_AT"
 # A checkpoint compacts (writes one base) instead of appending once the live set holds this many
-# segments: opening then reads at most this many files besides the base.
+# segments: opening then reads at most this many files besides the base. (Size-tiered merging,
+# `_Writer._merge_start`, keeps far fewer: O(log n).)
 COMPACT_SEGMENTS = 32
 
 
@@ -102,6 +103,10 @@ class IngestOptions:
     # this many segments; 0: every checkpoint rewrites the whole index (the layout before segments);
     # None: never automatically (`robret index compact` does it).
     compact_segments: int | None = COMPACT_SEGMENTS
+    # Size-tiered merging (`_Writer._merge_start`): a checkpoint's segment also takes in the newest live
+    # files while they are no larger than what it already holds (a base when it reaches the first file),
+    # so that a row is rewritten O(log n) times over a build. Off with compact_segments=None.
+    merge_tiers: bool = True
 
 
 @dataclass
@@ -657,7 +662,63 @@ class _Writer:
         if not (self.added or self.removed):
             return False
         limit = self.options.compact_segments
-        return not self.live or (limit is not None and segments >= limit)
+        return not self.live or (limit is not None and segments >= limit) or self._merge_start() == 0
+
+    def _merge_start(self) -> int:
+        """The position in the live set from which files are merged into this checkpoint's segment
+        (len(live): none; 0: all of them, that is a base). Size-tiered, like a binary counter: starting
+        from this checkpoint's own segment size w, the newest remaining file is taken in while its size
+        is at most w, and w grows by its size.
+
+        Cost: a file is only ever merged into a file at least twice its size, so a row, each time it is
+        rewritten, lands in a file at least twice as large as the one it left; files are bounded by the
+        index's size S, so a row is rewritten at most log2(S / its first segment's size) + 1 times, and a
+        build of n rows in checkpoints of b rows writes O(n·log(n/b)) bytes in all (rewriting the whole
+        index every c checkpoints writes O(n²/(c·b))). The live set then holds O(log(n/b)) files, sizes
+        roughly halving from oldest to newest."""
+        if not self.options.merge_tiers or self.options.compact_segments is None:
+            return len(self.live)
+        weight = segment_bytes(self.store.dim, len(self.removed), len(self.added))
+        start = len(self.live)
+        while start > 0 and self._file_bytes(self.live[start - 1]) <= weight:
+            start -= 1
+            weight += self._file_bytes(self.live[start])
+        return start
+
+    def _file_bytes(self, f: dict) -> int:
+        """A live file's size as recorded (an index written before segments recorded none: its file's)."""
+        return int(f["bytes"]) if "bytes" in f else (self.layout.path / f["name"]).stat().st_size
+
+    def _merged_changes(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tombstones, added ids) of one segment equal to the live segments from `start` on followed by
+        this checkpoint's changes, applied to the state the files before `start` leave.
+
+        Replaying the segments in order with A = ids whose current vector comes from them and R = ids of
+        that earlier state they removed: a tombstone of an id in A drops it from A (it was added after that
+        state; if the state also held it, R already has it), any other tombstone goes to R (the load check
+        of every segment made it hit a stored id of that state); an added id joins A. Applied to that
+        state, "remove R, then add A with their current vectors" gives the current state: ids of the state
+        not in R are untouched by every segment, and each id in A holds the vector of its last addition."""
+        added: dict[int, None] = {}
+        removed: set[int] = set()
+        changes = [self._segment_changes(f) for f in self.live[start:]]
+        changes.append((sorted(self.removed), list(self.added)))
+        for tombstones, ids in changes:
+            for i in tombstones:
+                if i in added:
+                    del added[i]
+                else:
+                    removed.add(i)
+            for i in ids:
+                added[i] = None
+        return np.array(sorted(removed), np.int64), np.fromiter(added, np.int64, len(added))
+
+    def _segment_changes(self, f: dict) -> tuple[list[int], list[int]]:
+        """(tombstones, added ids) of a live segment, read back checked against its recorded SHA-256."""
+        if f["kind"] != ROWS:
+            raise StoreError(f"cannot merge {f['name']}: not a segment")
+        seg = read_segment(self.layout.path / f["name"], self.store.dim, f["sha256"])
+        return seg.removed.tolist(), seg.ids.tolist()
 
     def _checkpoint(self, final: bool) -> None:
         requested = self.index_meta.get("requested", "auto")
@@ -674,15 +735,15 @@ class _Writer:
         if base:
             live = [_write_base(self.layout, self.store, version)]
         elif self.added or self.removed:
-            ids = np.fromiter(self.added, np.int64, len(self.added))
-            removed = np.array(sorted(self.removed), np.int64)
+            start = self._merge_start()
+            removed, ids = self._merged_changes(start)
             path = self.layout.segment_file(version)
             digest, size = write_segment(path, self.store.dim, removed, ids, self.store.reconstruct(ids),
                                          midway=lambda: _crash_point("segment"),
                                          before_replace=lambda _tmp: _crash_point("write"))
             _crash_point("rename")
-            live = self.live + [{"name": path.name, "kind": ROWS, "sha256": digest, "rows": len(ids),
-                                 "removed": len(removed), "version": version, "bytes": size}]
+            live = self.live[:start] + [{"name": path.name, "kind": ROWS, "sha256": digest, "rows": len(ids),
+                                         "removed": len(removed), "version": version, "bytes": size}]
         else:  # only catalog rows changed (failures, refreshed mtimes): the same live set
             live = self.live
         index_meta = _version_meta(self.index_meta, self.store, version, live, ids_digest(np.sort(self.store.ids())))

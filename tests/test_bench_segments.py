@@ -4,19 +4,25 @@ from __future__ import annotations
 import json
 
 
-def test_segments_benchmark_quick_compares_whole_rewrites_with_appended_segments(tmp_path):
+def test_segments_benchmark_quick_compares_whole_rewrites_appended_and_tiered_segments(tmp_path):
     from benchmarks.segments import main
 
     report = main(["--quick", "--out", str(tmp_path / "segments")])
-    before, after = report["before"], report["after"]
-    assert len(before) == len(after) == report["checkpoints"] == 8
-    assert [r["vectors"] for r in before] == [r["vectors"] for r in after] == [50 * (i + 1) for i in range(8)]
+    before, appended, tiered = report["before"], report["appended"], report["after"]
+    assert len(before) == len(appended) == len(tiered) == report["checkpoints"] == 8
+    assert [r["vectors"] for r in before] == [r["vectors"] for r in tiered] == [50 * (i + 1) for i in range(8)]
     row_bytes = 8 + 4 * report["dim"]  # an id and a float32 vector
-    # before: every checkpoint rewrites the whole index; after: a base once, then only the batch's rows
+    # before: every checkpoint rewrites the whole index; appended: a base once, then only the batch's rows
     assert all(r["kind"] == "faiss" and r["bytes_written"] >= r["vectors"] * 4 * report["dim"] for r in before)
-    assert after[0]["kind"] == "faiss" and all(r["kind"] == "rows" for r in after[1:])
-    assert all(r["bytes_written"] == 28 + 50 * row_bytes for r in after[1:])
-    assert report["total_bytes_written"]["before"] > 4 * report["total_bytes_written"]["after"]
-    assert report["same_ids_and_vectors"] is True and report["compact"]["files_before"] == 8
+    assert appended[0]["kind"] == "faiss" and all(r["kind"] == "rows" for r in appended[1:])
+    assert all(r["bytes_written"] == 28 + 50 * row_bytes for r in appended[1:])
+    # tiered, a binary counter of batches: live sets [1], [1,1], [3], [3,1], [3,2], [3,2,1], [7], [7,1]
+    assert [r["kind"] for r in tiered] == ["faiss", "rows", "faiss", "rows", "rows", "rows", "faiss", "rows"]
+    assert [r["live_files"] for r in tiered] == [1, 2, 1, 2, 2, 3, 1, 2]
+    assert tiered[4]["bytes_written"] == 28 + 100 * row_bytes  # the merged segment: two batches
+    total = report["total_bytes_written"]
+    assert total["before"] > 2 * total["after"] > 2 * total["appended"]
+    assert report["most_live_files"] == {"before": 1, "appended": 8, "after": 3}
+    assert report["same_ids_and_vectors"] is True and report["compact"]["files_before"] == 2
     assert json.loads((tmp_path / "segments.json").read_text()) == report
-    assert "segment appended" in (tmp_path / "segments.md").read_text()
+    assert "size-tiered" in (tmp_path / "segments.md").read_text()

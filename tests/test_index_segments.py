@@ -27,8 +27,9 @@ from retrieval.cli import main as robret
 from _index_fixtures import PHOTOS, copy_photos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EVERY_BATCH = IngestOptions(workers=1, batch_size=3, checkpoint_seconds=0)
-OPTS = IngestOptions(workers=1, batch_size=4)
+# Segments as appended, one per checkpoint (no size-tiered merging): the tests below read them one by one.
+EVERY_BATCH = IngestOptions(workers=1, batch_size=3, checkpoint_seconds=0, merge_tiers=False)
+OPTS = IngestOptions(workers=1, batch_size=4, merge_tiers=False)
 
 
 def _meta(index_dir) -> dict:
@@ -199,6 +200,72 @@ def test_repair_leaves_one_base_and_writers_compact_past_the_threshold(folder, t
     build_index(folder, whole, "lipsim:cpu-tiny", encoder=tiny_lipsim,
                 options=IngestOptions(workers=1, batch_size=3, checkpoint_seconds=0, compact_segments=0))
     assert _kinds(whole) == ["faiss"] and _meta(whole)["version"] == len(list(folder.iterdir())) // 3
+
+
+def test_size_tiered_merging_keeps_few_files_and_the_exact_state_through_changes(folder, tmp_path, tiny_lipsim):
+    # One image per checkpoint: without merging, 12 checkpoints leave a base and 11 segments; the binary
+    # counter leaves O(log n) files, and the merged segments (tombstones included) replay exactly.
+    index_dir = tmp_path / "index"
+    tiered = IngestOptions(workers=1, batch_size=1, checkpoint_seconds=0)
+    assert tiered.merge_tiers and tiered.compact_segments == COMPACT_SEGMENTS
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=tiered)
+    files = _meta(index_dir)["segments"]
+    assert _meta(index_dir)["version"] == len(PHOTOS) and 1 < len(files) <= 4, files  # log2(12) + 1
+    assert all(f["kind"] == "rows" for f in files[1:]) and sum(f["rows"] for f in files) == len(PHOTOS)
+    appended = tmp_path / "appended"
+    build_index(folder, appended, "lipsim:cpu-tiny", encoder=tiny_lipsim,
+                options=IngestOptions(workers=1, batch_size=1, checkpoint_seconds=0, merge_tiers=False))
+    assert len(_meta(appended)["segments"]) == len(PHOTOS)
+    for f in files:  # the merged files hold exactly what the appended ones did, bit for bit
+        assert (index_dir / f["name"]).is_file()
+    assert not [p for p in index_dir.iterdir() if p.name.startswith("segment.")
+                and p.name not in {f["name"] for f in files}]
+    state = _state(index_dir, tiny_lipsim)
+    for path, vec in _state(appended, tiny_lipsim).items():
+        assert np.array_equal(state[path], vec), path
+    # Changes across merged segments: an image changed twice (removed and re-added twice), one removed,
+    # one copied; every change is a checkpoint that may merge into the newest files.
+    merged_with_tombstones = False
+    for step in range(3):
+        with Image.open(folder / "camera.png") as im:
+            im.rotate(90 * (step + 1)).save(folder / "camera.png")
+        if step == 1:
+            os.remove(folder / "grass.png")
+        if step == 2:
+            shutil.copy2(folder / "moon.png", folder / "moon2.png")
+        update_index(index_dir, encoder=tiny_lipsim, options=tiered)
+        assert verify_index(index_dir, deep=True).ok
+        files = _meta(index_dir)["segments"]
+        assert len(files) <= 5, files
+        # a segment that took in an earlier one and a replacement: rows of both, the old vector's tombstone
+        merged_with_tombstones = merged_with_tombstones or any(
+            f["kind"] == "rows" and f["rows"] >= 2 and f["removed"] >= 1 for f in files)
+    assert merged_with_tombstones
+    clean = tmp_path / "clean"
+    build_index(folder, clean, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    _assert_same(_state(index_dir, tiny_lipsim), _state(clean, tiny_lipsim))
+    assert _search_by_path(index_dir, tiny_lipsim) == _search_by_path(clean, tiny_lipsim)
+
+
+@pytest.mark.parametrize("point", ["segment:3", "write:5", "rename:5", "commit:5"])
+def test_a_merging_checkpoint_killed_at_each_step_leaves_a_consistent_index(folder, tmp_path, tiny_lipsim, point):
+    # One image per checkpoint, live sets: v1 [base 1], v2 [base 1, seg 1], v3 [base 3] (merged into a base),
+    # v4 [base 3, seg 1], v5 [base 3, seg 2] (the segment of v4 merged with v5's row): killed inside v5,
+    # the 3rd segment written, the 5th file written/renamed, the 5th commit.
+    index_dir = tmp_path / "index"
+    _robret_killed(["index", "build", str(folder), "--index-dir", str(index_dir), "--encoder", "lipsim:cpu-tiny",
+                    "--batch-size", "1", "--workers", "1", "--checkpoint-seconds", "0"], point)
+    meta = _meta(index_dir)
+    assert meta["version"] == (5 if point.startswith("commit") else 4)
+    assert [(f["kind"], f["rows"]) for f in meta["segments"]] == (
+        [("faiss", 3), ("rows", 2)] if point.startswith("commit") else [("faiss", 3), ("rows", 1)])
+    assert verify_index(index_dir).ok
+    update_index(index_dir, encoder=tiny_lipsim, options=IngestOptions(workers=1, batch_size=1, checkpoint_seconds=0))
+    report = verify_index(index_dir, deep=True)
+    assert report.ok and not report.notes, (report.problems, report.notes)
+    clean = tmp_path / "clean"
+    build_index(folder, clean, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    _assert_same(_state(index_dir, tiny_lipsim), _state(clean, tiny_lipsim))
 
 
 # 4. integrity -------------------------------------------------------------------------------------------------

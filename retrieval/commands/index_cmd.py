@@ -176,9 +176,10 @@ def _common_run_args(p) -> None:
     p.add_argument("--checkpoint-seconds", type=nonnegative_float, default=120.0,
                    help="write the index and commit the catalog at least this often (default 120)")
     p.add_argument("--compact-segments", type=_segments_limit, default=None, metavar="N|never",
-                   help="write the whole index as one file instead of a segment once N segments are live "
-                   "(default 32, index.ingest.COMPACT_SEGMENTS); 0: at every checkpoint (no segments); never: only "
-                   "`robret index compact` merges them (checkpoints then stay proportional to new data)")
+                   help="checkpoints merge the newest segments size-tiered (each row rewritten O(log n) times) and "
+                   "write the whole index as one file once N segments are live (default 32, "
+                   "index.ingest.COMPACT_SEGMENTS); 0: at every checkpoint (no segments); never: no merging, only "
+                   "`robret index compact` merges (checkpoints then stay proportional to new data)")
     p.add_argument("--cpu", action="store_true", help="keep FAISS and the encoder on the CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
