@@ -47,6 +47,7 @@ import collections
 import itertools
 import logging
 import os
+import shutil
 import signal
 import time
 import uuid
@@ -70,7 +71,8 @@ from .segments import load_live_store, read_segment, segment_bytes, write_segmen
 from .sources import Source, resolve_source, scan_source
 from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
-__all__ = ["IngestOptions", "IngestReport", "build_index", "update_index", "repair_index", "compact_index",
+__all__ = ["IngestOptions", "IngestReport", "build_index", "build_cache_index", "update_index", "repair_index",
+           "compact_index",
            "load_live_store", "CRASH_ENV", "COMPACT_SEGMENTS", "preprocess_bytes"]
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,20 @@ def _open_or_create_catalog(layout: IndexDir, config: dict, enc, options: Ingest
         "index": {"version": 0, "rows": 0, "sha256": None, "file": None, "factory": "Flat",
                   "requested": config.get("index_type", "auto"), "params": {}, "dim": ident["dim"]},
     })
+
+
+def build_cache_index(folder, index_dir, encoder_spec: str, *, encoder, options: IngestOptions | None = None
+                      ) -> IngestReport:
+    """`build_index` for an index directory that robret owns as a cache (`robret demo`'s, the page's demo
+    and comparison indexes): one embedded with other weights under the same spec (a bundled model
+    retrained, an upgrade) is deleted and built again, with a warning. A user's index is never
+    rebuilt behind their back: `build_index` refuses the mix with EncoderMismatchError."""
+    try:
+        return build_index(folder, index_dir, encoder_spec, encoder=encoder, options=options)
+    except EncoderMismatchError as exc:
+        log.warning("%s: %s; rebuilding this cached index", index_dir, exc)
+        shutil.rmtree(index_dir)
+        return build_index(folder, index_dir, encoder_spec, encoder=encoder, options=options)
 
 
 def update_index(index_dir, *, options: IngestOptions | None = None, encoder=None) -> IngestReport:

@@ -271,3 +271,31 @@ def test_update_finishes_a_build_killed_before_its_catalog_existed(tmp_path, sam
     IndexDir(index_dir).write_config(None, str(folder), "lipsim:cpu-tiny", "auto")
     report = update_index(index_dir, encoder=tiny_lipsim)
     assert report.indexed == 2 and verify_index(index_dir).ok
+
+
+def test_a_cached_index_is_rebuilt_when_its_spec_now_names_other_weights_but_a_users_is_refused(
+        sample_folder, tmp_path, tiny_lipsim):
+    # `robret demo` and the page build into directories robret owns: after a bundled model is retrained
+    # (same spec, new weights) they rebuild; build_index on a user's directory still refuses the mix.
+    from encoder import LipSimEncoder, get_preset
+    from index import build_cache_index
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("camera", "coins", "moon"))
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(7)
+    retrained = LipSimEncoder(get_preset("cpu-tiny"), name="lipsim:cpu-tiny").freeze()
+    cache, user = tmp_path / "cache-index", tmp_path / "user-index"
+    for d in (cache, user):
+        build_index(folder, d, "lipsim:cpu-tiny", encoder=tiny_lipsim, options=OPTS)
+    with pytest.raises(EncoderMismatchError):
+        build_index(folder, user, "lipsim:cpu-tiny", encoder=retrained, options=OPTS)
+    report = build_cache_index(folder, cache, "lipsim:cpu-tiny", encoder=retrained, options=OPTS)
+    assert report.embedded == 3 and verify_index(cache).ok
+    with Gallery.open(cache, encoder=retrained) as g:
+        want = retrained.embed(torch.cat([retrained.preprocess(Image.open(folder / f"{n}.png"))
+                                          for n in ("camera", "coins", "moon")])).numpy()
+        scores, _ = g.search(want, 1)
+        assert np.allclose(scores[:, 0], 1.0, atol=1e-4)  # every image's new embedding is stored
+    with pytest.raises(EncoderMismatchError):
+        Gallery.open(cache, encoder=tiny_lipsim)
+    assert build_cache_index(folder, cache, "lipsim:cpu-tiny", encoder=retrained, options=OPTS).unchanged == 3

@@ -155,11 +155,12 @@ def _demo_encoder_spec(cfg: UIConfig) -> str:
 
 
 def _build(folder: Path, index_dir: Path, spec: str, encoder):
-    """Build, or bring up to date, the index of `folder` with `encoder` (index.build_index)."""
-    from index import IngestOptions, build_index
+    """Build, or bring up to date, the cached index of `folder` with `encoder` (index.build_cache_index:
+    rebuilt when the encoder's weights changed under the same spec)."""
+    from index import IngestOptions, build_cache_index
 
-    report = build_index(folder, index_dir, spec, encoder=encoder,
-                         options=IngestOptions(workers=1, use_gpu=torch.cuda.is_available()))
+    report = build_cache_index(folder, index_dir, spec, encoder=encoder,
+                               options=IngestOptions(workers=1, use_gpu=torch.cuda.is_available()))
     log.info("index %s: %d embedded, %d unchanged, %d failed", index_dir, report.embedded, report.unchanged,
              len(report.failed))
     return report

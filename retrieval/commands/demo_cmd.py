@@ -66,7 +66,7 @@ def run(args) -> int:
     from encoder import load_encoder
     from encoder.choose import choose_comparison, default_lipsim_spec
     from encoder.samples import export_sample_photos
-    from index import Gallery, IngestOptions, build_index
+    from index import Gallery, IngestOptions, build_cache_index
     from retrieval.attacks import PGDConfig, attack_query, query_image
     from retrieval.search import search_image
 
@@ -81,7 +81,7 @@ def run(args) -> int:
     galleries = {}
     for role, (spec, enc) in encoders.items():
         index_dir = work / ("index-" + spec.replace(":", "-").replace("/", "_"))
-        report = build_index(photos, index_dir, spec, encoder=enc, options=IngestOptions(progress=True))
+        report = build_cache_index(photos, index_dir, spec, encoder=enc, options=IngestOptions(progress=True))
         galleries[role] = Gallery.open(index_dir, encoder=enc)
         print(f"[{role}] {spec}: {report.total} photos indexed in {index_dir} "
               f"({report.embedded} embedded now, {report.unchanged} unchanged)")
