@@ -1,16 +1,17 @@
 """The LipSim network and its Encoder (Ghazanfari et al., ICLR 2024, arXiv 2310.18274).
 
-    x ∈ [0,1]^{3×S×S} → [normalise] → zero-pad to C channels → conv_depth × SLLConv2d
+    x ∈ [0,1]^{3×S×S} → [normalise] → [space-to-depth by u] → zero-pad to C channels → conv_depth × SLLConv2d
       → pools × SumPool2d → flatten → linear_depth × SLLLinear → keep first D coordinates
       → f = [·, 1] (so ‖f‖ ≥ 1) → e = f/‖f‖.
 
-Every stage is 1-Lipschitz; with ‖f‖ ≥ 1 the normalisation equals the projection onto the unit
+Every stage is 1-Lipschitz (space-to-depth, `F.pixel_unshuffle`, only permutes coordinates: an isometry); with ‖f‖ ≥ 1 the normalisation equals the projection onto the unit
 ball, which is 1-Lipschitz, so e is L-Lipschitz with L = 1 (or 1/min(std) when normalising).
 The original code makes the constant coordinate optional and leaves it off; here it is always on.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._sll_inference import can_use_fast_path, conv_trunk_inference, linear_inference
@@ -52,6 +53,8 @@ class LipSimNet(nn.Module):
         """
         if self.mean is not None:
             x = (x - self.mean) / self.std
+        if self.config.unshuffle > 1:
+            x = F.pixel_unshuffle(x, self.config.unshuffle)
         fast = all(layer.frozen for layer in self.sll_layers()) and can_use_fast_path(x, self)
         if fast:
             x = conv_trunk_inference(x, self.convs)  # pads the channels itself

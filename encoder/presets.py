@@ -17,7 +17,7 @@ __all__ = ["LipSimConfig", "PRESETS", "get_preset", "list_presets"]
 class LipSimConfig:
     """Shape of a LipSim network; serialisable to JSON (`to_json` / `from_json`)."""
 
-    input_size: int  # side of the square input in pixels (must be a multiple of pool_size**pools)
+    input_size: int  # side of the square input in pixels (a multiple of unshuffle·pool_size**pools)
     channels: int  # width C of the convolutional trunk (the 3 RGB channels are zero-padded to C)
     conv_depth: int  # number of SLL conv layers at full resolution
     conv_inner: int  # inner dimension of each SLL conv layer (rows of its kernel)
@@ -29,14 +29,22 @@ class LipSimConfig:
     kernel_size: int = 3  # conv kernel side
     mean: tuple[float, float, float] | None = None  # per-channel normalisation mean (None: none)
     std: tuple[float, float, float] | None = None  # per-channel normalisation std; multiplies L by 1/min(std)
+    # u: space-to-depth before the trunk (pixel_unshuffle: each u×u block of a channel becomes u² channels
+    # at 1/u the side). A permutation of coordinates, so ‖·‖₂ is preserved exactly and L is unchanged;
+    # the trunk then runs on (input_size/u)² positions with 3u² ≤ channels inputs. 1 = none (the paper).
+    unshuffle: int = 1
 
     def __post_init__(self) -> None:
-        side = self.input_size // self.pool_size**self.pools
-        if side < 1 or side * self.pool_size**self.pools != self.input_size:
+        step = self.unshuffle * self.pool_size**self.pools
+        side = self.input_size // step
+        if self.unshuffle < 1 or side < 1 or side * step != self.input_size:
             raise ValueError(
                 f"input_size {self.input_size} must be a positive multiple of "
-                f"pool_size**pools = {self.pool_size ** self.pools}"
+                f"unshuffle·pool_size**pools = {step}"
             )
+        if 3 * self.unshuffle**2 > self.channels:
+            raise ValueError(f"unshuffle {self.unshuffle} gives {3 * self.unshuffle ** 2} input channels, more "
+                             f"than the trunk's {self.channels}")
         if self.embed_dim > self.features:
             raise ValueError(f"embed_dim {self.embed_dim} exceeds the {self.features} flattened features")
         if (self.mean is None) != (self.std is None):
@@ -46,8 +54,8 @@ class LipSimConfig:
 
     @property
     def features(self) -> int:
-        """Width of the dense part: C·(input_size / pool_size**pools)²."""
-        return self.channels * (self.input_size // self.pool_size**self.pools) ** 2
+        """Width of the dense part: C·(input_size / (unshuffle·pool_size**pools))²."""
+        return self.channels * (self.input_size // (self.unshuffle * self.pool_size**self.pools)) ** 2
 
     @property
     def out_dim(self) -> int:
@@ -90,8 +98,8 @@ PRESETS: dict[str, LipSimConfig] = {
     "large": LipSimConfig(channels=90, conv_depth=50, linear_depth=10, linear_inner=2048, **_OFFICIAL),
     "xlarge": LipSimConfig(channels=120, conv_depth=70, linear_depth=15, linear_inner=2048, **_OFFICIAL),
     # Ours, for CPUs. cpu-tiny exists for tests. The bundled lipsim:demo is none of these: its
-    # checkpoint header holds a custom shape (encoder.train.demo.DEMO_LIPSIM: 64 px, 6 conv layers of
-    # 16 channels with inner 8, 3 dense layers of 512, D = 128). The conv trunk runs at full
+    # checkpoint header holds a custom shape (encoder.train.demo.DEMO_LIPSIM: 128 px, space-to-depth
+    # by 2, 6 conv layers of 24 channels with inner 12, three 2×2 sum-pools, 3 dense layers of 512, D = 128). The conv trunk runs at full
     # resolution, so its cost grows with pixels × channels × depth: cpu-base (96 px) and cpu-large
     # (128 px) keep it thin (6 layers, inner 8) to still train at tens of images/s on two cores
     # (measured against cpu-small in docs/benchmarks/lipsim.md).

@@ -299,28 +299,18 @@ def heldout_benchmark(size: int = 64, crops_per_photo: int = 24, distractors_per
     return ds
 
 
-def _reduced(path: str, shorter: int) -> Image.Image:
-    """A wallpaper decoded (encoder.image, via load_image) and, when larger, reduced with Lanczos so
-    that its shorter side is `shorter`."""
-    im = to_pil(load_image(path))
-    f = shorter / min(im.size)
-    if f < 1:
-        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.LANCZOS)
-    return im
-
-
 def photo_benchmark(size: int = 64, crops_per_photo: int = 24, distractors_per_photo: int = 12, seed: int = 0,
                     max_iou: float = 0.25, families=FAMILIES) -> RetrievalDataset:
     """The near-duplicate benchmark over every held-out photo: the held-out wallpaper photographs
     (encoder.data.photos, installed by `make photos`; FileNotFoundError otherwise) and
     encoder.samples.HELDOUT_PHOTOS. Wallpapers (1600–3400 px high) are first reduced to a shorter side
     of max(512, 6·size), so that a region spans about 2–6 output sides, as in the sample photos."""
-    from encoder.data.photos import installed_photos
+    from encoder.data.photos import installed_photos, load_reduced
     from encoder.samples import HELDOUT_PHOTOS, sample_photo
 
     records = installed_photos("heldout")
     shorter = max(512, 6 * size)
-    sources = [(r.path, _reduced(r.path, shorter)) for r in records]
+    sources = [(r.path, load_reduced(r.path, shorter)) for r in records]
     sources += [(n, sample_photo(n)) for n in HELDOUT_PHOTOS]
     ds = near_duplicate_benchmark("photos", sources, size, crops_per_photo, distractors_per_photo, seed,
                                   max_iou, families)

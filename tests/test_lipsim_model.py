@@ -28,6 +28,9 @@ OFFICIAL_REDUCED = dataclasses.replace(get_preset("small"), input_size=32, conv_
                                        embed_dim=128)
 # Normalised: L = 1/min(std) = 1/0.224.
 NORMALISED = dataclasses.replace(get_preset("cpu-tiny"), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+# Space-to-depth by 2 before the trunk (as the shipped lipsim:demo): 12 input channels at half the side.
+UNSHUFFLED = LipSimConfig(input_size=32, channels=12, conv_depth=3, conv_inner=8, linear_depth=2, linear_inner=64,
+                          embed_dim=32, unshuffle=2, pools=2, pool_size=2)
 
 
 def _note(key: str, value) -> None:
@@ -38,6 +41,8 @@ def _trunk(net: LipSimNet, x: torch.Tensor) -> torch.Tensor:
     """Output of the last dense layer before truncation (all features, no constant coordinate)."""
     if net.mean is not None:
         x = (x - net.mean) / net.std
+    if net.config.unshuffle > 1:
+        x = torch.nn.functional.pixel_unshuffle(x, net.config.unshuffle)
     x = net.pad(x)
     for layer in net.convs:
         x = layer(x)
@@ -135,6 +140,24 @@ def test_normalised_network_is_bounded_by_one_over_min_std():
     assert jv.norm().item() == pytest.approx(1 / 0.224, rel=1e-5)
 
 
+def test_space_to_depth_network_is_1_lipschitz():
+    # pixel_unshuffle only permutes coordinates: norms of differences are kept exactly.
+    a, b = torch.rand(2, 4, 3, 32, 32)
+    moved = torch.nn.functional.pixel_unshuffle(a - b, 2)
+    assert moved.shape == (4, 12, 16, 16)
+    assert torch.equal(moved.flatten(1).sort(1).values, (a - b).flatten(1).sort(1).values)
+    assert UNSHUFFLED.features == 12 * (32 // 8) ** 2 and UNSHUFFLED.lipschitz == 1.0
+    _audit("unshuffle 2 (12 ch, 32 px)", UNSHUFFLED, exact=True, pi_iters=20, ratio_steps=20, n_random=3)
+
+
+def test_space_to_depth_config_is_checked():
+    with pytest.raises(ValueError, match="unshuffle·pool_size"):
+        dataclasses.replace(UNSHUFFLED, input_size=36)
+    with pytest.raises(ValueError, match="input channels"):
+        dataclasses.replace(UNSHUFFLED, channels=8)
+    assert LipSimConfig.from_json(UNSHUFFLED.to_json()) == UNSHUFFLED
+
+
 def test_audit_detects_a_network_that_is_not_1_lipschitz(monkeypatch):
     # Control: with T⁻¹ tripled (T no longer ⪰ WᵀW) the same tools must find norms above 1,
     # otherwise the passing audits above would prove nothing.
@@ -173,7 +196,8 @@ def test_network_stays_1_lipschitz_after_adversarial_training_steps():
     assert r.max() <= 1 + TOL
 
 
-@pytest.mark.parametrize("config", [get_preset("cpu-tiny"), NORMALISED, OFFICIAL_REDUCED], ids=["tiny", "norm", "45ch"])
+@pytest.mark.parametrize("config", [get_preset("cpu-tiny"), NORMALISED, OFFICIAL_REDUCED, UNSHUFFLED],
+                         ids=["tiny", "norm", "45ch", "unshuffle"])
 def test_frozen_inference_form_matches_unfrozen_within_1e_5(config):
     net = _net(config, frozen=False)
     x = torch.rand(5, 3, config.input_size, config.input_size)

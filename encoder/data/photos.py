@@ -45,7 +45,7 @@ from ..io import atomic_write_text, file_sha256
 
 __all__ = ["PHOTO_PACKAGES", "HELDOUT_PACKAGES", "REVIEWED_NOT_PHOTO", "MIN_LAPLACIAN", "RECORDED_CSV", "PhotoRecord",
            "laplacian_energy", "photo_check", "wallpaper_candidates", "record_photos", "write_records",
-           "recorded_photos", "check_installed", "installed_photos", "split_of"]
+           "recorded_photos", "check_installed", "installed_photos", "split_of", "load_reduced"]
 
 # Packages whose photographs are recorded (`make photos` installs exactly these). Reviewed and found to
 # hold no photograph (all rendered or vector art): gnome-backgrounds 43.1, ukui-wallpapers 20.04.3,
@@ -231,6 +231,19 @@ def installed_photos(split: str) -> list[PhotoRecord]:
     if problems:
         raise FileNotFoundError(f"{len(problems)} recorded photo(s) unavailable (run `make photos`); first: {problems[0]}")
     return records
+
+
+def load_reduced(path: str | Path, shorter: int) -> Image.Image:
+    """A photo decoded (encoder.image, via load_image) and, when larger, reduced with Lanczos so that
+    its shorter side is `shorter` (the benchmark's and the demo training's view of a wallpaper)."""
+    from ..image import to_pil
+    from .folder import load_image
+
+    im = to_pil(load_image(str(path)))
+    f = shorter / min(im.size)
+    if f < 1:
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.LANCZOS)
+    return im
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ embeddings of all 2B views and τ the temperature,
     loss = mean over views i of  −log( exp(⟨z_i, z_i⁺⟩/τ) / Σ_{j≠i} exp(⟨z_i, z_j⟩/τ) ),
 
 so edited copies of one crop embed together and different crops apart: a near-duplicate detector
-with no Lipschitz bound. Under DDP, negatives are those of the rank's own slice.
+with no Lipschitz bound. With `view_flip_p` > 0 each view is also mirrored on its own with that
+probability, so that a mirrored copy counts as the same picture. Under DDP, negatives are those of the rank's own slice.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class ContrastiveConfig(ConfigMixin):
     temperature: float = 0.2  # τ of NT-Xent
     crop_scale: tuple[float, float] = (0.1, 1.0)  # area fraction of the crops
     edit_strength: float = 1.0  # maximum strength of each edit
+    view_flip_p: float = 0.0  # probability that each view is also mirrored on its own (0: views share the flip)
     seed: int = 0
     checkpoint_every: int = 100
     device: str = "auto"
@@ -71,8 +73,11 @@ def train_contrastive(encoder, images: ImageFolder, config: ContrastiveConfig = 
                 c = random_resized_crop(images[idx[pos]], size, g, scale=config.crop_scale)
                 if uniform(g) < 0.5:
                     c = c.flip(-1)
-                v1s.append(random_edit(c, g, max_strength=config.edit_strength))
-                v2s.append(random_edit(c, g, max_strength=config.edit_strength))
+                for views in (v1s, v2s):
+                    v = random_edit(c, g, max_strength=config.edit_strength)
+                    if config.view_flip_p > 0 and uniform(g) < config.view_flip_p:
+                        v = v.flip(-1)
+                    views.append(v)
             n = len(mine)
             z = model(torch.cat([torch.stack(v1s), torch.stack(v2s)]).to(dist.device))
             return nt_xent(z[:n], z[n:], config.temperature), 2 * n

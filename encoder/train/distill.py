@@ -8,6 +8,19 @@ normalisation) and t the teacher's unit-norm embedding,
 
     loss = ½ [ RMSE(x(v1), c·t(v1)) + RMSE(x(v2), c·t(v1)) ],   RMSE(a, b) = sqrt(mean((a − b)²)).
 
+Optional retrieval term (`retrieval_weight` λ > 0; ours, not the paper's): with e(v) the student's
+unit-norm embedding and S_ij = ⟨e(v2_i), e(v1_j)⟩ over the batch (v2_i queries a gallery of v1's),
+
+    loss += λ · mean_i max(0, m − (S_ii − max_{j : image_j ≠ image_i} S_ij))
+
+(rows whose batch holds no other image add 0). Why a margin: for a query q with ‖δ‖ ≤ ε and an
+L-Lipschitz e, |⟨e(q+δ), g⟩ − ⟨e(q), g⟩| ≤ Lε‖g‖ for every gallery item g, so the gap S_ii − S_ij
+shrinks by at most Lε‖e(v1_i) − e(v1_j)‖ ≤ 2Lε and the top-1 is certified while ε < (S_ii − S_ij)/(2L):
+a margin m in cosine similarity is a certified radius of at least m/(2L) on the training crops.
+Distillation alone leaves the student using a small part of the separation its bound allows; the
+hinge pushes distinct crops apart. `flip_p` mirrors v2 left–right with that probability
+(view2="edit"), so that a mirrored copy is asked to embed like the original.
+
 Why the un-normalised coordinates: the student's embedding is e = [x, 1]/‖[x, 1]‖ (the constant
 makes the normalisation 1-Lipschitz; see encoder/lipsim.py). If x ≈ c·t then
     d_student(a, b) = 1 − ⟨e_a, e_b⟩ ≈ c²/(1 + c²) · d_teacher(a, b),
@@ -42,7 +55,7 @@ from ._loop import Dist, item_generator, step_loader, train_encoder
 from .schedules import cosine_with_warmup
 
 __all__ = ["DistillConfig", "EncoderTeacher", "PrecomputedTeacher", "center_view", "compute_teacher_embeddings",
-           "distill"]
+           "distill", "retrieval_margin_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,9 @@ class DistillConfig(ConfigMixin):
     gray_p: float = 0.2  # probability of grayscale per view
     view2: str = "crop"  # "crop": independent second LipSim view (paper); "edit": everyday edits of v1
     edit_strength: float = 1.0  # view2="edit": maximum strength of each edit (0..1)
+    flip_p: float = 0.0  # view2="edit": probability that v2 is also mirrored left-right
+    retrieval_weight: float = 0.0  # λ of the retrieval margin term (module doc); 0 = the paper's loss
+    retrieval_margin: float = 0.2  # m of the retrieval margin term, in cosine similarity
     seed: int = 0  # all randomness derives from (seed, step, item)
     checkpoint_every: int = 100  # steps between resumable training-state saves
     device: str = "auto"  # "auto" (CUDA when available, per LOCAL_RANK), "cpu", "cuda:0", …
@@ -155,6 +171,8 @@ class _Views(torch.utils.data.Dataset):
             v2 = lipsim_view(img, self.size, g, scale=c.crop_scale, jitter_p=c.jitter_p, gray_p=c.gray_p)
         else:
             v2 = random_edit(v1, g, max_strength=c.edit_strength)
+            if c.flip_p > 0 and float(torch.rand((), generator=g)) < c.flip_p:
+                v2 = v2.flip(-1)
         return v1, v2, index
 
 
@@ -171,6 +189,22 @@ class _Features(nn.Module):
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).mean().sqrt()
+
+
+def retrieval_margin_loss(x1: torch.Tensor, x2: torch.Tensor, images: torch.Tensor, margin: float) -> torch.Tensor:
+    """mean_i max(0, m − (S_ii − max_{j: images_j ≠ images_i} S_ij)), S_ij = ⟨e(x2_i), e(x1_j)⟩, where
+    e(x) = [x, 1]/‖[x, 1]‖ is the embedding of the student's kept coordinates x (module doc)."""
+    def unit(x):
+        f = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return f / f.norm(dim=1, keepdim=True)
+
+    s = unit(x2) @ unit(x1).T
+    other = images[:, None] != images[None, :]
+    if not bool(other.any()):
+        return s.sum() * 0.0
+    negative = s.masked_fill(~other, float("-inf")).max(dim=1).values
+    gap = s.diagonal() - negative
+    return torch.where(other.any(dim=1), (margin - gap).clamp(min=0), torch.zeros_like(gap)).mean()
 
 
 def distill(student: LipSimEncoder, teacher, images: ImageFolder, config: DistillConfig = DistillConfig(),
@@ -197,7 +231,11 @@ def distill(student: LipSimEncoder, teacher, images: ImageFolder, config: Distil
             target = config.target_scale * teacher(v1, idx.tolist())
             x = model(torch.cat([v1, v2]))
             n = len(v1)
-            return 0.5 * (_rmse(x[:n], target) + _rmse(x[n:], target)), n
+            loss = 0.5 * (_rmse(x[:n], target) + _rmse(x[n:], target))
+            if config.retrieval_weight > 0:
+                loss = loss + config.retrieval_weight * retrieval_margin_loss(x[:n], x[n:], idx.to(x.device),
+                                                                              config.retrieval_margin)
+            return loss, n
 
         return step_fn
 

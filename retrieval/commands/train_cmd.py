@@ -35,8 +35,9 @@ def register(sub) -> None:
 
     d = tsub.add_parser("demo", help="reproduce the bundled demo models (standard:demo, lipsim:demo) on CPU",
                         description="Train standard:demo and lipsim:demo from a seed on the sample photos "
-                        "(encoder.samples.DEMO_TRAIN_PHOTOS), evaluate them on held-out photos and write "
-                        "them to --weights-dir. Resumes an interrupted run from --run-dir. Tip on a busy "
+                        "(encoder.samples.DEMO_TRAIN_PHOTOS) and the wallpaper photographs' training split "
+                        "(`make photos` installs them; --quick needs none), evaluate them on held-out photos "
+                        "and write them to --weights-dir. Resumes an interrupted run from --run-dir. Tip on a busy "
                         "machine: OMP_WAIT_POLICY=PASSIVE robret train demo.")
     d.add_argument("--run-dir", default="runs/demo", help="working directory (training states, synthetic sets)")
     d.add_argument("--weights-dir", default=None, help="where the shipped files go (default: encoder/weights)")
@@ -55,6 +56,10 @@ def register(sub) -> None:
     s.add_argument("--embed-dim", type=int, default=128)
     _common(s, steps=500, batch=64, lr=2e-3)
     s.add_argument("--temperature", type=float, default=0.2)
+    s.add_argument("--crop-scale", type=float, nargs=2, default=(0.1, 1.0), metavar=("MIN", "MAX"),
+                   help="area fraction of the random crops (default 0.1 1)")
+    s.add_argument("--view-flip-p", type=float, default=0.0,
+                   help="probability that each view is also mirrored on its own (default 0: views share the flip)")
     s.set_defaults(func=_standard)
 
     r = tsub.add_parser("robdml", help="robust metric learning of the standard CNN: HM[S, g_LGA] + ICS (Zhou & Patel 2022)",
@@ -102,8 +107,9 @@ def register(sub) -> None:
     te.set_defaults(func=_teacher_embed)
 
     di = tsub.add_parser("distill", help="stage 1: distil a teacher into a LipSim student",
-                         description="LipSim stage 1: loss ½[RMSE(x(v1), c·t(v1)) + RMSE(x(v2), c·t(v1))], "
-                         "Adam(0.5, 0.9), cosine schedule with warm-up.")
+                         description="LipSim stage 1: loss ½[RMSE(x(v1), c·t(v1)) + RMSE(x(v2), c·t(v1))] "
+                         "(+ λ·retrieval margin hinge with --retrieval-weight), Adam(0.5, 0.9), cosine schedule "
+                         "with warm-up.")
     di.add_argument("images", help="image folder (recursive), e.g. ImageNet's train/")
     teacher = di.add_mutually_exclusive_group(required=True)
     teacher.add_argument("--teacher", help="teacher encoder spec (dreamsim:ensemble, standard:demo, …)")
@@ -119,6 +125,11 @@ def register(sub) -> None:
     di.add_argument("--warmup-steps", type=int, default=50)
     di.add_argument("--target-scale", type=float, default=1.0, help="c in the loss (default 1, the paper's)")
     di.add_argument("--view2", choices=("crop", "edit"), default="crop")
+    di.add_argument("--flip-p", type=float, default=0.0, help="--view2 edit: probability that v2 is also mirrored")
+    di.add_argument("--retrieval-weight", type=float, default=0.0,
+                    help="λ of the retrieval term mean max(0, m − (S_ii − max_j S_ij)) over the batch's other "
+                         "images (default 0: the paper's loss)")
+    di.add_argument("--retrieval-margin", type=float, default=0.2, help="m of the retrieval term (cosine similarity)")
     di.add_argument("--cache", action="store_true", help="decode all images once into memory (small folders)")
     di.add_argument("--workers", type=int, default=0, help="data loading processes (same results; default 0)")
     di.set_defaults(func=_distill)
@@ -219,7 +230,8 @@ def _standard(args) -> int:
     from encoder.train._loop import init_distributed
 
     cfg = ContrastiveConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            temperature=args.temperature, checkpoint_every=args.checkpoint_every, device=args.device)
+                            temperature=args.temperature, crop_scale=tuple(args.crop_scale),
+                            view_flip_p=args.view_flip_p, checkpoint_every=args.checkpoint_every, device=args.device)
     dist = init_distributed(args.device)
     images = ImageFolder(args.images, cache=True)
     _report_skipped(images)
@@ -356,7 +368,9 @@ def _distill(args) -> int:
     steps = args.steps if args.epochs is None else math.ceil(args.epochs * len(images) / args.batch_size)
     cfg = DistillConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         warmup_steps=args.warmup_steps, target_scale=args.target_scale, view2=args.view2,
-                        checkpoint_every=args.checkpoint_every, device=args.device)
+                        flip_p=args.flip_p, retrieval_weight=args.retrieval_weight,
+                        retrieval_margin=args.retrieval_margin, checkpoint_every=args.checkpoint_every,
+                        device=args.device)
     torch.manual_seed(args.seed)
     student = LipSimEncoder(shape, name=f"lipsim:{Path(args.out).stem}")
     res = distill(student, teacher, images, cfg, run_dir=_run_dir(args), progress=not args.no_progress, dist=dist,
