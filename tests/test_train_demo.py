@@ -81,3 +81,21 @@ def test_run_demo_logs_its_stages_and_restores_threads_and_random_state(tmp_path
     assert set(result["metrics"]) == {"lipsim:demo", "standard:demo", "lipsim:demo before fine-tuning"}
     assert (tmp_path / "run" / "eval.md").read_text().count("| lipsim:demo |") == 1
     assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_train_demo_without_the_wallpaper_photos_says_to_run_make_photos(tmp_path, capsys, monkeypatch):
+    import csv
+
+    from encoder.data import photos
+    from retrieval.cli import main
+
+    listed = tmp_path / "photos.csv"
+    with open(listed, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["package", "path", "sha256", "width", "height", "split"])
+        w.writerow(["mate-backgrounds", str(tmp_path / "absent.jpg"), "0" * 64, 10, 10, "train"])
+    monkeypatch.setattr(photos, "RECORDED_CSV", listed)
+    rc = main(["train", "demo", "--run-dir", str(tmp_path / "run"), "--no-ship", "--no-progress", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "make photos" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "standard.safetensors").exists()
