@@ -22,8 +22,10 @@ committed ids removed); a checkpoint then
   1. writes ONE new file: normally a segment holding only the rows added since the previous checkpoint
      and the ids it removed (tombstones) — temporary file, fsync, rename, directory fsync — so that a
      checkpoint costs what changed, not the gallery's size; or, when a whole index is due (nothing live
-     yet, the index type changed, an HNSW graph was rebuilt by a removal, `repair`, or the live set
-     already holds `compact_segments` segments), a new base `vectors.<v+1>.faiss` the same way;
+     yet, the index type changed, an HNSW graph was rebuilt by a removal, `repair`, the live set
+     already holds `compact_segments` segments, or the size-tiered merge reaches the first file), a new
+     base `vectors.<v+1>.faiss` the same way; a segment may also take in the newest live segments
+     (size-tiered merging, `_Writer._merge_start`), which then leave the live set;
   2. commits, in ONE catalog transaction, every pending row change together with index.version = v+1,
      its live set (the previous one plus the segment, or the base alone), row count and ids digest;
   3. deletes files outside the new live set (after a base: the files it replaces) and any leftovers.
@@ -337,6 +339,8 @@ class _Writer:
         self.added: dict[int, None] = {}
         self.removed: set[int] = set()
         self.rebuilt = False  # the in-memory index was rebuilt (type change, lost files): a base is due
+        # (tombstones, added ids) of the live segments this writer wrote, so that merging them reads nothing
+        self.written: dict[str, tuple[list[int], list[int]]] = {}
 
     # Setup ----------------------------------------------------------------------------------
     def _load_store(self) -> VectorStore:
@@ -678,7 +682,7 @@ class _Writer:
         if not (self.added or self.removed):
             return False
         limit = self.options.compact_segments
-        return not self.live or (limit is not None and segments >= limit) or self._merge_start() == 0
+        return not self.live or (limit is not None and segments >= limit)
 
     def _merge_start(self) -> int:
         """The position in the live set from which files are merged into this checkpoint's segment
@@ -730,7 +734,10 @@ class _Writer:
         return np.array(sorted(removed), np.int64), np.fromiter(added, np.int64, len(added))
 
     def _segment_changes(self, f: dict) -> tuple[list[int], list[int]]:
-        """(tombstones, added ids) of a live segment, read back checked against its recorded SHA-256."""
+        """(tombstones, added ids) of a live segment: as this writer wrote it, else read back checked
+        against its recorded SHA-256 (a segment of an earlier run)."""
+        if f["name"] in self.written:
+            return self.written[f["name"]]
         if f["kind"] != ROWS:
             raise StoreError(f"cannot merge {f['name']}: not a segment")
         seg = read_segment(self.layout.path / f["name"], self.store.dim, f["sha256"])
@@ -745,13 +752,14 @@ class _Writer:
                 self.store = self.store.rebuild(target)
                 self.dirty = self.rebuilt = True
         base = self._base_due(final)
+        start = len(self.live) if base or not (self.added or self.removed) else self._merge_start()
+        base = base or start == 0  # the tiered merge reached the first file: the whole index
         if not self.dirty and not self.pending and self.version > 0 and not base:
             return
         version = self.version + 1
         if base:
             live = [_write_base(self.layout, self.store, version)]
         elif self.added or self.removed:
-            start = self._merge_start()
             removed, ids = self._merged_changes(start)
             path = self.layout.segment_file(version)
             digest, size = write_segment(path, self.store.dim, removed, ids, self.store.reconstruct(ids),
@@ -760,6 +768,7 @@ class _Writer:
             _crash_point("rename")
             live = self.live[:start] + [{"name": path.name, "kind": ROWS, "sha256": digest, "rows": len(ids),
                                          "removed": len(removed), "version": version, "bytes": size}]
+            self.written[path.name] = (removed.tolist(), ids.tolist())
         else:  # only catalog rows changed (failures, refreshed mtimes): the same live set
             live = self.live
         index_meta = _version_meta(self.index_meta, self.store, version, live, ids_digest(np.sort(self.store.ids())))
@@ -771,6 +780,8 @@ class _Writer:
         self.catalog.commit_changes(inserts, updates, {"index": index_meta, "schema_version": SCHEMA_VERSION})
         _crash_point("commit")
         self.version, self.index_meta, self.live = version, index_meta, live
+        names = {f["name"] for f in live}
+        self.written = {name: changes for name, changes in self.written.items() if name in names}
         self.pending.clear()
         self.new_ids.clear()
         self.added.clear()

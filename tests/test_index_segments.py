@@ -247,6 +247,26 @@ def test_size_tiered_merging_keeps_few_files_and_the_exact_state_through_changes
     assert _search_by_path(index_dir, tiny_lipsim) == _search_by_path(clean, tiny_lipsim)
 
 
+def test_a_writer_merges_the_segments_it_wrote_without_reading_them_back(folder, tmp_path, tiny_lipsim,
+                                                                         monkeypatch):
+    import index.ingest as ingest
+
+    reads = []
+    real = ingest.read_segment
+    monkeypatch.setattr(ingest, "read_segment", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim,
+                options=IngestOptions(workers=1, batch_size=1, checkpoint_seconds=0))
+    # merges happened (v3, v7: into a base; v5, v11: segments of segments), none read a file back
+    assert reads == [] and [f["rows"] for f in _meta(index_dir)["segments"]] == [7, 4, 1]
+    assert verify_index(index_dir, deep=True).ok
+    # a new writer merging an earlier run's segment reads it (checked against its SHA-256)
+    with Image.open(folder / "camera.png") as im:
+        im.rotate(90).save(folder / "camera.png")
+    update_index(index_dir, encoder=tiny_lipsim, options=IngestOptions(workers=1, batch_size=1, checkpoint_seconds=0))
+    assert len(reads) == 1 and verify_index(index_dir, deep=True).ok
+
+
 @pytest.mark.parametrize("point", ["segment:3", "write:5", "rename:5", "commit:5"])
 def test_a_merging_checkpoint_killed_at_each_step_leaves_a_consistent_index(folder, tmp_path, tiny_lipsim, point):
     # One image per checkpoint, live sets: v1 [base 1], v2 [base 1, seg 1], v3 [base 3] (merged into a base),

@@ -73,8 +73,8 @@ def register(sub) -> None:
     c = isub.add_parser("compact", help="merge the index's segments into one file",
                         description="Each checkpoint appends a segment (the vectors it added and the ids it removed); "
                         "compact writes the live vectors into one new index file, commits it in the catalog, then "
-                        "deletes the files it replaces. No image is read or embedded. Writers also compact on their "
-                        "own once an index holds 32 segments.")
+                        "deletes the files it replaces. No image is read or embedded. Writers also merge the newest "
+                        "segments at their checkpoints (size-tiered) and write one file once an index holds 32 segments.")
     _index_dir_args(c)
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=_compact)
