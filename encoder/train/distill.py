@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.augment import center_view, lipsim_view, random_edit
+from ..data.augment import center_view, lipsim_view, random_edit, uniform
 from ..data.folder import ImageFolder
 from ..io import load_tensors, read_header, save_tensors
 from ..lipsim import LipSimEncoder
@@ -171,7 +171,7 @@ class _Views(torch.utils.data.Dataset):
             v2 = lipsim_view(img, self.size, g, scale=c.crop_scale, jitter_p=c.jitter_p, gray_p=c.gray_p)
         else:
             v2 = random_edit(v1, g, max_strength=c.edit_strength)
-            if c.flip_p > 0 and float(torch.rand((), generator=g)) < c.flip_p:
+            if c.flip_p > 0 and uniform(g) < c.flip_p:
                 v2 = v2.flip(-1)
         return v1, v2, index
 
@@ -200,11 +200,9 @@ def retrieval_margin_loss(x1: torch.Tensor, x2: torch.Tensor, images: torch.Tens
 
     s = unit(x2) @ unit(x1).T
     other = images[:, None] != images[None, :]
-    if not bool(other.any()):
-        return s.sum() * 0.0
+    # A row with no other image has negative = −inf, so gap = +inf and its hinge is 0 (gradient 0 too).
     negative = s.masked_fill(~other, float("-inf")).max(dim=1).values
-    gap = s.diagonal() - negative
-    return torch.where(other.any(dim=1), (margin - gap).clamp(min=0), torch.zeros_like(gap)).mean()
+    return (margin - (s.diagonal() - negative)).clamp(min=0).mean()
 
 
 def distill(student: LipSimEncoder, teacher, images: ImageFolder, config: DistillConfig = DistillConfig(),
