@@ -18,6 +18,13 @@ stored float32 vectors are within ~1e-7 of it, and callers pass the gallery's me
 score, the scan stops once that lower bound exceeds every current radius_i, and every item beyond the
 retrieved list (score ≤ s_last + `unlisted_slack`) is covered by (s_i − s_last − unlisted_slack)/(L·(‖e_i‖ + M)).
 
+Ceiling (what no training can lift). With ‖e(q)‖ = 1, Cauchy–Schwarz gives
+s_i − s_j = ⟨e(q), e_i − e_j⟩ ≤ ‖e_i − e_j‖, so every r(i, j) ≤ 1/L, and likewise R ≤ 1/L for 2AFC:
+an L-Lipschitz unit-norm encoder certifies no top-k radius and no 2AFC radius of 1/L or more in its
+input space (equality only for e_j = −e_i = −e(q)). Beyond ‖δ‖ = 2/L the Lipschitz bound allows e(x')
+anywhere on the sphere. (Radii stated for the user's image are larger by the preprocessing's reduction,
+`TorchEncoder.input_norm`.)
+
 Float error (`slack`). The ranking is computed from float32 embeddings ê = e + err, ‖err‖ ≤ ε (the
 encoder's measured float error, `TorchEncoder.float_error`). For the perturbed query x' and
 d = ê_i − ê_j (fixed stored vectors):

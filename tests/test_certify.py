@@ -211,3 +211,23 @@ def test_order_radius_is_tight_for_a_consecutive_swap():
     u = (g[1] - g[0]) / np.linalg.norm(g[1] - g[0])
     assert (g @ (q + u * r01 * (1 - 1e-6))).argmax() == 0
     assert (g @ (q + u * r01 * (1 + 1e-6))).argmax() == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 40), st.integers(1, 5), st.sampled_from([0.5, 1.0, 3.0]))
+def test_no_radius_reaches_one_over_l(seed, n, k, lipschitz):
+    """The module doc's ceiling: for unit vectors every top-k and 2AFC radius is below 1/L (Cauchy–Schwarz),
+    and the pair radius attains 1/L in the extreme configuration e_i = e(q), e_j = −e(q)."""
+    rng = np.random.default_rng(seed)
+    dim = 6
+    g = rng.standard_normal((n, dim))
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    q = rng.standard_normal(dim)
+    q /= np.linalg.norm(q)
+    k = min(k, n - 1)
+    cert = certify_topk(q, g, k, lipschitz, slack=0.0)
+    assert np.all(cert.radius <= (1 + 1e-12) / lipschitz)
+    r2afc = twoafc_radius(q, g[:1], g[1:2], lipschitz, slack=0.0)
+    assert np.all(r2afc <= (1 + 1e-12) / lipschitz)
+    extreme = pair_radius(q, q, -q, lipschitz, slack=0.0)
+    assert math.isclose(float(extreme), 1 / lipschitz, rel_tol=1e-12)
