@@ -18,7 +18,12 @@ writer's `embed_files` hook, so the figures are the storage path's alone (no dec
     python -m benchmarks.segments                      # 20 checkpoints of 1,000 vectors (≈ 30 s)
     python -m benchmarks.segments --checkpoints 40 --batch 2500   # 100k vectors
     python -m benchmarks.segments --quick              # 8 checkpoints of 50 vectors (seconds)
-Writes benchmarks/results/segments.json and .md (--out PREFIX).
+    python -m benchmarks.segments --pixels 7 --policies appended after --checkpoints 100 --batch 10000
+                                                       # 1M vectors of D = 148 (LipSim demo's width is 129)
+Writes benchmarks/results/segments.json, .md and .png (checkpoint time against gallery size; --out PREFIX).
+Long runs list every ⌈checkpoints/20⌉-th checkpoint in the table (all are in the JSON); "first tenth" and
+"last tenth" give the mean checkpoint time over the first and last 10% of checkpoints that wrote a segment of
+rows, the figure that shows whether a checkpoint's cost grows with the gallery.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ def _embed_files(dim: int):
     return embed
 
 
-def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, **policy) -> list[dict]:
+def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, pixels: int = PIXELS, **policy) -> list[dict]:
     """build_index with one checkpoint per batch; returns one row per checkpoint that wrote a file."""
     from index import IngestOptions, build_index
     from index import ingest
@@ -81,7 +86,7 @@ def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, **policy) -
                          embed_files=_embed_files(encoder.dim), **policy)
     ingest._Writer._checkpoint = timed
     try:
-        build_index(folder, index_dir, f"pixels:{PIXELS}", encoder=encoder, options=opts)
+        build_index(folder, index_dir, f"pixels:{pixels}", encoder=encoder, options=opts)
     finally:
         ingest._Writer._checkpoint = real
     return rows
@@ -91,12 +96,12 @@ def _timed_build(folder: Path, index_dir: Path, encoder, batch: int, **policy) -
 POLICIES = {"before": {"compact_segments": 0}, "appended": {"merge_tiers": False}, "after": {}}
 
 
-def run(n_batches: int, batch: int) -> dict:
+def run(n_batches: int, batch: int, pixels: int = PIXELS, policies=tuple(POLICIES)) -> dict:
     from encoder.registry import load_encoder
     from index import Gallery
     from index.ingest import COMPACT_SEGMENTS, compact_index
 
-    encoder = load_encoder(f"pixels:{PIXELS}")
+    encoder = load_encoder(f"pixels:{pixels}")
     tmp = Path(tempfile.mkdtemp(prefix="robret-segments-"))
     try:
         folder = tmp / "files"
@@ -106,18 +111,19 @@ def run(n_batches: int, batch: int) -> dict:
             pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
             pixels[0, 0, :] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)
             Image.fromarray(pixels).save(folder / f"f{i:06d}.png")
-        builds = {name: _timed_build(folder, tmp / name, encoder, batch, **policy) for name, policy in POLICIES.items()}
+        builds = {name: _timed_build(folder, tmp / name, encoder, batch, pixels, **POLICIES[name]) for name in policies}
         t = time.perf_counter()
-        compacted = compact_index(tmp / "after")
+        compacted = compact_index(tmp / policies[-1])
         compact_s = time.perf_counter() - t
         contents = []
-        for name in POLICIES:
+        for name in policies:
             with Gallery.open(tmp / name, use_gpu=False) as g:
                 ids, vecs = g.all_vectors()
                 order = np.argsort(ids)
                 contents.append((ids[order], vecs[order]))
         same = all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(contents, contents[1:]))
-        return {"dim": encoder.dim, "batch": batch, "checkpoints": n_batches, **builds,
+        return {"dim": encoder.dim, "batch": batch, "checkpoints": n_batches, "policies": list(policies), **builds,
+                "compacted": policies[-1],
                 "compact_segments": COMPACT_SEGMENTS,
                 "compact": {"seconds": compact_s, "files_before": compacted["files_before"],
                             "bytes": compacted["bytes"]},
@@ -129,24 +135,74 @@ def run(n_batches: int, batch: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+HEADINGS = {"before": "before: whole index rewritten", "appended": "appended segments (compaction past 32)",
+            "after": "after: size-tiered segments"}
+
+
+def tenths(rows: list[dict]) -> tuple[float, float] | None:
+    """Mean seconds of the first and last 10% (at least one) of the checkpoints that wrote a segment of rows."""
+    seg = [r["seconds"] for r in rows if r["kind"] == "rows"]
+    if not seg:
+        return None
+    n = max(1, len(seg) // 10)
+    return float(np.mean(seg[:n])), float(np.mean(seg[-n:]))
+
+
 def table(report: dict) -> str:
     mib = 2 ** 20
-    lines = [f"| checkpoint (gallery after it, D = {report['dim']}, {report['batch']} vectors per batch) | before: "
-             "whole index rewritten | appended segments (compaction past 32) | after: size-tiered segments |",
-             "|---|---|---|---|"]
-    for b, a, t in zip(report["before"], report["appended"], report["after"]):
-        cells = [f"{r['seconds'] * 1e3:.1f} ms, {r['bytes_written'] / mib:.2f} MiB" for r in (b, a, t)]
-        lines.append(f"| {b['vectors']:,} vectors | {cells[0]} | {cells[1]} ({a['kind']}) | {cells[2]} ({t['kind']}, "
-                     f"{t['live_files']} live files) |")
+    names = report.get("policies", list(POLICIES))
+    lines = [f"| checkpoint (gallery after it, D = {report['dim']}, {report['batch']:,} vectors per batch) | "
+             + " | ".join(HEADINGS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    step = -(-report["checkpoints"] // 20)
+    builds = [report[n] for n in names]
+    for i, rows in enumerate(zip(*builds)):
+        if i % step and i != report["checkpoints"] - 1:
+            continue
+        cells = []
+        for name, r in zip(names, rows):
+            cell = f"{r['seconds'] * 1e3:.1f} ms, {r['bytes_written'] / mib:.2f} MiB"
+            if name == "appended":
+                cell += f" ({r['kind']})"
+            elif name == "after":
+                cell += f" ({r['kind']}, {r['live_files']} live files)"
+            cells.append(cell)
+        lines.append(f"| {rows[0]['vectors']:,} vectors | " + " | ".join(cells) + " |")
     ts, tb, most = report["total_seconds"], report["total_bytes_written"], report["most_live_files"]
     lines.append("| **all checkpoints** | " + " | ".join(
-        f"**{ts[n]:.2f} s, {tb[n] / mib:.1f} MiB** (at most {most[n]} live files)" for n in POLICIES) + " |")
+        f"**{ts[n]:.2f} s, {tb[n] / mib:.1f} MiB** (at most {most[n]} live files)" for n in names) + " |")
+    cells = []
+    for n in names:
+        t = tenths(report[n])
+        cells.append("–" if t is None else f"{t[0] * 1e3:.1f} ms → {t[1] * 1e3:.1f} ms")
+    lines.append("| segment checkpoints, mean of the first → last tenth | " + " | ".join(cells) + " |")
     c = report["compact"]
     lines.append("")
-    lines.append(f"`robret index compact` of the size-tiered build afterwards: {c['files_before']} files → 1 "
-                 f"({c['bytes'] / mib:.1f} MiB) in {c['seconds']:.2f} s. Same ids and bit-identical vectors in all "
-                 f"three galleries: {report['same_ids_and_vectors']}. Machine: {report['machine']}.")
+    lines.append(f"`robret index compact` of the {report.get('compacted', 'after')} build afterwards: {c['files_before']} "
+                 f"files → 1 ({c['bytes'] / mib:.1f} MiB) in {c['seconds']:.2f} s. Same ids and bit-identical vectors in "
+                 f"all {len(names)} galleries: {report['same_ids_and_vectors']}. Machine: {report['machine']}.")
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Checkpoint seconds against gallery size, one series per policy (log scale in time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in report.get("policies", list(POLICIES)):
+        rows = report[name]
+        ax.plot([r["vectors"] for r in rows], [r["seconds"] for r in rows], ".-", ms=3, lw=0.8, label=HEADINGS[name])
+    ax.set_yscale("log")
+    ax.set_xlabel("vectors in the gallery after the checkpoint")
+    ax.set_ylabel("checkpoint time (s)")
+    ax.set_title(f"Checkpoint cost as the gallery grows (D = {report['dim']}, {report['batch']:,} per batch)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -155,13 +211,20 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="8 checkpoints of 50 vectors")
     p.add_argument("--checkpoints", type=int, default=None, help="batches, one checkpoint each (default 20)")
     p.add_argument("--batch", type=int, default=None, help="vectors per batch (default 1000)")
+    p.add_argument("--pixels", type=int, default=PIXELS,
+                   help=f"the pixels:P encoder whose width D = 3·P² + 1 the vectors take (default {PIXELS}: D = 1729)")
+    p.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES),
+                   help="which builds to run (default all three; the last one is compacted afterwards)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "segments"),
                    help="output prefix (.json, .md)")
     args = p.parse_args(argv)
-    report = run(args.checkpoints or (8 if args.quick else 20), args.batch or (50 if args.quick else 1000))
+    report = run(args.checkpoints or (8 if args.quick else 20), args.batch or (50 if args.quick else 1000),
+                 args.pixels, tuple(dict.fromkeys(args.policies)))
     report["machine"] = f"{os.cpu_count()} CPUs, {platform.platform()}"
     report["quick"] = args.quick
-    return write_report(args.out, report, table(report))
+    write_report(args.out, report, table(report))
+    plot(report, Path(args.out).with_suffix(".png"))
+    return report
 
 
 if __name__ == "__main__":

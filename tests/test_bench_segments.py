@@ -25,4 +25,18 @@ def test_segments_benchmark_quick_compares_whole_rewrites_appended_and_tiered_se
     assert report["most_live_files"] == {"before": 1, "appended": 8, "after": 3}
     assert report["same_ids_and_vectors"] is True and report["compact"]["files_before"] == 2
     assert json.loads((tmp_path / "segments.json").read_text()) == report
-    assert "size-tiered" in (tmp_path / "segments.md").read_text()
+    md = (tmp_path / "segments.md").read_text()
+    assert "size-tiered" in md and "mean of the first → last tenth" in md
+    assert (tmp_path / "segments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_segments_benchmark_runs_a_chosen_width_and_subset_of_policies(tmp_path):
+    from benchmarks.segments import main, tenths
+
+    report = main(["--quick", "--pixels", "2", "--policies", "appended", "after", "--out", str(tmp_path / "s")])
+    assert report["dim"] == 3 * 2 * 2 + 1 and report["policies"] == ["appended", "after"] and "before" not in report
+    assert report["compacted"] == "after" and report["same_ids_and_vectors"] is True
+    rows = [r for r in report["appended"] if r["kind"] == "rows"]
+    assert tenths(report["appended"]) == (rows[0]["seconds"], rows[-1]["seconds"])  # 7 segments: a tenth is one
+    md = (tmp_path / "s.md").read_text()
+    assert "whole index rewritten" not in md and md.count("| 50 vectors |") == 1
