@@ -222,9 +222,7 @@ def main(argv=None) -> dict:
                  args.pixels, tuple(dict.fromkeys(args.policies)))
     report["machine"] = f"{os.cpu_count()} CPUs, {platform.platform()}"
     report["quick"] = args.quick
-    write_report(args.out, report, table(report))
-    plot(report, Path(args.out).with_suffix(".png"))
-    return report
+    return write_report(args.out, report, table(report), plot)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,9 @@ PLAN_COLUMNS = ("id", "path_key", "path", "content_hash", "size", "mtime_ns", "w
                 "reason", "notes", "encoder", "embedded_at")
 
 
+WRITER_CACHE_KIB = 64 * 1024  # SQLite page cache of a writer connection (KiB; readers keep the default)
+
+
 def make_engine(url: str, read_only: bool = False) -> Engine:
     """An engine for `url`. Writers put SQLite in WAL mode (persistent in the file); readers
     (`read_only`) never write a pragma, and on read-only media open the file read-only (see
@@ -121,6 +124,10 @@ def make_engine(url: str, read_only: bool = False) -> Engine:
                 # FULL: a committed index version survives power loss too (old index files are
                 # deleted right after the commit, so the commit must be durable first).
                 cur.execute("PRAGMA synchronous=FULL")
+                # A writer's commit inserts a batch's rows into the content_hash index at random
+                # places; SQLite's default 2 MiB page cache re-reads most of that index at every
+                # checkpoint once a gallery has ~100k rows (docs/benchmarks.md, "Catalog commits").
+                cur.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
             cur.close()
     return engine
 

@@ -194,6 +194,21 @@ def test_catalog_refuses_a_newer_schema(built):
         Gallery.open(index_dir)
 
 
+def test_writer_connections_get_a_large_page_cache_and_readers_touch_no_pragma(built):
+    """The writer's cache keeps the content_hash index in memory across checkpoints (docs/benchmarks.md,
+    "Catalog commits"); readers set nothing (they may be on read-only media)."""
+    from index.catalog import WRITER_CACHE_KIB
+
+    url = IndexDir(built[1]).catalog_url()
+    for read_only, expected in ((False, -WRITER_CACHE_KIB), (True, -2000)):  # -2000: SQLite's default
+        catalog = Catalog.open(url, read_only=read_only)
+        try:
+            with catalog.engine.connect() as c:
+                assert c.exec_driver_sql("PRAGMA cache_size").scalar() == expected
+        finally:
+            catalog.close()
+
+
 def test_encoders_are_never_mixed(built, tiny_lipsim):
     from encoder import load_encoder
 

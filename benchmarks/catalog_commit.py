@@ -1,0 +1,166 @@
+"""Catalog commits as the gallery grows: what a checkpoint's `Catalog.commit_changes` costs at n rows.
+
+A checkpoint inserts its batch's file rows in one transaction. The rows go to the end of the table (ids
+ascend), but every index on a column with random values takes them at random places: with b new rows and
+an index of P pages, a commit dirties about P·(1 − e^(−b/P)) pages, which grows with the gallery until
+P ≫ b (then ≈ b pages, 4 KiB per row). `content_hash` (SHA-256 hex, 64 characters) is such a column.
+
+One run commits the same batches into three SQLite catalogs side by side (the order rotates every batch,
+the machine's noise falls on all three alike):
+- shipped:       `index.catalog.make_engine` as a writer uses it (WAL, synchronous=FULL, a
+                 WRITER_CACHE_KIB page cache);
+- sqlite-cache:  the same with SQLite's default page cache (`PRAGMA cache_size=-2000`, 2 MiB);
+- no-hash-index: shipped, without the index on content_hash (what that index costs; robret needs it
+                 for `Gallery.ids_with_content`, so this is a measurement, not an option).
+Rows look like a real gallery's (nested relative paths, SHA-256 hex, sizes, times); the table gives the
+mean commit time over each tenth of the batches.
+
+    python -m benchmarks.catalog_commit                           # 40 batches of 16,000 rows (640k)
+    python -m benchmarks.catalog_commit --batches 63 --batch 16000  # ~1M rows
+    python -m benchmarks.catalog_commit --quick                   # 6 batches of 300 rows (seconds)
+Writes benchmarks/results/catalog_commit.json, .md and .png (commit time against rows; --out PREFIX).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks._output import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("shipped", "sqlite-cache", "no-hash-index")
+
+
+def _catalog(path: Path, variant: str):
+    from sqlalchemy import event
+
+    from index.catalog import Catalog, make_engine, metadata
+
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    if variant == "sqlite-cache":
+        @event.listens_for(engine, "connect")
+        def _default_cache(dbapi_conn, _record):  # noqa: ANN001 (runs after make_engine's pragmas)
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA cache_size=-2000")
+            cur.close()
+    metadata.create_all(engine)
+    if variant == "no-hash-index":
+        with engine.begin() as c:
+            c.exec_driver_sql("DROP INDEX ix_robret_files_content_hash")
+    return Catalog(url, engine=engine)
+
+
+def _rows(start: int, count: int) -> list[dict]:
+    from index.catalog import INDEXED, utcnow
+
+    now = utcnow()
+    rows = []
+    for i in range(start, start + count):
+        path = f"photos/{i % 997:03d}/{i // 997 % 61:02d}/IMG_{i:08d}.jpg"
+        rows.append({"id": i, "path_key": path.encode(), "path": path, "size": 200_000 + i % 9973,
+                     "content_hash": hashlib.sha256(i.to_bytes(8, "little")).hexdigest(),
+                     "mtime_ns": 1_700_000_000_000_000_000 + i, "width": 640, "height": 480, "status": INDEXED,
+                     "reason": None, "notes": None, "encoder": "lipsim:demo", "embedded_at": now,
+                     "created_at": now, "updated_at": now})
+    return rows
+
+
+def tenth_means(seconds: list[float]) -> list[float]:
+    """Mean of each consecutive tenth of `seconds` (⌈n/10⌉ values per tenth; the last may be shorter)."""
+    step = max(1, -(-len(seconds) // 10))
+    return [sum(seconds[i:i + step]) / len(seconds[i:i + step]) for i in range(0, len(seconds), step)]
+
+
+def run(batches: int, batch: int, work: Path) -> dict:
+    catalogs = {v: _catalog(work / f"{v}.db", v) for v in VARIANTS}
+    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        for b in range(batches):
+            rows = _rows(b * batch, batch)
+            for v in VARIANTS[b % 3:] + VARIANTS[:b % 3]:
+                t = time.perf_counter()
+                catalogs[v].commit_changes(rows, [], {"benchmark_batch": b})
+                seconds[v].append(time.perf_counter() - t)
+        counts = {v: catalogs[v].counts() for v in VARIANTS}
+        with catalogs["shipped"].engine.connect() as c:
+            cache = c.exec_driver_sql("PRAGMA cache_size").scalar()
+    finally:
+        for cat in catalogs.values():
+            cat.close()
+    sizes = {v: sum(p.stat().st_size for p in work.glob(f"{v}.db*")) for v in VARIANTS}
+    return {"batches": batches, "batch": batch, "rows": batches * batch, "shipped_cache_size": cache,
+            "seconds": seconds, "tenths": {v: tenth_means(s) for v, s in seconds.items()},
+            "total_seconds": {v: sum(s) for v, s in seconds.items()}, "counts": counts, "bytes_on_disk": sizes,
+            "machine": f"{os.cpu_count()} CPUs, {platform.platform()}"}
+
+
+def table(report: dict) -> str:
+    step = max(1, -(-report["batches"] // 10))
+    lines = [f"| rows after the commit ({report['batch']:,} per commit) | " + " | ".join(VARIANTS) + " |",
+             "|---" * (len(VARIANTS) + 1) + "|"]
+    for i, _ in enumerate(report["tenths"]["shipped"]):
+        last = min(report["batches"], (i + 1) * step) * report["batch"]
+        first = (i * step + 1) * report["batch"]
+        cells = [f"{report['tenths'][v][i] * 1e3:.1f} ms" for v in VARIANTS]
+        lines.append(f"| {first:,} – {last:,} | " + " | ".join(cells) + " |")
+    lines.append("| **all commits** | " + " | ".join(f"**{report['total_seconds'][v]:.2f} s**" for v in VARIANTS)
+                 + " |")
+    ratio = report["total_seconds"]["sqlite-cache"] / report["total_seconds"]["shipped"]
+    return ("\n".join(lines) + f"\n\nMean commit time per tenth of the batches. Shipped page cache: "
+            f"`PRAGMA cache_size` = {report['shipped_cache_size']}; total sqlite-cache / shipped = {ratio:.2f}×. "
+            f"Machine: {report['machine']}.\n")
+
+
+def plot(report: dict, path: Path) -> None:
+    """Each commit's seconds against the rows in the catalog after it, one series per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rows = [(b + 1) * report["batch"] for b in range(report["batches"])]
+    for v in VARIANTS:
+        ax.plot(rows, [s * 1e3 for s in report["seconds"][v]], ".-", ms=3, lw=0.8, label=v)
+    ax.set_xlabel("rows in the catalog after the commit")
+    ax.set_ylabel("commit time (ms)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Catalog commits of {report['batch']:,} rows as the gallery grows (SQLite)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="6 batches of 300 rows")
+    p.add_argument("--batches", type=int, default=None, help="commits per catalog (default 40)")
+    p.add_argument("--batch", type=int, default=None, help="rows per commit (default 16000)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "catalog_commit"),
+                   help="output prefix: PREFIX.json and PREFIX.md")
+    args = p.parse_args(argv)
+    batches = args.batches or (6 if args.quick else 40)
+    batch = args.batch or (300 if args.quick else 16000)
+    if batches < 1 or batch < 1:
+        p.error("--batches and --batch must be at least 1")
+    work = Path(tempfile.mkdtemp(prefix="robret-catalog-commit-"))
+    try:
+        report = run(batches, batch, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["quick"] = args.quick
+    return write_report(args.out, report, table(report), plot)
+
+
+if __name__ == "__main__":
+    main()
