@@ -18,7 +18,8 @@ Files: `write(path)` goes through encoder.io.atomic_write (temporary file, fsync
 fsync of the directory), so a reader sees the old file or the new one, never a torn one; it returns
 the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
-`use_gpu=False`.
+`use_gpu=False`. On the CPU a flat search of fewer than BLAS_SCAN_MAX_QUERIES queries is one BLAS
+matrix–vector product per query over FAISS's stored rows (`VectorStore._flat_scan`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ __all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", 
 log = logging.getLogger(__name__)
 
 AUTO_APPROX_MIN = 1_000_000  # "auto" stays exact (flat) below this many vectors
+BLAS_SCAN_MAX_QUERIES = 20  # below this many queries a flat search is one BLAS product (`_flat_scan`)
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS's k-means wants ≥ 39 training points per centroid
 NORM_TOLERANCE = 1e-3  # |‖v‖ − 1| allowed for a stored vector (float32 embeddings)
 _FACTORY = re.compile(r"^(?:(Flat)|IVF(\d+),Flat|HNSW(\d+)(?:,Flat)?|(auto))$")
@@ -331,6 +333,8 @@ class VectorStore:
         k = int(k)
         if k < 1:
             raise ValueError("k must be ≥ 1")
+        if not np.isfinite(q).all():
+            raise ValueError("queries must be finite (a NaN or infinite coordinate ranks nothing)")
         if self.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if exact and self.kind == "ivf" and not self.exact:
@@ -341,7 +345,41 @@ class VectorStore:
             id_map = faiss.vector_to_array(self.index.id_map)
             ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
             return scores, ids
-        return self._search_index().search(q, k)
+        index = self._search_index()
+        if self.kind == "flat" and index is self.index and len(q) < BLAS_SCAN_MAX_QUERIES:
+            return self._flat_scan(q, k)
+        return index.search(q, k)
+
+    def _flat_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of a flat index for a few queries: one BLAS product over FAISS's own storage.
+
+        scores = X·q per query, X the (N, D) float32 rows of the IndexFlatIP viewed in place (no copy),
+        then a partial sort. For fewer than 20 queries (`faiss.cvar.distance_compute_blas_threshold`)
+        FAISS scores row by row into a heap instead, 1.6–1.95× slower on 2 cores (docs/benchmarks.md,
+        "One query against a flat gallery"). Each score is still the float32 inner product of the same two
+        vectors, in some summation order, so `encoder.certify.float32_dot_error` (any order) bounds its
+        error exactly as it bounds FAISS's. Among equal scores the row added first comes first, and a
+        query gets min(k, N) hits then ids −1 with score −FLT_MAX, as from FAISS.
+        """
+        n = self.ntotal
+        flat = faiss.downcast_index(self.index.index)
+        rows = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        id_map = faiss.rev_swig_ptr(self.index.id_map.data(), n)
+        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
+        out_ids = np.full((len(q), k), -1, np.int64)
+        take = min(k, n)
+        for i in range(len(q)):  # one query at a time: N scores in memory, not nq·N
+            scores = rows @ q[i]
+            if take < n:
+                kth = scores[np.argpartition(scores, n - take)[n - take]]  # the take-th largest score
+                above = np.flatnonzero(scores > kth)
+                top = np.concatenate([above, np.flatnonzero(scores == kth)[:take - len(above)]])
+            else:
+                top = np.arange(n)
+            top = top[np.lexsort((top, -scores[top]))]  # decreasing score, then storage order
+            out_scores[i, :take] = scores[top]
+            out_ids[i, :take] = id_map[top]
+        return out_scores, out_ids
 
     def _search_index(self) -> faiss.Index:
         if not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or faiss.get_num_gpus() == 0:

@@ -149,6 +149,55 @@ def test_flat_store_remove_has_no_id_drift():
         assert np.allclose(store.reconstruct(gone[:2]), x[gone[:2] - 1000])
 
 
+@pytest.mark.parametrize("nq", [1, 7, 19, 20])  # 20: FAISS's own search
+def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_order(nq):
+    """`VectorStore.search` on a flat index (a BLAS product for < 20 queries, FAISS's search from 20)
+    returns the exact top-k: float64 recomputation agrees within the float32 error bound, equal scores
+    keep the order in which their rows were stored (copies of a file share a vector), removals and
+    re-adds keep ids paired with their vectors, and k beyond the gallery pads with ids −1 (score −FLT_MAX)."""
+    from encoder.certify import float32_dot_error
+    from index.store import BLAS_SCAN_MAX_QUERIES
+
+    assert BLAS_SCAN_MAX_QUERIES == 20
+    rng = np.random.default_rng(nq)
+    x = rng.standard_normal((300, 24)).astype(np.float64)
+    x[100:110] = x[7]  # ten exact copies of row 7: a tie at every query
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = rng.permutation(np.arange(5000, 5300))
+    store = VectorStore.from_vectors(ids, x, "Flat", use_gpu=False)
+    gone = ids[[0, 3, 104, 250]]
+    store.remove(gone)
+    store.add(gone[:2], x[[0, 3]])  # re-added: their rows now come last
+    stored_ids = store.ids()
+    stored = store.reconstruct(stored_ids).astype(np.float64)
+    q = x[[7] + list(rng.integers(0, 300, nq - 1))] + 0.05 * rng.standard_normal((nq, 24))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    for k in (1, 12, 400):
+        scores, found = store.search(q, k)
+        assert scores.shape == found.shape == (nq, k)
+        for i in range(nq):
+            exact = stored @ q[i].astype(np.float32).astype(np.float64)
+            take = min(k, len(stored_ids))
+            got = found[i, :take]
+            assert (found[i, take:] == -1).all() and (scores[i, take:] == -np.finfo(np.float32).max).all()
+            assert len(set(got.tolist())) == take
+            pos = {int(v): j for j, v in enumerate(stored_ids)}
+            err = 2 * float32_dot_error(24)
+            assert np.allclose(scores[i, :take], exact[[pos[int(v)] for v in got]], atol=err)
+            # nothing left out scores above what was listed (beyond float32 error)
+            left = np.setdiff1d(stored_ids, got)
+            if len(left):
+                assert exact[[pos[int(v)] for v in left]].max() <= exact[[pos[int(v)] for v in got]].min() + err
+            if i == 0 and nq < BLAS_SCAN_MAX_QUERIES and k >= 12:  # query 0 is near the copies of row 7
+                copies = [int(v) for v in got if np.array_equal(store.reconstruct([int(v)])[0],
+                                                                 store.reconstruct([int(ids[7])])[0])]
+                assert copies == sorted(copies, key=pos.get)  # storage order among equal scores
+    bad = q.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        store.search(bad, 5)
+
+
 @pytest.mark.parametrize("factory", ["HNSW8", "IVF2,Flat"])
 def test_approximate_index_types_record_params_and_search_exactly_on_demand(tmp_path, tiny_lipsim, factory):
     # 80 small images: enough for IVF2 to be trained (≥ 39 vectors per list), else it stays Flat.

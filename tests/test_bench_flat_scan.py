@@ -1,0 +1,17 @@
+"""The flat-scan benchmark runs end to end in --quick mode (its figures are in docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+
+
+def test_flat_scan_benchmark_quick_times_both_searches_on_the_same_queries(tmp_path):
+    from benchmarks.flat_scan import main
+
+    report = main(["--quick", "--out", str(tmp_path / "fs")])
+    (row,) = report["sizes"]
+    assert row["n"] == 20_000 and row["m"] == 74 and row["queries"] == 20
+    assert row["same_ids"] == 20  # random unit vectors: no ties at the m-th score
+    assert row["max_score_difference"] <= row["float32_error_bound"]
+    assert len(row["ratios"]) == 20 and row["faiss"]["p50_ms"] > 0 and row["blas"]["p50_ms"] > 0
+    assert json.loads((tmp_path / "fs.json").read_text()) == report
+    assert "| 20,000 |" in (tmp_path / "fs.md").read_text()
