@@ -18,8 +18,8 @@ Files: `write(path)` goes through encoder.io.atomic_write (temporary file, fsync
 fsync of the directory), so a reader sees the old file or the new one, never a torn one; it returns
 the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
-`use_gpu=False`. On the CPU a flat search of fewer than BLAS_SCAN_MAX_QUERIES queries is one BLAS
-matrix–vector product per query over FAISS's stored rows (`VectorStore._flat_scan`).
+`use_gpu=False`. On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries is one pass of
+FAISS's inner-product kernel over the stored rows per query, then `top_rows` (`VectorStore._flat_scan`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ __all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", 
 log = logging.getLogger(__name__)
 
 AUTO_APPROX_MIN = 1_000_000  # "auto" stays exact (flat) below this many vectors
-BLAS_SCAN_MAX_QUERIES = 20  # below this many queries a flat search is one BLAS product (`_flat_scan`)
+FLAT_SCAN_MAX_QUERIES = 20  # below this many queries a flat search is the store's own scan (`_flat_scan`)
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS's k-means wants ≥ 39 training points per centroid
 NORM_TOLERANCE = 1e-3  # |‖v‖ − 1| allowed for a stored vector (float32 embeddings)
 _FACTORY = re.compile(r"^(?:(Flat)|IVF(\d+),Flat|HNSW(\d+)(?:,Flat)?|(auto))$")
@@ -129,6 +129,48 @@ def open_checked(path: str | os.PathLike, sha256: str | None) -> int:
 
 def _as_ids(ids) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
+def _select(scores: np.ndarray, take: int) -> np.ndarray:
+    """Positions of the `take` largest of `scores` (finite, 1 ≤ take ≤ len), ordered by decreasing score
+    and, among equal scores, increasing position; ties at the take-th score go to the lowest positions."""
+    n = len(scores)
+    if take < n:
+        kth = scores[np.argpartition(scores, n - take)[n - take]]  # the take-th largest score
+        above = np.flatnonzero(scores > kth)
+        top = np.concatenate([above, np.flatnonzero(scores == kth)[:take - len(above)]])
+    else:
+        top = np.arange(n)
+    return top[np.lexsort((top, -scores[top]))]
+
+
+def top_rows(scores: np.ndarray, take: int, block: int = 64) -> np.ndarray:
+    """`_select(scores, take)` (the same positions in the same order), reading most scores only once.
+
+    Split the N scores into consecutive blocks of `block` (the last may be shorter), let M_b be block
+    b's maximum and T the take-th largest of the M_b. Claim: every score s ≥ s₍take₎ (the take-th largest
+    score) lies in a block with M_b ≥ T, so selecting among the positions of those blocks, in increasing
+    order, gives exactly `_select`'s answer, ties included.
+    Proof: the take blocks with the largest maxima hold take distinct positions (their maxima) whose
+    scores are ≥ T, so at least take scores are ≥ T, i.e. s₍take₎ ≥ T. A score s ≥ s₍take₎ ≥ T lies in
+    some block b with M_b ≥ s ≥ T. ∎ The kept positions are a subset in increasing order containing all
+    scores ≥ s₍take₎, so the take-th largest, the scores above it and the lowest positions among those
+    equal to it are the same there as in the whole. With many equal maxima every block may be kept:
+    still exact, only slower. Cost: one pass for the maxima, a partition of N/block of them, then
+    `_select` over ≈ take·block scores instead of N (1M scores, take 74: ~9× faster than `_select`).
+    """
+    n = len(scores)
+    full = n // block
+    if full <= take:
+        return _select(scores, take)
+    maxima = np.empty(full + (n % block > 0), scores.dtype)
+    maxima[:full] = scores[:full * block].reshape(full, block).max(axis=1)
+    if n % block:
+        maxima[full] = scores[full * block:].max()
+    t = np.partition(maxima, len(maxima) - take)[len(maxima) - take]
+    kept = (np.flatnonzero(maxima >= t)[:, None] * block + np.arange(block)).ravel()
+    kept = kept[kept < n]
+    return kept[_select(scores[kept], take)]
 
 
 def _as_vectors(x, dim: int) -> np.ndarray:
@@ -346,37 +388,35 @@ class VectorStore:
             ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
             return scores, ids
         index = self._search_index()
-        if self.kind == "flat" and index is self.index and len(q) < BLAS_SCAN_MAX_QUERIES:
+        if self.kind == "flat" and index is self.index and len(q) < FLAT_SCAN_MAX_QUERIES:
             return self._flat_scan(q, k)
         return index.search(q, k)
 
     def _flat_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of a flat index for a few queries: one BLAS product over FAISS's own storage.
+        """Exact top-k of a flat index for a few queries, on the calling thread.
 
-        scores = X·q per query, X the (N, D) float32 rows of the IndexFlatIP viewed in place (no copy),
-        then a partial sort. For fewer than 20 queries (`faiss.cvar.distance_compute_blas_threshold`)
-        FAISS scores row by row into a heap instead, 1.6–1.95× slower on 2 cores (docs/benchmarks.md,
-        "One query against a flat gallery"). Each score is still the float32 inner product of the same two
-        vectors, in some summation order, so `encoder.certify.float32_dot_error` (any order) bounds its
-        error exactly as it bounds FAISS's. Among equal scores the row added first comes first, and a
-        query gets min(k, N) hits then ids −1 with score −FLT_MAX, as from FAISS.
+        For each query, scores = X·q over the (N, D) float32 rows of the IndexFlatIP in place (no copy),
+        computed by FAISS's own SIMD kernel (`fvec_inner_products_ny`, the inner product its flat search
+        uses), then the exact selection `top_rows`. Why not `index.search`: for fewer than 20 queries
+        FAISS runs one query inside an OpenMP region over all cores, which on 2 cores takes ≈ 2× as long
+        as on one (docs/benchmarks.md, "One query against a flat gallery"), and its thread count is
+        process-wide, so it cannot be lowered for one call while a server searches on other threads.
+        Each score is the float32 inner product of the same two vectors, so
+        `encoder.certify.float32_dot_error` (any summation order) bounds its error as it bounds FAISS's.
+        Among equal scores the row added first comes first, and a query gets min(k, N) hits, then ids
+        −1 with score −FLT_MAX, as from FAISS.
         """
         n = self.ntotal
-        flat = faiss.downcast_index(self.index.index)
-        rows = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        xb = faiss.downcast_index(self.index.index).get_xb()
         id_map = faiss.rev_swig_ptr(self.index.id_map.data(), n)
         out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
         out_ids = np.full((len(q), k), -1, np.int64)
         take = min(k, n)
-        for i in range(len(q)):  # one query at a time: N scores in memory, not nq·N
-            scores = rows @ q[i]
-            if take < n:
-                kth = scores[np.argpartition(scores, n - take)[n - take]]  # the take-th largest score
-                above = np.flatnonzero(scores > kth)
-                top = np.concatenate([above, np.flatnonzero(scores == kth)[:take - len(above)]])
-            else:
-                top = np.arange(n)
-            top = top[np.lexsort((top, -scores[top]))]  # decreasing score, then storage order
+        scores = np.empty(n, np.float32)
+        for i in range(len(q)):
+            query = np.ascontiguousarray(q[i])
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(scores), faiss.swig_ptr(query), xb, self.dim, n)
+            top = top_rows(scores, take)
             out_scores[i, :take] = scores[top]
             out_ids[i, :take] = id_map[top]
         return out_scores, out_ids

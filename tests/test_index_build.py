@@ -8,6 +8,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from index import (INDEXED, REMOVED, Catalog, EncoderMismatchError, Gallery, IndexLockedError, IngestOptions,
@@ -149,16 +151,42 @@ def test_flat_store_remove_has_no_id_drift():
         assert np.allclose(store.reconstruct(gone[:2]), x[gone[:2] - 1000])
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=200), st.integers(1, 200), st.integers(1, 9))
+def test_top_rows_equals_a_full_sort_by_score_then_position(values, take, block):
+    """`index.store.top_rows` (block maxima, then a selection among the kept blocks) against the
+    definition: sort every position by (−score, position) and keep the first `take`. Few distinct
+    values, so ties at the take-th score and equal block maxima are the rule, not the exception."""
+    from index.store import top_rows
+
+    scores = np.asarray(values, dtype=np.float32) / 4
+    take = min(take, len(scores))
+    want = np.lexsort((np.arange(len(scores)), -scores))[:take]
+    assert np.array_equal(top_rows(scores, take, block), want)
+
+
+def test_top_rows_on_a_million_scores_with_planted_ties():
+    from index.store import top_rows
+
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal(1_000_003).astype(np.float32)
+    scores[[5, 70_000, 999_999, 1_000_002]] = scores.max()  # four-way tie at the top
+    scores[rng.choice(len(scores), 500, replace=False)] = np.sort(scores)[-60]  # many equal to the 60th
+    for take in (1, 4, 74, 200):
+        want = np.lexsort((np.arange(len(scores)), -scores))[:take]
+        assert np.array_equal(top_rows(scores, take), want)
+
+
 @pytest.mark.parametrize("nq", [1, 7, 19, 20])  # 20: FAISS's own search
 def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_order(nq):
-    """`VectorStore.search` on a flat index (a BLAS product for < 20 queries, FAISS's search from 20)
+    """`VectorStore.search` on a flat index (the store's own scan for < 20 queries, FAISS's search from 20)
     returns the exact top-k: float64 recomputation agrees within the float32 error bound, equal scores
     keep the order in which their rows were stored (copies of a file share a vector), removals and
     re-adds keep ids paired with their vectors, and k beyond the gallery pads with ids −1 (score −FLT_MAX)."""
     from encoder.certify import float32_dot_error
-    from index.store import BLAS_SCAN_MAX_QUERIES
+    from index.store import FLAT_SCAN_MAX_QUERIES
 
-    assert BLAS_SCAN_MAX_QUERIES == 20
+    assert FLAT_SCAN_MAX_QUERIES == 20
     rng = np.random.default_rng(nq)
     x = rng.standard_normal((300, 24)).astype(np.float64)
     x[100:110] = x[7]  # ten exact copies of row 7: a tie at every query
@@ -188,7 +216,7 @@ def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_
             left = np.setdiff1d(stored_ids, got)
             if len(left):
                 assert exact[[pos[int(v)] for v in left]].max() <= exact[[pos[int(v)] for v in got]].min() + err
-            if i == 0 and nq < BLAS_SCAN_MAX_QUERIES and k >= 12:  # query 0 is near the copies of row 7
+            if i == 0 and nq < FLAT_SCAN_MAX_QUERIES and k >= 12:  # query 0 is near the copies of row 7
                 copies = [int(v) for v in got if np.array_equal(store.reconstruct([int(v)])[0],
                                                                  store.reconstruct([int(ids[7])])[0])]
                 assert copies == sorted(copies, key=pos.get)  # storage order among equal scores
