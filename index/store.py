@@ -18,8 +18,9 @@ Files: `write(path)` goes through encoder.io.atomic_write (temporary file, fsync
 fsync of the directory), so a reader sees the old file or the new one, never a torn one; it returns
 the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
-`use_gpu=False`. On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries is one pass of
-FAISS's inner-product kernel over the stored rows per query, then `top_rows` (`VectorStore._flat_scan`).
+`use_gpu=False`. On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact
+HNSW search, over the graph's flat storage) is one pass of FAISS's inner-product kernel over the stored
+rows per query, then `top_rows` (`VectorStore._flat_scan`).
 """
 from __future__ import annotations
 
@@ -383,19 +384,22 @@ class VectorStore:
             return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=self._n))
         if exact and self.kind == "hnsw":
             storage = faiss.downcast_index(faiss.downcast_index(self.index.index).storage)
+            if len(q) < FLAT_SCAN_MAX_QUERIES:
+                return self._flat_scan(q, k, storage)
             scores, rows = storage.search(q, k)
             id_map = faiss.vector_to_array(self.index.id_map)
             ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
             return scores, ids
         index = self._search_index()
         if self.kind == "flat" and index is self.index and len(q) < FLAT_SCAN_MAX_QUERIES:
-            return self._flat_scan(q, k)
+            return self._flat_scan(q, k, faiss.downcast_index(self.index.index))
         return index.search(q, k)
 
-    def _flat_scan(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of a flat index for a few queries, on the calling thread.
+    def _flat_scan(self, q: np.ndarray, k: int, rows: faiss.IndexFlat) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over `rows`, the IndexFlatIP inside the IndexIDMap2 (a flat index's, or an HNSW
+        graph's storage), for a few queries, on the calling thread; ids from the IndexIDMap2's id_map.
 
-        For each query, scores = X·q over the (N, D) float32 rows of the IndexFlatIP in place (no copy),
+        For each query, scores = X·q over the (N, D) float32 rows of that IndexFlatIP in place (no copy),
         computed by FAISS's own SIMD kernel (`fvec_inner_products_ny`, the inner product its flat search
         uses), then the exact selection `top_rows`. Why not `index.search`: for fewer than 20 queries
         FAISS runs one query inside an OpenMP region over all cores, which on 2 cores takes ≈ 2× as long
@@ -407,7 +411,7 @@ class VectorStore:
         −1 with score −FLT_MAX, as from FAISS.
         """
         n = self.ntotal
-        xb = faiss.downcast_index(self.index.index).get_xb()
+        xb = rows.get_xb()
         id_map = faiss.rev_swig_ptr(self.index.id_map.data(), n)
         out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
         out_ids = np.full((len(q), k), -1, np.int64)

@@ -177,8 +177,9 @@ def test_top_rows_on_a_million_scores_with_planted_ties():
         assert np.array_equal(top_rows(scores, take), want)
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8"])  # HNSW: exact=True scans its flat storage
 @pytest.mark.parametrize("nq", [1, 7, 19, 20])  # 20: FAISS's own search
-def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_order(nq):
+def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_order(nq, factory):
     """`VectorStore.search` on a flat index (the store's own scan for < 20 queries, FAISS's search from 20)
     returns the exact top-k: float64 recomputation agrees within the float32 error bound, equal scores
     keep the order in which their rows were stored (copies of a file share a vector), removals and
@@ -192,7 +193,7 @@ def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_
     x[100:110] = x[7]  # ten exact copies of row 7: a tie at every query
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = rng.permutation(np.arange(5000, 5300))
-    store = VectorStore.from_vectors(ids, x, "Flat", use_gpu=False)
+    store = VectorStore.from_vectors(ids, x, factory, use_gpu=False)
     gone = ids[[0, 3, 104, 250]]
     store.remove(gone)
     store.add(gone[:2], x[[0, 3]])  # re-added: their rows now come last
@@ -201,7 +202,7 @@ def test_flat_search_of_few_queries_equals_an_independent_top_k_ties_in_storage_
     q = x[[7] + list(rng.integers(0, 300, nq - 1))] + 0.05 * rng.standard_normal((nq, 24))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     for k in (1, 12, 400):
-        scores, found = store.search(q, k)
+        scores, found = store.search(q, k, exact=True)
         assert scores.shape == found.shape == (nq, k)
         for i in range(nq):
             exact = stored @ q[i].astype(np.float32).astype(np.float64)
