@@ -108,9 +108,9 @@ def run(n_batches: int, batch: int, pixels: int = PIXELS, policies=tuple(POLICIE
         folder.mkdir()
         rng = np.random.default_rng(0)
         for i in range(n_batches * batch):  # distinct tiny PNGs: no vector is reused by content
-            pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-            pixels[0, 0, :] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)
-            Image.fromarray(pixels).save(folder / f"f{i:06d}.png")
+            image = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            image[0, 0, :] = np.frombuffer(i.to_bytes(3, "little"), np.uint8)
+            Image.fromarray(image).save(folder / f"f{i:06d}.png")
         builds = {name: _timed_build(folder, tmp / name, encoder, batch, pixels, **POLICIES[name]) for name in policies}
         t = time.perf_counter()
         compacted = compact_index(tmp / policies[-1])

@@ -30,12 +30,22 @@ def test_segments_benchmark_quick_compares_whole_rewrites_appended_and_tiered_se
     assert (tmp_path / "segments.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_segments_benchmark_runs_a_chosen_width_and_subset_of_policies(tmp_path):
+def test_segments_benchmark_runs_a_chosen_width_and_subset_of_policies(tmp_path, monkeypatch):
+    import index
     from benchmarks.segments import main, tenths
 
+    specs = []
+    real_build = index.build_index
+
+    def recording_build(folder, index_dir, encoder_spec=None, **kwargs):  # the real build, its spec noted
+        specs.append(encoder_spec)
+        return real_build(folder, index_dir, encoder_spec, **kwargs)
+
+    monkeypatch.setattr(index, "build_index", recording_build)
     report = main(["--quick", "--pixels", "2", "--policies", "appended", "after", "--out", str(tmp_path / "s")])
     assert report["dim"] == 3 * 2 * 2 + 1 and report["policies"] == ["appended", "after"] and "before" not in report
     assert report["compacted"] == "after" and report["same_ids_and_vectors"] is True
+    assert specs == ["pixels:2", "pixels:2"]  # the width asked for is what each gallery records
     rows = [r for r in report["appended"] if r["kind"] == "rows"]
     assert tenths(report["appended"]) == (rows[0]["seconds"], rows[-1]["seconds"])  # 7 segments: a tenth is one
     md = (tmp_path / "s.md").read_text()
