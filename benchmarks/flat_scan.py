@@ -27,22 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._output import write_report
+from benchmarks.index_speed import DIM, _pct, _unit
 
 ROOT = Path(__file__).resolve().parent.parent
-DIM = 129
-
-
-def _unit(rng, n: int, dim: int) -> np.ndarray:
-    out = np.empty((n, dim), np.float32)
-    for s in range(0, n, 100_000):  # in blocks: no float64 copy of the whole gallery
-        x = rng.standard_normal((min(100_000, n - s), dim))
-        out[s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def _percentiles(seconds: list[float]) -> dict:
-    ms = np.asarray(seconds) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95))}
 
 
 def _faiss_one_thread(store, q, m):
@@ -79,7 +66,7 @@ def measure(n: int, queries: int, m: int, seed: int = 0) -> dict:
         # same ids except where the m-th score ties
         agree += bool(set(fi[0][fs[0] > fs[0, -1]]) <= set(bi[0]))
     store.index.reset()
-    out = {"n": n, "dim": DIM, "m": m, "queries": queries, **{name: _percentiles(t) for name, t in times.items()},
+    out = {"n": n, "dim": DIM, "m": m, "queries": queries, **{name: _pct(t) for name, t in times.items()},
            "same_ids": agree, "max_score_difference": worst, "float32_error_bound": 2 * float32_dot_error(DIM)}
     for name in ("faiss", "faiss-1-thread"):
         out[f"{name}/store"] = float(np.median([a / b for a, b in zip(times[name], times["store"])]))
