@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._output import write_report
+from benchmarks._output import line_plot, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("shipped", "sqlite-cache", "no-hash-index")
@@ -119,25 +119,11 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Each commit's seconds against the rows in the catalog after it, one series per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Each commit's milliseconds against the rows in the catalog after it, one line per variant."""
     rows = [(b + 1) * report["batch"] for b in range(report["batches"])]
-    for v in VARIANTS:
-        ax.plot(rows, [s * 1e3 for s in report["seconds"][v]], ".-", ms=3, lw=0.8, label=v)
-    ax.set_xlabel("rows in the catalog after the commit")
-    ax.set_ylabel("commit time (ms)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"Catalog commits of {report['batch']:,} rows as the gallery grows (SQLite)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    line_plot(path, {v: (rows, [s * 1e3 for s in report["seconds"][v]]) for v in VARIANTS},
+              "rows in the catalog after the commit", "commit time (ms)",
+              f"Catalog commits of {report['batch']:,} rows as the gallery grows (SQLite)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks._output import write_report
+from benchmarks._output import line_plot, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 PIXELS = 24  # pixels:24 embeds into 3·24² + 1 = 1729 dimensions
@@ -184,25 +184,12 @@ def table(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Checkpoint seconds against gallery size, one series per policy (log scale in time)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in report.get("policies", list(POLICIES)):
-        rows = report[name]
-        ax.plot([r["vectors"] for r in rows], [r["seconds"] for r in rows], ".-", ms=3, lw=0.8, label=HEADINGS[name])
-    ax.set_yscale("log")
-    ax.set_xlabel("vectors in the gallery after the checkpoint")
-    ax.set_ylabel("checkpoint time (s)")
-    ax.set_title(f"Checkpoint cost as the gallery grows (D = {report['dim']}, {report['batch']:,} per batch)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Checkpoint seconds against gallery size, one line per policy (log scale in time)."""
+    names = report.get("policies", list(POLICIES))
+    line_plot(path, {HEADINGS[n]: ([r["vectors"] for r in report[n]], [r["seconds"] for r in report[n]])
+                     for n in names},
+              "vectors in the gallery after the checkpoint", "checkpoint time (s)",
+              f"Checkpoint cost as the gallery grows (D = {report['dim']}, {report['batch']:,} per batch)", log_y=True)
 
 
 def main(argv=None) -> dict:
