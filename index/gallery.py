@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -22,6 +23,7 @@ from .remote import is_remote
 from .ivf import CertifiedIVF
 from .layout import IndexDir
 from .segments import load_live_store
+from .mapped import MappedFlat
 from .store import VectorStore
 
 __all__ = ["Gallery", "open_gallery"]
@@ -33,12 +35,13 @@ class Gallery:
     """Read access to one index directory: search, stored vectors, file records, the encoder.
 
     Opening loads the live files named by the catalog (a base and segments, each checked against its
-    recorded SHA-256 and row count) into one FAISS index, but not the
-    encoder, which loads on first use of `.encoder` (and is checked against the recorded weights).
+    recorded SHA-256 and row count): a Flat gallery searched on the CPU maps them in place (a read-only
+    `index.mapped.MappedFlat`), other types are loaded into one FAISS index. The encoder is not loaded:
+    it loads on first use of `.encoder` (and is checked against the recorded weights).
     A writer may update the directory meanwhile; this object keeps the version it opened.
     """
 
-    def __init__(self, layout: IndexDir, catalog: Catalog, store: VectorStore, meta: dict, encoder=None):
+    def __init__(self, layout: IndexDir, catalog: Catalog, store: VectorStore | MappedFlat, meta: dict, encoder=None):
         self.layout, self.catalog, self.store, self.meta = layout, catalog, store, meta
         self._encoder = encoder
         self._root = os.fsencode(meta["root"])
@@ -51,10 +54,11 @@ class Gallery:
         """
         layout = IndexDir(index_dir)
         catalog = layout.open_catalog()
+        mapped = not (use_gpu and faiss.get_num_gpus() > 0)  # a Flat gallery is mapped, unless it goes to a GPU
         for attempt in range(5):
             meta = catalog.meta()
             try:
-                store = load_live_store(layout, meta["index"], use_gpu=use_gpu)
+                store = load_live_store(layout, meta["index"], use_gpu=use_gpu, mapped=mapped)
                 break
             except StoreError:
                 # A writer may have committed a newer version and deleted this one in between.
@@ -65,8 +69,13 @@ class Gallery:
             check_same_encoder(meta["encoder"], embedder.identity(encoder, meta["encoder"]["spec"]))
         return cls(layout, catalog, store, meta, encoder)
 
-    def close(self) -> None:
+    def close(self, keep_vectors: bool = False) -> None:
+        """Close the catalog and unmap a mapped store's files (searching afterwards is a StoreError).
+        keep_vectors=True leaves the store searchable until the object is dropped (a server's requests
+        still holding this gallery while a newer version is opened)."""
         self.catalog.close()
+        if not keep_vectors and hasattr(self.store, "close"):
+            self.store.close()
 
     def __enter__(self) -> "Gallery":
         return self
@@ -137,9 +146,7 @@ class Gallery:
             return self.certified_ivf.max_norm
         key = (self.version, len(self))
         if getattr(self, "_max_norm", (None, None))[0] != key:
-            _, vectors = self.all_vectors()
-            top = float(np.linalg.norm(vectors.astype(np.float64), axis=1).max()) if len(vectors) else 1.0
-            self._max_norm = (key, top)
+            self._max_norm = (key, self.store.max_norm())
         return self._max_norm[1]
 
     @property

@@ -30,6 +30,7 @@ upper bound over a set being one over any subset.)
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -40,9 +41,10 @@ from encoder.io import atomic_write, fd_sha256
 
 from .errors import IntegrityError, StoreError
 from .layout import BASE, ROWS, live_files
+from .mapped import MappedFlat
 from .store import VectorStore, open_checked
 
-__all__ = ["MAGIC", "Segment", "segment_bytes", "write_segment", "read_segment", "load_live_store"]
+__all__ = ["MAGIC", "Segment", "segment_bytes", "write_segment", "read_segment", "map_segment", "load_live_store"]
 
 MAGIC = b"RBSEG001"
 _HEADER = struct.Struct("<IQQ")
@@ -111,22 +113,47 @@ def read_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> Segme
         data = b"".join(blocks)
     finally:
         os.close(fd)
-    if offset != size or size < HEADER_BYTES or bytes(data[:len(MAGIC)]) != MAGIC:
+    if offset != size:
+        raise StoreError(f"index file {path.name} changed size while it was read; run `robret index repair {path.parent}`")
+    removed, ids, vectors = _parse(path, data, dim)
+    return Segment(removed.astype(np.int64), ids.astype(np.int64), vectors.astype(np.float32))
+
+
+def map_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> tuple[Segment, mmap.mmap | None]:
+    """`read_segment`'s checks and answer, its arrays views of the file mapped read-only through the
+    descriptor whose digest was checked (index/mapped.py), and the mapping that holds them (None when
+    the file holds no arrays)."""
+    path = Path(path)
+    fd = open_checked(path, sha256)
+    try:
+        size = os.fstat(fd).st_size
+        data = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size >= HEADER_BYTES else b""
+    finally:
+        os.close(fd)
+    return Segment(*_parse(path, data, dim)), (data if size >= HEADER_BYTES else None)
+
+
+def _parse(path: Path, data, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(removed, ids, vectors) as views of `data` (a segment file's bytes), after checking its magic,
+    its header against its size and its dimension against the catalog's (StoreError naming repair)."""
+    size = len(data)
+    if size < HEADER_BYTES or bytes(data[:len(MAGIC)]) != MAGIC:
         raise StoreError(f"index file {path.name} is not a robret segment; run `robret index repair {path.parent}`")
     file_dim, n_removed, n_added = _HEADER.unpack_from(data, len(MAGIC))
     if file_dim != dim or size != segment_bytes(dim, n_removed, n_added):
         raise StoreError(f"index file {path.name} has dimension {file_dim} and {size} bytes, which do not agree "
                          f"with its header or the catalog (dimension {dim}); run `robret index repair {path.parent}`")
     at = HEADER_BYTES
-    removed = np.frombuffer(data, "<i8", n_removed, at).astype(np.int64)
+    removed = np.frombuffer(data, "<i8", n_removed, at)
     at += 8 * n_removed
-    ids = np.frombuffer(data, "<i8", n_added, at).astype(np.int64)
+    ids = np.frombuffer(data, "<i8", n_added, at)
     at += 8 * n_added
-    vectors = np.frombuffer(data, "<f4", n_added * dim, at).reshape(n_added, dim).astype(np.float32)
-    return Segment(removed, ids, vectors)
+    vectors = np.frombuffer(data, "<f4", n_added * dim, at).reshape(n_added, dim)
+    return removed, ids, vectors
 
 
-def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool = True) -> VectorStore:
+def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool = True,
+                    mapped: bool = False) -> VectorStore | MappedFlat:
     """The index the catalog's committed live set describes (an empty flat index when it names no file).
 
     Every file is checked against what the catalog recorded with the version before anything is derived
@@ -136,8 +163,12 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     answers queries (Gallery.open) or writes (build, update, repair, compact) comes here, so no answer and
     no new version is derived from files that are not the ones committed. check=False (verify --deep)
     reads whatever the files hold, to report how they differ.
+    mapped=True (readers): a Flat gallery's files are memory-mapped into a read-only `MappedFlat`
+    (index/mapped.py) instead of copied into a VectorStore, after the same checks.
     """
     version, dim = int(index_meta["version"]), int(index_meta["dim"])
+    mapped = mapped and check and index_meta["factory"] == "Flat"
+    kind = MappedFlat if mapped else VectorStore
     store = None
     for position, f in enumerate(live_files(index_meta)):
         path = layout.path / f["name"]
@@ -147,20 +178,19 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
             raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
         sha256 = f.get("sha256") if check else None
         if f["kind"] == BASE and position == 0:
-            store = VectorStore.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu,
-                                     sha256=sha256)
+            store = kind.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256)
             added = store.ntotal
             if store.dim != dim:
                 raise StoreError(f"index file has dimension {store.dim}, the catalog says {dim}")
         elif f["kind"] == ROWS:
-            segment = read_segment(path, dim, sha256)
+            segment, owner = map_segment(path, dim, sha256) if mapped else (read_segment(path, dim, sha256), None)
             if store is None:
-                store = VectorStore.create(dim, "Flat", index_meta.get("params"), use_gpu=use_gpu)
+                store = kind.create(dim, "Flat", index_meta.get("params"), use_gpu=use_gpu)
             removed = store.remove(segment.removed)
             if check and removed != len(segment.removed):
                 raise StoreError(f"index file {path.name} removes {len(segment.removed)} ids of which only {removed} "
                                  "are stored; run `robret index repair`")
-            store.add(segment.ids, segment.vectors, stored=True)
+            store.add(segment.ids, segment.vectors, stored=True, **({"owner": owner} if mapped else {}))
             added = len(segment)
         else:
             raise StoreError(f"the catalog names {path.name} as a {f['kind']!r} file at position {position}; "
@@ -169,7 +199,7 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
             raise StoreError(f"index file {path.name} holds {added} vectors, the catalog recorded {f['rows']}; "
                              "run `robret index repair`")
     if store is None:
-        store = VectorStore.create(dim, "Flat", use_gpu=use_gpu)
+        store = kind.create(dim, "Flat", use_gpu=use_gpu)
     if check and store.factory != index_meta["factory"]:
         raise StoreError(f"the live files make a {store.factory} index, the catalog recorded {index_meta['factory']}; "
                          "run `robret index repair`")

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 AUTO_APPROX_MIN = 1_000_000  # "auto" stays exact (flat) below this many vectors
 FLAT_SCAN_MAX_QUERIES = 20  # below this many queries a flat search is the store's own scan (`_flat_scan`)
+CHUNK_ROWS = 1 << 16  # vectors per pass where a whole-gallery computation goes chunk by chunk
 IVF_MIN_POINTS_PER_LIST = 39  # FAISS's k-means wants ≥ 39 training points per centroid
 NORM_TOLERANCE = 1e-3  # |‖v‖ − 1| allowed for a stored vector (float32 embeddings)
 _FACTORY = re.compile(r"^(?:(Flat)|IVF(\d+),Flat|HNSW(\d+)(?:,Flat)?|(auto))$")
@@ -181,6 +182,17 @@ def _as_vectors(x, dim: int) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != dim:
         raise ValueError(f"expected vectors of shape (n, {dim}), got {x.shape}")
     return x
+
+
+def check_queries(queries, dim: int, k) -> tuple[np.ndarray, int]:
+    """(queries as (n, dim) contiguous float32, k as int), or ValueError for k < 1 or a non-finite query."""
+    q = _as_vectors(queries, dim)
+    k = int(k)
+    if k < 1:
+        raise ValueError("k must be ≥ 1")
+    if not np.isfinite(q).all():
+        raise ValueError("queries must be finite (a NaN or infinite coordinate ranks nothing)")
+    return q, k
 
 
 class VectorStore:
@@ -366,18 +378,21 @@ class VectorStore:
             detail = str(exc).splitlines()[0].rsplit(": ", 1)[-1]
             raise StoreError(f"cannot reconstruct ids: {detail}") from None
 
+    def max_norm(self) -> float:
+        """The largest stored vector's ℓ2 norm, in float64, CHUNK_ROWS vectors at a time (1.0 when empty)."""
+        ids, top = self.ids(), 0.0
+        for at in range(0, len(ids), CHUNK_ROWS):
+            chunk = self.reconstruct(ids[at:at + CHUNK_ROWS]).astype(np.float64)
+            top = max(top, float(np.sqrt(np.einsum("ij,ij->i", chunk, chunk).max())))
+        return top if len(ids) else 1.0
+
     def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores (n, k) float32 decreasing, ids (n, k) int64, −1 = none).
 
         exact=True makes an approximate index search exhaustively (IVF: every list; HNSW: its flat
         storage), as certificates require the true top of the list.
         """
-        q = _as_vectors(queries, self.dim)
-        k = int(k)
-        if k < 1:
-            raise ValueError("k must be ≥ 1")
-        if not np.isfinite(q).all():
-            raise ValueError("queries must be finite (a NaN or infinite coordinate ranks nothing)")
+        q, k = check_queries(queries, self.dim, k)
         if self.ntotal == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if exact and self.kind == "ivf" and not self.exact:

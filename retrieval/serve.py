@@ -104,9 +104,10 @@ class GalleryHolder:
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
-                # Requests still holding the old gallery keep working: its vectors are in memory and
-                # disposing its catalog engine leaves checked-out connections alone.
-                g.close()
+                # Requests still holding the old gallery keep working: its vectors stay mapped (or in
+                # memory) until the last of them drops it, and disposing its catalog engine leaves
+                # checked-out connections alone.
+                g.close(keep_vectors=True)
                 self._gallery = g = new
                 self.reloads += 1
             return g

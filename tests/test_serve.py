@@ -295,3 +295,23 @@ def test_load_benchmark_quick_run_answers_every_request(tmp_path):
     lat = result["latency_ms"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     assert result["throughput_rps"] > 0 and result["server_rss_mb"]["after_run"] > 0
+
+
+def test_a_request_holding_the_previous_version_keeps_searching_after_the_reload(tmp_path, sample_folder, tiny_lipsim):
+    """The holder re-opens on a new version; a request that took the old gallery before (a mapped Flat
+    store) still searches it, and answers from that version."""
+    from retrieval.serve import GalleryHolder
+    folder = copy_photos(sample_folder, tmp_path / "photos", FIRST)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    holder = GalleryHolder(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False)
+    old = holder.current()
+    ids, vectors = old.all_vectors()
+    copy_photos(sample_folder, folder, LATER)
+    update_index(tmp_path / "index", encoder=tiny_lipsim, options=IngestOptions(workers=1, use_gpu=False))
+    new = holder.current()
+    assert new is not old and len(new) == len(FIRST) + len(LATER) and holder.reloads == 1
+    scores, found = old.search(vectors, len(FIRST) + len(LATER))
+    assert list(found[:, 0]) == list(ids) and (found[:, len(FIRST):] == -1).all()
+    holder.close()
+    with pytest.raises(Exception, match="closed"):
+        new.search(vectors[:1], 1)

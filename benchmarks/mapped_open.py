@@ -1,0 +1,139 @@
+"""Opening a flat gallery for queries: its files copied into a FAISS index vs mapped in place (issue 15).
+
+    python -m benchmarks.mapped_open --quick            # 20,000 vectors (seconds; a test runs it)
+    python -m benchmarks.mapped_open --sizes 1000000 3000000
+
+For each size one live set is written as a writer leaves it — a base (`VectorStore.write`) holding 70% of
+the rows, then three segments (`write_segment`) of 10% each, each removing 1,000 earlier ids — and
+the same files are opened by fresh processes, alternating: `load_live_store(..., mapped=False)` (the copying
+reader: every row read into an IndexIDMap2(IndexFlatIP), as before) and `mapped=True` (`index.mapped
+.MappedFlat`, what `Gallery.open` now does for a Flat gallery on the CPU). Both check every file's SHA-256
+first, so both read every byte once, and the files are in the page cache for every run after the first of
+the round (the first run of each round is dropped from the medians; `--repeat` rounds).
+Per process: open time, anonymous memory gained by opening and searching (RssAnon: what is the process's
+own, against file pages the kernel shares between readers and may drop), and the p50 of 20 single top-10
+queries (the same queries for both; each answer is checked equal between the two readers).
+Writes benchmarks/results/mapped-open.json and .md (--out PREFIX).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._output import write_report
+from benchmarks.index_speed import DIM, _machine, _unit
+
+ROOT = Path(__file__).resolve().parent.parent
+QUERIES = 20
+
+_CHILD = r"""
+import hashlib, json, sys, time
+import numpy as np
+def anon():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
+import faiss  # imports before the baseline: only what opening adds is counted
+from index.layout import IndexDir
+from index.segments import load_live_store
+directory, meta, how, queries = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], np.load(sys.argv[4])
+before = anon()
+t = time.perf_counter()
+store = load_live_store(IndexDir(directory), meta, use_gpu=False, mapped=how == "mapped")
+open_s = time.perf_counter() - t
+times, answers = [], hashlib.sha256()
+for q in queries:
+    t = time.perf_counter()
+    scores, ids = store.search(q[None], 10)
+    times.append(time.perf_counter() - t)
+    answers.update(scores.tobytes() + ids.tobytes())
+print(json.dumps({"open_s": open_s, "anon_bytes": anon() - before, "p50_ms": 1000 * float(np.median(times)),
+                  "answers": answers.hexdigest()}))
+"""
+
+
+def write_live_set(directory: Path, n: int, dim: int = DIM, seed: int = 0) -> dict:
+    """A base of 70% of n rows and three segments of 10% each, each removing 1,000 earlier ids; the
+    index metadata naming them, as the catalog records it."""
+    from index.layout import BASE, ROWS
+    from index.segments import write_segment
+    from index.store import VectorStore
+    rng = np.random.default_rng(seed)
+    base = int(n * 0.7)
+    store = VectorStore.from_vectors(np.arange(base), _unit(rng, base, dim), "Flat", use_gpu=False)
+    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": base,
+              "sha256": store.write(directory / "vectors.00000001.faiss")}]
+    del store
+    start, alive = base, np.zeros(n, bool)
+    alive[:base] = True
+    for s in range(3):
+        m = (n - base) // 3 if s < 2 else n - start
+        removed = rng.choice(np.flatnonzero(alive), min(1000, start // 10), replace=False)
+        alive[removed] = False
+        alive[start:start + m] = True
+        name = f"segment.{s + 2:08d}.rows"
+        sha, _ = write_segment(directory / name, dim, removed, np.arange(start, start + m), _unit(rng, m, dim))
+        files.append({"name": name, "kind": ROWS, "rows": m, "sha256": sha})
+        start += m
+    return {"version": 4, "dim": dim, "factory": "Flat", "rows": int(alive.sum()), "segments": files}
+
+
+def run(n: int, repeat: int = 3, seed: int = 0) -> dict:
+    with tempfile.TemporaryDirectory(prefix="robret-mapped-") as tmp:
+        directory = Path(tmp)
+        t = time.perf_counter()
+        meta = write_live_set(directory, n, seed=seed)
+        write_s = time.perf_counter() - t
+        queries = directory / "queries.npy"
+        np.save(queries, _unit(np.random.default_rng(seed + 1), QUERIES, DIM))
+        runs: dict[str, list[dict]] = {"copied": [], "mapped": []}
+        for r in range(repeat + 1):  # round 0 warms the page cache and is dropped
+            for how in (("copied", "mapped") if r % 2 == 0 else ("mapped", "copied")):
+                out = subprocess.run([sys.executable, "-c", _CHILD, str(directory), json.dumps(meta), how, str(queries)],
+                                     cwd=ROOT, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"the {how} reader failed:\n{out.stderr[-2000:]}")
+                if r:
+                    runs[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        digests = {run["answers"] for rows in runs.values() for run in rows}
+        if len(digests) != 1:
+            raise AssertionError("the copying and the mapped reader answered differently")
+        row = {"n": n, "dim": DIM, "rows_live": meta["rows"], "files": len(meta["segments"]),
+               "bytes": sum((directory / f["name"]).stat().st_size for f in meta["segments"]), "write_s": round(write_s, 1)}
+        for how, rows in runs.items():
+            row[how] = {key: float(np.median([x[key] for x in rows])) for key in ("open_s", "anon_bytes", "p50_ms")}
+        return row
+
+
+def table(report: dict) -> str:
+    lines = [f"Opening a Flat gallery of D = {report['rows'][0]['dim']} (base + 3 segments with tombstones), fresh "
+             f"process, median of {report['repeat']} rounds\n",
+             "| vectors | file MB | open s: copied / mapped | own memory MB: copied / mapped | top-10 p50 ms: copied / mapped |",
+             "|---|---|---|---|---|"]
+    for r in report["rows"]:
+        c, m = r["copied"], r["mapped"]
+        lines.append(f"| {r['rows_live']:,} | {r['bytes'] / 2**20:,.0f} | {c['open_s']:.2f} / {m['open_s']:.2f} | "
+                     f"{c['anon_bytes'] / 2**20:,.0f} / {m['anon_bytes'] / 2**20:,.0f} | {c['p50_ms']:.1f} / {m['p50_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
+    ap.add_argument("--repeat", type=int, default=3, help="rounds after the warm-up round (default 3)")
+    ap.add_argument("--quick", action="store_true", help="20,000 vectors, 1 round: seconds")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mapped-open"))
+    args = ap.parse_args(argv)
+    sizes, repeat = ([20_000], 1) if args.quick else (args.sizes, args.repeat)
+    rows = [run(n, repeat) for n in sizes]
+    report = {"machine": _machine(), "repeat": repeat, "queries": QUERIES, "rows": rows}
+    return write_report(args.out, report, table(report))
+
+
+if __name__ == "__main__":
+    main()

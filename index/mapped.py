@@ -1,0 +1,223 @@
+"""A flat gallery searched where its files lie: the live files memory-mapped, not copied (issue 15).
+
+`Gallery.open` (queries, `robret serve`, the UI) of a Flat gallery on the CPU gets a `MappedFlat`
+instead of a `VectorStore`: the base file is opened by FAISS with `IO_FLAG_MMAP_IFC` (its float32 rows
+stay in the file's pages) and each segment's rows are a view of the segment file mapped read-only
+(`index.segments.map_segment`). Nothing is copied but the ids and one alive flag a row: a process holds
+about 52 bytes a vector of its own (measured: the ids, FAISS's id table of the base, the flags) instead of
+4·D + ~60 (D = 129: 568), readers of one gallery share the page cache, and the kernel may drop clean pages
+under memory pressure and read them back (docs/benchmarks.md, "Opening a flat gallery: copied vs mapped").
+
+Soundness is unchanged. Every file is checked against its committed SHA-256 through the descriptor that
+is then mapped (`open_checked`), as `load_live_store` does for the copying reader; index files are never
+rewritten in place (a new version is a new file renamed into place) and a file a writer deletes stays
+readable through an existing mapping, so the mapped bytes are the checked bytes for as long as they are
+mapped. The live state is the same as the copying reader's: the blocks (base, then each segment's rows)
+in load order, where a segment's tombstones clear the alive flag of the rows with those ids in earlier
+blocks, exactly the rows `VectorStore.remove` deletes. Alive rows in block order are then the copying
+store's rows in storage order (IndexFlat's removal keeps the order of what stays, additions append), so
+`search` ranks equal scores the same way and every score is the same float32 inner product of the same two
+vectors (`encoder.certify.float32_dot_error` bounds it for any summation order).
+
+Read-only: `add` accepts only rows read from a checked file (`stored=True`, while opening) and there is no
+`write`; writers (build, update, repair, compact) keep loading a `VectorStore`. With a GPU visible the
+copying store is used, so that FAISS can move it to the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+
+from .errors import StoreError
+from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, top_rows
+
+__all__ = ["MappedFlat"]
+
+
+class MappedFlat:
+    """Read-only flat store over mapped blocks of (ids, float32 rows); VectorStore's reading interface."""
+
+    kind = "flat"
+    factory = "Flat"
+    exact = True
+    on_gpu = False
+
+    def __init__(self, dim: int, params: dict | None = None):
+        self._dim = int(dim)
+        self.params = {**default_params("Flat"), **(params or {})}
+        self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
+        self._owners: list[object] = []  # what keeps each view's memory alive (FAISS index, mmap)
+        self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
+        self._ids = np.zeros(0, np.int64)  # per row, every block
+        self._alive = np.zeros(0, bool)
+        self._lookup = None  # (sorted alive ids, their rows), built on first reconstruct
+
+    # Construction -------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path, factory: str, params: dict | None = None, use_gpu: bool = False,
+             sha256: str | None = None, fd: int | None = None) -> "MappedFlat":
+        """A base file (IndexIDMap2(IndexFlatIP), as `VectorStore.write` wrote it) mapped through the
+        descriptor `open_checked` checked; its rows become block 0."""
+        fd = open_checked(path, sha256)
+        try:
+            try:
+                index = faiss.read_index(f"/proc/self/fd/{fd}", faiss.IO_FLAG_MMAP_IFC)
+            except RuntimeError as exc:
+                raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
+        finally:
+            os.close(fd)
+        flat = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+        if factory != "Flat" or not isinstance(flat, faiss.IndexFlatIP):
+            raise StoreError(f"index file {path} is not a flat inner-product index; run `robret index repair`")
+        store = cls(index.d, params)
+        n = int(index.ntotal)
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
+        rows = faiss.rev_swig_ptr(flat.get_xb(), n * index.d).reshape(n, index.d) if n else np.zeros((0, index.d), np.float32)
+        store._append(ids, rows, index)
+        return store
+
+    @classmethod
+    def create(cls, dim: int, factory: str = "Flat", params: dict | None = None, use_gpu: bool = False) -> "MappedFlat":
+        return cls(dim, params)
+
+    def _append(self, ids: np.ndarray, rows: np.ndarray, owner) -> None:
+        if len(ids) != len(rows) or rows.ndim != 2 or rows.shape[1] != self._dim or rows.dtype != np.float32:
+            raise StoreError(f"{len(ids)} ids for rows of shape {rows.shape} {rows.dtype}")
+        if not rows.flags.c_contiguous:
+            raise StoreError("mapped rows must be C-contiguous")
+        self._blocks.append(rows)
+        self._owners.append(owner)
+        self._starts.append(self._starts[-1] + len(rows))
+        self._ids = np.concatenate([self._ids, np.asarray(ids, np.int64)])
+        self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
+        self._lookup = None
+
+    def add(self, ids, vectors, stored: bool = False, owner=None) -> None:
+        """Append a block of rows read from a checked file (`stored=True` only; `owner` keeps their memory)."""
+        if not stored:
+            raise StoreError("a mapped gallery is read-only: open it with a writer to add vectors")
+        ids = _as_ids(ids)
+        if len(ids):
+            self._append(ids, np.asarray(vectors), owner)
+
+    def remove(self, ids) -> int:
+        """Clear the alive flag of every alive row under `ids` (a segment's tombstones); how many."""
+        ids = _as_ids(ids)
+        if len(ids) == 0 or not len(self._ids):
+            return 0
+        hit = np.isin(self._ids, ids) & self._alive
+        self._alive &= ~hit
+        self._lookup = None
+        return int(hit.sum())
+
+    def close(self) -> None:
+        """Unmap the files (`Gallery.close` calls this); searching or reading the store afterwards is a
+        StoreError. Arrays this store returned are copies and stay valid."""
+        self._blocks, self._owners = None, None
+        self._lookup = None
+
+    def _open_blocks(self) -> list[np.ndarray]:
+        if self._blocks is None:
+            raise StoreError("the gallery was closed: open it again to search it")
+        return self._blocks
+
+    # Facts ----------------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._alive.sum())
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    def ids(self) -> np.ndarray:
+        """All alive ids, int64, in storage order (the copying store's order)."""
+        return self._ids[self._alive]
+
+    def reconstruct(self, ids) -> np.ndarray:
+        """Stored vectors (n, dim) float32 for `ids` (a copy); StoreError if an id is absent."""
+        ids = _as_ids(ids)
+        blocks = self._open_blocks()
+        out = np.empty((len(ids), self._dim), np.float32)
+        if len(ids) == 0:
+            return out
+        if self._lookup is None:
+            rows = np.flatnonzero(self._alive)
+            order = np.argsort(self._ids[rows], kind="stable")
+            self._lookup = (self._ids[rows][order], rows[order])
+        keys, rows = self._lookup
+        at = np.minimum(np.searchsorted(keys, ids), max(len(keys) - 1, 0))
+        if len(keys) == 0 or not np.array_equal(keys[at], ids):
+            missing = ids[keys[at] != ids] if len(keys) else ids
+            raise StoreError(f"cannot reconstruct ids: id {int(missing[0])} is not stored")
+        want = rows[at]
+        block = np.searchsorted(self._starts, want, side="right") - 1
+        for b in np.unique(block):
+            sel = np.flatnonzero(block == b)
+            out[sel] = blocks[b][want[sel] - self._starts[b]]
+        return out
+
+    def max_norm(self) -> float:
+        """The largest alive row's ℓ2 norm, in float64, one chunk of rows at a time (1.0 when empty)."""
+        top = 0.0
+        for b, rows in enumerate(self._open_blocks()):
+            alive = self._alive[self._starts[b]:self._starts[b + 1]]
+            for at in range(0, len(rows), CHUNK_ROWS):
+                live = alive[at:at + CHUNK_ROWS]
+                if live.any():
+                    chunk = rows[at:at + CHUNK_ROWS][live].astype(np.float64)
+                    top = max(top, float(np.sqrt(np.einsum("ij,ij->i", chunk, chunk).max())))
+        return top if self.ntotal else 1.0
+
+    # Search ---------------------------------------------------------------------------------
+    def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product over the alive rows, as `VectorStore.search` on the same gallery:
+        (scores (n, k) float32 decreasing, ids (n, k) int64), −1 with score −FLT_MAX past the last row.
+
+        Fewer than FLAT_SCAN_MAX_QUERIES queries: per query, FAISS's kernel over each block in place into
+        one score per row, −∞ on cleared rows (below every finite score, so never taken while alive rows
+        remain: at most `ntotal` are taken), then `top_rows` (equal scores: lower row first, the copying
+        store's storage order). More queries: FAISS's blocked search of each block for its top
+        k + (its cleared rows), cleared rows dropped, merged by decreasing score (stable: block order).
+        """
+        q, k = check_queries(queries, self._dim, k)
+        blocks = self._open_blocks()
+        n = self.ntotal
+        if n == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        take = min(k, n)
+        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
+        out_ids = np.full((len(q), k), -1, np.int64)
+        if len(q) < FLAT_SCAN_MAX_QUERIES:
+            scores = np.empty(len(self._ids), np.float32)
+            dead = np.flatnonzero(~self._alive)
+            for i in range(len(q)):
+                query = np.ascontiguousarray(q[i])
+                for b, rows in enumerate(blocks):
+                    if len(rows):
+                        faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[self._starts[b]:]), faiss.swig_ptr(query),
+                                                     faiss.swig_ptr(rows), self._dim, len(rows))
+                scores[dead] = -np.inf
+                top = top_rows(scores, take)
+                out_scores[i, :take], out_ids[i, :take] = scores[top], self._ids[top]
+            return out_scores, out_ids
+        parts_s, parts_r = [], []
+        for b, rows in enumerate(blocks):
+            alive = self._alive[self._starts[b]:self._starts[b + 1]]
+            if not alive.any():
+                continue
+            kb = min(len(rows), take + int((~alive).sum()))
+            s, r = faiss.knn(q, rows, kb, metric=faiss.METRIC_INNER_PRODUCT)
+            keep = (r >= 0) & alive[np.maximum(r, 0)]
+            parts_s.append(np.where(keep, s, -np.inf))
+            parts_r.append(np.where(keep, r + self._starts[b], -1))
+        scores, rows = np.concatenate(parts_s, axis=1), np.concatenate(parts_r, axis=1)
+        for i in range(len(q)):
+            order = np.argsort(-scores[i], kind="stable")[:take]
+            out_scores[i, :take], out_ids[i, :take] = scores[i, order], self._ids[rows[i, order]]
+        return out_scores, out_ids

@@ -1,0 +1,212 @@
+"""A Flat gallery opened for reading is mapped in place (index/mapped.py) and answers exactly what the
+copying store answers: same ids in the same order, the same vectors bit for bit, the same rankings and
+scores, ties included, over a base and segments with tombstones and re-added ids."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from index import Gallery, IntegrityError, StoreError, VectorStore
+from index.layout import BASE, ROWS, IndexDir
+from index.mapped import MappedFlat
+from index.segments import load_live_store, write_segment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIM = 16
+
+
+def _unit(rng, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _live_set(path, seed: int, base: int = 40, segments: int = 4, dim: int = DIM, ties: bool = True) -> dict:
+    """Write a base of `base` rows (none when 0) and `segments` segments, each removing some live ids
+    (one of them re-added with a new vector in the same segment) and adding rows, some of them copies of
+    earlier vectors (equal scores); returns the index metadata naming that live set."""
+    rng = np.random.default_rng(seed)
+    files, live, next_id = [], {}, 0
+    if base:
+        ids = np.arange(base, dtype=np.int64) * 7 + 3
+        vecs = _unit(rng, base, dim)
+        store = VectorStore.from_vectors(ids, vecs, "Flat", use_gpu=False)
+        sha = store.write(path / "vectors.00000001.faiss")
+        files.append({"name": "vectors.00000001.faiss", "kind": BASE, "sha256": sha, "rows": base})
+        live = {int(i): v for i, v in zip(ids, store.reconstruct(ids))}
+        next_id = int(ids.max()) + 1
+    for s in range(segments):
+        alive = sorted(live)
+        removed = [int(i) for i in rng.choice(alive, min(len(alive), int(rng.integers(0, 6))), replace=False)] \
+            if alive else []
+        n_new = int(rng.integers(1, 12))
+        ids = list(range(next_id, next_id + n_new))
+        next_id += n_new
+        if removed:
+            ids.append(removed[0])  # removed, then re-added under the same id with a new vector
+        vecs = _unit(rng, len(ids), dim)
+        if ties and live:
+            vecs[0] = live[sorted(live)[0]]  # an exact copy of a stored vector: equal scores for every query
+        for i in removed:
+            live.pop(i)
+        live.update({int(i): v for i, v in zip(ids, vecs)})
+        name = f"segment.{s + 2:08d}.rows"
+        sha, _ = write_segment(path / name, dim, removed, ids, vecs)
+        files.append({"name": name, "kind": ROWS, "sha256": sha, "rows": len(ids), "removed": len(removed)})
+    return {"version": len(files), "dim": dim, "factory": "Flat", "rows": len(live), "segments": files}
+
+
+def _both(path, meta):
+    layout = IndexDir(path)
+    copied = load_live_store(layout, meta, use_gpu=False)
+    mapped = load_live_store(layout, meta, use_gpu=False, mapped=True)
+    assert isinstance(copied, VectorStore) and isinstance(mapped, MappedFlat)
+    return copied, mapped
+
+
+@pytest.mark.parametrize("seed, base, segments", [(0, 40, 4), (1, 0, 5), (2, 25, 0), (3, 3, 6), (4, 60, 8)])
+def test_the_mapped_store_answers_exactly_what_the_copying_store_answers(tmp_path, seed, base, segments):
+    copied, mapped = _both(tmp_path, _live_set(tmp_path, seed, base, segments))
+    assert len(mapped) == len(copied) > 0
+    assert np.array_equal(mapped.ids(), copied.ids())  # storage order, not only the same set
+    ids = copied.ids()
+    assert np.array_equal(mapped.reconstruct(ids).view(np.uint32), copied.reconstruct(ids).view(np.uint32))
+    assert np.array_equal(mapped.reconstruct(ids[::-1]), copied.reconstruct(ids[::-1]))
+    assert mapped.max_norm() == copied.max_norm() == pytest.approx(1.0, abs=1e-6)
+    rng = np.random.default_rng(seed + 100)
+    few = _unit(rng, 3)
+    for k in (1, 5, len(ids), len(ids) + 4):  # the store's scan: same order, ties and padding included
+        got, want = mapped.search(few, k), copied.search(few, k)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), k
+    many = _unit(rng, 25)  # FAISS's blocked search per block, merged: same scores, same ids (no ties)
+    for k in (1, 7, len(ids) + 2):
+        got, want = mapped.search(many, k), copied.search(many, k)
+        assert np.array_equal(got[0], want[0]), k
+        for q, g, w, s in zip(many, got[1], want[1], want[0]):  # equal scores may come in another order
+            above = s > s[-1]
+            assert sorted(zip(s[above], g[above])) == sorted(zip(s[above], w[above]))
+            real = g >= 0  # and whichever copy is returned at the cut, it has that score
+            assert np.allclose(mapped.reconstruct(g[real]).astype(np.float64) @ q, s[real], atol=1e-6)
+
+
+def test_equal_scores_come_in_storage_order_through_segments_and_tombstones(tmp_path):
+    copied, mapped = _both(tmp_path, _live_set(tmp_path, 5, base=20, segments=6))
+    q = copied.reconstruct(copied.ids()[:1])  # the vector copied into every segment: one score per copy
+    scores, ids = mapped.search(q, len(mapped))
+    assert np.array_equal(ids, copied.search(q, len(copied))[1])
+    top = ids[0][scores[0] == scores[0][0]]
+    assert len(top) >= 3
+    order = {int(i): r for r, i in enumerate(copied.ids())}
+    assert [order[int(i)] for i in top] == sorted(order[int(i)] for i in top)
+
+
+def test_unknown_ids_closed_stores_and_bad_queries_are_refused(tmp_path):
+    copied, mapped = _both(tmp_path, _live_set(tmp_path, 6))
+    gone = np.setdiff1d(np.arange(copied.ids().max() + 2), copied.ids())
+    with pytest.raises(StoreError, match=f"id {gone[0]}"):
+        mapped.reconstruct([copied.ids()[0], gone[0]])
+    with pytest.raises(StoreError, match="read-only"):
+        mapped.add([10 ** 6], _unit(np.random.default_rng(0), 1))
+    for bad, k in ((np.full(DIM, np.nan, np.float32), 3), (_unit(np.random.default_rng(0), 1), 0)):
+        with pytest.raises(ValueError):
+            mapped.search(bad, k)
+    mapped.close()
+    with pytest.raises(StoreError, match="closed"):
+        mapped.search(_unit(np.random.default_rng(0), 1), 3)
+
+
+@pytest.mark.parametrize("victim", [0, -1])
+def test_a_tampered_file_is_refused_before_it_is_mapped(tmp_path, victim):
+    meta = _live_set(tmp_path, 7)
+    path = tmp_path / meta["segments"][victim]["name"]
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # one bit of one vector
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="repair"):
+        load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+
+
+def test_tombstones_must_hit_stored_ids_and_row_counts_must_match(tmp_path):
+    meta = _live_set(tmp_path, 8)
+    meta["rows"] += 1
+    with pytest.raises(StoreError, match="catalog recorded"):
+        load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+    meta = _live_set(tmp_path / "b" if (tmp_path / "b").mkdir() is None else None, 9)
+    name = "segment.00000099.rows"
+    sha, _ = write_segment(tmp_path / "b" / name, DIM, [10 ** 9], [], np.zeros((0, DIM), np.float32))
+    meta["segments"].append({"name": name, "kind": ROWS, "sha256": sha, "rows": 0})
+    with pytest.raises(StoreError, match="removes 1 ids of which only 0"):
+        load_live_store(IndexDir(tmp_path / "b"), meta, use_gpu=False, mapped=True)
+
+
+_RSS = """
+import json, sys
+import numpy as np
+from index.layout import IndexDir
+from index.segments import load_live_store
+def anon():
+    return int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
+meta = json.loads(sys.argv[2])
+before = anon()
+store = load_live_store(IndexDir(sys.argv[1]), meta, use_gpu=False, mapped=sys.argv[3] == "mapped")
+q = store.reconstruct(store.ids()[:1])
+store.search(q, 10)
+print(anon() - before)
+"""
+
+
+def test_a_mapped_gallery_holds_its_vectors_in_the_file_pages_not_in_the_process(tmp_path):
+    """Anonymous memory a fresh process gains by opening (and searching) ~51 MB of vectors: the copying
+    store holds them all, the mapped store only ids, flags and one score per row (~21 bytes a row)."""
+    n, dim = 100_000, 128
+    rng = np.random.default_rng(0)
+    base = VectorStore.from_vectors(np.arange(n // 2), _unit(rng, n // 2, dim), "Flat", use_gpu=False)
+    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "sha256": base.write(tmp_path / "vectors.00000001.faiss"),
+              "rows": n // 2}]
+    sha, _ = write_segment(tmp_path / "segment.00000002.rows", dim, [0, 1], np.arange(n // 2, n), _unit(rng, n // 2, dim))
+    files.append({"name": "segment.00000002.rows", "kind": ROWS, "sha256": sha, "rows": n // 2})
+    meta = json.dumps({"version": 2, "dim": dim, "factory": "Flat", "rows": n - 2, "segments": files})
+    gained = {}
+    for how in ("copied", "mapped"):
+        out = subprocess.run([sys.executable, "-c", _RSS, str(tmp_path), meta, how], cwd=ROOT, capture_output=True,
+                             text=True, check=True)
+        gained[how] = int(out.stdout.split()[-1])
+    vectors = n * dim * 4
+    assert gained["copied"] > 0.9 * vectors, gained
+    assert gained["mapped"] < 0.3 * vectors, gained
+
+
+def test_a_flat_gallery_opens_mapped_and_close_unmaps_it(tmp_path):
+    meta = _live_set(tmp_path, 10, ties=False)
+    copied = load_live_store(IndexDir(tmp_path), meta, use_gpu=False)
+    mapped = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+    maps = [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+    assert len(maps) >= len(meta["segments"])  # every live file is mapped, none copied in
+    for path in {line.split()[-1] for line in maps}:
+        os.unlink(path)  # a writer's compaction deletes old files: the mapping keeps them readable
+    q = _unit(np.random.default_rng(1), 2)
+    assert np.array_equal(mapped.search(q, 5)[1], copied.search(q, 5)[1])
+    mapped.close()
+    del mapped
+    import gc
+    gc.collect()
+    assert not [line for line in open("/proc/self/maps") if str(tmp_path) in line]
+
+
+def test_gallery_open_maps_a_flat_gallery(tmp_path, sample_folder, tiny_lipsim):
+    from index import IngestOptions, build_index
+    index_dir = tmp_path / "index"
+    build_index(sample_folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim,
+                options=IngestOptions(workers=1, batch_size=4, merge_tiers=False))
+    with Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=False) as g:
+        assert isinstance(g.store, MappedFlat) and len(g) > 0
+        ids, vecs = g.all_vectors()
+        scores, found = g.search(vecs[:2], 3)
+        assert list(found[:, 0]) == list(ids[:2])
+        assert g.max_norm == pytest.approx(float(np.linalg.norm(vecs.astype(np.float64), axis=1).max()), abs=0)
+    with pytest.raises(StoreError, match="closed"):
+        g.search(vecs[:1], 1)
