@@ -11,7 +11,7 @@ Building and refreshing (library form of `robret index build/update/repair/verif
 Reading — `Gallery` is the one object the CLI, the UI and the attacks use:
 
     from index import Gallery
-    g = Gallery.open("photos-index/")            # read-only; loads the index file, not yet the encoder
+    g = Gallery.open("photos-index/")            # read-only; maps or loads the index files, not yet the encoder
     len(g), g.dim, g.version, g.encoder_spec, g.lipschitz, g.root
     g.encoder                                    # the Encoder that built it (lazy; weights checked)
     q = g.embed_images([pil_image])              # (n, dim) unit-norm float32, same preprocessing as the gallery

@@ -70,12 +70,12 @@ class Gallery:
         return cls(layout, catalog, store, meta, encoder)
 
     def close(self, keep_vectors: bool = False) -> None:
-        """Close the catalog and unmap a mapped store's files (searching afterwards is a StoreError).
-        keep_vectors=True leaves the store searchable until the object is dropped (a server's requests
-        still holding this gallery while a newer version is opened)."""
+        """Close the catalog and let go of a mapped store (its files are unmapped once nothing else holds
+        them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
+        until this object is dropped (a server's requests still holding it while a newer version opens)."""
         self.catalog.close()
-        if not keep_vectors and hasattr(self.store, "close"):
-            self.store.close()
+        if not keep_vectors and (isinstance(self.store, MappedFlat) or getattr(self.store, "read_only", False)):
+            self.store, self._ivf = _Closed(), None
 
     def __enter__(self) -> "Gallery":
         return self
@@ -245,6 +245,13 @@ class Gallery:
     def __repr__(self) -> str:
         return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
                 f"encoder={self.encoder_spec!r}, version={self.version})")
+
+
+class _Closed:
+    """The store of a closed gallery: every use is a StoreError."""
+
+    def __getattr__(self, name):
+        raise StoreError("the gallery was closed: open it again to search it")
 
 
 def open_gallery(index_dir, *, encoder=None, use_gpu: bool = True) -> Gallery:

@@ -6,7 +6,7 @@ stay in the file's pages) and each segment's rows are a view of the segment file
 (`index.segments.map_segment`). Nothing is copied but the ids and one alive flag a row: a process holds
 about 52 bytes a vector of its own (measured: the ids, FAISS's id table of the base, the flags) instead of
 4·D + ~60 (D = 129: 568), readers of one gallery share the page cache, and the kernel may drop clean pages
-under memory pressure and read them back (docs/benchmarks.md, "Opening a flat gallery: copied vs mapped").
+under memory pressure and read them back (docs/benchmarks.md, "Opening a gallery: copied vs mapped").
 
 Soundness is unchanged. Every file is checked against its committed SHA-256 through the descriptor that
 is then mapped (`open_checked`), as `load_live_store` does for the copying reader; index files are never
@@ -57,13 +57,14 @@ class MappedFlat:
     # Construction -------------------------------------------------------------------------
     @classmethod
     def read(cls, path, factory: str, params: dict | None = None, use_gpu: bool = False,
-             sha256: str | None = None, fd: int | None = None) -> "MappedFlat":
+             sha256: str | None = None) -> "MappedFlat":
         """A base file (IndexIDMap2(IndexFlatIP), as `VectorStore.write` wrote it) mapped through the
         descriptor `open_checked` checked; its rows become block 0."""
         fd = open_checked(path, sha256)
         try:
             try:
-                index = faiss.read_index(f"/proc/self/fd/{fd}", faiss.IO_FLAG_MMAP_IFC)
+                source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fspath(path)
+                index = faiss.read_index(source, faiss.IO_FLAG_MMAP_IFC)
             except RuntimeError as exc:
                 raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
         finally:
@@ -112,17 +113,6 @@ class MappedFlat:
         self._lookup = None
         return int(hit.sum())
 
-    def close(self) -> None:
-        """Unmap the files (`Gallery.close` calls this); searching or reading the store afterwards is a
-        StoreError. Arrays this store returned are copies and stay valid."""
-        self._blocks, self._owners = None, None
-        self._lookup = None
-
-    def _open_blocks(self) -> list[np.ndarray]:
-        if self._blocks is None:
-            raise StoreError("the gallery was closed: open it again to search it")
-        return self._blocks
-
     # Facts ----------------------------------------------------------------------------------
     @property
     def dim(self) -> int:
@@ -142,7 +132,7 @@ class MappedFlat:
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors (n, dim) float32 for `ids` (a copy); StoreError if an id is absent."""
         ids = _as_ids(ids)
-        blocks = self._open_blocks()
+        blocks = self._blocks
         out = np.empty((len(ids), self._dim), np.float32)
         if len(ids) == 0:
             return out
@@ -165,7 +155,7 @@ class MappedFlat:
     def max_norm(self) -> float:
         """The largest alive row's ℓ2 norm, in float64, one chunk of rows at a time (1.0 when empty)."""
         top = 0.0
-        for b, rows in enumerate(self._open_blocks()):
+        for b, rows in enumerate(self._blocks):
             alive = self._alive[self._starts[b]:self._starts[b + 1]]
             for at in range(0, len(rows), CHUNK_ROWS):
                 live = alive[at:at + CHUNK_ROWS]
@@ -186,7 +176,7 @@ class MappedFlat:
         k + (its cleared rows), cleared rows dropped, merged by decreasing score (stable: block order).
         """
         q, k = check_queries(queries, self._dim, k)
-        blocks = self._open_blocks()
+        blocks = self._blocks
         n = self.ntotal
         if n == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)

@@ -164,13 +164,17 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     no new version is derived from files that are not the ones committed. check=False (verify --deep)
     reads whatever the files hold, to report how they differ.
     mapped=True (readers): a Flat gallery's files are memory-mapped into a read-only `MappedFlat`
-    (index/mapped.py) instead of copied into a VectorStore, after the same checks.
+    (index/mapped.py) instead of copied into a VectorStore, after the same checks; an IVF gallery whose
+    live set is one base gets a read-only VectorStore over mapped lists (`VectorStore.read(mapped=True)`).
     """
     version, dim = int(index_meta["version"]), int(index_meta["dim"])
+    files = live_files(index_meta)
+    # IVF: mapped only as one base (after compact or repair); FAISS cannot add a segment to mapped lists
+    map_ivf = mapped and check and index_meta["factory"].startswith("IVF") and [f["kind"] for f in files] == [BASE]
     mapped = mapped and check and index_meta["factory"] == "Flat"
     kind = MappedFlat if mapped else VectorStore
     store = None
-    for position, f in enumerate(live_files(index_meta)):
+    for position, f in enumerate(files):
         path = layout.path / f["name"]
         if not path.is_file():
             raise StoreError(f"index file {path.name} (version {version}) is missing; run `robret index repair`")
@@ -178,7 +182,8 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
             raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
         sha256 = f.get("sha256") if check else None
         if f["kind"] == BASE and position == 0:
-            store = kind.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256)
+            store = kind.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256,
+                              **({"mapped": True} if map_ivf else {}))
             added = store.ntotal
             if store.dim != dim:
                 raise StoreError(f"index file has dimension {store.dim}, the catalog says {dim}")

@@ -204,6 +204,7 @@ class VectorStore:
         self.kind, self._n = parse_factory(factory)
         self.params = {**default_params(factory), **(params or {})}
         self.use_gpu = use_gpu
+        self.read_only = False  # True when its lists are mapped from a file (`read(mapped=True)`)
         self._gpu_index = None
         self._gpu_failed = False
         self._apply_params()
@@ -249,8 +250,12 @@ class VectorStore:
 
     @classmethod
     def read(cls, path: str | os.PathLike, factory: str, params: dict | None = None,
-             use_gpu: bool = True, sha256: str | None = None) -> "VectorStore":
+             use_gpu: bool = True, sha256: str | None = None, mapped: bool = False) -> "VectorStore":
         """Load an index file; with `sha256`, only if its bytes have that digest (else IntegrityError).
+
+        mapped=True (IVF only): FAISS maps the inverted lists read-only (`IO_FLAG_MMAP`: the lists stay in
+        the file's pages, through the checked descriptor) instead of reading them; the store is then
+        `read_only` (add, remove and write are StoreErrors: FAISS cannot change mapped lists).
 
         Integrity design: the whole file is hashed at every open that passes `sha256`, whatever its
         size. FAISS reads the whole file at open anyway (no lazy loading here), so the check costs
@@ -264,15 +269,23 @@ class VectorStore:
         fd = open_checked(path, sha256)
         try:
             source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fspath(path)
+            if mapped and parse_factory(factory)[0] != "ivf":
+                raise ValueError(f"only IVF index files are mapped by VectorStore, not {factory}")
             try:
-                index = faiss.read_index(source)
+                index = faiss.read_index(source, faiss.IO_FLAG_MMAP if mapped else 0)
             except RuntimeError as exc:
                 raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
         finally:
             os.close(fd)
+        if mapped and not isinstance(index, faiss.IndexIVFFlat):
+            raise StoreError(f"index file {path} is not an IVF index; run `robret index repair`")
+        if mapped:  # FAISS would start 32 prefetch threads per search of mapped lists: 9× slower at nprobe 16
+            faiss.downcast_InvertedLists(index.invlists).prefetch_nthread = 0
         if isinstance(index, faiss.IndexIVF) and index.direct_map.type == faiss.DirectMap.NoMap:
             index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        return cls(index, factory, params, use_gpu)
+        store = cls(index, factory, params, use_gpu)
+        store.read_only = mapped
+        return store
 
     # Facts ----------------------------------------------------------------------------------
     @property
@@ -314,6 +327,7 @@ class VectorStore:
         certificates' bound on ‖e_i − e_j‖ stays 2 up to float rounding. stored=True: the vectors are ones
         this class stored before (read back from a segment file whose checksum was checked), added bit for bit
         as they are and unchecked, as a base file's vectors are read (`verify --deep` checks their norms)."""
+        self._writable()
         ids = _as_ids(ids)
         vectors = _as_vectors(vectors, self.dim)
         if len(ids) != len(vectors):
@@ -330,6 +344,7 @@ class VectorStore:
 
     def remove(self, ids) -> int:
         """Remove every vector under `ids`; returns how many were removed. Other ids keep their vectors."""
+        self._writable()
         ids = _as_ids(ids)
         if len(ids) == 0 or self.ntotal == 0:
             return 0
@@ -348,6 +363,10 @@ class VectorStore:
         if self.kind == "ivf":  # the hash-table direct map only accepts an explicit id array
             return int(self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
         return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError("a mapped gallery is read-only: open it with a writer to change it")
 
     def rebuild(self, factory: str) -> "VectorStore":
         """The same (id, vector) pairs in an index of another type (trained when needed)."""
@@ -464,6 +483,7 @@ class VectorStore:
         `before_replace(tmp_path)` runs after the temporary file is durable, before the rename
         (a hook for crash tests).
         """
+        self._writable()
         digest = []
 
         def durable(tmp: Path) -> None:

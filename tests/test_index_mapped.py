@@ -104,7 +104,7 @@ def test_equal_scores_come_in_storage_order_through_segments_and_tombstones(tmp_
     assert [order[int(i)] for i in top] == sorted(order[int(i)] for i in top)
 
 
-def test_unknown_ids_closed_stores_and_bad_queries_are_refused(tmp_path):
+def test_unknown_ids_additions_and_bad_queries_are_refused(tmp_path):
     copied, mapped = _both(tmp_path, _live_set(tmp_path, 6))
     gone = np.setdiff1d(np.arange(copied.ids().max() + 2), copied.ids())
     with pytest.raises(StoreError, match=f"id {gone[0]}"):
@@ -114,9 +114,6 @@ def test_unknown_ids_closed_stores_and_bad_queries_are_refused(tmp_path):
     for bad, k in ((np.full(DIM, np.nan, np.float32), 3), (_unit(np.random.default_rng(0), 1), 0)):
         with pytest.raises(ValueError):
             mapped.search(bad, k)
-    mapped.close()
-    with pytest.raises(StoreError, match="closed"):
-        mapped.search(_unit(np.random.default_rng(0), 1), 3)
 
 
 @pytest.mark.parametrize("victim", [0, -1])
@@ -180,7 +177,7 @@ def test_a_mapped_gallery_holds_its_vectors_in_the_file_pages_not_in_the_process
     assert gained["mapped"] < 0.3 * vectors, gained
 
 
-def test_a_flat_gallery_opens_mapped_and_close_unmaps_it(tmp_path):
+def test_every_live_file_is_mapped_readable_after_deletion_and_unmapped_when_dropped(tmp_path):
     meta = _live_set(tmp_path, 10, ties=False)
     copied = load_live_store(IndexDir(tmp_path), meta, use_gpu=False)
     mapped = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
@@ -190,7 +187,6 @@ def test_a_flat_gallery_opens_mapped_and_close_unmaps_it(tmp_path):
         os.unlink(path)  # a writer's compaction deletes old files: the mapping keeps them readable
     q = _unit(np.random.default_rng(1), 2)
     assert np.array_equal(mapped.search(q, 5)[1], copied.search(q, 5)[1])
-    mapped.close()
     del mapped
     import gc
     gc.collect()
@@ -210,3 +206,39 @@ def test_gallery_open_maps_a_flat_gallery(tmp_path, sample_folder, tiny_lipsim):
         assert g.max_norm == pytest.approx(float(np.linalg.norm(vecs.astype(np.float64), axis=1).max()), abs=0)
     with pytest.raises(StoreError, match="closed"):
         g.search(vecs[:1], 1)
+
+
+def test_an_ivf_gallery_of_one_base_is_mapped_read_only_and_answers_as_loaded(tmp_path):
+    from index.ivf import CertifiedIVF
+    from retrieval.ivf_search import certified_ivf_search
+    rng = np.random.default_rng(11)
+    n, dim = 2000, 32
+    ids = np.arange(n, dtype=np.int64) * 5 + 1
+    store = VectorStore.from_vectors(ids, _unit(rng, n, dim), "IVF16,Flat", use_gpu=False)
+    sha = store.write(tmp_path / "vectors.00000001.faiss")
+    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "sha256": sha, "rows": n}]
+    meta = {"version": 1, "dim": dim, "factory": "IVF16,Flat", "rows": n, "segments": files, "params": {"nprobe": 4}}
+    copied = load_live_store(IndexDir(tmp_path), meta, use_gpu=False)
+    mapped = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+    assert mapped.read_only and not copied.read_only and mapped.factory == copied.factory == "IVF16,Flat"
+    assert np.array_equal(mapped.ids(), copied.ids())
+    assert np.array_equal(mapped.reconstruct(ids[::7]), copied.reconstruct(ids[::7]))
+    q = _unit(rng, 5, dim)
+    for exact in (False, True):
+        got, want = mapped.search(q, 10, exact=exact), copied.search(q, 10, exact=exact)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    a, b = CertifiedIVF.from_faiss(mapped.index), CertifiedIVF.from_faiss(copied.index)
+    assert np.array_equal(a.rho, b.rho) and a.max_norm == b.max_norm
+    for x in q:
+        fa, fb = certified_ivf_search(a, x, 5, 1.0, slack=1e-6), certified_ivf_search(b, x, 5, 1.0, slack=1e-6)
+        assert np.array_equal(fa.ids, fb.ids) and np.array_equal(fa.cert.radius, fb.cert.radius)
+    for change in (lambda: mapped.add([7], _unit(rng, 1, dim)), lambda: mapped.remove(ids[:2]),
+                   lambda: mapped.write(tmp_path / "copy.faiss")):
+        with pytest.raises(StoreError, match="read-only"):
+            change()
+    assert len(mapped) == n and not (tmp_path / "copy.faiss").exists()
+    # with a segment after the base the lists must take rows: loaded, not mapped
+    sha, _ = write_segment(tmp_path / "segment.00000002.rows", dim, [ids[0]], [10 ** 6], _unit(rng, 1, dim))
+    files.append({"name": "segment.00000002.rows", "kind": ROWS, "sha256": sha, "rows": 1})
+    grown = load_live_store(IndexDir(tmp_path), {**meta, "version": 2, "segments": files}, use_gpu=False, mapped=True)
+    assert not grown.read_only and len(grown) == n and 10 ** 6 in set(grown.ids().tolist())
