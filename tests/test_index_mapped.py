@@ -242,3 +242,15 @@ def test_an_ivf_gallery_of_one_base_is_mapped_read_only_and_answers_as_loaded(tm
     files.append({"name": "segment.00000002.rows", "kind": ROWS, "sha256": sha, "rows": 1})
     grown = load_live_store(IndexDir(tmp_path), {**meta, "version": 2, "segments": files}, use_gpu=False, mapped=True)
     assert not grown.read_only and len(grown) == n and 10 ** 6 in set(grown.ids().tolist())
+
+
+def test_certifying_a_search_reconstructs_its_answer_without_sorting_every_id(tmp_path):
+    copied, mapped = _both(tmp_path, _live_set(tmp_path, 12, base=50, segments=5))
+    _, ids = mapped.search(_unit(np.random.default_rng(2), 2), 9)
+    wanted = ids.ravel()[::-1]
+    assert np.array_equal(mapped.reconstruct(wanted), copied.reconstruct(wanted))
+    assert mapped._lookup is None  # answered from the rows the search remembered
+    with pytest.raises(StoreError, match="10000000"):
+        mapped.reconstruct([int(ids[0, 0]), 10 ** 7])  # an id no search returned: the sorted lookup refuses it
+    assert mapped._lookup is not None
+    assert np.array_equal(mapped.reconstruct(copied.ids()), copied.reconstruct(copied.ids()))
