@@ -141,7 +141,8 @@ class Gallery:
 
     @property
     def max_norm(self) -> float:
-        """The largest stored vector norm (exact, from the float32 vectors; computed once per version)."""
+        """M ≥ every stored vector's norm (`index.ivf.norm_bound`: within ~1e-5 relative of the largest;
+        computed once per version)."""
         if self.certified_ivf is not None:
             return self.certified_ivf.max_norm
         key = (self.version, len(self))

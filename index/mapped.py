@@ -31,6 +31,7 @@ import faiss
 import numpy as np
 
 from .errors import StoreError
+from .ivf import norm_bound
 from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, top_rows
 
 __all__ = ["MappedFlat"]
@@ -179,15 +180,15 @@ class MappedFlat:
         self._recent.update(zip(self._ids[rows].tolist(), rows.tolist()))
 
     def max_norm(self) -> float:
-        """The largest alive row's ℓ2 norm, in float64, one chunk of rows at a time (1.0 when empty)."""
+        """M ≥ every alive row's ℓ2 norm (`index.ivf.norm_bound`, one chunk of alive rows at a time; 1.0
+        when empty)."""
         top = 0.0
         for b, rows in enumerate(self._blocks):
             alive = self._alive[self._starts[b]:self._starts[b + 1]]
             for at in range(0, len(rows), CHUNK_ROWS):
                 live = alive[at:at + CHUNK_ROWS]
-                if live.any():
-                    chunk = rows[at:at + CHUNK_ROWS][live].astype(np.float64)
-                    top = max(top, float(np.sqrt(np.einsum("ij,ij->i", chunk, chunk).max())))
+                chunk = rows[at:at + CHUNK_ROWS]
+                top = max(top, norm_bound(chunk if live.all() else chunk[live]))
         return top if self.ntotal else 1.0
 
     # Search ---------------------------------------------------------------------------------

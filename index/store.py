@@ -398,12 +398,13 @@ class VectorStore:
             raise StoreError(f"cannot reconstruct ids: {detail}") from None
 
     def max_norm(self) -> float:
-        """The largest stored vector's ℓ2 norm, in float64, CHUNK_ROWS vectors at a time (1.0 when empty)."""
-        ids, top = self.ids(), 0.0
-        for at in range(0, len(ids), CHUNK_ROWS):
-            chunk = self.reconstruct(ids[at:at + CHUNK_ROWS]).astype(np.float64)
-            top = max(top, float(np.sqrt(np.einsum("ij,ij->i", chunk, chunk).max())))
-        return top if len(ids) else 1.0
+        """M ≥ every stored vector's ℓ2 norm (`index.ivf.norm_bound`, CHUNK_ROWS vectors at a time; 1.0 when
+        empty)."""
+        from .ivf import norm_bound
+        ids = self.ids()
+        if len(ids) == 0:
+            return 1.0
+        return max(norm_bound(self.reconstruct(ids[at:at + CHUNK_ROWS])) for at in range(0, len(ids), CHUNK_ROWS))
 
     def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product: (scores (n, k) float32 decreasing, ids (n, k) int64, −1 = none).

@@ -203,7 +203,8 @@ def test_gallery_open_maps_a_flat_gallery(tmp_path, sample_folder, tiny_lipsim):
         ids, vecs = g.all_vectors()
         scores, found = g.search(vecs[:2], 3)
         assert list(found[:, 0]) == list(ids[:2])
-        assert g.max_norm == pytest.approx(float(np.linalg.norm(vecs.astype(np.float64), axis=1).max()), abs=0)
+        largest = float(np.linalg.norm(vecs.astype(np.float64), axis=1).max())
+        assert largest <= g.max_norm <= largest * (1 + 1e-5)
     with pytest.raises(StoreError, match="closed"):
         g.search(vecs[:1], 1)
 

@@ -299,3 +299,48 @@ def test_plain_ivf_topk_flagged_exact_is_the_exhaustive_topk(p, budget):
         if budget is None:  # same schedule, fewer conditions: never more lists than a certificate needs
             full = certified_ivf_search(ivf, q, k, 1.0, slack=0.0, first_probes=1)
             assert got.lists_visited <= full.lists_visited
+
+
+def _exact_max_norm(rows) -> float:
+    """max_j ‖e_j‖ from the exact squares (a float32 squared is exact in float64) summed by math.fsum
+    (correctly rounded): within ~1e-16 relative of the true value."""
+    import math
+    return max(math.sqrt(math.fsum(float(x) ** 2 for x in row.astype(np.float64))) for row in rows)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dim=st.integers(1, 300), n=st.integers(1, 6), seed=st.integers(0, 2 ** 32 - 1),
+       scale=st.sampled_from([1.0, 1e-20, 1e-41, 3e18, 0.7]), spread=st.booleans())
+@example(dim=129, n=3, seed=0, scale=1.0, spread=False)
+def test_norm_bound_is_never_below_the_exact_largest_norm_and_within_its_float32_allowance(dim, n, seed, scale, spread):
+    """`norm_bound` from float32 squared norms against exact arithmetic, on rows built to round one way
+    (equal components, whose float32 squares all round alike), with wide exponent spread, at the edge of
+    the subnormals (1e-41) and large ones."""
+    from index.ivf import norm_bound
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((n, dim)) if spread else np.full((n, dim), 1 / np.sqrt(dim)) * (1 + rng.random((n, 1)))
+    if spread:
+        rows *= 10.0 ** rng.uniform(-6, 0, (n, dim))
+    rows = (rows / np.linalg.norm(rows, axis=1, keepdims=True) * scale).astype(np.float32)
+    exact = _exact_max_norm(rows)
+    bound = norm_bound(rows)
+    assert bound >= exact
+    # tight: γ_{D+1} relative, plus `_up`'s allowances and the underflow term
+    assert bound <= exact * (1 + 1.1 * (dim + 1) * 2.0 ** -24 + 2e-9) + 1e-12 + np.sqrt(2 * dim * 2.0 ** -149)
+
+
+def test_norm_bound_on_unit_vectors_of_every_stored_kind():
+    from index.ivf import norm_bound
+    from index.mapped import MappedFlat
+    x = clustered_unit_vectors(3000, 129, 30, seed=4)
+    x[17] *= np.float32(1 + 3e-7)  # one vector a little longer than the rest
+    exact = _exact_max_norm(x)
+    assert exact <= norm_bound(x) <= exact * (1 + 1e-5)
+    assert norm_bound(x[:0]) == 0.0 and norm_bound(x, chunk=7) == norm_bound(x)
+    flat = MappedFlat(129)
+    flat.add(np.arange(3000), x, stored=True)
+    assert flat.max_norm() == norm_bound(x)
+    flat.remove([17])
+    assert _exact_max_norm(np.delete(x, 17, 0)) <= flat.max_norm() < norm_bound(x)
+    store = VectorStore.from_vectors(np.arange(3000), x / np.linalg.norm(x, axis=1, keepdims=True), use_gpu=False)
+    assert store.max_norm() >= _exact_max_norm(store.reconstruct(store.ids()))
