@@ -74,7 +74,11 @@ class Gallery:
         them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
         until this object is dropped (a server's requests still holding it while a newer version opens)."""
         self.catalog.close()
-        if not keep_vectors and (isinstance(self.store, MappedFlat) or getattr(self.store, "read_only", False)):
+        if isinstance(self.store, _Closed) or keep_vectors:
+            return
+        if isinstance(self.store, MappedFlat) or self.store.read_only:
+            # certified IVF views of mapped lists hold the FAISS index (CertifiedIVF.from_faiss), so a
+            # search still running on them finishes before the file is unmapped
             self.store, self._ivf = _Closed(), None
 
     def __enter__(self) -> "Gallery":
@@ -244,6 +248,8 @@ class Gallery:
         return embedder.embed_inputs(enc, [enc.preprocess(im) for im in images])
 
     def __repr__(self) -> str:
+        if isinstance(self.store, _Closed):
+            return f"Gallery({str(self.index_dir)!r}, closed)"
         return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
                 f"encoder={self.encoder_spec!r}, version={self.version})")
 

@@ -153,10 +153,10 @@ class CertifiedIVF:
 
     @classmethod
     def from_faiss(cls, index) -> "CertifiedIVF":
-        """A view of a FAISS IndexIVFFlat (its centroids and its lists' exact float32 vectors, not copied):
-        the bounds are computed exactly from what the index stores. The index must outlive this object
-        and must not change while it is used."""
-        index = faiss.extract_index_ivf(index)
+        """A view of a FAISS IndexIVFFlat (its centroids and its lists' exact float32 vectors, not copied,
+        read-only): the bounds are computed exactly from what the index stores. This object holds the index
+        (whose lists may be mapped from a file), which must not change while it is used."""
+        owner, index = index, faiss.extract_index_ivf(index)  # the proxy extracted does not own the index
         d, nlist = index.d, index.nlist
         centroids = index.quantizer.reconstruct_n(0, nlist)
         invlists = index.invlists
@@ -168,8 +168,11 @@ class CertifiedIVF:
                 continue
             ids = faiss.rev_swig_ptr(invlists.get_ids(c), n).view(np.int64)
             codes = faiss.rev_swig_ptr(invlists.get_codes(c), n * d * 4).view(np.float32).reshape(n, d)
+            ids.flags.writeable = codes.flags.writeable = False  # mapped lists are read-only memory
             lists.append((ids, codes))
-        return cls.from_lists(centroids, lists)
+        ivf = cls.from_lists(centroids, lists)
+        ivf._owner = owner  # the views above point into it
+        return ivf
 
     # Facts ----------------------------------------------------------------------------------
     @property

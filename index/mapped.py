@@ -16,8 +16,14 @@ mapped. The live state is the same as the copying reader's: the blocks (base, th
 in load order, where a segment's tombstones clear the alive flag of the rows with those ids in earlier
 blocks, exactly the rows `VectorStore.remove` deletes. Alive rows in block order are then the copying
 store's rows in storage order (IndexFlat's removal keeps the order of what stays, additions append), so
-`search` ranks equal scores the same way and every score is the same float32 inner product of the same two
-vectors (`encoder.certify.float32_dot_error` bounds it for any summation order).
+`search` ranks equal scores the same way and every score is the float32 inner product of the same two
+vectors by the same kernel: bit for bit the copying store's, except for D = 2, 4 or 8, where FAISS's kernel
+sums rows in batches whose grouping depends on a row's place in its array, so a score may differ in its
+last bits (within `encoder.certify.float32_dot_error`, the bound certificates use, in any summation order).
+The base's rows start wherever FAISS's file format puts them (not always on a 4-byte boundary); FAISS's
+kernels load them unaligned, which x86-64 and ARM64 allow. Mapped memory is read-only (PROT_READ): the
+views are marked not writeable, and files are never truncated or rewritten in place (which would make a
+mapped read fault).
 
 Read-only: `add` accepts only rows read from a checked file (`stored=True`, while opening) and there is no
 `write`; writers (build, update, repair, compact) keep loading a `VectorStore`. With a GPU visible the
@@ -80,6 +86,7 @@ class MappedFlat:
         n = int(index.ntotal)
         ids = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
         rows = faiss.rev_swig_ptr(flat.get_xb(), n * index.d).reshape(n, index.d) if n else np.zeros((0, index.d), np.float32)
+        rows.flags.writeable = False  # the file's pages, mapped read-only
         store._append(ids, rows, index)
         return store
 

@@ -255,3 +255,47 @@ def test_certifying_a_search_reconstructs_its_answer_without_sorting_every_id(tm
         mapped.reconstruct([int(ids[0, 0]), 10 ** 7])  # an id no search returned: the sorted lookup refuses it
     assert mapped._lookup is not None
     assert np.array_equal(mapped.reconstruct(copied.ids()), copied.reconstruct(copied.ids()))
+
+
+@pytest.mark.parametrize("dim", [4, 8])
+def test_small_dimensions_give_scores_within_the_float32_bound_of_the_copying_store(tmp_path, dim):
+    """FAISS's kernel batches rows for D = 2, 4, 8, so a mapped block's row may be summed in another
+    order than in the copying store's single array: equal ids, scores within float32_dot_error."""
+    from encoder.certify import float32_dot_error
+    copied, mapped = _both(tmp_path, _live_set(tmp_path, 13, base=5, segments=3, dim=dim, ties=False))
+    q = _unit(np.random.default_rng(3), 2, dim)
+    got, want = mapped.search(q, len(copied)), copied.search(q, len(copied))
+    assert np.allclose(got[0], want[0], rtol=0, atol=2 * float32_dot_error(dim))
+    assert np.array_equal(np.sort(got[1]), np.sort(want[1]))  # the same items; order may swap only within the bound
+
+
+def test_closing_twice_and_a_search_holding_mapped_ivf_lists_are_safe(tmp_path):
+    from index.ivf import CertifiedIVF
+    from retrieval.ivf_search import certified_ivf_search
+    rng = np.random.default_rng(14)
+    ids = np.arange(800, dtype=np.int64)
+    store = VectorStore.from_vectors(ids, _unit(rng, 800, 24), "IVF8,Flat", use_gpu=False)
+    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": 800,
+              "sha256": store.write(tmp_path / "vectors.00000001.faiss")}]
+    meta = {"version": 1, "dim": 24, "factory": "IVF8,Flat", "rows": 800, "segments": files}
+    mapped = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+
+    class Catalog:
+        def close(self):
+            pass
+
+    g = Gallery(IndexDir(tmp_path), Catalog(), mapped, {"index": meta, "root": str(tmp_path)})
+    del mapped
+    ivf = g.certified_ivf  # as a request holds it while the gallery is closed under it
+    assert isinstance(ivf, CertifiedIVF) and not ivf.lists[0].vectors.flags.writeable
+    g.close()
+    g.close()  # a second close does nothing
+    assert "closed" in repr(g)
+    with pytest.raises(StoreError, match="closed"):
+        len(g)
+    import gc
+    gc.collect()
+    q = _unit(rng, 1, 24)[0]
+    found = certified_ivf_search(ivf, q, 3, 1.0, slack=1e-6)  # the lists are still mapped: no crash
+    want = store.search(q[None], 3, exact=True)[1][0]
+    assert list(found.ids) == list(want)
