@@ -131,6 +131,9 @@ class _Pool:
     """Visited items: ids, exact float32 vectors (views into the lists) and float32 scores."""
 
     def __init__(self):
+        import faiss  # here, not at import: a query is reduced before FAISS (or torch) loads
+
+        self._kernel, self._ptr = faiss.fvec_inner_products_ny, faiss.swig_ptr
         self.ids: list[np.ndarray] = []
         self.vecs: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
@@ -139,7 +142,10 @@ class _Pool:
     def add(self, ids, vecs, q, dropped) -> None:
         """Add items with their float32 scores; excluded ids get score −inf (never listed, never counted)."""
         if len(ids):
-            scores = vecs @ q
+            # float32 ⟨e_j, q⟩ by FAISS's kernel on this thread (as the flat scan; γ bounds it in any order)
+            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+            scores = np.empty(len(ids), np.float32)
+            self._kernel(self._ptr(scores), self._ptr(q), self._ptr(vecs), vecs.shape[1], len(vecs))
             if len(dropped):
                 gone = np.isin(ids, dropped)
                 scores[gone] = -np.inf
@@ -164,12 +170,14 @@ class _Pool:
 def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, cap):
     """Score exactly the visited items whose float32 score exceeds rest − γ (at least k, at most `cap`;
     the module doc's `listed`) and certify them against B = max(rest, t + γ)."""
+    from index.store import top_rows
+
     s32 = np.concatenate(pool.scores)
     over = int(np.sum(s32 > rest - gamma))
     m = min(pool.size, max(min(over, cap), k))  # excluded items (score −inf) are never listed
     if m < len(s32):
-        part = np.argpartition(-s32, m)
-        rows, threshold = part[:m], float(s32[part[m]])  # the largest float32 score left out
+        top = top_rows(s32, m + 1)  # the m + 1 largest, decreasing
+        rows, threshold = top[:m], float(s32[top[m]])  # the largest float32 score left out
     else:
         rows, threshold = np.arange(len(s32)), -np.inf
     bound = max(rest, threshold + gamma)

@@ -1,0 +1,132 @@
+"""Certified top-10 on an IVF gallery as `Gallery` runs it: this tree against an earlier one, side by side.
+
+    python -m benchmarks.gallery_certified --quick                     # 20,000 vectors, after only (a test runs it)
+    python -m benchmarks.gallery_certified --n 1000000 --before d8c8f1b
+
+A gallery of more than a million vectors is IVF under `auto`, and `Gallery.certified_ivf` views its FAISS
+lists (`CertifiedIVF.from_faiss`; the lists mapped when the live set is one base), so certified search
+visits them one list at a time — unlike `benchmarks/certified_search.py`, whose saved store is contiguous
+and scanned in one product once most lists are needed. Data: `benchmarks.certified_search
+.clustered_unit_vectors` (regime lipsim-demo), one IVF base of 4·√n lists as `auto` picks, queries from the
+same clusters. Each tree's child process opens the live set mapped (`load_live_store(mapped=True)`), builds
+the certified lists, then times `certified_ivf_search` (k = 10, L = 1, the demo encoder's slack) for every
+query, and reports p50/p95 and a digest of the answers (top-10 ids and radii to 1e-9) so the trees are
+checked to certify the same. Rounds alternate the trees (`--repeat`, medians of per-round p50s).
+Writes benchmarks/results/gallery-certified.json and .md (--out PREFIX).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._output import write_report
+from benchmarks.certified_search import DIM, FLOAT_ERROR, clustered_unit_vectors
+from benchmarks.index_speed import _machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_CHILD = r"""
+import hashlib, json, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from encoder.certify import slack_for
+from index.ivf import CertifiedIVF
+from index.layout import IndexDir
+from index.segments import load_live_store
+from retrieval.ivf_search import certified_ivf_search
+directory, meta, queries, float_error = sys.argv[2], json.loads(sys.argv[3]), np.load(sys.argv[4]), float(sys.argv[5])
+store = load_live_store(IndexDir(directory), meta, use_gpu=False, mapped=True)
+t = time.perf_counter()
+ivf = CertifiedIVF.from_faiss(store.index)
+lists_s = time.perf_counter() - t
+slack = slack_for(float_error, ivf.max_norm)
+times, digest, visited = [], hashlib.sha256(), []
+for q in queries:
+    t = time.perf_counter()
+    found = certified_ivf_search(ivf, q, 10, 1.0, slack=slack)
+    times.append(1000 * (time.perf_counter() - t))
+    digest.update(np.asarray(found.ids, np.int64).tobytes() + np.round(found.cert.radius, 9).tobytes())
+    visited.append(found.lists_visited)
+print(json.dumps({"p50_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "lists_s": lists_s,
+                  "lists_visited_median": float(np.median(visited)), "answers": digest.hexdigest()}))
+"""
+
+
+def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) -> dict:
+    from benchmarks.startup import extract
+    from index.layout import BASE
+    from index.store import VectorStore
+    with tempfile.TemporaryDirectory(prefix="robret-gallery-certified-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "index").mkdir()
+        nlist = max(16, int(4 * n ** 0.5))
+        store = VectorStore.from_vectors(np.arange(n), clustered_unit_vectors(n, DIM, seed=seed), f"IVF{nlist},Flat",
+                                         use_gpu=False)
+        files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": n,
+                  "sha256": store.write(tmp / "index" / "vectors.00000001.faiss")}]
+        del store
+        meta = {"version": 1, "dim": DIM, "factory": f"IVF{nlist},Flat", "rows": n, "segments": files}
+        qpath = tmp / "queries.npy"
+        np.save(qpath, clustered_unit_vectors(queries, DIM, max(8, n // 36), seed, stream=7))
+        trees = {"after": ROOT}
+        if before:
+            (tmp / "before").mkdir()
+            trees = {"before": extract(before, tmp / "before"), "after": ROOT}
+        results: dict[str, list[dict]] = {name: [] for name in trees}
+        for r in range(repeat):
+            for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+                out = subprocess.run([sys.executable, "-c", _CHILD, str(trees[name]), str(tmp / "index"), json.dumps(meta),
+                                      str(qpath), str(FLOAT_ERROR)], cwd=tmp, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"the {name} tree failed:\n{out.stderr[-2000:]}")
+                results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        digests = {x["answers"] for rows in results.values() for x in rows}
+        row = {"n": n, "nlist": nlist, "queries": queries, "same_answers": len(digests) == 1}
+        for name, rows in results.items():
+            row[name] = {key: float(np.median([x[key] for x in rows]))
+                         for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median")}
+        if before:
+            row["speedup_p50"] = float(np.median([b["p50_ms"] / a["p50_ms"]
+                                                  for b, a in zip(results["before"], results["after"])]))
+        return row
+
+
+def table(report: dict) -> str:
+    r = report["row"]
+    trees = [t for t in ("before", "after") if t in r]
+    lines = [f"Certified top-10 on an IVF gallery ({r['n']:,} vectors, IVF{r['nlist']}, D = {DIM}, lipsim-demo regime), "
+             f"{r['queries']} queries, median of {report['repeat']} rounds"
+             + (f"; before = {report['before']}" if report["before"] else "") + "\n",
+             "| tree | p50 ms | p95 ms | certified lists built s | lists visited (median) |", "|---|---|---|---|---|"]
+    for t in trees:
+        x = r[t]
+        lines.append(f"| {t} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['lists_s']:.2f} | {x['lists_visited_median']:.0f} |")
+    if "speedup_p50" in r:
+        lines.append(f"\nbefore / after p50 (median of per-round ratios): {r['speedup_p50']:.2f}×; "
+                     f"same top-10 and radii: {'yes' if r['same_answers'] else 'NO'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--before", default=None, help="a git revision to time beside this tree (default: none)")
+    ap.add_argument("--quick", action="store_true", help="20,000 vectors, 5 queries, one round: seconds")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gallery-certified"))
+    args = ap.parse_args(argv)
+    n, queries, repeat = (20_000, 5, 1) if args.quick else (args.n, args.queries, args.repeat)
+    report = {"machine": _machine(), "repeat": repeat, "before": args.before,
+              "row": run(n, queries, repeat, args.before)}
+    return write_report(args.out, report, table(report))
+
+
+if __name__ == "__main__":
+    main()

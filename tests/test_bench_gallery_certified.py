@@ -1,0 +1,17 @@
+"""benchmarks/gallery_certified.py --quick: certified search over a mapped IVF gallery's FAISS lists runs,
+visits at most every list, and reports consistent figures."""
+from __future__ import annotations
+
+import json
+
+from benchmarks.gallery_certified import main
+
+
+def test_gallery_certified_quick_report(tmp_path):
+    report = main(["--quick", "--out", str(tmp_path / "gc")])
+    row = report["row"]
+    assert row["n"] == 20_000 and row["queries"] == 5 and row["same_answers"]
+    after = row["after"]
+    assert 0 < after["p50_ms"] <= after["p95_ms"] and 0 < after["lists_visited_median"] <= row["nlist"]
+    assert json.loads((tmp_path / "gc.json").read_text())["row"]["nlist"] == row["nlist"]
+    assert "| after |" in (tmp_path / "gc.md").read_text()
