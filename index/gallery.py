@@ -35,8 +35,9 @@ class Gallery:
     """Read access to one index directory: search, stored vectors, file records, the encoder.
 
     Opening loads the live files named by the catalog (a base and segments, each checked against its
-    recorded SHA-256 and row count): a Flat gallery searched on the CPU maps them in place (a read-only
-    `index.mapped.MappedFlat`), other types are loaded into one FAISS index. The encoder is not loaded:
+    recorded SHA-256 and row count). Searched on the CPU, a Flat gallery maps them in place (a read-only
+    `index.mapped.MappedFlat`) and an IVF gallery of one base maps its lists (`VectorStore.read(mapped=True)`);
+    anything else is loaded into one FAISS index. The encoder is not loaded:
     it loads on first use of `.encoder` (and is checked against the recorded weights).
     A writer may update the directory meanwhile; this object keeps the version it opened.
     """

@@ -21,6 +21,8 @@ Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after c
 `use_gpu=False`. On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact
 HNSW search, over the graph's flat storage) is one pass of FAISS's inner-product kernel over the stored
 rows per query, then `top_rows` (`VectorStore._flat_scan`).
+Readers (`Gallery.open` on the CPU) do not load a Flat gallery into this class: index/mapped.py maps its
+files; an IVF index file of one base is read with its lists mapped (`read(mapped=True)`, read-only).
 """
 from __future__ import annotations
 
