@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import StoreError
 from .ivf import norm_bound
-from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, top_rows
+from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, scan_top
 
 __all__ = ["MappedFlat"]
 
@@ -52,12 +52,13 @@ class MappedFlat:
     factory = "Flat"
     exact = True
     on_gpu = False
+    read_only = True
 
     def __init__(self, dim: int, params: dict | None = None):
         self._dim = int(dim)
         self.params = {**default_params("Flat"), **(params or {})}
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
-        self._owners: list[object] = []  # what keeps each view's memory alive (FAISS index, mmap)
+        self._owners: list[object] = []  # what keeps a view's memory alive when the view does not (FAISS index)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block
         self._alive = np.zeros(0, bool)
@@ -94,7 +95,7 @@ class MappedFlat:
     def create(cls, dim: int, factory: str = "Flat", params: dict | None = None, use_gpu: bool = False) -> "MappedFlat":
         return cls(dim, params)
 
-    def _append(self, ids: np.ndarray, rows: np.ndarray, owner) -> None:
+    def _append(self, ids: np.ndarray, rows: np.ndarray, owner=None) -> None:
         if len(ids) != len(rows) or rows.ndim != 2 or rows.shape[1] != self._dim or rows.dtype != np.float32:
             raise StoreError(f"{len(ids)} ids for rows of shape {rows.shape} {rows.dtype}")
         if not rows.flags.c_contiguous:
@@ -107,13 +108,14 @@ class MappedFlat:
         self._lookup = None
         self._recent = {}
 
-    def add(self, ids, vectors, stored: bool = False, owner=None) -> None:
-        """Append a block of rows read from a checked file (`stored=True` only; `owner` keeps their memory)."""
+    def add(self, ids, vectors, stored: bool = False) -> None:
+        """Append a block of rows read from a checked file (`stored=True` only), kept as they are (a view of
+        a mapped segment holds its mapping)."""
         if not stored:
             raise StoreError("a mapped gallery is read-only: open it with a writer to add vectors")
         ids = _as_ids(ids)
         if len(ids):
-            self._append(ids, np.asarray(vectors), owner)
+            self._append(ids, np.asarray(vectors))
 
     def remove(self, ids) -> int:
         """Clear the alive flag of every alive row under `ids` (a segment's tombstones); how many."""
@@ -203,10 +205,8 @@ class MappedFlat:
         """Top-k by inner product over the alive rows, as `VectorStore.search` on the same gallery:
         (scores (n, k) float32 decreasing, ids (n, k) int64), −1 with score −FLT_MAX past the last row.
 
-        Fewer than FLAT_SCAN_MAX_QUERIES queries: per query, FAISS's kernel over each block in place into
-        one score per row, −∞ on cleared rows (below every finite score, so never taken while alive rows
-        remain: at most `ntotal` are taken), then `top_rows` (equal scores: lower row first, the copying
-        store's storage order). More queries: FAISS's blocked search of each block for its top
+        Fewer than FLAT_SCAN_MAX_QUERIES queries: `index.store.scan_top` over the blocks in place, cleared
+        rows dead (equal scores: lower row first, the copying store's storage order). More queries: FAISS's blocked search of each block for its top
         k + (its cleared rows), cleared rows dropped, merged by decreasing score (stable: block order).
         """
         q, k = check_queries(queries, self._dim, k)
@@ -214,23 +214,14 @@ class MappedFlat:
         n = self.ntotal
         if n == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if len(q) < FLAT_SCAN_MAX_QUERIES:
+            scores, ids, rows = scan_top(q, k, self._dim, [(faiss.swig_ptr(r), len(r)) for r in blocks], self._ids,
+                                         np.flatnonzero(~self._alive))
+            self._remember(rows.ravel())
+            return scores, ids
         take = min(k, n)
         out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
         out_ids = np.full((len(q), k), -1, np.int64)
-        if len(q) < FLAT_SCAN_MAX_QUERIES:
-            scores = np.empty(len(self._ids), np.float32)
-            dead = np.flatnonzero(~self._alive)
-            for i in range(len(q)):
-                query = np.ascontiguousarray(q[i])
-                for b, rows in enumerate(blocks):
-                    if len(rows):
-                        faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[self._starts[b]:]), faiss.swig_ptr(query),
-                                                     faiss.swig_ptr(rows), self._dim, len(rows))
-                scores[dead] = -np.inf
-                top = top_rows(scores, take)
-                out_scores[i, :take], out_ids[i, :take] = scores[top], self._ids[top]
-                self._remember(top)
-            return out_scores, out_ids
         parts_s, parts_r = [], []
         for b, rows in enumerate(blocks):
             alive = self._alive[self._starts[b]:self._starts[b + 1]]

@@ -186,6 +186,46 @@ def _as_vectors(x, dim: int) -> np.ndarray:
     return x
 
 
+def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
+             dead: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-k of a few queries `q` (n, dim) over float32 rows held in `blocks`, on the calling thread:
+    (scores (n, k) float32, ids (n, k) int64, rows (n, take) int64), take = min(k, live rows).
+
+    blocks: [(float* to n_b rows of dim floats, n_b)], numbered back to back (row r of block b is row
+    start_b + r); row_ids: the id of every row; dead: rows never taken (a mapped store's tombstones).
+    For each query, scores = X·q over every block in place (no copy), computed by FAISS's own SIMD kernel
+    (`fvec_inner_products_ny`, the inner product its flat search uses), −∞ on dead rows (below every
+    finite score, so never taken while live rows remain), then the exact selection `top_rows`. Why not
+    `index.search`: for fewer than FLAT_SCAN_MAX_QUERIES queries FAISS runs one query inside an OpenMP
+    region over all cores, which on 2 cores takes ≈ 2× as long as on one (docs/benchmarks.md, "One query
+    against a flat gallery"), and its thread count is process-wide, so it cannot be lowered for one call
+    while a server searches on other threads. Each score is the float32 inner product of the same two
+    vectors, so `encoder.certify.float32_dot_error` (any summation order) bounds its error as it bounds
+    FAISS's. Among equal scores the lower row comes first, and a query gets `take` hits, then ids −1 with
+    score −FLT_MAX, as from FAISS.
+    """
+    n = len(row_ids)
+    dead = np.zeros(0, np.int64) if dead is None else dead
+    take = min(k, n - len(dead))
+    out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
+    out_ids = np.full((len(q), k), -1, np.int64)
+    out_rows = np.empty((len(q), max(take, 0)), np.int64)
+    if take <= 0:
+        return out_scores, out_ids, out_rows
+    scores = np.empty(n, np.float32)
+    for i in range(len(q)):
+        query = np.ascontiguousarray(q[i])
+        start = 0
+        for rows, count in blocks:
+            if count:
+                faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[start:]), faiss.swig_ptr(query), rows, dim, count)
+            start += count
+        scores[dead] = -np.inf
+        top = top_rows(scores, take)
+        out_scores[i, :take], out_ids[i, :take], out_rows[i] = scores[top], row_ids[top], top
+    return out_scores, out_ids, out_rows
+
+
 def check_queries(queries, dim: int, k) -> tuple[np.ndarray, int]:
     """(queries as (n, dim) contiguous float32, k as int), or ValueError for k < 1 or a non-finite query."""
     q = _as_vectors(queries, dim)
@@ -433,34 +473,11 @@ class VectorStore:
         return index.search(q, k)
 
     def _flat_scan(self, q: np.ndarray, k: int, rows: faiss.IndexFlat) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over `rows`, the IndexFlatIP inside the IndexIDMap2 (a flat index's, or an HNSW
-        graph's storage), for a few queries, on the calling thread; ids from the IndexIDMap2's id_map.
-
-        For each query, scores = X·q over the (N, D) float32 rows of that IndexFlatIP in place (no copy),
-        computed by FAISS's own SIMD kernel (`fvec_inner_products_ny`, the inner product its flat search
-        uses), then the exact selection `top_rows`. Why not `index.search`: for fewer than 20 queries
-        FAISS runs one query inside an OpenMP region over all cores, which on 2 cores takes ≈ 2× as long
-        as on one (docs/benchmarks.md, "One query against a flat gallery"), and its thread count is
-        process-wide, so it cannot be lowered for one call while a server searches on other threads.
-        Each score is the float32 inner product of the same two vectors, so
-        `encoder.certify.float32_dot_error` (any summation order) bounds its error as it bounds FAISS's.
-        Among equal scores the row added first comes first, and a query gets min(k, N) hits, then ids
-        −1 with score −FLT_MAX, as from FAISS.
-        """
+        """`scan_top` over `rows`, the IndexFlatIP inside the IndexIDMap2 (a flat index's, or an HNSW
+        graph's storage), in place; ids from the IndexIDMap2's id_map."""
         n = self.ntotal
-        xb = rows.get_xb()
-        id_map = faiss.rev_swig_ptr(self.index.id_map.data(), n)
-        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
-        out_ids = np.full((len(q), k), -1, np.int64)
-        take = min(k, n)
-        scores = np.empty(n, np.float32)
-        for i in range(len(q)):
-            query = np.ascontiguousarray(q[i])
-            faiss.fvec_inner_products_ny(faiss.swig_ptr(scores), faiss.swig_ptr(query), xb, self.dim, n)
-            top = top_rows(scores, take)
-            out_scores[i, :take] = scores[top]
-            out_ids[i, :take] = id_map[top]
-        return out_scores, out_ids
+        scores, ids, _ = scan_top(q, k, self.dim, [(rows.get_xb(), n)], faiss.rev_swig_ptr(self.index.id_map.data(), n))
+        return scores, ids
 
     def _search_index(self) -> faiss.Index:
         if not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or faiss.get_num_gpus() == 0:
