@@ -77,7 +77,7 @@ class Gallery:
         self.catalog.close()
         if isinstance(self.store, _Closed) or keep_vectors:
             return
-        if isinstance(self.store, MappedFlat) or self.store.read_only:
+        if self.store.read_only:  # mapped (MappedFlat, or IVF lists)
             # certified IVF views of mapped lists hold the FAISS index (CertifiedIVF.from_faiss), so a
             # search still running on them finishes before the file is unmapped
             self.store, self._ivf = _Closed(), None

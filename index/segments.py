@@ -30,6 +30,7 @@ upper bound over a set being one over any subset.)
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -119,10 +120,9 @@ def read_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> Segme
     return Segment(removed.astype(np.int64), ids.astype(np.int64), vectors.astype(np.float32))
 
 
-def map_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> tuple[Segment, mmap.mmap | None]:
-    """`read_segment`'s checks and answer, its arrays views of the file mapped read-only through the
-    descriptor whose digest was checked (index/mapped.py), and the mapping that holds them (None when
-    the file holds no arrays)."""
+def map_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> Segment:
+    """`read_segment`'s checks and answer, its arrays read-only views of the file mapped through the
+    descriptor whose digest was checked (index/mapped.py); each view holds the mapping open."""
     path = Path(path)
     fd = open_checked(path, sha256)
     try:
@@ -130,7 +130,7 @@ def map_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> tuple[
         data = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size >= HEADER_BYTES else b""
     finally:
         os.close(fd)
-    return Segment(*_parse(path, data, dim)), (data if size >= HEADER_BYTES else None)
+    return Segment(*_parse(path, data, dim))
 
 
 def _parse(path: Path, data, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,6 +173,8 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     map_ivf = mapped and check and index_meta["factory"].startswith("IVF") and [f["kind"] for f in files] == [BASE]
     mapped = mapped and check and index_meta["factory"] == "Flat"
     kind = MappedFlat if mapped else VectorStore
+    read_base = MappedFlat.read if mapped else functools.partial(VectorStore.read, mapped=map_ivf)
+    read_rows = map_segment if mapped else read_segment
     store = None
     for position, f in enumerate(files):
         path = layout.path / f["name"]
@@ -182,20 +184,19 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
             raise IntegrityError(f"the catalog records no checksum for {path.name}; run `robret index repair`")
         sha256 = f.get("sha256") if check else None
         if f["kind"] == BASE and position == 0:
-            store = kind.read(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256,
-                              **({"mapped": True} if map_ivf else {}))
+            store = read_base(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256)
             added = store.ntotal
             if store.dim != dim:
                 raise StoreError(f"index file has dimension {store.dim}, the catalog says {dim}")
         elif f["kind"] == ROWS:
-            segment, owner = map_segment(path, dim, sha256) if mapped else (read_segment(path, dim, sha256), None)
+            segment = read_rows(path, dim, sha256)
             if store is None:
                 store = kind.create(dim, "Flat", index_meta.get("params"), use_gpu=use_gpu)
             removed = store.remove(segment.removed)
             if check and removed != len(segment.removed):
                 raise StoreError(f"index file {path.name} removes {len(segment.removed)} ids of which only {removed} "
                                  "are stored; run `robret index repair`")
-            store.add(segment.ids, segment.vectors, stored=True, **({"owner": owner} if mapped else {}))
+            store.add(segment.ids, segment.vectors, stored=True)
             added = len(segment)
         else:
             raise StoreError(f"the catalog names {path.name} as a {f['kind']!r} file at position {position}; "
