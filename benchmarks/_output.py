@@ -1,8 +1,11 @@
 """Where a benchmark's figures go: PREFIX.json (the data), PREFIX.md (the table, also printed) and,
-for a benchmark that draws one, PREFIX.png (the plot)."""
+for a benchmark that draws one, PREFIX.png (the plot); and `child_json`, the figures of a measuring child
+process."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,3 +47,13 @@ def line_plot(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def child_json(code: str, args: Sequence[str], cwd: str | Path, what: str) -> dict:
+    """Run `python -c code *args` in `cwd` (a fresh process, for figures one process must not share with
+    another) and return its last line of output parsed as JSON; RuntimeError naming `what`, with the end
+    of its stderr, when it fails (a negative status is the signal that killed it)."""
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{what} failed (exit status {out.returncode}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

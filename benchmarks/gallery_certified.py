@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._output import write_report
+from benchmarks._output import child_json, write_report
 from benchmarks.certified_search import DIM, FLOAT_ERROR, clustered_unit_vectors
 from benchmarks.index_speed import _machine
 
@@ -81,11 +79,8 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
         results: dict[str, list[dict]] = {name: [] for name in trees}
         for r in range(repeat):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-                out = subprocess.run([sys.executable, "-c", _CHILD, str(trees[name]), str(tmp / "index"), json.dumps(meta),
-                                      str(qpath), str(FLOAT_ERROR)], cwd=tmp, capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(f"the {name} tree failed:\n{out.stderr[-2000:]}")
-                results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results[name].append(child_json(_CHILD, [trees[name], tmp / "index", json.dumps(meta), qpath, FLOAT_ERROR],
+                                                tmp, f"the {name} tree"))
         digests = {x["answers"] for rows in results.values() for x in rows}
         row = {"n": n, "nlist": nlist, "queries": queries, "same_answers": len(digests) == 1}
         for name, rows in results.items():

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks._output import write_report
+from benchmarks._output import child_json, write_report
 from benchmarks.index_speed import DIM, _machine, _unit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,12 +130,9 @@ def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat") -> dict:
         runs: dict[str, list[dict]] = {"copied": [], "mapped": []}
         for r in range(repeat + 1):  # round 0 warms the page cache and is dropped
             for how in (("copied", "mapped") if r % 2 == 0 else ("mapped", "copied")):
-                out = subprocess.run([sys.executable, "-c", _CHILD, str(directory), json.dumps(meta), how, str(queries)],
-                                     cwd=ROOT, capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(f"the {how} reader failed (exit status {out.returncode}):\n{out.stderr[-2000:]}")
+                figures = child_json(_CHILD, [directory, json.dumps(meta), how, queries], ROOT, f"the {how} reader")
                 if r:
-                    runs[how].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    runs[how].append(figures)
         digests = {run["answers"] for rows in runs.values() for run in rows}
         if len(digests) != 1:
             raise AssertionError("the copying and the mapped reader answered differently")
@@ -151,26 +146,28 @@ def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat") -> dict:
         return row
 
 
+def _pair(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """"copied / mapped" for one figure of a row."""
+    return " / ".join(format(row[how][key] / scale, fmt) for how in ("copied", "mapped"))
+
+
 def table(report: dict) -> str:
+    mb = 2 ** 20
     lines = [f"Opening a gallery of D = {report['rows'][0]['dim']} (Flat: base + 3 segments with tombstones; IVF: one "
              f"base), fresh process, median of {report['repeat']} rounds\n",
              "| index | vectors | file MB | open s: copied / mapped | own memory MB: copied / mapped "
              "| top-10 p50 ms, first pass: copied / mapped | same queries again |",
              "|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        c, m = r["copied"], r["mapped"]
-        lines.append(f"| {r.get('kind', 'Flat')} | {r['rows_live']:,} | {r['bytes'] / 2**20:,.0f} | {c['open_s']:.2f} / {m['open_s']:.2f} | "
-                     f"{c['anon_bytes'] / 2**20:,.0f} / {m['anon_bytes'] / 2**20:,.0f} | {c['p50_ms']:.1f} / {m['p50_ms']:.1f} | "
-                     f"{c['p50_again_ms']:.1f} / {m['p50_again_ms']:.1f} |")
+    lines += [f"| {r.get('kind', 'Flat')} | {r['rows_live']:,} | {r['bytes'] / mb:,.0f} | {_pair(r, 'open_s', '.2f')} | "
+              f"{_pair(r, 'anon_bytes', ',.0f', mb)} | {_pair(r, 'p50_ms', '.1f')} | {_pair(r, 'p50_again_ms', '.1f')} |"
+              for r in report["rows"]]
     lines += ["", "What certifying a first answer adds in the process: the top-74's vectors, then the bound M on "
               "every norm (before: every vector reconstructed and its norm taken in float64)\n",
               "| index | vectors | reconstruct top-74 ms: copied / mapped | M s: before / copied / mapped |",
               "|---|---|---|---|"]
-    for r in report["rows"]:
-        c, m = r["copied"], r["mapped"]
-        lines.append(f"| {r.get('kind', 'Flat')} | {r['rows_live']:,} | {c['reconstruct_ms']:.2f} / {m['reconstruct_ms']:.2f} | "
-                     f"{'–' if r['norm_before_s'] is None else format(r['norm_before_s'], '.3f')} / {c['norm_s']:.3f} / "
-                     f"{m['norm_s']:.3f} |")
+    lines += [f"| {r.get('kind', 'Flat')} | {r['rows_live']:,} | {_pair(r, 'reconstruct_ms', '.2f')} | "
+              f"{'–' if r['norm_before_s'] is None else format(r['norm_before_s'], '.3f')} / {_pair(r, 'norm_s', '.3f')} |"
+              for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 
