@@ -62,8 +62,7 @@ class MappedFlat:
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block
         self._alive = np.zeros(0, bool)
-        self._lookup = None  # (sorted alive ids, their rows), built on first reconstruct it is needed by
-        self._recent: dict[int, int] = {}  # id → row of recent search answers (reconstructed next, to certify)
+        self._changed()
 
     # Construction -------------------------------------------------------------------------
     @classmethod
@@ -105,8 +104,14 @@ class MappedFlat:
         self._starts.append(self._starts[-1] + len(rows))
         self._ids = np.concatenate([self._ids, np.asarray(ids, np.int64)])
         self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
-        self._lookup = None
-        self._recent = {}
+        self._changed()
+
+    def _changed(self) -> None:
+        """Rows or flags changed (only while opening): recompute or drop what is derived from them."""
+        self._dead = np.flatnonzero(~self._alive)  # cleared rows, never taken by a search
+        self._n_alive = len(self._alive) - len(self._dead)
+        self._lookup = None  # (sorted alive ids, their rows), built on the first reconstruct that needs it
+        self._recent: dict[int, int] = {}  # id → row of recent search answers (reconstructed next, to certify)
 
     def add(self, ids, vectors, stored: bool = False) -> None:
         """Append a block of rows read from a checked file (`stored=True` only), kept as they are (a view of
@@ -124,8 +129,7 @@ class MappedFlat:
             return 0
         hit = np.isin(self._ids, ids) & self._alive
         self._alive &= ~hit
-        self._lookup = None
-        self._recent = {}
+        self._changed()
         return int(hit.sum())
 
     # Facts ----------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ class MappedFlat:
 
     @property
     def ntotal(self) -> int:
-        return int(self._alive.sum())
+        return self._n_alive
 
     def __len__(self) -> int:
         return self.ntotal
@@ -216,7 +220,7 @@ class MappedFlat:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if len(q) < FLAT_SCAN_MAX_QUERIES:
             scores, ids, rows = scan_top(q, k, self._dim, [(faiss.swig_ptr(r), len(r)) for r in blocks], self._ids,
-                                         np.flatnonzero(~self._alive))
+                                         self._dead)
             self._remember(rows.ravel())
             return scores, ids
         take = min(k, n)

@@ -38,6 +38,7 @@ import numpy as np
 from encoder.io import atomic_write, fd_sha256, file_sha256, fsync_dir
 
 from .errors import IntegrityError, StoreError
+from .ivf import norm_bound
 
 __all__ = ["VectorStore", "AUTO_APPROX_MIN", "NORM_TOLERANCE", "parse_factory", "target_factory",
            "default_params", "open_checked", "file_sha256", "fsync_dir"]
@@ -442,7 +443,6 @@ class VectorStore:
     def max_norm(self) -> float:
         """M ≥ every stored vector's ℓ2 norm (`index.ivf.norm_bound`, CHUNK_ROWS vectors at a time; 1.0 when
         empty)."""
-        from .ivf import norm_bound
         ids = self.ids()
         if len(ids) == 0:
             return 1.0
