@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from _pgd import pgd_l2
@@ -87,6 +87,8 @@ def _ranking(enc, x, g):
 
 @SETTINGS
 @given(seed=st.integers(0, 2**31), brightness=st.sampled_from([0.03, 0.1, 0.3, 1.0]), k=st.integers(1, 3))
+# A tiny radius whose float32 rounding of x0 + δ exceeded the helper's fixed 1e-7 ball check (tests/_pgd.py).
+@example(seed=60971490, brightness=1.0, k=2)
 def test_pgd_never_changes_a_certified_topk_set_item_or_order(tiny_lipsim, seed, brightness, k):
     enc = tiny_lipsim
     query, g = _gallery_case(enc, seed, brightness)
