@@ -9,7 +9,9 @@ Algorithm. Visit lists in decreasing U_c. After visiting a set V of lists, let
     B = max( max_{c ∉ V} U_c ,  t + γ )
 where t is the largest float32 score of a visited item left out of the exactly scored list (`listed`:
 the visited items whose float32 score exceeds max_{c ∉ V} U_c − γ, at most `cap` of them) and
-γ = float32_dot_error(D, M, ‖q‖) bounds a float32 score's error. Every item not listed, visited or not,
+γ = float32_dot_error(D, M, ‖q‖) bounds a float32 score's error. (Lists are scanned by
+`CertifiedIVF.top_in_lists`, in C++ for a FAISS IVF's lists; each scan keeps only its cap + 1 best items,
+and t also bounds every item a scan left out: `_Pool`.) Every item not listed, visited or not,
 has exact score ≤ B. `certify_ranked(listed, unlisted_max=B)` then gives, for the listed top-k,
     radius_i = max(0, min( min_{j listed, ∉ T} r(i, j),  (s_i − B − slack)/(L·(‖e_i‖ + M)) )),
 which is sound because ‖e_i − e_j‖ ≤ ‖e_i‖ + M and s_j ≤ B for every unlisted j, so
@@ -39,7 +41,7 @@ __all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DE
 
 DEFAULT_FIRST_PROBES = 8  # lists in the first chunk (then 2×, 4×, … as needed)
 DEFAULT_CAP = 512  # visited items scored exactly per round (doubled when this cap is what binds)
-FULL_SCAN = 0.125  # with a contiguous store, a chunk of this fraction of the lists scans them all at once
+FULL_SCAN = 0.125  # a chunk of this fraction of the lists scans all the rest at once (a contiguous store: whole)
 
 
 @dataclass
@@ -72,29 +74,27 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     q64 = q.astype(np.float64)
     upper = ivf.upper_bounds(q)
     order = np.argsort(-upper, kind="stable")
+    sizes = ivf.list_sizes()
     nonempty = int(np.isfinite(upper).sum())
     budget = nonempty if probe_budget is None else max(1, min(nonempty, int(probe_budget)))
     gamma = float32_dot_error(len(q), ivf.max_norm, float(np.linalg.norm(q64)) * (1 + 1e-9))
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
-    pool = _Pool()
     cap = max(int(cap), 2 * k + 1)
+    pool = _Pool(ivf, q, dropped)
     pos, step, chunk, rounds = 0, max(1, int(first_probes)), max(1, int(first_probes)), 0
     needed_lists = chunk  # lists that may still change the certificate (all unvisited ones until known)
     while True:
         rounds += 1
-        whole = ivf.contiguous()
-        if whole is not None and budget == nonempty and nonempty - pos > 1 and needed_lists >= FULL_SCAN * nonempty:
-            # Many lists are still needed (the doubling chunk reached FULL_SCAN of them): one matrix product over
-            # the contiguous store costs less than a Python loop over them, and the certificate is the same
-            # (every item is then visited).
-            pool = _Pool()
-            ids, vecs = whole
-            pool.add(ids, vecs, q, dropped)
+        if budget == nonempty and nonempty - pos > 1 and needed_lists >= FULL_SCAN * nonempty:
+            # Many lists are still needed (the doubling chunk reached FULL_SCAN of them): every remaining list in
+            # one scan costs less than more rounds, and the certificate is the same (every item is then visited).
+            # A contiguous store is scanned whole, in one product.
+            if ivf.contiguous() is not None:
+                pool, pos = _Pool(ivf, q, dropped), 0
+            pool.scan(order[pos:nonempty], cap)
             pos = nonempty
         else:
-            for c in order[pos:min(budget, pos + chunk)]:
-                ids, vecs = ivf.list_vectors(int(c))
-                pool.add(ids, vecs, q, dropped)
+            pool.scan(order[pos:min(budget, pos + chunk)], cap)
             pos = min(budget, pos + chunk)
         rest = float(upper[order[pos]]) if pos < nonempty else -np.inf  # bound on every unvisited list
         if pool.size == 0:
@@ -111,9 +111,11 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
         done = exact_topk and (not radii or not cert.tail_binds)
         if done or (pos >= budget and not cap_binds):
             return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),
-                                  exact_topk, done, not done, pos, pool.size, rounds)
+                                  exact_topk, done, not done, pos, int(sizes[order[:pos]].sum()), rounds)
         if cap_binds:  # the exactly scored list was too short, not the unvisited lists: lengthen it
             cap *= 2
+            pool = _Pool(ivf, q, dropped)  # the visited lists again, each scan now keeping cap + 1
+            pool.scan(order[:pos], cap)
             chunk = needed_lists = 0
             continue
         # Lists whose bound is at most what every radius needs can never change the certificate (module doc).
@@ -128,53 +130,40 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
 
 
 class _Pool:
-    """Visited items: ids, exact float32 vectors (views into the lists) and float32 scores."""
+    """What the visited lists left for certification: float32 scores and refs of their best items.
 
-    def __init__(self):
-        import faiss  # here, not at import: a query is reduced before FAISS (or torch) loads
+    Each scan of lists (`CertifiedIVF.top_in_lists` with k = cap + 1) keeps its cap + 1 best items; an item
+    it leaves out scores at most cap + 1 kept ones (that method's contract). Invariant, kept by rescanning
+    every visited list whenever cap grows: every scan kept cap + 1 for the current cap. Hence, when at most
+    cap items are listed (`_certify_pool`), every visited item that is neither kept nor excluded scores at
+    most some kept, unlisted item — at most t, the largest unlisted score (the module doc's t)."""
 
-        self._kernel, self._ptr = faiss.fvec_inner_products_ny, faiss.swig_ptr
-        self.ids: list[np.ndarray] = []
-        self.vecs: list[np.ndarray] = []
+    def __init__(self, ivf, q, dropped):
+        self.ivf, self.q, self.dropped = ivf, q, dropped
         self.scores: list[np.ndarray] = []
-        self.size = 0
+        self.refs: list[np.ndarray] = []
+        self.size = 0  # items kept
 
-    def add(self, ids, vecs, q, dropped) -> None:
-        """Add items with their float32 scores; excluded ids get score −inf (never listed, never counted)."""
-        if len(ids):
-            # float32 ⟨e_j, q⟩ by FAISS's kernel on this thread (as the flat scan; γ bounds it in any order)
-            vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-            scores = np.empty(len(ids), np.float32)
-            self._kernel(self._ptr(scores), self._ptr(q), self._ptr(vecs), vecs.shape[1], len(vecs))
-            if len(dropped):
-                gone = np.isin(ids, dropped)
-                scores[gone] = -np.inf
-                self.size -= int(gone.sum())
-            self.ids.append(ids)
-            self.vecs.append(vecs)
+    def scan(self, lists, cap: int) -> None:
+        if len(lists):
+            scores, refs = self.ivf.top_in_lists(self.q, lists, cap + 1, self.dropped)
             self.scores.append(scores)
-            self.size += len(ids)
-
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sizes = np.fromiter((len(i) for i in self.ids), np.int64, len(self.ids))
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        which = np.searchsorted(starts, rows, side="right") - 1
-        vecs = np.empty((len(rows), self.vecs[0].shape[1]), np.float64)
-        ids = np.empty(len(rows), np.int64)
-        for n, (w, r) in enumerate(zip(which, rows - starts[which])):
-            vecs[n] = self.vecs[w][r]
-            ids[n] = self.ids[w][r]
-        return ids, vecs
+            self.refs.append(refs)
+            self.size += len(scores)
 
 
 def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, cap):
-    """Score exactly the visited items whose float32 score exceeds rest − γ (at least k, at most `cap`;
-    the module doc's `listed`) and certify them against B = max(rest, t + γ)."""
+    """Score exactly the kept items whose float32 score exceeds rest − γ (at least k, at most `cap`;
+    the module doc's `listed`) and certify them against B = max(rest, t + γ).
+
+    Every visited item not listed scores at most t in float32: a kept one by t's definition, one a scan left
+    out by `_Pool`'s invariant (when a scan left items out it kept cap + 1 > m, so m < kept and t is finite)."""
     from index.store import top_rows
 
     s32 = np.concatenate(pool.scores)
+    refs = np.concatenate(pool.refs)
     over = int(np.sum(s32 > rest - gamma))
-    m = min(pool.size, max(min(over, cap), k))  # excluded items (score −inf) are never listed
+    m = min(pool.size, max(min(over, cap), k))
     if m < len(s32):
         top = top_rows(s32, m + 1)  # the m + 1 largest, decreasing
         rows, threshold = top[:m], float(s32[top[m]])  # the largest float32 score left out
@@ -182,8 +171,8 @@ def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, 
         rows, threshold = np.arange(len(s32)), -np.inf
     bound = max(rest, threshold + gamma)
     cap_binds = m == cap and threshold + gamma >= rest
-    ids, vecs = pool.gather(rows)
-    s = vecs @ q64
+    ids, vecs = pool.ivf.items(refs[rows])
+    s = np.einsum("ij,j->i", vecs, q64)  # (not BLAS, whose threads would spin beside the list scans)
     order = np.argsort(-s, kind="stable")
     s, vecs, ids = s[order], vecs[order], ids[order]
     kk = min(k, len(s))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from _pgd import pgd_l2
 from benchmarks.certified_search import clustered_unit_vectors
-from encoder.certify import certify_topk, slack_for
+from encoder.certify import certify_topk, float32_dot_error, slack_for
 from index.errors import IntegrityError
 from index.ivf import CertifiedIVF, exact_radius_bounds
 from index.store import VectorStore
@@ -344,3 +344,105 @@ def test_norm_bound_on_unit_vectors_of_every_stored_kind():
     assert _exact_max_norm(np.delete(x, 17, 0)) <= flat.max_norm() < norm_bound(x)
     store = VectorStore.from_vectors(np.arange(3000), x / np.linalg.norm(x, axis=1, keepdims=True), use_gpu=False)
     assert store.max_norm() >= _exact_max_norm(store.reconstruct(store.ids()))
+
+
+def _stored(ivf):
+    """Every vector as `ivf` holds it, by id 0..n−1 (a FAISS-backed store keeps them renormalised)."""
+    ids = ivf.ids()
+    vecs = np.concatenate([ivf.list_vectors(c)[1] for c in range(ivf.nlist)])
+    out = np.empty_like(vecs)
+    out[ids] = vecs
+    return out
+
+
+def _three_kinds(x, nlist, tmp_path, seed=0):
+    """The same gallery as in-memory lists, a saved (contiguous, mapped) copy and a FAISS IVF's own lists."""
+    mem = CertifiedIVF.build(np.arange(len(x)), x, nlist, seed=seed)
+    mem.save(tmp_path / f"ivf-{seed}-{nlist}")
+    store = VectorStore.from_vectors(np.arange(len(x)), x, f"IVF{nlist},Flat", use_gpu=False)
+    return {"memory": mem, "saved": CertifiedIVF.open(tmp_path / f"ivf-{seed}-{nlist}"),
+            "faiss": CertifiedIVF.from_faiss(store.index)}
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_top_in_lists_leaves_out_only_items_below_k_returned_ones(tmp_path, monkeypatch, split):
+    # The contract certified search's pool relies on, checked against every item's recomputed score, on each
+    # kind of lists, with exclusions, and with FAISS scans split over threads (parts of ≥ 50 items).
+    import index.ivf as ivf_module
+    if split:
+        monkeypatch.setattr(ivf_module, "SPLIT_MIN", 50)
+    x = clustered_unit_vectors(1200, 24, 12, seed=11)
+    rng = np.random.default_rng(0)
+    for name, ivf in _three_kinds(x, 16, tmp_path).items():
+        gamma = float32_dot_error(24, ivf.max_norm, 1.0 + 1e-6)
+        for q in clustered_unit_vectors(4, 24, 12, seed=11, stream=3):
+            for k in (1, 7, 40, 5000):
+                lists = rng.permutation(16)[:rng.integers(1, 17)]
+                exclude = rng.choice(1200, rng.integers(0, 30), replace=False)
+                scores, refs = ivf.top_in_lists(q, lists, k, exclude)
+                ids, vecs = ivf.items(refs)
+                exact = vecs @ q.astype(np.float64)
+                assert np.all(np.abs(scores - exact) <= gamma), name  # float32 scores of the stored vectors
+                assert len(set(refs.tolist())) == len(refs) and not np.isin(ids, exclude).any()
+                members = np.concatenate([ivf.list_vectors(int(c))[0] for c in lists])
+                assert np.isin(ids, members).all()
+                left = np.setdiff1d(members, np.concatenate([ids, exclude]))
+                if len(left):
+                    assert len(scores) >= k, name
+                    left_scores = _stored(ivf)[left].astype(np.float64) @ q.astype(np.float64)
+                    assert left_scores.max() <= np.sort(scores)[-k] + gamma, name
+                else:
+                    assert len(scores) == len(np.setdiff1d(members, exclude))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params, cap=st.integers(1, 12), drop=st.integers(0, 6), split=st.booleans())
+def test_certificate_with_a_short_exact_list_and_kinds_of_lists_equals_the_exhaustive_one(p, cap, drop, split):
+    # A small cap makes every scan leave items out and the cap double (rescanning every visited list); the
+    # three kinds of lists, exclusions and split FAISS scans must all give the exhaustive certificate.
+    import tempfile
+
+    import index.ivf as ivf_module
+    x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
+    nlist = max(1, min(p["nlist"], p["n"] // 39))  # FAISS wants ≥ 39 training vectors per list
+    k = min(p["k"], p["n"] - drop)
+    old = ivf_module.SPLIT_MIN
+    ivf_module.SPLIT_MIN = 10 if split else old
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            from pathlib import Path
+            kinds = _three_kinds(x, nlist, Path(tmp), p["seed"])
+            slack = slack_for(p["float_error"], kinds["memory"].max_norm)
+            for q in queries[:3]:
+                out = np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)))[:drop]
+                keep = np.setdiff1d(np.arange(p["n"]), out)
+                for name, ivf in kinds.items():
+                    pos, radius, _ = _exhaustive(q, _stored(ivf)[keep], k, slack)
+                    got = certified_ivf_search(ivf, q, k, 1.0, slack=slack, cap=cap, exclude=out, first_probes=1)
+                    assert got.exhaustive and got.ids.tolist() == keep[pos].tolist(), name
+                    np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+                    unlisted = np.setdiff1d(keep, got.listed_ids)  # the bound B the tail term rests on
+                    assert np.all(_stored(ivf)[unlisted].astype(np.float64) @ q.astype(np.float64) <= got.bound), name
+    finally:
+        ivf_module.SPLIT_MIN = old
+
+
+def test_a_forked_child_scans_lists_on_threads_of_its_own(monkeypatch):
+    # The parent's scanning threads do not exist in a forked child; a child that waited on them would hang.
+    import multiprocessing
+
+    import index.ivf as ivf_module
+    monkeypatch.setattr(ivf_module, "SPLIT_MIN", 50)
+    x = clustered_unit_vectors(600, 16, 6, seed=3)
+    ivf = CertifiedIVF.from_faiss(VectorStore.from_vectors(np.arange(600), x, "IVF8,Flat", use_gpu=False).index)
+    q = x[0]
+    parent = ivf.top_in_lists(q, np.arange(8), 5)
+    assert ivf_module._EXECUTOR is not None  # the split scan ran on the threads
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_scan_in_child, (ivf, q)).get(timeout=30)
+    assert sorted(child) == sorted(parent[0].tolist())
+
+
+def _scan_in_child(ivf, q):
+    return ivf.top_in_lists(q, np.arange(8), 5)[0].tolist()
