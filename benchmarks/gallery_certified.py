@@ -30,29 +30,38 @@ from benchmarks.index_speed import _machine
 ROOT = Path(__file__).resolve().parent.parent
 
 _CHILD = r"""
-import hashlib, json, sys, time
+import hashlib, importlib.util, json, sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from encoder.certify import slack_for
+spec = importlib.util.spec_from_file_location("robret_bench_gallery", sys.argv[6])  # this tree's adapter
+adapter = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(adapter)
 from index.ivf import CertifiedIVF
 from index.layout import IndexDir
 from index.segments import load_live_store
-from retrieval.ivf_search import certified_ivf_search
+from retrieval.search import search_embedding
 directory, meta, queries, float_error = sys.argv[2], json.loads(sys.argv[3]), np.load(sys.argv[4]), float(sys.argv[5])
-store = load_live_store(IndexDir(directory), meta, use_gpu=False, mapped=True)
-t = time.perf_counter()
-ivf = CertifiedIVF.from_faiss(store.index)
-lists_s = time.perf_counter() - t
-slack = slack_for(float_error, ivf.max_norm)
-times, digest, visited = [], hashlib.sha256(), []
-for q in queries:
+out = {}
+for kind in ("ivf", "flat"):
+    store = load_live_store(IndexDir(directory), meta[kind], use_gpu=False, mapped=True)
     t = time.perf_counter()
-    found = certified_ivf_search(ivf, q, 10, 1.0, slack=slack)
-    times.append(1000 * (time.perf_counter() - t))
-    digest.update(np.asarray(found.ids, np.int64).tobytes() + np.round(found.cert.radius, 9).tobytes())
-    visited.append(found.lists_visited)
-print(json.dumps({"p50_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "lists_s": lists_s,
-                  "lists_visited_median": float(np.median(visited)), "answers": digest.hexdigest()}))
+    ivf = CertifiedIVF.from_faiss(store.index) if kind == "ivf" else None
+    gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error)
+    built = time.perf_counter() - t
+    times, digest, visited, exhaustive = [], hashlib.sha256(), [], 0
+    for q in queries:
+        t = time.perf_counter()
+        found = search_embedding(gallery, q, 10)
+        times.append(1000 * (time.perf_counter() - t))
+        digest.update(np.asarray([h.id for h in found.hits], np.int64).tobytes()
+                      + np.round([h.radius for h in found.hits], 9).tobytes())
+        visited.append(found.lists_visited or 0)
+        exhaustive += bool(found.exhaustive)
+    out[kind] = {"p50_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "lists_s": built,
+                 "lists_visited_median": float(np.median(visited)), "exhaustive": exhaustive,
+                 "answers": digest.hexdigest()}
+    del gallery, ivf, store
+print(json.dumps(out))
 """
 
 
@@ -64,12 +73,15 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
         tmp = Path(tmp)
         (tmp / "index").mkdir()
         nlist = max(16, int(4 * n ** 0.5))
-        store = VectorStore.from_vectors(np.arange(n), clustered_unit_vectors(n, DIM, seed=seed), f"IVF{nlist},Flat",
-                                         use_gpu=False)
-        files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": n,
-                  "sha256": store.write(tmp / "index" / "vectors.00000001.faiss")}]
-        del store
-        meta = {"version": 1, "dim": DIM, "factory": f"IVF{nlist},Flat", "rows": n, "segments": files}
+        vectors = clustered_unit_vectors(n, DIM, seed=seed)
+        meta = {}
+        for kind, factory, name in (("ivf", f"IVF{nlist},Flat", "vectors.00000001.faiss"),
+                                    ("flat", "Flat", "vectors.00000002.faiss")):
+            store = VectorStore.from_vectors(np.arange(n), vectors, factory, use_gpu=False)
+            files = [{"name": name, "kind": BASE, "rows": n, "sha256": store.write(tmp / "index" / name)}]
+            meta[kind] = {"version": 1, "dim": DIM, "factory": factory, "rows": n, "segments": files}
+            del store
+        del vectors
         qpath = tmp / "queries.npy"
         np.save(qpath, clustered_unit_vectors(queries, DIM, max(8, n // 36), seed, stream=7))
         trees = {"after": ROOT}
@@ -79,16 +91,21 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
         results: dict[str, list[dict]] = {name: [] for name in trees}
         for r in range(repeat):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-                results[name].append(child_json(_CHILD, [trees[name], tmp / "index", json.dumps(meta), qpath, FLOAT_ERROR],
+                results[name].append(child_json(_CHILD, [trees[name], tmp / "index", json.dumps(meta), qpath, FLOAT_ERROR,
+                                                        ROOT / "benchmarks" / "_gallery.py"],
                                                 tmp, f"the {name} tree"))
-        digests = {x["answers"] for rows in results.values() for x in rows}
-        row = {"n": n, "nlist": nlist, "queries": queries, "same_answers": len(digests) == 1}
+        digests = {x["ivf"]["answers"] for rows in results.values() for x in rows}
+        row = {"n": n, "nlist": nlist, "queries": queries, "same_answers": len(digests) == 1,
+               "flat_same_answers": {x["flat"]["answers"] for rows in results.values() for x in rows} == digests}
         for name, rows in results.items():
-            row[name] = {key: float(np.median([x[key] for x in rows]))
-                         for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median")}
+            for kind in ("ivf", "flat"):
+                row[f"{name}_{kind}" if kind == "flat" else name] = {
+                    key: float(np.median([x[kind][key] for x in rows]))
+                    for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median", "exhaustive")}
         if before:
-            row["speedup_p50"] = float(np.median([b["p50_ms"] / a["p50_ms"]
+            row["speedup_p50"] = float(np.median([b["ivf"]["p50_ms"] / a["ivf"]["p50_ms"]
                                                   for b, a in zip(results["before"], results["after"])]))
+        row["ivf_over_flat_p50"] = float(np.median([a["ivf"]["p50_ms"] / a["flat"]["p50_ms"] for a in results["after"]]))
         return row
 
 
@@ -98,13 +115,20 @@ def table(report: dict) -> str:
     lines = [f"Certified top-10 on an IVF gallery ({r['n']:,} vectors, IVF{r['nlist']}, D = {DIM}, lipsim-demo regime), "
              f"{r['queries']} queries, median of {report['repeat']} rounds"
              + (f"; before = {report['before']}" if report["before"] else "") + "\n",
-             "| tree | p50 ms | p95 ms | certified lists built s | lists visited (median) |", "|---|---|---|---|---|"]
+             "| tree: gallery | p50 ms | p95 ms | certified lists built s | lists visited (median) |", "|---|---|---|---|---|"]
     for t in trees:
         x = r[t]
-        lines.append(f"| {t} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['lists_s']:.2f} | {x['lists_visited_median']:.0f} |")
+        lines.append(f"| {t}: IVF | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['lists_s']:.2f} | {x['lists_visited_median']:.0f} |")
+    for t in trees:
+        x = r[f"{t}_flat"]
+        lines.append(f"| {t}: the same vectors as Flat | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | – | – |")
     if "speedup_p50" in r:
-        lines.append(f"\nbefore / after p50 (median of per-round ratios): {r['speedup_p50']:.2f}×; "
+        lines.append(f"\nIVF before / after p50 (median of per-round ratios): {r['speedup_p50']:.2f}×; "
                      f"same top-10 and radii: {'yes' if r['same_answers'] else 'NO'}")
+    lines.append(f"\nIVF / Flat p50 in this tree (median of per-round ratios): {r['ivf_over_flat_p50']:.2f}×; "
+                 f"Flat gave the same top-10 and radii: {'yes' if r['flat_same_answers'] else 'NO'}; "
+                 f"exhaustive certificates (median per round): IVF {r['after']['exhaustive']:.0f}, "
+                 f"Flat {r['after_flat']['exhaustive']:.0f} of {r['queries']}")
     return "\n".join(lines) + "\n"
 
 

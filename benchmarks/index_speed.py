@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._gallery import StoreGallery
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "index_speed.json"
 DEFAULT_MD = ROOT / "docs" / "benchmarks" / "index.md"
@@ -200,28 +202,6 @@ def bench_clustered(n: int, n_queries: int, k: int = 10, clusters: int = 2000, s
 
 
 # 3. Certified overhead ------------------------------------------------------------------------
-class _StoreGallery:
-    """The part of `index.Gallery` that `search_embedding` uses, over an in-memory store."""
-
-    lipschitz = 1.0
-    encoder_info = {"input_size": 64}
-
-    def __init__(self, store):
-        self.store = store
-
-    def __len__(self):
-        return self.store.ntotal
-
-    def search(self, q, k, exact=False):
-        return self.store.search(q, k, exact=exact)
-
-    def vectors(self, ids):
-        return self.store.reconstruct(ids)
-
-    def paths(self, ids):
-        return [None] * len(ids)
-
-
 def bench_certified(n: int, n_queries: int, k: int = 10, seed: int = 1) -> dict:
     from index.store import VectorStore
     from retrieval.search import default_candidates, search_embedding
@@ -229,7 +209,7 @@ def bench_certified(n: int, n_queries: int, k: int = 10, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     x = _unit(rng, n, DIM)
     store = VectorStore.from_vectors(np.arange(n), x, "Flat", use_gpu=False)
-    gallery = _StoreGallery(store)
+    gallery = StoreGallery(store)
     near = x[rng.choice(n, n_queries, replace=False)] + 0.05 * _unit(rng, n_queries, DIM)
     near /= np.linalg.norm(near, axis=1, keepdims=True)
     kinds = {"random queries": _unit(rng, n_queries, DIM), "near-duplicate queries": near}

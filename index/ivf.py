@@ -411,7 +411,10 @@ _EXECUTOR = None
 
 
 def _threads() -> int:
-    return max(1, min(os.cpu_count() or 1, faiss.omp_get_max_threads()))
+    return max(1, min(_CPUS, faiss.omp_get_max_threads()))
+
+
+_CPUS = os.cpu_count() or 1
 
 
 def _executor():

@@ -1,5 +1,6 @@
 """benchmarks/gallery_certified.py --quick: certified search over a mapped IVF gallery's FAISS lists runs,
-visits at most every list, and reports consistent figures."""
+visits at most every list, and reports consistent figures, beside a Flat gallery of the same vectors
+searched the same way (both exhaustive certificates: the same answers)."""
 from __future__ import annotations
 
 import json
@@ -14,4 +15,9 @@ def test_gallery_certified_quick_report(tmp_path):
     after = row["after"]
     assert 0 < after["p50_ms"] <= after["p95_ms"] and 0 < after["lists_visited_median"] <= row["nlist"]
     assert json.loads((tmp_path / "gc.json").read_text())["row"]["nlist"] == row["nlist"]
-    assert "| after |" in (tmp_path / "gc.md").read_text()
+    flat = row["after_flat"]
+    assert 0 < flat["p50_ms"] <= flat["p95_ms"] and after["exhaustive"] == 5 and row["ivf_over_flat_p50"] > 0
+    if flat["exhaustive"] == 5:  # the flat path's first candidates sufficed: the same certificate
+        assert row["flat_same_answers"]
+    text = (tmp_path / "gc.md").read_text()
+    assert "| after: IVF |" in text and "| after: the same vectors as Flat |" in text
