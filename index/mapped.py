@@ -1,10 +1,12 @@
 """A flat gallery searched where its files lie: the live files memory-mapped, not copied (issue 15).
 
 `Gallery.open` (queries, `robret serve`, the UI) of a Flat gallery on the CPU gets a `MappedFlat`
-instead of a `VectorStore`: the base file is opened by FAISS with `IO_FLAG_MMAP_IFC` (its float32 rows
-stay in the file's pages) and each segment's rows are a view of the segment file mapped read-only
-(`index.segments.map_segment`). Nothing is copied but the ids and one alive flag a row: a process holds
-about 52 bytes a vector of its own (measured: the ids, FAISS's id table of the base, the flags) instead of
+instead of a `VectorStore`: the base file's ids and float32 rows are views of the file mapped read-only
+(`flat_base_views`, which checks FAISS's layout field by field; FAISS's own reader would copy the ids
+and build a hash table of them, ~50 bytes a vector) and each segment's ids and rows are views of the
+segment file mapped read-only (`index.segments.map_segment`). Nothing of a base is copied, only one
+alive flag a row (and the ids of segments, when there are any): a process holds about 5 bytes a vector
+of its own while it answers a certified query (the flags and the scan's float32 scores) instead of
 4·D + ~60 (D = 129: 568), readers of one gallery share the page cache, and the kernel may drop clean pages
 under memory pressure and read them back (docs/benchmarks.md, "Opening a gallery: copied vs mapped").
 
@@ -20,8 +22,8 @@ store's rows in storage order (IndexFlat's removal keeps the order of what stays
 vectors by the same kernel: bit for bit the copying store's, except for D = 2, 4 or 8, where FAISS's kernel
 sums rows in batches whose grouping depends on a row's place in its array, so a score may differ in its
 last bits (within `encoder.certify.float32_dot_error`, the bound certificates use, in any summation order).
-The base's rows start wherever FAISS's file format puts them (not always on a 4-byte boundary); FAISS's
-kernels load them unaligned, which x86-64 and ARM64 allow. Mapped memory is read-only (PROT_READ): the
+The base's rows and ids start wherever FAISS's file format puts them (not always on a 4- or 8-byte
+boundary); FAISS's kernels and numpy load them unaligned, which x86-64 and ARM64 allow. Mapped memory is read-only (PROT_READ): the
 views are marked not writeable, and files are never truncated or rewritten in place (which would make a
 mapped read fault).
 
@@ -31,7 +33,10 @@ copying store is used, so that FAISS can move it to the GPU.
 """
 from __future__ import annotations
 
+import mmap
 import os
+import struct
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -40,7 +45,7 @@ from .errors import StoreError
 from .ivf import norm_bound
 from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, scan_top
 
-__all__ = ["MappedFlat"]
+__all__ = ["MappedFlat", "flat_base_views"]
 
 RECENT_MAX = 1 << 16  # rows of recent search answers remembered for `reconstruct`
 
@@ -58,7 +63,6 @@ class MappedFlat:
         self._dim = int(dim)
         self.params = {**default_params("Flat"), **(params or {})}
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
-        self._owners: list[object] = []  # what keeps a view's memory alive when the view does not (FAISS index)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block
         self._alive = np.zeros(0, bool)
@@ -69,40 +73,35 @@ class MappedFlat:
     def read(cls, path, factory: str, params: dict | None = None, use_gpu: bool = False,
              sha256: str | None = None) -> "MappedFlat":
         """A base file (IndexIDMap2(IndexFlatIP), as `VectorStore.write` wrote it) mapped through the
-        descriptor `open_checked` checked; its rows become block 0."""
+        descriptor `open_checked` checked; its ids and rows, views of the file (`flat_base_views`), become
+        block 0. Nothing of the base is copied: FAISS's reader would copy the ids and build a hash table of
+        them (~50 bytes a vector)."""
+        if factory != "Flat":
+            raise StoreError(f"index file {path} is not a flat inner-product index; run `robret index repair`")
         fd = open_checked(path, sha256)
         try:
-            try:
-                source = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fspath(path)
-                index = faiss.read_index(source, faiss.IO_FLAG_MMAP_IFC)
-            except RuntimeError as exc:
-                raise StoreError(f"cannot read index file {path}: {str(exc).splitlines()[0]}") from None
+            size = os.fstat(fd).st_size
+            data = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
         finally:
             os.close(fd)
-        flat = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
-        if factory != "Flat" or not isinstance(flat, faiss.IndexFlatIP):
-            raise StoreError(f"index file {path} is not a flat inner-product index; run `robret index repair`")
-        store = cls(index.d, params)
-        n = int(index.ntotal)
-        ids = faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
-        rows = faiss.rev_swig_ptr(flat.get_xb(), n * index.d).reshape(n, index.d) if n else np.zeros((0, index.d), np.float32)
-        rows.flags.writeable = False  # the file's pages, mapped read-only
-        store._append(ids, rows, index)
+        ids, rows = flat_base_views(Path(path), data)
+        store = cls(rows.shape[1], params)
+        store._append(ids, rows)
         return store
 
     @classmethod
     def create(cls, dim: int, factory: str = "Flat", params: dict | None = None, use_gpu: bool = False) -> "MappedFlat":
         return cls(dim, params)
 
-    def _append(self, ids: np.ndarray, rows: np.ndarray, owner=None) -> None:
+    def _append(self, ids: np.ndarray, rows: np.ndarray) -> None:
         if len(ids) != len(rows) or rows.ndim != 2 or rows.shape[1] != self._dim or rows.dtype != np.float32:
             raise StoreError(f"{len(ids)} ids for rows of shape {rows.shape} {rows.dtype}")
         if not rows.flags.c_contiguous:
             raise StoreError("mapped rows must be C-contiguous")
         self._blocks.append(rows)
-        self._owners.append(owner)
         self._starts.append(self._starts[-1] + len(rows))
-        self._ids = np.concatenate([self._ids, np.asarray(ids, np.int64)])
+        ids = np.asarray(ids, np.int64)
+        self._ids = np.concatenate([self._ids, ids]) if len(self._ids) else ids  # (a first block's: mapped)
         self._alive = np.concatenate([self._alive, np.ones(len(ids), bool)])
         self._changed()
 
@@ -241,3 +240,38 @@ class MappedFlat:
             order = np.argsort(-scores[i], kind="stable")[:take]
             out_scores[i, :take], out_ids[i, :take] = scores[i, order], self._ids[rows[i, order]]
         return out_scores, out_ids
+
+
+_FOURCC = struct.Struct("<4s")
+_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, two unused 2²⁰, is_trained, metric (write_index_header)
+_COUNT = struct.Struct("<Q")  # a vector's length before its data (WRITEVECTOR / WRITEXBVECTOR)
+
+
+def flat_base_views(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,) int64, rows (n, d) float32) as read-only views of `data`, the bytes of a FAISS file of
+    IndexIDMap2(IndexFlatIP) in FAISS's own layout (faiss/impl/index_write.cpp, little-endian):
+        "IxM2", header, "IxFI", header, count n·d, n·d float32 rows, count n, n int64 ids,
+    header = d (int32), ntotal (int64), two unused int64, is_trained (1 byte), metric (int32; 0 = inner
+    product, which has no metric argument after it). Every field is checked against the others and the
+    file's size, so another index type, metric or layout is refused (StoreError naming repair) rather
+    than guessed at. Tests check the views against FAISS's own reader of the same file."""
+    size = len(data)
+    head = 2 * (_FOURCC.size + _HEADER.size) + _COUNT.size
+    bad = StoreError(f"index file {path.name} is not a flat inner-product index as robret writes it; "
+                     f"run `robret index repair {path.parent}`")
+    if size < head:
+        raise bad
+    outer, inner = _FOURCC.unpack_from(data, 0)[0], _FOURCC.unpack_from(data, _FOURCC.size + _HEADER.size)[0]
+    h1 = _HEADER.unpack_from(data, _FOURCC.size)
+    h2 = _HEADER.unpack_from(data, 2 * _FOURCC.size + _HEADER.size)
+    d, n = h1[0], h1[1]
+    if (outer, inner) != (b"IxM2", b"IxFI") or h1 != h2 or d <= 0 or n < 0 or h1[5] != 0:
+        raise bad
+    rows_at = head
+    ids_at = rows_at + 4 * n * d + _COUNT.size
+    if (size != ids_at + 8 * n or _COUNT.unpack_from(data, head - _COUNT.size)[0] != n * d
+            or _COUNT.unpack_from(data, ids_at - _COUNT.size)[0] != n):
+        raise bad
+    rows = np.frombuffer(data, "<f4", n * d, rows_at).reshape(n, d)
+    ids = np.frombuffer(data, "<i8", n, ids_at)
+    return ids, rows
