@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks._output import child_json, write_report
 from benchmarks.index_speed import DIM, _machine, _unit
+from benchmarks.startup import extract
 
 ROOT = Path(__file__).resolve().parent.parent
 QUERIES = 20
@@ -107,35 +108,46 @@ def write_live_set(directory: Path, n: int, dim: int = DIM, seed: int = 0) -> di
     return {"version": 4, "dim": dim, "factory": "Flat", "rows": int(alive.sum()), "segments": files}
 
 
-def write_ivf_base(directory: Path, n: int, dim: int = DIM, seed: int = 0) -> dict:
-    """One IVF base of n rows, nlist = 4·√n (as `auto` picks), trained on FAISS's default sample."""
+def write_ivf_base(directory: Path, n: int, dim: int = DIM, seed: int = 0, flat: bool = False) -> dict:
+    """One IVF base of n rows, nlist = 4·√n (as `auto` picks), trained on FAISS's default sample; or with
+    flat=True one Flat base (a Flat gallery after `compact`)."""
     from index.layout import BASE
     from index.store import VectorStore
-    nlist = max(16, int(4 * n ** 0.5))
-    store = VectorStore.from_vectors(np.arange(n), _unit(np.random.default_rng(seed), n, dim), f"IVF{nlist},Flat",
-                                     use_gpu=False)
+    factory = "Flat" if flat else f"IVF{max(16, int(4 * n ** 0.5))},Flat"
+    store = VectorStore.from_vectors(np.arange(n), _unit(np.random.default_rng(seed), n, dim), factory, use_gpu=False)
     files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": n,
               "sha256": store.write(directory / "vectors.00000001.faiss")}]
-    return {"version": 1, "dim": dim, "factory": f"IVF{nlist},Flat", "rows": n, "segments": files}
+    return {"version": 1, "dim": dim, "factory": factory, "rows": n, "segments": files}
 
 
-def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat") -> dict:
+WRITERS = {"flat": write_live_set, "ivf": write_ivf_base,
+           "flat-base": lambda directory, n, seed=0: write_ivf_base(directory, n, seed=seed, flat=True)}
+
+
+def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat", before: Path | None = None) -> dict:
+    """One live set of `kind` and n rows, opened by each reader in fresh processes, alternating; `before`: an
+    earlier tree whose mapped reader runs beside them ("before")."""
     with tempfile.TemporaryDirectory(prefix="robret-mapped-") as tmp:
-        directory = Path(tmp)
+        directory = Path(tmp) / "index"
+        directory.mkdir()
         t = time.perf_counter()
-        meta = (write_live_set if kind == "flat" else write_ivf_base)(directory, n, seed=seed)
+        meta = WRITERS[kind](directory, n, seed=seed)
         write_s = time.perf_counter() - t
         queries = directory / "queries.npy"
         np.save(queries, _unit(np.random.default_rng(seed + 1), QUERIES, DIM))
-        runs: dict[str, list[dict]] = {"copied": [], "mapped": []}
+        readers = {"copied": (ROOT, "copied"), "mapped": (ROOT, "mapped")}
+        if before is not None:
+            readers["before"] = (before, "mapped")
+        runs: dict[str, list[dict]] = {name: [] for name in readers}
         for r in range(repeat + 1):  # round 0 warms the page cache and is dropped
-            for how in (("copied", "mapped") if r % 2 == 0 else ("mapped", "copied")):
-                figures = child_json(_CHILD, [directory, json.dumps(meta), how, queries], ROOT, f"the {how} reader")
+            for name in (list(readers) if r % 2 == 0 else list(readers)[::-1]):
+                tree, how = readers[name]
+                figures = child_json(_CHILD, [directory, json.dumps(meta), how, queries], tree, f"the {name} reader")
                 if r:
-                    runs[how].append(figures)
+                    runs[name].append(figures)
         digests = {run["answers"] for rows in runs.values() for run in rows}
         if len(digests) != 1:
-            raise AssertionError("the copying and the mapped reader answered differently")
+            raise AssertionError("the readers answered differently")
         row = {"kind": meta["factory"], "n": n, "dim": DIM, "rows_live": meta["rows"], "files": len(meta["segments"]),
                "bytes": sum((directory / f["name"]).stat().st_size for f in meta["segments"]), "write_s": round(write_s, 1)}
         for how, rows in runs.items():
@@ -146,9 +158,9 @@ def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat") -> dict:
         return row
 
 
-def _pair(row: dict, key: str, fmt: str, scale: float = 1.0) -> str:
-    """"copied / mapped" for one figure of a row."""
-    return " / ".join(format(row[how][key] / scale, fmt) for how in ("copied", "mapped"))
+def _pair(row: dict, key: str, fmt: str, scale: float = 1.0, hows=("copied", "mapped")) -> str:
+    """"copied / mapped" (or other readers) for one figure of a row."""
+    return " / ".join(format(row[how][key] / scale, fmt) for how in hows)
 
 
 def table(report: dict) -> str:
@@ -168,21 +180,34 @@ def table(report: dict) -> str:
     lines += [f"| {r.get('kind', 'Flat')} | {r['rows_live']:,} | {_pair(r, 'reconstruct_ms', '.2f')} | "
               f"{'–' if r['norm_before_s'] is None else format(r['norm_before_s'], '.3f')} / {_pair(r, 'norm_s', '.3f')} |"
               for r in report["rows"]]
+    if report.get("before"):
+        lines += ["", f"The mapped reader of {report['before']} (before) and of this tree (after), side by side\n",
+                  "| index | files | vectors | open s: before / after | own memory MB: before / after "
+                  "| own memory bytes a vector: before / after | top-10 p50 ms: before / after |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.get('kind', 'Flat')} | {r['files']} | {r['rows_live']:,} | "
+                  f"{_pair(r, 'open_s', '.2f', hows=('before', 'mapped'))} | "
+                  f"{_pair(r, 'anon_bytes', ',.0f', mb, ('before', 'mapped'))} | "
+                  f"{_pair(r, 'anon_bytes', '.1f', r['rows_live'], ('before', 'mapped'))} | "
+                  f"{_pair(r, 'p50_ms', '.1f', hows=('before', 'mapped'))} |" for r in report["rows"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
-    ap.add_argument("--kinds", nargs="+", choices=["flat", "ivf"], default=["flat"],
-                    help="flat: base + segments; ivf: one IVF base (mapped only as one base)")
+    ap.add_argument("--kinds", nargs="+", choices=sorted(WRITERS), default=["flat"],
+                    help="flat: base + segments; flat-base: one Flat base; ivf: one IVF base (mapped only as one base)")
+    ap.add_argument("--before", default=None, help="a git revision whose mapped reader runs beside (default: none)")
     ap.add_argument("--repeat", type=int, default=3, help="rounds after the warm-up round (default 3)")
     ap.add_argument("--quick", action="store_true", help="20,000 vectors, 1 round: seconds")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mapped-open"))
     args = ap.parse_args(argv)
     sizes, repeat = ([20_000], 1) if args.quick else (args.sizes, args.repeat)
-    rows = [run(n, repeat, kind=kind) for kind in args.kinds for n in sizes]
-    report = {"machine": _machine(), "repeat": repeat, "queries": QUERIES, "rows": rows}
+    with tempfile.TemporaryDirectory(prefix="robret-mapped-before-") as tmp:
+        before = extract(args.before, Path(tmp)) if args.before else None
+        rows = [run(n, repeat, kind=kind, before=before) for kind in args.kinds for n in sizes]
+    report = {"machine": _machine(), "repeat": repeat, "queries": QUERIES, "rows": rows, "before": args.before}
     return write_report(args.out, report, table(report))
 
 
