@@ -243,7 +243,7 @@ class MappedFlat:
 
 
 _FOURCC = struct.Struct("<4s")
-_HEADER = struct.Struct("<iqqq?i")  # d, ntotal, two unused 2²⁰, is_trained, metric (write_index_header)
+_HEADER = struct.Struct("<iqqqBi")  # d, ntotal, two unused 2²⁰, is_trained (1), metric (write_index_header)
 _COUNT = struct.Struct("<Q")  # a vector's length before its data (WRITEVECTOR / WRITEXBVECTOR)
 
 
@@ -251,7 +251,7 @@ def flat_base_views(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
     """(ids (n,) int64, rows (n, d) float32) as read-only views of `data`, the bytes of a FAISS file of
     IndexIDMap2(IndexFlatIP) in FAISS's own layout (faiss/impl/index_write.cpp, little-endian):
         "IxM2", header, "IxFI", header, count n·d, n·d float32 rows, count n, n int64 ids,
-    header = d (int32), ntotal (int64), two unused int64, is_trained (1 byte), metric (int32; 0 = inner
+    header = d (int32), ntotal (int64), two unused int64, is_trained (1 byte, 1), metric (int32; 0 = inner
     product, which has no metric argument after it). Every field is checked against the others and the
     file's size, so another index type, metric or layout is refused (StoreError naming repair) rather
     than guessed at. Tests check the views against FAISS's own reader of the same file."""
@@ -265,7 +265,7 @@ def flat_base_views(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
     h1 = _HEADER.unpack_from(data, _FOURCC.size)
     h2 = _HEADER.unpack_from(data, 2 * _FOURCC.size + _HEADER.size)
     d, n = h1[0], h1[1]
-    if (outer, inner) != (b"IxM2", b"IxFI") or h1 != h2 or d <= 0 or n < 0 or h1[5] != 0:
+    if (outer, inner) != (b"IxM2", b"IxFI") or h1 != h2 or d <= 0 or n < 0 or h1[4] != 1 or h1[5] != 0:
         raise bad
     rows_at = head
     ids_at = rows_at + 4 * n * d + _COUNT.size

@@ -335,7 +335,9 @@ def test_a_base_file_of_another_kind_or_size_is_refused_by_name(tmp_path):
               "IVF": faiss.serialize_index(VectorStore.from_vectors(np.arange(50), x, "IVF1,Flat", use_gpu=False)
                                            .index).tobytes(),
               "row count": data[:74] + (1).to_bytes(8, "little") + data[82:],
-              "dimension": data[:4] + (DIM + 1).to_bytes(4, "little") + data[8:]}
+              "dimension": data[:4] + (DIM + 1).to_bytes(4, "little") + data[8:],
+              "is_trained 2": data[:32] + b"\x02" + data[33:],  # FAISS itself refuses a bool that is not 0 or 1
+              "inner is_trained 0": data[:69] + b"\x00" + data[70:]}
     for name, blob in others.items():
         with pytest.raises(StoreError, match="not a flat inner-product index as robret writes it.*repair"):
             flat_base_views(good, blob)

@@ -446,3 +446,36 @@ def test_a_forked_child_scans_lists_on_threads_of_its_own(monkeypatch):
 
 def _scan_in_child(ivf, q):
     return ivf.top_in_lists(q, np.arange(8), 5)[0].tolist()
+
+
+@pytest.mark.parametrize("copies", [2, 8, 10])
+def test_an_excluded_id_stored_many_times_among_the_best_leaves_the_certificate_exhaustive(copies):
+    # FAISS is asked for k + |exclude| items and the excluded are dropped after: an id stored more times than
+    # that among a scan's best (found by review: a wrong top-3 flagged exhaustive, or None) must ask again.
+    x = clustered_unit_vectors(400, 16, 4, seed=1)
+    q = x[0].copy()
+    ids = np.arange(400)
+    ids[np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)))[:copies]] = 7
+    ivf = CertifiedIVF.from_faiss(VectorStore.from_vectors(ids, x, "IVF4,Flat", use_gpu=False).index)
+    stored_ids = np.concatenate([ivf.list_vectors(c)[0] for c in range(ivf.nlist)])
+    stored = np.concatenate([ivf.list_vectors(c)[1] for c in range(ivf.nlist)])
+    keep = stored_ids != 7
+    pos, radius, _ = _exhaustive(q, stored[keep], 3, 0.0)
+    got = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=1, exclude=[7], first_probes=1)
+    assert got is not None and got.exhaustive and got.ids.tolist() == stored_ids[keep][pos].tolist()
+    np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+def test_a_faiss_ivf_on_l2_distances_is_certified_on_inner_products():
+    # FAISS's own scan of an L2 index keeps the smallest distances: such lists are scored by the kernel instead.
+    import faiss
+    x = clustered_unit_vectors(2000, 16, 20, seed=2)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 8)
+    index.train(x)
+    index.add_with_ids(x, np.arange(2000))
+    ivf = CertifiedIVF.from_faiss(index)
+    for q in (x[5], x[1500]):
+        pos, radius, _ = _exhaustive(q, x, 5, 0.0)
+        got = certified_ivf_search(ivf, q, 5, 1.0, slack=0.0)
+        assert got.exhaustive and got.ids.tolist() == pos.tolist()
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
