@@ -1,17 +1,21 @@
-"""Certified top-10 on an IVF gallery as `Gallery` runs it: this tree against an earlier one, side by side.
+"""Certified top-10 on an IVF gallery as `Gallery` runs it: this tree against an earlier one, side by side,
+beside a Flat gallery of the same vectors.
 
     python -m benchmarks.gallery_certified --quick                     # 20,000 vectors, after only (a test runs it)
-    python -m benchmarks.gallery_certified --n 1000000 --before d8c8f1b
+    python -m benchmarks.gallery_certified --n 1000000 --before 51b9c7c
 
 A gallery of more than a million vectors is IVF under `auto`, and `Gallery.certified_ivf` views its FAISS
-lists (`CertifiedIVF.from_faiss`; the lists mapped when the live set is one base), so certified search
-visits them one list at a time — unlike `benchmarks/certified_search.py`, whose saved store is contiguous
+lists (`CertifiedIVF.from_faiss`; the lists mapped when the live set is one base), which certified search
+scans round by round (`CertifiedIVF.top_in_lists`: FAISS's own scan of a round's lists, since 77e4a69;
+one kernel call a list before) — unlike `benchmarks/certified_search.py`, whose saved store is contiguous
 and scanned in one product once most lists are needed. Data: `benchmarks.certified_search
-.clustered_unit_vectors` (regime lipsim-demo), one IVF base of 4·√n lists as `auto` picks, queries from the
-same clusters. Each tree's child process opens the live set mapped (`load_live_store(mapped=True)`), builds
-the certified lists, then times `certified_ivf_search` (k = 10, L = 1, the demo encoder's slack) for every
-query, and reports p50/p95 and a digest of the answers (top-10 ids and radii to 1e-9) so the trees are
-checked to certify the same. Rounds alternate the trees (`--repeat`, medians of per-round p50s).
+.clustered_unit_vectors` (regime lipsim-demo), one IVF base of 4·√n lists as `auto` picks, and one Flat base
+of the same vectors; queries from the same clusters. Each tree's child process opens each live set mapped
+(`load_live_store(mapped=True)`), builds the certified lists of the IVF one, then times
+`retrieval.search.search_embedding` (k = 10, L = 1, the demo encoder's float error) on both galleries
+(`benchmarks._gallery.StoreGallery`) for every query, and reports p50/p95, how many certificates are
+exhaustive and a digest of the answers (top-10 ids and radii to 1e-9), so the trees and the two galleries
+are checked to certify the same. Rounds alternate the trees (`--repeat`, medians of per-round p50s).
 Writes benchmarks/results/gallery-certified.json and .md (--out PREFIX).
 """
 from __future__ import annotations
