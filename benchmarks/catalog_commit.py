@@ -12,17 +12,21 @@ the machine's noise falls on all three alike):
 - sqlite-cache:  the same with SQLite's default page cache (`PRAGMA cache_size=-2000`, 2 MiB);
 - no-hash-index: shipped, without the index on content_hash (what that index costs; robret needs it
                  for `Gallery.ids_with_content`, so this is a measurement, not an option).
+With `--postgres`, a fourth catalog beside them: the shipped schema on a throwaway PostgreSQL server
+(benchmarks/_postgres.py: Debian's server on a Unix socket, fsync on as a user's server runs it).
 Rows look like a real gallery's (nested relative paths, SHA-256 hex, sizes, times); the table gives the
 mean commit time over each tenth of the batches.
 
     python -m benchmarks.catalog_commit                           # 40 batches of 16,000 rows (640k)
     python -m benchmarks.catalog_commit --batches 63 --batch 16000  # ~1M rows
     python -m benchmarks.catalog_commit --quick                   # 6 batches of 300 rows (seconds)
+    python -m benchmarks.catalog_commit --postgres                # and a PostgreSQL catalog beside them
 Writes benchmarks/results/catalog_commit.json, .md and .png (commit time against rows; --out PREFIX).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import platform
@@ -37,12 +41,16 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("shipped", "sqlite-cache", "no-hash-index")
 
 
-def _catalog(path: Path, variant: str):
+def _catalog(path: Path, variant: str, postgres=None):
     from sqlalchemy import event
 
     from index.catalog import Catalog, make_engine, metadata
 
-    url = f"sqlite:///{path}"
+    if variant == "postgres":
+        from benchmarks._postgres import PASSWORD
+        url = postgres.url(postgres.create_database(), PASSWORD)
+    else:
+        url = f"sqlite:///{path}"
     engine = make_engine(url)
     if variant == "sqlite-cache":
         @event.listens_for(engine, "connect")
@@ -78,24 +86,32 @@ def tenth_means(seconds: list[float]) -> list[float]:
     return [sum(seconds[i:i + step]) / len(seconds[i:i + step]) for i in range(0, len(seconds), step)]
 
 
-def run(batches: int, batch: int, work: Path) -> dict:
-    catalogs = {v: _catalog(work / f"{v}.db", v) for v in VARIANTS}
-    seconds: dict[str, list[float]] = {v: [] for v in VARIANTS}
+def run(batches: int, batch: int, work: Path, postgres=None) -> dict:
+    """Commit the same batches to every variant's catalog, rotating their order; `postgres`: a running
+    server (benchmarks._postgres.PostgresServer) for a fourth catalog."""
+    variants = VARIANTS + (("postgres",) if postgres is not None else ())
+    catalogs = {v: _catalog(work / f"{v}.db", v, postgres) for v in variants}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    sizes: dict[str, int] = {}
     try:
         for b in range(batches):
             rows = _rows(b * batch, batch)
-            for v in VARIANTS[b % 3:] + VARIANTS[:b % 3]:
+            for v in variants[b % len(variants):] + variants[:b % len(variants)]:
                 t = time.perf_counter()
                 catalogs[v].commit_changes(rows, [], {"benchmark_batch": b})
                 seconds[v].append(time.perf_counter() - t)
-        counts = {v: catalogs[v].counts() for v in VARIANTS}
+        counts = {v: catalogs[v].counts() for v in variants}
         with catalogs["shipped"].engine.connect() as c:
             cache = c.exec_driver_sql("PRAGMA cache_size").scalar()
+        if postgres is not None:
+            with catalogs["postgres"].engine.connect() as c:
+                sizes["postgres"] = int(c.exec_driver_sql("SELECT pg_database_size(current_database())").scalar())
     finally:
         for cat in catalogs.values():
             cat.close()
-    sizes = {v: sum(p.stat().st_size for p in work.glob(f"{v}.db*")) for v in VARIANTS}
-    return {"batches": batches, "batch": batch, "rows": batches * batch, "shipped_cache_size": cache,
+    sizes.update({v: sum(p.stat().st_size for p in work.glob(f"{v}.db*")) for v in VARIANTS})
+    return {"variants": list(variants), "batches": batches, "batch": batch, "rows": batches * batch,
+            "shipped_cache_size": cache,
             "seconds": seconds, "tenths": {v: tenth_means(s) for v, s in seconds.items()},
             "total_seconds": {v: sum(s) for v, s in seconds.items()}, "counts": counts, "bytes_on_disk": sizes,
             "machine": f"{os.cpu_count()} CPUs, {platform.platform()}"}
@@ -103,14 +119,15 @@ def run(batches: int, batch: int, work: Path) -> dict:
 
 def table(report: dict) -> str:
     step = max(1, -(-report["batches"] // 10))
-    lines = [f"| rows after the commit ({report['batch']:,} per commit) | " + " | ".join(VARIANTS) + " |",
-             "|---" * (len(VARIANTS) + 1) + "|"]
+    variants = report.get("variants", VARIANTS)
+    lines = [f"| rows after the commit ({report['batch']:,} per commit) | " + " | ".join(variants) + " |",
+             "|---" * (len(variants) + 1) + "|"]
     for i, _ in enumerate(report["tenths"]["shipped"]):
         last = min(report["batches"], (i + 1) * step) * report["batch"]
         first = (i * step + 1) * report["batch"]
-        cells = [f"{report['tenths'][v][i] * 1e3:.1f} ms" for v in VARIANTS]
+        cells = [f"{report['tenths'][v][i] * 1e3:.1f} ms" for v in variants]
         lines.append(f"| {first:,} – {last:,} | " + " | ".join(cells) + " |")
-    lines.append("| **all commits** | " + " | ".join(f"**{report['total_seconds'][v]:.2f} s**" for v in VARIANTS)
+    lines.append("| **all commits** | " + " | ".join(f"**{report['total_seconds'][v]:.2f} s**" for v in variants)
                  + " |")
     ratio = report["total_seconds"]["sqlite-cache"] / report["total_seconds"]["shipped"]
     return ("\n".join(lines) + f"\n\nMean commit time per tenth of the batches. Shipped page cache: "
@@ -121,9 +138,11 @@ def table(report: dict) -> str:
 def plot(report: dict, path: Path) -> None:
     """Each commit's milliseconds against the rows in the catalog after it, one line per variant."""
     rows = [(b + 1) * report["batch"] for b in range(report["batches"])]
-    line_plot(path, {v: (rows, [s * 1e3 for s in report["seconds"][v]]) for v in VARIANTS},
+    variants = report.get("variants", VARIANTS)
+    line_plot(path, {v: (rows, [s * 1e3 for s in report["seconds"][v]]) for v in variants},
               "rows in the catalog after the commit", "commit time (ms)",
-              f"Catalog commits of {report['batch']:,} rows as the gallery grows (SQLite)")
+              f"Catalog commits of {report['batch']:,} rows as the gallery grows "
+              f"({'SQLite and PostgreSQL' if 'postgres' in variants else 'SQLite'})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="6 batches of 300 rows")
     p.add_argument("--batches", type=int, default=None, help="commits per catalog (default 40)")
     p.add_argument("--batch", type=int, default=None, help="rows per commit (default 16000)")
+    p.add_argument("--postgres", action="store_true",
+                   help="also a PostgreSQL catalog, on a throwaway server this run starts (fsync on)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "catalog_commit"),
                    help="output prefix: PREFIX.json and PREFIX.md")
     args = p.parse_args(argv)
@@ -141,7 +162,15 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--batches and --batch must be at least 1")
     work = Path(tempfile.mkdtemp(prefix="robret-catalog-commit-"))
     try:
-        report = run(batches, batch, work)
+        with contextlib.ExitStack() as stack:
+            server = None
+            if args.postgres:
+                from benchmarks._postgres import Unavailable, throwaway_postgres
+                try:
+                    server = stack.enter_context(throwaway_postgres(fsync=True))
+                except Unavailable as exc:
+                    p.error(f"--postgres: {exc}")
+            report = run(batches, batch, work, server)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["quick"] = args.quick

@@ -28,3 +28,14 @@ def test_tenth_means_average_consecutive_tenths():
     assert tenth_means(list(range(20))) == [0.5, 2.5, 4.5, 6.5, 8.5, 10.5, 12.5, 14.5, 16.5, 18.5]
     assert tenth_means([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert tenth_means(list(range(11))) == [0.5, 2.5, 4.5, 6.5, 8.5, 10.0]
+
+
+def test_catalog_commit_benchmark_quick_beside_a_postgres_catalog(tmp_path, postgres_server):
+    # (postgres_server: skipped where no server can be had; the benchmark starts its own, fsync on)
+    from benchmarks.catalog_commit import main
+
+    report = main(["--quick", "--postgres", "--out", str(tmp_path / "cc")])
+    assert report["variants"][-1] == "postgres" and len(report["seconds"]["postgres"]) == 6
+    assert report["counts"]["postgres"] == report["counts"]["shipped"] == {"indexed": 1800, "failed": 0, "removed": 0}
+    assert report["bytes_on_disk"]["postgres"] > 0
+    assert (tmp_path / "cc.md").read_text().splitlines()[0].endswith("| postgres |")
