@@ -37,10 +37,11 @@ import numpy as np
 
 from encoder.certify import ARITHMETIC_SLACK, TopKCertificate, certify_ranked, float32_dot_error
 
-__all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DEFAULT_CAP"]
+__all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DEFAULT_CAP", "DEFAULT_CAP_MAX"]
 
 DEFAULT_FIRST_PROBES = 8  # lists in the first chunk (then 2×, 4×, … as needed)
 DEFAULT_CAP = 512  # visited items scored exactly per round (doubled when this cap is what binds)
+DEFAULT_CAP_MAX = 4096  # … up to this many: then the certificate is sound but may not be the exhaustive one
 FULL_SCAN = 0.125  # a chunk of this fraction of the lists scans all the rest at once (a contiguous store: whole)
 
 
@@ -57,15 +58,21 @@ class IVFCertificate:
     lists_visited: int
     vectors_scanned: int
     rounds: int
+    capped: bool = False  # stopped because the exactly scored list reached `cap_max` items
 
 
 def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, probe_budget: int | None = None,
                          first_probes: int = DEFAULT_FIRST_PROBES, cap: int = DEFAULT_CAP,
-                         exclude=(), radii: bool = True) -> IVFCertificate | None:
+                         cap_max: int | None = DEFAULT_CAP_MAX, exclude=(), radii: bool = True) -> IVFCertificate | None:
     """Certified top-k of `query` (D,) float32 over `ivf` (index.ivf.CertifiedIVF); see the module doc.
 
     slack: the encoder's margin slack (`encoder.certify.slack_for`). probe_budget: at most this many lists
-    visited (None: no limit, the result is then always the exhaustive certificate). exclude: ids left out
+    visited (None: no limit). cap_max: at most this many items scored exactly (None: no limit). With
+    neither limit the result is always the exhaustive certificate; a limit reached ends the search with a
+    sound certificate that may be smaller (`budget_hit`, `capped`). Why cap_max: when the query is a gallery
+    item (score 1 against itself) the tail bound (s_i − B − slack)/(L·(‖e_i‖ + M)) only stops binding once B
+    is far below s_2, i.e. after most of the gallery is listed — every item scored in float64 with its pair
+    terms, ~10 s at 1M vectors — while the flat path stops at its candidate list. exclude: ids left out
     of the answer and of its certificate. None when the gallery (minus `exclude`) is empty.
     radii=False: plain top-k search that stops as soon as the top-k is proved exact (condition (a) only);
     its radii are then meaningless and `exhaustive` means "top-k exact with proof".
@@ -109,9 +116,11 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
         # visited items than k prove nothing while unvisited lists remain).
         exact_topk = bool(bound == -np.inf or (len(cert.scores) >= k and cert.scores[-1] - bound > ARITHMETIC_SLACK))
         done = exact_topk and (not radii or not cert.tail_binds)
-        if done or (pos >= budget and not cap_binds):
+        capped = not done and cap_binds and cap_max is not None and 2 * cap > max(int(cap_max), cap)
+        if done or capped or (pos >= budget and not cap_binds):
             return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),
-                                  exact_topk, done, not done, pos, int(sizes[order[:pos]].sum()), rounds)
+                                  exact_topk, done, not done and not capped, pos, int(sizes[order[:pos]].sum()),
+                                  rounds, capped)
         if cap_binds:  # the exactly scored list was too short, not the unvisited lists: lengthen it
             cap *= 2
             pool = _Pool(ivf, q, dropped)  # the visited lists again, each scan now keeping cap + 1

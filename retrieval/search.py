@@ -210,6 +210,9 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         if found.budget_hit:
             extra["notes"] = [f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the radii are "
                               "sound but may be smaller than the exhaustive certificate's"]
+        elif found.capped:
+            extra["notes"] = [f"{len(found.listed_ids)} items scored exactly (the limit): the radii are sound but may "
+                              "be smaller than the exhaustive certificate's"]
     else:
         m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))
         _, ids = gallery.search(q[None], m, exact=True)

@@ -479,3 +479,25 @@ def test_a_faiss_ivf_on_l2_distances_is_certified_on_inner_products():
         got = certified_ivf_search(ivf, q, 5, 1.0, slack=0.0)
         assert got.exhaustive and got.ids.tolist() == pos.tolist()
         np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("source", ["memory", "faiss"])
+def test_a_gallery_item_as_query_stops_at_the_exact_list_limit_with_a_sound_certificate(source):
+    # Its self-score 1 keeps the tail bound binding until most of the gallery is listed (~10 s at 1M vectors
+    # before cap_max): the search stops at cap_max items exactly scored, flagged, the certificate still sound.
+    x = clustered_unit_vectors(3000, 16, 30, seed=12)
+    ivf = CertifiedIVF.build(np.arange(3000), x, 16, seed=0) if source == "memory" else \
+        CertifiedIVF.from_faiss(VectorStore.from_vectors(np.arange(3000), x, "IVF16,Flat", use_gpu=False).index)
+    stored = _stored(ivf)
+    q = stored[123]
+    pos, radius, set_radius = _exhaustive(q, stored, 3, 0.0)
+    full = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap_max=None)
+    assert full.exhaustive and not full.capped and len(full.listed_ids) > 64
+    np.testing.assert_allclose(full.cert.radius, radius, rtol=TOL, atol=TOL)
+    got = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=8, cap_max=64)
+    assert got.capped and not got.exhaustive and not got.budget_hit and len(got.listed_ids) <= 64
+    assert got.exact_topk and got.ids.tolist() == pos.tolist()
+    assert np.all(got.cert.radius <= radius + TOL) and got.cert.set_radius <= set_radius + TOL
+    assert got.cert.radius[0] > 0  # still a certificate, only smaller
+    unlisted = np.setdiff1d(np.arange(3000), got.listed_ids)
+    assert np.all(stored[unlisted].astype(np.float64) @ q.astype(np.float64) <= got.bound)
