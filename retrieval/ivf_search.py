@@ -67,9 +67,11 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     """Certified top-k of `query` (D,) float32 over `ivf` (index.ivf.CertifiedIVF); see the module doc.
 
     slack: the encoder's margin slack (`encoder.certify.slack_for`). probe_budget: at most this many lists
-    visited (None: no limit). cap_max: at most this many items scored exactly (None: no limit). With
-    neither limit the result is always the exhaustive certificate; a limit reached ends the search with a
-    sound certificate that may be smaller (`budget_hit`, `capped`). Why cap_max: when the query is a gallery
+    visited (None: no limit). cap_max: the exactly scored list grows (doubling from cap) to at most
+    max(cap_max, cap, 2k + 1) items (None: no limit; no limit either for radii=False, whose list only grows
+    past cap_max for items tied within float error of the k-th). With neither limit the result is always the
+    exhaustive certificate; a limit reached ends the search with a sound certificate that may be smaller
+    (`budget_hit`, `capped`). Why cap_max: when the query is a gallery
     item (score 1 against itself) the tail bound (s_i − B − slack)/(L·(‖e_i‖ + M)) only stops binding once B
     is far below s_2, i.e. after most of the gallery is listed — every item scored in float64 with its pair
     terms, ~10 s at 1M vectors — while the flat path stops at its candidate list. exclude: ids left out
@@ -87,6 +89,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     gamma = float32_dot_error(len(q), ivf.max_norm, float(np.linalg.norm(q64)) * (1 + 1e-9))
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
     cap = max(int(cap), 2 * k + 1)
+    limit = None if cap_max is None or not radii else max(int(cap_max), cap)  # (module doc: cap_max)
     pool = _Pool(ivf, q, dropped)
     pos, step, chunk, rounds = 0, max(1, int(first_probes)), max(1, int(first_probes)), 0
     needed_lists = chunk  # lists that may still change the certificate (all unvisited ones until known)
@@ -116,13 +119,13 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
         # visited items than k prove nothing while unvisited lists remain).
         exact_topk = bool(bound == -np.inf or (len(cert.scores) >= k and cert.scores[-1] - bound > ARITHMETIC_SLACK))
         done = exact_topk and (not radii or not cert.tail_binds)
-        capped = not done and cap_binds and cap_max is not None and 2 * cap > max(int(cap_max), cap)
+        capped = not done and cap_binds and limit is not None and cap >= limit
         if done or capped or (pos >= budget and not cap_binds):
             return IVFCertificate(listed_ids[:len(cert.scores)], cert, top_vecs, listed_ids, float(bound),
                                   exact_topk, done, not done and not capped, pos, int(sizes[order[:pos]].sum()),
                                   rounds, capped)
         if cap_binds:  # the exactly scored list was too short, not the unvisited lists: lengthen it
-            cap *= 2
+            cap = 2 * cap if limit is None else min(2 * cap, limit)
             pool = _Pool(ivf, q, dropped)  # the visited lists again, each scan now keeping cap + 1
             pool.scan(order[:pos], cap)
             chunk = needed_lists = 0

@@ -154,7 +154,9 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
     score below the last listed one, so the certificate stays sound.
     On a gallery with certified inverted lists (`gallery.certified_ivf`, IVF index types) the certificate
     comes from `retrieval.ivf_search.certified_ivf_search`: equal to the exhaustive one (`exhaustive`),
-    or, when `probe_budget` lists were visited first, sound and possibly smaller (and a note says so).
+    or, when `probe_budget` lists were visited first or the exactly scored list reached its limit
+    (`DEFAULT_CAP_MAX` items; a query that is itself a gallery item), sound and possibly smaller (and a
+    note says so).
     Without a certificate (no Lipschitz bound) an IVF gallery visits at most `probe_budget` lists (default:
     the index's nprobe) by decreasing bound, and `exact_topk` says whether the bounds prove the top-k exact.
     """
@@ -211,8 +213,9 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
             extra["notes"] = [f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the radii are "
                               "sound but may be smaller than the exhaustive certificate's"]
         elif found.capped:
-            extra["notes"] = [f"{len(found.listed_ids)} items scored exactly (the limit): the radii are sound but may "
-                              "be smaller than the exhaustive certificate's"]
+            extra["notes"] = [f"the exactly scored list reached its limit ({len(found.listed_ids)} items): the radii "
+                              "are sound but may be smaller than the exhaustive certificate's"
+                              + ("" if found.exact_topk else ", and the top-k is not proved exact")]
     else:
         m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))
         _, ids = gallery.search(q[None], m, exact=True)

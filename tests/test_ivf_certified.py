@@ -501,3 +501,20 @@ def test_a_gallery_item_as_query_stops_at_the_exact_list_limit_with_a_sound_cert
     assert got.cert.radius[0] > 0  # still a certificate, only smaller
     unlisted = np.setdiff1d(np.arange(3000), got.listed_ids)
     assert np.all(stored[unlisted].astype(np.float64) @ q.astype(np.float64) <= got.bound)
+
+
+def test_the_exact_list_limit_is_reached_exactly_and_never_stops_a_plain_search():
+    # (review) cap_max bounds the list by clamping its last doubling; a plain top-k (radii=False) is not
+    # capped: there the list only grows past cap_max for items tied with the k-th, and it must end proved.
+    x = clustered_unit_vectors(3000, 16, 30, seed=12)
+    ivf = CertifiedIVF.build(np.arange(3000), x, 16, seed=0)
+    got = certified_ivf_search(ivf, x[123], 3, 1.0, slack=0.0, cap=8, cap_max=100)
+    assert got.capped and len(got.listed_ids) == 100
+    assert certified_ivf_search(ivf, x[123], 3, 1.0, slack=0.0, cap=512, cap_max=64).listed_ids.size <= 512
+    ties = clustered_unit_vectors(3000, 16, 30, seed=3)
+    ties[:1500] = ties[0]
+    q = ties[0] + 1e-3 * np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    q /= np.linalg.norm(q)
+    plain = certified_ivf_search(CertifiedIVF.build(np.arange(3000), ties, 16, seed=0), q, 3, 1.0, slack=0.0,
+                                 cap_max=64, radii=False)
+    assert plain.exact_topk and not plain.capped

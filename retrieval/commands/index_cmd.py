@@ -132,7 +132,8 @@ def register(sub) -> None:
                    help="list length used for the certificate (default max(2k, k+64))")
     q.add_argument("--probe-budget", type=positive_int, default=None, metavar="LISTS",
                    help="IVF indexes: visit at most LISTS inverted lists for the certificate (sound, possibly "
-                        "smaller than the exhaustive one; default: as many as the exhaustive certificate needs)")
+                        "smaller than the exhaustive one; default: as many as the exhaustive certificate needs, "
+                        "with at most 4096 items scored exactly)")
     q.add_argument("--no-certify", action="store_true", help="plain search, no certificate")
     q.add_argument("--exclude-self", action="store_true",
                    help="leave out hits whose content (SHA-256 of the file) equals the query's")
