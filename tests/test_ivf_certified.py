@@ -518,3 +518,24 @@ def test_the_exact_list_limit_is_reached_exactly_and_never_stops_a_plain_search(
     plain = certified_ivf_search(CertifiedIVF.build(np.arange(3000), ties, 16, seed=0), q, 3, 1.0, slack=0.0,
                                  cap_max=64, radii=False)
     assert plain.exact_topk and not plain.capped
+
+
+def test_concurrent_certified_searches_share_the_scanning_threads(monkeypatch):
+    # A server answers requests on several threads, each splitting its scans over the same two workers.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import index.ivf as ivf_module
+    monkeypatch.setattr(ivf_module, "SPLIT_MIN", 100)
+    x = clustered_unit_vectors(4000, 24, 40, seed=21)
+    ivf = CertifiedIVF.from_faiss(VectorStore.from_vectors(np.arange(4000), x, "IVF16,Flat", use_gpu=False).index)
+    queries = clustered_unit_vectors(24, 24, 40, seed=21, stream=5)
+    slack = slack_for(1e-6, ivf.max_norm)
+
+    def answer(q):
+        got = certified_ivf_search(ivf, q, 5, 1.0, slack=slack, exclude=[int(np.argmax(x @ q))])
+        return got.ids.tolist(), got.cert.radius.tolist(), got.exhaustive
+
+    alone = [answer(q) for q in queries]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(answer, queries))
+    assert together == alone and all(e for _, _, e in alone)
