@@ -33,8 +33,6 @@ copying store is used, so that FAISS can move it to the GPU.
 """
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 from pathlib import Path
 
@@ -43,7 +41,7 @@ import numpy as np
 
 from .errors import StoreError
 from .ivf import norm_bound
-from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, open_checked, scan_top
+from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked, scan_top
 
 __all__ = ["MappedFlat", "flat_base_views"]
 
@@ -78,13 +76,7 @@ class MappedFlat:
         them (~50 bytes a vector)."""
         if factory != "Flat":
             raise StoreError(f"index file {path} is not a flat inner-product index; run `robret index repair`")
-        fd = open_checked(path, sha256)
-        try:
-            size = os.fstat(fd).st_size
-            data = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
-        finally:
-            os.close(fd)
-        ids, rows = flat_base_views(Path(path), data)
+        ids, rows = flat_base_views(Path(path), map_checked(path, sha256))
         store = cls(rows.shape[1], params)
         store._append(ids, rows)
         return store

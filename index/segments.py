@@ -31,7 +31,6 @@ upper bound over a set being one over any subset.)
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -43,7 +42,7 @@ from encoder.io import atomic_write, fd_sha256
 from .errors import IntegrityError, StoreError
 from .layout import BASE, ROWS, live_files
 from .mapped import MappedFlat
-from .store import VectorStore, open_checked
+from .store import VectorStore, map_checked, open_checked
 
 __all__ = ["MAGIC", "Segment", "segment_bytes", "write_segment", "read_segment", "map_segment", "load_live_store"]
 
@@ -124,13 +123,7 @@ def map_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> Segmen
     """`read_segment`'s checks and answer, its arrays read-only views of the file mapped through the
     descriptor whose digest was checked (index/mapped.py); each view holds the mapping open."""
     path = Path(path)
-    fd = open_checked(path, sha256)
-    try:
-        size = os.fstat(fd).st_size
-        data = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size >= HEADER_BYTES else b""
-    finally:
-        os.close(fd)
-    return Segment(*_parse(path, data, dim))
+    return Segment(*_parse(path, map_checked(path, sha256), dim))
 
 
 def _parse(path: Path, data, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

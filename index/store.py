@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 from pathlib import Path
@@ -130,6 +131,18 @@ def open_checked(path: str | os.PathLike, sha256: str | None) -> int:
                 "committed with its version: it is corrupted or was altered, and nothing is answered "
                 f"from it; run `robret index repair {Path(path).parent}`")
     return fd
+
+
+def map_checked(path: str | os.PathLike, sha256: str | None):
+    """The bytes of an index file whose digest `open_checked` checked, mapped read-only (PROT_READ) through
+    that very descriptor, which is then closed (b"" for an empty file). Numpy views of the map hold it open
+    (index/mapped.py, index/segments.py)."""
+    fd = open_checked(path, sha256)
+    try:
+        size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
+    finally:
+        os.close(fd)
 
 
 def _as_ids(ids) -> np.ndarray:
