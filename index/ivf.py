@@ -248,26 +248,22 @@ class CertifiedIVF:
             found = list(_executor().map(lambda part: self._faiss_part(q, part, k, exclude),
                                          [part for part in np.split(lists, cuts) if len(part)]))
             return np.concatenate([s for s, _ in found]), np.concatenate([r for _, r in found])
+        # The lists' items back to back (a contiguous store: all of them, in storage order), then the k best.
         if self._whole is not None and len(np.unique(lists)) == int(np.sum(sizes > 0)):
+            lists = np.arange(self.nlist)
             ids, vecs = self._whole
             scores = _kernel_scores(q, vecs)
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            rows = np.arange(len(ids), dtype=np.int64)
-            c = np.searchsorted(starts, rows, side="right") - 1
-            refs = (c << 32) | (rows - starts[c])
-            excluded = np.isin(ids, exclude) if len(exclude) else None
         else:
             scores = np.concatenate([_kernel_scores(q, self.lists[c].vectors) for c in lists])
-            refs = np.concatenate([(int(c) << 32) | np.arange(sizes[c], dtype=np.int64) for c in lists])
-            excluded = np.isin(np.concatenate([self.lists[c].ids for c in lists]), exclude) if len(exclude) else None
-        if excluded is not None:
-            scores, refs = scores[~excluded], refs[~excluded]
-        if len(scores) > k:
+            ids = np.concatenate([self.lists[c].ids for c in lists]) if len(exclude) else None
+        rows = np.flatnonzero(~np.isin(ids, exclude)) if len(exclude) else np.arange(len(scores))
+        if len(rows) > k:
             from .store import top_rows  # (index.store imports this module)
 
-            top = top_rows(scores, k)
-            scores, refs = scores[top], refs[top]
-        return scores, refs
+            rows = rows[top_rows(scores[rows] if len(exclude) else scores, k)]
+        starts = np.concatenate([[0], np.cumsum(sizes[lists])])
+        at = np.searchsorted(starts, rows, side="right") - 1  # which of `lists` each kept row is in
+        return scores[rows], (lists[at] << 32) | (rows - starts[at])
 
     def _faiss_part(self, q, lists, k: int, exclude) -> tuple[np.ndarray, np.ndarray]:
         """`top_in_lists` over one part, by FAISS: its top `wanted` items, excluded ones dropped, asking
