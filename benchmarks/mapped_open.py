@@ -108,9 +108,9 @@ def write_live_set(directory: Path, n: int, dim: int = DIM, seed: int = 0) -> di
     return {"version": 4, "dim": dim, "factory": "Flat", "rows": int(alive.sum()), "segments": files}
 
 
-def write_ivf_base(directory: Path, n: int, dim: int = DIM, seed: int = 0, flat: bool = False) -> dict:
-    """One IVF base of n rows, nlist = 4·√n (as `auto` picks), trained on FAISS's default sample; or with
-    flat=True one Flat base (a Flat gallery after `compact`)."""
+def write_base(directory: Path, n: int, dim: int = DIM, seed: int = 0, flat: bool = False) -> dict:
+    """One base of n rows: IVF with nlist = 4·√n (as `auto` picks), trained on FAISS's default sample, or
+    with flat=True Flat (a Flat gallery after `compact`)."""
     from index.layout import BASE
     from index.store import VectorStore
     factory = "Flat" if flat else f"IVF{max(16, int(4 * n ** 0.5))},Flat"
@@ -120,8 +120,8 @@ def write_ivf_base(directory: Path, n: int, dim: int = DIM, seed: int = 0, flat:
     return {"version": 1, "dim": dim, "factory": factory, "rows": n, "segments": files}
 
 
-WRITERS = {"flat": write_live_set, "ivf": write_ivf_base,
-           "flat-base": lambda directory, n, seed=0: write_ivf_base(directory, n, seed=seed, flat=True)}
+WRITERS = {"flat": write_live_set, "ivf": write_base,
+           "flat-base": lambda directory, n, seed=0: write_base(directory, n, seed=seed, flat=True)}
 
 
 def run(n: int, repeat: int = 3, seed: int = 0, kind: str = "flat", before: Path | None = None) -> dict:
