@@ -17,6 +17,8 @@ stored float32 vectors are within ~1e-7 of it, and callers pass the gallery's me
 ‖e_i − e_j‖ ≤ ‖e_i‖ + M, so r(i, j) ≥ (s_i − s_j)/(L·(‖e_i‖ + M)): scanning outsiders by decreasing
 score, the scan stops once that lower bound exceeds every current radius_i, and every item beyond the
 retrieved list (score ≤ s_last + `unlisted_slack`) is covered by (s_i − s_last − unlisted_slack)/(L·(‖e_i‖ + M)).
+Given the query, both bounds use where an item scoring at most B can lie (`unlisted_radius`): the same
+margin over L·√(x₀² + Y₀²), which for nearby items is about half of L·(‖e_i‖ + M) or less.
 
 Ceiling (what no training can lift). With ‖e(q)‖ = 1, Cauchy–Schwarz gives
 s_i − s_j = ⟨e(q), e_i − e_j⟩ ≤ ‖e_i − e_j‖, so every r(i, j) ≤ 1/L, and likewise R ≤ 1/L for 2AFC:
@@ -46,6 +48,8 @@ __all__ = [
     "TopKCertificate",
     "twoafc_radius",
     "pair_radius",
+    "unlisted_radius",
+    "unlisted_threshold",
     "certify_ranked",
     "certify_topk",
     "certify_topk_bruteforce",
@@ -112,6 +116,87 @@ def pair_radius(query, e_i, e_j, lipschitz: float, slack: float = 0.0) -> np.nda
         return np.where(norm > 0, margin / (lipschitz * np.where(norm > 0, norm, 1.0)), 0.0)
 
 
+AXIS_ALLOWANCE = 1e-7  # added to Y₀ in `unlisted_radius`: covers float64 rounding under its square roots
+
+
+def unlisted_radius(scores, vectors, query, bound: float, max_norm: float, lipschitz: float,
+                    slack: float = 0.0) -> np.ndarray:
+    """Lower bound on r(i, j) over every item j that scores at most B and has norm at most M:
+
+        r(i, j) ≥ (s_i − B − c) / (L·√(x₀² + Y₀²)),  x₀ = (s_i − B)/ν,  Y₀ = b_i + √(M² − (B/ν)²),
+
+    for ⟨q, e_j⟩ ≤ B, ‖e_j‖ ≤ M, with s_i = ⟨q, e_i⟩ (`scores`, (k,)), e_i (`vectors`, (k, D)), ν = ‖q‖ > 0,
+    b_i = ‖e_i − ⟨q̂, e_i⟩q̂‖ (e_i's distance from the query's axis, q̂ = q/ν), c = slack ≥ 0, and B first
+    clamped to [−νM, νM] (every item scores inside it, so the set of items bounded is unchanged).
+    Returns, per i, the larger of that and the plain bound (s_i − B − c)/(L·(‖e_i‖ + M)); where
+    s_i − B − c ≤ 0 both are ≤ 0 (no radius; callers clamp at 0). Requires ‖e_i‖ ≤ M.
+
+    Proof (s_i − B > c). Write d = e_i − e_j = x·q̂ + d⊥ (d⊥ ⊥ q̂), a = ⟨q̂, e_i⟩, y = ‖d⊥‖, B̂ = B/ν.
+    Then x = a − ⟨q̂, e_j⟩ ≥ a − B̂ = x₀ > 0, and y ≤ ‖e_i⊥‖ + ‖e_j⊥‖ = b_i + √(‖e_j‖² − (a − x)²) ≤ Y(x),
+    Y(x) = b_i + √(M² − (a − x)²) on [a − M, a + M], which holds x₀ (|B̂| ≤ M), every feasible x
+    (|⟨q̂, e_j⟩| ≤ M) and 0 (|a| ≤ ‖e_i‖ ≤ M). Y is concave with Y(0) ≥ 0, so for x ≥ x₀ > 0, writing
+    x₀ = (x₀/x)·x + (1 − x₀/x)·0: Y(x₀) ≥ (x₀/x)·Y(x), i.e. y/x ≤ Y₀/x₀. Hence ‖d‖ = √(x² + y²) ≤
+    x·√(1 + Y₀²/x₀²), and r(i, j) = (νx − c)/(L‖d‖) ≥ (ν − c/x)/(L·√(1 + Y₀²/x₀²)), increasing in x, so
+    ≥ (ν − c/x₀)/(L·√(1 + Y₀²/x₀²)) = (s_i − B − c)/(L·√(x₀² + Y₀²)).  ∎
+    Tight for c = 0: e_j = B̂·q̂ − √(M² − B̂²)·u, u = e_i⊥/b_i, attains it. Non-increasing in B (for c = 0
+    it is the minimum over a set that grows with B; (s_i − B − c)/(s_i − B) also falls).
+    Float64 rounding of ν, a, b_i, M² − B̂² (errors ≲ 1e-15, at most ~3e-8 after a square root) is covered
+    by adding `AXIS_ALLOWANCE` to Y₀; the score arithmetic is covered by the slack, as for every radius.
+    """
+    return _unlisted(*_axis_terms(scores, vectors, query), bound, max_norm, lipschitz, slack)
+
+
+def unlisted_threshold(scores, vectors, query, radius, max_norm: float, lipschitz: float, slack: float = 0.0,
+                       rounds: int = 4) -> float:
+    """A bound B below which no item can lower any radius_i: unlisted_radius(B) ≥ radius_i for every i
+    (arguments as `unlisted_radius`, radius (k,)). −inf when some radius_i is +inf (no listed outsider).
+    A search may leave unscored every item scoring at most the returned B without changing any radius:
+    such an item j has r(i, j) ≥ unlisted_radius(B)_i ≥ radius_i.
+
+    Search: from the plain bound's exact threshold min_i s_i − c − L·(‖e_i‖ + M)·radius_i (which satisfies
+    the condition, unlisted_radius being ≥ the plain bound) up to min_i s_i + 1 (which does not), `rounds`
+    grids of 31 points each shrink the bracket 32-fold; the returned B is a grid point that was checked.
+    unlisted_radius is non-increasing in B, so the bracket holds the largest such B (within 32⁻ʳᵒᵘⁿᵈˢ of it).
+    """
+    s, norms, b, nu = _axis_terms(scores, vectors, query)
+    target = np.maximum(_f64(radius).reshape(-1), 0.0)
+    if not np.all(np.isfinite(target)):
+        return -np.inf
+    plain = s - slack - lipschitz * (norms + max_norm) * target  # the plain bound reaches radius_i exactly there
+    lo, hi = float(plain.min()), float(s.min()) + 1.0
+    for _ in range(rounds):
+        grid = np.linspace(lo, hi, 33)[1:-1]
+        ok = np.all(_unlisted(s, norms, b, nu, grid[:, None], max_norm, lipschitz, slack) >= target, axis=1)
+        fail = int(np.argmin(ok)) if not ok.all() else len(grid)  # every grid point before `fail` satisfies
+        lo, hi = (grid[fail - 1] if fail else lo), (grid[fail] if fail < len(grid) else hi)
+    return float(lo)
+
+
+def _axis_terms(scores, vectors, query):
+    """(s, ‖e_i‖, b_i, ν) of `unlisted_radius`, float64."""
+    s = _f64(scores).reshape(-1)
+    e = _f64(vectors).reshape(len(s), -1)
+    q = _f64(query).reshape(-1)
+    nu = float(np.linalg.norm(q))
+    b = np.linalg.norm(e - np.outer(e @ q, q) / (nu * nu), axis=1) if nu > 0 else np.zeros(len(s))
+    return s, np.linalg.norm(e, axis=1), b, nu
+
+
+def _unlisted(s, norms, b, nu, bound, max_norm, lipschitz, slack):
+    """`unlisted_radius` from `_axis_terms`; `bound` a float or an array broadcasting against s."""
+    bound = np.asarray(bound, dtype=np.float64)
+    plain = (s - bound - slack) / (lipschitz * (norms + max_norm))
+    if nu == 0.0 or not np.all(np.isfinite(bound)):
+        return plain
+    bh = np.clip(bound / nu, -max_norm, max_norm)
+    m = s - bh * nu  # margin to the clamped B (the same items)
+    x0 = m / nu
+    y0 = b + np.sqrt(np.maximum(max_norm * max_norm - bh * bh, 0.0)) + AXIS_ALLOWANCE
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tight = np.where(m > slack, (m - slack) / (lipschitz * np.sqrt(x0 * x0 + y0 * y0)), -np.inf)
+    return np.maximum(plain, tight)
+
+
 @dataclass
 class TopKCertificate:
     """Certificate of one query's top-k (radii in encoder-input ℓ2 units; see module doc)."""
@@ -124,7 +209,7 @@ class TopKCertificate:
     pairs_evaluated: int  # exact pairs computed (all pairs would be k·(n − k))
     # (k,) min over listed outsiders j of r(i, j) (inf: none listed), before the unlisted bound and the clamp at 0
     listed_radius: np.ndarray | None = None
-    # (k,) the bound every unlisted item gives, (s_i − unlisted_max − slack)/(L·(‖e_i‖ + M)); None when complete
+    # (k,) the bound every unlisted item gives (`certify_ranked`: plain, or `unlisted_radius`); None when complete
     tail_radius: np.ndarray | None = None
 
     @property
@@ -159,6 +244,7 @@ def certify_ranked(
     max_norm: float | None = None,
     unlisted_slack: float = 0.0,
     unlisted_max: float | None = None,
+    query=None,
 ) -> TopKCertificate:
     """Certify the top-k of one query from its ranked list, with pruning.
 
@@ -171,6 +257,8 @@ def certify_ranked(
     max_norm: M, an upper bound on every gallery vector's norm. Default: the largest listed norm when the
     list is complete; otherwise also at least 1 + 1e-6, the bound for vectors stored renormalised
     (index/store.py) — callers that know their gallery's maximum (retrieval.search) pass it.
+    query: q (D,), whose scores these are. Given, the pruning and the unlisted items' bound use
+    `unlisted_radius` (where an item scoring at most B can lie) instead of (s_i − B − slack)/(L·(‖e_i‖ + M)).
     """
     s = _f64(ranked_scores)
     n = s.shape[0]
@@ -185,13 +273,26 @@ def certify_ranked(
         max_norm = listed_max if complete else max(listed_max, 1.0 + 1e-6)
     max_norm = max(float(max_norm), listed_max)
     top_s, top_e = s[:k], emb[:k]
-    diam = lipschitz * (norms[:k] + max_norm)  # L·(‖e_i‖ + M) ≥ L·‖e_i − e_j‖ for every j
+    if query is None:
+        diam = lipschitz * (norms[:k] + max_norm)  # L·(‖e_i‖ + M) ≥ L·‖e_i − e_j‖ for every j
+
+        def below(bound):  # (…, k): lower bounds on r(i, j) for every j scoring at most `bound` (…, 1)
+            return (top_s - bound - slack) / diam
+    else:
+        axis = _axis_terms(top_s, top_e, query)
+
+        def below(bound):
+            return _unlisted(*axis, bound, max_norm, lipschitz, slack)
     radius = np.full(k, np.inf)
     pairs = 0
     j = k
+    ahead, first = np.empty((0, k)), 0  # below(s[j]) for the next block starts, computed 64 at a time
     while j < n:
         # Lower bound for every remaining outsider (scores only decrease from j on).
-        if np.all((top_s - s[j] - slack) / diam >= radius):
+        if j >= first + block * len(ahead):
+            first = j
+            ahead = below(s[j:n:block][:64, None])
+        if np.all(ahead[(j - first) // block] >= radius):
             break
         stop = min(n, j + block)
         diff_norm = np.linalg.norm(top_e[:, None, :] - emb[None, j:stop, :], axis=-1)  # (k, b)
@@ -205,7 +306,7 @@ def certify_ranked(
     tail = None
     if not complete:
         bound = s[-1] + unlisted_slack if unlisted_max is None else float(unlisted_max)
-        tail = (top_s - bound - slack) / diam
+        tail = below(bound)
         radius = np.minimum(radius, tail)
     radius = np.maximum(radius, 0.0)
     set_radius = float(radius.min())
@@ -227,7 +328,7 @@ def certify_topk(query, gallery, k: int, lipschitz: float, slack: float = DEFAUL
     q, g = _f64(query), _f64(gallery)
     scores = g @ q
     order = np.argsort(-scores, kind="stable")
-    cert = certify_ranked(scores[order], g[order], k, lipschitz, complete=True, slack=slack)
+    cert = certify_ranked(scores[order], g[order], k, lipschitz, complete=True, slack=slack, query=q)
     cert.positions = order[:k]
     return cert
 

@@ -12,19 +12,20 @@ the visited items whose float32 score exceeds max_{c ∉ V} U_c − γ, at most 
 γ = float32_dot_error(D, M, ‖q‖) bounds a float32 score's error. (Lists are scanned by
 `CertifiedIVF.top_in_lists`, in C++ for a FAISS IVF's lists; each scan keeps only its cap + 1 best items,
 and t also bounds every item a scan left out: `_Pool`.) Every item not listed, visited or not,
-has exact score ≤ B. `certify_ranked(listed, unlisted_max=B)` then gives, for the listed top-k,
-    radius_i = max(0, min( min_{j listed, ∉ T} r(i, j),  (s_i − B − slack)/(L·(‖e_i‖ + M)) )),
-which is sound because ‖e_i − e_j‖ ≤ ‖e_i‖ + M and s_j ≤ B for every unlisted j, so
-r(i, j) ≥ (s_i − B − slack)/(L·(‖e_i‖ + M)) whenever that is ≥ 0 (and a negative bound clamps to 0).
+has exact score ≤ B. `certify_ranked(listed, unlisted_max=B, query=q)` then gives, for the listed top-k,
+    radius_i = max(0, min( min_{j listed, ∉ T} r(i, j),  u_i(B) )),
+u_i(B) = `encoder.certify.unlisted_radius`, a lower bound (proved there) on r(i, j) for every j with
+s_j ≤ B and ‖e_j‖ ≤ M — about (s_i − B − slack)/(L·√((s_i − B)² + (b_i + √(1 − B²))²)) for unit vectors,
+b_i e_i's distance from the query's axis, and never below the plain (s_i − B − slack)/(L·(‖e_i‖ + M)).
 
 Equal to the exhaustive certificate (proof of the stopping rule). Stop when
   (a) s_k − B > ARITHMETIC_SLACK: every unlisted item scores below the k-th listed one, so the listed
       top-k T is the exact top-k ("exact with proof", up to float64 ties); and
-  (b) the tail bound does not bind: (s_i − B − slack)/(L·(‖e_i‖ + M)) ≥ min_{j listed ∉ T} r(i, j) for all i.
+  (b) the tail bound does not bind: u_i(B) ≥ min_{j listed ∉ T} r(i, j) for all i.
 By (a) the outsiders of T are the listed ones plus every unlisted item; by (b) and the bound above,
 no unlisted j has r(i, j) below the listed minimum, so radius_i is the exhaustive radius_i exactly.
-Otherwise the next lists are those whose U_c exceeds what (b) needs for every i,
-    B_needed = min_i (s_i − slack − L·(‖e_i‖ + M)·min_{j listed ∉ T} r(i, j))   (and < s_k),
+Otherwise the next lists are those whose U_c exceeds what (b) needs for every i, B_needed: a B with
+u_i(B) ≥ min_{j listed ∉ T} r(i, j) for every i (`encoder.certify.unlisted_threshold`; and < s_k),
 visited in chunks that double; lists with U_c ≤ B_needed are never needed. A probe budget (lists) ends
 the loop early: the certificate is then still sound, possibly smaller, and says so (`exhaustive` False).
 """
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encoder.certify import ARITHMETIC_SLACK, TopKCertificate, certify_ranked, float32_dot_error
+from encoder.certify import ARITHMETIC_SLACK, TopKCertificate, certify_ranked, float32_dot_error, unlisted_threshold
 
 __all__ = ["IVFCertificate", "certified_ivf_search", "DEFAULT_FIRST_PROBES", "DEFAULT_CAP", "DEFAULT_CAP_MAX"]
 
@@ -71,10 +72,10 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
     max(cap_max, cap, 2k + 1) items (None: no limit; no limit either for radii=False, whose list only grows
     past cap_max for items tied within float error of the k-th). With neither limit the result is always the
     exhaustive certificate; a limit reached ends the search with a sound certificate that may be smaller
-    (`budget_hit`, `capped`). Why cap_max: when the query is a gallery
-    item (score 1 against itself) the tail bound (s_i − B − slack)/(L·(‖e_i‖ + M)) only stops binding once B
-    is far below s_2, i.e. after most of the gallery is listed — every item scored in float64 with its pair
-    terms, ~10 s at 1M vectors — while the flat path stops at its candidate list. exclude: ids left out
+    (`budget_hit`, `capped`). Why cap_max: where the tail bound keeps binding until B is far below s_k (with
+    the plain bound (s_i − B − slack)/(L·(‖e_i‖ + M)), any query that is a gallery item did), most of the gallery
+    would be listed — every item scored in float64 with its pair terms, ~10 s at 1M vectors — while the flat path
+    stops at its candidate list. exclude: ids left out
     of the answer and of its certificate. None when the gallery (minus `exclude`) is empty.
     radii=False: plain top-k search that stops as soon as the top-k is proved exact (condition (a) only);
     its radii are then meaningless and `exhaustive` means "top-k exact with proof".
@@ -131,9 +132,9 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
             chunk = needed_lists = 0
             continue
         # Lists whose bound is at most what every radius needs can never change the certificate (module doc).
-        norms = np.linalg.norm(top_vecs, axis=1)
-        diam = lipschitz * (norms + max(ivf.max_norm, float(norms.max())))
-        needed = float(np.min(cert.scores - slack - diam * np.minimum(cert.listed_radius, 1e30)))
+        top_norm = float(np.linalg.norm(top_vecs, axis=1).max())
+        needed = unlisted_threshold(cert.scores, top_vecs, q64, cert.listed_radius, max(ivf.max_norm, top_norm),
+                                    lipschitz, slack)
         needed = min(needed, float(cert.scores[-1]) - 2 * ARITHMETIC_SLACK)
         useful = int(np.sum(upper[order[pos:budget]] > needed))
         step *= 2
@@ -190,7 +191,7 @@ def _certify_pool(pool: _Pool, q64, k, lipschitz, slack, max_norm, rest, gamma, 
     kk = min(k, len(s))
     complete = bound == -np.inf
     cert = certify_ranked(s, vecs, kk, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
-                          unlisted_max=None if complete else bound)
+                          unlisted_max=None if complete else bound, query=q64)
     if kk < k and not complete:
         # Fewer than k items scored while some are unseen: the true top-k holds an unseen item, so neither the
         # set nor any member's place in it is known. Nothing is certified (radius 0 is always sound); the tail

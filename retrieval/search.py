@@ -14,8 +14,9 @@ decode is not continuous in their samples (colour keys, palettes, 16-bit samples
 
 The list is retrieved exhaustively (`exact=True`: also on IVF/HNSW), m = `candidates` long; when
 it covers the gallery the certificate is complete, otherwise every unlisted item (float32 score ≤
-s_m, hence exact score ≤ s_m + 2·γ_D, `float32_dot_error`) is bounded by
-(s_i − s_m − 2γ_D − slack)/(L·(‖e_i‖ + M)) with M the gallery's largest vector norm.
+s_m, hence exact score ≤ B = s_m + 2·γ_D, `float32_dot_error`) is bounded by
+`encoder.certify.unlisted_radius` at B (where an item scoring at most B with norm at most M can lie; never
+below (s_i − B − slack)/(L·(‖e_i‖ + M))), M the gallery's largest vector norm.
 """
 from __future__ import annotations
 
@@ -231,7 +232,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         ids, vectors, scores = ids[order], vectors[order], scores[order]
         unlisted = 0.0 if complete else 2 * float32_dot_error(len(q), max_norm, float(np.linalg.norm(q)))
         cert = certify_ranked(scores, vectors, k, lipschitz, complete=complete, slack=slack, max_norm=max_norm,
-                              unlisted_slack=unlisted)
+                              unlisted_slack=unlisted, query=q)
         listed = len(ids)
         extra = {"exhaustive": complete or not cert.tail_binds,
                  "exact_topk": complete or bool(scores[k - 1] - scores[-1] - unlisted > ARITHMETIC_SLACK)}

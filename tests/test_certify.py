@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encoder.certify import (DEFAULT_SLACK, certify_ranked, certify_topk, certify_topk_bruteforce, pair_radius,
-                             twoafc_radius)
+                             twoafc_radius, unlisted_radius)
 
 
 def _unit(rng, n, d):
@@ -154,6 +154,90 @@ def test_truncated_list_certificate_is_exact_bound_and_never_exceeds_the_full_on
     diam = np.linalg.norm(g[order[:k]], axis=1) + big_m
     expected = np.maximum(np.minimum(listed, (top_s - s_last - DEFAULT_SLACK) / diam), 0)
     np.testing.assert_allclose(cert.radius, expected, rtol=1e-9, atol=1e-12)
+    # Given the query, unlisted items are bounded by `unlisted_radius`: never below the plain bound, never above
+    # the whole gallery's certificate, and exactly min(listed pairs, unlisted_radius) otherwise.
+    known = certify_ranked(scores[order[:m]], g[order[:m]], k, 1.0, complete=False, query=q)
+    assert np.all(known.radius >= cert.radius - 1e-12) and np.all(known.radius <= full.radius + 1e-12)
+    tail = unlisted_radius(top_s, g[order[:k]], q, s_last, big_m, 1.0, DEFAULT_SLACK)
+    np.testing.assert_allclose(known.radius, np.maximum(np.minimum(listed, tail), 0), rtol=1e-9, atol=1e-12)
+
+
+# --- the bound on unlisted items (unlisted_radius): attained, never beaten ------------------------
+
+def _unlisted_case(seed, d):
+    """Query of norm ν ∈ [0.5, 1.5], item e_i of norm ≤ M, M ∈ [1, 1.2], a bound B below s_i, slack c."""
+    rng = np.random.default_rng(seed)
+    nu, big_m = rng.uniform(0.5, 1.5), rng.uniform(1.0, 1.2)
+    q = _unit(rng, 1, d)[0] * nu
+    e_i = (_unit(rng, 1, d)[0] * 0.5 + q / nu * rng.uniform(0, 2)) if rng.random() < 0.8 else q / nu
+    e_i *= big_m * rng.uniform(0.5, 1.0) / np.linalg.norm(e_i)
+    s_i = float(q @ e_i)
+    bound = s_i - rng.uniform(1e-4, 1.0) * (s_i + nu * big_m)  # anywhere between s_i and −νM
+    slack = float(rng.choice([0.0, 1e-6, 1e-3]))
+    return q, e_i, s_i, bound, big_m, slack
+
+
+def _feasible(e, q, bound, big_m):
+    """A point with ⟨q, e⟩ ≤ B and ‖e‖ ≤ M: the q̂-component clipped to B/ν, then the rest shrunk to fit."""
+    nu = np.linalg.norm(q)
+    qh = q / nu
+    a = np.minimum(e @ qh, bound / nu)
+    perp = e - np.outer(e @ qh, qh) if e.ndim == 2 else e - (e @ qh) * qh
+    room = np.sqrt(np.maximum(big_m ** 2 - a ** 2, 0.0))
+    pn = np.linalg.norm(perp, axis=-1)
+    scale = np.minimum(1.0, room / np.maximum(pn, 1e-300))
+    return (a[..., None] * qh + perp * scale[..., None]) if e.ndim == 2 else a * qh + perp * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), d=st.integers(2, 24))
+def test_unlisted_radius_is_attained_by_the_worst_placed_item(seed, d):
+    # The docstring's e_j* = B̂q̂ − √(M² − B̂²)·u scores exactly B, has norm M, and r(i, j*) equals the bound:
+    # no smaller lower bound is sound. (AXIS_ALLOWANCE makes the bound ~1e-7 smaller, never larger.)
+    q, e_i, s_i, bound, big_m, slack = _unlisted_case(seed, d)
+    got = float(unlisted_radius([s_i], e_i[None], q, bound, big_m, 2.0, slack)[0])
+    nu = np.linalg.norm(q)
+    qh, bh = q / nu, bound / nu
+    perp = e_i - (e_i @ qh) * qh
+    if np.linalg.norm(perp) < 1e-9:
+        u = _unit(np.random.default_rng(seed), 1, d)[0]
+        u -= (u @ qh) * qh
+        perp = u * 1e-30
+    e_j = bh * qh - np.sqrt(big_m ** 2 - bh ** 2) * perp / np.linalg.norm(perp)
+    assert q @ e_j == pytest.approx(bound, abs=1e-12) and np.linalg.norm(e_j) == pytest.approx(big_m, rel=1e-12)
+    worst = float(pair_radius(q, e_i, e_j, 2.0, slack))
+    assert got <= worst + 1e-12
+    if s_i - bound > slack:
+        assert got == pytest.approx(worst, rel=1e-6, abs=1e-9)
+    plain = (s_i - bound - slack) / (2.0 * (np.linalg.norm(e_i) + big_m))
+    assert got >= plain - 1e-15
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), d=st.integers(2, 24))
+def test_no_item_scoring_at_most_the_bound_beats_unlisted_radius(seed, d):
+    # Exhaustive sampling of the feasible set {⟨q, e⟩ ≤ B, ‖e‖ ≤ M} and projected gradient descent on
+    # r(i, j) over it (the attacker places e_j): no feasible item gets below the bound; the bound falls with B.
+    q, e_i, s_i, bound, big_m, slack = _unlisted_case(seed, d)
+    lip = 1.5
+    got = float(unlisted_radius([s_i], e_i[None], q, bound, big_m, lip, slack)[0])
+    rng = np.random.default_rng(seed + 1)
+    cloud = _feasible(_unit(rng, 4000, d) * big_m * rng.uniform(0, 1, (4000, 1)) ** (1 / d), q, bound, big_m)
+    assert np.all(cloud @ q <= bound + 1e-12) and np.all(np.linalg.norm(cloud, axis=1) <= big_m * (1 + 1e-12))
+    assert pair_radius(q, e_i, cloud, lip, slack).min() >= got - 1e-12
+    starts = cloud[np.argsort(pair_radius(q, e_i, cloud, lip, slack))[:16]]
+    for e in starts:
+        for step in np.geomspace(0.1, 1e-4, 300):
+            diff = e_i - e
+            n = np.linalg.norm(diff)
+            if n == 0:
+                break
+            margin = q @ diff - slack
+            grad = -(q / n - margin * diff / n ** 3) / lip  # ∇_e of r(i, e)
+            e = _feasible(e - step * grad / max(np.linalg.norm(grad), 1e-300), q, bound, big_m)
+            assert float(pair_radius(q, e_i, e, lip, slack)) >= got - 1e-12
+    higher = float(unlisted_radius([s_i], e_i[None], q, (bound + s_i) / 2, big_m, lip, slack)[0])
+    assert higher <= got + 1e-15
 
 
 def test_pruning_skips_most_pairs_on_a_clustered_gallery():

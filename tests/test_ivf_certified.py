@@ -481,17 +481,42 @@ def test_a_faiss_ivf_on_l2_distances_is_certified_on_inner_products():
         np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("source", ["memory", "faiss"])
-def test_a_gallery_item_as_query_stops_at_the_exact_list_limit_with_a_sound_certificate(source):
-    # Its self-score 1 keeps the tail bound binding until most of the gallery is listed (~10 s at 1M vectors
-    # before cap_max): the search stops at cap_max items exactly scored, flagged, the certificate still sound.
-    x = clustered_unit_vectors(3000, 16, 30, seed=12)
+def _ivf_3000(x, source):
+    """16 lists over 3,000 vectors, built here ("memory") or FAISS's ("faiss"), and their stored vectors by id."""
     ivf = CertifiedIVF.build(np.arange(3000), x, 16, seed=0) if source == "memory" else \
         CertifiedIVF.from_faiss(VectorStore.from_vectors(np.arange(3000), x, "IVF16,Flat", use_gpu=False).index)
-    stored = _stored(ivf)
-    q = stored[123]
+    return ivf, _stored(ivf)
+
+
+def _far_query(stored, i, noise, seed):
+    q = stored[i] + noise * np.random.default_rng(seed).standard_normal(stored.shape[1]).astype(np.float32)
+    return (q / np.linalg.norm(q)).astype(np.float32)
+
+
+@pytest.mark.parametrize("source", ["memory", "faiss"])
+def test_a_gallery_item_as_query_is_certified_exhaustively_from_a_short_list(source):
+    # Its self-score 1 kept the plain tail bound (s_i − B − slack)/(L·(‖e_i‖ + M)) binding until most of the
+    # gallery was listed (~10 s at 1M vectors before cap_max). The bound that knows where an item scoring at most
+    # B can lie (`unlisted_radius`) is ~(s_i − B)/(L·√(1 − B²)) for e_i = q: a few items suffice.
+    x = clustered_unit_vectors(3000, 16, 30, seed=12)
+    ivf, stored = _ivf_3000(x, source)
+    for i in (5, 123, 777):
+        pos, radius, _ = _exhaustive(stored[i], stored, 3, 0.0)
+        got = certified_ivf_search(ivf, stored[i], 3, 1.0, slack=0.0, cap=8, cap_max=None)
+        assert got.exhaustive and not got.capped and len(got.listed_ids) <= 16
+        assert got.ids.tolist() == pos.tolist()
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("source", ["memory", "faiss"])
+def test_a_search_stops_at_the_exact_list_limit_with_a_sound_certificate(source):
+    # A query that needs more exactly scored items than cap_max: the search stops at cap_max items, flagged,
+    # the certificate still sound and only smaller.
+    x = clustered_unit_vectors(3000, 32, 10, seed=12)
+    ivf, stored = _ivf_3000(x, source)
+    q = _far_query(stored, 2619, 0.1, 2619)
     pos, radius, set_radius = _exhaustive(q, stored, 3, 0.0)
-    full = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap_max=None)
+    full = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=8, cap_max=None)
     assert full.exhaustive and not full.capped and len(full.listed_ids) > 64
     np.testing.assert_allclose(full.cert.radius, radius, rtol=TOL, atol=TOL)
     got = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=8, cap_max=64)
@@ -506,11 +531,12 @@ def test_a_gallery_item_as_query_stops_at_the_exact_list_limit_with_a_sound_cert
 def test_the_exact_list_limit_is_reached_exactly_and_never_stops_a_plain_search():
     # (review) cap_max bounds the list by clamping its last doubling; a plain top-k (radii=False) is not
     # capped: there the list only grows past cap_max for items tied with the k-th, and it must end proved.
-    x = clustered_unit_vectors(3000, 16, 30, seed=12)
+    x = clustered_unit_vectors(3000, 32, 10, seed=12)
     ivf = CertifiedIVF.build(np.arange(3000), x, 16, seed=0)
-    got = certified_ivf_search(ivf, x[123], 3, 1.0, slack=0.0, cap=8, cap_max=100)
+    q = _far_query(_stored(ivf), 2619, 0.1, 2619)
+    got = certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=8, cap_max=100)
     assert got.capped and len(got.listed_ids) == 100
-    assert certified_ivf_search(ivf, x[123], 3, 1.0, slack=0.0, cap=512, cap_max=64).listed_ids.size <= 512
+    assert certified_ivf_search(ivf, q, 3, 1.0, slack=0.0, cap=512, cap_max=64).listed_ids.size <= 512
     ties = clustered_unit_vectors(3000, 16, 30, seed=3)
     ties[:1500] = ties[0]
     q = ties[0] + 1e-3 * np.random.default_rng(0).standard_normal(16).astype(np.float32)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from _pgd import pgd_l2
 from _report import note
-from encoder.certify import certify_topk, pair_radius, twoafc_radius
+from encoder.certify import certify_ranked, certify_topk, pair_radius, twoafc_radius
 from encoder.preprocess import resize
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -85,19 +85,14 @@ def _ranking(enc, x, g):
     return torch.argsort(s, dim=1, descending=True, stable=True)
 
 
-@SETTINGS
-@given(seed=st.integers(0, 2**31), brightness=st.sampled_from([0.03, 0.1, 0.3, 1.0]), k=st.integers(1, 3))
-# A tiny radius whose float32 rounding of x0 + δ exceeded the helper's fixed 1e-7 ball check (tests/_pgd.py).
-@example(seed=60971490, brightness=1.0, k=2)
-def test_pgd_never_changes_a_certified_topk_set_item_or_order(tiny_lipsim, seed, brightness, k):
-    enc = tiny_lipsim
-    query, g = _gallery_case(enc, seed, brightness)
-    with torch.no_grad():
-        q = enc.embed(query)[0]
-    cert = certify_topk(q.numpy(), g.numpy(), k, enc.lipschitz)
-    top = torch.as_tensor(cert.positions)
-    outside = torch.as_tensor([j for j in range(len(g)) if j not in set(cert.positions.tolist())])
-    # the most vulnerable pairs, attacked one per restart after a first untargeted one
+def _assert_set_holds(enc, query, g, q, positions, set_radius, seed):
+    """PGD at (1 − 1e-4)·set_radius on the top-k set `positions`: untargeted, then the most vulnerable pairs
+    (one per restart). The ranked gallery's top-k set must be unchanged at every returned point."""
+    if not set_radius > 0:
+        return
+    k = len(positions)
+    top = torch.as_tensor(positions)
+    outside = torch.as_tensor([j for j in range(len(g)) if j not in set(positions.tolist())])
     r = pair_radius(q.numpy()[None, None], g[top].numpy()[:, None], g[outside].numpy()[None], enc.lipschitz)
     pairs = [divmod(int(t), len(outside)) for t in np.argsort(r, axis=None)[:3]]
 
@@ -111,10 +106,21 @@ def test_pgd_never_changes_a_certified_topk_set_item_or_order(tiny_lipsim, seed,
             out = torch.where(restart == rs, s[:, outside[j]] - s[:, top[i]], out)
         return out
 
-    if cert.set_radius > 0:
-        _, x_adv = pgd_l2(set_objective, query, torch.tensor([cert.set_radius * INSIDE]), steps=50, restarts=4,
-                          seed=seed)
-        assert set(_ranking(enc, x_adv, g)[0, :k].tolist()) == set(cert.positions.tolist())
+    _, x_adv = pgd_l2(set_objective, query, torch.tensor([set_radius * INSIDE]), steps=50, restarts=4, seed=seed)
+    assert set(_ranking(enc, x_adv, g)[0, :k].tolist()) == set(positions.tolist())
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), brightness=st.sampled_from([0.03, 0.1, 0.3, 1.0]), k=st.integers(1, 3))
+# A tiny radius whose float32 rounding of x0 + δ exceeded the helper's fixed 1e-7 ball check (tests/_pgd.py).
+@example(seed=60971490, brightness=1.0, k=2)
+def test_pgd_never_changes_a_certified_topk_set_item_or_order(tiny_lipsim, seed, brightness, k):
+    enc = tiny_lipsim
+    query, g = _gallery_case(enc, seed, brightness)
+    with torch.no_grad():
+        q = enc.embed(query)[0]
+    cert = certify_topk(q.numpy(), g.numpy(), k, enc.lipschitz)
+    _assert_set_holds(enc, query, g, q, cert.positions, cert.set_radius, seed)
 
     # per-result radius of the most robust item: it must stay in the top-k
     i = int(np.argmax(cert.radius))
@@ -142,6 +148,24 @@ def test_pgd_never_changes_a_certified_topk_set_item_or_order(tiny_lipsim, seed,
         _, x_adv = pgd_l2(order_objective, query, torch.tensor([cert.order_radius * INSIDE]), steps=50, restarts=3,
                           seed=seed + 2)
         assert _ranking(enc, x_adv, g)[0, :k].tolist() == cert.positions.tolist()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), brightness=st.sampled_from([0.03, 0.1, 0.3, 1.0]), k=st.integers(1, 3),
+       listed=st.integers(0, 3))
+def test_pgd_never_changes_a_topk_set_certified_from_a_short_list(tiny_lipsim, seed, brightness, k, listed):
+    # Only the best k + listed items are scored: every other item is bounded through `unlisted_radius` (where an
+    # item scoring at most the last listed score can lie). The attack sees the whole gallery.
+    enc = tiny_lipsim
+    query, g = _gallery_case(enc, seed, brightness)
+    with torch.no_grad():
+        q = enc.embed(query)[0]
+    g64, q64 = g.numpy().astype(np.float64), q.numpy().astype(np.float64)
+    scores = g64 @ q64
+    order = np.argsort(-scores, kind="stable")[: k + listed]
+    cert = certify_ranked(scores[order], g64[order], k, enc.lipschitz, complete=False, query=q64)
+    assert cert.set_radius <= certify_topk(q64, g64, k, enc.lipschitz).set_radius + 1e-12
+    _assert_set_holds(enc, query, g, q, order[:k], cert.set_radius, seed)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
