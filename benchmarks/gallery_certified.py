@@ -15,7 +15,8 @@ of the same vectors; queries from the same clusters. Each tree's child process o
 `retrieval.search.search_embedding` (k = 10, L = 1, the demo encoder's float error) on both galleries
 (`benchmarks._gallery.StoreGallery`) for every query, and reports p50/p95, how many certificates are
 exhaustive and a digest of the answers (top-10 ids and radii to 1e-9), so the trees and the two galleries
-are checked to certify the same. Rounds alternate the trees (`--repeat`, medians of per-round p50s).
+are checked to certify the same — for two query sets: the queries above, and as many gallery items, each
+asked as it is (not excluded, so it is its own top-1 at score 1). Rounds alternate the trees (`--repeat`, medians of per-round p50s).
 Writes benchmarks/results/gallery-certified.json and .md (--out PREFIX).
 """
 from __future__ import annotations
@@ -44,26 +45,27 @@ from index.ivf import CertifiedIVF
 from index.layout import IndexDir
 from index.segments import load_live_store
 from retrieval.search import search_embedding
-directory, meta, queries, float_error = sys.argv[2], json.loads(sys.argv[3]), np.load(sys.argv[4]), float(sys.argv[5])
-out = {}
+directory, meta, sets, float_error = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), float(sys.argv[5])
+out = {name: {} for name in sets}
 for kind in ("ivf", "flat"):
     store = load_live_store(IndexDir(directory), meta[kind], use_gpu=False, mapped=True)
     t = time.perf_counter()
     ivf = CertifiedIVF.from_faiss(store.index) if kind == "ivf" else None
     gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error)
     built = time.perf_counter() - t
-    times, digest, visited, exhaustive = [], hashlib.sha256(), [], 0
-    for q in queries:
-        t = time.perf_counter()
-        found = search_embedding(gallery, q, 10)
-        times.append(1000 * (time.perf_counter() - t))
-        digest.update(np.asarray([h.id for h in found.hits], np.int64).tobytes()
-                      + np.round([h.radius for h in found.hits], 9).tobytes())
-        visited.append(found.lists_visited or 0)
-        exhaustive += bool(found.exhaustive)
-    out[kind] = {"p50_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "lists_s": built,
-                 "lists_visited_median": float(np.median(visited)), "exhaustive": exhaustive,
-                 "answers": digest.hexdigest()}
+    for name, path in sets.items():
+        times, digest, visited, exhaustive = [], hashlib.sha256(), [], 0
+        for q in np.load(path):
+            t = time.perf_counter()
+            found = search_embedding(gallery, q, 10)
+            times.append(1000 * (time.perf_counter() - t))
+            digest.update(np.asarray([h.id for h in found.hits], np.int64).tobytes()
+                          + np.round([h.radius for h in found.hits], 9).tobytes())
+            visited.append(found.lists_visited or 0)
+            exhaustive += bool(found.exhaustive)
+        out[name][kind] = {"p50_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)),
+                           "lists_s": built, "lists_visited_median": float(np.median(visited)),
+                           "exhaustive": exhaustive, "answers": digest.hexdigest()}
     del gallery, ivf, store
 print(json.dumps(out))
 """
@@ -85,9 +87,10 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
             files = [{"name": name, "kind": BASE, "rows": n, "sha256": store.write(tmp / "index" / name)}]
             meta[kind] = {"version": 1, "dim": DIM, "factory": factory, "rows": n, "segments": files}
             del store
+        sets = {"clusters": tmp / "queries.npy", "items": tmp / "items.npy"}
+        np.save(sets["clusters"], clustered_unit_vectors(queries, DIM, max(8, n // 36), seed, stream=7))
+        np.save(sets["items"], vectors[np.random.default_rng(seed).choice(n, queries, replace=False)])
         del vectors
-        qpath = tmp / "queries.npy"
-        np.save(qpath, clustered_unit_vectors(queries, DIM, max(8, n // 36), seed, stream=7))
         trees = {"after": ROOT}
         if before:
             (tmp / "before").mkdir()
@@ -95,45 +98,64 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
         results: dict[str, list[dict]] = {name: [] for name in trees}
         for r in range(repeat):
             for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-                results[name].append(child_json(_CHILD, [trees[name], tmp / "index", json.dumps(meta), qpath, FLOAT_ERROR,
+                results[name].append(child_json(_CHILD, [trees[name], tmp / "index", json.dumps(meta),
+                                                        json.dumps({k: str(v) for k, v in sets.items()}), FLOAT_ERROR,
                                                         ROOT / "benchmarks" / "_gallery.py"],
                                                 tmp, f"the {name} tree"))
-        digests = {x["ivf"]["answers"] for rows in results.values() for x in rows}
-        row = {"n": n, "nlist": nlist, "queries": queries, "same_answers": len(digests) == 1,
-               "flat_same_answers": {x["flat"]["answers"] for rows in results.values() for x in rows} == digests}
-        for name, rows in results.items():
-            for kind in ("ivf", "flat"):
-                row[f"{name}_{kind}" if kind == "flat" else name] = {
-                    key: float(np.median([x[kind][key] for x in rows]))
-                    for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median", "exhaustive")}
-        if before:
-            row["speedup_p50"] = float(np.median([b["ivf"]["p50_ms"] / a["ivf"]["p50_ms"]
-                                                  for b, a in zip(results["before"], results["after"])]))
-        row["ivf_over_flat_p50"] = float(np.median([a["ivf"]["p50_ms"] / a["flat"]["p50_ms"] for a in results["after"]]))
+        row = {"n": n, "nlist": nlist, "queries": queries,
+               **_summary({name: [x["clusters"] for x in rows] for name, rows in results.items()})}
+        row["gallery_items"] = _summary({name: [x["items"] for x in rows] for name, rows in results.items()})
         return row
 
 
+def _summary(results: dict[str, list[dict]]) -> dict:
+    """Medians over rounds of one query set's figures per tree and gallery kind, and the answers' agreement."""
+    digests = {x["ivf"]["answers"] for rows in results.values() for x in rows}
+    row = {"same_answers": len(digests) == 1,
+           "flat_same_answers": {x["flat"]["answers"] for rows in results.values() for x in rows} == digests}
+    for name, rows in results.items():
+        for kind in ("ivf", "flat"):
+            row[f"{name}_{kind}" if kind == "flat" else name] = {
+                key: float(np.median([x[kind][key] for x in rows]))
+                for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median", "exhaustive")}
+    if "before" in results:
+        row["speedup_p50"] = float(np.median([b["ivf"]["p50_ms"] / a["ivf"]["p50_ms"]
+                                              for b, a in zip(results["before"], results["after"])]))
+    row["ivf_over_flat_p50"] = float(np.median([a["ivf"]["p50_ms"] / a["flat"]["p50_ms"] for a in results["after"]]))
+    return row
+
+
 def table(report: dict) -> str:
-    r = report["row"]
+    top = report["row"]
+    lines = [f"Certified top-10 on an IVF gallery ({top['n']:,} vectors, IVF{top['nlist']}, D = {DIM}, lipsim-demo "
+             f"regime), {top['queries']} queries per set, median of {report['repeat']} rounds"
+             + (f"; before = {report['before']}" if report["before"] else "") + "\n"]
+    for title, r in (("Queries from the gallery's clusters", top),
+                     ("Gallery items as queries (not excluded: each is its own top-1)", top.get("gallery_items"))):
+        if r is not None:
+            lines += [f"{title}:\n"] + _set_table(r, top["queries"]) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def _set_table(r: dict, queries: int) -> list[str]:
     trees = [t for t in ("before", "after") if t in r]
-    lines = [f"Certified top-10 on an IVF gallery ({r['n']:,} vectors, IVF{r['nlist']}, D = {DIM}, lipsim-demo regime), "
-             f"{r['queries']} queries, median of {report['repeat']} rounds"
-             + (f"; before = {report['before']}" if report["before"] else "") + "\n",
-             "| tree: gallery | p50 ms | p95 ms | certified lists built s | lists visited (median) |", "|---|---|---|---|---|"]
+    lines = ["| tree: gallery | p50 ms | p95 ms | certified lists built s | lists visited (median) | exhaustive |",
+             "|---|---|---|---|---|---|"]
     for t in trees:
         x = r[t]
-        lines.append(f"| {t}: IVF | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['lists_s']:.2f} | {x['lists_visited_median']:.0f} |")
+        lines.append(f"| {t}: IVF | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | {x['lists_s']:.2f} | "
+                     f"{x['lists_visited_median']:.0f} | {x['exhaustive']:.0f} of {queries} |")
     for t in trees:
         x = r[f"{t}_flat"]
-        lines.append(f"| {t}: the same vectors as Flat | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | – | – |")
+        lines.append(f"| {t}: the same vectors as Flat | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | – | – | "
+                     f"{x['exhaustive']:.0f} of {queries} |")
     if "speedup_p50" in r:
         lines.append(f"\nIVF before / after p50 (median of per-round ratios): {r['speedup_p50']:.2f}×; "
-                     f"same top-10 and radii: {'yes' if r['same_answers'] else 'NO'}")
+                     f"same top-10 and radii: {'yes' if r['same_answers'] else 'no'}")
     lines.append(f"\nIVF / Flat p50 in this tree (median of per-round ratios): {r['ivf_over_flat_p50']:.2f}×; "
-                 f"Flat gave the same top-10 and radii: {'yes' if r['flat_same_answers'] else 'NO'}; "
-                 f"exhaustive certificates (median per round): IVF {r['after']['exhaustive']:.0f}, "
-                 f"Flat {r['after_flat']['exhaustive']:.0f} of {r['queries']}")
-    return "\n".join(lines) + "\n"
+                 f"Flat gave the same top-10 and radii: {'yes' if r['flat_same_answers'] else 'no'} "
+                 "(exhaustive certificates per round: medians)")
+    return lines
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,7 @@
 """benchmarks/gallery_certified.py --quick: certified search over a mapped IVF gallery's FAISS lists runs,
 visits at most every list, and reports consistent figures, beside a Flat gallery of the same vectors
-searched the same way (both exhaustive certificates: the same answers)."""
+searched the same way (both exhaustive certificates: the same answers), for queries from the clusters and for
+gallery items as queries."""
 from __future__ import annotations
 
 import json
@@ -21,3 +22,7 @@ def test_gallery_certified_quick_report(tmp_path):
         assert row["flat_same_answers"]
     text = (tmp_path / "gc.md").read_text()
     assert "| after: IVF |" in text and "| after: the same vectors as Flat |" in text
+    # Gallery items asked as they are: each one's own top-1, certified exhaustively from a short list.
+    items = row["gallery_items"]
+    assert items["after"]["exhaustive"] == 5 and 0 < items["after"]["p50_ms"] <= items["after"]["p95_ms"]
+    assert "Gallery items as queries" in text
