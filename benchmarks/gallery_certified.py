@@ -111,8 +111,9 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
 def _summary(results: dict[str, list[dict]]) -> dict:
     """Medians over rounds of one query set's figures per tree and gallery kind, and the answers' agreement."""
     digests = {x["ivf"]["answers"] for rows in results.values() for x in rows}
-    row = {"same_answers": len(digests) == 1,
-           "flat_same_answers": {x["flat"]["answers"] for rows in results.values() for x in rows} == digests}
+    row = {"same_answers": len(digests) == 1,  # every tree and round, IVF
+           "flat_same_answers": {x["flat"]["answers"] for x in results["after"]} == {x["ivf"]["answers"] for x in
+                                                                                     results["after"]}}  # this tree
     for name, rows in results.items():
         for kind in ("ivf", "flat"):
             row[f"{name}_{kind}" if kind == "flat" else name] = {
