@@ -116,7 +116,7 @@ def pair_radius(query, e_i, e_j, lipschitz: float, slack: float = 0.0) -> np.nda
         return np.where(norm > 0, margin / (lipschitz * np.where(norm > 0, norm, 1.0)), 0.0)
 
 
-AXIS_ALLOWANCE = 1e-7  # added to Y₀ in `unlisted_radius`: covers float64 rounding under its square roots
+AXIS_ALLOWANCE = 1e-6  # added to Y₀ in `unlisted_radius`: covers float64 rounding under its square roots
 
 
 def unlisted_radius(scores, vectors, query, bound: float, max_norm: float, lipschitz: float,
@@ -140,8 +140,12 @@ def unlisted_radius(scores, vectors, query, bound: float, max_norm: float, lipsc
     ≥ (ν − c/x₀)/(L·√(1 + Y₀²/x₀²)) = (s_i − B − c)/(L·√(x₀² + Y₀²)).  ∎
     Tight for c = 0: e_j = B̂·q̂ − √(M² − B̂²)·u, u = e_i⊥/b_i, attains it. Non-increasing in B (for c = 0
     it is the minimum over a set that grows with B; (s_i − B − c)/(s_i − B) also falls).
-    Float64 rounding of ν, a, b_i, M² − B̂² (errors ≲ 1e-15, at most ~3e-8 after a square root) is covered
-    by adding `AXIS_ALLOWANCE` to Y₀; the score arithmetic is covered by the slack, as for every radius.
+    Float64 rounding: M is first raised by a relative and an absolute 1e-12, so that it bounds the exact norm
+    of e_i too (whose float64 norm the callers' M covers only to ~1e-14 relative), which only shrinks the
+    bound; ν and b_i carry relative errors ≲ (D + 2)·2⁻⁵³, so M² − B̂² is off by ≲ 1e-13 and its square root
+    by ≲ 3.2e-7 — covered, with b_i's error, by adding `AXIS_ALLOWANCE` to Y₀ (a larger Y₀ only shrinks the
+    bound, by at most AXIS_ALLOWANCE/√(x₀² + Y₀²) relative). The score arithmetic is covered by the slack, as
+    for every radius.
     """
     return _unlisted(*_axis_terms(scores, vectors, query), bound, max_norm, lipschitz, slack)
 
@@ -185,6 +189,7 @@ def _axis_terms(scores, vectors, query):
 def _unlisted(s, norms, b, nu, bound, max_norm, lipschitz, slack):
     """`unlisted_radius` from `_axis_terms`; `bound` a float or an array broadcasting against s."""
     bound = np.asarray(bound, dtype=np.float64)
+    max_norm = float(max_norm) * (1 + 1e-12) + 1e-12  # (docstring: float64 rounding)
     plain = (s - bound - slack) / (lipschitz * (norms + max_norm))
     if nu == 0.0 or not np.all(np.isfinite(bound)):
         return plain
