@@ -141,7 +141,8 @@ class Gallery:
         if self.store.kind != "ivf" or len(self) == 0:
             return None
         if getattr(self, "_ivf", None) is None:
-            self._ivf = CertifiedIVF.from_faiss(self.store.index)
+            layered = getattr(self.store, "certified_lists", None)  # a LayeredIVF (index/mapped_ivf.py)
+            self._ivf = layered() if layered is not None else CertifiedIVF.from_faiss(self.store.index)
         return self._ivf
 
     @property

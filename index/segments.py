@@ -21,7 +21,8 @@ yields exactly the state its checkpoint had in memory; by induction the live set
 state (the ids digest and row count recorded with the version check the result).
 
 On an IVF base, a segment's rows are added through the base's trained quantizer (each to its nearest
-list) and its tombstones removed from their lists. Certified IVF search stays sound whatever list a row
+list) and its tombstones removed from their lists (a reader layers them on the mapped base instead,
+index/mapped_ivf.py, with the same live pairs). Certified IVF search stays sound whatever list a row
 lands in: the radius bounds ρ_c and the norm bound M it uses (index/ivf.py `CertifiedIVF.from_faiss`)
 are computed at open from the exact float32 vectors every list then holds, so ρ_c ≥ ‖e_j − μ_c‖ for
 every stored e_j, segment rows included; nothing recorded in a file is trusted for a bound. (In memory,
@@ -42,6 +43,7 @@ from encoder.io import atomic_write, fd_sha256
 from .errors import IntegrityError, StoreError
 from .layout import BASE, ROWS, live_files
 from .mapped import MappedFlat
+from .mapped_ivf import LayeredIVF
 from .store import VectorStore, map_checked, open_checked
 
 __all__ = ["MAGIC", "Segment", "segment_bytes", "write_segment", "read_segment", "map_segment", "load_live_store"]
@@ -157,17 +159,18 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     no new version is derived from files that are not the ones committed. check=False (verify --deep)
     reads whatever the files hold, to report how they differ.
     mapped=True (readers): a Flat gallery's files are memory-mapped into a read-only `MappedFlat`
-    (index/mapped.py) instead of copied into a VectorStore, after the same checks; an IVF gallery whose
-    live set is one base gets a read-only VectorStore over mapped lists (`VectorStore.read(mapped=True)`).
+    (index/mapped.py) instead of copied into a VectorStore, after the same checks; an IVF gallery gets a
+    read-only VectorStore over its base's mapped lists (`VectorStore.read(mapped=True)`), wrapped, when
+    segments follow, in a `LayeredIVF` (index/mapped_ivf.py) that layers their mapped rows and tombstones on it.
     """
     version, dim = int(index_meta["version"]), int(index_meta["dim"])
     files = live_files(index_meta)
-    # IVF: mapped only as one base (after compact or repair); FAISS cannot add a segment to mapped lists
-    map_ivf = mapped and check and index_meta["factory"].startswith("IVF") and [f["kind"] for f in files] == [BASE]
+    # IVF: the base's lists mapped (FAISS cannot add to them), segments layered on top (LayeredIVF)
+    map_ivf = mapped and check and index_meta["factory"].startswith("IVF") and bool(files) and files[0]["kind"] == BASE
     mapped = mapped and check and index_meta["factory"] == "Flat"
     kind = MappedFlat if mapped else VectorStore
     read_base = MappedFlat.read if mapped else functools.partial(VectorStore.read, mapped=map_ivf)
-    read_rows = map_segment if mapped else read_segment
+    read_rows = map_segment if mapped or map_ivf else read_segment
     store = None
     for position, f in enumerate(files):
         path = layout.path / f["name"]
@@ -179,6 +182,8 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
         if f["kind"] == BASE and position == 0:
             store = read_base(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256)
             added = store.ntotal
+            if map_ivf and len(files) > 1:
+                store = LayeredIVF(store)
             if store.dim != dim:
                 raise StoreError(f"index file has dimension {store.dim}, the catalog says {dim}")
         elif f["kind"] == ROWS:

@@ -8,8 +8,12 @@ from benchmarks.mapped_open import main
 
 
 def test_mapped_open_quick_report(tmp_path):
-    report = main(["--quick", "--kinds", "flat", "ivf", "flat-base", "--before", "HEAD", "--out", str(tmp_path / "mo")])
-    flat, ivf, base = report["rows"]
+    report = main(["--quick", "--kinds", "flat", "ivf", "flat-base", "ivf-segments", "--before", "HEAD",
+                   "--out", str(tmp_path / "mo")])
+    flat, ivf, base, layered = report["rows"]
+    # an IVF base with segments: the base's lists mapped, the segments layered on them (same exact answers)
+    assert layered["kind"].startswith("IVF") and layered["files"] == 4 and layered["rows_live"] == 17_000
+    assert layered["mapped"]["anon_bytes"] < layered["copied"]["anon_bytes"] / 2
     assert base["kind"] == "Flat" and base["files"] == 1 and base["rows_live"] == 20_000
     assert flat["kind"] == "Flat" and flat["rows_live"] == 20_000 - 3 * 1000 and flat["files"] == 4
     assert ivf["kind"].startswith("IVF") and ivf["rows_live"] == 20_000 and ivf["files"] == 1

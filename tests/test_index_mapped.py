@@ -14,6 +14,7 @@ import pytest
 from index import Gallery, IntegrityError, StoreError, VectorStore
 from index.layout import BASE, ROWS, IndexDir
 from index.mapped import MappedFlat
+from index.mapped_ivf import LayeredIVF
 from index.segments import load_live_store, write_segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,8 @@ def _unit(rng, n: int, dim: int = DIM) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _live_set(path, seed: int, base: int = 40, segments: int = 4, dim: int = DIM, ties: bool = True) -> dict:
+def _live_set(path, seed: int, base: int = 40, segments: int = 4, dim: int = DIM, ties: bool = True,
+              factory: str = "Flat") -> dict:
     """Write a base of `base` rows (none when 0) and `segments` segments, each removing some live ids
     (one of them re-added with a new vector in the same segment) and adding rows, some of them copies of
     earlier vectors (equal scores); returns the index metadata naming that live set."""
@@ -34,7 +36,7 @@ def _live_set(path, seed: int, base: int = 40, segments: int = 4, dim: int = DIM
     if base:
         ids = np.arange(base, dtype=np.int64) * 7 + 3
         vecs = _unit(rng, base, dim)
-        store = VectorStore.from_vectors(ids, vecs, "Flat", use_gpu=False)
+        store = VectorStore.from_vectors(ids, vecs, factory, use_gpu=False)
         sha = store.write(path / "vectors.00000001.faiss")
         files.append({"name": "vectors.00000001.faiss", "kind": BASE, "sha256": sha, "rows": base})
         live = {int(i): v for i, v in zip(ids, store.reconstruct(ids))}
@@ -57,7 +59,7 @@ def _live_set(path, seed: int, base: int = 40, segments: int = 4, dim: int = DIM
         name = f"segment.{s + 2:08d}.rows"
         sha, _ = write_segment(path / name, dim, removed, ids, vecs)
         files.append({"name": name, "kind": ROWS, "sha256": sha, "rows": len(ids), "removed": len(removed)})
-    return {"version": len(files), "dim": dim, "factory": "Flat", "rows": len(live), "segments": files}
+    return {"version": len(files), "dim": dim, "factory": factory, "rows": len(live), "segments": files}
 
 
 def _both(path, meta):
@@ -138,6 +140,60 @@ def test_tombstones_must_hit_stored_ids_and_row_counts_must_match(tmp_path):
     meta["segments"].append({"name": name, "kind": ROWS, "sha256": sha, "rows": 0})
     with pytest.raises(StoreError, match="removes 1 ids of which only 0"):
         load_live_store(IndexDir(tmp_path / "b"), meta, use_gpu=False, mapped=True)
+
+
+@pytest.mark.parametrize("seed, segments", [(0, 4), (1, 8), (2, 1)])
+def test_an_ivf_base_with_segments_layered_on_it_answers_as_the_copying_store(tmp_path, seed, segments):
+    # index/mapped_ivf.py: the base's lists stay mapped, the segments' rows and tombstones are layered on them.
+    from encoder.certify import certify_topk_bruteforce, float32_dot_error
+    from retrieval.ivf_search import certified_ivf_search
+    meta = {**_live_set(tmp_path, seed, base=400, segments=segments, factory="IVF8,Flat"), "params": {"nprobe": 2}}
+    copied = load_live_store(IndexDir(tmp_path), meta, use_gpu=False)
+    layered = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
+    assert isinstance(layered, LayeredIVF) and layered.read_only and not copied.read_only
+    ids = copied.ids()
+    assert layered.ntotal == copied.ntotal == len(ids) and sorted(layered.ids().tolist()) == sorted(ids.tolist())
+    assert np.array_equal(layered.reconstruct(ids), copied.reconstruct(ids))  # bit for bit, live versions
+    dead = np.setdiff1d(np.arange(400) * 7 + 3, ids)  # base ids a segment removed and did not add back
+    if len(dead):
+        with pytest.raises(StoreError, match="not stored"):
+            layered.reconstruct(dead[:1])
+    live = copied.reconstruct(ids).astype(np.float64)
+    rows = set(layered.rows.ids().tolist())
+    gamma = float32_dot_error(DIM, 1 + 1e-6, 1.0)
+    queries = _unit(np.random.default_rng(seed + 100), 6)
+    for exact in (True, False):
+        scores, got = layered.search(queries, 12, exact=exact)
+        for x, s, g in zip(queries, scores, got):
+            truth = live @ x.astype(np.float64)
+            assert len(set(g.tolist())) == 12 and np.isin(g, ids).all() and np.all(np.diff(s) <= 0)
+            at = {int(i): n for n, i in enumerate(ids)}
+            mine = truth[[at[int(i)] for i in g]]
+            assert np.all(np.abs(s - mine) <= gamma)
+            if exact:  # the true top-12 scores
+                np.testing.assert_allclose(np.sort(mine)[::-1], np.sort(truth)[::-1][:12], atol=2 * gamma)
+            else:  # the segments' rows are searched exhaustively: none better than the 12th is missing
+                better = [int(i) for i, t in zip(ids, truth) if int(i) in rows and t > mine.min() + 2 * gamma]
+                assert set(better) <= set(g.tolist())
+    lists = layered.certified_lists()
+    for x in queries:
+        found = certified_ivf_search(lists, x, 5, 1.0, slack=1e-6, exclude=[int(ids[0])])
+        keep = np.arange(len(ids)) != 0
+        top, radius, _ = certify_topk_bruteforce(x, live[keep], 5, 1.0, slack=1e-6)
+        assert found.exhaustive and found.ids.tolist() == ids[keep][top].tolist()
+        np.testing.assert_allclose(found.cert.radius, radius, rtol=1e-9, atol=1e-12)
+    with pytest.raises(StoreError, match="read-only"):
+        layered.add([10 ** 7], queries[:1])
+
+
+def test_tombstones_on_a_layered_ivf_base_must_hit_stored_ids(tmp_path):
+    meta = _live_set(tmp_path, 5, base=400, segments=2, factory="IVF8,Flat")
+    name = "segment.00000099.rows"
+    sha, _ = write_segment(tmp_path / name, DIM, [10 ** 9, 3], [], np.zeros((0, DIM), np.float32))
+    meta["segments"].append({"name": name, "kind": ROWS, "sha256": sha, "rows": 0})
+    meta["rows"] -= 1
+    with pytest.raises(StoreError, match="removes 2 ids of which only 1"):
+        load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
 
 
 _RSS = """
@@ -238,11 +294,12 @@ def test_an_ivf_gallery_of_one_base_is_mapped_read_only_and_answers_as_loaded(tm
         with pytest.raises(StoreError, match="read-only"):
             change()
     assert len(mapped) == n and not (tmp_path / "copy.faiss").exists()
-    # with a segment after the base the lists must take rows: loaded, not mapped
+    # with a segment after the base the base stays mapped and the segment is layered on it (index/mapped_ivf.py)
     sha, _ = write_segment(tmp_path / "segment.00000002.rows", dim, [ids[0]], [10 ** 6], _unit(rng, 1, dim))
     files.append({"name": "segment.00000002.rows", "kind": ROWS, "sha256": sha, "rows": 1})
     grown = load_live_store(IndexDir(tmp_path), {**meta, "version": 2, "segments": files}, use_gpu=False, mapped=True)
-    assert not grown.read_only and len(grown) == n and 10 ** 6 in set(grown.ids().tolist())
+    assert isinstance(grown, LayeredIVF) and grown.read_only and len(grown) == n
+    assert 10 ** 6 in set(grown.ids().tolist()) and ids[0] not in set(grown.ids().tolist())
 
 
 def test_certifying_a_search_reconstructs_its_answer_without_sorting_every_id(tmp_path):

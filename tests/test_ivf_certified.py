@@ -356,12 +356,22 @@ def _stored(ivf):
 
 
 def _three_kinds(x, nlist, tmp_path, seed=0):
-    """The same gallery as in-memory lists, a saved (contiguous, mapped) copy and a FAISS IVF's own lists."""
+    """The same gallery as in-memory lists, a saved (contiguous, mapped) copy, a FAISS IVF's own lists, and
+    a FAISS IVF with segments layered on it (index/mapped_ivf.py: a fifth of the ids stored in the base with
+    other vectors, removed by a segment that adds them back with theirs)."""
+    from index.mapped_ivf import LayeredIVF
+
     mem = CertifiedIVF.build(np.arange(len(x)), x, nlist, seed=seed)
     mem.save(tmp_path / f"ivf-{seed}-{nlist}")
     store = VectorStore.from_vectors(np.arange(len(x)), x, f"IVF{nlist},Flat", use_gpu=False)
+    moved = np.random.default_rng(seed).choice(len(x), len(x) // 5, replace=False)
+    old = x.copy()
+    old[moved] = np.roll(x, 1, axis=0)[moved]  # the dead versions: other gallery vectors
+    layered = LayeredIVF(VectorStore.from_vectors(np.arange(len(x)), old, f"IVF{nlist},Flat", use_gpu=False))
+    assert layered.remove(moved) == len(moved)
+    layered.add(moved, np.ascontiguousarray(x[moved]), stored=True)
     return {"memory": mem, "saved": CertifiedIVF.open(tmp_path / f"ivf-{seed}-{nlist}"),
-            "faiss": CertifiedIVF.from_faiss(store.index)}
+            "faiss": CertifiedIVF.from_faiss(store.index), "layered": layered.certified_lists()}
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -384,6 +394,7 @@ def test_top_in_lists_leaves_out_only_items_below_k_returned_ones(tmp_path, monk
                 exact = vecs @ q.astype(np.float64)
                 assert np.all(np.abs(scores - exact) <= gamma), name  # float32 scores of the stored vectors
                 assert len(set(refs.tolist())) == len(refs) and not np.isin(ids, exclude).any()
+                assert np.array_equal(vecs, _stored(ivf)[ids].astype(np.float64)), name  # live versions only
                 members = np.concatenate([ivf.list_vectors(int(c))[0] for c in lists])
                 assert np.isin(ids, members).all()
                 left = np.setdiff1d(members, np.concatenate([ids, exclude]))
