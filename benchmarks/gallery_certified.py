@@ -4,8 +4,11 @@ beside a Flat gallery of the same vectors.
     python -m benchmarks.gallery_certified --quick                     # 20,000 vectors, after only (a test runs it)
     python -m benchmarks.gallery_certified --n 1000000 --before 51b9c7c
 
-A gallery of more than a million vectors is IVF under `auto`, and `Gallery.certified_ivf` views its FAISS
-lists (`CertifiedIVF.from_faiss`; the lists mapped when the live set is one base), which certified search
+`--segments` writes the IVF gallery as a writer leaves it between compactions (a base of 70% of the rows and
+three segments, each adding a tenth and removing 1,000 earlier ids: readers now layer them on the mapped
+base, index/mapped_ivf.py, where they loaded everything before). A gallery of more than a million vectors is
+IVF under `auto`, and `Gallery.certified_ivf` views its FAISS lists (`CertifiedIVF.from_faiss`, the lists
+mapped; with segments `LayeredIVF.certified_lists`), which certified search
 scans round by round (`CertifiedIVF.top_in_lists`: FAISS's own scan of a round's lists, since 77e4a69;
 one kernel call a list before) — unlike `benchmarks/certified_search.py`, whose saved store is contiguous
 and scanned in one product once most lists are needed. Data: `benchmarks.certified_search
@@ -50,7 +53,8 @@ out = {name: {} for name in sets}
 for kind in ("ivf", "flat"):
     store = load_live_store(IndexDir(directory), meta[kind], use_gpu=False, mapped=True)
     t = time.perf_counter()
-    ivf = CertifiedIVF.from_faiss(store.index) if kind == "ivf" else None
+    layered = getattr(store, "certified_lists", None)  # segments layered on a mapped base (index/mapped_ivf.py)
+    ivf = None if kind != "ivf" else layered() if layered is not None else CertifiedIVF.from_faiss(store.index)
     gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error)
     built = time.perf_counter() - t
     for name, path in sets.items():
@@ -71,7 +75,7 @@ print(json.dumps(out))
 """
 
 
-def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) -> dict:
+def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0, segments: bool = False) -> dict:
     from benchmarks.startup import extract
     from index.layout import BASE
     from index.store import VectorStore
@@ -80,16 +84,24 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
         (tmp / "index").mkdir()
         nlist = max(16, int(4 * n ** 0.5))
         vectors = clustered_unit_vectors(n, DIM, seed=seed)
-        meta = {}
+        meta, live = {}, np.arange(n)
+        if segments:  # the IVF gallery as a base of 70% and three segments; the Flat one its live rows, bit for bit
+            meta["ivf"], live, vectors = _ivf_with_segments(tmp / "index", vectors, nlist, seed)
         for kind, factory, name in (("ivf", f"IVF{nlist},Flat", "vectors.00000001.faiss"),
                                     ("flat", "Flat", "vectors.00000002.faiss")):
-            store = VectorStore.from_vectors(np.arange(n), vectors, factory, use_gpu=False)
-            files = [{"name": name, "kind": BASE, "rows": n, "sha256": store.write(tmp / "index" / name)}]
-            meta[kind] = {"version": 1, "dim": DIM, "factory": factory, "rows": n, "segments": files}
+            if kind in meta:
+                continue
+            if segments:  # the rows as the live set stores them (from_vectors would renormalise them again)
+                store = VectorStore.create(DIM, factory, use_gpu=False)
+                store.add(live, vectors[live], stored=True)
+            else:
+                store = VectorStore.from_vectors(live, vectors[live], factory, use_gpu=False)
+            files = [{"name": name, "kind": BASE, "rows": len(live), "sha256": store.write(tmp / "index" / name)}]
+            meta[kind] = {"version": 1, "dim": DIM, "factory": factory, "rows": len(live), "segments": files}
             del store
         sets = {"clusters": tmp / "queries.npy", "items": tmp / "items.npy"}
         np.save(sets["clusters"], clustered_unit_vectors(queries, DIM, max(8, n // 36), seed, stream=7))
-        np.save(sets["items"], vectors[np.random.default_rng(seed).choice(n, queries, replace=False)])
+        np.save(sets["items"], vectors[np.random.default_rng(seed).choice(live, queries, replace=False)])
         del vectors
         trees = {"after": ROOT}
         if before:
@@ -102,10 +114,43 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0) ->
                                                         json.dumps({k: str(v) for k, v in sets.items()}), FLOAT_ERROR,
                                                         ROOT / "benchmarks" / "_gallery.py"],
                                                 tmp, f"the {name} tree"))
-        row = {"n": n, "nlist": nlist, "queries": queries,
+        row = {"n": n, "nlist": nlist, "queries": queries, "segments": segments, "live": len(live),
                **_summary({name: [x["clusters"] for x in rows] for name, rows in results.items()})}
         row["gallery_items"] = _summary({name: [x["items"] for x in rows] for name, rows in results.items()})
         return row
+
+
+def _ivf_with_segments(directory: Path, vectors: np.ndarray, nlist: int, seed: int) -> tuple[dict, np.ndarray,
+                                                                                              np.ndarray]:
+    """An IVF live set as a writer leaves it between compactions: a base of the first 70% of the rows, then
+    three segments each adding a tenth and removing 1,000 earlier ids. Returns its metadata, the live ids, and
+    every row as stored (the base's renormalised by the store, the segments' as written)."""
+    from index.layout import BASE, ROWS
+    from index.segments import write_segment
+    from index.store import VectorStore
+    n = len(vectors)
+    base = int(0.7 * n)
+    store = VectorStore.from_vectors(np.arange(base), vectors[:base], f"IVF{nlist},Flat", use_gpu=False)
+    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": base,
+              "sha256": store.write(directory / "vectors.00000001.faiss")}]
+    vectors = vectors.copy()
+    vectors[:base] = store.reconstruct(np.arange(base))
+    del store
+    rng = np.random.default_rng(seed + 5)
+    alive = np.zeros(n, bool)
+    alive[:base] = True
+    start = base
+    for s in range(3):
+        m = (n - base) // 3 if s < 2 else n - start
+        removed = rng.choice(np.flatnonzero(alive), min(1000, start // 10), replace=False)
+        alive[removed] = False
+        alive[start:start + m] = True
+        name = f"segment.{s + 3:08d}.rows"
+        sha, _ = write_segment(directory / name, DIM, removed, np.arange(start, start + m), vectors[start:start + m])
+        files.append({"name": name, "kind": ROWS, "rows": m, "sha256": sha})
+        start += m
+    meta = {"version": 5, "dim": DIM, "factory": f"IVF{nlist},Flat", "rows": int(alive.sum()), "segments": files}
+    return meta, np.flatnonzero(alive), vectors
 
 
 def _summary(results: dict[str, list[dict]]) -> dict:
@@ -128,8 +173,10 @@ def _summary(results: dict[str, list[dict]]) -> dict:
 
 def table(report: dict) -> str:
     top = report["row"]
+    layout = (f", as a base of 70% + 3 segments with tombstones ({top['live']:,} live; the Flat gallery holds the "
+              "same live rows)") if top.get("segments") else ""
     lines = [f"Certified top-10 on an IVF gallery ({top['n']:,} vectors, IVF{top['nlist']}, D = {DIM}, lipsim-demo "
-             f"regime), {top['queries']} queries per set, median of {report['repeat']} rounds"
+             f"regime{layout}), {top['queries']} queries per set, median of {report['repeat']} rounds"
              + (f"; before = {report['before']}" if report["before"] else "") + "\n"]
     for title, r in (("Queries from the gallery's clusters", top),
                      ("Gallery items as queries (not excluded: each is its own top-1)", top.get("gallery_items"))):
@@ -166,11 +213,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--before", default=None, help="a git revision to time beside this tree (default: none)")
     ap.add_argument("--quick", action="store_true", help="20,000 vectors, 5 queries, one round: seconds")
+    ap.add_argument("--segments", action="store_true",
+                    help="the IVF gallery as a base of 70%% and three segments (adds and tombstones), not one base")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gallery-certified"))
     args = ap.parse_args(argv)
     n, queries, repeat = (20_000, 5, 1) if args.quick else (args.n, args.queries, args.repeat)
     report = {"machine": _machine(), "repeat": repeat, "before": args.before,
-              "row": run(n, queries, repeat, args.before)}
+              "row": run(n, queries, repeat, args.before, segments=args.segments)}
     return write_report(args.out, report, table(report))
 
 

@@ -36,7 +36,8 @@ class Gallery:
 
     Opening loads the live files named by the catalog (a base and segments, each checked against its
     recorded SHA-256 and row count). Searched on the CPU, a Flat gallery maps them in place (a read-only
-    `index.mapped.MappedFlat`) and an IVF gallery of one base maps its lists (`VectorStore.read(mapped=True)`);
+    `index.mapped.MappedFlat`) and an IVF gallery maps its base's lists (`VectorStore.read(mapped=True)`),
+    segments layered on them (`index.mapped_ivf.LayeredIVF`);
     anything else is loaded into one FAISS index. The encoder is not loaded:
     it loads on first use of `.encoder` (and is checked against the recorded weights).
     A writer may update the directory meanwhile; this object keeps the version it opened.

@@ -22,7 +22,8 @@ Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after c
 HNSW search, over the graph's flat storage) is one pass of FAISS's inner-product kernel over the stored
 rows per query, then `top_rows` (`VectorStore._flat_scan`).
 Readers (`Gallery.open` on the CPU) do not load a Flat gallery into this class: index/mapped.py maps its
-files; an IVF index file of one base is read with its lists mapped (`read(mapped=True)`, read-only).
+files; an IVF base is read with its lists mapped (`read(mapped=True)`, read-only), any segments after it
+layered on it (index/mapped_ivf.py).
 """
 from __future__ import annotations
 
