@@ -40,7 +40,7 @@ from encoder.io import atomic_write_text, fd_sha256, fsync_dir
 
 from .errors import IntegrityError, StoreError
 
-__all__ = ["CertifiedIVF", "REL_ALLOWANCE", "ABS_ALLOWANCE", "exact_radius_bounds", "norm_bound"]
+__all__ = ["CertifiedIVF", "REL_ALLOWANCE", "ABS_ALLOWANCE", "exact_radius_bounds", "norm_bound", "faiss_scans"]
 
 REL_ALLOWANCE = 1e-9  # upward relative allowance on float64 norms of float32 data (errors ~1e-13)
 ABS_ALLOWANCE = 1e-12  # upward absolute allowance on float64 sums of a few terms of magnitude ≤ 3
@@ -240,14 +240,7 @@ class CertifiedIVF:
         if len(lists) == 0:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         if self._faiss is not None:
-            counts = np.cumsum(sizes[lists])
-            parts = max(1, min(_threads(), int(counts[-1]) // SPLIT_MIN))
-            if parts == 1:
-                return self._faiss_part(q, lists, k, exclude)
-            cuts = np.searchsorted(counts, counts[-1] * np.arange(1, parts) / parts)
-            found = list(_executor().map(lambda part: self._faiss_part(q, part, k, exclude),
-                                         [part for part in np.split(lists, cuts) if len(part)]))
-            return np.concatenate([s for s, _ in found]), np.concatenate([r for _, r in found])
+            return faiss_scans(q, [(self, lists, k, exclude, ())])[0]
         # The lists' items back to back (a contiguous store: all of them, in storage order), then the k best.
         if self._whole is not None and len(np.unique(lists)) == int(np.sum(sizes > 0)):
             lists = np.arange(self.nlist)
@@ -265,16 +258,22 @@ class CertifiedIVF:
         at = np.searchsorted(starts, rows, side="right") - 1  # which of `lists` each kept row is in
         return scores[rows], (lists[at] << 32) | (rows - starts[at])
 
-    def _faiss_part(self, q, lists, k: int, exclude) -> tuple[np.ndarray, np.ndarray]:
-        """`top_in_lists` over one part, by FAISS: its top `wanted` items, excluded ones dropped, asking
+    def _faiss_part(self, q, lists, k: int, exclude, drop=()) -> tuple[np.ndarray, np.ndarray]:
+        """`top_in_lists` over one part, by FAISS: its top `wanted` items, excluded ids and the items at the
+        refs `drop` (list << 32 | offset: a layered store's dead items, index/mapped_ivf.py) dropped, asking
         again for twice as many while fewer than k are left of a full answer (an excluded id may be stored
-        more than once). Every item left out then scores at most the k or more kept ones."""
+        more than once; `drop` is expected to be rare among the best). Every item left out then scores at
+        most the k or more kept ones."""
         held = int(self.list_sizes()[lists].sum())
-        wanted = min(held, k + len(exclude))
+        drop = np.asarray(drop, dtype=np.int64)
+        wanted = min(held, k + len(exclude) + min(len(drop), max(16, k // 8)))
         while True:
             scores, refs = _faiss_top(self._faiss, q, lists, wanted)
-            if len(exclude):
-                kept = ~np.isin(self.items(refs, vectors=False)[0], exclude)
+            if len(exclude) or len(drop):
+                kept = ~np.isin(self.items(refs, vectors=False)[0], exclude) if len(exclude) else \
+                    np.ones(len(refs), bool)
+                if len(drop):
+                    kept &= ~np.isin(refs, drop)
                 scores, refs = scores[kept], refs[kept]
             if len(scores) >= k or wanted >= held:
                 return scores, refs
@@ -414,6 +413,41 @@ class CertifiedIVF:
 
 SPLIT_MIN = 1 << 16  # items per thread below which a FAISS scan of lists is not split (`top_in_lists`)
 _EXECUTOR = None
+
+
+def faiss_scans(q: np.ndarray, jobs: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`CertifiedIVF.top_in_lists` for several FAISS-backed lists at once: jobs [(ivf, lists, k, exclude, drop)],
+    each ivf's `_faiss` set and its `lists` non-empty ones, `drop` refs of items to leave out (`_faiss_part`);
+    (scores, refs) per job. Above 2·SPLIT_MIN items in all, the jobs' lists, one after the other, are cut into
+    `_threads()` (or fewer) stretches of about equal item counts, each scanned on a thread of its own, one
+    FAISS scan per job it covers; each scan returns its own top k (the contract's split case: an item left out
+    of its part's answer scores at most k kept items of that part)."""
+    sizes = [ivf.list_sizes()[lists] for ivf, lists, *_ in jobs]
+    total = int(sum(int(x.sum()) for x in sizes))
+    parts = max(1, min(_threads(), total // SPLIT_MIN))
+    owner = np.concatenate([np.full(len(x), j) for j, x in enumerate(sizes)]) if jobs else np.zeros(0, int)
+    where = np.concatenate([np.arange(len(x)) for x in sizes]) if jobs else np.zeros(0, int)
+    ends = np.cumsum(np.concatenate(sizes)) if jobs else np.zeros(0)
+    stretch = np.minimum(parts - 1, (ends - 1) * parts // max(total, 1))  # the stretch each list falls in
+    tasks = []
+    for p in range(parts):
+        pieces = []
+        for j in np.unique(owner[stretch == p]):
+            ivf, lists, k, exclude, drop = jobs[j]
+            pieces.append((j, ivf, lists[where[(stretch == p) & (owner == j)]], k, exclude, drop))
+        if pieces:
+            tasks.append(pieces)
+
+    def scan(pieces):
+        return [(piece[0], piece[1]._faiss_part(q, *piece[2:])) for piece in pieces]
+
+    found = [f for done in (_executor().map(scan, tasks) if len(tasks) > 1 else map(scan, tasks)) for f in done]
+    out = []
+    for j in range(len(jobs)):
+        mine = [f for i, f in found if i == j]
+        out.append((np.concatenate([s for s, _ in mine]) if mine else np.zeros(0, np.float32),
+                    np.concatenate([r for _, r in mine]) if mine else np.zeros(0, np.int64)))
+    return out
 
 
 def _threads() -> int:

@@ -13,18 +13,19 @@ top of it, nothing of either copied:
   the quantizer assigns them to instead (so equal scores may come in another order). Search: FAISS's
   search of the base skipping `dead` (an id selector), the rows scanned exhaustively, merged by score.
 - `LayeredLists`, its certified lists (`certified_lists`, for `retrieval.ivf_search`): the base's FAISS
-  lists (`CertifiedIVF.from_faiss`, scanned in C++) and the alive rows in lists of their own over the same
-  centroids (`CertifiedIVF.from_lists`: each row in its nearest list, exact radius bounds), one list
+  lists (`CertifiedIVF.from_faiss`, scanned in C++) and the alive rows in a FAISS IVF of their own over the
+  same centroids (each row in its nearest list; `from_faiss` again: exact radius bounds, C++ scans), one list
   number meaning both. Soundness rests on `CertifiedIVF`'s two proved facts, each applied to one part:
   * bound: U_c = max(U_c(base), U_c(rows)) ≥ every live item of list c, since the base's U_c bounds
     every item its list stores (dead ones included: a bound over a set bounds any subset) and the rows'
     U_c bounds theirs; −inf exactly where list c holds no live item;
-  * scan contract (`CertifiedIVF.top_in_lists`): the base's scan of the lists asks for k + d items, d the
-    dead items those lists store, and drops the dead ones it returns (by their place in the lists, known
-    when the tombstone was applied: no id lookup): an item it left out scores at most k + d returned ones,
-    of which at most d were dropped, so at most k kept ones — or it returned every item the lists hold.
-    The rows' scan keeps its own answer. Both honour the caller's exclusions. An item of the lists left out
-    of the union of the two answers was left out of its part's, so it scores at most k of that part's.
+  * scan contract (`CertifiedIVF.top_in_lists`): the base's scan drops the dead items it finds among its
+    best (by their place in the lists, list << 32 | offset, known when the tombstone was applied: no id
+    lookup), asking FAISS again for more while fewer than k are left (`CertifiedIVF._faiss_part`): an item
+    it left out scores at most every one of the `wanted` best, k or more of them kept — or it returned every
+    item the lists hold. The rows' scan keeps its own answer. Both honour the caller's exclusions. An item
+    of the lists left out of the union of the answers was left out of its part's, so it scores at most k of
+    that part's. (Both are scanned together, their parts on the scanning threads: `index.ivf.faiss_scans`.)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import faiss
 import numpy as np
 
 from .errors import StoreError
-from .ivf import CertifiedIVF
+from .ivf import CertifiedIVF, faiss_scans
 from .mapped import MappedFlat
 from .store import VectorStore, _as_ids, check_queries
 
@@ -88,12 +89,20 @@ class LayeredLists:
         """`CertifiedIVF.top_in_lists` over the live items of `lists` (its contract, module doc); refs into
         the rows' lists carry ROWS_TAG."""
         lists = np.asarray(lists, dtype=np.int64).reshape(-1)
+        k = max(1, int(k))
         dead = self.dead_refs[np.isin(self.dead_lists, lists)]
-        s_base, r_base = self.base.top_in_lists(query, lists, k + len(dead), exclude)
-        if len(dead):  # of the k + d best, at most d are dead: k or more kept items beat every one left out
-            live = ~np.isin(r_base, dead)
-            s_base, r_base = s_base[live], r_base[live]
-        s_rows, r_rows = self.rows.top_in_lists(query, lists, k, exclude)
+        if self.base._faiss is not None and self.rows._faiss is not None:  # both scanned together, in C++
+            q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1))
+            exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
+            (s_base, r_base), (s_rows, r_rows) = faiss_scans(q, [
+                (self.base, lists[self.base.list_sizes()[lists] > 0], k, exclude, dead),
+                (self.rows, lists[self.rows.list_sizes()[lists] > 0], k, exclude, ())])
+        else:
+            s_base, r_base = self.base.top_in_lists(query, lists, k + len(dead), exclude)
+            if len(dead):  # of the k + d best, at most d are dead: k or more kept items beat every one left out
+                live = ~np.isin(r_base, dead)
+                s_base, r_base = s_base[live], r_base[live]
+            s_rows, r_rows = self.rows.top_in_lists(query, lists, k, exclude)
         return np.concatenate([s_base, s_rows]), np.concatenate([r_base, r_rows | ROWS_TAG])
 
     def items(self, refs, vectors: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
@@ -216,16 +225,20 @@ class LayeredIVF:
         """The certified lists (module doc), built on first use: exact bounds from the stored vectors."""
         if self._lists is None:
             base = CertifiedIVF.from_faiss(self.base.index)
-            ids = self.rows.ids()
-            vecs = self.rows.reconstruct(ids)
+            ids = np.ascontiguousarray(self.rows.ids(), dtype=np.int64)
+            vecs = np.ascontiguousarray(self.rows.reconstruct(ids), dtype=np.float32)
             # each row in its nearest list (any list keeps the bounds sound; the nearest keeps them tight), as the
             # copying reader's FAISS add does at open: ~2 s for 300,000 rows and 3,346 lists on 2 cores
-            where = CertifiedIVF.assign(base.centroids, vecs) if len(ids) else np.zeros(0, np.int64)
-            order = np.argsort(where, kind="stable")
-            cuts = np.searchsorted(where[order], np.arange(base.nlist + 1))
-            parts = CertifiedIVF.from_lists(base.centroids, [(ids[order[a:b]], vecs[order[a:b]])
-                                                             for a, b in zip(cuts[:-1], cuts[1:])])
-            self._lists = LayeredLists(base, parts, self._dead, self._dead_refs)
+            where = CertifiedIVF.assign(base.centroids, vecs).astype(np.int64) if len(ids) else np.zeros(0, np.int64)
+            # … held in a FAISS IVF over the same centroids, so that they too are scanned in C++ (`from_faiss`)
+            quantizer = faiss.IndexFlatIP(self.dim)
+            quantizer.add(base.centroids)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, base.nlist, faiss.METRIC_INNER_PRODUCT)
+            index.is_trained = True
+            if len(ids):
+                index.add_core(len(ids), faiss.swig_ptr(vecs), faiss.swig_ptr(ids), faiss.swig_ptr(where))
+            self._lists = LayeredLists(base, CertifiedIVF.from_faiss(index), self._dead, self._dead_refs)
+            self._lists._keep = (quantizer, index)  # the IVF refers to its quantizer, which it does not own
         return self._lists
 
     # Search ---------------------------------------------------------------------------------
