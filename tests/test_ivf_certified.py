@@ -406,6 +406,36 @@ def test_top_in_lists_leaves_out_only_items_below_k_returned_ones(tmp_path, monk
                     assert len(scores) == len(np.setdiff1d(members, exclude))
 
 
+def test_layered_lists_ask_again_when_dead_items_crowd_the_best(monkeypatch):
+    # 200 dead base items are the query's nearest: a scan's first answer (k + 16) is nearly all dead, and the
+    # part scan must ask FAISS again until k live items are kept (index/ivf.py `_faiss_part`), split or not.
+    import index.ivf as ivf_module
+    from index.mapped_ivf import LayeredIVF
+    x = clustered_unit_vectors(2000, 16, 20, seed=4)
+    q = x[0]
+    old = x.copy()
+    dead = np.arange(1, 201)
+    near = q + 1e-3 * np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
+    old[dead] = near / np.linalg.norm(near, axis=1, keepdims=True)
+    layered = LayeredIVF(VectorStore.from_vectors(np.arange(2000), old, "IVF8,Flat", use_gpu=False))
+    assert layered.remove(dead) == 200
+    layered.add(dead, np.ascontiguousarray(x[dead]), stored=True)
+    lists = layered.certified_lists()
+    stored = _stored(lists)
+    truth = stored.astype(np.float64) @ q.astype(np.float64)
+    for split in (False, True):
+        monkeypatch.setattr(ivf_module, "SPLIT_MIN", 100 if split else 1 << 16)
+        for k in (1, 5, 40):
+            scores, refs = lists.top_in_lists(q, np.arange(8), k)
+            ids, vecs = lists.items(refs)
+            assert np.array_equal(vecs, stored[ids].astype(np.float64))  # never a dead version
+            assert set(np.argsort(-truth, kind="stable")[:k].tolist()) <= set(ids.tolist())
+        pos, radius, _ = _exhaustive(q, stored, 5, 0.0)
+        got = certified_ivf_search(lists, q, 5, 1.0, slack=0.0, cap=8)
+        assert got.exhaustive and got.ids.tolist() == pos.tolist()
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(p=gallery_params, cap=st.integers(1, 12), drop=st.integers(0, 6), split=st.booleans())
 def test_certificate_with_a_short_exact_list_and_kinds_of_lists_equals_the_exhaustive_one(p, cap, drop, split):
