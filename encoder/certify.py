@@ -129,7 +129,8 @@ def unlisted_radius(scores, vectors, query, bound: float, max_norm: float, lipsc
     b_i = ‖e_i − ⟨q̂, e_i⟩q̂‖ (e_i's distance from the query's axis, q̂ = q/ν), c = slack ≥ 0, and B first
     clamped to [−νM, νM] (every item scores inside it, so the set of items bounded is unchanged).
     Returns, per i, the larger of that and the plain bound (s_i − B − c)/(L·(‖e_i‖ + M)); where
-    s_i − B − c ≤ 0 both are ≤ 0 (no radius; callers clamp at 0). Requires ‖e_i‖ ≤ M.
+    s_i − B − c ≤ 0 both are ≤ 0 (no radius; callers clamp at 0). M is first raised to at least every ‖e_i‖
+    (the proof needs ‖e_i‖ ≤ M) and then by 1e-12 (below), so both are evaluated with that M.
 
     Proof (s_i − B > c). Write d = e_i − e_j = x·q̂ + d⊥ (d⊥ ⊥ q̂), a = ⟨q̂, e_i⟩, y = ‖d⊥‖, B̂ = B/ν.
     Then x = a − ⟨q̂, e_j⟩ ≥ a − B̂ = x₀ > 0, and y ≤ ‖e_i⊥‖ + ‖e_j⊥‖ = b_i + √(‖e_j‖² − (a − x)²) ≤ Y(x),
@@ -140,12 +141,14 @@ def unlisted_radius(scores, vectors, query, bound: float, max_norm: float, lipsc
     ≥ (ν − c/x₀)/(L·√(1 + Y₀²/x₀²)) = (s_i − B − c)/(L·√(x₀² + Y₀²)).  ∎
     Tight for c = 0: e_j = B̂·q̂ − √(M² − B̂²)·u, u = e_i⊥/b_i, attains it. Non-increasing in B (for c = 0
     it is the minimum over a set that grows with B; (s_i − B − c)/(s_i − B) also falls).
-    Float64 rounding: M is first raised by a relative and an absolute 1e-12, so that it bounds the exact norm
-    of e_i too (whose float64 norm the callers' M covers only to ~1e-14 relative), which only shrinks the
-    bound; ν and b_i carry relative errors ≲ (D + 2)·2⁻⁵³, so M² − B̂² is off by ≲ 1e-13 and its square root
-    by ≲ 3.2e-7 — covered, with b_i's error, by adding `AXIS_ALLOWANCE` to Y₀ (a larger Y₀ only shrinks the
-    bound, by at most AXIS_ALLOWANCE/√(x₀² + Y₀²) relative). The score arithmetic is covered by the slack, as
-    for every radius.
+    Float64 rounding: M is raised by a relative and an absolute 1e-12, so that it bounds the exact norm of
+    e_i too (whose float64 norm is right only to ~(D + 2)·2⁻⁵³ relative), which only shrinks the bound. ν and
+    b_i carry relative errors ≲ (D + 2)·2⁻⁵³ (~2e-13 at D = 2048), so B̂² is off by ≲ 2(D + 2)·2⁻⁵³·M², which
+    the raise of M (it adds ≥ 2·1e-12·M² under the root) covers for D up to ~9,000; beyond, the square root's
+    error (≤ the root of what is left) and b_i's are covered by adding `AXIS_ALLOWANCE` to Y₀ (a larger Y₀
+    only shrinks the bound, by at most AXIS_ALLOWANCE/√(x₀² + Y₀²) relative). The margin s_i − B is computed
+    as the plain bound's (so both agree on its sign); the score arithmetic is covered by the slack, as for
+    every radius.
     """
     return _unlisted(*_axis_terms(scores, vectors, query), bound, max_norm, lipschitz, slack)
 
@@ -166,7 +169,7 @@ def unlisted_threshold(scores, vectors, query, radius, max_norm: float, lipschit
     target = np.maximum(_f64(radius).reshape(-1), 0.0)
     if not np.all(np.isfinite(target)):
         return -np.inf
-    plain = s - slack - lipschitz * (norms + max_norm) * target  # the plain bound reaches radius_i exactly there
+    plain = s - slack - lipschitz * (norms + _raised(max_norm, norms)) * target  # the plain bound reaches radius_i there
     lo, hi = float(plain.min()), float(s.min()) + 1.0
     for _ in range(rounds):
         grid = np.linspace(lo, hi, 33)[1:-1]
@@ -174,6 +177,13 @@ def unlisted_threshold(scores, vectors, query, radius, max_norm: float, lipschit
         fail = int(np.argmin(ok)) if not ok.all() else len(grid)  # every grid point before `fail` satisfies
         lo, hi = (grid[fail - 1] if fail else lo), (grid[fail] if fail < len(grid) else hi)
     return float(lo)
+
+
+def _raised(max_norm: float, norms: np.ndarray) -> float:
+    """M for `unlisted_radius`: at least every ‖e_i‖ given, then raised by 1e-12 relative and absolute (its
+    docstring: float64 rounding)."""
+    top = max(float(max_norm), float(norms.max()) if len(norms) else 0.0)
+    return top * (1 + 1e-12) + 1e-12
 
 
 def _axis_terms(scores, vectors, query):
@@ -189,12 +199,13 @@ def _axis_terms(scores, vectors, query):
 def _unlisted(s, norms, b, nu, bound, max_norm, lipschitz, slack):
     """`unlisted_radius` from `_axis_terms`; `bound` a float or an array broadcasting against s."""
     bound = np.asarray(bound, dtype=np.float64)
-    max_norm = float(max_norm) * (1 + 1e-12) + 1e-12  # (docstring: float64 rounding)
+    max_norm = _raised(max_norm, norms)
     plain = (s - bound - slack) / (lipschitz * (norms + max_norm))
     if nu == 0.0 or not np.all(np.isfinite(bound)):
         return plain
-    bh = np.clip(bound / nu, -max_norm, max_norm)
-    m = s - bh * nu  # margin to the clamped B (the same items)
+    clamped = np.clip(bound, -nu * max_norm, nu * max_norm)  # (the same items score below it)
+    m = s - clamped  # exactly the plain bound's margin where B needs no clamping: m > slack iff s_i − B > slack
+    bh = clamped / nu
     x0 = m / nu
     y0 = b + np.sqrt(np.maximum(max_norm * max_norm - bh * bh, 0.0)) + AXIS_ALLOWANCE
     with np.errstate(divide="ignore", invalid="ignore"):
