@@ -434,7 +434,9 @@ def faiss_scans(q: np.ndarray, jobs: list) -> list[tuple[np.ndarray, np.ndarray]
         pieces = []
         for j in np.unique(owner[stretch == p]):
             ivf, lists, k, exclude, drop = jobs[j]
-            pieces.append((j, ivf, lists[where[(stretch == p) & (owner == j)]], k, exclude, drop))
+            mine = lists[where[(stretch == p) & (owner == j)]]
+            drop = np.asarray(drop, dtype=np.int64)
+            pieces.append((j, ivf, mine, k, exclude, drop[np.isin(drop >> 32, mine)] if len(drop) else drop))
         if pieces:
             tasks.append(pieces)
 

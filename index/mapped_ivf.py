@@ -4,7 +4,8 @@ An IVF gallery's live set is a base (a FAISS IndexIVFFlat file) followed by segm
 (tombstones) and adding rows (index/segments.py). The copying reader loads the base and applies every
 segment to it in memory. A reader (`Gallery.open` on the CPU) instead keeps the base's lists mapped
 read-only (`VectorStore.read(mapped=True)`: FAISS cannot change mapped lists) and layers the segments on
-top of it, nothing of either copied:
+top of it, nothing of either copied until certified search needs the rows in lists (then they are copied
+into a FAISS IVF of the reader's own, 4·D bytes a row):
 
 - `LayeredIVF`, the store: the base; `dead`, the base ids a later segment removed; `rows`, every
   segment's rows as views of the mapped segment files (an `index.mapped.MappedFlat`, whose own alive flags
