@@ -76,15 +76,17 @@ def test_ivf_certificate_is_never_larger_than_the_exhaustive_one_and_equal_witho
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 4)))
-def test_pgd_never_changes_the_topk_inside_the_ivf_certificate(p, budget):
+@given(p=gallery_params, budget=st.one_of(st.none(), st.integers(1, 4)), layered=st.booleans())
+def test_pgd_never_changes_the_topk_inside_the_ivf_certificate(p, budget, layered):
     # The attacked "encoder" is e(x) = 2x − 1 on [0,1]^D (2-Lipschitz), whose clean input maps to the query:
-    # the PGD below only sees the whole gallery's brute-force ranking.
+    # the PGD below only sees the whole gallery's brute-force ranking (the live vectors as stored). Lists built
+    # here, or a FAISS base with a segment layered on it.
     x, queries = _gallery(p["n"], p["dim"], p["clusters"], p["seed"])
-    ivf = CertifiedIVF.build(np.arange(p["n"]), x, min(p["nlist"], p["n"]), seed=p["seed"])
+    nlist = min(p["nlist"], p["n"])
+    ivf = _layered(x, nlist, p["seed"]) if layered else CertifiedIVF.build(np.arange(p["n"]), x, nlist, seed=p["seed"])
     k = min(p["k"], p["n"] - 1) or 1
     slack = slack_for(p["float_error"], ivf.max_norm)
-    gal = torch.from_numpy(x.astype(np.float64))
+    gal = torch.from_numpy(_stored(ivf).astype(np.float64))
     cases, radii, tops = [], [], []
     for q in queries:
         got = certified_ivf_search(ivf, q, k, 2.0, slack=slack, probe_budget=budget, first_probes=1)
@@ -359,19 +361,25 @@ def _three_kinds(x, nlist, tmp_path, seed=0):
     """The same gallery as in-memory lists, a saved (contiguous, mapped) copy, a FAISS IVF's own lists, and
     a FAISS IVF with segments layered on it (index/mapped_ivf.py: a fifth of the ids stored in the base with
     other vectors, removed by a segment that adds them back with theirs)."""
-    from index.mapped_ivf import LayeredIVF
-
     mem = CertifiedIVF.build(np.arange(len(x)), x, nlist, seed=seed)
     mem.save(tmp_path / f"ivf-{seed}-{nlist}")
     store = VectorStore.from_vectors(np.arange(len(x)), x, f"IVF{nlist},Flat", use_gpu=False)
+    return {"memory": mem, "saved": CertifiedIVF.open(tmp_path / f"ivf-{seed}-{nlist}"),
+            "faiss": CertifiedIVF.from_faiss(store.index), "layered": _layered(x, nlist, seed)}
+
+
+def _layered(x, nlist, seed=0):
+    """The lists of a FAISS IVF base with a segment layered on it (index/mapped_ivf.py): a fifth of the ids stored
+    in the base with other vectors (dead), removed by the segment, which adds them back with theirs."""
+    from index.mapped_ivf import LayeredIVF
+
     moved = np.random.default_rng(seed).choice(len(x), len(x) // 5, replace=False)
     old = x.copy()
     old[moved] = np.roll(x, 1, axis=0)[moved]  # the dead versions: other gallery vectors
     layered = LayeredIVF(VectorStore.from_vectors(np.arange(len(x)), old, f"IVF{nlist},Flat", use_gpu=False))
     assert layered.remove(moved) == len(moved)
     layered.add(moved, np.ascontiguousarray(x[moved]), stored=True)
-    return {"memory": mem, "saved": CertifiedIVF.open(tmp_path / f"ivf-{seed}-{nlist}"),
-            "faiss": CertifiedIVF.from_faiss(store.index), "layered": layered.certified_lists()}
+    return layered.certified_lists()
 
 
 @pytest.mark.parametrize("split", [False, True])
