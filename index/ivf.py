@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,6 +412,7 @@ class CertifiedIVF:
         return ivf
 
 
+_EXECUTOR_LOCK = threading.Lock()
 SPLIT_MIN = 1 << 16  # items per thread below which a FAISS scan of lists is not split (`top_in_lists`)
 _EXECUTOR = None
 
@@ -460,18 +462,21 @@ _CPUS = os.cpu_count() or 1
 
 
 def _executor():
-    """Threads for parallel FAISS scans (FAISS releases the GIL while it scans), made once."""
+    """Threads for parallel FAISS scans (FAISS releases the GIL while it scans), made once (under a lock: two
+    threads' first scans would otherwise each make a pool)."""
     global _EXECUTOR
-    if _EXECUTOR is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _EXECUTOR = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="robret-ivf")
-    return _EXECUTOR
+            _EXECUTOR = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="robret-ivf")
+        return _EXECUTOR
 
 
 def _forget_executor() -> None:
-    global _EXECUTOR
+    global _EXECUTOR, _EXECUTOR_LOCK
     _EXECUTOR = None  # a forked child has none of its parent's threads: waiting on them would hang
+    _EXECUTOR_LOCK = threading.Lock()  # (and a lock held by one of them at the fork would stay held)
 
 
 os.register_at_fork(after_in_child=_forget_executor)
