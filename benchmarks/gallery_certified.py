@@ -34,6 +34,7 @@ import numpy as np
 from benchmarks._output import child_json, write_report
 from benchmarks.certified_search import DIM, FLOAT_ERROR, clustered_unit_vectors
 from benchmarks.index_speed import _machine
+from benchmarks.mapped_open import write_segmented
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0, se
         vectors = clustered_unit_vectors(n, DIM, seed=seed)
         meta, live = {}, np.arange(n)
         if segments:  # the IVF gallery as a base of 70% and three segments; the Flat one its live rows, bit for bit
-            meta["ivf"], live, vectors = _ivf_with_segments(tmp / "index", vectors, nlist, seed)
+            meta["ivf"], live, vectors = write_segmented(tmp / "index", vectors, f"IVF{nlist},Flat", seed)
         for kind, factory, name in (("ivf", f"IVF{nlist},Flat", "vectors.00000001.faiss"),
                                     ("flat", "Flat", "vectors.00000002.faiss")):
             if kind in meta:
@@ -118,39 +119,6 @@ def run(n: int, queries: int, repeat: int, before: str | None, seed: int = 0, se
                **_summary({name: [x["clusters"] for x in rows] for name, rows in results.items()})}
         row["gallery_items"] = _summary({name: [x["items"] for x in rows] for name, rows in results.items()})
         return row
-
-
-def _ivf_with_segments(directory: Path, vectors: np.ndarray, nlist: int, seed: int) -> tuple[dict, np.ndarray,
-                                                                                              np.ndarray]:
-    """An IVF live set as a writer leaves it between compactions: a base of the first 70% of the rows, then
-    three segments each adding a tenth and removing 1,000 earlier ids. Returns its metadata, the live ids, and
-    every row as stored (the base's renormalised by the store, the segments' as written)."""
-    from index.layout import BASE, ROWS
-    from index.segments import write_segment
-    from index.store import VectorStore
-    n = len(vectors)
-    base = int(0.7 * n)
-    store = VectorStore.from_vectors(np.arange(base), vectors[:base], f"IVF{nlist},Flat", use_gpu=False)
-    files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": base,
-              "sha256": store.write(directory / "vectors.00000001.faiss")}]
-    vectors = vectors.copy()
-    vectors[:base] = store.reconstruct(np.arange(base))
-    del store
-    rng = np.random.default_rng(seed + 5)
-    alive = np.zeros(n, bool)
-    alive[:base] = True
-    start = base
-    for s in range(3):
-        m = (n - base) // 3 if s < 2 else n - start
-        removed = rng.choice(np.flatnonzero(alive), min(1000, start // 10), replace=False)
-        alive[removed] = False
-        alive[start:start + m] = True
-        name = f"segment.{s + 3:08d}.rows"
-        sha, _ = write_segment(directory / name, DIM, removed, np.arange(start, start + m), vectors[start:start + m])
-        files.append({"name": name, "kind": ROWS, "rows": m, "sha256": sha})
-        start += m
-    meta = {"version": 5, "dim": DIM, "factory": f"IVF{nlist},Flat", "rows": int(alive.sum()), "segments": files}
-    return meta, np.flatnonzero(alive), vectors
 
 
 def _summary(results: dict[str, list[dict]]) -> dict:

@@ -87,17 +87,29 @@ print(json.dumps({"open_s": open_s, "anon_bytes": gained, "p50_ms": passes[0], "
 
 
 def write_live_set(directory: Path, n: int, dim: int = DIM, seed: int = 0, ivf: bool = False) -> dict:
-    """A base of 70% of n rows (Flat, or with ivf=True IVF of 4·√(0.7n) lists) and three segments of 10% each,
-    each removing 1,000 earlier ids; the index metadata naming them, as the catalog records it."""
+    """A base of 70% of n random unit rows (Flat, or with ivf=True IVF of 4·√(0.7n) lists) and three segments
+    (`write_segmented`); the index metadata naming them, as the catalog records it."""
+    factory = f"IVF{max(16, int(4 * int(n * 0.7) ** 0.5))},Flat" if ivf else "Flat"
+    return write_segmented(directory, _unit(np.random.default_rng(seed), n, dim), factory, seed)[0]
+
+
+def write_segmented(directory: Path, vectors: np.ndarray, factory: str, seed: int = 0) -> tuple[dict, np.ndarray,
+                                                                                                np.ndarray]:
+    """A live set as a writer leaves it between compactions: a base (`VectorStore.write`, type `factory`) of the
+    first 70% of `vectors` (ids: row numbers), then three segments (`write_segment`) each adding a tenth and
+    removing min(1,000, a tenth of the rows so far) earlier ids. Returns the index metadata naming them, the
+    live ids, and every row as stored (the base's renormalised by the store, the segments' as given)."""
     from index.layout import BASE, ROWS
     from index.segments import write_segment
     from index.store import VectorStore
-    rng = np.random.default_rng(seed)
+    n, dim = vectors.shape
+    rng = np.random.default_rng(seed + 5)
     base = int(n * 0.7)
-    factory = f"IVF{max(16, int(4 * base ** 0.5))},Flat" if ivf else "Flat"
-    store = VectorStore.from_vectors(np.arange(base), _unit(rng, base, dim), factory, use_gpu=False)
+    store = VectorStore.from_vectors(np.arange(base), vectors[:base], factory, use_gpu=False)
     files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": base,
               "sha256": store.write(directory / "vectors.00000001.faiss")}]
+    vectors = vectors.copy()
+    vectors[:base] = store.reconstruct(np.arange(base))
     del store
     start, alive = base, np.zeros(n, bool)
     alive[:base] = True
@@ -107,10 +119,11 @@ def write_live_set(directory: Path, n: int, dim: int = DIM, seed: int = 0, ivf: 
         alive[removed] = False
         alive[start:start + m] = True
         name = f"segment.{s + 2:08d}.rows"
-        sha, _ = write_segment(directory / name, dim, removed, np.arange(start, start + m), _unit(rng, m, dim))
+        sha, _ = write_segment(directory / name, dim, removed, np.arange(start, start + m), vectors[start:start + m])
         files.append({"name": name, "kind": ROWS, "rows": m, "sha256": sha})
         start += m
-    return {"version": 4, "dim": dim, "factory": factory, "rows": int(alive.sum()), "segments": files}
+    meta = {"version": 4, "dim": dim, "factory": factory, "rows": int(alive.sum()), "segments": files}
+    return meta, np.flatnonzero(alive), vectors
 
 
 def write_base(directory: Path, n: int, dim: int = DIM, seed: int = 0, flat: bool = False) -> dict:
