@@ -132,9 +132,7 @@ def certified_ivf_search(ivf, query, k: int, lipschitz: float, *, slack: float, 
             chunk = needed_lists = 0
             continue
         # Lists whose bound is at most what every radius needs can never change the certificate (module doc).
-        top_norm = float(np.linalg.norm(top_vecs, axis=1).max())
-        needed = unlisted_threshold(cert.scores, top_vecs, q64, cert.listed_radius, max(ivf.max_norm, top_norm),
-                                    lipschitz, slack)
+        needed = unlisted_threshold(cert.scores, top_vecs, q64, cert.listed_radius, ivf.max_norm, lipschitz, slack)
         needed = min(needed, float(cert.scores[-1]) - 2 * ARITHMETIC_SLACK)
         useful = int(np.sum(upper[order[pos:budget]] > needed))
         step *= 2
