@@ -18,7 +18,8 @@ of the same vectors; queries from the same clusters. Each tree's child process o
 `retrieval.search.search_embedding` (k = 10, L = 1, the demo encoder's float error) on both galleries
 (`benchmarks._gallery.StoreGallery`) for every query, and reports p50/p95, how many certificates are
 exhaustive and a digest of the answers (top-10 ids and radii to 1e-9), so the trees and the two galleries
-are checked to certify the same — for two query sets: the queries above, and as many gallery items, each
+are checked to certify the same; in a tree that has them, the Flat gallery also with its int8 codes built
+(`index.codes`, certified search by `retrieval.quantized_search`; the build timed in the lists column) — for two query sets: the queries above, and as many gallery items, each
 asked as it is (not excluded, so it is its own top-1 at score 1). Rounds alternate the trees (`--repeat`, medians of per-round p50s).
 Writes benchmarks/results/gallery-certified.json and .md (--out PREFIX).
 """
@@ -51,12 +52,19 @@ from index.segments import load_live_store
 from retrieval.search import search_embedding
 directory, meta, sets, float_error = sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), float(sys.argv[5])
 out = {name: {} for name in sets}
-for kind in ("ivf", "flat"):
-    store = load_live_store(IndexDir(directory), meta[kind], use_gpu=False, mapped=True)
+codes = importlib.util.find_spec("index.codes") is not None  # int8 codes (a tree since they were added)
+for kind in ("ivf", "flat") + (("codes",) if codes else ()):
+    store = load_live_store(IndexDir(directory), meta["flat" if kind == "codes" else kind], use_gpu=False, mapped=True)
     t = time.perf_counter()
     layered = getattr(store, "certified_lists", None)  # segments layered on a mapped base (index/mapped_ivf.py)
     ivf = None if kind != "ivf" else layered() if layered is not None else CertifiedIVF.from_faiss(store.index)
-    gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error)
+    quantized = None
+    if kind == "codes":
+        from index.codes import QuantizedCodes
+        quantized = QuantizedCodes.from_store(store)
+        quantized.upper_bounds(np.zeros(store.dim, np.float32))  # (the kernel loaded: from numba's cache)
+    gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error,
+                                   quantized)
     built = time.perf_counter() - t
     for name, path in sets.items():
         times, digest, visited, exhaustive = [], hashlib.sha256(), [], 0
@@ -127,9 +135,14 @@ def _summary(results: dict[str, list[dict]]) -> dict:
     row = {"same_answers": len(digests) == 1,  # every tree and round, IVF
            "flat_same_answers": {x["flat"]["answers"] for x in results["after"]} == {x["ivf"]["answers"] for x in
                                                                                      results["after"]}}  # this tree
+    if "codes" in results["after"][0]:
+        row["codes_same_answers"] = {x["codes"]["answers"] for x in results["after"]} == {
+            x["flat"]["answers"] for x in results["after"]}
+        row["flat_over_codes_p50"] = float(np.median([a["flat"]["p50_ms"] / a["codes"]["p50_ms"]
+                                                      for a in results["after"]]))
     for name, rows in results.items():
-        for kind in ("ivf", "flat"):
-            row[f"{name}_{kind}" if kind == "flat" else name] = {
+        for kind in [k for k in ("ivf", "flat", "codes") if k in rows[0]]:
+            row[name if kind == "ivf" else f"{name}_{kind}"] = {
                 key: float(np.median([x[kind][key] for x in rows]))
                 for key in ("p50_ms", "p95_ms", "lists_s", "lists_visited_median", "exhaustive")}
     if "before" in results:
@@ -165,12 +178,19 @@ def _set_table(r: dict, queries: int) -> list[str]:
         x = r[f"{t}_flat"]
         lines.append(f"| {t}: the same vectors as Flat | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | – | – | "
                      f"{x['exhaustive']:.0f} of {queries} |")
+    for t in [t for t in trees if f"{t}_codes" in r]:
+        x = r[f"{t}_codes"]
+        lines.append(f"| {t}: Flat with int8 codes (codes built s in the lists column) | {x['p50_ms']:.1f} | "
+                     f"{x['p95_ms']:.1f} | {x['lists_s']:.2f} | – | {x['exhaustive']:.0f} of {queries} |")
     if "speedup_p50" in r:
         lines.append(f"\nIVF before / after p50 (median of per-round ratios): {r['speedup_p50']:.2f}×; "
                      f"same top-10 and radii: {'yes' if r['same_answers'] else 'no'}")
     lines.append(f"\nIVF / Flat p50 in this tree (median of per-round ratios): {r['ivf_over_flat_p50']:.2f}×; "
                  f"Flat gave the same top-10 and radii: {'yes' if r['flat_same_answers'] else 'no'} "
                  "(exhaustive certificates per round: medians)")
+    if "flat_over_codes_p50" in r:
+        lines.append(f"\nFlat / Flat with int8 codes p50 in this tree: {r['flat_over_codes_p50']:.2f}×; the same top-10 "
+                     f"and radii: {'yes' if r['codes_same_answers'] else 'no'}")
     return lines
 
 

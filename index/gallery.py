@@ -6,9 +6,12 @@
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import faiss
@@ -20,6 +23,7 @@ from .catalog import Catalog, FileRecord, check_same_encoder
 from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
 from .remote import is_remote
+from .codes import QuantizedCodes
 from .ivf import CertifiedIVF
 from .layout import IndexDir
 from .segments import load_live_store
@@ -29,6 +33,8 @@ from .store import VectorStore
 __all__ = ["Gallery", "open_gallery"]
 
 log = logging.getLogger(__name__)
+
+QUANTIZED_MIN = 100_000  # `Gallery.quantize` builds int8 codes for galleries of at least this many vectors
 
 
 class Gallery:
@@ -47,6 +53,10 @@ class Gallery:
         self.layout, self.catalog, self.store, self.meta = layout, catalog, store, meta
         self._encoder = encoder
         self._root = os.fsencode(meta["root"])
+        self._codes: QuantizedCodes | None = None
+        self._codes_lock = threading.Lock()
+        self._codes_thread: threading.Thread | None = None
+        self._codes_stop = threading.Event()
 
     @classmethod
     def open(cls, index_dir, *, encoder=None, use_gpu: bool = True) -> "Gallery":
@@ -76,12 +86,13 @@ class Gallery:
         them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
         until this object is dropped (a server's requests still holding it while a newer version opens)."""
         self.catalog.close()
+        self._codes_stop.set()  # a background build of codes ends at its next chunk
         if isinstance(self.store, _Closed) or keep_vectors:
             return
         if self.store.read_only:  # mapped (MappedFlat, or IVF lists)
             # certified IVF views of mapped lists hold the FAISS index (CertifiedIVF.from_faiss), so a
             # search still running on them finishes before the file is unmapped
-            self.store, self._ivf = _Closed(), None
+            self.store, self._ivf, self._codes = _Closed(), None, None
 
     def __enter__(self) -> "Gallery":
         return self
@@ -145,6 +156,37 @@ class Gallery:
             layered = getattr(self.store, "certified_lists", None)  # a LayeredIVF (index/mapped_ivf.py)
             self._ivf = layered() if layered is not None else CertifiedIVF.from_faiss(self.store.index)
         return self._ivf
+
+    @property
+    def quantized(self) -> QuantizedCodes | None:
+        """The int8 codes of the gallery's vectors (index/codes.py) once `quantize` has built them, else None.
+        Certified search scans them instead of the float32 vectors (`retrieval.quantized_search`)."""
+        return self._codes
+
+    def quantize(self, background: bool = False) -> QuantizedCodes | None:
+        """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
+        version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
+
+        background=True returns at once (None until they are ready) and builds them on a daemon thread,
+        stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
+        vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
+        building costs about as much as ~25 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
+        """
+        if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
+            return self._codes
+        if background:
+            with self._codes_lock:
+                if self._codes_thread is None:
+                    self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self),),
+                                                          name="robret-codes", daemon=True)
+                    self._codes_thread._robret_stop = self._codes_stop
+                    _BUILDERS.add(self._codes_thread)
+                    self._codes_thread.start()
+            return self._codes
+        with self._codes_lock:
+            if self._codes is None:
+                self._codes = QuantizedCodes.from_store(self.store, stop=self._codes_stop)
+        return self._codes
 
     @property
     def max_norm(self) -> float:
@@ -255,6 +297,30 @@ class Gallery:
             return f"Gallery({str(self.index_dir)!r}, closed)"
         return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
                 f"encoder={self.encoder_spec!r}, version={self.version})")
+
+
+def _build_codes(ref) -> None:
+    gallery = ref()
+    if gallery is None:
+        return
+    try:
+        gallery.quantize()
+    except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
+        log.warning("int8 codes not built: %s", exc)
+
+
+_BUILDERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_builders() -> None:
+    """At exit, stop background builds of codes at their next chunk and wait for them (at most one chunk),
+    so that no thread reads a mapping while the interpreter tears it down."""
+    for thread in list(_BUILDERS):
+        gallery_stop = getattr(thread, "_robret_stop", None)
+        if gallery_stop is not None:
+            gallery_stop.set()
+        thread.join(timeout=5)
 
 
 class _Closed:

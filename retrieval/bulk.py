@@ -221,6 +221,9 @@ def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates,
                         content_hash=rec.content_hash)
 
 
+QUANTIZE_QUERIES = 25  # a run of at least this many certified queries builds int8 codes (large galleries)
+
+
 def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify: bool = True,
                 eps: float | None = None, candidates: int | None = None, exclude_self: bool = False,
                 batch_size: int = DEFAULT_BATCH, workers: int | None = None,
@@ -242,6 +245,8 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
                          f"{len(chunks[0]) if chunks else 0}")
     if any(s.path is not None for s in sources):
         gallery.encoder  # noqa: B018 — load it here, once, before worker threads read files
+    if certify and len(sources) >= QUANTIZE_QUERIES:
+        gallery.quantize(background=True)  # int8 codes for the certified queries once built (Gallery.quantize)
 
     def submit(chunk):
         return [None if s.path is None else pool.submit(reader.load, s) for s in chunk]

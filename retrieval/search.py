@@ -17,6 +17,9 @@ it covers the gallery the certificate is complete, otherwise every unlisted item
 s_m, hence exact score ≤ B = s_m + 2·γ_D, `float32_dot_error`) is bounded by
 `encoder.certify.unlisted_radius` at B (where an item scoring at most B with norm at most M can lie; never
 below (s_i − B − slack)/(L·(‖e_i‖ + M))), M the gallery's largest vector norm.
+Once a long-lived process has built the gallery's int8 codes (`Gallery.quantize`), certified queries scan
+those instead (`retrieval.quantized_search`: a proved upper bound on every score, exact scores only where
+they can matter) and get the exhaustive certificate from a quarter of the bytes.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import numpy as np
 from encoder.certify import ARITHMETIC_SLACK, certify_ranked, float32_dot_error, slack_for
 
 from .ivf_search import certified_ivf_search
+from .quantized_search import certified_quantized_search
 
 from .schema import SCHEMA_VERSION
 
@@ -72,10 +76,11 @@ class SearchResult:
     slack: float | None = None  # subtracted from every score margin: the encoder's float error (certify.slack_for)
     values: int | None = None  # how many samples the radii are over (channels × height × width)
     method: str = "exhaustive"  # "exhaustive" (every item scored) | "certified-ivf" (retrieval/ivf_search.py)
+    # | "quantized" (int8 codes scanned, retrieval/quantized_search.py)
     exact_topk: bool | None = None  # proved: no item outside the top-k scores above the k-th (certified paths)
     exhaustive: bool | None = None  # proved: the radii equal the exhaustive certificate's
     lists_visited: int | None = None  # certified IVF: inverted lists scanned
-    vectors_scanned: int | None = None  # certified IVF: items scored
+    vectors_scanned: int | None = None  # certified IVF: items scored; quantized: codes scanned
 
     @property
     def certified(self) -> bool:
@@ -196,12 +201,27 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
         return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
 
-    max_norm = float(getattr(gallery, "max_norm", 1.0))
+    codes = getattr(gallery, "quantized", None)  # int8 codes, when built (`Gallery.quantize`)
+    max_norm = codes.max_norm if codes is not None else float(getattr(gallery, "max_norm", 1.0))
     if float_error is None:
         float_error = getattr(gallery, "float_error", None)
     slack = slack_for(float_error, max_norm)
     extra: dict = {}
-    if ivf is not None:  # certified IVF: the exhaustive certificate without an exhaustive scan
+    if codes is not None:  # a scan of int8 codes: the exhaustive certificate, exact scores only where they matter
+        found = certified_quantized_search(codes, gallery.vectors, q, k, lipschitz, slack=slack, max_norm=max_norm,
+                                           exclude=dropped)
+        if found is None:
+            return empty
+        ids, cert, complete = found.ids, found.cert, found.bound == -np.inf
+        scores, listed = cert.scores, len(found.listed_ids)
+        k = len(ids)
+        extra = {"method": "quantized", "exact_topk": found.exact_topk, "exhaustive": found.exhaustive,
+                 "vectors_scanned": found.vectors_scanned}
+        if found.capped:
+            extra["notes"] = [f"the exactly scored list reached its limit ({listed} items): the radii are sound but "
+                              "may be smaller than the exhaustive certificate's"
+                              + ("" if found.exact_topk else ", and the top-k is not proved exact")]
+    elif ivf is not None:  # certified IVF: the exhaustive certificate without an exhaustive scan
         found = certified_ivf_search(ivf, q, k, lipschitz, slack=slack, probe_budget=probe_budget, exclude=dropped)
         if found is None:
             return empty

@@ -89,6 +89,7 @@ class GalleryHolder:
         self.use_gpu = use_gpu
         self._lock = threading.Lock()
         self._gallery = Gallery.open(index_dir, encoder=encoder, use_gpu=use_gpu)
+        self._gallery.quantize(background=True)  # int8 codes for certified queries (large galleries)
         self.reloads = 0
 
     def current(self) -> Gallery:
@@ -103,6 +104,7 @@ class GalleryHolder:
                     new = Gallery.open(self.index_dir, encoder=g.encoder, use_gpu=self.use_gpu)
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
+                new.quantize(background=True)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
                 # Requests still holding the old gallery keep working: its vectors stay mapped (or in
                 # memory) until the last of them drops it, and disposing its catalog engine leaves

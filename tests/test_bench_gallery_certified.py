@@ -26,3 +26,6 @@ def test_gallery_certified_quick_report(tmp_path):
     items = row["gallery_items"]
     assert items["after"]["exhaustive"] == 5 and 0 < items["after"]["p50_ms"] <= items["after"]["p95_ms"]
     assert "Gallery items as queries" in text
+    for r in (row, items):  # the Flat gallery with int8 codes: the same answers, all exhaustive
+        assert r["codes_same_answers"] and r["after_codes"]["exhaustive"] == 5 and r["flat_over_codes_p50"] > 0
+    assert "| after: Flat with int8 codes" in text

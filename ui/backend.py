@@ -238,6 +238,7 @@ def open_gallery(cfg: UIConfig) -> Opened:
             notes.append(f"Demo gallery: the {len(list((primary_dir.parent / 'photos').iterdir()))} sample photos "
                          "that scikit-image and matplotlib ship.")
         primary = Gallery.open(primary_dir, use_gpu=torch.cuda.is_available())
+        primary.quantize(background=True)  # int8 codes for certified queries (large galleries; Gallery.quantize)
         lip = primary.encoder
         compare, cmp_notes = _open_compare(cfg, primary, primary_dir)
         cmp_enc = compare.encoder

@@ -1,0 +1,171 @@
+"""Int8 codes of a gallery's vectors with a proved per-vector bound: a certified scan that reads a quarter of
+the bytes of an exact one (issue 15).
+
+An exact certified query reads every float32 vector once (4·D bytes each); on two cores that scan is bound
+by memory bandwidth (~22 ms at 1M vectors, D = 129). `QuantizedCodes` keeps one byte a coordinate and two
+floats a vector, and its scan gives, for every vector, an *upper bound* on the exact score, never an
+estimate; `retrieval.quantized_search` scores exactly only the vectors whose bound can still matter.
+
+Codes. For a stored float32 vector e (D coordinates) let a = fl32(max_i |e_i| / 127) (a float32 scale; 0
+for a zero vector), w_i = clip(rint(e_i / a), −127, 127) (int8; 0 where a = 0) and ê = a·w. Its residual
+bound δ ≥ ‖e − ê‖ is computed in float64 from the float32 e, a and w (a·w_i is exact in float64: 24 × 8
+bits), inflated by 1e-12 relative (float64's own rounding is ~1e-15 relative for D < 10⁶) and stored as
+the float32 at or above it. Soundness does not depend on how w was rounded, only on δ: a worse w only
+loosens the bound.
+
+Scan. For a float32 query q let ν be a float32 ≥ ‖q‖. The kernel computes for every vector, in float32,
+    ū = fl( fl(a·fl(S)) + fl(ν·δ) ),   S = Σ_i q_i·w_i,
+summing S in any order, with or without fused multiply-adds (numba, fastmath limited to reassociation
+and contraction; w_i converts to float32 exactly).
+
+Claim. For every vector, s = ⟨q, e⟩ ≤ ū + E with
+    E = γ_{D+3}·ν·(M + 2·δ_max) + (D + 3)·2⁻¹²⁶,   γ_n = n·u/(1 − n·u), u = 2⁻²⁴,
+M ≥ every vector's norm and δ_max the largest δ (`error`; `encoder.certify.float32_dot_error(D + 2, …)` is
+the first term).
+Proof. s = ⟨q, ê⟩ + ⟨q, e − ê⟩ ≤ a·S + ‖q‖·δ ≤ a·S + ν·δ =: v (Cauchy–Schwarz). Let P = Σ_i |q_i w_i|; then
+a·P ≤ ‖q‖·‖a·w‖ = ‖q‖·‖ê‖ ≤ ν·(‖e‖ + δ) ≤ ν·(M + δ_max). Without underflow (Higham, Accuracy and Stability,
+§3.1, any summation order; a fused operation rounds once where two would round twice):
+    |fl(S) − S| ≤ γ_{D+1}·P,
+    T = fl(a·fl(S)):  |T − a·S| ≤ a·γ_{D+1}·P + u·a·(1 + γ_{D+1})·P ≤ γ_{D+2}·a·P,
+    R = fl(ν·δ):      |R − ν·δ| ≤ u·ν·δ,  and  |ū − (T + R)| ≤ u·(|T| + |R|),
+so v − ū ≤ γ_{D+2}·a·P + u·ν·δ + u·((1 + γ_{D+2})·a·P + (1 + u)·ν·δ) ≤ γ_{D+3}·(a·P + 2·ν·δ)
+≤ γ_{D+3}·ν·(M + 2·δ_max). Underflow (gradual, or flushed to zero where a library set FTZ/DAZ) changes each
+of the at most D + 3 rounded results by less than 2⁻¹²⁶ more. Hence s ≤ v ≤ ū + E. ∎
+The exact scores certificates use are ⟨q, e⟩ in float64 over the same float32 q and e, so this bounds
+them. E is ~1e-5; δ is ~0.01 for unit vectors in 129 dimensions (a·√(D/12) for uniform rounding errors),
+the bound's real looseness.
+
+Built from a store's live vectors (`from_store`, CHUNK_ROWS at a time), held in memory (D + 16 bytes a
+vector: 145 MB at 1M), and valid for the store it was built from; a `Gallery` keeps the version it
+opened, so codes built from its store stay valid for it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from encoder.certify import float32_dot_error
+
+__all__ = ["QuantizedCodes", "scan_upper"]
+
+QMAX = 127
+ROUND_UP = 1e-12  # relative inflation of δ (float64 arithmetic)
+
+
+class QuantizedCodes:
+    """Int8 codes, scales and residual bounds of a gallery's vectors, with their ids (module doc)."""
+
+    def __init__(self, ids: np.ndarray, codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, max_norm: float):
+        self.max_norm = float(max_norm)  # M ≥ every coded vector's norm (`index.ivf.norm_bound` of the vectors)
+        self.ids = np.ascontiguousarray(ids, np.int64)
+        self.codes = np.ascontiguousarray(codes, np.int8)
+        self.scale = np.ascontiguousarray(scale, np.float32)
+        self.resid = np.ascontiguousarray(resid, np.float32)
+        self.resid_max = float(self.resid.max()) if len(self.resid) else 0.0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.codes.nbytes + self.scale.nbytes + self.resid.nbytes
+
+    @classmethod
+    def from_vectors(cls, ids, vectors) -> "QuantizedCodes":
+        from .ivf import norm_bound
+
+        vectors = np.asarray(vectors, np.float32)
+        return cls(np.asarray(ids, np.int64), *quantize(vectors), max(norm_bound(vectors), 0.0))
+
+    @classmethod
+    def from_store(cls, store, chunk: int | None = None, stop=None) -> "QuantizedCodes | None":
+        """Codes of every live vector of `store` (its `ids()` and `reconstruct`), `chunk` rows at a time;
+        None when `stop` (a threading.Event) is set between chunks."""
+        from .ivf import norm_bound
+        from .store import CHUNK_ROWS
+
+        chunk = chunk or CHUNK_ROWS
+        ids = np.asarray(store.ids(), np.int64)
+        codes = np.empty((len(ids), store.dim), np.int8)
+        scale = np.empty(len(ids), np.float32)
+        resid = np.empty(len(ids), np.float32)
+        top = 0.0
+        for at in range(0, len(ids), chunk):
+            if stop is not None and stop.is_set():
+                return None
+            part = slice(at, at + chunk)
+            vectors = store.reconstruct(ids[part])
+            codes[part], scale[part], resid[part] = quantize(vectors)
+            top = max(top, norm_bound(vectors))
+        return cls(ids, codes, scale, resid, top)
+
+    def upper_bounds(self, query) -> np.ndarray:
+        """ū (n,) float32 for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every vector (module doc)."""
+        q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(-1))
+        if q.shape[0] != self.dim:
+            raise ValueError(f"query of dimension {q.shape[0]} for codes of dimension {self.dim}")
+        return scan_upper(self.codes, self.scale, self.resid, q, query_norm_up(q))
+
+    def error(self, query, max_norm: float | None = None) -> float:
+        """E of the module doc for this query and M = max_norm (≥ every vector's norm; default the codes' own)."""
+        max_norm = self.max_norm if max_norm is None else max(float(max_norm), self.max_norm)
+        q = np.asarray(query, np.float32).reshape(-1)
+        nu = float(query_norm_up(q))
+        return (float32_dot_error(self.dim + 2, float(max_norm) + 2 * self.resid_max, nu) + (self.dim + 3) * 2.0 ** -126)
+
+
+def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes (n, D) int8, scale (n,) float32, resid (n,) float32) of float32 rows (module doc)."""
+    e = np.asarray(vectors, np.float32)
+    if e.ndim != 2:
+        raise ValueError(f"expected (n, D) vectors, got shape {e.shape}")
+    if not np.isfinite(e).all():
+        raise ValueError("vectors must be finite")
+    from ._codes_kernel import quantize as kernel
+
+    e = np.ascontiguousarray(e)
+    codes = np.empty(e.shape, np.int8)
+    scale = np.empty(len(e), np.float32)
+    delta = np.empty(len(e), np.float64)
+    kernel(e, codes, scale, delta)  # float64: each a·w_i exact, one rounding per difference, square and sum
+    delta *= 1 + ROUND_UP
+    resid = delta.astype(np.float32)
+    low = resid.astype(np.float64) < delta
+    resid[low] = np.nextafter(resid[low], np.float32(np.inf))
+    return codes, scale, resid
+
+
+def query_norm_up(q: np.ndarray) -> np.float32:
+    """A float32 ν ≥ ‖q‖ (float64 norm, inflated, rounded up)."""
+    norm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64)))) * (1 + ROUND_UP)
+    nu = np.float32(norm)
+    return nu if float(nu) >= norm else np.nextafter(nu, np.float32(np.inf))
+
+
+def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.ndarray, nu) -> np.ndarray:
+    """ū for every row (module doc), the rows cut into one stretch per scanning thread (`index.ivf`'s pool;
+    the kernel releases the GIL)."""
+    from .ivf import SPLIT_MIN, _executor, _threads
+
+    from ._codes_kernel import upper as kernel
+
+    n = len(codes)
+    out = np.empty(n, np.float32)
+    nu = np.float32(nu)
+    parts = max(1, min(_threads(), n // SPLIT_MIN))
+    if parts == 1:
+        kernel(codes, scale, resid, q, nu, out)
+        return out
+    cuts = np.linspace(0, n, parts + 1).astype(np.int64)
+
+    def run(lo_hi):
+        lo, hi = lo_hi
+        kernel(codes[lo:hi], scale[lo:hi], resid[lo:hi], q, nu, out[lo:hi])
+
+    list(_executor().map(run, zip(cuts[:-1], cuts[1:])))
+    return out

@@ -1,0 +1,279 @@
+"""Int8 codes with a proved score bound (index/codes.py) and the certified search over them
+(retrieval/quantized_search.py), against exact arithmetic and the brute-force certificate.
+
+The bound is checked against float64 scores on adversarial rows (spikes, zeros, tiny and huge norms) and the
+residual against exact rational arithmetic; certificates against `encoder.certify.certify_topk_bruteforce`
+over the whole gallery, and attacked by PGD on the whole gallery's exact ranking.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from _pgd import pgd_l2
+from benchmarks.certified_search import clustered_unit_vectors
+from encoder.certify import certify_topk_bruteforce, slack_for
+from index.codes import QuantizedCodes, quantize
+from retrieval.quantized_search import certified_quantized_search
+
+TOL = 1e-9
+
+
+def _rows(n, dim, seed, kind):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim))
+    if kind == "unit":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    elif kind == "spiky":  # one coordinate dominates: the scale is set by it, the rest rounds coarsely
+        x[:, 0] = 50 * np.sign(x[:, 0])
+    elif kind == "scales":  # norms from 1e-30 to 1e3, and zero rows
+        x *= 10.0 ** rng.uniform(-30, 3, (n, 1))
+        x[::7] = 0
+    elif kind == "constant":  # LipSim's e = [x, 1]/‖[x, 1]‖: a large last coordinate
+        x[:, -1] = 4
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dim=st.integers(1, 300), n=st.integers(1, 60), seed=st.integers(0, 2**32 - 1),
+       kind=st.sampled_from(["unit", "spiky", "scales", "constant"]), qscale=st.sampled_from([1.0, 1e-3, 7.0]))
+def test_every_score_is_at_most_its_upper_bound_plus_the_stated_error_and_not_far_below(dim, n, seed, kind, qscale):
+    x = _rows(n, dim, seed, kind)
+    codes = QuantizedCodes.from_vectors(np.arange(n), x)
+    assert codes.max_norm >= np.linalg.norm(x.astype(np.float64), axis=1).max()
+    rng = np.random.default_rng(seed + 1)
+    for q in (rng.standard_normal(dim), x[rng.integers(n)].astype(np.float64) + 1e-3 * rng.standard_normal(dim)):
+        q = (q / max(np.linalg.norm(q), 1e-30) * qscale).astype(np.float32)
+        upper = codes.upper_bounds(q).astype(np.float64)
+        err = codes.error(q)
+        s = x.astype(np.float64) @ q.astype(np.float64)
+        assert np.all(s <= upper + err), (s - upper - err).max()
+        # and ū is ⟨q, ê⟩ + ν·δ, so it exceeds s by at most 2·ν·δ (+ float error): not a vacuous bound
+        nu = np.linalg.norm(q.astype(np.float64)) * (1 + 1e-9)
+        assert np.all(upper - s <= 2 * nu * codes.resid.astype(np.float64) + 2 * err + 1e-30)
+
+
+def test_residual_bounds_are_at_least_the_exact_rational_residuals():
+    x = np.concatenate([_rows(20, 129, 1, "unit"), _rows(20, 17, 2, "scales")[:, :1].repeat(129, 1),
+                        _rows(20, 129, 3, "spiky"), _rows(20, 129, 4, "constant")])
+    codes, scale, resid = quantize(x)
+    assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= 127
+    for row, w, a, d in zip(x, codes, scale, resid):
+        exact = sum((Fraction(float(e)) - Fraction(float(a)) * int(c)) ** 2 for e, c in zip(row, w))
+        assert Fraction(float(d)) ** 2 >= exact
+        assert float(d) <= float(np.sqrt(float(exact))) * (1 + 1e-6) + 1e-45  # and tight
+
+
+def test_threads_split_the_scan_without_changing_a_bit(monkeypatch):
+    import index.ivf
+
+    x = _rows(5000, 33, 0, "unit")
+    codes = QuantizedCodes.from_vectors(np.arange(5000), x)
+    q = x[17]
+    whole = codes.upper_bounds(q)
+    monkeypatch.setattr(index.ivf, "SPLIT_MIN", 100)
+    monkeypatch.setattr(index.ivf, "_threads", lambda: 3)
+    assert np.array_equal(codes.upper_bounds(q), whole)
+
+
+gallery_params = st.fixed_dictionaries({
+    "n": st.integers(2, 400), "dim": st.integers(3, 40), "clusters": st.integers(1, 12),
+    "k": st.integers(1, 8), "seed": st.integers(0, 2**16), "float_error": st.sampled_from([0.0, 1e-7, 1e-5]),
+    "first": st.sampled_from([None, 0, 3]), "cap": st.sampled_from([None, 1, 12]), "drop": st.integers(0, 4),
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=gallery_params)
+def test_certificate_equals_the_exhaustive_one_and_is_never_larger_when_capped(p):
+    x = clustered_unit_vectors(p["n"], p["dim"], p["clusters"], seed=p["seed"])
+    queries = clustered_unit_vectors(4, p["dim"], p["clusters"], p["seed"], 9)
+    queries = np.concatenate([queries, x[:2]])  # gallery items as queries: the tail bound matters most
+    codes = QuantizedCodes.from_vectors(np.arange(p["n"]), x)
+    slack = slack_for(p["float_error"], codes.max_norm)
+    for q in queries:
+        drop = np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)))[:p["drop"]]
+        keep = np.setdiff1d(np.arange(p["n"]), drop)
+        if len(keep) == 0:
+            assert certified_quantized_search(codes, lambda i: x[i], q, 1, 1.0, slack=slack, max_norm=codes.max_norm,
+                                              exclude=drop) is None
+            continue
+        k = min(p["k"], len(keep))
+        pos, radius, set_radius = certify_topk_bruteforce(q, x[keep], k, 1.0, slack=slack)
+        got = certified_quantized_search(codes, lambda i: x[i], q, k, 1.0, slack=slack, max_norm=codes.max_norm,
+                                         exclude=drop, first=p["first"], cap_max=p["cap"])
+        assert not set(got.ids.tolist()) & set(drop.tolist())
+        assert got.cert.set_radius <= set_radius + TOL
+        assert np.all(got.cert.radius <= radius + TOL)
+        if got.exact_topk or got.cert.set_radius > 0:
+            assert set(got.ids.tolist()) == set(keep[pos].tolist())
+        if p["cap"] is None:
+            assert got.exhaustive and not got.capped
+        if got.exhaustive:
+            assert got.ids.tolist() == keep[pos].tolist()
+            np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+        else:
+            assert got.capped
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(20, 300), dim=st.integers(3, 24), clusters=st.integers(1, 8), seed=st.integers(0, 2**16),
+       k=st.integers(1, 5), cap=st.sampled_from([None, 1, 6]))
+def test_pgd_never_changes_the_topk_inside_the_quantized_certificate(n, dim, clusters, seed, k, cap):
+    # The attacked "encoder" is e(x) = 2x − 1 on [0,1]^D (2-Lipschitz) whose clean input maps to the query; PGD
+    # sees only the whole gallery's exact ranking. Capped certificates rest on the codes' bound B.
+    x = clustered_unit_vectors(n, dim, clusters, seed=seed)
+    queries = np.concatenate([clustered_unit_vectors(4, dim, clusters, seed, 9), x[:2]])
+    codes = QuantizedCodes.from_vectors(np.arange(n), x)
+    gal = torch.from_numpy(x.astype(np.float64))
+    cases, radii, tops = [], [], []
+    for q in queries:
+        got = certified_quantized_search(codes, lambda i: x[i], q, k, 2.0, slack=slack_for(1e-7, codes.max_norm),
+                                         max_norm=codes.max_norm, first=0, cap_max=cap)
+        if got.cert.set_radius > 0:
+            cases.append((torch.from_numpy(q.astype(np.float64)) + 1) / 2)
+            radii.append(got.cert.set_radius * (1 - 1e-6))
+            tops.append(got.ids)
+    if not cases:
+        return
+    inside = torch.zeros(len(cases), n, dtype=torch.bool)
+    for b, top in enumerate(tops):
+        inside[b, torch.from_numpy(top)] = True
+
+    def objective(xa, case):  # > 0 iff some outsider beats some top-k member
+        s = (2 * xa - 1) @ gal.T
+        mask = inside[case]
+        return s.masked_fill(mask, -torch.inf).max(1).values - s.masked_fill(~mask, torch.inf).min(1).values
+
+    best, _ = pgd_l2(objective, torch.stack(cases), torch.tensor(radii, dtype=torch.float64), steps=40, restarts=3)
+    assert torch.all(best < 0), best
+
+
+def _stores(x, tmp_path):
+    """The same live gallery (ids 0..n−1 → x) in every store a reader may hold: a FAISS flat and IVF index, a
+    mapped flat base with a segment whose tombstones remove ids stored with other vectors, and the layered IVF."""
+    from index.mapped import MappedFlat
+    from index.mapped_ivf import LayeredIVF
+    from index.store import VectorStore
+
+    n = len(x)
+    moved = np.arange(0, n, 5)
+    old = x.copy()
+    old[moved] = np.roll(x, 1, axis=0)[moved]
+    flat = VectorStore.from_vectors(np.arange(n), old, "Flat", use_gpu=False)
+    flat.write(tmp_path / "base.faiss")
+    mapped = MappedFlat.read(tmp_path / "base.faiss", "Flat")
+    mapped.remove(moved)
+    mapped.add(moved, np.ascontiguousarray(x[moved]), stored=True)
+    layered = LayeredIVF(VectorStore.from_vectors(np.arange(n), old, "IVF4,Flat", use_gpu=False))
+    layered.remove(moved)
+    layered.add(moved, np.ascontiguousarray(x[moved]), stored=True)
+    return {"flat": VectorStore.from_vectors(np.arange(n), x, "Flat", use_gpu=False),
+            "ivf": VectorStore.from_vectors(np.arange(n), x, "IVF4,Flat", use_gpu=False),
+            "mapped": mapped, "layered": layered}
+
+
+def test_codes_of_every_store_kind_cover_exactly_the_live_vectors(tmp_path):
+    x = clustered_unit_vectors(400, 16, 6, seed=3)
+    for name, store in _stores(x, tmp_path).items():
+        codes = QuantizedCodes.from_store(store, chunk=64)
+        assert sorted(codes.ids.tolist()) == list(range(400)), name
+        stored = store.reconstruct(codes.ids).astype(np.float64)
+        decoded = codes.codes.astype(np.float64) * codes.scale.astype(np.float64)[:, None]
+        assert np.all(np.linalg.norm(stored - decoded, axis=1) <= codes.resid), name
+        np.testing.assert_allclose(stored, x[codes.ids], atol=1e-6, err_msg=name)  # live versions, not dead ones
+        q = x[7]
+        slack = slack_for(1e-6, codes.max_norm)
+        got = certified_quantized_search(codes, store.reconstruct, q, 5, 1.0, slack=slack, max_norm=codes.max_norm,
+                                         exclude=[7])
+        keep = np.arange(400) != 7
+        pos, radius, _ = certify_topk_bruteforce(q, stored[np.argsort(codes.ids)][keep], 5, 1.0, slack=slack)
+        assert got.exhaustive and got.ids.tolist() == np.arange(400)[keep][pos].tolist(), name
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+    stop = __import__("threading").Event()
+    stop.set()
+    assert QuantizedCodes.from_store(_stores(x, tmp_path)["flat"], chunk=64, stop=stop) is None
+
+
+@pytest.fixture()
+def small_gallery(tmp_path, tiny_lipsim, monkeypatch):
+    from PIL import Image
+
+    import index.gallery
+    from index.ingest import IngestOptions, build_index
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim,
+                options=IngestOptions(workers=2, batch_size=30))
+    return tmp_path / "index"
+
+
+def test_a_gallery_with_codes_answers_with_the_exhaustive_certificate(small_gallery, tiny_lipsim):
+    from index import Gallery
+    from retrieval.search import search_embedding
+
+    with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
+        ids, vecs = g.all_vectors()
+        before = search_embedding(g, vecs[5], k=4, exclude=[int(ids[5])])
+        assert g.quantized is None and g.quantize() is g.quantized is not None
+        after = search_embedding(g, vecs[5], k=4, exclude=[int(ids[5])])
+        other = search_embedding(g, vecs[9] * 0.5 + vecs[3] * 0.5, k=6)
+    assert before.method == "exhaustive" and after.method == "quantized"
+    assert after.exhaustive and after.exact_topk and after.vectors_scanned == len(ids)
+    assert [h.id for h in after.hits] == [h.id for h in before.hits]
+    np.testing.assert_allclose([h.radius for h in after.hits], [h.radius for h in before.hits], rtol=1e-9)
+    assert after.to_dict()["method"] == "quantized"
+    keep = np.arange(len(ids)) != 5
+    top, radius, _ = certify_topk_bruteforce(vecs[5], vecs[keep], 4, 1.0, slack=after.slack)
+    assert [h.id for h in after.hits] == ids[keep][top].tolist()
+    q = (vecs[9] * 0.5 + vecs[3] * 0.5).astype(np.float32)
+    top, radius, _ = certify_topk_bruteforce(q, vecs, 6, 1.0, slack=other.slack)
+    assert other.exhaustive and [h.id for h in other.hits] == ids[top].tolist()
+    np.testing.assert_allclose([h.radius for h in other.hits], radius, rtol=1e-9)
+
+
+def test_a_background_build_is_used_once_ready_and_stopped_by_close(small_gallery, tiny_lipsim):
+    from index import Gallery
+
+    with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
+        assert g.quantize(background=True) is None or g.quantized is not None
+        g._codes_thread.join(30)
+        assert g.quantized is not None and len(g.quantized) == len(g)
+    g = Gallery.open(small_gallery, encoder=tiny_lipsim)
+    g.close()  # closed first: a build started now stops at once and leaves no codes
+    assert g._codes_stop.is_set()
+
+
+def test_a_process_that_exits_during_a_background_build_exits_cleanly(small_gallery):
+    # The build is slowed to many small chunks; the interpreter exits while it runs: the exit handler stops it
+    # at its next chunk, and the process ends normally (no fatal error from a thread reading torn-down state).
+    script = textwrap.dedent(f"""
+        import index.codes, index.gallery, index.store
+        from index import Gallery
+        index.gallery.QUANTIZED_MIN = 0
+        index.store.CHUNK_ROWS = 1
+        real = index.codes.quantize
+        def slow(v):
+            import time; time.sleep(0.05); return real(v)
+        index.codes.quantize = slow
+        g = Gallery.open({str(small_gallery)!r})
+        g.quantize(background=True)
+        print("started", flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "started" in done.stdout and "Fatal" not in done.stderr
