@@ -62,7 +62,7 @@ for kind in ("ivf", "flat") + (("codes",) if codes else ()):
     if kind == "codes":
         from index.codes import QuantizedCodes
         quantized = QuantizedCodes.from_store(store)
-        quantized.upper_bounds(np.zeros(store.dim, np.float32))  # (the kernel loaded: from numba's cache)
+        quantized.scan(np.zeros(store.dim, np.float32))  # (the kernel loaded: from numba's cache)
     gallery = adapter.StoreGallery(store, ivf, ivf.max_norm if ivf is not None else store.max_norm(), float_error,
                                    quantized)
     built = time.perf_counter() - t

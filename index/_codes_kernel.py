@@ -5,14 +5,22 @@ from numba import njit
 
 
 @njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)
-def upper(codes, scale, resid, q, nu, out):  # pragma: no cover (compiled)
-    """out[r] = fl(fl(scale[r]·fl(Σ_i q_i·codes[r, i])) + fl(nu·resid[r])), float32 throughout."""
+def upper(codes, scale, resid, q, nu, out, maxima, block):  # pragma: no cover (compiled)
+    """out[r] = fl(fl(scale[r]·fl(Σ_i q_i·codes[r, i])) + fl(nu·resid[r])), float32 throughout, and
+    maxima[b] = max(out[b·block : (b + 1)·block]) (the last block may be shorter)."""
     n, d = codes.shape
+    top = -np.inf
     for r in range(n):
         acc = np.float32(0.0)
         for i in range(d):
             acc += q[i] * np.float32(codes[r, i])
-        out[r] = acc * scale[r] + nu * resid[r]
+        v = acc * scale[r] + nu * resid[r]
+        out[r] = v
+        if v > top:
+            top = v
+        if (r + 1) % block == 0 or r == n - 1:
+            maxima[r // block] = top
+            top = -np.inf
 
 
 @njit(nogil=True, cache=True)

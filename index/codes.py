@@ -51,6 +51,7 @@ __all__ = ["QuantizedCodes", "scan_upper"]
 
 QMAX = 127
 ROUND_UP = 1e-12  # relative inflation of δ (float64 arithmetic)
+BLOCK = 64  # rows per block maximum the scan also returns (`index.store.top_rows`' default block)
 
 
 class QuantizedCodes:
@@ -104,8 +105,9 @@ class QuantizedCodes:
             top = max(top, norm_bound(vectors))
         return cls(ids, codes, scale, resid, top)
 
-    def upper_bounds(self, query) -> np.ndarray:
-        """ū (n,) float32 for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every vector (module doc)."""
+    def scan(self, query) -> tuple[np.ndarray, np.ndarray]:
+        """(ū (n,) float32, block maxima) for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every vector
+        (module doc); the maxima of each BLOCK consecutive ū, for `index.store.top_rows(ū, m, maxima=…)`."""
         q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(-1))
         if q.shape[0] != self.dim:
             raise ValueError(f"query of dimension {q.shape[0]} for codes of dimension {self.dim}")
@@ -147,25 +149,28 @@ def query_norm_up(q: np.ndarray) -> np.float32:
     return nu if float(nu) >= norm else np.nextafter(nu, np.float32(np.inf))
 
 
-def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.ndarray, nu) -> np.ndarray:
-    """ū for every row (module doc), the rows cut into one stretch per scanning thread (`index.ivf`'s pool;
-    the kernel releases the GIL)."""
-    from .ivf import SPLIT_MIN, _executor, _threads
-
+def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.ndarray, nu,
+               block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(ū for every row (module doc), the maximum of each `block` consecutive ū: `index.store.top_rows`'s first
+    pass, done while the scores are written), the rows cut at multiples of `block` into one stretch per scanning
+    thread (`index.ivf`'s pool; the kernel releases the GIL)."""
     from ._codes_kernel import upper as kernel
+    from .ivf import SPLIT_MIN, _executor, _threads
 
     n = len(codes)
     out = np.empty(n, np.float32)
+    maxima = np.empty(-(-n // block), np.float32)
     nu = np.float32(nu)
     parts = max(1, min(_threads(), n // SPLIT_MIN))
     if parts == 1:
-        kernel(codes, scale, resid, q, nu, out)
-        return out
-    cuts = np.linspace(0, n, parts + 1).astype(np.int64)
+        kernel(codes, scale, resid, q, nu, out, maxima, block)
+        return out, maxima
+    cuts = np.unique(np.linspace(0, n // block, parts + 1).astype(np.int64) * block)
+    cuts[-1] = n
 
     def run(lo_hi):
         lo, hi = lo_hi
-        kernel(codes[lo:hi], scale[lo:hi], resid[lo:hi], q, nu, out[lo:hi])
+        kernel(codes[lo:hi], scale[lo:hi], resid[lo:hi], q, nu, out[lo:hi], maxima[lo // block:], block)
 
     list(_executor().map(run, zip(cuts[:-1], cuts[1:])))
-    return out
+    return out, maxima

@@ -3,7 +3,7 @@ can matter (issue 15; index/codes.py).
 
 Setting as in `retrieval.ivf_search`: an L-Lipschitz embedding, float32 query q, gallery vectors e_j with
 ‖e_j‖ ≤ M, exhaustive certificate radius_i = max(0, min_{j ∉ T} r(i, j)), r(i, j) = (s_i − s_j − slack)/(L·‖e_i − e_j‖),
-scores s exact (float64 from the float32 vectors). `QuantizedCodes.upper_bounds` gives ū_j with
+scores s exact (float64 from the float32 vectors). `QuantizedCodes.scan` gives ū_j with
 s_j ≤ ū_j + E for every j (proved in index/codes.py): each vector is its own "list" with bound ū_j + E.
 
 Algorithm. List the m vectors with the largest ū (ties: lowest row first, `index.store.top_rows`), score them
@@ -53,7 +53,7 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
     if n == 0 or n <= len(dropped) and np.isin(codes.ids, dropped).all():
         return None
-    upper = codes.upper_bounds(q)
+    upper, maxima = codes.scan(q)
     err = codes.error(q, max_norm)
     m = min(n, max(2 * k, k + FIRST_LIST if first is None else int(first)) + len(dropped))
     limit = None if cap_max is None else max(int(cap_max), 2 * k + 1) + len(dropped)
@@ -61,7 +61,7 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
     while True:
         rounds += 1
         if m < n:
-            top = top_rows(upper, m + 1)
+            top = top_rows(upper, m + 1, maxima=maxima)
             rows, bound = top[:m], float(upper[top[m]]) + err
         else:
             rows, bound = np.arange(n), -np.inf

@@ -53,7 +53,7 @@ def test_every_score_is_at_most_its_upper_bound_plus_the_stated_error_and_not_fa
     rng = np.random.default_rng(seed + 1)
     for q in (rng.standard_normal(dim), x[rng.integers(n)].astype(np.float64) + 1e-3 * rng.standard_normal(dim)):
         q = (q / max(np.linalg.norm(q), 1e-30) * qscale).astype(np.float32)
-        upper = codes.upper_bounds(q).astype(np.float64)
+        upper = codes.scan(q)[0].astype(np.float64)
         err = codes.error(q)
         s = x.astype(np.float64) @ q.astype(np.float64)
         assert np.all(s <= upper + err), (s - upper - err).max()
@@ -73,16 +73,23 @@ def test_residual_bounds_are_at_least_the_exact_rational_residuals():
         assert float(d) <= float(np.sqrt(float(exact))) * (1 + 1e-6) + 1e-45  # and tight
 
 
-def test_threads_split_the_scan_without_changing_a_bit(monkeypatch):
+@pytest.mark.parametrize("n", [5000, 64 * 70, 1])
+def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exact(monkeypatch, n):
     import index.ivf
+    from index.store import _select, top_rows
 
-    x = _rows(5000, 33, 0, "unit")
-    codes = QuantizedCodes.from_vectors(np.arange(5000), x)
-    q = x[17]
-    whole = codes.upper_bounds(q)
+    x = _rows(n, 33, 0, "unit")
+    codes = QuantizedCodes.from_vectors(np.arange(n), x)
+    q = x[min(17, n - 1)]
+    whole, maxima = codes.scan(q)
+    blocks = [whole[at:at + 64].max() for at in range(0, n, 64)]
+    assert np.array_equal(maxima, np.asarray(blocks, np.float32))
     monkeypatch.setattr(index.ivf, "SPLIT_MIN", 100)
     monkeypatch.setattr(index.ivf, "_threads", lambda: 3)
-    assert np.array_equal(codes.upper_bounds(q), whole)
+    split, split_maxima = codes.scan(q)
+    assert np.array_equal(split, whole) and np.array_equal(split_maxima, maxima)
+    for take in {1, min(n, 74), n}:
+        assert np.array_equal(top_rows(whole, take, maxima=maxima), _select(whole, take))
 
 
 gallery_params = st.fixed_dictionaries({

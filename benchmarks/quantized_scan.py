@@ -1,0 +1,120 @@
+"""Certified top-10 on a flat gallery: the exact scan of its float32 vectors against a scan of its int8 codes
+(index/codes.py, retrieval/quantized_search.py), side by side, up to 10M vectors.
+
+    python -m benchmarks.quantized_scan --quick                                   # 50,000 vectors (a test runs it)
+    python -m benchmarks.quantized_scan --sizes 1000000 10000000 --queries 40
+
+Data: `benchmarks.certified_search.gallery_chunks` (the lipsim-demo regime, D = 129), streamed into a float32
+file and mapped as the one block of an `index.mapped.MappedFlat`, the store `Gallery.open` gives a flat gallery
+on the CPU. Two query sets: fresh draws of the same clusters, and gallery items asked as they are (each its own
+top-1). For every query, one after the other, `retrieval.search.search_embedding` (k = 10, L = 1, the demo
+encoder's float error) runs on the gallery without codes (the flat path: an exact scan for the top 74, then
+the certificate) and with them; both answers must agree (top-10 ids and radii to 1e-9) and every certificate
+is checked to be the exhaustive one. Reported: the codes' build time and memory, p50/p95 of each path, the
+median of the per-query ratios. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._gallery import StoreGallery
+from benchmarks._output import write_report
+from benchmarks.certified_search import CLUSTER_SIZE, DIM, FLOAT_ERROR, clustered_unit_vectors, gallery_chunks
+from benchmarks.index_speed import _machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
+    from index.codes import QuantizedCodes, quantize
+    from index.mapped import MappedFlat
+    from retrieval.search import search_embedding
+
+    path = work / f"vectors-{n}.npy"
+    t = time.perf_counter()
+    rows = np.lib.format.open_memmap(path, "w+", np.float32, (n, DIM))
+    for ids, chunk in gallery_chunks(n, DIM, seed)():
+        rows[ids[0]:ids[-1] + 1] = chunk
+    rows.flush()
+    del rows
+    generated = time.perf_counter() - t
+    rows = np.load(path, mmap_mode="r")
+    store = MappedFlat(DIM)
+    store.add(np.arange(n), rows, stored=True)
+    max_norm = store.max_norm()
+    quantize(np.zeros((1, DIM), np.float32))  # the kernels loaded (numba's cache) before the build is timed
+    t = time.perf_counter()
+    codes = QuantizedCodes.from_store(store)
+    build = time.perf_counter() - t
+    plain = StoreGallery(store, None, max_norm, FLOAT_ERROR)
+    coded = StoreGallery(store, None, max_norm, FLOAT_ERROR, codes)
+    sets = {"clusters": clustered_unit_vectors(queries, DIM, max(8, n // CLUSTER_SIZE), seed, stream=7),
+            "items": np.asarray(rows[np.sort(np.random.default_rng(seed).choice(n, queries, replace=False))])}
+    search_embedding(coded, sets["clusters"][0], 10)  # warm: the kernel from numba's cache, the first pages
+    search_embedding(plain, sets["clusters"][0], 10)
+    row = {"n": n, "generate_s": generated, "codes_build_s": build, "codes_mb": codes.nbytes / 2**20,
+           "vectors_mb": n * DIM * 4 / 2**20}
+    for name, qs in sets.items():
+        times = {"flat": [], "codes": []}
+        exhaustive = {"flat": 0, "codes": 0}
+        same, listed = 0, []
+        for q in qs:
+            found = {}
+            for kind, gallery in (("flat", plain), ("codes", coded)):
+                t = time.perf_counter()
+                found[kind] = search_embedding(gallery, q, 10)
+                times[kind].append(1000 * (time.perf_counter() - t))
+                exhaustive[kind] += bool(found[kind].exhaustive)
+            a, b = found["flat"], found["codes"]
+            same += [h.id for h in a.hits] == [h.id for h in b.hits] and np.allclose(
+                [h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-9, atol=1e-12)
+            listed.append(b.candidates)
+        row[name] = {kind: {"p50_ms": float(np.median(v)), "p95_ms": float(np.percentile(v, 95)),
+                            "exhaustive": exhaustive[kind]} for kind, v in times.items()}
+        row[name]["ratio_p50"] = float(np.median(np.asarray(times["flat"]) / np.asarray(times["codes"])))
+        row[name]["same_answers"] = same
+        row[name]["codes_listed_median"] = float(np.median(listed))
+    del store, codes, rows, plain, coded
+    path.unlink()
+    return row
+
+
+def table(report: dict) -> str:
+    q = report["queries"]
+    lines = [f"Certified top-10 on a mapped flat gallery (D = {DIM}, lipsim-demo regime), {q} queries per set, "
+             "exact float32 scan vs int8 codes, alternating query by query\n",
+             "| vectors | queries | exact scan p50 / p95 ms | int8 codes p50 / p95 ms | ratio (median per query) | "
+             "exhaustive (exact, codes) | same top-10 and radii | scored exactly (median) | codes: build s, MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        for name, title in (("clusters", "from the clusters"), ("items", "gallery items")):
+            x = r[name]
+            lines.append(f"| {r['n']:,} | {title} | {x['flat']['p50_ms']:.1f} / {x['flat']['p95_ms']:.1f} | "
+                         f"{x['codes']['p50_ms']:.1f} / {x['codes']['p95_ms']:.1f} | {x['ratio_p50']:.2f}× | "
+                         f"{x['flat']['exhaustive']}, {x['codes']['exhaustive']} of {q} | {x['same_answers']} of {q} | "
+                         f"{x['codes_listed_median']:.0f} | {r['codes_build_s']:.2f} s, {r['codes_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000])
+    ap.add_argument("--queries", type=int, default=40)
+    ap.add_argument("--quick", action="store_true", help="50,000 vectors, 5 queries: seconds")
+    ap.add_argument("--work-dir", default=None, help="where the vectors file goes (default: a temporary folder)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantized-scan"))
+    args = ap.parse_args(argv)
+    sizes, queries = ([50_000], 5) if args.quick else (args.sizes, args.queries)
+    with tempfile.TemporaryDirectory(prefix="robret-quantized-", dir=args.work_dir) as tmp:
+        rows = [run(n, queries, Path(tmp)) for n in sizes]
+    report = {"machine": _machine(), "queries": queries, "rows": rows}
+    return write_report(args.out, report, table(report))
+
+
+if __name__ == "__main__":
+    main()
