@@ -48,6 +48,8 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
     from index.store import top_rows
 
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1))
+    if not np.isfinite(q).all():
+        raise ValueError("queries must be finite (a NaN or infinite coordinate ranks nothing)")
     q64 = q.astype(np.float64)
     n = len(codes)
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)

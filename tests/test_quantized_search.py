@@ -239,6 +239,10 @@ def test_a_gallery_with_codes_answers_with_the_exhaustive_certificate(small_gall
         assert g.quantized is None and g.quantize() is g.quantized is not None
         after = search_embedding(g, vecs[5], k=4, exclude=[int(ids[5])])
         other = search_embedding(g, vecs[9] * 0.5 + vecs[3] * 0.5, k=6)
+        bad = vecs[0].copy()
+        bad[1] = np.nan
+        with pytest.raises(ValueError, match="finite"):  # as the exact scan refuses it
+            search_embedding(g, bad, k=3)
     assert before.method == "exhaustive" and after.method == "quantized"
     assert after.exhaustive and after.exact_topk and after.vectors_scanned == len(ids)
     assert [h.id for h in after.hits] == [h.id for h in before.hits]
