@@ -170,7 +170,7 @@ class Gallery:
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
-        building costs about as much as ~25 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
+        building costs about as much as 30–40 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
         """
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes

@@ -67,6 +67,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()  # allowed browser origins (empty: CORS off)
     use_gpu: bool = True  # FAISS on the GPU when one is visible
     thumbnail_side: int = 128  # longest side of /items thumbnails (pixels)
+    codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.quantize)
 
 
 def is_loopback(host: str) -> bool:
@@ -84,12 +85,13 @@ def is_loopback(host: str) -> bool:
 class GalleryHolder:
     """The open gallery, re-opened when the catalog commits a new index version (encoder kept)."""
 
-    def __init__(self, index_dir, *, encoder=None, use_gpu: bool = True):
+    def __init__(self, index_dir, *, encoder=None, use_gpu: bool = True, codes: bool = True):
         self.index_dir = index_dir
-        self.use_gpu = use_gpu
+        self.use_gpu, self.codes = use_gpu, codes
         self._lock = threading.Lock()
         self._gallery = Gallery.open(index_dir, encoder=encoder, use_gpu=use_gpu)
-        self._gallery.quantize(background=True)  # int8 codes for certified queries (large galleries)
+        if codes:
+            self._gallery.quantize(background=True)  # int8 codes for certified queries (large galleries)
         self.reloads = 0
 
     def current(self) -> Gallery:
@@ -104,7 +106,8 @@ class GalleryHolder:
                     new = Gallery.open(self.index_dir, encoder=g.encoder, use_gpu=self.use_gpu)
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
-                new.quantize(background=True)
+                if self.codes:
+                    new.quantize(background=True)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
                 # Requests still holding the old gallery keep working: its vectors stay mapped (or in
                 # memory) until the last of them drops it, and disposing its catalog engine leaves
@@ -172,7 +175,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
 
     The gallery and its encoder are opened here, once; `app.state.holder` keeps them current.
     """
-    holder = GalleryHolder(index_dir, encoder=encoder, use_gpu=config.use_gpu)
+    holder = GalleryHolder(index_dir, encoder=encoder, use_gpu=config.use_gpu, codes=config.codes)
     holder.current().encoder  # load (and check) the model now, not on the first request
     counters = _Counters()
     budget = DecodeBudget(config.decode_memory)

@@ -288,3 +288,21 @@ def test_a_process_that_exits_during_a_background_build_exits_cleanly(small_gall
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "started" in done.stdout and "Fatal" not in done.stderr
+
+
+def test_a_run_of_many_queries_builds_codes_and_a_short_one_does_not(small_gallery, tiny_lipsim):
+    from index import Gallery
+    from retrieval.bulk import QUANTIZE_QUERIES, QuerySource, run_queries
+
+    for count in (QUANTIZE_QUERIES - 1, QUANTIZE_QUERIES):
+        with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
+            ids = [int(i) for i in g.ids()]
+            sources = [QuerySource(f"id:{ids[i % len(ids)]}", id=ids[i % len(ids)]) for i in range(count)]
+            outcomes = list(run_queries(g, sources, k=3))
+            assert all(o.ok for o in outcomes)
+            assert (g._codes_thread is not None) == (count >= QUANTIZE_QUERIES)
+            if g._codes_thread is not None:
+                g._codes_thread.join(30)
+                again = list(run_queries(g, sources[:2], k=3))
+                assert again[0].result.method == "quantized"
+                assert [h.id for h in again[0].result.hits] == [h.id for h in outcomes[0].result.hits]

@@ -315,3 +315,24 @@ def test_a_request_holding_the_previous_version_keeps_searching_after_the_reload
     holder.close()
     with pytest.raises(Exception, match="closed"):
         new.search(vectors[:1], 1)
+
+
+def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificate(served, tiny_lipsim, monkeypatch):
+    import index.gallery
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)  # the sample gallery is far below 100,000 vectors
+    answers = {}
+    for codes in (True, False):
+        app = create_app(served.index_dir, ServeConfig(use_gpu=False, codes=codes), encoder=tiny_lipsim)
+        g = app.state.holder.current()
+        if codes:
+            g._codes_thread.join(60)
+        assert (g.quantized is not None) == codes
+        with ServerThread(app) as server:
+            target = int(g.ids()[2])
+            status, body = post(server.port, "/search", [("id", str(target)), ("k", "4"), ("exclude_self", "true")])
+        assert status == 200, body
+        answers[codes] = body
+    assert answers[True]["method"] == "quantized" and answers[False]["method"] == "exhaustive"
+    assert answers[True]["exhaustive"] and answers[True]["hits"] == answers[False]["hits"]
+    assert answers[True]["set_radius"] == pytest.approx(answers[False]["set_radius"], rel=1e-9)
