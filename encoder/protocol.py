@@ -18,7 +18,7 @@ from torch import nn
 from .errors import EncoderError
 from .preprocess import input_norm, to_input
 
-__all__ = ["Encoder", "TorchEncoder", "EncoderError", "measure_float_error", "FLOAT_ERROR_SAFETY"]
+__all__ = ["Encoder", "TorchEncoder", "EncoderError", "measure_float_error", "FLOAT_ERROR_SAFETY", "full_float32_on_cuda"]
 
 
 @runtime_checkable
@@ -77,6 +77,20 @@ def measure_float_error(encoder: "TorchEncoder", safety: float = FLOAT_ERROR_SAF
     return safety * max(worst, 1e-12)
 
 
+def full_float32_on_cuda() -> None:
+    """Make CUDA convolutions and matrix products run in full float32, process-wide (TF32 off).
+
+    torch lets cuDNN convolve in TF32 by default (`torch.backends.cudnn.allow_tf32`; a 10-bit mantissa): on an
+    H200, lipsim:demo's float error, which certificates subtract as slack, measured 0.010 with it against 1.1e-5
+    on the CPU — a slack of 4·ε ≈ 0.04 in score units that erases most certificates (docs/benchmarks.md, "The CUDA
+    paths on a GPU"). Embeddings of encoders with a Lipschitz bound therefore switch TF32 off before running on
+    CUDA. A global setting, not a context: flags saved and restored around one call would race with another
+    thread's call; robret never turns TF32 back on.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class TorchEncoder(nn.Module):
     """Base for torch backends: subclasses set name/dim/input_size/lipschitz and implement `_embed`."""
 
@@ -103,7 +117,10 @@ class TorchEncoder(nn.Module):
             raise ValueError(
                 f"{self.name} expects (B, 3, {self.input_size}, {self.input_size}) images, got {tuple(x.shape)}"
             )
-        return self._embed(x.to(self.device, torch.float32))
+        x = x.to(self.device, torch.float32)
+        if x.is_cuda and self.lipschitz is not None:
+            full_float32_on_cuda()
+        return self._embed(x)
 
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """d(x, y) = 1 − ⟨e(x), e(y)⟩, shape (B,)."""
