@@ -9,31 +9,40 @@ estimate; `retrieval.quantized_search` scores exactly only the vectors whose bou
 Codes. For a stored float32 vector e (D coordinates) let a = fl32(max_i |e_i| / 127) (a float32 scale; 0
 for a zero vector), w_i = clip(rint(e_i / a), −127, 127) (int8; 0 where a = 0) and ê = a·w. Its residual
 bound δ ≥ ‖e − ê‖ is computed in float64 from the float32 e, a and w (a·w_i is exact in float64: 24 × 8
-bits), inflated by 1e-12 relative (float64's own rounding is ~1e-15 relative for D < 10⁶) and stored as
-the float32 at or above it. Soundness does not depend on how w was rounded, only on δ: a worse w only
-loosens the bound.
+bits; each difference, square, sum term and the square root round once, a relative error below
+(D + 4)·2⁻⁵² on δ in the worst case), inflated by ρ_D = 1e-12 + (D + 4)·2⁻⁵² relative and stored as the
+float32 at or above it. Soundness does not depend on how w was rounded, only on δ: a worse w only loosens
+the bound.
 
-Scan. For a float32 query q let ν be a float32 ≥ ‖q‖. The kernel computes for every vector, in float32,
+Scan. For a float32 query q let ν be a float32 ≥ ‖q‖ (`query_norm_up`). The kernel computes for every vector,
+in float32,
     ū = fl( fl(a·fl(S)) + fl(ν·δ) ),   S = Σ_i q_i·w_i,
-summing S in any order, with or without fused multiply-adds (numba, fastmath limited to reassociation
-and contraction; w_i converts to float32 exactly).
+summing S in any order, with or without fused multiply-adds (numba, fastmath limited to reassociation and
+contraction; w_i converts to float32 exactly).
 
-Claim. For every vector, s = ⟨q, e⟩ ≤ ū + E with
-    E = γ_{D+3}·ν·(M + 2·δ_max) + (D + 3)·2⁻¹²⁶,   γ_n = n·u/(1 − n·u), u = 2⁻²⁴,
-M ≥ every vector's norm and δ_max the largest δ (`error`; `encoder.certify.float32_dot_error(D + 2, …)` is
-the first term).
-Proof. s = ⟨q, ê⟩ + ⟨q, e − ê⟩ ≤ a·S + ‖q‖·δ ≤ a·S + ν·δ =: v (Cauchy–Schwarz). Let P = Σ_i |q_i w_i|; then
-a·P ≤ ‖q‖·‖a·w‖ = ‖q‖·‖ê‖ ≤ ν·(‖e‖ + δ) ≤ ν·(M + δ_max). Without underflow (Higham, Accuracy and Stability,
-§3.1, any summation order; a fused operation rounds once where two would round twice):
+Range (`covers`). Every intermediate is bounded: |partial sums of S| ≤ P := Σ_i |q_i w_i| ≤ 127·√D·ν,
+a·P ≤ √D·ν·M, ν·δ ≤ ν·M. When 127·√D·ν·max(1, M, a_max) < 2¹²⁰ nothing overflows (FLT_MAX ≈ 2¹²⁸), and
+`retrieval.quantized_search` refuses queries outside that range (the exact scan answers them).
+
+Claim. Within that range, for every vector, s = ⟨q, e⟩ ≤ ū + E with
+    E = γ_{D+3}·ν·(M + 2·δ_max) + 2·(D + 1)·2⁻⁵³·ν·M + 127·(3D + 4)·max(1, a_max)·max(1, ν)·2⁻¹²⁶,
+γ_n = n·u/(1 − n·u), u = 2⁻²⁴, M ≥ every vector's norm, δ_max and a_max the largest δ and scale (`error`;
+`encoder.certify.float32_dot_error(D + 2, …)` is the first term), and s the float64 score certificates use.
+Proof. The real inner product satisfies ⟨q, e⟩ = ⟨q, ê⟩ + ⟨q, e − ê⟩ ≤ a·S + ‖q‖·δ ≤ a·S + ν·δ =: v
+(Cauchy–Schwarz). Now a·P ≤ ‖q‖·‖a·w‖ = ‖q‖·‖ê‖ ≤ ν·(‖e‖ + δ) ≤ ν·(M + δ_max). Without underflow (Higham,
+Accuracy and Stability, §3.1, any summation order; a fused operation rounds once where two would round twice):
     |fl(S) − S| ≤ γ_{D+1}·P,
     T = fl(a·fl(S)):  |T − a·S| ≤ a·γ_{D+1}·P + u·a·(1 + γ_{D+1})·P ≤ γ_{D+2}·a·P,
     R = fl(ν·δ):      |R − ν·δ| ≤ u·ν·δ,  and  |ū − (T + R)| ≤ u·(|T| + |R|),
-so v − ū ≤ γ_{D+2}·a·P + u·ν·δ + u·((1 + γ_{D+2})·a·P + (1 + u)·ν·δ) ≤ γ_{D+3}·(a·P + 2·ν·δ)
-≤ γ_{D+3}·ν·(M + 2·δ_max). Underflow (gradual, or flushed to zero where a library set FTZ/DAZ) changes each
-of the at most D + 3 rounded results by less than 2⁻¹²⁶ more. Hence s ≤ v ≤ ū + E. ∎
-The exact scores certificates use are ⟨q, e⟩ in float64 over the same float32 q and e, so this bounds
-them. E is ~1e-5; δ is ~0.01 for unit vectors in 129 dimensions (a·√(D/12) for uniform rounding errors),
-the bound's real looseness.
+so v − ū ≤ γ_{D+2}·a·P + u·ν·δ + u·((1 + γ_{D+2})·a·P + (1 + u)·ν·δ) ≤ γ_{D+3}·a·P + γ_3·ν·δ
+≤ γ_{D+3}·(a·P + ν·δ) ≤ γ_{D+3}·ν·(M + 2·δ_max). Underflow, gradual or flushed to zero (FTZ/DAZ, which some
+libraries set process-wide): inside S each of at most 2D − 1 products and sums, and each q_i read as zero
+under DAZ, moves S by less than 127·2⁻¹²⁶, which T scales by a; a scale a or residual δ read as zero moves T or R
+by less than 127·√D·ν·2⁻¹²⁶ or ν·2⁻¹²⁶; T, R and ū themselves by less than 2⁻¹²⁶ each — in all less than
+(127·2D·a_max + 127·√D·ν + ν + 3)·2⁻¹²⁶, below the last term of E. The float64 score s differs from the real ⟨q, e⟩ by at most γ^{(64)}_{D+1}·Σ|q_i e_i| ≤ 2·(D + 1)·2⁻⁵³·ν·M
+(the second term; ν ≥ ‖q‖ holds under DAZ too, as `query_norm_up` adds √D·2⁻¹²⁶). Hence s ≤ v + … ≤ ū + E. ∎
+E is ~1e-5 for unit vectors; δ is ~0.01 in 129 dimensions (a·√(D/12) for uniform rounding errors), the
+bound's real looseness.
 
 Built from a store's live vectors (`from_store`, CHUNK_ROWS at a time), held in memory (D + 16 bytes a
 vector: 145 MB at 1M), and valid for the store it was built from; a `Gallery` keeps the version it
@@ -50,7 +59,7 @@ from encoder.certify import float32_dot_error
 __all__ = ["QuantizedCodes", "scan_upper"]
 
 QMAX = 127
-ROUND_UP = 1e-12  # relative inflation of δ (float64 arithmetic)
+RANGE = 2.0 ** 120  # 127·√D·ν·max(1, M, a_max) below this: no float32 overflow in the scan (module doc)
 BLOCK = 64  # rows per block maximum the scan also returns (`index.store.top_rows`' default block)
 
 
@@ -64,6 +73,7 @@ class QuantizedCodes:
         self.scale = np.ascontiguousarray(scale, np.float32)
         self.resid = np.ascontiguousarray(resid, np.float32)
         self.resid_max = float(self.resid.max()) if len(self.resid) else 0.0
+        self.scale_max = float(self.scale.max()) if len(self.scale) else 0.0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -113,12 +123,23 @@ class QuantizedCodes:
             raise ValueError(f"query of dimension {q.shape[0]} for codes of dimension {self.dim}")
         return scan_upper(self.codes, self.scale, self.resid, q, query_norm_up(q))
 
+    def covers(self, query, max_norm: float | None = None) -> bool:
+        """True when the scan of `query` stays in float32's range (module doc, "Range"): the bound is proved only
+        then; otherwise search the float32 vectors (`retrieval.search` does)."""
+        q = np.asarray(query, np.float32).reshape(-1)
+        if not np.isfinite(q).all():
+            return False
+        big = max(1.0, self.max_norm if max_norm is None else float(max_norm), self.max_norm, self.scale_max)
+        return QMAX * math.sqrt(self.dim) * float(query_norm_up(q)) * big < RANGE
+
     def error(self, query, max_norm: float | None = None) -> float:
         """E of the module doc for this query and M = max_norm (≥ every vector's norm; default the codes' own)."""
-        max_norm = self.max_norm if max_norm is None else max(float(max_norm), self.max_norm)
+        m = self.max_norm if max_norm is None else max(float(max_norm), self.max_norm)
         q = np.asarray(query, np.float32).reshape(-1)
         nu = float(query_norm_up(q))
-        return (float32_dot_error(self.dim + 2, float(max_norm) + 2 * self.resid_max, nu) + (self.dim + 3) * 2.0 ** -126)
+        d = self.dim
+        underflow = QMAX * (3 * d + 4) * max(1.0, self.scale_max) * max(1.0, nu) * 2.0 ** -126
+        return (float32_dot_error(d + 2, m + 2 * self.resid_max, nu) + 2 * (d + 1) * 2.0 ** -53 * nu * m + underflow)
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,16 +156,23 @@ def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     scale = np.empty(len(e), np.float32)
     delta = np.empty(len(e), np.float64)
     kernel(e, codes, scale, delta)  # float64: each a·w_i exact, one rounding per difference, square and sum
-    delta *= 1 + ROUND_UP
+    delta *= 1 + round_up(e.shape[1])
     resid = delta.astype(np.float32)
     low = resid.astype(np.float64) < delta
     resid[low] = np.nextafter(resid[low], np.float32(np.inf))
     return codes, scale, resid
 
 
+def round_up(dim: int) -> float:
+    """ρ_D: relative inflation covering float64 rounding in a norm of `dim` terms (module doc)."""
+    return 1e-12 + (dim + 4) * 2.0 ** -52
+
+
 def query_norm_up(q: np.ndarray) -> np.float32:
-    """A float32 ν ≥ ‖q‖ (float64 norm, inflated, rounded up)."""
-    norm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64)))) * (1 + ROUND_UP)
+    """A float32 ν ≥ ‖q‖ (float64 norm, inflated, plus √D·2⁻¹²⁶ for subnormal coordinates a DAZ mode reads as
+    zero; rounded up)."""
+    norm = math.sqrt(float(np.dot(q.astype(np.float64), q.astype(np.float64)))) * (1 + round_up(len(q)))
+    norm += math.sqrt(len(q)) * 2.0 ** -126
     nu = np.float32(norm)
     return nu if float(nu) >= norm else np.nextafter(nu, np.float32(np.inf))
 
@@ -161,7 +189,7 @@ def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.nd
     out = np.empty(n, np.float32)
     maxima = np.empty(-(-n // block), np.float32)
     nu = np.float32(nu)
-    parts = max(1, min(_threads(), n // SPLIT_MIN))
+    parts = max(1, min(_threads(), n // SPLIT_MIN, n // block))
     if parts == 1:
         kernel(codes, scale, resid, q, nu, out, maxima, block)
         return out, maxima

@@ -54,7 +54,8 @@ class Gallery:
         self._encoder = encoder
         self._root = os.fsencode(meta["root"])
         self._codes: QuantizedCodes | None = None
-        self._codes_lock = threading.Lock()
+        self._codes_build = threading.Lock()  # one build at a time (held while building)
+        self._codes_state = threading.Lock()  # short: the builder thread's start, setting or dropping the codes
         self._codes_thread: threading.Thread | None = None
         self._codes_stop = threading.Event()
 
@@ -86,13 +87,15 @@ class Gallery:
         them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
         until this object is dropped (a server's requests still holding it while a newer version opens)."""
         self.catalog.close()
-        self._codes_stop.set()  # a background build of codes ends at its next chunk
+        self._codes_stop.set()  # a background build of codes ends at its next chunk and keeps nothing
         if isinstance(self.store, _Closed) or keep_vectors:
             return
         if self.store.read_only:  # mapped (MappedFlat, or IVF lists)
             # certified IVF views of mapped lists hold the FAISS index (CertifiedIVF.from_faiss), so a
             # search still running on them finishes before the file is unmapped
-            self.store, self._ivf, self._codes = _Closed(), None, None
+            self.store, self._ivf = _Closed(), None
+            with self._codes_state:
+                self._codes = None
 
     def __enter__(self) -> "Gallery":
         return self
@@ -175,17 +178,20 @@ class Gallery:
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
         if background:
-            with self._codes_lock:
-                if self._codes_thread is None:
+            with self._codes_state:
+                if self._codes_thread is None and not self._codes_stop.is_set():
                     self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self),),
                                                           name="robret-codes", daemon=True)
                     self._codes_thread._robret_stop = self._codes_stop
                     _BUILDERS.add(self._codes_thread)
                     self._codes_thread.start()
             return self._codes
-        with self._codes_lock:
-            if self._codes is None:
-                self._codes = QuantizedCodes.from_store(self.store, stop=self._codes_stop)
+        with self._codes_build:
+            if self._codes is None and not self._codes_stop.is_set():
+                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop)
+                with self._codes_state:  # (a close meanwhile set the stop flag: keep nothing)
+                    if built is not None and not self._codes_stop.is_set():
+                        self._codes = built
         return self._codes
 
     @property

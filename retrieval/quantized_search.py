@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from encoder.certify import ARITHMETIC_SLACK, certify_ranked, unlisted_threshold
+from index.codes import BLOCK
 
 from .ivf_search import DEFAULT_CAP_MAX, IVFCertificate
 
@@ -50,6 +51,9 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
     q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(-1))
     if not np.isfinite(q).all():
         raise ValueError("queries must be finite (a NaN or infinite coordinate ranks nothing)")
+    if not codes.covers(q, max_norm):
+        raise ValueError("the query is outside the range where the int8 codes' bound is proved (float32 overflow); "
+                         "search the float32 vectors")
     q64 = q.astype(np.float64)
     n = len(codes)
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
@@ -63,7 +67,7 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
     while True:
         rounds += 1
         if m < n:
-            top = top_rows(upper, m + 1, maxima=maxima)
+            top = top_rows(upper, m + 1, block=BLOCK, maxima=maxima)
             rows, bound = top[:m], float(upper[top[m]]) + err
         else:
             rows, bound = np.arange(n), -np.inf
@@ -74,8 +78,10 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
         s = vecs @ q64
         order = np.argsort(-s, kind="stable")
         s, vecs, ids = s[order], vecs[order], ids[order]
-        complete = bound == -np.inf
+        complete = m >= n
         kk = min(k, len(s))
+        if complete and kk == 0:  # every stored item excluded (an id stored twice can pass the first check)
+            return None
         enough = kk == k or complete
         if enough and kk:
             cert = certify_ranked(s, vecs, kk, lipschitz, complete=complete, slack=slack, max_norm=max_norm,

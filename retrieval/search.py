@@ -202,6 +202,8 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
 
     codes = getattr(gallery, "quantized", None)  # int8 codes, when built (`Gallery.quantize`)
+    if codes is not None and not codes.covers(q):  # (a query far outside unit scale: the exact scan answers)
+        codes = None
     max_norm = codes.max_norm if codes is not None else float(getattr(gallery, "max_norm", 1.0))
     if float_error is None:
         float_error = getattr(gallery, "float_error", None)

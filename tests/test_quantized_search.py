@@ -62,6 +62,54 @@ def test_every_score_is_at_most_its_upper_bound_plus_the_stated_error_and_not_fa
         assert np.all(upper - s <= 2 * nu * codes.resid.astype(np.float64) + 2 * err + 1e-30)
 
 
+def test_flushed_subnormals_stay_inside_the_error_term():
+    # (review) With FTZ/DAZ on, a partial sum that cancels to a subnormal is flushed to 0, and the scale a = 2⁵⁶
+    # multiplies that error: the underflow term must scale with a_max. Before: s = 8.5e-22 > ū + E = 8.6e-26.
+    a = 2.0 ** 56
+    x = np.array([[127 * a, a, -a]], np.float32)
+    q = np.array([0.0, 2.0 ** -125, 2.0 ** -126 + 2.0 ** -149], np.float32)
+    codes = QuantizedCodes.from_vectors([0], x)
+    torch.set_flush_denormal(True)
+    try:
+        upper = float(codes.scan(q)[0][0])
+        s = float(x.astype(np.float64)[0] @ q.astype(np.float64))
+        assert s <= upper + codes.error(q)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_a_query_that_would_overflow_float32_is_refused_and_searched_exactly(small_gallery, tiny_lipsim):
+    # (review) Scores of −2e39 overflow float32: every ū was −inf, the partial list was taken for the whole
+    # gallery and a wrong top-1 came out flagged exhaustive with radius 4.6e18.
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.0, (200, 4))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = (-1e18 * x).astype(np.float32)
+    x[-1] *= np.float32(0.5)
+    q = np.full(4, 1e21, np.float32)
+    codes = QuantizedCodes.from_vectors(np.arange(200), x)
+    assert not codes.covers(q) and codes.covers(q / np.float32(1e21))
+    with pytest.raises(ValueError, match="range"):
+        certified_quantized_search(codes, lambda i: x[i], q, 1, 1.0, slack=1e-5, max_norm=codes.max_norm)
+    from index import Gallery
+    from retrieval.search import search_embedding
+
+    with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
+        g.quantize()
+        ids, vecs = g.all_vectors()
+        assert search_embedding(g, vecs[3], k=2).method == "quantized"
+        far = search_embedding(g, vecs[3] * np.float32(1e37), k=2)  # the exact scan answers it
+        assert far.method == "exhaustive" and far.hits[0].id == int(ids[3])
+
+
+def test_an_id_stored_twice_and_excluded_returns_no_answer_without_hanging():
+    # (review) the early check counted rows, not ids: the loop never ended
+    x = np.eye(2, dtype=np.float32)
+    codes = QuantizedCodes.from_vectors([5, 5], x)
+    assert certified_quantized_search(codes, lambda i: x[:len(i)], x[0], 1, 1.0, slack=1e-5, max_norm=1.0,
+                                      exclude=[5]) is None
+
+
 def test_residual_bounds_are_at_least_the_exact_rational_residuals():
     x = np.concatenate([_rows(20, 129, 1, "unit"), _rows(20, 17, 2, "scales")[:, :1].repeat(129, 1),
                         _rows(20, 129, 3, "spiky"), _rows(20, 129, 4, "constant")])
@@ -73,8 +121,8 @@ def test_residual_bounds_are_at_least_the_exact_rational_residuals():
         assert float(d) <= float(np.sqrt(float(exact))) * (1 + 1e-6) + 1e-45  # and tight
 
 
-@pytest.mark.parametrize("n", [5000, 64 * 70, 1])
-def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exact(monkeypatch, n):
+@pytest.mark.parametrize("n, split_min", [(5000, 100), (64 * 70, 100), (1, 100), (30, 10), (130, 10)])
+def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exact(monkeypatch, n, split_min):
     import index.ivf
     from index.store import _select, top_rows
 
@@ -84,7 +132,7 @@ def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exac
     whole, maxima = codes.scan(q)
     blocks = [whole[at:at + 64].max() for at in range(0, n, 64)]
     assert np.array_equal(maxima, np.asarray(blocks, np.float32))
-    monkeypatch.setattr(index.ivf, "SPLIT_MIN", 100)
+    monkeypatch.setattr(index.ivf, "SPLIT_MIN", split_min)  # (30 rows, 10: more threads than 64-row blocks)
     monkeypatch.setattr(index.ivf, "_threads", lambda: 3)
     split, split_maxima = codes.scan(q)
     assert np.array_equal(split, whole) and np.array_equal(split_maxima, maxima)
@@ -267,6 +315,32 @@ def test_a_background_build_is_used_once_ready_and_stopped_by_close(small_galler
     g = Gallery.open(small_gallery, encoder=tiny_lipsim)
     g.close()  # closed first: a build started now stops at once and leaves no codes
     assert g._codes_stop.is_set()
+
+
+def test_a_second_background_call_returns_at_once_and_a_close_during_the_build_keeps_nothing(
+        small_gallery, tiny_lipsim, monkeypatch):
+    import threading
+    import time
+
+    import index.codes
+    from index import Gallery
+
+    release = threading.Event()
+    real = index.codes.QuantizedCodes.from_store
+
+    def held(store, chunk=None, stop=None):  # a build that finishes only when the test says so
+        release.wait(30)
+        return real(store, chunk, None)  # (ignores the stop flag: the close must still win)
+
+    monkeypatch.setattr(index.codes.QuantizedCodes, "from_store", staticmethod(held))
+    g = Gallery.open(small_gallery, encoder=tiny_lipsim)
+    g.quantize(background=True)
+    t = time.perf_counter()
+    assert g.quantize(background=True) is None and time.perf_counter() - t < 1.0  # (review: it waited the build)
+    g.close()
+    release.set()
+    g._codes_thread.join(30)
+    assert g.quantized is None  # (review: a build ending after close kept its codes)
 
 
 def test_a_process_that_exits_during_a_background_build_exits_cleanly(small_gallery):
