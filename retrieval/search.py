@@ -209,35 +209,27 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         float_error = getattr(gallery, "float_error", None)
     slack = slack_for(float_error, max_norm)
     extra: dict = {}
-    if codes is not None:  # a scan of int8 codes: the exhaustive certificate, exact scores only where they matter
-        found = certified_quantized_search(codes, gallery.vectors, q, k, lipschitz, slack=slack, max_norm=max_norm,
-                                           exclude=dropped)
+    if codes is not None or ivf is not None:
+        if codes is not None:  # a scan of int8 codes: the exhaustive certificate, exact scores only where they matter
+            found = certified_quantized_search(codes, gallery.vectors, q, k, lipschitz, slack=slack,
+                                               max_norm=max_norm, exclude=dropped)
+            extra = {"method": "quantized"}
+        else:  # certified IVF: the exhaustive certificate without an exhaustive scan
+            found = certified_ivf_search(ivf, q, k, lipschitz, slack=slack, probe_budget=probe_budget,
+                                         exclude=dropped)
+            extra = {"method": "certified-ivf", "lists_visited": None if found is None else found.lists_visited}
         if found is None:
             return empty
         ids, cert, complete = found.ids, found.cert, found.bound == -np.inf
         scores, listed = cert.scores, len(found.listed_ids)
         k = len(ids)
-        extra = {"method": "quantized", "exact_topk": found.exact_topk, "exhaustive": found.exhaustive,
-                 "vectors_scanned": found.vectors_scanned}
-        if found.capped:
-            extra["notes"] = [f"the exactly scored list reached its limit ({listed} items): the radii are sound but "
-                              "may be smaller than the exhaustive certificate's"
-                              + ("" if found.exact_topk else ", and the top-k is not proved exact")]
-    elif ivf is not None:  # certified IVF: the exhaustive certificate without an exhaustive scan
-        found = certified_ivf_search(ivf, q, k, lipschitz, slack=slack, probe_budget=probe_budget, exclude=dropped)
-        if found is None:
-            return empty
-        ids, cert, complete = found.ids, found.cert, found.bound == -np.inf
-        scores, listed = cert.scores, len(found.listed_ids)
-        k = len(ids)
-        extra = {"method": "certified-ivf", "exact_topk": found.exact_topk, "exhaustive": found.exhaustive,
-                 "lists_visited": found.lists_visited, "vectors_scanned": found.vectors_scanned}
+        extra.update(exact_topk=found.exact_topk, exhaustive=found.exhaustive, vectors_scanned=found.vectors_scanned)
         if found.budget_hit:
             extra["notes"] = [f"probe budget reached ({found.lists_visited} of {ivf.nlist} lists): the radii are "
                               "sound but may be smaller than the exhaustive certificate's"]
         elif found.capped:
-            extra["notes"] = [f"the exactly scored list reached its limit ({len(found.listed_ids)} items): the radii "
-                              "are sound but may be smaller than the exhaustive certificate's"
+            extra["notes"] = [f"the exactly scored list reached its limit ({listed} items): the radii are sound but "
+                              "may be smaller than the exhaustive certificate's"
                               + ("" if found.exact_topk else ", and the top-k is not proved exact")]
     else:
         m = min(n, max(k, int(candidates or default_candidates(k))) + len(dropped))

@@ -56,3 +56,23 @@ def pgd_l2(objective, x: torch.Tensor, eps: torch.Tensor, steps: int = 60, resta
     best, idx = best.view(restarts, b).max(0)
     rows = idx * b + torch.arange(b)
     return best, best_x[rows]
+
+
+def attack_topk_sets(gallery, queries, radii, tops, steps: int = 40, restarts: int = 3) -> torch.Tensor:
+    """PGD against certified top-k sets of the 2-Lipschitz "encoder" e(x) = 2x − 1 on [0,1]^D, whose clean
+    input (q + 1)/2 maps to each query q: maximise max_{j ∉ top} s_j − min_{i ∈ top} s_i (> 0 iff some outsider
+    beats some member) within each radius, over the whole gallery's exact ranking. gallery (N, D) float64;
+    queries [(D,)], radii [float], tops [ids]. Returns the best objective per case (all < 0 when every set held)."""
+    gal = torch.as_tensor(gallery, dtype=torch.float64)
+    cases = torch.stack([(torch.as_tensor(q, dtype=torch.float64) + 1) / 2 for q in queries])
+    inside = torch.zeros(len(tops), len(gal), dtype=torch.bool)
+    for b, top in enumerate(tops):
+        inside[b, torch.as_tensor(top)] = True
+
+    def objective(xa, case):
+        s = (2 * xa - 1) @ gal.T
+        mask = inside[case]
+        return s.masked_fill(mask, -torch.inf).max(1).values - s.masked_fill(~mask, torch.inf).min(1).values
+
+    best, _ = pgd_l2(objective, cases, torch.tensor(radii, dtype=torch.float64), steps=steps, restarts=restarts)
+    return best
