@@ -166,6 +166,12 @@ class Gallery:
         Certified search scans them instead of the float32 vectors (`retrieval.quantized_search`)."""
         return self._codes
 
+    @property
+    def quantizing(self) -> bool:
+        """True while a background build of the codes runs (`quantize(background=True)`)."""
+        thread = self._codes_thread
+        return thread is not None and thread.is_alive()
+
     def quantize(self, background: bool = False) -> QuantizedCodes | None:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).

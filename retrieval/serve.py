@@ -70,6 +70,17 @@ class ServeConfig:
     codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.quantize)
 
 
+def _codes_state(gallery, config: ServeConfig) -> dict:
+    """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory), "building",
+    "off" (--no-codes) or "not used" (a gallery too small, or an encoder without a Lipschitz bound)."""
+    codes = gallery.quantized
+    if codes is not None:
+        return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes}
+    if not config.codes:
+        return {"state": "off"}
+    return {"state": "building" if gallery.quantizing else "not used"}
+
+
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
     import ipaddress
@@ -323,6 +334,7 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
             "uptime_s": round(time.time() - counters.started, 3), "requests": counters.requests,
             "searches": counters.searches, "responses": dict(counters.by_status),
             "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": limits(gallery).max_pixels,
-                       "request_timeout_s": config.request_timeout, "max_batch": config.max_batch}}}
+                       "request_timeout_s": config.request_timeout, "max_batch": config.max_batch},
+            "codes": _codes_state(gallery, config)}}
 
     return app

@@ -331,8 +331,10 @@ def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificat
         with ServerThread(app) as server:
             target = int(g.ids()[2])
             status, body = post(server.port, "/search", [("id", str(target)), ("k", "4"), ("exclude_self", "true")])
+            state = request(server.port, "GET", "/stats")[1]["serving"]["codes"]
         assert status == 200, body
         answers[codes] = body
+        assert state == ({"state": "ready", "vectors": len(g), "bytes": g.quantized.nbytes} if codes else {"state": "off"})
     assert answers[True]["method"] == "quantized" and answers[False]["method"] == "exhaustive"
     assert answers[True]["exhaustive"] and answers[True]["hits"] == answers[False]["hits"]
     assert answers[True]["set_radius"] == pytest.approx(answers[False]["set_radius"], rel=1e-9)
