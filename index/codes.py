@@ -91,7 +91,7 @@ class QuantizedCodes:
         from .ivf import norm_bound
 
         vectors = np.asarray(vectors, np.float32)
-        return cls(np.asarray(ids, np.int64), *quantize(vectors), max(norm_bound(vectors), 0.0))
+        return cls(np.asarray(ids, np.int64), *quantize(vectors), norm_bound(vectors))
 
     @classmethod
     def from_store(cls, store, chunk: int | None = None, stop=None) -> "QuantizedCodes | None":

@@ -6,6 +6,7 @@ clamping x + δ shrinks every |δ_i|, so ‖δ‖ stays ≤ ε.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -58,21 +59,26 @@ def pgd_l2(objective, x: torch.Tensor, eps: torch.Tensor, steps: int = 60, resta
     return best, best_x[rows]
 
 
-def attack_topk_sets(gallery, queries, radii, tops, steps: int = 40, restarts: int = 3) -> torch.Tensor:
+def attack_certified_sets(gallery, found, steps: int = 40, restarts: int = 3) -> torch.Tensor:
     """PGD against certified top-k sets of the 2-Lipschitz "encoder" e(x) = 2x − 1 on [0,1]^D, whose clean
     input (q + 1)/2 maps to each query q: maximise max_{j ∉ top} s_j − min_{i ∈ top} s_i (> 0 iff some outsider
-    beats some member) within each radius, over the whole gallery's exact ranking. gallery (N, D) float64;
-    queries [(D,)], radii [float], tops [ids]. Returns the best objective per case (all < 0 when every set held)."""
-    gal = torch.as_tensor(gallery, dtype=torch.float64)
-    cases = torch.stack([(torch.as_tensor(q, dtype=torch.float64) + 1) / 2 for q in queries])
-    inside = torch.zeros(len(tops), len(gal), dtype=torch.bool)
-    for b, top in enumerate(tops):
-        inside[b, torch.as_tensor(top)] = True
+    beats some member) within (1 − 1e-6) of each set radius, over the whole gallery's exact ranking.
+    gallery (N, D); found [(q (D,), a search result with `.ids` and `.cert.set_radius`)], those with a positive
+    radius attacked. Returns the best objective per attacked case (all < 0 when every set held; empty if none)."""
+    found = [(q, got) for q, got in found if got.cert.set_radius > 0]
+    if not found:
+        return torch.zeros(0, dtype=torch.float64)
+    gal = torch.as_tensor(np.asarray(gallery, np.float64))
+    cases = torch.stack([(torch.as_tensor(np.asarray(q, np.float64)) + 1) / 2 for q, _ in found])
+    radii = torch.tensor([got.cert.set_radius * (1 - 1e-6) for _, got in found], dtype=torch.float64)
+    inside = torch.zeros(len(found), len(gal), dtype=torch.bool)
+    for b, (_, got) in enumerate(found):
+        inside[b, torch.as_tensor(got.ids)] = True
 
     def objective(xa, case):
         s = (2 * xa - 1) @ gal.T
         mask = inside[case]
         return s.masked_fill(mask, -torch.inf).max(1).values - s.masked_fill(~mask, torch.inf).min(1).values
 
-    best, _ = pgd_l2(objective, cases, torch.tensor(radii, dtype=torch.float64), steps=steps, restarts=restarts)
+    best, _ = pgd_l2(objective, cases, radii, steps=steps, restarts=restarts)
     return best

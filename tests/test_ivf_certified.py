@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from _pgd import attack_topk_sets
+from _pgd import attack_certified_sets
 from benchmarks.certified_search import clustered_unit_vectors
 from encoder.certify import certify_topk_bruteforce, float32_dot_error, slack_for
 from index.errors import IntegrityError
@@ -86,18 +86,9 @@ def test_pgd_never_changes_the_topk_inside_the_ivf_certificate(p, budget, layere
     ivf = _layered(x, nlist, p["seed"]) if layered else CertifiedIVF.build(np.arange(p["n"]), x, nlist, seed=p["seed"])
     k = min(p["k"], p["n"] - 1) or 1
     slack = slack_for(p["float_error"], ivf.max_norm)
-    gal = torch.from_numpy(_stored(ivf).astype(np.float64))
-    cases, radii, tops = [], [], []
-    for q in queries:
-        got = certified_ivf_search(ivf, q, k, 2.0, slack=slack, probe_budget=budget, first_probes=1)
-        if got.cert.set_radius <= 0:
-            continue
-        cases.append(q.astype(np.float64))
-        radii.append(got.cert.set_radius * (1 - 1e-6))
-        tops.append(got.ids)
-    if not cases:
-        return
-    best = attack_topk_sets(gal, cases, radii, tops)
+    found = [(q, certified_ivf_search(ivf, q, k, 2.0, slack=slack, probe_budget=budget, first_probes=1))
+             for q in queries]
+    best = attack_certified_sets(_stored(ivf), found)
     assert torch.all(best < 0), best
 
 

@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _pgd import attack_topk_sets
+from _pgd import attack_certified_sets
 from benchmarks.certified_search import clustered_unit_vectors
 from encoder.certify import certify_topk_bruteforce, slack_for
 from index.codes import QuantizedCodes, quantize
@@ -189,18 +189,9 @@ def test_pgd_never_changes_the_topk_inside_the_quantized_certificate(n, dim, clu
     x = clustered_unit_vectors(n, dim, clusters, seed=seed)
     queries = np.concatenate([clustered_unit_vectors(4, dim, clusters, seed, 9), x[:2]])
     codes = QuantizedCodes.from_vectors(np.arange(n), x)
-    gal = torch.from_numpy(x.astype(np.float64))
-    cases, radii, tops = [], [], []
-    for q in queries:
-        got = certified_quantized_search(codes, lambda i: x[i], q, k, 2.0, slack=slack_for(1e-7, codes.max_norm),
-                                         max_norm=codes.max_norm, first=0, cap_max=cap)
-        if got.cert.set_radius > 0:
-            cases.append(q.astype(np.float64))
-            radii.append(got.cert.set_radius * (1 - 1e-6))
-            tops.append(got.ids)
-    if not cases:
-        return
-    best = attack_topk_sets(gal, cases, radii, tops)
+    found = [(q, certified_quantized_search(codes, lambda i: x[i], q, k, 2.0, slack=slack_for(1e-7, codes.max_norm),
+                                            max_norm=codes.max_norm, first=0, cap_max=cap)) for q in queries]
+    best = attack_certified_sets(x, found)
     assert torch.all(best < 0), best
 
 
