@@ -5,14 +5,15 @@ ascend), but every index on a column with random values takes them at random pla
 an index of P pages, a commit dirties about P·(1 − e^(−b/P)) pages, which grows with the gallery until
 P ≫ b (then ≈ b pages, 4 KiB per row). `content_hash` (SHA-256 hex, 64 characters) is such a column.
 
-One run commits the same batches into three SQLite catalogs side by side (the order rotates every batch,
-the machine's noise falls on all three alike):
+One run commits the same batches into four SQLite catalogs side by side (the order rotates every batch,
+the machine's noise falls on all alike):
 - shipped:       `index.catalog.make_engine` as a writer uses it (WAL, synchronous=FULL, a
-                 WRITER_CACHE_KIB page cache);
-- sqlite-cache:  the same with SQLite's default page cache (`PRAGMA cache_size=-2000`, 2 MiB);
-- no-hash-index: shipped, without the index on content_hash (what that index costs; robret needs it
+                 WRITER_CACHE_KIB page cache), schema 3: content_hash indexed by its first 16 characters;
+- hex-index:     shipped with schema 2's index on all 64 characters of content_hash instead;
+- sqlite-cache:  shipped with SQLite's default page cache (`PRAGMA cache_size=-2000`, 2 MiB);
+- no-hash-index: shipped, without an index on content_hash (what an index costs; robret needs one
                  for `Gallery.ids_with_content`, so this is a measurement, not an option).
-With `--postgres`, a fourth catalog beside them: the shipped schema on a throwaway PostgreSQL server
+With `--postgres`, a fifth catalog beside them: the shipped schema on a throwaway PostgreSQL server
 (benchmarks/_postgres.py: Debian's server on a Unix socket, fsync on as a user's server runs it).
 Rows look like a real gallery's (nested relative paths, SHA-256 hex, sizes, times); the table gives the
 mean commit time over each tenth of the batches.
@@ -38,13 +39,13 @@ from pathlib import Path
 from benchmarks._output import line_plot, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("shipped", "sqlite-cache", "no-hash-index")
+VARIANTS = ("shipped", "hex-index", "sqlite-cache", "no-hash-index")
 
 
 def _catalog(path: Path, variant: str, postgres=None):
     from sqlalchemy import event
 
-    from index.catalog import Catalog, make_engine, metadata
+    from index.catalog import HEX_CONTENT_INDEX, Catalog, content_index, make_engine, metadata
 
     if variant == "postgres":
         from benchmarks._postgres import PASSWORD
@@ -59,9 +60,11 @@ def _catalog(path: Path, variant: str, postgres=None):
             cur.execute("PRAGMA cache_size=-2000")
             cur.close()
     metadata.create_all(engine)
-    if variant == "no-hash-index":
+    if variant in ("hex-index", "no-hash-index"):
         with engine.begin() as c:
-            c.exec_driver_sql("DROP INDEX ix_robret_files_content_hash")
+            c.exec_driver_sql(f"DROP INDEX {content_index.name}")
+            if variant == "hex-index":
+                c.exec_driver_sql(f"CREATE INDEX {HEX_CONTENT_INDEX} ON robret_files (content_hash)")
     return Catalog(url, engine=engine)
 
 
@@ -129,9 +132,10 @@ def table(report: dict) -> str:
         lines.append(f"| {first:,} – {last:,} | " + " | ".join(cells) + " |")
     lines.append("| **all commits** | " + " | ".join(f"**{report['total_seconds'][v]:.2f} s**" for v in variants)
                  + " |")
-    ratio = report["total_seconds"]["sqlite-cache"] / report["total_seconds"]["shipped"]
+    total = report["total_seconds"]
+    ratios = "; ".join(f"total {v} / shipped = {total[v] / total['shipped']:.2f}×" for v in variants if v != "shipped")
     return ("\n".join(lines) + f"\n\nMean commit time per tenth of the batches. Shipped page cache: "
-            f"`PRAGMA cache_size` = {report['shipped_cache_size']}; total sqlite-cache / shipped = {ratio:.2f}×. "
+            f"`PRAGMA cache_size` = {report['shipped_cache_size']}; {ratios}. "
             f"Machine: {report['machine']}.\n")
 
 

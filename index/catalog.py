@@ -14,7 +14,10 @@ id is in the index the committed live set yields (index/layout.py) — ingest co
 the new live set in one transaction, after its new file is durably on disk (see ingest.py).
 SQLite files run in WAL mode with synchronous=FULL. Any SQLAlchemy URL works; `path_key` is a
 binary column (raw file-name bytes, so non-UTF-8 names round-trip), which SQLite and PostgreSQL
-index directly.
+index directly. `content_hash` is indexed by its first CONTENT_PREFIX hex characters only
+(`ix_robret_files_content_prefix`, schema 3): a third of the pages of an index on all 64, which a
+checkpoint's commit dirties at random places (docs/benchmarks.md, "Catalog commits as the gallery grows").
+A writer opening an older catalog migrates it in one transaction (`Catalog.migrate`).
 """
 from __future__ import annotations
 
@@ -24,19 +27,25 @@ import logging
 import os
 from typing import Any, Iterable
 
-from sqlalchemy import (BigInteger, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, Text,
-                        bindparam, create_engine, event, func, inspect, insert, select, update)
+from sqlalchemy import (BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text,
+                        bindparam, create_engine, event, func, inspect, insert, literal_column, select, text,
+                        update)
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateIndex
 
 from .errors import CatalogError, EncoderMismatchError, SchemaVersionError
 
-__all__ = ["SCHEMA_VERSION", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "metadata", "meta_table", "files_table",
-           "FileRecord", "record_dict", "ids_digest", "Catalog", "connect_url", "recorded_url", "safe_url", "utcnow"]
+__all__ = ["SCHEMA_VERSION", "CONTENT_PREFIX", "INDEXED", "FAILED", "REMOVED", "DB_URL_ENV", "metadata", "meta_table",
+           "files_table", "FileRecord", "record_dict", "ids_digest", "Catalog", "connect_url", "recorded_url",
+           "safe_url", "utcnow"]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: the index is a live set of files (index.segments); 1 had one index file
+# 3: content_hash indexed by a prefix (CONTENT_PREFIX); 2: the index is a live set of files (index.segments);
+# 1 had one index file
+SCHEMA_VERSION = 3
+CONTENT_PREFIX = 16  # hex characters of content_hash its index holds (64 bits; a match is then checked in full)
 DB_URL_ENV = "ROBRET_DB_URL"  # a catalog URL, possibly with its password, read from the environment only
 INDEXED, FAILED, REMOVED = "indexed", "failed", "removed"
 
@@ -61,7 +70,7 @@ files_table = Table(
     Column("id", BigInteger, primary_key=True, autoincrement=False),  # the FAISS id
     Column("path_key", LargeBinary, unique=True, nullable=False),  # relative path, raw bytes
     Column("path", Text, nullable=False),  # relative path for display (undecodable bytes as \xNN)
-    Column("content_hash", String(64), index=True),  # SHA-256 hex
+    Column("content_hash", String(64)),  # SHA-256 hex (indexed by its prefix: content_prefix below)
     Column("size", BigInteger),  # bytes
     Column("mtime_ns", BigInteger),
     Column("width", Integer),  # displayed size (after EXIF orientation)
@@ -74,6 +83,25 @@ files_table = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("embedded_at", DateTime(timezone=True)),
 )
+
+
+def content_prefix(column):
+    """substr(column, 1, CONTENT_PREFIX), with literal bounds: a query must spell the indexed expression
+    exactly for SQLite and PostgreSQL to use the index."""
+    return func.substr(column, literal_column("1"), literal_column(str(CONTENT_PREFIX)))
+
+
+content_index = Index("ix_robret_files_content_prefix", content_prefix(files_table.c.content_hash))
+HEX_CONTENT_INDEX = "ix_robret_files_content_hash"  # schema ≤ 2: the index on all 64 hex characters
+
+
+def with_content(content_hash: str):
+    """SELECT id, content_hash of the indexed rows whose hash starts as `content_hash` does (the index's
+    prefix); the caller keeps those equal in full. Only the prefix is in SQL: with the full equality beside
+    it, SQLite's planner substitutes it into the expression and no longer uses the index."""
+    t = files_table.c
+    return select(t.id, t.content_hash).where(content_prefix(t.content_hash) == content_hash[:CONTENT_PREFIX],
+                                              t.status == INDEXED)
 
 # One image file under the root (a tombstone once it disappears): a row of robret_files, whose
 # attributes are the column names (rec.path, rec.content_hash, …).
@@ -213,6 +241,8 @@ class Catalog:
                 raise CatalogError(f"no robret catalog at {safe_url(url)}")
             cat.check_schema()
             cat.check_meta()
+            if not read_only:
+                cat.migrate()
         except BaseException:
             cat.close()
             raise
@@ -229,6 +259,23 @@ class Catalog:
             raise SchemaVersionError(
                 f"the catalog has schema version {version}, newer than this robret's {SCHEMA_VERSION}: "
                 "upgrade robret to open it")
+        return version
+
+    def migrate(self) -> int:
+        """Bring a catalog of an older schema to SCHEMA_VERSION, in one transaction (a crash leaves it as it
+        was): schema ≤ 2 → 3 indexes content_hash by its prefix instead of in full. Writers only (`open`
+        calls it); readers of an older catalog need nothing (`ids_with_content` reads either). The version
+        the catalog had is returned."""
+        version = self.check_schema()
+        if version < 3:
+            with self.engine.begin() as c:
+                # The version's UPDATE first: Python's sqlite3 opens a transaction before DML only, so DDL run
+                # first would commit on its own, and a failure after it would leave the catalog half-migrated.
+                self.set_meta({"schema_version": SCHEMA_VERSION}, c)
+                c.execute(CreateIndex(content_index, if_not_exists=True))  # (the inspector skips expression indexes)
+                c.execute(text(f"DROP INDEX IF EXISTS {HEX_CONTENT_INDEX}"))
+            log.info("catalog %s: schema %d → %d (content hashes indexed by prefix)", safe_url(self.url), version,
+                     SCHEMA_VERSION)
         return version
 
     def check_meta(self) -> dict[str, Any]:
@@ -305,9 +352,8 @@ class Catalog:
 
     def ids_with_content(self, content_hash: str) -> list[int]:
         """Ids of the indexed rows whose content hash (SHA-256 hex of the file's bytes) is `content_hash`."""
-        t = files_table.c
         with self.engine.connect() as c:
-            return sorted(c.scalars(select(t.id).where(t.content_hash == content_hash, t.status == INDEXED)))
+            return sorted(int(i) for i, h in c.execute(with_content(content_hash)) if h == content_hash)
 
     def records(self, ids: Iterable[int]) -> dict[int, FileRecord]:
         ids = [int(i) for i in ids]

@@ -71,6 +71,96 @@ def test_two_indexes_share_a_server_not_a_catalog(tmp_path, sample_folder, tiny_
     assert verify_index(tmp_path / "a").ok and verify_index(tmp_path / "c").ok
 
 
+def _content_indexes(catalog) -> set[str]:
+    """The catalog's indexes on content_hash, by name (from the database's own list: SQLAlchemy's inspector
+    skips expression indexes on SQLite)."""
+    with catalog.engine.connect() as c:
+        sql = ("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'robret_files'"
+               if c.dialect.name == "sqlite" else "SELECT indexname FROM pg_indexes WHERE tablename = 'robret_files'")
+        names = {r[0] for r in c.exec_driver_sql(sql)}
+    return names & {"ix_robret_files_content_prefix", "ix_robret_files_content_hash"}
+
+
+def _content_plan(catalog, digest: str) -> str:
+    """The query plan of `Catalog.ids_with_content`'s statement (sequential scans discouraged on PostgreSQL, whose
+    planner would rather scan a table of five rows)."""
+    from index.catalog import with_content
+
+    stmt = with_content(digest)
+    with catalog.engine.connect() as c:
+        if c.dialect.name == "sqlite":
+            sql = stmt.compile(c, compile_kwargs={"literal_binds": True})
+            return " ".join(str(r[-1]) for r in c.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}"))
+        c.exec_driver_sql("SET enable_seqscan = off")
+        sql = stmt.compile(c, compile_kwargs={"literal_binds": True})
+        return " ".join(r[0] for r in c.exec_driver_sql(f"EXPLAIN {sql}"))
+
+
+def test_content_hashes_are_found_through_their_prefix_index_and_a_schema_2_catalog_is_migrated_by_its_writer(
+        tmp_path, sample_folder, tiny_lipsim, new_catalog):
+    import shutil
+
+    from index.catalog import SCHEMA_VERSION
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins", "camera"))
+    shutil.copy2(folder / "moon.png", folder / "moon-copy.png")
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    with Gallery.open(index_dir) as g:
+        recs = {r.path: r for r in g.catalog.find()}
+        digest = recs["moon.png"].content_hash
+        twins = sorted([recs["moon.png"].id, recs["moon-copy.png"].id])
+        assert g.catalog.meta()["schema_version"] == SCHEMA_VERSION == 3
+        assert _content_indexes(g.catalog) == {"ix_robret_files_content_prefix"}
+        assert "ix_robret_files_content_prefix" in _content_plan(g.catalog, digest)
+        coins = recs["coins.png"]
+        assert g.same_content(digest) == twins and g.same_content(coins.content_hash) == [coins.id]
+        assert g.same_content(digest[:16] + "0" * 48) == []  # the prefix matches, the hash does not
+        # What schema 2 had: the index on all 64 characters.
+        with g.catalog.engine.begin() as c:
+            c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
+            c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
+            g.catalog.set_meta({"schema_version": 2}, c)
+    with Gallery.open(index_dir) as g:  # a reader reads it as it is, and changes nothing
+        assert g.same_content(digest) == twins
+        assert g.catalog.meta()["schema_version"] == 2
+        assert _content_indexes(g.catalog) == {"ix_robret_files_content_hash"}
+    (folder / "camera.png").unlink()
+    assert update_index(index_dir, encoder=tiny_lipsim, options=OPTS).removed == 1  # the writer migrates
+    with Gallery.open(index_dir) as g:
+        assert g.catalog.meta()["schema_version"] == 3
+        assert _content_indexes(g.catalog) == {"ix_robret_files_content_prefix"}
+        assert "ix_robret_files_content_prefix" in _content_plan(g.catalog, digest)
+        assert g.same_content(digest) == twins
+    assert verify_index(index_dir).ok
+
+
+def test_a_failed_migration_leaves_the_catalog_as_it_was(tmp_path, sample_folder, tiny_lipsim, new_catalog,
+                                                         monkeypatch):
+    from index import catalog as catalog_mod
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    index_dir = tmp_path / "index"
+    build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    with Gallery.open(index_dir) as g:
+        with g.catalog.engine.begin() as c:
+            c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
+            c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
+            g.catalog.set_meta({"schema_version": 2}, c)
+    # The last step fails (after the version's update and the new index): the transaction must undo both.
+    with monkeypatch.context() as m, pytest.raises(Exception, match="(?i)syntax"):
+        m.setattr(catalog_mod, "HEX_CONTENT_INDEX", "ix_robret_files_content_hash CASCADE RESTRICT (")
+        update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    with Gallery.open(index_dir) as g:
+        assert g.catalog.meta()["schema_version"] == 2
+        assert _content_indexes(g.catalog) == {"ix_robret_files_content_hash"}
+    update_index(index_dir, encoder=tiny_lipsim, options=OPTS)
+    with Gallery.open(index_dir) as g:
+        assert g.catalog.meta()["schema_version"] == 3
+        assert _content_indexes(g.catalog) == {"ix_robret_files_content_prefix"}
+    assert verify_index(index_dir).ok
+
+
 def test_postgres_password_is_never_written_and_comes_from_the_environment(tmp_path, sample_folder,
                                                                            postgres_server, monkeypatch, capsys):
     folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
