@@ -12,7 +12,11 @@ encoder's float error) runs on the gallery without codes (the flat path: an exac
 the certificate) and with them; both answers must agree (top-10 ids and radii to 1e-9) and every certificate
 is checked to be the exhaustive one. Reported: the codes' build time and memory, p50/p95 of each path, the
 median of the per-query ratios, and the codes path again back to back over the same queries (as a server that
-answers only certified queries runs it: no exact scan in between to evict caches). Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
+answers only certified queries runs it: no exact scan in between to evict caches). Then a reload as `robret serve`
+runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream): the
+codes of the grown store (base block + segment block) built in full, and from the older codes with only the
+segment's rows coded (`QuantizedCodes.from_store(..., reuse=, keep=)`, what `Gallery.quantize(previous=)` does);
+both must be identical. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from benchmarks.certified_search import CLUSTER_SIZE, DIM, FLOAT_ERROR, clustere
 from benchmarks.index_speed import _machine
 
 ROOT = Path(__file__).resolve().parent.parent
+SEGMENT_ROWS = 16_000  # the appended segment of the reload measurement (a checkpoint's batch)
 
 
 def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
@@ -86,9 +91,30 @@ def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
             search_embedding(coded, q, 10)
             alone.append(1000 * (time.perf_counter() - t))
         row[name]["codes_alone"] = {"p50_ms": float(np.median(alone)), "p95_ms": float(np.percentile(alone, 95))}
+    row["reload"] = _reload(rows, codes, n, seed)
     del store, codes, rows, plain, coded
     path.unlink()
     return row
+
+
+def _reload(rows, codes, n: int, seed: int) -> dict:
+    """Codes of the store grown by one segment: built in full vs from `codes` (module doc)."""
+    from index.codes import QuantizedCodes
+    from index.mapped import MappedFlat
+
+    added = clustered_unit_vectors(SEGMENT_ROWS, DIM, max(8, n // CLUSTER_SIZE), seed, stream=11)
+    grown = MappedFlat(DIM)
+    grown.add(np.arange(n), rows, stored=True)
+    grown.add(np.arange(n, n + SEGMENT_ROWS), added, stored=True)
+    t = time.perf_counter()
+    full = QuantizedCodes.from_store(grown)
+    full_s = time.perf_counter() - t
+    t = time.perf_counter()
+    kept = QuantizedCodes.from_store(grown, reuse=codes, keep=n)
+    kept_s = time.perf_counter() - t
+    same = all(np.array_equal(getattr(full, k), getattr(kept, k)) for k in ("ids", "codes", "scale", "resid"))
+    return {"rows_added": SEGMENT_ROWS, "full_s": full_s, "reuse_s": kept_s, "reused": kept.reused,
+            "identical": bool(same and kept.max_norm >= full.max_norm)}
 
 
 def table(report: dict) -> str:
@@ -107,6 +133,13 @@ def table(report: dict) -> str:
                          f"{x['codes_alone']['p50_ms']:.1f} / {x['codes_alone']['p95_ms']:.1f} | "
                          f"{x['flat']['exhaustive']}, {x['codes']['exhaustive']} of {q} | {x['same_answers']} of {q} | "
                          f"{x['codes_listed_median']:.0f} | {r['codes_build_s']:.2f} s, {r['codes_mb']:.0f} |")
+    lines += ["", f"A reload after a checkpoint appended {SEGMENT_ROWS:,} vectors: the grown store's codes\n",
+              "| vectors before | coded in full | older codes kept, segment coded | ratio | rows kept | identical |",
+              "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        x = r["reload"]
+        lines.append(f"| {r['n']:,} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | {x['full_s'] / x['reuse_s']:.1f}× | "
+                     f"{x['reused']:,} | {x['identical']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -46,7 +46,9 @@ bound's real looseness.
 
 Built from a store's live vectors (`from_store`, CHUNK_ROWS at a time), held in memory (D + 16 bytes a
 vector: 145 MB at 1M), and valid for the store it was built from; a `Gallery` keeps the version it
-opened, so codes built from its store stay valid for it.
+opened, so codes built from its store stay valid for it. A newer version that only appended rows takes
+the older version's codes of the rows it kept (`from_store`'s `reuse`; which rows: `index.layout.shared_rows`)
+and codes only its new rows.
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ class QuantizedCodes:
         self.resid = np.ascontiguousarray(resid, np.float32)
         self.resid_max = float(self.resid.max()) if len(self.resid) else 0.0
         self.scale_max = float(self.scale.max()) if len(self.scale) else 0.0
+        self.reused = 0  # leading rows copied from an older version's codes (`from_store`'s reuse)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,9 +97,16 @@ class QuantizedCodes:
         return cls(np.asarray(ids, np.int64), *quantize(vectors), norm_bound(vectors))
 
     @classmethod
-    def from_store(cls, store, chunk: int | None = None, stop=None) -> "QuantizedCodes | None":
+    def from_store(cls, store, chunk: int | None = None, stop=None, reuse: "QuantizedCodes | None" = None,
+                   keep: int = 0) -> "QuantizedCodes | None":
         """Codes of every live vector of `store` (its `ids()` and `reconstruct`), `chunk` rows at a time;
-        None when `stop` (a threading.Event) is set between chunks."""
+        None when `stop` (a threading.Event) is set between chunks.
+
+        reuse, keep: the codes of an older version of the gallery and how many of its leading rows the store
+        holds unchanged (`index.layout.shared_rows`). When the store's first `keep` ids are those rows' ids,
+        their codes are copied, not recomputed (`reused` counts them), and only the rest is read and coded.
+        A code depends on its vector's bytes alone, so the copies are what coding those rows again gives;
+        M becomes max(the older codes' M, the new rows' bound): the older M bounds every row it coded."""
         from .ivf import norm_bound
         from .store import CHUNK_ROWS
 
@@ -105,15 +115,22 @@ class QuantizedCodes:
         codes = np.empty((len(ids), store.dim), np.int8)
         scale = np.empty(len(ids), np.float32)
         resid = np.empty(len(ids), np.float32)
-        top = 0.0
-        for at in range(0, len(ids), chunk):
+        top, start = 0.0, 0
+        keep = min(int(keep), len(ids))
+        if (reuse is not None and keep > 0 and keep <= len(reuse) and reuse.dim == store.dim
+                and np.array_equal(ids[:keep], reuse.ids[:keep])):
+            codes[:keep], scale[:keep], resid[:keep] = reuse.codes[:keep], reuse.scale[:keep], reuse.resid[:keep]
+            top, start = reuse.max_norm, keep
+        for at in range(start, len(ids), chunk):
             if stop is not None and stop.is_set():
                 return None
             part = slice(at, at + chunk)
             vectors = store.reconstruct(ids[part])
             codes[part], scale[part], resid[part] = quantize(vectors)
             top = max(top, norm_bound(vectors))
-        return cls(ids, codes, scale, resid, top)
+        built = cls(ids, codes, scale, resid, top)
+        built.reused = start
+        return built
 
     def scan(self, query) -> tuple[np.ndarray, np.ndarray]:
         """(ū (n,) float32, block maxima) for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every vector

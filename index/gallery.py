@@ -25,7 +25,7 @@ from .errors import StoreError
 from .remote import is_remote
 from .codes import QuantizedCodes
 from .ivf import CertifiedIVF
-from .layout import IndexDir
+from .layout import IndexDir, live_files, shared_rows
 from .segments import load_live_store
 from .mapped import MappedFlat
 from .store import VectorStore
@@ -172,7 +172,7 @@ class Gallery:
         thread = self._codes_thread
         return thread is not None and thread.is_alive()
 
-    def quantize(self, background: bool = False) -> QuantizedCodes | None:
+    def quantize(self, background: bool = False, previous: "Gallery | None" = None) -> QuantizedCodes | None:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
 
@@ -180,21 +180,34 @@ class Gallery:
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
         building costs about as much as 30–40 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
+
+        previous: the gallery of an older version of this index directory, which this one replaces (a server's
+        reload). The rows its codes cover and this version holds unchanged are copied (`index.layout.shared_rows`:
+        a version that only appended segments keeps all of them) and only the new ones are coded.
         """
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
-        if background:
-            with self._codes_state:
-                if self._codes_thread is None and not self._codes_stop.is_set():
-                    self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self),),
-                                                          name="robret-codes", daemon=True)
-                    self._codes_thread._robret_stop = self._codes_stop
-                    _BUILDERS.add(self._codes_thread)
-                    self._codes_thread.start()
-            return self._codes
+        reuse = None
+        if previous is not None and previous.quantized is not None and previous.index_dir == self.index_dir:
+            old = previous.quantized
+            reuse = (old, shared_rows(live_files(previous.meta["index"]), live_files(self.meta["index"]), len(old)))
+        if not background:
+            return self._quantize_now(reuse)
+        with self._codes_state:
+            if self._codes_thread is None and not self._codes_stop.is_set():
+                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), reuse),
+                                                      name="robret-codes", daemon=True)
+                self._codes_thread._robret_stop = self._codes_stop
+                _BUILDERS.add(self._codes_thread)
+                self._codes_thread.start()
+        return self._codes
+
+    def _quantize_now(self, reuse: tuple | None) -> QuantizedCodes | None:
+        """`quantize`'s build, in this thread; reuse: (older codes, rows of them to keep) or None."""
+        old, keep = reuse or (None, 0)
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
-                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop)
+                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old, keep=keep)
                 with self._codes_state:  # (a close meanwhile set the stop flag: keep nothing)
                     if built is not None and not self._codes_stop.is_set():
                         self._codes = built
@@ -311,12 +324,12 @@ class Gallery:
                 f"encoder={self.encoder_spec!r}, version={self.version})")
 
 
-def _build_codes(ref) -> None:
+def _build_codes(ref, reuse) -> None:
     gallery = ref()
     if gallery is None:
         return
     try:
-        gallery.quantize()
+        gallery._quantize_now(reuse)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
 

@@ -57,6 +57,30 @@ def live_files(index_meta: dict) -> list[dict]:
              "sha256": index_meta.get("sha256"), "rows": int(index_meta["rows"]), "version": version}]
 
 
+
+def shared_rows(old_live: list[dict], new_live: list[dict], old_count: int) -> int:
+    """How many leading live rows an older version's reader holds unchanged in a newer version: rows the
+    newer reader's store lists first, in the same order, with the same bytes (0 when none can be shown).
+
+    old_live, new_live: the two versions' `live_files`; old_count: the older store's live rows. Let the
+    common prefix be the leading files equal in both (name, kind, SHA-256, rows, removed), and the suffixes
+    the files after it. When no suffix file carries tombstones (`removed` 0, kind ROWS), every row of a
+    suffix file is alive and the suffixes' tombstones touch no prefix row, so in both versions the prefix
+    files' alive rows are the same (the same files, the same tombstones among them) and come first in
+    storage order (readers list alive rows block by block: `MappedFlat.ids`, `LayeredIVF.ids`). Their
+    count is old_count − Σ rows of the old suffix. Any tombstone after the prefix, or a base there: 0.
+    Callers still check the ids of those rows (`QuantizedCodes.from_store`'s `reuse`).
+    """
+    keys = ("name", "kind", "sha256", "rows", "removed")
+    common = 0
+    while (common < min(len(old_live), len(new_live))
+           and all(old_live[common].get(k) == new_live[common].get(k) for k in keys)):
+        common += 1
+    suffix = old_live[common:] + new_live[common:]
+    if common == 0 or any(f.get("kind") != ROWS or int(f.get("removed") or 0) for f in suffix):
+        return 0
+    return max(0, int(old_count) - sum(int(f["rows"]) for f in old_live[common:]))
+
 class IndexDir:
     """Paths inside one index directory."""
 

@@ -71,11 +71,12 @@ class ServeConfig:
 
 
 def _codes_state(gallery, config: ServeConfig) -> dict:
-    """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory), "building",
-    "off" (--no-codes) or "not used" (a gallery too small, or an encoder without a Lipschitz bound)."""
+    """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory, and "reused": the
+    rows copied from the previous version's codes at a reload), "building", "off" (--no-codes) or "not used" (a
+    gallery too small, or an encoder without a Lipschitz bound)."""
     codes = gallery.quantized
     if codes is not None:
-        return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes}
+        return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes, "reused": codes.reused}
     if not config.codes:
         return {"state": "off"}
     return {"state": "building" if gallery.quantizing else "not used"}
@@ -117,8 +118,8 @@ class GalleryHolder:
                     new = Gallery.open(self.index_dir, encoder=g.encoder, use_gpu=self.use_gpu)
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
-                if self.codes:
-                    new.quantize(background=True)
+                if self.codes:  # (the rows the older version's codes cover and this one kept are copied)
+                    new.quantize(background=True, previous=g)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
                 # Requests still holding the old gallery keep working: its vectors stay mapped (or in
                 # memory) until the last of them drops it, and disposing its catalog engine leaves

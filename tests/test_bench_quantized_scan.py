@@ -13,6 +13,8 @@ def test_quantized_scan_quick_report(tmp_path):
         assert r["same_answers"] == 5 and r["flat"]["exhaustive"] == r["codes"]["exhaustive"] == 5
         assert 0 < r["codes"]["p50_ms"] <= r["codes"]["p95_ms"] and r["ratio_p50"] > 0
         assert 10 <= r["codes_listed_median"] < row["n"]
+    reload = row["reload"]
+    assert reload["identical"] and reload["reused"] == 50_000 and reload["reuse_s"] > 0 and reload["full_s"] > 0
     assert json.loads((tmp_path / "qs.json").read_text())["rows"][0]["n"] == 50_000
     assert "| 50,000 | gallery items |" in (tmp_path / "qs.md").read_text()
     assert not list(tmp_path.glob("robret-quantized-*"))  # the vectors file is removed

@@ -310,9 +310,9 @@ def test_a_second_background_call_returns_at_once_and_a_close_during_the_build_k
     release = threading.Event()
     real = index.codes.QuantizedCodes.from_store
 
-    def held(store, chunk=None, stop=None):  # a build that finishes only when the test says so
+    def held(store, chunk=None, stop=None, **reuse):  # a build that finishes only when the test says so
         release.wait(30)
-        return real(store, chunk, None)  # (ignores the stop flag: the close must still win)
+        return real(store, chunk, None, **reuse)  # (ignores the stop flag: the close must still win)
 
     monkeypatch.setattr(index.codes.QuantizedCodes, "from_store", staticmethod(held))
     g = Gallery.open(small_gallery, encoder=tiny_lipsim)
@@ -362,3 +362,92 @@ def test_a_run_of_many_queries_builds_codes_and_a_short_one_does_not(small_galle
                 again = list(run_queries(g, sources[:2], k=3))
                 assert again[0].result.method == "quantized"
                 assert [h.id for h in again[0].result.hits] == [h.id for h in outcomes[0].result.hits]
+
+
+def _live(*files):
+    """A live set: (kind, rows, removed) per file, named and hashed by position and content."""
+    return [{"name": f"f{i}", "kind": kind, "sha256": f"h{i}-{rows}-{removed}", "rows": rows, "removed": removed}
+            for i, (kind, rows, removed) in enumerate(files)]
+
+
+def test_shared_rows_keeps_the_common_files_only_when_no_tombstone_follows_them():
+    from index.layout import BASE, ROWS, shared_rows
+
+    base = (BASE, 100, 0)
+    old = _live(base, (ROWS, 10, 0), (ROWS, 5, 0))
+    assert shared_rows(old, _live(base, (ROWS, 10, 0), (ROWS, 5, 0), (ROWS, 7, 0)), 115) == 115  # appended
+    assert shared_rows(old, _live(base, (ROWS, 22, 0)), 115) == 100  # the two segments merged with new rows
+    assert shared_rows(old, _live(base, (ROWS, 10, 0), (ROWS, 9, 2)), 115) == 0  # tombstones after the prefix
+    assert shared_rows(old, _live((BASE, 122, 0)), 115) == 0  # compacted: a new base
+    assert shared_rows(old, old, 115) == 115
+    assert shared_rows([], _live(base), 0) == 0
+    # Tombstones inside the common prefix act alike in both versions: its alive rows are kept.
+    old = _live(base, (ROWS, 10, 3), (ROWS, 5, 0))
+    assert shared_rows(old, _live(base, (ROWS, 10, 3), (ROWS, 12, 0)), 107) == 102
+    assert shared_rows(_live(base, (ROWS, 4, 1)), _live(base, (ROWS, 9, 1)), 103) == 0  # old suffix had tombstones
+
+
+def _add_images(folder, start, count, seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(start, start + count):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+
+
+def _same_codes(got, want):
+    for name in ("ids", "codes", "scale", "resid"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert got.max_norm >= want.max_norm
+
+
+def test_a_newer_version_copies_the_codes_of_the_rows_it_kept_and_codes_only_the_new_ones(small_gallery, tiny_lipsim):
+    from index import Gallery
+    from index.ingest import IngestOptions, compact_index, update_index
+
+    opts = IngestOptions(workers=1, batch_size=50)
+    folder = small_gallery.parent / "photos"
+    g = Gallery.open(small_gallery, encoder=tiny_lipsim)
+    g.quantize()
+    steps = []
+    # Size-tiered merging (index/ingest.py): a segment takes in the newest files while they are no larger.
+    for change, count in (("append", 6), ("append", 3), ("merge", 9), ("remove", 0), ("compact", 0)):
+        _add_images(folder, 60 + 10 * len(steps), count, len(steps))
+        if change == "remove":
+            (folder / "03.png").unlink()
+        if change == "compact":
+            compact_index(small_gallery)
+        else:
+            update_index(small_gallery, encoder=tiny_lipsim, options=opts)
+        new = Gallery.open(small_gallery, encoder=tiny_lipsim)
+        codes = new.quantize(previous=g)
+        fresh = QuantizedCodes.from_store(new.store)
+        _same_codes(codes, fresh)
+        steps.append((change, codes.reused, len(g.quantized), len(codes)))
+        ids, vecs = new.all_vectors()
+        q = vecs[4]
+        got = certified_quantized_search(codes, new.vectors, q, 3, 1.0, slack=slack_for(1e-6, codes.max_norm),
+                                         max_norm=codes.max_norm)
+        pos, radius, _ = certify_topk_bruteforce(q, vecs, 3, 1.0, slack=slack_for(1e-6, codes.max_norm))
+        assert got.exhaustive and got.ids.tolist() == ids[pos].tolist()
+        np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
+        g.close()
+        g = new
+    g.close()
+    assert [step[1:] for step in steps] == [
+        (60, 60, 66), (66, 66, 69),  # appended segments: every old row kept, only the new ones coded
+        (60, 69, 78),  # the two segments merged with 9 new rows: the base's 60 kept
+        (0, 78, 77), (0, 77, 77)], steps  # a tombstone, then a new base: coded again
+
+
+def test_copied_codes_are_refused_when_the_store_does_not_list_those_rows_first(tmp_path):
+    from index.store import VectorStore
+
+    x = clustered_unit_vectors(50, 8, 3, seed=4)
+    old = QuantizedCodes.from_vectors(np.arange(50), x)
+    store = VectorStore.from_vectors(np.arange(50)[::-1].copy(), x[::-1].copy(), "Flat", use_gpu=False)
+    codes = QuantizedCodes.from_store(store, reuse=old, keep=50)  # same rows, other order: coded again
+    assert codes.reused == 0
+    _same_codes(codes, QuantizedCodes.from_store(store))
+    same = VectorStore.from_vectors(np.arange(50), x, "Flat", use_gpu=False)
+    assert QuantizedCodes.from_store(same, reuse=old, keep=50).reused == 50

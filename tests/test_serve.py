@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -317,6 +318,29 @@ def test_a_request_holding_the_previous_version_keeps_searching_after_the_reload
         new.search(vectors[:1], 1)
 
 
+def test_a_reload_after_an_appended_segment_codes_only_the_new_rows(tmp_path, sample_folder, tiny_lipsim, monkeypatch):
+    import index.gallery
+    from index.codes import QuantizedCodes
+    from retrieval.serve import GalleryHolder
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)
+    folder = copy_photos(sample_folder, tmp_path / "photos", FIRST)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    holder = GalleryHolder(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False)
+    old = holder.current()
+    old._codes_thread.join(60)
+    copy_photos(sample_folder, folder, LATER)
+    update_index(tmp_path / "index", encoder=tiny_lipsim, options=IngestOptions(workers=1, use_gpu=False))
+    new = holder.current()
+    new._codes_thread.join(60)
+    assert [f["kind"] for f in new.meta["index"]["segments"]] == ["faiss", "rows"]
+    assert new.quantized.reused == len(FIRST) and len(new.quantized) == len(FIRST) + len(LATER)
+    fresh = QuantizedCodes.from_store(new.store)
+    for name in ("ids", "codes", "scale", "resid"):
+        np.testing.assert_array_equal(getattr(new.quantized, name), getattr(fresh, name))
+    holder.close()
+
+
 def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificate(served, tiny_lipsim, monkeypatch):
     import index.gallery
 
@@ -334,7 +358,8 @@ def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificat
             state = request(server.port, "GET", "/stats")[1]["serving"]["codes"]
         assert status == 200, body
         answers[codes] = body
-        assert state == ({"state": "ready", "vectors": len(g), "bytes": g.quantized.nbytes} if codes else {"state": "off"})
+        assert state == ({"state": "ready", "vectors": len(g), "bytes": g.quantized.nbytes, "reused": 0} if codes
+                         else {"state": "off"})
     assert answers[True]["method"] == "quantized" and answers[False]["method"] == "exhaustive"
     assert answers[True]["exhaustive"] and answers[True]["hits"] == answers[False]["hits"]
     assert answers[True]["set_radius"] == pytest.approx(answers[False]["set_radius"], rel=1e-9)
