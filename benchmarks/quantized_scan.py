@@ -16,7 +16,9 @@ answers only certified queries runs it: no exact scan in between to evict caches
 runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream): the
 codes of the grown store (base block + segment block) built in full, and from the older codes with only the
 segment's rows coded (`QuantizedCodes.from_store(..., reuse=, keep=)`, what `Gallery.quantize(previous=)` does);
-both must be identical. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
+both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
+64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its rows), timed like a query —
+no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
 """
 from __future__ import annotations
 
@@ -92,9 +94,40 @@ def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
             alone.append(1000 * (time.perf_counter() - t))
         row[name]["codes_alone"] = {"p50_ms": float(np.median(alone)), "p95_ms": float(np.percentile(alone, 95))}
     row["reload"] = _reload(rows, codes, n, seed)
+    row["stream"] = _stream(codes)
     del store, codes, rows, plain, coded
     path.unlink()
     return row
+
+
+def _stream(codes, repeats: int = 40) -> dict:
+    """p50 ms and GB/s of a pass that only reads the codes' bytes (module doc), and the bytes a scan reads."""
+    from numba import njit
+
+    from index.ivf import _executor, _threads
+
+    @njit(nogil=True)
+    def fold(words):  # pragma: no cover (compiled)
+        acc = np.uint64(0)
+        for i in range(len(words)):
+            acc |= words[i]
+        return acc
+
+    flat = codes.codes.reshape(-1)
+    words = flat[:len(flat) // 8 * 8].view(np.uint64)
+    parts = max(1, _threads())
+    cuts = np.linspace(0, len(words), parts + 1).astype(np.int64)
+    chunks = [words[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    fold(chunks[0][:8])
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        list(_executor().map(fold, chunks))
+        times.append(time.perf_counter() - t)
+    p50 = float(np.median(times))
+    scanned = codes.codes.nbytes + codes.scale.nbytes + codes.resid.nbytes  # what `scan_upper` reads
+    return {"p50_ms": 1000 * p50, "gb_per_s": words.nbytes / p50 / 1e9, "threads": parts,
+            "scan_bytes": scanned, "floor_ms": 1000 * scanned / (words.nbytes / p50)}
 
 
 def _reload(rows, codes, n: int, seed: int) -> dict:
@@ -140,6 +173,12 @@ def table(report: dict) -> str:
         x = r["reload"]
         lines.append(f"| {r['n']:,} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | {x['full_s'] / x['reuse_s']:.1f}× | "
                      f"{x['reused']:,} | {x['identical']} |")
+    lines += ["", "The memory floor: a pass that only reads the codes (module doc)\n",
+              "| vectors | read-only pass p50 | GB/s | threads | a scan's bytes | floor for them |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        x = r["stream"]
+        lines.append(f"| {r['n']:,} | {x['p50_ms']:.1f} ms | {x['gb_per_s']:.1f} | {x['threads']} | "
+                     f"{x['scan_bytes'] / 1e6:.0f} MB | {x['floor_ms']:.1f} ms |")
     return "\n".join(lines) + "\n"
 
 

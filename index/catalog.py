@@ -17,7 +17,7 @@ binary column (raw file-name bytes, so non-UTF-8 names round-trip), which SQLite
 index directly. `content_hash` is indexed by its first CONTENT_PREFIX hex characters only
 (`ix_robret_files_content_prefix`, schema 3): a third of the pages of an index on all 64, which a
 checkpoint's commit dirties at random places (docs/benchmarks.md, "Catalog commits as the gallery grows").
-A writer opening an older catalog migrates it in one transaction (`Catalog.migrate`).
+A writer opening an older catalog of its own migrates it in one transaction (`Catalog.migrate`).
 """
 from __future__ import annotations
 
@@ -95,13 +95,21 @@ content_index = Index("ix_robret_files_content_prefix", content_prefix(files_tab
 HEX_CONTENT_INDEX = "ix_robret_files_content_hash"  # schema ≤ 2: the index on all 64 hex characters
 
 
-def with_content(content_hash: str):
+def with_content(content_hash: str, prefix: bool = True):
     """SELECT id, content_hash of the indexed rows whose hash starts as `content_hash` does (the index's
     prefix); the caller keeps those equal in full. Only the prefix is in SQL: with the full equality beside
-    it, SQLite's planner substitutes it into the expression and no longer uses the index."""
+    it, SQLite's planner substitutes it into the expression and no longer uses the index. prefix=False: the
+    full equality, which schema 2's index serves (a reader of a catalog no writer has migrated yet)."""
     t = files_table.c
-    return select(t.id, t.content_hash).where(content_prefix(t.content_hash) == content_hash[:CONTENT_PREFIX],
-                                              t.status == INDEXED)
+    where = (content_prefix(t.content_hash) == content_hash[:CONTENT_PREFIX] if prefix
+             else t.content_hash == content_hash)
+    return select(t.id, t.content_hash).where(where, t.status == INDEXED)
+
+
+def _content_indexes(c: Connection) -> None:
+    """Schema 3's index on content_hash (its prefix) in place of schema 2's (in full), in c's transaction."""
+    c.execute(CreateIndex(content_index, if_not_exists=True))  # (SQLAlchemy's inspector skips expression indexes)
+    c.execute(text(f"DROP INDEX IF EXISTS {HEX_CONTENT_INDEX}"))
 
 # One image file under the root (a tombstone once it disappears): a row of robret_files, whose
 # attributes are the column names (rec.path, rec.content_hash, …).
@@ -213,6 +221,7 @@ class Catalog:
     def __init__(self, url: str, engine: Engine | None = None, read_only: bool = False):
         self.url = url
         self.engine = engine or make_engine(url, read_only=read_only)
+        self.schema_version = SCHEMA_VERSION  # as read by `open` (`ids_with_content` queries by it)
 
     # Opening --------------------------------------------------------------------------------
     @classmethod
@@ -225,7 +234,10 @@ class Catalog:
             raise CatalogError(f"cannot create the catalog at {safe_url(url)}: {exc}") from None
         if cat.meta():
             raise CatalogError(f"a catalog already exists at {safe_url(url)}")
-        cat.set_meta({"schema_version": SCHEMA_VERSION, "created_at": utcnow().isoformat(), **meta})
+        with cat.engine.begin() as c:
+            cat.set_meta({"schema_version": SCHEMA_VERSION, "created_at": utcnow().isoformat(), **meta}, c)
+            _content_indexes(c)  # (create_all adds none to tables an older robret's interrupted creation left)
+        cat.schema_version = SCHEMA_VERSION
         return cat
 
     @classmethod
@@ -239,10 +251,8 @@ class Catalog:
                 raise CatalogError(f"cannot open the catalog at {safe_url(url)}: {exc}") from None
             if not {"robret_meta", "robret_files"} <= tables:
                 raise CatalogError(f"no robret catalog at {safe_url(url)}")
-            cat.check_schema()
+            cat.schema_version = cat.check_schema()
             cat.check_meta()
-            if not read_only:
-                cat.migrate()
         except BaseException:
             cat.close()
             raise
@@ -262,20 +272,25 @@ class Catalog:
         return version
 
     def migrate(self) -> int:
-        """Bring a catalog of an older schema to SCHEMA_VERSION, in one transaction (a crash leaves it as it
-        was): schema ≤ 2 → 3 indexes content_hash by its prefix instead of in full. Writers only (`open`
-        calls it); readers of an older catalog need nothing (`ids_with_content` reads either). The version
-        the catalog had is returned."""
+        """Bring a catalog of an older schema to SCHEMA_VERSION, in one transaction (a crash or a failure leaves
+        it as it was): schema ≤ 2 → 3 indexes content_hash by its prefix instead of in full. Writers call it
+        once the catalog is known to be theirs (`IndexDir.open_catalog`); readers of an older catalog read it
+        as it is (`ids_with_content` queries by its version). The version the catalog had is returned."""
         version = self.check_schema()
         if version < 3:
-            with self.engine.begin() as c:
-                # The version's UPDATE first: Python's sqlite3 opens a transaction before DML only, so DDL run
-                # first would commit on its own, and a failure after it would leave the catalog half-migrated.
-                self.set_meta({"schema_version": SCHEMA_VERSION}, c)
-                c.execute(CreateIndex(content_index, if_not_exists=True))  # (the inspector skips expression indexes)
-                c.execute(text(f"DROP INDEX IF EXISTS {HEX_CONTENT_INDEX}"))
+            try:
+                with self.engine.begin() as c:
+                    # The version's UPDATE first: Python's sqlite3 opens a transaction before DML only, so DDL
+                    # run first would commit on its own, and a later failure would leave it half-migrated.
+                    self.set_meta({"schema_version": SCHEMA_VERSION}, c)
+                    _content_indexes(c)
+            except SQLAlchemyError as exc:
+                raise CatalogError(f"cannot migrate the catalog at {safe_url(self.url)} from schema {version} to "
+                                   f"{SCHEMA_VERSION} (its user must be allowed to create and drop indexes): "
+                                   f"{str(exc).splitlines()[0]}") from None
             log.info("catalog %s: schema %d → %d (content hashes indexed by prefix)", safe_url(self.url), version,
                      SCHEMA_VERSION)
+        self.schema_version = SCHEMA_VERSION
         return version
 
     def check_meta(self) -> dict[str, Any]:
@@ -352,8 +367,11 @@ class Catalog:
 
     def ids_with_content(self, content_hash: str) -> list[int]:
         """Ids of the indexed rows whose content hash (SHA-256 hex of the file's bytes) is `content_hash`."""
+        if not content_hash:
+            return []
         with self.engine.connect() as c:
-            return sorted(int(i) for i, h in c.execute(with_content(content_hash)) if h == content_hash)
+            rows = c.execute(with_content(content_hash, prefix=self.schema_version >= 3))
+            return sorted(int(i) for i, h in rows if h == content_hash)
 
     def records(self, ids: Iterable[int]) -> dict[int, FileRecord]:
         ids = [int(i) for i in ids]

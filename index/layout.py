@@ -66,10 +66,12 @@ def shared_rows(old_live: list[dict], new_live: list[dict], old_count: int) -> i
     common prefix be the leading files equal in both (name, kind, SHA-256, rows, removed), and the suffixes
     the files after it. When no suffix file carries tombstones (`removed` 0, kind ROWS), every row of a
     suffix file is alive and the suffixes' tombstones touch no prefix row, so in both versions the prefix
-    files' alive rows are the same (the same files, the same tombstones among them) and come first in
-    storage order (readers list alive rows block by block: `MappedFlat.ids`, `LayeredIVF.ids`). Their
-    count is old_count − Σ rows of the old suffix. Any tombstone after the prefix, or a base there: 0.
-    Callers still check the ids of those rows (`QuantizedCodes.from_store`'s `reuse`).
+    files' alive rows are the same (the same files, the same tombstones among them). Readers that list alive
+    rows file by file (`MappedFlat.ids`, `LayeredIVF.ids`: the mapped readers on the CPU) list them first, in
+    the same order; their count is old_count − Σ rows of the old suffix. Any tombstone after the prefix, or a
+    base there: 0. A reader that mixes a segment's rows into its lists (the copying IVF reader used with a
+    GPU) lists them otherwise: the caller's check of those rows' ids (`QuantizedCodes.from_store`'s `reuse`)
+    then fails and nothing is copied — soundness rests on that check, never on this count alone.
     """
     keys = ("name", "kind", "sha256", "rows", "removed")
     common = 0
@@ -146,6 +148,8 @@ class IndexDir:
         catalog = Catalog.open(url or self.catalog_url(config), read_only=read_only)
         try:
             self.check_owner(catalog.meta(), config)
+            if not read_only:
+                catalog.migrate()  # an older schema brought up to date (only a catalog found to be this one's)
         except BaseException:
             catalog.close()
             raise

@@ -13,6 +13,8 @@ def test_quantized_scan_quick_report(tmp_path):
         assert r["same_answers"] == 5 and r["flat"]["exhaustive"] == r["codes"]["exhaustive"] == 5
         assert 0 < r["codes"]["p50_ms"] <= r["codes"]["p95_ms"] and r["ratio_p50"] > 0
         assert 10 <= r["codes_listed_median"] < row["n"]
+    stream = row["stream"]
+    assert stream["gb_per_s"] > 0 and stream["floor_ms"] > 0 and stream["scan_bytes"] == 50_000 * (129 + 8)
     reload = row["reload"]
     assert reload["identical"] and reload["reused"] == 50_000 and reload["reuse_s"] > 0 and reload["full_s"] > 0
     assert json.loads((tmp_path / "qs.json").read_text())["rows"][0]["n"] == 50_000

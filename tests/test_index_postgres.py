@@ -86,7 +86,7 @@ def _content_plan(catalog, digest: str) -> str:
     planner would rather scan a table of five rows)."""
     from index.catalog import with_content
 
-    stmt = with_content(digest)
+    stmt = with_content(digest, prefix=catalog.schema_version >= 3)  # what `ids_with_content` runs
     with catalog.engine.connect() as c:
         if c.dialect.name == "sqlite":
             sql = stmt.compile(c, compile_kwargs={"literal_binds": True})
@@ -116,15 +116,13 @@ def test_content_hashes_are_found_through_their_prefix_index_and_a_schema_2_cata
         coins = recs["coins.png"]
         assert g.same_content(digest) == twins and g.same_content(coins.content_hash) == [coins.id]
         assert g.same_content(digest[:16] + "0" * 48) == []  # the prefix matches, the hash does not
-        # What schema 2 had: the index on all 64 characters.
-        with g.catalog.engine.begin() as c:
-            c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
-            c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
-            g.catalog.set_meta({"schema_version": 2}, c)
+        _to_schema_2(g.catalog)
     with Gallery.open(index_dir) as g:  # a reader reads it as it is, and changes nothing
-        assert g.same_content(digest) == twins
+        assert g.same_content(digest) == twins and g.same_content(None) == []
         assert g.catalog.meta()["schema_version"] == 2
         assert _content_indexes(g.catalog) == {"ix_robret_files_content_hash"}
+        if g.catalog.engine.dialect.name == "postgresql":  # (SQLite's planner prefers the status index here)
+            assert "ix_robret_files_content_hash" in _content_plan(g.catalog, digest)  # schema 2's index serves it
     (folder / "camera.png").unlink()
     assert update_index(index_dir, encoder=tiny_lipsim, options=OPTS).removed == 1  # the writer migrates
     with Gallery.open(index_dir) as g:
@@ -143,10 +141,7 @@ def test_a_failed_migration_leaves_the_catalog_as_it_was(tmp_path, sample_folder
     index_dir = tmp_path / "index"
     build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
     with Gallery.open(index_dir) as g:
-        with g.catalog.engine.begin() as c:
-            c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
-            c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
-            g.catalog.set_meta({"schema_version": 2}, c)
+        _to_schema_2(g.catalog)
     # The last step fails (after the version's update and the new index): the transaction must undo both.
     with monkeypatch.context() as m, pytest.raises(Exception, match="(?i)syntax"):
         m.setattr(catalog_mod, "HEX_CONTENT_INDEX", "ix_robret_files_content_hash CASCADE RESTRICT (")
@@ -159,6 +154,60 @@ def test_a_failed_migration_leaves_the_catalog_as_it_was(tmp_path, sample_folder
         assert g.catalog.meta()["schema_version"] == 3
         assert _content_indexes(g.catalog) == {"ix_robret_files_content_prefix"}
     assert verify_index(index_dir).ok
+
+
+def _to_schema_2(catalog) -> None:
+    """What schema 2 had: the index on all 64 characters of content_hash, and its version."""
+    with catalog.engine.begin() as c:
+        c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
+        c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
+        catalog.set_meta({"schema_version": 2}, c)
+
+
+def test_a_writer_refused_another_index_s_catalog_leaves_it_unmigrated(tmp_path, sample_folder, tiny_lipsim,
+                                                                       new_catalog):
+    import json
+
+    from index.catalog import Catalog
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("moon", "coins"))
+    url_a = new_catalog()
+    build_index(folder, tmp_path / "a", "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=url_a, options=OPTS)
+    build_index(folder, tmp_path / "b", "lipsim:cpu-tiny", encoder=tiny_lipsim, db_url=new_catalog(), options=OPTS)
+    cat = Catalog.open(url_a)
+    _to_schema_2(cat)
+    cat.close()
+    config = tmp_path / "b" / "robret-index.json"  # b's configuration names a's catalog (a user's mistake)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "catalog": json.loads(
+        (tmp_path / "a" / "robret-index.json").read_text())["catalog"]}))
+    with pytest.raises(CatalogError, match="belongs to another index"):
+        update_index(tmp_path / "b", encoder=tiny_lipsim, options=OPTS)
+    cat = Catalog.open(url_a, read_only=True)
+    try:  # a's catalog is a's to migrate, under a's lock
+        assert cat.meta()["schema_version"] == 2 and _content_indexes(cat) == {"ix_robret_files_content_hash"}
+    finally:
+        cat.close()
+    update_index(tmp_path / "a", encoder=tiny_lipsim, options=OPTS)
+    assert verify_index(tmp_path / "a").ok
+
+
+def test_a_catalog_created_over_an_older_robret_s_tables_gets_the_prefix_index(tmp_path, new_catalog):
+    from index.catalog import SCHEMA_VERSION, Catalog, make_engine, metadata
+
+    url = new_catalog()
+    engine = make_engine(url)  # an older robret's creation, interrupted after its tables, before its metadata
+    metadata.create_all(engine)
+    with engine.begin() as c:
+        c.exec_driver_sql("DROP INDEX ix_robret_files_content_prefix")
+        c.exec_driver_sql("CREATE INDEX ix_robret_files_content_hash ON robret_files (content_hash)")
+    engine.dispose()
+    cat = Catalog.create(url, {"root": "/x", "encoder": {"spec": "s", "name": "n", "dim": 3},
+                               "index": {"version": 0, "rows": 0, "dim": 3, "factory": "Flat", "sha256": None}})
+    try:
+        assert cat.meta()["schema_version"] == SCHEMA_VERSION
+        assert _content_indexes(cat) == {"ix_robret_files_content_prefix"}
+    finally:
+        cat.close()
 
 
 def test_postgres_password_is_never_written_and_comes_from_the_environment(tmp_path, sample_folder,
