@@ -15,7 +15,7 @@ median of the per-query ratios, and the codes path again back to back over the s
 answers only certified queries runs it: no exact scan in between to evict caches). Then a reload as `robret serve`
 runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream): the
 codes of the grown store (base block + segment block) built in full, and from the older codes with only the
-segment's rows coded (`QuantizedCodes.from_store(..., reuse=, keep=)`, what `Gallery.quantize(previous=)` does);
+segment's rows coded, three times each in alternating order (medians) (`QuantizedCodes.from_store(..., reuse=, keep=)`, what `Gallery.quantize(previous=)` does);
 both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
 64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its rows), timed like a query —
 no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
@@ -139,14 +139,19 @@ def _reload(rows, codes, n: int, seed: int) -> dict:
     grown = MappedFlat(DIM)
     grown.add(np.arange(n), rows, stored=True)
     grown.add(np.arange(n, n + SEGMENT_ROWS), added, stored=True)
-    t = time.perf_counter()
-    full = QuantizedCodes.from_store(grown)
-    full_s = time.perf_counter() - t
-    t = time.perf_counter()
-    kept = QuantizedCodes.from_store(grown, reuse=codes, keep=n)
-    kept_s = time.perf_counter() - t
+    times = {"full": [], "reuse": []}
+    built = {}
+    for order in (("full", "reuse"), ("reuse", "full"), ("full", "reuse")):  # medians of 3, each first once
+        for kind in order:
+            t = time.perf_counter()
+            got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, keep=n)
+            times[kind].append(time.perf_counter() - t)
+            built.setdefault(kind, got)
+            del got
+    full, kept = built["full"], built["reuse"]
+    full_s, kept_s = float(np.median(times["full"])), float(np.median(times["reuse"]))
     same = all(np.array_equal(getattr(full, k), getattr(kept, k)) for k in ("ids", "codes", "scale", "resid"))
-    return {"rows_added": SEGMENT_ROWS, "full_s": full_s, "reuse_s": kept_s, "reused": kept.reused,
+    return {"rows_added": SEGMENT_ROWS, "full_s": full_s, "reuse_s": kept_s, "reused": kept.reused, "times_s": times,
             "identical": bool(same and kept.max_norm >= full.max_norm)}
 
 
