@@ -144,7 +144,7 @@ def _reload(rows, codes, n: int, seed: int) -> dict:
     for order in (("full", "reuse"), ("reuse", "full"), ("full", "reuse")):  # medians of 3, each first once
         for kind in order:
             t = time.perf_counter()
-            got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, keep=n)
+            got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, old_rows=n, new_rows=n)
             times[kind].append(time.perf_counter() - t)
             built.setdefault(kind, got)
             del got

@@ -46,9 +46,9 @@ bound's real looseness.
 
 Built from a store's live vectors (`from_store`, CHUNK_ROWS at a time), held in memory (D + 16 bytes a
 vector: 145 MB at 1M), and valid for the store it was built from; a `Gallery` keeps the version it
-opened, so codes built from its store stay valid for it. A newer version that only appended rows takes
-the older version's codes of the rows it kept (`from_store`'s `reuse`; which rows: `index.layout.shared_rows`)
-and codes only its new rows.
+opened, so codes built from its store stay valid for it. A newer version takes the older version's codes of
+the rows both hold in the files they share (`from_store`'s `reuse`; why those rows are the same:
+`index.layout.common_files`) and codes only the others.
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ class QuantizedCodes:
         self.resid_max = float(self.resid.max()) if len(self.resid) else 0.0
         self.scale_max = float(self.scale.max()) if len(self.scale) else 0.0
         self.reused = 0  # leading rows copied from an older version's codes (`from_store`'s reuse)
+        self.leading: list[int] | None = None  # alive rows before each file of the live set coded (`Gallery.quantize`)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -98,15 +99,17 @@ class QuantizedCodes:
 
     @classmethod
     def from_store(cls, store, chunk: int | None = None, stop=None, reuse: "QuantizedCodes | None" = None,
-                   keep: int = 0) -> "QuantizedCodes | None":
+                   old_rows: int = 0, new_rows: int = 0) -> "QuantizedCodes | None":
         """Codes of every live vector of `store` (its `ids()` and `reconstruct`), `chunk` rows at a time;
         None when `stop` (a threading.Event) is set between chunks.
 
-        reuse, keep: the codes of an older version of the gallery and how many of its leading rows the store
-        holds unchanged (`index.layout.shared_rows`). When the store's first `keep` ids are those rows' ids,
-        their codes are copied, not recomputed (`reused` counts them), and only the rest is read and coded.
-        A code depends on its vector's bytes alone, so the copies are what coding those rows again gives;
-        M becomes max(the older codes' M, the new rows' bound): the older M bounds every row it coded."""
+        reuse, old_rows, new_rows: the codes of an older version of the gallery, how many of their leading rows
+        and how many of the store's leading rows lie in the files both versions share (`Gallery.quantize`,
+        `index.layout.common_files`). When the store's first new_rows ids are the older codes' first old_rows
+        ids, in the same order, some removed, their codes are copied, not recomputed (`reused` counts them),
+        and only the other rows are read and coded. A code depends on its vector's bytes alone, and those rows'
+        vectors are the same (common_files' claim), so the copies are what coding them again gives. M becomes
+        max(the older codes' M, the new rows' bound): the older M bounds every row it coded."""
         from .ivf import norm_bound
         from .store import CHUNK_ROWS
 
@@ -116,11 +119,11 @@ class QuantizedCodes:
         scale = np.empty(len(ids), np.float32)
         resid = np.empty(len(ids), np.float32)
         top, start = 0.0, 0
-        keep = min(int(keep), len(ids))
-        if (reuse is not None and keep > 0 and keep <= len(reuse) and reuse.dim == store.dim
-                and np.array_equal(ids[:keep], reuse.ids[:keep])):
-            codes[:keep], scale[:keep], resid[:keep] = reuse.codes[:keep], reuse.scale[:keep], reuse.resid[:keep]
-            top, start = reuse.max_norm, keep
+        pick = _kept_rows(reuse, ids, old_rows, new_rows) if reuse is not None and reuse.dim == store.dim else None
+        if pick is not None:
+            start = int(new_rows)
+            codes[:start], scale[:start], resid[:start] = reuse.codes[pick], reuse.scale[pick], reuse.resid[pick]
+            top = reuse.max_norm
         for at in range(start, len(ids), chunk):
             if stop is not None and stop.is_set():
                 return None
@@ -157,6 +160,19 @@ class QuantizedCodes:
         d = self.dim
         underflow = QMAX * (3 * d + 4) * max(1.0, self.scale_max) * max(1.0, nu) * 2.0 ** -126
         return (float32_dot_error(d + 2, m + 2 * self.resid_max, nu) + 2 * (d + 1) * 2.0 ** -53 * nu * m + underflow)
+
+
+def _kept_rows(old: QuantizedCodes, ids: np.ndarray, old_rows: int, new_rows: int):
+    """Rows of `old` whose codes the first new_rows of `ids` take (a slice or an index array), or None: they
+    must be old's first old_rows ids in the same order with some removed."""
+    old_rows, new_rows = int(old_rows), int(new_rows)
+    if not 0 < new_rows <= old_rows <= len(old) or new_rows > len(ids):
+        return None
+    head, old_head = ids[:new_rows], old.ids[:old_rows]
+    if new_rows == old_rows:
+        return slice(0, new_rows) if np.array_equal(head, old_head) else None
+    keep = np.flatnonzero(np.isin(old_head, head))
+    return keep if len(keep) == new_rows and np.array_equal(old_head[keep], head) else None
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from .errors import StoreError
 from .remote import is_remote
 from .codes import QuantizedCodes
 from .ivf import CertifiedIVF
-from .layout import IndexDir, live_files, shared_rows
+from .layout import IndexDir, common_files, file_starts, live_files
 from .segments import load_live_store
 from .mapped import MappedFlat
 from .store import VectorStore
@@ -182,15 +182,19 @@ class Gallery:
         building costs about as much as 30–40 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
 
         previous: the gallery of an older version of this index directory, which this one replaces (a server's
-        reload). The rows its codes cover and this version holds unchanged are copied (`index.layout.shared_rows`:
-        a version that only appended segments keeps all of them) and only the new ones are coded.
+        reload). The codes of the rows both versions hold in the files they share are copied from its codes
+        (`index.layout.common_files`: after a checkpoint that appended a segment, every older row still alive)
+        and only the others are coded.
         """
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
         reuse = None
-        if previous is not None and previous.quantized is not None and previous.index_dir == self.index_dir:
-            old = previous.quantized
-            reuse = (old, shared_rows(live_files(previous.meta["index"]), live_files(self.meta["index"]), len(old)))
+        old = previous.quantized if previous is not None and previous.index_dir == self.index_dir else None
+        if old is not None and old.leading is not None:
+            common = common_files(live_files(previous.meta["index"]), self._live)
+            new_rows = self._alive_before(file_starts(self._live)[common]) if common else None
+            if new_rows is not None and common < len(old.leading):
+                reuse = (old, old.leading[common], new_rows)
         if not background:
             return self._quantize_now(reuse)
         with self._codes_state:
@@ -203,15 +207,30 @@ class Gallery:
         return self._codes
 
     def _quantize_now(self, reuse: tuple | None) -> QuantizedCodes | None:
-        """`quantize`'s build, in this thread; reuse: (older codes, rows of them to keep) or None."""
-        old, keep = reuse or (None, 0)
+        """`quantize`'s build, in this thread; reuse: (older codes, their rows and this store's rows in the files
+        both share) or None."""
+        old, old_rows, new_rows = reuse or (None, 0, 0)
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
-                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old, keep=keep)
+                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old, old_rows=old_rows,
+                                                  new_rows=new_rows)
+                if built is not None:  # what a newer version's codes copy from these (`quantize(previous=…)`)
+                    leading = [self._alive_before(at) for at in file_starts(self._live)]
+                    built.leading = None if None in leading else leading
                 with self._codes_state:  # (a close meanwhile set the stop flag: keep nothing)
                     if built is not None and not self._codes_stop.is_set():
                         self._codes = built
         return self._codes
+
+    @property
+    def _live(self) -> list[dict]:
+        return live_files(self.meta["index"])
+
+    def _alive_before(self, rows: int) -> int | None:
+        """Alive rows among the store's first `rows` stored rows, which its `ids()` lists first; None for a
+        store that lists them otherwise (the copying IVF reader mixes segments into its lists)."""
+        alive_before = getattr(self.store, "alive_before", None)
+        return None if alive_before is None else alive_before(rows)
 
     @property
     def max_norm(self) -> float:

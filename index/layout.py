@@ -58,30 +58,38 @@ def live_files(index_meta: dict) -> list[dict]:
 
 
 
-def shared_rows(old_live: list[dict], new_live: list[dict], old_count: int) -> int:
-    """How many leading live rows an older version's reader holds unchanged in a newer version: rows the
-    newer reader's store lists first, in the same order, with the same bytes (0 when none can be shown).
+def common_files(old_live: list[dict], new_live: list[dict]) -> int:
+    """How many leading files two versions' live sets share: equal name, kind, SHA-256, rows and removed.
 
-    old_live, new_live: the two versions' `live_files`; old_count: the older store's live rows. Let the
-    common prefix be the leading files equal in both (name, kind, SHA-256, rows, removed), and the suffixes
-    the files after it. When no suffix file carries tombstones (`removed` 0, kind ROWS), every row of a
-    suffix file is alive and the suffixes' tombstones touch no prefix row, so in both versions the prefix
-    files' alive rows are the same (the same files, the same tombstones among them). Readers that list alive
-    rows file by file (`MappedFlat.ids`, `LayeredIVF.ids`: the mapped readers on the CPU) list them first, in
-    the same order; their count is old_count − Σ rows of the old suffix. Any tombstone after the prefix, or a
-    base there: 0. A reader that mixes a segment's rows into its lists (the copying IVF reader used with a
-    GPU) lists them otherwise: the caller's check of those rows' ids (`QuantizedCodes.from_store`'s `reuse`)
-    then fails and nothing is copied — soundness rests on that check, never on this count alone.
+    What copying an older version's int8 codes rests on (`index.gallery.Gallery.quantize(previous=…)`). Shared
+    files are the same bytes (each is checked against its SHA-256 when opened), hence the same rows at the same
+    places — the first `file_starts(live)[c]` stored rows of either store — and the same tombstones among them.
+    Files after them only remove (a tombstone kills every earlier row stored under its id: `MappedFlat.remove`,
+    `LayeredIVF.remove`) or add rows after them. Claim: an id alive among the shared rows in both versions is
+    alive there at the same row, so its vector is the same. Proof: let X be alive at row r in the older version
+    and at row r' in the newer, both shared rows. A later file's tombstone for X would kill both rows in that
+    version, so neither version has one; the alive X rows among the shared rows are then those the shared files
+    alone leave alive, the same set in both, and a live set holds an id once: r = r'. ∎
+    Readers that list alive rows file by file (`MappedFlat.ids`, `LayeredIVF.ids`) list the shared ones first,
+    in row order; `alive_before` counts them. The copy itself is still checked: the newer store's first ids must
+    be those of the older codes in the same order, some removed (`QuantizedCodes.from_store`'s `reuse`).
     """
     keys = ("name", "kind", "sha256", "rows", "removed")
     common = 0
     while (common < min(len(old_live), len(new_live))
            and all(old_live[common].get(k) == new_live[common].get(k) for k in keys)):
         common += 1
-    suffix = old_live[common:] + new_live[common:]
-    if common == 0 or any(f.get("kind") != ROWS or int(f.get("removed") or 0) for f in suffix):
-        return 0
-    return max(0, int(old_count) - sum(int(f["rows"]) for f in old_live[common:]))
+    return common
+
+
+def file_starts(live: list[dict]) -> list[int]:
+    """Stored rows before each file of a live set and after the last: [0, r₀, r₀ + r₁, …] (`rows` is what a base
+    holds or a segment adds; readers store each file's rows after the previous file's)."""
+    starts = [0]
+    for f in live:
+        starts.append(starts[-1] + int(f["rows"]))
+    return starts
+
 
 class IndexDir:
     """Paths inside one index directory."""

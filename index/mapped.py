@@ -139,6 +139,10 @@ class MappedFlat:
         """All alive ids, int64, in storage order (the copying store's order)."""
         return self._ids[self._alive]
 
+    def alive_before(self, rows: int) -> int:
+        """How many of the first `rows` stored rows are alive: the first that many of `ids()`."""
+        return int(np.count_nonzero(self._alive[:max(0, int(rows))]))
+
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors (n, dim) float32 for `ids` (a copy); StoreError if an id is absent."""
         ids = _as_ids(ids)

@@ -202,6 +202,14 @@ class LayeredIVF:
         ids = self.base.ids()
         return np.concatenate([ids[~np.isin(ids, self._dead)], self.rows.ids()])
 
+    def alive_before(self, rows: int) -> int | None:
+        """How many of the first `rows` stored rows (the base's, then the segments') are alive: the first that
+        many of `ids()`; None inside the base, whose alive rows are listed in list order, not row order."""
+        base = self.base.ntotal
+        if rows < base:
+            return None if rows > 0 else 0
+        return base - len(self._dead) + self.rows.alive_before(rows - base)
+
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors (n, dim) float32 for `ids`; StoreError if an id is not live."""
         ids = _as_ids(ids)

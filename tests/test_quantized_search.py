@@ -370,21 +370,39 @@ def _live(*files):
             for i, (kind, rows, removed) in enumerate(files)]
 
 
-def test_shared_rows_keeps_the_common_files_only_when_no_tombstone_follows_them():
-    from index.layout import BASE, ROWS, shared_rows
+def test_common_files_and_where_each_file_s_rows_start():
+    from index.layout import BASE, ROWS, common_files, file_starts
 
     base = (BASE, 100, 0)
     old = _live(base, (ROWS, 10, 0), (ROWS, 5, 0))
-    assert shared_rows(old, _live(base, (ROWS, 10, 0), (ROWS, 5, 0), (ROWS, 7, 0)), 115) == 115  # appended
-    assert shared_rows(old, _live(base, (ROWS, 22, 0)), 115) == 100  # the two segments merged with new rows
-    assert shared_rows(old, _live(base, (ROWS, 10, 0), (ROWS, 9, 2)), 115) == 0  # tombstones after the prefix
-    assert shared_rows(old, _live((BASE, 122, 0)), 115) == 0  # compacted: a new base
-    assert shared_rows(old, old, 115) == 115
-    assert shared_rows([], _live(base), 0) == 0
-    # Tombstones inside the common prefix act alike in both versions: its alive rows are kept.
-    old = _live(base, (ROWS, 10, 3), (ROWS, 5, 0))
-    assert shared_rows(old, _live(base, (ROWS, 10, 3), (ROWS, 12, 0)), 107) == 102
-    assert shared_rows(_live(base, (ROWS, 4, 1)), _live(base, (ROWS, 9, 1)), 103) == 0  # old suffix had tombstones
+    assert common_files(old, _live(base, (ROWS, 10, 0), (ROWS, 5, 0), (ROWS, 7, 0))) == 3  # appended
+    assert common_files(old, _live(base, (ROWS, 22, 0))) == 1  # the two segments merged with new rows
+    assert common_files(old, _live(base, (ROWS, 10, 0), (ROWS, 9, 2))) == 2
+    assert common_files(old, _live((BASE, 122, 0))) == 0  # compacted: a new base
+    assert common_files(old, old) == 3 and common_files([], _live(base)) == 0
+    assert file_starts(old) == [0, 100, 110, 115] and file_starts([]) == [0]
+
+
+def test_alive_before_counts_the_leading_alive_rows_that_ids_lists_first(tmp_path):
+    from index.mapped import MappedFlat
+    from index.mapped_ivf import LayeredIVF
+    from index.store import VectorStore
+
+    x = clustered_unit_vectors(60, 8, 3, seed=5)
+    mapped = MappedFlat(8)
+    mapped.add(np.arange(40), x[:40], stored=True)
+    mapped.remove([3, 7])
+    mapped.add(np.arange(40, 60), x[40:], stored=True)
+    mapped.remove([45, 10])
+    layered = LayeredIVF(VectorStore.from_vectors(np.arange(40), x[:40], "IVF4,Flat", use_gpu=False))
+    layered.remove([3, 7])
+    layered.add(np.arange(40, 60), x[40:], stored=True)
+    layered.remove([45, 10])
+    for store in (mapped, layered):
+        ids = store.ids()
+        assert store.alive_before(40) == 37 and set(ids[:37].tolist()) == set(range(40)) - {3, 7, 10}
+        assert store.alive_before(60) == len(ids) == 56 and store.alive_before(0) == 0
+    assert mapped.alive_before(20) == 17 and layered.alive_before(20) is None  # inside the base: list order
 
 
 def _add_images(folder, start, count, seed):
@@ -437,17 +455,30 @@ def test_a_newer_version_copies_the_codes_of_the_rows_it_kept_and_codes_only_the
     assert [step[1:] for step in steps] == [
         (60, 60, 66), (66, 66, 69),  # appended segments: every old row kept, only the new ones coded
         (60, 69, 78),  # the two segments merged with 9 new rows: the base's 60 kept
-        (0, 78, 77), (0, 77, 77)], steps  # a tombstone, then a new base: coded again
+        (77, 78, 77),  # a tombstone: every other row kept
+        (0, 77, 77)], steps  # a new base: coded again
 
 
 def test_copied_codes_are_refused_when_the_store_does_not_list_those_rows_first(tmp_path):
     from index.store import VectorStore
 
-    x = clustered_unit_vectors(50, 8, 3, seed=4)
-    old = QuantizedCodes.from_vectors(np.arange(50), x)
+    x0 = clustered_unit_vectors(50, 8, 3, seed=4)
+    same = VectorStore.from_vectors(np.arange(50), x0, "Flat", use_gpu=False)
+    x = same.reconstruct(np.arange(50))  # (the vectors as the store keeps them)
+    old = QuantizedCodes.from_store(same)
     store = VectorStore.from_vectors(np.arange(50)[::-1].copy(), x[::-1].copy(), "Flat", use_gpu=False)
-    codes = QuantizedCodes.from_store(store, reuse=old, keep=50)  # same rows, other order: coded again
+    codes = QuantizedCodes.from_store(store, reuse=old, old_rows=50, new_rows=50)  # other order: coded again
     assert codes.reused == 0
     _same_codes(codes, QuantizedCodes.from_store(store))
-    same = VectorStore.from_vectors(np.arange(50), x, "Flat", use_gpu=False)
-    assert QuantizedCodes.from_store(same, reuse=old, keep=50).reused == 50
+    assert QuantizedCodes.from_store(same, reuse=old, old_rows=50, new_rows=50).reused == 50
+    fewer = VectorStore.from_vectors(np.arange(50), x0, "Flat", use_gpu=False)
+    fewer.remove([4, 9])  # (the same stored vectors, in the same order)
+    codes = QuantizedCodes.from_store(fewer, reuse=old, old_rows=50, new_rows=48)  # two removed: the rest copied
+    assert codes.reused == 48
+    _same_codes(codes, QuantizedCodes.from_store(fewer))
+    swapped = np.delete(np.arange(50), [4, 9])
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert QuantizedCodes.from_store(VectorStore.from_vectors(swapped, x[swapped], "Flat", use_gpu=False),
+                                     reuse=old, old_rows=50, new_rows=48).reused == 0  # not in the same order
+    for old_rows, new_rows in ((50, 51), (10, 48), (0, 0)):  # more rows than the older codes list, or none
+        assert QuantizedCodes.from_store(fewer, reuse=old, old_rows=old_rows, new_rows=new_rows).reused == 0
