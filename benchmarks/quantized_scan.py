@@ -13,7 +13,8 @@ the certificate) and with them; both answers must agree (top-10 ids and radii to
 is checked to be the exhaustive one. Reported: the codes' build time and memory, p50/p95 of each path, the
 median of the per-query ratios, and the codes path again back to back over the same queries (as a server that
 answers only certified queries runs it: no exact scan in between to evict caches). Then a reload as `robret serve`
-runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream): the
+runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream), either
+all new or with CHANGED_ROWS of them re-adding older ids (their older rows tombstoned, as for changed files): the
 codes of the grown store (base block + segment block) built in full, and from the older codes with only the
 segment's rows coded, three times each in alternating order (medians) (`QuantizedCodes.from_store(..., reuse=, keep=)`, what `Gallery.quantize(previous=)` does);
 both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
@@ -36,6 +37,7 @@ from benchmarks.index_speed import _machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SEGMENT_ROWS = 16_000  # the appended segment of the reload measurement (a checkpoint's batch)
+CHANGED_ROWS = 1_000  # of its rows, changed older rows (tombstone + the id re-added), in the "change" case
 
 
 def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
@@ -131,28 +133,39 @@ def _stream(codes, repeats: int = 40) -> dict:
 
 
 def _reload(rows, codes, n: int, seed: int) -> dict:
-    """Codes of the store grown by one segment: built in full vs from `codes` (module doc)."""
+    """Codes of the store grown by one segment: built in full vs from `codes` (module doc); two segments: new
+    rows only ("append"), and new rows plus CHANGED_ROWS of the older rows changed (a tombstone and the id
+    re-added with another vector, as a changed file is: "change")."""
     from index.codes import QuantizedCodes
     from index.mapped import MappedFlat
 
-    added = clustered_unit_vectors(SEGMENT_ROWS, DIM, max(8, n // CLUSTER_SIZE), seed, stream=11)
-    grown = MappedFlat(DIM)
-    grown.add(np.arange(n), rows, stored=True)
-    grown.add(np.arange(n, n + SEGMENT_ROWS), added, stored=True)
-    times = {"full": [], "reuse": []}
-    built = {}
-    for order in (("full", "reuse"), ("reuse", "full"), ("full", "reuse")):  # medians of 3, each first once
-        for kind in order:
-            t = time.perf_counter()
-            got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, old_rows=n, new_rows=n)
-            times[kind].append(time.perf_counter() - t)
-            built.setdefault(kind, got)
-            del got
-    full, kept = built["full"], built["reuse"]
-    full_s, kept_s = float(np.median(times["full"])), float(np.median(times["reuse"]))
-    same = all(np.array_equal(getattr(full, k), getattr(kept, k)) for k in ("ids", "codes", "scale", "resid"))
-    return {"rows_added": SEGMENT_ROWS, "full_s": full_s, "reuse_s": kept_s, "reused": kept.reused, "times_s": times,
-            "identical": bool(same and kept.max_norm >= full.max_norm)}
+    out = {}
+    rng = np.random.default_rng(seed)
+    for case in ("append", "change"):
+        changed = np.sort(rng.choice(n, CHANGED_ROWS, replace=False)) if case == "change" else np.zeros(0, np.int64)
+        added = clustered_unit_vectors(SEGMENT_ROWS, DIM, max(8, n // CLUSTER_SIZE), seed, stream=11)
+        grown = MappedFlat(DIM)
+        grown.add(np.arange(n), rows, stored=True)
+        grown.remove(changed)
+        grown.add(np.concatenate([changed, np.arange(n, n + SEGMENT_ROWS - len(changed))]), added, stored=True)
+        kept_rows = n - len(changed)
+        times = {"full": [], "reuse": []}
+        built = {}
+        for order in (("full", "reuse"), ("reuse", "full"), ("full", "reuse")):  # medians of 3, each first once
+            for kind in order:
+                t = time.perf_counter()
+                got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, old_rows=n,
+                                                new_rows=kept_rows)
+                times[kind].append(time.perf_counter() - t)
+                built.setdefault(kind, got)
+                del got
+        full, kept = built.pop("full"), built.pop("reuse")
+        same = all(np.array_equal(getattr(full, k), getattr(kept, k)) for k in ("ids", "codes", "scale", "resid"))
+        out[case] = {"rows_added": SEGMENT_ROWS, "rows_changed": len(changed), "full_s": float(np.median(times["full"])),
+                     "reuse_s": float(np.median(times["reuse"])), "reused": kept.reused, "times_s": times,
+                     "identical": bool(same and kept.max_norm >= full.max_norm)}
+        del full, kept, grown
+    return out
 
 
 def table(report: dict) -> str:
@@ -171,13 +184,15 @@ def table(report: dict) -> str:
                          f"{x['codes_alone']['p50_ms']:.1f} / {x['codes_alone']['p95_ms']:.1f} | "
                          f"{x['flat']['exhaustive']}, {x['codes']['exhaustive']} of {q} | {x['same_answers']} of {q} | "
                          f"{x['codes_listed_median']:.0f} | {r['codes_build_s']:.2f} s, {r['codes_mb']:.0f} |")
-    lines += ["", f"A reload after a checkpoint appended {SEGMENT_ROWS:,} vectors: the grown store's codes\n",
-              "| vectors before | coded in full | older codes kept, segment coded | ratio | rows kept | identical |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", f"A reload after a checkpoint's segment of {SEGMENT_ROWS:,} vectors: the grown store's codes "
+              "(medians of 3)\n",
+              "| vectors before | segment | coded in full | older codes copied, the rest coded | ratio | rows copied | "
+              "identical |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        x = r["reload"]
-        lines.append(f"| {r['n']:,} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | {x['full_s'] / x['reuse_s']:.1f}× | "
-                     f"{x['reused']:,} | {x['identical']} |")
+        for case, x in r["reload"].items():
+            what = "new rows" if case == "append" else f"{x['rows_changed']:,} older rows changed, the rest new"
+            lines.append(f"| {r['n']:,} | {what} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | "
+                         f"{x['full_s'] / x['reuse_s']:.1f}× | {x['reused']:,} | {x['identical']} |")
     lines += ["", "The memory floor: a pass that only reads the codes (module doc)\n",
               "| vectors | read-only pass p50 | GB/s | threads | a scan's bytes | floor for them |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:

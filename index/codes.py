@@ -171,8 +171,10 @@ def _kept_rows(old: QuantizedCodes, ids: np.ndarray, old_rows: int, new_rows: in
     head, old_head = ids[:new_rows], old.ids[:old_rows]
     if new_rows == old_rows:
         return slice(0, new_rows) if np.array_equal(head, old_head) else None
-    keep = np.flatnonzero(np.isin(old_head, head))
-    return keep if len(keep) == new_rows and np.array_equal(old_head[keep], head) else None
+    from ._codes_kernel import subsequence
+
+    keep = np.empty(new_rows, np.int64)  # (one pass; np.isin sorts: seconds at 10M)
+    return keep if subsequence(old_head, head, keep) == new_rows else None
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
