@@ -76,7 +76,7 @@ def common_files(old_live: list[dict], new_live: list[dict]) -> int:
     """
     keys = ("name", "kind", "sha256", "rows", "removed")
     common = 0
-    while (common < min(len(old_live), len(new_live))
+    while (common < min(len(old_live), len(new_live)) and old_live[common].get("sha256")  # (none recorded: unknown)
            and all(old_live[common].get(k) == new_live[common].get(k) for k in keys)):
         common += 1
     return common

@@ -381,6 +381,8 @@ def test_common_files_and_where_each_file_s_rows_start():
     assert common_files(old, _live((BASE, 122, 0))) == 0  # compacted: a new base
     assert common_files(old, old) == 3 and common_files([], _live(base)) == 0
     assert file_starts(old) == [0, 100, 110, 115] and file_starts([]) == [0]
+    unknown = [dict(f, sha256=None) for f in old]  # a file without a recorded SHA-256 is never taken as shared
+    assert common_files(unknown, unknown) == 0
 
 
 def test_alive_before_counts_the_leading_alive_rows_that_ids_lists_first(tmp_path):
