@@ -85,10 +85,14 @@ class Gallery:
     def close(self, keep_vectors: bool = False) -> None:
         """Close the catalog and let go of a mapped store (its files are unmapped once nothing else holds
         them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
-        until this object is dropped (a server's requests still holding it while a newer version opens)."""
+        until this object is dropped (a server's requests still holding it while a newer version opens), and
+        a background build of its codes running, which the newer version's build waits for and copies from
+        (`quantize(previous=…)`)."""
         self.catalog.close()
+        if keep_vectors:
+            return
         self._codes_stop.set()  # a background build of codes ends at its next chunk and keeps nothing
-        if isinstance(self.store, _Closed) or keep_vectors:
+        if isinstance(self.store, _Closed):
             return
         if self.store.read_only:  # mapped (MappedFlat, or IVF lists)
             # certified IVF views of mapped lists hold the FAISS index (CertifiedIVF.from_faiss), so a
@@ -184,34 +188,29 @@ class Gallery:
         previous: the gallery of an older version of this index directory, which this one replaces (a server's
         reload). The codes of the rows both versions hold in the files they share are copied from its codes
         (`index.layout.common_files`: after a checkpoint that appended a segment, every older row still alive)
-        and only the others are coded.
+        and only the others are coded. If its own build is still running, this build waits for it first: a
+        server whose writer commits faster than a full build runs chains its builds instead of restarting one.
         """
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
-        reuse = None
-        old = previous.quantized if previous is not None and previous.index_dir == self.index_dir else None
-        if old is not None and old.leading is not None:
-            common = common_files(live_files(previous.meta["index"]), self._live)
-            new_rows = self._alive_before(file_starts(self._live)[common]) if common else None
-            if new_rows is not None and common < len(old.leading):
-                reuse = (old, old.leading[common], new_rows)
+        if previous is not None and previous.index_dir != self.index_dir:
+            previous = None
         if not background:
-            return self._quantize_now(reuse)
+            return self._quantize_now(previous)
         with self._codes_state:
             if self._codes_thread is None and not self._codes_stop.is_set():
-                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), reuse),
+                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous),
                                                       name="robret-codes", daemon=True)
                 self._codes_thread._robret_stop = self._codes_stop
                 _BUILDERS.add(self._codes_thread)
                 self._codes_thread.start()
         return self._codes
 
-    def _quantize_now(self, reuse: tuple | None) -> QuantizedCodes | None:
-        """`quantize`'s build, in this thread; reuse: (older codes, their rows and this store's rows in the files
-        both share) or None."""
-        old, old_rows, new_rows = reuse or (None, 0, 0)
+    def _quantize_now(self, previous: "Gallery | None") -> QuantizedCodes | None:
+        """`quantize`'s build, in this thread (copying from `previous`'s codes where it can)."""
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
+                old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)
                 built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old, old_rows=old_rows,
                                                   new_rows=new_rows)
                 if built is not None:  # what a newer version's codes copy from these (`quantize(previous=…)`)
@@ -221,6 +220,23 @@ class Gallery:
                     if built is not None and not self._codes_stop.is_set():
                         self._codes = built
         return self._codes
+
+    def _reuse(self, previous: "Gallery | None") -> tuple | None:
+        """(previous's codes, their rows and this store's rows in the files both share) or None; waits for
+        previous's background build when one runs."""
+        if previous is None:
+            return None
+        thread = previous._codes_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()  # (stopped at its next chunk by previous.close() or at exit)
+        old = previous.quantized
+        if old is None or old.leading is None:
+            return None
+        common = common_files(live_files(previous.meta["index"]), self._live)
+        new_rows = self._alive_before(file_starts(self._live)[common]) if common else None
+        if new_rows is None or common >= len(old.leading):
+            return None
+        return old, old.leading[common], new_rows
 
     @property
     def _live(self) -> list[dict]:
@@ -343,12 +359,12 @@ class Gallery:
                 f"encoder={self.encoder_spec!r}, version={self.version})")
 
 
-def _build_codes(ref, reuse) -> None:
+def _build_codes(ref, previous) -> None:
     gallery = ref()
     if gallery is None:
         return
     try:
-        gallery._quantize_now(reuse)
+        gallery._quantize_now(previous)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
 
@@ -360,10 +376,12 @@ _BUILDERS: weakref.WeakSet = weakref.WeakSet()
 def _stop_builders() -> None:
     """At exit, stop background builds of codes at their next chunk and wait for them (at most one chunk),
     so that no thread reads a mapping while the interpreter tears it down."""
-    for thread in list(_BUILDERS):
+    threads = list(_BUILDERS)
+    for thread in threads:  # every flag first: a build waiting for an older one's (`_reuse`) ends with it
         gallery_stop = getattr(thread, "_robret_stop", None)
         if gallery_stop is not None:
             gallery_stop.set()
+    for thread in threads:
         thread.join(timeout=5)
 
 

@@ -341,6 +341,41 @@ def test_a_reload_after_an_appended_segment_codes_only_the_new_rows(tmp_path, sa
     holder.close()
 
 
+def test_a_reload_during_the_older_version_s_build_waits_for_it_and_copies_its_codes(tmp_path, sample_folder,
+                                                                                      tiny_lipsim, monkeypatch):
+    # A writer that commits faster than a full build: the older build is not abandoned at the reload (before, it
+    # was stopped, and under steady commits no version ever finished its codes); the newer one copies from it.
+    import threading
+
+    import index.codes
+    import index.gallery
+    from retrieval.serve import GalleryHolder
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)
+    release = threading.Event()
+    real = index.codes.quantize
+
+    def held(vectors):  # every coding waits until the test lets it go
+        release.wait(30)
+        return real(vectors)
+
+    monkeypatch.setattr(index.codes, "quantize", held)
+    folder = copy_photos(sample_folder, tmp_path / "photos", FIRST)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    holder = GalleryHolder(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False)
+    old = holder.current()
+    assert old.quantizing
+    copy_photos(sample_folder, folder, LATER)
+    update_index(tmp_path / "index", encoder=tiny_lipsim, options=IngestOptions(workers=1, use_gpu=False))
+    new = holder.current()  # the reload, while the older build still waits
+    assert new is not old and old.quantizing and new.quantizing
+    release.set()
+    new._codes_thread.join(60)
+    assert old.quantized is not None and len(old.quantized) == len(FIRST)
+    assert new.quantized.reused == len(FIRST) and len(new.quantized) == len(FIRST) + len(LATER)
+    holder.close()
+
+
 def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificate(served, tiny_lipsim, monkeypatch):
     import index.gallery
 
