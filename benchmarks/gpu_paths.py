@@ -11,10 +11,25 @@
 3. Its certificates attacked: every sample photo, edited (JPEG 60, 10% darker), attacked with
    `retrieval.attacks.attack_query` — untargeted PGD ℓ2 at 0.95 × the top-5 set radius and targeted (the 2nd
    answer brought first) at 0.95 × the top-1 radius — with the query embedded on CUDA, then on the CPU, against
-   the CUDA-built gallery. No certificate may be violated.
+   the CUDA-built gallery, opened as `robret query` opens it (its FAISS index on the GPU when FAISS sees one).
+   No certificate may be violated.
 4. Throughput: images/s of lipsim:demo at batch 256, CUDA and CPU (inference mode, after a warm-up).
-5. FAISS on the GPU when `faiss.get_num_gpus() > 0`: a flat index's top-10 on the GPU against the CPU's.
-Exit status 1 on a violated certificate or a stored vector farther from e(x) than the recorded float error.
+5. FAISS on the GPU (`--sections faiss`; needs a FAISS built with GPU support), per gallery size, on the
+   clustered unit vectors of benchmarks/certified_search.py:
+   - the arithmetic check `index.store.gpu_arithmetic_ratio` of the GPU copy, and `on_gpu`;
+   - the premise of every certificate over an exact list (retrieval/search.py): for each query, the GPU's
+     exact top-m (m = max(2k, k + 64)) against float64 scores of the *whole* gallery (torch, float64, on
+     the GPU): the largest |GPU score − exact| over the listed items in units of `float32_dot_error`, and the
+     largest  exact score of an unlisted item − (lowest exact score listed + 2·float32_dot_error), which must
+     be ≤ 0;
+   - certified top-10 (`search_embedding`) one query at a time on the GPU store and on the CPU's mapped
+     store: p50/p95 latency, whether the top-10 ids are the same, and the largest relative gap between radii
+     (the lists' last items may differ where float32 scores tie: both certificates are sound);
+   - 1,000 queries' top-10 in one call, GPU and CPU; a top-3000 search (beyond FAISS's GPU limit of 2048:
+     it must fall back to the CPU, and the raw GPU index's own error is recorded);
+   - at the smallest size, an IVF gallery: the GPU's nprobe search against the CPU's (same ids).
+Exit status 1 on a violated certificate, a stored vector farther from e(x) than the recorded float error,
+or a broken premise.
 """
 from __future__ import annotations
 
@@ -102,7 +117,8 @@ def run(work: Path, steps: int, device: str = "cuda", photos_limit: int | None =
 
     attacks = []
     for device, enc in (("cuda", gpu), ("cpu", cpu)):
-        with Gallery.open(work / "index", encoder=enc, use_gpu=False) as g:
+        with Gallery.open(work / "index", encoder=enc) as g:  # FAISS on the GPU when it sees one (section 5)
+            report.setdefault("attack_gallery_faiss_on_gpu", bool(getattr(g.store, "on_gpu", False)))
             for f in files:
                 image = _edited(f)
                 q = query_image(image)
@@ -136,22 +152,112 @@ def run(work: Path, steps: int, device: str = "cuda", photos_limit: int | None =
         speed[device] = reps * len(batch) / (time.perf_counter() - t)
     report["images_per_s"] = speed
 
+    return report
+
+
+def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
+    """Section 5 (module doc)."""
     import faiss
 
-    report["faiss_gpus"] = faiss.get_num_gpus()
-    if faiss.get_num_gpus() > 0:
-        from index.store import VectorStore
+    from benchmarks._gallery import StoreGallery
+    from benchmarks.certified_search import CLUSTER_SIZE, DIM, FLOAT_ERROR, clustered_unit_vectors, gallery_chunks
+    from encoder.certify import float32_dot_error
+    from index.mapped import MappedFlat
+    from index.store import GPU_MAX_K, VectorStore, gpu_arithmetic_ratio
+    from retrieval.search import default_candidates, search_embedding
 
-        rng = np.random.default_rng(0)
-        v = rng.standard_normal((200_000, 129)).astype(np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        on_gpu = VectorStore.from_vectors(np.arange(len(v)), v, "Flat", use_gpu=True)
-        on_cpu = VectorStore.from_vectors(np.arange(len(v)), v, "Flat", use_gpu=False)
-        qs = v[:50] + 0.01 * rng.standard_normal((50, 129)).astype(np.float32)
-        a, b = on_gpu.search(qs, 10), on_cpu.search(qs, 10)
-        report["faiss_gpu"] = {"on_gpu": on_gpu.on_gpu, "same_ids": int((a[1] == b[1]).all(axis=1).sum()),
-                               "max_score_diff": float(np.abs(a[0] - b[0]).max())}
-    return report
+    out = {"faiss": faiss.__version__, "gpus": faiss.get_num_gpus(), "sizes": []}
+    cuda = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    m = default_candidates(k)
+    for n in sizes:
+        row: dict = {"n": n}
+        t = time.perf_counter()
+        v = np.empty((n, DIM), np.float32)
+        for ids, chunk in gallery_chunks(n, DIM)():
+            v[ids[0]:ids[-1] + 1] = chunk
+        row["generate_s"] = time.perf_counter() - t
+        ids = np.arange(n, dtype=np.int64)
+        gpu = VectorStore.from_vectors(ids, v, "Flat", use_gpu=True)
+        cpu = MappedFlat(DIM)
+        cpu.add(ids, v, stored=True)
+        t = time.perf_counter()
+        row["on_gpu"] = gpu.on_gpu
+        row["to_gpu_s"] = time.perf_counter() - t
+        if gpu._gpu_index is not None:
+            row["arithmetic_ratio"] = gpu_arithmetic_ratio(gpu._gpu_index, gpu)
+        qs = clustered_unit_vectors(queries, DIM, max(8, n // CLUSTER_SIZE), 0, stream=7)
+
+        # the premise, against float64 scores of the whole gallery
+        all64 = torch.from_numpy(v).to(cuda, torch.float64)
+        q64 = torch.from_numpy(qs).to(cuda, torch.float64)
+        s_gpu, i_gpu = gpu.search(qs, m, exact=True)
+        err, slack_left = 0.0, -np.inf
+        for r in range(queries):
+            exact = (all64 @ q64[r]).cpu().numpy()
+            gamma = float32_dot_error(DIM, 1.0 + 1e-6, float(np.linalg.norm(qs[r])))
+            listed = i_gpu[r][i_gpu[r] >= 0]
+            err = max(err, float(np.max(np.abs(s_gpu[r][:len(listed)] - exact[listed]))) / gamma)
+            outside = np.ones(n, bool)
+            outside[listed] = False
+            slack_left = max(slack_left, float(exact[outside].max() - (exact[listed].min() + 2 * gamma)))
+        del all64, q64
+        row["premise"] = {"listed": m, "max_error_over_bound": err, "max_unlisted_excess": slack_left,
+                          "holds": bool(slack_left <= 0 and err <= 1)}
+
+        # certified top-k, one query at a time
+        sg = StoreGallery(gpu, None, 1.0 + 1e-6, FLOAT_ERROR)
+        sc = StoreGallery(cpu, None, 1.0 + 1e-6, FLOAT_ERROR)
+        search_embedding(sg, qs[0], k), search_embedding(sc, qs[0], k)  # warm
+        times, same, gap = {"gpu": [], "cpu": []}, 0, 0.0
+        for q in qs:
+            found = {}
+            for name, g in (("gpu", sg), ("cpu", sc)):
+                t = time.perf_counter()
+                found[name] = search_embedding(g, q, k)
+                times[name].append(1000 * (time.perf_counter() - t))
+            a, b = found["gpu"], found["cpu"]
+            same += [h.id for h in a.hits] == [h.id for h in b.hits]
+            ra, rb = np.array([h.radius for h in a.hits]), np.array([h.radius for h in b.hits])
+            gap = max(gap, float(np.max(np.abs(ra - rb) / np.maximum(rb, 1e-12))))
+        row["certified_top10"] = {name: {"p50_ms": float(np.median(x)), "p95_ms": float(np.percentile(x, 95))}
+                                  for name, x in times.items()}
+        # radii differ slightly when the two lists differ in their last item (ties in float32): both sound
+        row["certified_top10"].update(same_ids=same, max_relative_radius_gap=gap)
+        row["certified_top10"]["queries"] = queries
+
+        batch = clustered_unit_vectors(1000, DIM, max(8, n // CLUSTER_SIZE), 0, stream=8)
+        for name, store in (("gpu", gpu), ("cpu", cpu)):
+            store.search(batch[:10], k)
+            t = time.perf_counter()
+            res = store.search(batch, k)
+            row[f"batch1000_{name}_s"] = time.perf_counter() - t
+            row[f"batch1000_{name}_ids"] = res[1]
+        row["batch1000_same_ids"] = int((row.pop("batch1000_gpu_ids") == row.pop("batch1000_cpu_ids")).all(axis=1).sum())
+
+        deep = GPU_MAX_K + 952
+        try:
+            gpu._gpu_index.search(qs[:1], deep) if gpu._gpu_index is not None else None
+            row["raw_gpu_k3000"] = "ok"
+        except Exception as exc:  # FAISS's own limit on the GPU
+            row["raw_gpu_k3000"] = str(exc).strip().splitlines()[-1][:200]
+        a, b = gpu.search(qs[:2], deep, exact=True), cpu.search(qs[:2], deep, exact=True)
+        row["store_k3000_max_score_diff"] = float(np.abs(a[0] - b[0]).max())  # (ids may swap where scores tie)
+
+        if n == min(sizes):
+            nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
+            t = time.perf_counter()
+            ivf_gpu = VectorStore.from_vectors(ids, v, f"IVF{nlist},Flat", use_gpu=True)
+            row["ivf_train_s"] = time.perf_counter() - t
+            ivf_cpu = VectorStore(ivf_gpu.index, ivf_gpu.factory, ivf_gpu.params, use_gpu=False)
+            a, b = ivf_gpu.search(batch, k), ivf_cpu.search(batch, k)
+            row["ivf"] = {"factory": ivf_gpu.factory, "nprobe": ivf_gpu.params["nprobe"], "on_gpu": ivf_gpu.on_gpu,
+                          "same_ids": int((a[1] == b[1]).all(axis=1).sum()), "queries": len(batch),
+                          "max_score_diff": float(np.abs(a[0] - b[0]).max())}
+            del ivf_gpu, ivf_cpu
+        del gpu, cpu, v
+        out["sizes"].append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def main(argv=None) -> int:
@@ -159,18 +265,30 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=50, help="PGD steps per attack (default 50)")
     ap.add_argument("--photos", type=int, default=None, help="only the first N sample photos (default: all)")
     ap.add_argument("--device", default="cuda", help="the device checked (default cuda; cpu: a dry run of this script)")
+    ap.add_argument("--sections", default="encoder,faiss",
+                    help="comma-separated: encoder (1-4), faiss (5) (default both)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000],
+                    help="gallery sizes of the FAISS section (default 1000000 10000000)")
+    ap.add_argument("--queries", type=int, default=200, help="queries per size in the FAISS section (default 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu-paths"))
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_paths: no CUDA device visible; nothing to check", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="robret-gpu-") as tmp:
-        report = run(Path(tmp), args.steps, args.device, args.photos)
+    report: dict = {}
+    if "encoder" in sections:
+        with tempfile.TemporaryDirectory(prefix="robret-gpu-") as tmp:
+            report = run(Path(tmp), args.steps, args.device, args.photos)
+    if "faiss" in sections:
+        report["faiss_gpu"] = faiss_checks(args.sizes, args.queries)
     out = Path(args.out).with_suffix(".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
-    return 1 if report["attacks"]["violated"] or report["stored_beyond_recorded"] else 0
+    failed = report.get("attacks", {}).get("violated") or report.get("stored_beyond_recorded")
+    failed = failed or any(not r["premise"]["holds"] for r in report.get("faiss_gpu", {}).get("sizes", []))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ Files: `write(path)` goes through encoder.io.atomic_write (temporary file, fsync
 fsync of the directory), so a reader sees the old file or the new one, never a torn one; it returns
 the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
-`use_gpu=False`. On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact
+`use_gpu=False`, k > GPU_MAX_K (FAISS's GPU selection limit), or the copy fails its arithmetic check
+(`gpu_arithmetic_ratio`: certificates bound what an exact search left out by the float32 error of its
+scores, so a GPU that scores in reduced precision, TF32 say, is not used). On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact
 HNSW search, over the graph's flat storage) is one pass of FAISS's inner-product kernel over the stored
 rows per query, then `top_rows` (`VectorStore._flat_scan`).
 Readers (`Gallery.open` on the CPU) do not load a Flat gallery into this class: index/mapped.py maps its
@@ -255,6 +257,39 @@ def check_queries(queries, dim: int, k) -> tuple[np.ndarray, int]:
     return q, k
 
 
+GPU_MAX_K = 2048  # FAISS's GPU k-selection handles k ≤ 2048 (GPU_MAX_SELECTION_K); a larger k searches on the CPU
+
+
+def gpu_arithmetic_ratio(index: faiss.Index, store: "VectorStore", probes: int = 32, k: int = 8) -> float:
+    """How far `index` (a GPU copy of `store`) scores from the exact inner product, in units of the bound
+    certificates assume: max over probe queries q and returned items e of
+
+        |s(q, e) − ⟨q, e⟩| / float32_dot_error(D, ‖e‖, ‖q‖)      (⟨q, e⟩ in float64 from the stored vectors).
+
+    An exact search that lists m items lets a certificate bound every unlisted item's exact score by the m-th
+    listed one's plus 2·float32_dot_error (`retrieval.search`): true of any float32 summation order, false of
+    a GPU computing in TF32 (10-bit mantissa) or another reduced precision. A ratio ≤ 1 on the probes does
+    not prove the bound for every score; a ratio > 1 disproves it, and then the GPU is not used. The probes
+    are `probes` stored vectors spread over the index, each plus a small deterministic perturbation
+    (so the query is not an exact copy), renormalised."""
+    from encoder.certify import float32_dot_error  # (no torch: encoder.certify imports numpy only)
+
+    ids = store.ids()
+    pick = ids[np.linspace(0, len(ids) - 1, min(probes, len(ids))).astype(np.int64)]
+    q = store.reconstruct(pick).astype(np.float64)
+    q += 0.01 * np.cos(np.arange(q.size, dtype=np.float64)).reshape(q.shape)
+    q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+    scores, found = index.search(q, min(k, len(ids)))
+    worst = 0.0
+    for row, (s, f) in enumerate(zip(scores, found)):
+        keep = f >= 0
+        e = store.reconstruct(f[keep]).astype(np.float64)
+        exact = e @ q[row].astype(np.float64)
+        bound = [float32_dot_error(store.dim, float(np.linalg.norm(v)), float(np.linalg.norm(q[row]))) for v in e]
+        worst = max([worst, *(np.abs(s[keep] - exact) / np.asarray(bound))])
+    return float(worst)
+
+
 class VectorStore:
     """A FAISS index of unit vectors under stable 64-bit ids (see module doc for the types)."""
 
@@ -484,7 +519,7 @@ class VectorStore:
             id_map = faiss.vector_to_array(self.index.id_map)
             ids = np.where(rows >= 0, id_map[np.maximum(rows, 0)], -1)
             return scores, ids
-        index = self._search_index()
+        index = self._search_index(k)
         if self.kind == "flat" and index is self.index and len(q) < FLAT_SCAN_MAX_QUERIES:
             return self._flat_scan(q, k, faiss.downcast_index(self.index.index))
         return index.search(q, k)
@@ -496,17 +531,25 @@ class VectorStore:
         scores, ids, _ = scan_top(q, k, self.dim, [(rows.get_xb(), n)], faiss.rev_swig_ptr(self.index.id_map.data(), n))
         return scores, ids
 
-    def _search_index(self) -> faiss.Index:
-        if not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or faiss.get_num_gpus() == 0:
+    def _search_index(self, k: int = 1) -> faiss.Index:
+        if (not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or k > GPU_MAX_K
+                or faiss.get_num_gpus() == 0):
             return self.index
         if self._gpu_index is None:
             try:
                 self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
-                self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+                gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
+                ratio = gpu_arithmetic_ratio(gpu, self) if self.ntotal else 0.0
             except Exception as exc:  # GPU build without this index type, out of memory, …
                 log.warning("searching on the CPU: could not move the index to the GPU (%s)", exc)
                 self._gpu_failed = True
                 return self.index
+            if not ratio <= 1.0:
+                log.warning("searching on the CPU: the GPU's inner products are off by %.3g× the float32 error "
+                            "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
+                self._gpu_failed = True
+                return self.index
+            self._gpu_index = gpu
         return self._gpu_index
 
     @property
