@@ -1,4 +1,5 @@
-"""One query against a flat gallery: FAISS's own search (default threads; one thread) vs the store's scan.
+"""One query against a flat gallery: FAISS's own search (default threads; one thread) vs the store's scan (its
+rows split over the cores, as shipped; and on the calling thread alone, as before that split).
 
 `VectorStore.search` on a flat index answers fewer than FLAT_SCAN_MAX_QUERIES queries itself
 (`VectorStore._flat_scan`): FAISS's inner-product kernel over the stored rows on the calling thread,
@@ -44,6 +45,18 @@ def _faiss_one_thread(store, q, m):
         faiss.omp_set_num_threads(threads)
 
 
+def _store_one_thread(store, q, m):
+    """The store's scan on the calling thread alone (as it was before the scan split its rows over threads)."""
+    import index.ivf as ivf
+
+    threads = ivf._threads
+    ivf._threads = lambda: 1
+    try:
+        return store.search(q, m)
+    finally:
+        ivf._threads = threads
+
+
 def measure(n: int, queries: int, m: int, seed: int = 0) -> dict:
     from encoder.certify import float32_dot_error
     from index.store import VectorStore
@@ -52,35 +65,38 @@ def measure(n: int, queries: int, m: int, seed: int = 0) -> dict:
     store = VectorStore.from_vectors(np.arange(n, dtype=np.int64), _unit(rng, n, DIM), "Flat", use_gpu=False)
     q = _unit(rng, queries, DIM)
     runs = (("faiss", store.index.search), ("faiss-1-thread", lambda x, k: _faiss_one_thread(store, x, k)),
-            ("store", store.search))
+            ("store", store.search), ("store-1-thread", lambda x, k: _store_one_thread(store, x, k)))
     times: dict[str, list[float]] = {name: [] for name, _ in runs}
-    agree, worst = 0, 0.0
+    agree, worst, split_same = 0, 0.0, 0
     for i in range(queries):
         got = {}
-        for name, fn in runs[i % 3:] + runs[:i % 3]:  # the order rotates query by query
+        for name, fn in runs[i % len(runs):] + runs[:i % len(runs)]:  # the order rotates query by query
             t = time.perf_counter()
             got[name] = fn(q[i:i + 1], m)
             times[name].append(time.perf_counter() - t)
         (fs, fi), (bs, bi) = got["faiss"], got["store"]
+        split_same += bool(np.array_equal(got["store-1-thread"][1], bi) and np.array_equal(got["store-1-thread"][0], bs))
         worst = max(worst, float(np.abs(fs - bs).max()))
         # same ids except where the m-th score ties
         agree += bool(set(fi[0][fs[0] > fs[0, -1]]) <= set(bi[0]))
     store.index.reset()
     out = {"n": n, "dim": DIM, "m": m, "queries": queries, **{name: _pct(t) for name, t in times.items()},
-           "same_ids": agree, "max_score_difference": worst, "float32_error_bound": 2 * float32_dot_error(DIM)}
-    for name in ("faiss", "faiss-1-thread"):
+           "same_ids": agree, "split_same_answer": split_same, "max_score_difference": worst, "float32_error_bound": 2 * float32_dot_error(DIM)}
+    for name in ("faiss", "faiss-1-thread", "store-1-thread"):
         out[f"{name}/store"] = float(np.median([a / b for a, b in zip(times[name], times["store"])]))
     return out
 
 
 def table(report: dict) -> str:
     lines = [f"| vectors (D = {DIM}, top-{report['m']}) | FAISS search p50 / p95 | FAISS, 1 thread | "
-             "store scan | FAISS / store | FAISS 1 thread / store | same ids | max |Δscore| (bound) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "store scan | store scan, 1 thread | FAISS / store | FAISS 1 thread / store | store 1 thread / store | "
+             "same ids | max |Δscore| (bound) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    names = ("faiss", "faiss-1-thread", "store", "store-1-thread")
     for r in report["sizes"]:
-        cells = [f"{r[name]['p50_ms']:.1f} / {r[name]['p95_ms']:.1f} ms" for name in ("faiss", "faiss-1-thread", "store")]
+        cells = [f"{r[name]['p50_ms']:.1f} / {r[name]['p95_ms']:.1f} ms" for name in names]
         lines.append(f"| {r['n']:,} | " + " | ".join(cells) + f" | {r['faiss/store']:.2f}× | "
-                     f"{r['faiss-1-thread/store']:.2f}× | {r['same_ids']}/{r['queries']} | "
+                     f"{r['faiss-1-thread/store']:.2f}× | {r['store-1-thread/store']:.2f}× | {r['same_ids']}/{r['queries']} | "
                      f"{r['max_score_difference']:.1e} ({r['float32_error_bound']:.1e}) |")
     return ("\n".join(lines) + "\n\nOne query at a time; ratios are medians of per-query ratios. "
             f"Machine: {report['machine']}.\n")

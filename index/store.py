@@ -20,9 +20,10 @@ the file's SHA-256.
 Searches run on the GPU when FAISS sees one (a search-only copy, rebuilt after changes), unless
 `use_gpu=False`, k > GPU_MAX_K (FAISS's GPU selection limit), or the copy fails its arithmetic check
 (`gpu_arithmetic_ratio`: certificates bound what an exact search left out by the float32 error of its
-scores, so a GPU that scores in reduced precision, TF32 say, is not used). On the CPU a flat search of fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact
-HNSW search, over the graph's flat storage) is one pass of FAISS's inner-product kernel over the stored
-rows per query, then `top_rows` (`VectorStore._flat_scan`).
+scores, so a GPU that scores in reduced precision, TF32 say, is not used). On the CPU a flat search of
+fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact HNSW search, over the graph's flat storage) is one
+pass of FAISS's inner-product kernel over the stored rows per query, split over the cores above
+2·SPLIT_MIN rows, then `top_rows` (`scan_top`, `VectorStore._flat_scan`).
 Readers (`Gallery.open` on the CPU) do not load a Flat gallery into this class: index/mapped.py maps its
 files; an IVF base is read with its lists mapped (`read(mapped=True)`, read-only), any segments after it
 layered on it (index/mapped_ivf.py).
@@ -34,6 +35,7 @@ import math
 import mmap
 import os
 import re
+import threading
 from pathlib import Path
 
 import faiss
@@ -214,8 +216,10 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     blocks: [(float* to n_b rows of dim floats, n_b)], numbered back to back (row r of block b is row
     start_b + r); row_ids: the id of every row; dead: rows never taken (a mapped store's tombstones).
     For each query, scores = X·q over every block in place (no copy), computed by FAISS's own SIMD kernel
-    (`fvec_inner_products_ny`, the inner product its flat search uses), −∞ on dead rows (below every
-    finite score, so never taken while live rows remain), then the exact selection `top_rows`. Why not
+    (`fvec_inner_products_ny`, the inner product its flat search uses; above 2·SPLIT_MIN rows in one stretch
+    of rows per core, each on a thread of `index.ivf`'s pool, which also takes each 64-row block's maximum),
+    −∞ on dead rows (below every finite score, so never taken while live rows remain), then the exact
+    selection `top_rows`. Why not
     `index.search`: for fewer than FLAT_SCAN_MAX_QUERIES queries FAISS runs one query inside an OpenMP
     region over all cores, which on 2 cores takes ≈ 2× as long as on one (docs/benchmarks.md, "One query
     against a flat gallery"), and its thread count is process-wide, so it cannot be lowered for one call
@@ -233,17 +237,73 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     if take <= 0:
         return out_scores, out_ids, out_rows
     scores = np.empty(n, np.float32)
+    pieces = _scan_pieces(blocks, dim, n)
     for i in range(len(q)):
         query = np.ascontiguousarray(q[i])
-        start = 0
-        for rows, count in blocks:
-            if count:
-                faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[start:]), faiss.swig_ptr(query), rows, dim, count)
-            start += count
-        scores[dead] = -np.inf
-        top = top_rows(scores, take)
+        maxima = _scan_scores(pieces, query, dim, scores)
+        if len(dead):
+            scores[dead] = -np.inf
+            for b in np.unique(dead // SCAN_BLOCK):
+                maxima[b] = scores[b * SCAN_BLOCK:(b + 1) * SCAN_BLOCK].max()
+        top = top_rows(scores, take, block=SCAN_BLOCK, maxima=maxima)
         out_scores[i, :take], out_ids[i, :take], out_rows[i] = scores[top], row_ids[top], top
     return out_scores, out_ids, out_rows
+
+
+SCAN_BLOCK = 64  # rows per block maximum a scan part computes for `top_rows`
+
+
+def _scan_pieces(blocks, dim: int, n: int) -> list[list[tuple[int, object, int]]]:
+    """The rows of `blocks` cut into one stretch per scanning thread (at multiples of SCAN_BLOCK, about equal
+    row counts; a single stretch below 2·SPLIT_MIN rows or on one core): per stretch, its pieces
+    (first row, float* to the piece's rows, row count), each inside one block."""
+    from .ivf import SPLIT_MIN, _threads
+
+    parts = max(1, min(_threads(), n // SPLIT_MIN, n // SCAN_BLOCK))
+    cuts = np.linspace(0, n // SCAN_BLOCK, parts + 1).astype(np.int64) * SCAN_BLOCK  # distinct: parts ≤ n // 64
+    cuts[-1] = n
+    starts, views, begin = [], [], 0
+    for rows, count in blocks:
+        starts.append(begin)
+        views.append(faiss.rev_swig_ptr(rows, count * dim) if count and parts > 1 else rows)
+        begin += count
+    stretches = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        pieces = []
+        for start, view, (rows, count) in zip(starts, views, blocks):
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                ptr = rows if parts == 1 else faiss.swig_ptr(view[(a - start) * dim:(b - start) * dim])
+                pieces.append((int(a), ptr, int(b - a)))
+        stretches.append((int(lo), int(hi), pieces))
+    return stretches
+
+
+def _scan_scores(stretches, query: np.ndarray, dim: int, scores: np.ndarray) -> np.ndarray:
+    """scores[r] = FAISS's float32 inner product of row r and `query` (each row's own, whatever stretch it is
+    in), the stretches on threads of their own (FAISS releases the GIL); returns the maximum of each SCAN_BLOCK
+    consecutive scores (the last block may be shorter), computed by the same threads."""
+    n = len(scores)
+    maxima = np.empty(-(-n // SCAN_BLOCK), np.float32)
+
+    def run(stretch):
+        lo, hi, pieces = stretch
+        for first, ptr, count in pieces:
+            faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[first:]), faiss.swig_ptr(query), ptr, dim, count)
+        full = (hi - lo) // SCAN_BLOCK
+        b = lo // SCAN_BLOCK
+        maxima[b:b + full] = scores[lo:lo + full * SCAN_BLOCK].reshape(full, SCAN_BLOCK).max(axis=1)
+        if (hi - lo) % SCAN_BLOCK:
+            maxima[b + full] = scores[lo + full * SCAN_BLOCK:hi].max()
+
+    if len(stretches) == 1 or threading.current_thread().name.startswith("robret-ivf"):
+        for stretch in stretches:  # (one stretch; or already on a pool thread, which must not wait on the pool)
+            run(stretch)
+    else:
+        from .ivf import _executor
+
+        list(_executor().map(run, stretches))
+    return maxima
 
 
 def check_queries(queries, dim: int, k) -> tuple[np.ndarray, int]:

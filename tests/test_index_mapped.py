@@ -433,3 +433,56 @@ q = np.ones((1, meta["dim"]), np.float32) / np.sqrt(meta["dim"])
 store.reconstruct(store.search(q, 10)[1][0])  # what a certified query does
 print(anon() - before)
 """
+
+
+@pytest.mark.parametrize("cuts", [(0, 20_000), (0, 1, 5_000, 5_001, 20_000), (0, 6_400, 12_801, 20_000)])
+def test_a_scan_split_over_threads_scores_and_selects_as_one_pass(monkeypatch, cuts):
+    # scan_top cuts the rows into one stretch per thread above 2·SPLIT_MIN rows (here lowered, with 4 threads
+    # on any machine), across block boundaries; each score must be bit for bit the single kernel call's, and
+    # the answer the exact selection's, ties and dead rows included.
+    import faiss
+
+    import index.ivf as ivf
+    from index.store import _select, scan_top
+
+    monkeypatch.setattr(ivf, "SPLIT_MIN", 1_000)
+    monkeypatch.setattr(ivf, "_threads", lambda: 4)
+    rng = np.random.default_rng(len(cuts))
+    n, d = cuts[-1], 9
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x[6_390:6_420] = x[6_389]  # ties across a stretch boundary
+    q = rng.standard_normal((3, d)).astype(np.float32)
+    q[2] = x[6_389]
+    blocks = [(faiss.swig_ptr(x[a:b]), b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+    ids = np.arange(n, dtype=np.int64) * 5 + 1
+    dead = np.unique(np.concatenate([rng.integers(0, n, 40), [6_389, 6_400, n - 1]]))
+    scores, found, rows = scan_top(q, 90, d, blocks, ids, dead)
+    for j in range(3):
+        one = np.empty(n, np.float32)
+        faiss.fvec_inner_products_ny(faiss.swig_ptr(one), faiss.swig_ptr(q[j]), faiss.swig_ptr(x), d, n)
+        one[dead] = -np.inf
+        top = _select(one, 90)
+        assert np.array_equal(rows[j], top) and np.array_equal(found[j], ids[top])
+        assert np.array_equal(scores[j], one[top])
+
+
+def test_a_split_scan_started_on_a_pool_thread_runs_there_instead_of_waiting_on_the_pool(monkeypatch):
+    # A task of index.ivf's pool that scans (nested use) must not queue stretches behind itself: with one worker
+    # it would wait forever.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    import index.ivf as ivf
+    from index.store import scan_top
+
+    monkeypatch.setattr(ivf, "SPLIT_MIN", 1_000)
+    monkeypatch.setattr(ivf, "_threads", lambda: 4)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robret-ivf")
+    monkeypatch.setattr(ivf, "_EXECUTOR", pool)
+    x = np.random.default_rng(0).standard_normal((9_000, 5)).astype(np.float32)
+    ids = np.arange(9_000, dtype=np.int64)
+    direct = scan_top(x[:2], 30, 5, [(faiss.swig_ptr(x), 9_000)], ids)
+    nested = pool.submit(scan_top, x[:2], 30, 5, [(faiss.swig_ptr(x), 9_000)], ids).result(timeout=30)
+    pool.shutdown()
+    assert all(np.array_equal(a, b) for a, b in zip(direct, nested))
