@@ -217,7 +217,8 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     start_b + r); row_ids: the id of every row; dead: rows never taken (a mapped store's tombstones).
     For each query, scores = X·q over every block in place (no copy), computed by FAISS's own SIMD kernel
     (`fvec_inner_products_ny`, the inner product its flat search uses; above 2·SPLIT_MIN rows in one stretch
-    of rows per core, each on a thread of `index.ivf`'s pool, which also takes each 64-row block's maximum),
+    of rows per core, each on a thread of `index.ivf`'s pool, scores bit for bit those of one pass: see
+    `_scan_pieces`; the threads also take the 64-row block maxima),
     −∞ on dead rows (below every finite score, so never taken while live rows remain), then the exact
     selection `top_rows`. Why not
     `index.search`: for fewer than FLAT_SCAN_MAX_QUERIES queries FAISS runs one query inside an OpenMP
@@ -229,7 +230,9 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     score −FLT_MAX, as from FAISS.
     """
     n = len(row_ids)
-    dead = np.zeros(0, np.int64) if dead is None else dead
+    dead = np.zeros(0, np.int64) if dead is None else np.asarray(dead, np.int64)
+    if len(dead) > 1 and not (dead[1:] > dead[:-1]).all():  # (a mapped store's are sorted already)
+        dead = np.unique(dead)
     take = min(k, n - len(dead))
     out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
     out_ids = np.full((len(q), k), -1, np.int64)
@@ -237,36 +240,46 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     if take <= 0:
         return out_scores, out_ids, out_rows
     scores = np.empty(n, np.float32)
-    pieces = _scan_pieces(blocks, dim, n)
+    stretches = _scan_pieces(blocks, dim, n, dead)
     for i in range(len(q)):
         query = np.ascontiguousarray(q[i])
-        maxima = _scan_scores(pieces, query, dim, scores)
-        if len(dead):
-            scores[dead] = -np.inf
-            for b in np.unique(dead // SCAN_BLOCK):
-                maxima[b] = scores[b * SCAN_BLOCK:(b + 1) * SCAN_BLOCK].max()
+        maxima = _scan_scores(stretches, query, dim, scores)
         top = top_rows(scores, take, block=SCAN_BLOCK, maxima=maxima)
         out_scores[i, :take], out_ids[i, :take], out_rows[i] = scores[top], row_ids[top], top
     return out_scores, out_ids, out_rows
 
 
-SCAN_BLOCK = 64  # rows per block maximum a scan part computes for `top_rows`
+SCAN_BLOCK = 64  # rows per block maximum a scan computes for `top_rows`
 
 
-def _scan_pieces(blocks, dim: int, n: int) -> list[list[tuple[int, object, int]]]:
-    """The rows of `blocks` cut into one stretch per scanning thread (at multiples of SCAN_BLOCK, about equal
-    row counts; a single stretch below 2·SPLIT_MIN rows or on one core): per stretch, its pieces
-    (first row, float* to the piece's rows, row count), each inside one block."""
+def _scan_pieces(blocks, dim: int, n: int, dead: np.ndarray) -> list[tuple[int, int, list, np.ndarray]]:
+    """The rows of `blocks` cut into one stretch per scanning thread (about equal row counts; a single stretch
+    below 2·SPLIT_MIN rows or on one core): per stretch, (first row, end row, its pieces (first row, float* to
+    the piece's rows, row count), each inside one block, and the rows of `dead` (sorted) inside it).
+
+    Cuts fall where a row's offset inside its block is a multiple of SCAN_BLOCK. FAISS's kernel scores a few
+    small dimensions (D = 1–4, 8, 12) in groups of rows counted from the pointer it is given, with a scalar
+    loop for the remainder; groups of 8 or 16 divide 64, so a piece starting at such an offset is grouped as
+    one call over its whole block is, and every score is bit for bit the one-pass score (a cut elsewhere
+    rounds some scores differently: still within `float32_dot_error`, but no longer identical)."""
     from .ivf import SPLIT_MIN, _threads
 
     parts = max(1, min(_threads(), n // SPLIT_MIN, n // SCAN_BLOCK))
-    cuts = np.linspace(0, n // SCAN_BLOCK, parts + 1).astype(np.int64) * SCAN_BLOCK  # distinct: parts ≤ n // 64
-    cuts[-1] = n
     starts, views, begin = [], [], 0
     for rows, count in blocks:
         starts.append(begin)
         views.append(faiss.rev_swig_ptr(rows, count * dim) if count and parts > 1 else rows)
         begin += count
+    cuts = [0]
+    for t in range(1, parts):
+        c = t * n // parts
+        for start, (_, count) in zip(starts, blocks):
+            if start <= c < start + count:
+                c = start + min(count, int(round((c - start) / SCAN_BLOCK)) * SCAN_BLOCK)
+                break
+        if cuts[-1] < c < n:
+            cuts.append(c)
+    cuts.append(n)
     stretches = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         pieces = []
@@ -275,26 +288,28 @@ def _scan_pieces(blocks, dim: int, n: int) -> list[list[tuple[int, object, int]]
             if a < b:
                 ptr = rows if parts == 1 else faiss.swig_ptr(view[(a - start) * dim:(b - start) * dim])
                 pieces.append((int(a), ptr, int(b - a)))
-        stretches.append((int(lo), int(hi), pieces))
+        stretches.append((int(lo), int(hi), pieces, dead[np.searchsorted(dead, lo):np.searchsorted(dead, hi)]))
     return stretches
 
 
 def _scan_scores(stretches, query: np.ndarray, dim: int, scores: np.ndarray) -> np.ndarray:
-    """scores[r] = FAISS's float32 inner product of row r and `query` (each row's own, whatever stretch it is
-    in), the stretches on threads of their own (FAISS releases the GIL); returns the maximum of each SCAN_BLOCK
-    consecutive scores (the last block may be shorter), computed by the same threads."""
+    """scores[r] = FAISS's float32 inner product of row r and `query`, −∞ on dead rows, the stretches on threads
+    of their own (FAISS releases the GIL); returns the maximum of each SCAN_BLOCK consecutive scores (the last
+    block may be shorter): each thread takes the blocks that lie inside its stretch, this thread the ones a cut
+    splits."""
     n = len(scores)
     maxima = np.empty(-(-n // SCAN_BLOCK), np.float32)
 
     def run(stretch):
-        lo, hi, pieces = stretch
+        lo, hi, pieces, dead = stretch
         for first, ptr, count in pieces:
             faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[first:]), faiss.swig_ptr(query), ptr, dim, count)
-        full = (hi - lo) // SCAN_BLOCK
-        b = lo // SCAN_BLOCK
-        maxima[b:b + full] = scores[lo:lo + full * SCAN_BLOCK].reshape(full, SCAN_BLOCK).max(axis=1)
-        if (hi - lo) % SCAN_BLOCK:
-            maxima[b + full] = scores[lo + full * SCAN_BLOCK:hi].max()
+        scores[dead] = -np.inf
+        b0, b1 = -(-lo // SCAN_BLOCK), hi // SCAN_BLOCK  # the whole blocks inside [lo, hi)
+        if b1 > b0:
+            maxima[b0:b1] = scores[b0 * SCAN_BLOCK:b1 * SCAN_BLOCK].reshape(b1 - b0, SCAN_BLOCK).max(axis=1)
+        if hi == n and n % SCAN_BLOCK and b1 * SCAN_BLOCK >= lo:  # the last, shorter block, inside
+            maxima[b1] = scores[b1 * SCAN_BLOCK:].max()
 
     if len(stretches) == 1 or threading.current_thread().name.startswith("robret-ivf"):
         for stretch in stretches:  # (one stretch; or already on a pool thread, which must not wait on the pool)
@@ -303,6 +318,10 @@ def _scan_scores(stretches, query: np.ndarray, dim: int, scores: np.ndarray) -> 
         from .ivf import _executor
 
         list(_executor().map(run, stretches))
+    for _, cut, _, _ in stretches[:-1]:
+        if cut % SCAN_BLOCK:  # a block split between two stretches
+            b = cut // SCAN_BLOCK
+            maxima[b] = scores[b * SCAN_BLOCK:(b + 1) * SCAN_BLOCK].max()
     return maxima
 
 
@@ -329,24 +348,36 @@ def gpu_arithmetic_ratio(index: faiss.Index, store: "VectorStore", probes: int =
     An exact search that lists m items lets a certificate bound every unlisted item's exact score by the m-th
     listed one's plus 2·float32_dot_error (`retrieval.search`): true of any float32 summation order, false of
     a GPU computing in TF32 (10-bit mantissa) or another reduced precision. A ratio ≤ 1 on the probes does
-    not prove the bound for every score; a ratio > 1 disproves it, and then the GPU is not used. The probes
-    are `probes` stored vectors spread over the index, each plus a small deterministic perturbation
-    (so the query is not an exact copy), renormalised."""
+    not prove the bound for every score; a ratio > 1 disproves it, and then the GPU is not used.
+
+    Probes: `probes` stored vectors e spread over the index, used twice. (1) e plus a small deterministic
+    perturbation, renormalised: ordinary queries. (2) e with every coordinate's 13 low mantissa bits set to
+    0x0FFF, just below half of TF32's last place: rounding to TF32 (to nearest, or by truncation) shrinks every
+    coordinate by ~2⁻¹² of itself, so ⟨q, e⟩ comes out low by ~2⁻¹²·‖q‖‖e‖ (q ≈ e: no cancellation), about
+    4096/(D + 1) times the bound. Random probes alone can miss TF32 at embedding widths of 768 and more, since
+    its errors then cancel to within the worst-case bound; (2) catches it for every D below ~4000."""
     from encoder.certify import float32_dot_error  # (no torch: encoder.certify imports numpy only)
 
     ids = store.ids()
     pick = ids[np.linspace(0, len(ids) - 1, min(probes, len(ids))).astype(np.int64)]
-    q = store.reconstruct(pick).astype(np.float64)
+    base = store.reconstruct(pick)
+    q = base.astype(np.float64)
     q += 0.01 * np.cos(np.arange(q.size, dtype=np.float64)).reshape(q.shape)
     q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)).astype(np.float32)
+    edge = ((np.ascontiguousarray(base).view(np.uint32) & np.uint32(0xFFFFE000)) | np.uint32(0x0FFF)).view(np.float32)
+    q = np.vstack([q, edge[np.isfinite(edge).all(axis=1)]])
     scores, found = index.search(q, min(k, len(ids)))
     worst = 0.0
     for row, (s, f) in enumerate(zip(scores, found)):
         keep = f >= 0
         e = store.reconstruct(f[keep]).astype(np.float64)
         exact = e @ q[row].astype(np.float64)
-        bound = [float32_dot_error(store.dim, float(np.linalg.norm(v)), float(np.linalg.norm(q[row]))) for v in e]
-        worst = max([worst, *(np.abs(s[keep] - exact) / np.asarray(bound))])
+        bound = np.array([float32_dot_error(store.dim, float(np.linalg.norm(v)), float(np.linalg.norm(q[row])))
+                          for v in e])
+        err = np.abs(s[keep] - exact)
+        with np.errstate(divide="ignore", invalid="ignore"):  # (a zero vector: bound 0, and error 0 unless broken)
+            ratio = np.where(err == 0, 0.0, err / bound)
+        worst = max([worst, *ratio])
     return float(worst)
 
 
@@ -362,6 +393,8 @@ class VectorStore:
         self.read_only = False  # True when its lists are mapped from a file (`read(mapped=True)`)
         self._gpu_index = None
         self._gpu_failed = False
+        self._gpu_lock = threading.Lock()  # one GPU copy made at a time (a server's threads search at once)
+        self._generation = 0  # bumped by every change, so that a copy made meanwhile is not kept
         self._apply_params()
 
     # Construction -------------------------------------------------------------------------
@@ -495,7 +528,7 @@ class VectorStore:
                 raise ValueError("vectors must be finite and unit-norm (inner product = cosine similarity)")
             vectors = np.ascontiguousarray(vectors / norms[:, None].astype(np.float64), dtype=np.float32)
         self.index.add_with_ids(vectors, ids)
-        self._gpu_index = None
+        self._drop_gpu()
 
     def remove(self, ids) -> int:
         """Remove every vector under `ids`; returns how many were removed. Other ids keep their vectors."""
@@ -503,7 +536,7 @@ class VectorStore:
         ids = _as_ids(ids)
         if len(ids) == 0 or self.ntotal == 0:
             return 0
-        self._gpu_index = None
+        self._drop_gpu()
         if self.kind == "hnsw":
             keep_ids = self.ids()
             mask = ~np.isin(keep_ids, ids)
@@ -538,7 +571,7 @@ class VectorStore:
             self.index.nprobe = int(self.params["nprobe"])
         elif self.kind == "hnsw":
             faiss.downcast_index(self.index.index).hnsw.efSearch = int(self.params["efSearch"])
-        self._gpu_index = None
+        self._drop_gpu()
 
     # Reads ----------------------------------------------------------------------------------
     def reconstruct(self, ids) -> np.ndarray:
@@ -591,11 +624,26 @@ class VectorStore:
         scores, ids, _ = scan_top(q, k, self.dim, [(rows.get_xb(), n)], faiss.rev_swig_ptr(self.index.id_map.data(), n))
         return scores, ids
 
+    def _drop_gpu(self) -> None:
+        """Forget the GPU copy after a change (the next search makes a new one)."""
+        self._generation += 1
+        self._gpu_index = None
+
     def _search_index(self, k: int = 1) -> faiss.Index:
+        """The index a search of depth k runs on: the GPU copy when there is a usable one, else `self.index`.
+        FAISS's GPU refuses k > GPU_MAX_K and, for IVF, nprobe > GPU_MAX_K: those stay on the CPU."""
         if (not self.use_gpu or self._gpu_failed or self.kind == "hnsw" or k > GPU_MAX_K
-                or faiss.get_num_gpus() == 0):
+                or (self.kind == "ivf" and int(self.params["nprobe"]) > GPU_MAX_K) or faiss.get_num_gpus() == 0):
             return self.index
-        if self._gpu_index is None:
+        gpu = self._gpu_index
+        if gpu is not None:
+            return gpu
+        with self._gpu_lock:
+            if self._gpu_index is not None:
+                return self._gpu_index
+            if self._gpu_failed:
+                return self.index
+            generation = self._generation
             try:
                 self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
                 gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self.index)
@@ -609,8 +657,10 @@ class VectorStore:
                             "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
                 self._gpu_failed = True
                 return self.index
+            if generation != self._generation:  # changed while it was copied: this copy is stale
+                return self.index
             self._gpu_index = gpu
-        return self._gpu_index
+            return gpu
 
     @property
     def on_gpu(self) -> bool:

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 
 
-def test_flat_scan_benchmark_quick_times_both_searches_on_the_same_queries(tmp_path):
+def test_flat_scan_benchmark_quick_times_both_searches_on_the_same_queries(tmp_path, monkeypatch):
+    import index.ivf as ivf
     from benchmarks.flat_scan import main
+
+    monkeypatch.setattr(ivf, "SPLIT_MIN", 2_000)  # so that the 20k quick gallery is split (over 3 threads)
+    monkeypatch.setattr(ivf, "_threads", lambda: 3)
 
     report = main(["--quick", "--out", str(tmp_path / "fs")])
     (row,) = report["sizes"]

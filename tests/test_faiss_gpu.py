@@ -69,20 +69,36 @@ def test_the_arithmetic_ratio_is_the_largest_error_over_the_float32_bound():
     assert 0 <= exact <= 1
     rounded = StandInGpuIndex(store, tf32=True)
     ratio = gpu_arithmetic_ratio(rounded, store)
-    # independently: the same probes (every ⌊i·499/31⌋-th stored vector, perturbed, renormalised), TF32 scores
+    # independently: the same probes (every ⌊i·499/31⌋-th stored vector, perturbed and renormalised; and with
+    # each coordinate's 13 low mantissa bits made 0x0FFF), TF32 scores
     ids = store.ids()
-    pick = ids[np.linspace(0, len(ids) - 1, 32).astype(np.int64)]
-    q = store.reconstruct(pick).astype(np.float64)
-    q += 0.01 * np.cos(np.arange(q.size, dtype=np.float64)).reshape(q.shape)
+    pick = store.reconstruct(ids[np.linspace(0, len(ids) - 1, 32).astype(np.int64)])
+    q = pick.astype(np.float64) + 0.01 * np.cos(np.arange(pick.size, dtype=np.float64)).reshape(pick.shape)
     q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    edge = np.array([[np.frombuffer(((int(np.float32(c).view(np.uint32)) & ~0x1FFF) | 0x0FFF).to_bytes(4, "little"),
+                                    np.float32)[0] for c in row] for row in pick], np.float32)
+    q = np.vstack([q, edge])
     scores, found = rounded.search(q, 8)
-    worst = 0.0
-    for r in range(32):
+    worst = {"random": 0.0, "edge": 0.0}
+    for r in range(64):
         e = store.reconstruct(found[r]).astype(np.float64)
         bound = np.array([float32_dot_error(DIM, np.linalg.norm(v), np.linalg.norm(q[r])) for v in e])
-        worst = max(worst, float(np.max(np.abs(scores[r] - e @ q[r].astype(np.float64)) / bound)))
-    assert ratio == pytest.approx(worst, rel=1e-12)
-    assert ratio > 10  # TF32 is ~2^-11 relative: far outside γ_D ≈ 34·2^-24
+        which = "random" if r < 32 else "edge"
+        worst[which] = max(worst[which], float(np.max(np.abs(scores[r] - e @ q[r].astype(np.float64)) / bound)))
+    assert ratio == pytest.approx(max(worst.values()), rel=1e-12)
+    assert worst["random"] > 10  # TF32 is ~2^-11 relative: far outside γ_D ≈ 34·2^-24
+    assert worst["edge"] > 0.5 * 4096 / (DIM + 1)  # the edge probes' coherent error (the function's docstring)
+
+
+@pytest.mark.parametrize("dim", [768, 1792])
+def test_tf32_is_caught_at_wide_embeddings_where_random_probes_alone_missed_it(dim):
+    # A second reader found TF32 accepted at D = 768–1792 (ratio 0.38–0.74 on random probes, while 13–17 of
+    # 800,000 scores broke the bound): the edge probes' error is coherent, ~4096/(D + 1) times the bound.
+    v = np.random.default_rng(dim).standard_normal((300, dim)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    store = VectorStore.from_vectors(np.arange(300), v, "Flat", use_gpu=False)
+    assert gpu_arithmetic_ratio(store.index, store) <= 1  # float32 itself passes at every width
+    assert gpu_arithmetic_ratio(StandInGpuIndex(store, tf32=True), store) > 1.5
 
 
 def test_a_search_deeper_than_the_gpu_selects_runs_on_the_cpu(stand_in_gpu):
@@ -111,6 +127,69 @@ def test_a_gpu_scoring_in_reduced_precision_is_not_used(stand_in_gpu, caplog):
     q = _unit(3, seed=2)
     cpu = VectorStore.from_vectors(np.arange(400), _unit(400), "Flat", use_gpu=False)
     assert np.array_equal(store.search(q, 20)[0], cpu.search(q, 20)[0])
+
+
+def test_concurrent_first_searches_make_one_gpu_copy(stand_in_gpu, monkeypatch):
+    # A server's threads all search right after a reload: each used to make its own GPU copy (8 copies of the
+    # gallery in GPU memory at once; one running out of memory then marked the store failed for good).
+    import threading
+
+    store = VectorStore.from_vectors(np.arange(2000), _unit(2000), "Flat", use_gpu=True)
+    stand_in_gpu.store = store
+    slow = stand_in_gpu
+
+    def to_gpu(res, device, index):
+        copy = StandInGpuIndex(store)
+        threading.Event().wait(0.05)  # copying takes a while
+        slow.made.append(copy)
+        return copy
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    q = _unit(8, seed=4)
+    threads = [threading.Thread(target=store.search, args=(q[i:i + 1], 10)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(slow.made) == 1 and store.on_gpu
+
+
+def test_a_copy_made_while_the_store_changed_is_not_kept(stand_in_gpu, monkeypatch):
+    # add() during the copy (and its arithmetic check) left the older copy installed: a search then missed the
+    # vector just added.
+    v = _unit(500)
+    store = VectorStore.from_vectors(np.arange(500), v, "Flat", use_gpu=True)
+    stand_in_gpu.store = store
+    new = _unit(1, seed=9)
+
+    def to_gpu(res, device, index):
+        copy = StandInGpuIndex(store)
+        store.add(np.array([99_999]), new)  # a writer's change lands while the copy is checked
+        return copy
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    scores, ids = store.search(new, 1)
+    assert ids[0, 0] == 99_999 and store._gpu_index is None
+
+
+def test_an_ivf_probing_more_lists_than_the_gpu_allows_stays_on_the_cpu_without_giving_up_the_gpu(stand_in_gpu,
+                                                                                                  monkeypatch):
+    # FAISS's GPU IVF refuses nprobe > 2048 when copied; that used to mark the store failed for good, so lowering
+    # nprobe afterwards still searched on the CPU.
+    store = VectorStore.from_vectors(np.arange(1000), _unit(1000), "IVF16,Flat", use_gpu=True)
+    stand_in_gpu.store = store
+    real = faiss.index_cpu_to_gpu
+
+    def to_gpu(res, device, index):
+        if faiss.extract_index_ivf(index).nprobe > GPU_MAX_K:
+            raise RuntimeError("Error: 'nprobe <= getMaxKSelection(use_cuvs)' failed")
+        return real(res, device, index)
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    store.set_params(nprobe=GPU_MAX_K + 1)
+    assert not store.on_gpu and not store._gpu_failed
+    store.set_params(nprobe=8)
+    assert store.on_gpu
 
 
 gpu = pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="FAISS sees no GPU")
