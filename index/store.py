@@ -549,8 +549,11 @@ class VectorStore:
                 self._apply_params()
             return removed
         if self.kind == "ivf":  # the hash-table direct map only accepts an explicit id array
-            return int(self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+            removed = int(self.index.remove_ids(faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))))
+        else:
+            removed = int(self.index.remove_ids(faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))))
+        self._drop_gpu()  # (again: a copy begun after the first drop may have read the index before the removal)
+        return removed
 
     def _writable(self) -> None:
         if self.read_only:
@@ -660,6 +663,9 @@ class VectorStore:
             if generation != self._generation:  # changed while it was copied: this copy is stale
                 return self.index
             self._gpu_index = gpu
+            if generation != self._generation:  # (a change between the check and the line above: drop it again)
+                self._gpu_index = None
+                return self.index
             return gpu
 
     @property

@@ -172,6 +172,33 @@ def test_a_copy_made_while_the_store_changed_is_not_kept(stand_in_gpu, monkeypat
     assert ids[0, 0] == 99_999 and store._gpu_index is None
 
 
+def test_a_copy_made_during_a_removal_is_not_kept(stand_in_gpu):
+    # A second reader's race: remove() dropped the GPU copy before removing, so a reader's first search in
+    # between copied the index with the id still in it and kept that copy: the removed id kept coming back.
+    import threading
+
+    v = _unit(500)
+    store = VectorStore.from_vectors(np.arange(500), v, "Flat", use_gpu=True)
+    stand_in_gpu.store = store
+    dropped, go = threading.Event(), threading.Event()
+    drop = store._drop_gpu
+
+    def slow_drop():  # the writer is descheduled right after dropping the copy
+        drop()
+        dropped.set()
+        go.wait(10)
+
+    store._drop_gpu = slow_drop
+    writer = threading.Thread(target=store.remove, args=([7],))
+    writer.start()
+    dropped.wait(10)
+    store.search(v[7:8], 1)  # a reader's first search copies the index now, id 7 still in it
+    go.set()
+    writer.join()
+    scores, ids = store.search(v[7:8], 1)
+    assert ids[0, 0] != 7 and store.ntotal == 499
+
+
 def test_an_ivf_probing_more_lists_than_the_gpu_allows_stays_on_the_cpu_without_giving_up_the_gpu(stand_in_gpu,
                                                                                                   monkeypatch):
     # FAISS's GPU IVF refuses nprobe > 2048 when copied; that used to mark the store failed for good, so lowering
