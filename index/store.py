@@ -258,8 +258,8 @@ def _scan_pieces(blocks, dim: int, n: int, dead: np.ndarray) -> list[tuple[int, 
     the piece's rows, row count), each inside one block, and the rows of `dead` (sorted) inside it).
 
     Cuts fall where a row's offset inside its block is a multiple of SCAN_BLOCK. FAISS's kernel scores a few
-    small dimensions (D = 1–4, 8, 12) in groups of rows counted from the pointer it is given, with a scalar
-    loop for the remainder; groups of 8 or 16 divide 64, so a piece starting at such an offset is grouped as
+    small dimensions in SIMD groups of rows counted from the pointer it is given, with a scalar loop for the
+    remainder (scores depended on where a call starts at D = 2, 4 and 8, measured); groups of 8 or 16 divide 64, so a piece starting at such an offset is grouped as
     one call over its whole block is, and every score is bit for bit the one-pass score (a cut elsewhere
     rounds some scores differently: still within `float32_dot_error`, but no longer identical)."""
     from .ivf import SPLIT_MIN, _threads
