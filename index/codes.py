@@ -218,7 +218,7 @@ def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.nd
     pass, done while the scores are written), the rows cut at multiples of `block` into one stretch per scanning
     thread (`index.ivf`'s pool; the kernel releases the GIL)."""
     from ._codes_kernel import upper as kernel
-    from .ivf import SPLIT_MIN, _executor, _threads
+    from .ivf import SPLIT_MIN, _threads, pool_map
 
     n = len(codes)
     out = np.empty(n, np.float32)
@@ -235,5 +235,5 @@ def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.nd
         lo, hi = lo_hi
         kernel(codes[lo:hi], scale[lo:hi], resid[lo:hi], q, nu, out[lo:hi], maxima[lo // block:], block)
 
-    list(_executor().map(run, zip(cuts[:-1], cuts[1:])))
+    pool_map(run, zip(cuts[:-1], cuts[1:]))
     return out, maxima

@@ -445,7 +445,7 @@ def faiss_scans(q: np.ndarray, jobs: list) -> list[tuple[np.ndarray, np.ndarray]
     def scan(pieces):
         return [(piece[0], piece[1]._faiss_part(q, *piece[2:])) for piece in pieces]
 
-    found = [f for done in (_executor().map(scan, tasks) if len(tasks) > 1 else map(scan, tasks)) for f in done]
+    found = [f for done in pool_map(scan, tasks) for f in done]
     out = []
     for j in range(len(jobs)):
         mine = [f for i, f in found if i == j]
@@ -471,6 +471,16 @@ def _executor():
 
             _EXECUTOR = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="robret-ivf")
         return _EXECUTOR
+
+
+def pool_map(fn, tasks) -> list:
+    """[fn(t) for t in tasks], the tasks on the pool's threads (`_executor`) when there are several, in order.
+    One task, or a caller that is itself one of the pool's threads (a scan nested in a scan), runs them on the
+    calling thread: a pool thread waiting on tasks queued behind it could wait forever."""
+    tasks = list(tasks)
+    if len(tasks) <= 1 or threading.current_thread().name.startswith("robret-ivf"):
+        return [fn(t) for t in tasks]
+    return list(_executor().map(fn, tasks))
 
 
 def _forget_executor() -> None:

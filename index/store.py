@@ -311,13 +311,9 @@ def _scan_scores(stretches, query: np.ndarray, dim: int, scores: np.ndarray) -> 
         if hi == n and n % SCAN_BLOCK and b1 * SCAN_BLOCK >= lo:  # the last, shorter block, inside
             maxima[b1] = scores[b1 * SCAN_BLOCK:].max()
 
-    if len(stretches) == 1 or threading.current_thread().name.startswith("robret-ivf"):
-        for stretch in stretches:  # (one stretch; or already on a pool thread, which must not wait on the pool)
-            run(stretch)
-    else:
-        from .ivf import _executor
+    from .ivf import pool_map
 
-        list(_executor().map(run, stretches))
+    pool_map(run, stretches)
     for _, cut, _, _ in stretches[:-1]:
         if cut % SCAN_BLOCK:  # a block split between two stretches
             b = cut // SCAN_BLOCK
