@@ -14,7 +14,6 @@ import time
 import weakref
 from pathlib import Path
 
-import faiss
 import numpy as np
 from PIL import Image
 
@@ -41,10 +40,10 @@ class Gallery:
     """Read access to one index directory: search, stored vectors, file records, the encoder.
 
     Opening loads the live files named by the catalog (a base and segments, each checked against its
-    recorded SHA-256 and row count). Searched on the CPU, a Flat gallery maps them in place (a read-only
-    `index.mapped.MappedFlat`) and an IVF gallery maps its base's lists (`VectorStore.read(mapped=True)`),
-    segments layered on them (`index.mapped_ivf.LayeredIVF`);
-    anything else is loaded into one FAISS index. The encoder is not loaded:
+    recorded SHA-256 and row count). A Flat gallery maps them in place (a read-only `index.mapped.MappedFlat`,
+    which copies its rows to a GPU that torch sees, from the mapped files); searched on the CPU, an IVF gallery
+    maps its base's lists (`VectorStore.read(mapped=True)`), segments layered on them
+    (`index.mapped_ivf.LayeredIVF`); anything else is loaded into one FAISS index. The encoder is not loaded:
     it loads on first use of `.encoder` (and is checked against the recorded weights).
     A writer may update the directory meanwhile; this object keeps the version it opened.
     """
@@ -63,15 +62,15 @@ class Gallery:
     def open(cls, index_dir, *, encoder=None, use_gpu: bool = True) -> "Gallery":
         """Open `index_dir`. `encoder` (optional) must be the one that built it; else it loads lazily.
 
-        use_gpu=False keeps FAISS searches on the CPU even when a GPU is visible.
+        use_gpu=False keeps searches on the CPU even when a GPU is visible. With it, a Flat gallery is searched on
+        the GPU that torch sees (index/mapped.py), an IVF gallery on the GPU that FAISS sees (index/store.py).
         """
         layout = IndexDir(index_dir)
         catalog = layout.open_catalog()
-        mapped = not (use_gpu and faiss.get_num_gpus() > 0)  # a Flat gallery is mapped, unless it goes to a GPU
         for attempt in range(5):
             meta = catalog.meta()
             try:
-                store = load_live_store(layout, meta["index"], use_gpu=use_gpu, mapped=mapped)
+                store = load_live_store(layout, meta["index"], use_gpu=use_gpu, mapped=True)
                 break
             except StoreError:
                 # A writer may have committed a newer version and deleted this one in between.
@@ -191,7 +190,8 @@ class Gallery:
         and only the others are coded. If its own build is still running, this build waits for it first: a
         server whose writer commits faster than a full build runs chains its builds instead of restarting one.
         """
-        if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
+        if (self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN
+                or getattr(self.store, "on_gpu", False)):  # (a GPU scans the float32 vectors faster)
             return self._codes
         if previous is not None and previous.index_dir != self.index_dir:
             previous = None

@@ -28,12 +28,18 @@ views are marked not writeable, and files are never truncated or rewritten in pl
 mapped read fault).
 
 Read-only: `add` accepts only rows read from a checked file (`stored=True`, while opening) and there is no
-`write`; writers (build, update, repair, compact) keep loading a `VectorStore`. With a GPU visible the
-copying store is used, so that FAISS can move it to the GPU.
+`write`; writers (build, update, repair, compact) keep loading a `VectorStore`.
+
+On a GPU (torch sees CUDA, `use_gpu`): the first search copies the rows to the GPU from the mapped files, chunk by
+chunk (`index.gpu_scan.DeviceRows`), checks the copy's arithmetic (`index.store.gpu_arithmetic_ratio`) and then
+answers every search there, in the same order as `scan_top`; if the copy fails (no memory, say) or its check does,
+robret warns once and searches on the CPU.
 """
 from __future__ import annotations
 
+import logging
 import struct
+import threading
 from pathlib import Path
 
 import faiss
@@ -41,9 +47,12 @@ import numpy as np
 
 from .errors import StoreError
 from .ivf import norm_bound
-from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked, scan_top
+from .store import (CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, gpu_arithmetic_ratio,
+                    map_checked, scan_top)
 
 __all__ = ["MappedFlat", "flat_base_views"]
+
+log = logging.getLogger(__name__)
 
 RECENT_MAX = 1 << 16  # rows of recent search answers remembered for `reconstruct`
 
@@ -54,12 +63,15 @@ class MappedFlat:
     kind = "flat"
     factory = "Flat"
     exact = True
-    on_gpu = False
     read_only = True
 
-    def __init__(self, dim: int, params: dict | None = None):
+    def __init__(self, dim: int, params: dict | None = None, use_gpu: bool = False):
         self._dim = int(dim)
         self.params = {**default_params("Flat"), **(params or {})}
+        self.use_gpu = use_gpu
+        self._gpu = None  # index.gpu_scan.DeviceRows, made by the first search on a GPU
+        self._gpu_failed = False
+        self._gpu_lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block
@@ -77,13 +89,13 @@ class MappedFlat:
         if factory != "Flat":
             raise StoreError(f"index file {path} is not a flat inner-product index; run `robret index repair`")
         ids, rows = flat_base_views(Path(path), map_checked(path, sha256))
-        store = cls(rows.shape[1], params)
+        store = cls(rows.shape[1], params, use_gpu)
         store._append(ids, rows)
         return store
 
     @classmethod
     def create(cls, dim: int, factory: str = "Flat", params: dict | None = None, use_gpu: bool = False) -> "MappedFlat":
-        return cls(dim, params)
+        return cls(dim, params, use_gpu)
 
     def _append(self, ids: np.ndarray, rows: np.ndarray) -> None:
         if len(ids) != len(rows) or rows.ndim != 2 or rows.shape[1] != self._dim or rows.dtype != np.float32:
@@ -103,6 +115,7 @@ class MappedFlat:
         self._n_alive = len(self._alive) - len(self._dead)
         self._lookup = None  # (sorted alive ids, their rows), built on the first reconstruct that needs it
         self._recent: dict[int, int] = {}  # id → row of recent search answers (reconstructed next, to certify)
+        self._gpu = None  # (a GPU copy is made from the final rows, at the first search)
 
     def add(self, ids, vectors, stored: bool = False) -> None:
         """Append a block of rows read from a checked file (`stored=True` only), kept as they are (a view of
@@ -204,7 +217,8 @@ class MappedFlat:
         """Top-k by inner product over the alive rows, as `VectorStore.search` on the same gallery:
         (scores (n, k) float32 decreasing, ids (n, k) int64), −1 with score −FLT_MAX past the last row.
 
-        Fewer than FLAT_SCAN_MAX_QUERIES queries: `index.store.scan_top` over the blocks in place, cleared
+        On a GPU (`on_gpu`): `index.gpu_scan.DeviceRows.top`, any number of queries, in scan_top's order.
+        Else fewer than FLAT_SCAN_MAX_QUERIES queries: `index.store.scan_top` over the blocks in place, cleared
         rows dead (equal scores: lower row first, the copying store's storage order). More queries: FAISS's blocked search of each block for its top
         k + (its cleared rows), cleared rows dropped, merged by decreasing score (stable: block order).
         """
@@ -213,6 +227,17 @@ class MappedFlat:
         n = self.ntotal
         if n == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        gpu = self._device_rows()
+        if gpu is not None:
+            try:
+                scores, ids, rows = gpu.top(q, k)
+            except Exception as exc:  # out of GPU memory for this batch's scores, …
+                log.warning("searching on the CPU: the search on the GPU failed (%s)", exc)
+                self._gpu, self._gpu_failed = None, True
+            else:
+                if rows.size <= RECENT_MAX:
+                    self._remember(rows.ravel())
+                return scores, ids
         if len(q) < FLAT_SCAN_MAX_QUERIES:
             scores, ids, rows = scan_top(q, k, self._dim, [(faiss.swig_ptr(r), len(r)) for r in blocks], self._ids,
                                          self._dead)
@@ -236,6 +261,42 @@ class MappedFlat:
             order = np.argsort(-scores[i], kind="stable")[:take]
             out_scores[i, :take], out_ids[i, :take] = scores[i, order], self._ids[rows[i, order]]
         return out_scores, out_ids
+
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._device_rows() is not None
+
+    def _device_rows(self):
+        """The GPU copy searches run on (made by the first call, module doc), or None: searches run on the CPU."""
+        if not self.use_gpu or self._gpu_failed or self._n_alive == 0:
+            return None
+        gpu = self._gpu
+        if gpu is not None:
+            return gpu
+        with self._gpu_lock:
+            if self._gpu is not None or self._gpu_failed:
+                return self._gpu
+            from .gpu_scan import DeviceRows, scan_device
+
+            device = scan_device()
+            if device is None:
+                self._gpu_failed = True
+                return None
+            try:
+                gpu = DeviceRows(self._blocks, self._ids, self._dead, device)
+                ratio = gpu_arithmetic_ratio(gpu, self)
+            except Exception as exc:  # out of GPU memory, …
+                log.warning("searching on the CPU: could not copy the gallery to the GPU (%s)", exc)
+                self._gpu_failed = True
+                return None
+            if not ratio <= 1.0:
+                log.warning("searching on the CPU: the GPU's inner products are off by %.3g× the float32 error "
+                            "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
+                self._gpu_failed = True
+                return None
+            self._gpu = gpu
+            return gpu
 
 
 _FOURCC = struct.Struct("<4s")

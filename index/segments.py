@@ -36,6 +36,7 @@ import os
 import struct
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from encoder.io import atomic_write, fd_sha256
@@ -166,7 +167,8 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     version, dim = int(index_meta["version"]), int(index_meta["dim"])
     files = live_files(index_meta)
     # IVF: the base's lists mapped (FAISS cannot add to them), segments layered on top (LayeredIVF)
-    map_ivf = mapped and check and index_meta["factory"].startswith("IVF") and bool(files) and files[0]["kind"] == BASE
+    map_ivf = (mapped and check and index_meta["factory"].startswith("IVF") and bool(files) and files[0]["kind"] == BASE
+               and not (use_gpu and faiss.get_num_gpus() > 0))  # (FAISS moves a copying store to its GPU)
     mapped = mapped and check and index_meta["factory"] == "Flat"
     kind = MappedFlat if mapped else VectorStore
     read_base = MappedFlat.read if mapped else functools.partial(VectorStore.read, mapped=map_ivf)

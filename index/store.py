@@ -24,9 +24,9 @@ scores, so a GPU that scores in reduced precision, TF32 say, is not used). On th
 fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact HNSW search, over the graph's flat storage) is one
 pass of FAISS's inner-product kernel over the stored rows per query, split over the cores above
 2·SPLIT_MIN rows, then `top_rows` (`scan_top`, `VectorStore._flat_scan`).
-Readers (`Gallery.open` on the CPU) do not load a Flat gallery into this class: index/mapped.py maps its
-files; an IVF base is read with its lists mapped (`read(mapped=True)`, read-only), any segments after it
-layered on it (index/mapped_ivf.py).
+Readers (`Gallery.open`) do not load a Flat gallery into this class: index/mapped.py maps its files (and
+searches them on torch's GPU when there is one, index/gpu_scan.py); on the CPU an IVF base is read with its lists
+mapped (`read(mapped=True)`, read-only), any segments after it layered on it (index/mapped_ivf.py).
 """
 from __future__ import annotations
 
@@ -346,7 +346,7 @@ def gpu_arithmetic_ratio(index: faiss.Index, store: "VectorStore", probes: int =
     a GPU computing in TF32 (10-bit mantissa) or another reduced precision. A ratio ≤ 1 on the probes does
     not prove the bound for every score; a ratio > 1 disproves it, and then the GPU is not used.
 
-    Probes: `probes` stored vectors e spread over the index, used twice. (1) e plus a small deterministic
+    Probes: `probes` stored vectors e spread over the index, used twice, searched all at once and each alone. (1) e plus a small deterministic
     perturbation, renormalised: ordinary queries. (2) e with every coordinate's 13 low mantissa bits set to
     0x0FFF, just below half of TF32's last place: rounding to TF32 (to nearest, or by truncation) shrinks every
     coordinate by ~2⁻¹² of itself, so ⟨q, e⟩ comes out low by ~2⁻¹²·‖q‖‖e‖ (q ≈ e: no cancellation), about
@@ -362,13 +362,19 @@ def gpu_arithmetic_ratio(index: faiss.Index, store: "VectorStore", probes: int =
     q = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)).astype(np.float32)
     edge = ((np.ascontiguousarray(base).view(np.uint32) & np.uint32(0xFFFFE000)) | np.uint32(0x0FFF)).view(np.float32)
     q = np.vstack([q, edge[np.isfinite(edge).all(axis=1)]])
-    scores, found = index.search(q, min(k, len(ids)))
+    k = min(k, len(ids))
+    scores, found = index.search(q, k)
+    # and each probe alone: a search of one query may run another kernel (a matrix-vector product)
+    alone = [index.search(q[r:r + 1], k) for r in range(len(q))]
+    scores = np.vstack([scores, *(a[0] for a in alone)])
+    found = np.vstack([found, *(a[1] for a in alone)])
     worst = 0.0
     for row, (s, f) in enumerate(zip(scores, found)):
+        query = q[row % len(q)]
         keep = f >= 0
         e = store.reconstruct(f[keep]).astype(np.float64)
-        exact = e @ q[row].astype(np.float64)
-        bound = np.array([float32_dot_error(store.dim, float(np.linalg.norm(v)), float(np.linalg.norm(q[row])))
+        exact = e @ query.astype(np.float64)
+        bound = np.array([float32_dot_error(store.dim, float(np.linalg.norm(v)), float(np.linalg.norm(query)))
                           for v in e])
         err = np.abs(s[keep] - exact)
         with np.errstate(divide="ignore", invalid="ignore"):  # (a zero vector: bound 0, and error 0 unless broken)

@@ -65,7 +65,7 @@ class ServeConfig:
     concurrency: int = 2  # searches embedding at once (the rest wait for a slot)
     decode_memory: int = 512 * 2**20  # bytes of decoded pixels held at once across requests
     cors_origins: tuple[str, ...] = ()  # allowed browser origins (empty: CORS off)
-    use_gpu: bool = True  # FAISS on the GPU when one is visible
+    use_gpu: bool = True  # search on the GPU when one is visible (a Flat gallery: torch's; IVF: FAISS's)
     thumbnail_side: int = 128  # longest side of /items thumbnails (pixels)
     codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.quantize)
 
@@ -73,7 +73,7 @@ class ServeConfig:
 def _codes_state(gallery, config: ServeConfig) -> dict:
     """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory, and "reused": the
     rows copied from the previous version's codes at a reload), "building", "off" (--no-codes) or "not used" (a
-    gallery too small, or an encoder without a Lipschitz bound)."""
+    gallery too small, an encoder without a Lipschitz bound, or a gallery searched on a GPU)."""
     codes = gallery.quantized
     if codes is not None:
         return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes, "reused": codes.reused}

@@ -237,16 +237,29 @@ def test_a_gpu_copy_scores_within_the_float32_bound_and_answers_deep_searches(fa
     assert deep[1].shape == (2, GPU_MAX_K + 1) and (deep[1] >= 0).all()
 
 
-def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
+def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path, monkeypatch):
     # benchmarks/gpu_paths.py runs on lent GPUs only; its FAISS section must still run as written (here with
-    # use_gpu stores that stay on the CPU), and check the premise against an independent float64 scan.
+    # stand-ins: FAISS's "GPU copy" a clone of the CPU index, torch's device its CPU), and check the premise of
+    # both GPU stores against an independent float64 scan.
     import json
 
+    import torch
+
+    import index.gpu_scan
     from benchmarks import gpu_paths
 
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index))
+    monkeypatch.setattr(index.gpu_scan, "scan_device", lambda: torch.device("cpu"))
     assert gpu_paths.main(["--device", "cpu", "--sections", "faiss", "--sizes", "5000", "--queries", "5",
                            "--out", str(tmp_path / "dry")]) == 0
     row = json.loads((tmp_path / "dry.json").read_text())["faiss_gpu"]["sizes"][0]
-    assert row["premise"]["holds"] and row["premise"]["max_unlisted_excess"] <= 0
-    assert row["certified_top10"]["same_ids"] == 5 and row["batch1000_same_ids"] == 1000
-    assert row["ivf"]["same_ids"] == 1000 and row["store_k3000_max_score_diff"] < 1e-6
+    assert row["gpu_on_gpu"] and row["torch_on_gpu"]
+    for name in ("gpu", "torch"):
+        assert row["premise"][name]["holds"] and row["premise"][name]["max_unlisted_excess"] <= 0
+        assert row["certified_top10"]["same_ids_as_cpu"][name] == 5
+        assert row["batch1000_same_ids_as_cpu"][name] == 1000
+        assert row["k3000_max_score_diff_vs_cpu"][name] < 1e-6
+    assert set(row["certified_top10"]) >= {"gpu", "torch", "cpu"}
+    assert row["ivf"]["same_ids"] == 1000

@@ -140,7 +140,7 @@ def register(sub) -> None:
                    help="leave out hits whose content (SHA-256 of the file) equals the query's")
     q.add_argument("--relative", action="store_true", help="print result paths relative to the indexed folder")
     q.add_argument("--batch-size", type=positive_int, default=16, help="images per encoder call (default 16)")
-    q.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
+    q.add_argument("--cpu", action="store_true", help="search on the CPU even if a GPU is visible")
     fmt = q.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true",
                      help="print JSON: one query's document, or {schema, summary, results: [...]} for several")

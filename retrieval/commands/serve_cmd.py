@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--concurrency", type=int, default=2, help="queries embedded at once (default 2)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; default: CORS off)")
-    p.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is visible")
+    p.add_argument("--cpu", action="store_true", help="search on the CPU even if a GPU is visible")
     p.add_argument("--no-codes", action="store_true",
                    help="do not build int8 codes of a gallery of ≥ 100,000 vectors (by default they are built once, "
                    "in the background, and make certified queries ~3× faster for D + 16 bytes a vector of memory)")

@@ -1,0 +1,131 @@
+"""A flat gallery's rows on a CUDA GPU, searched with torch: the exact top-k a mapped reader answers on a GPU.
+
+Why not FAISS's GPU flat index: it selects each query's top-k inside one thread block, so one query over N rows
+is one block's work, however many the GPU has. On an H200 a certified top-10 at 10M vectors took 35 ms that way,
+where reading the 5.2 GB of rows takes ~1.5 ms (docs/benchmarks.md, "FAISS on the GPU"). And FAISS's GPU build
+is not what `pip install faiss-cpu` brings, while a CUDA build of torch is what embedding on a GPU already needs.
+
+Here, for a tile of queries Q (t, D) and the rows X (N, D), all float32 on the device:
+    S = Q·Xᵀ                     (cuBLAS, full float32: `encoder.protocol.full_float32_on_cuda`; TF32 off)
+    S[:, dead] = −∞              (a mapped gallery's cleared rows: never taken while live rows remain)
+    top-k of each row of S       (`torch.topk`: a selection spread over the whole GPU, then `_ordered`)
+with t = max(1, TILE_SCORES // N), so S never holds more than TILE_SCORES floats (1 GiB).
+
+Soundness: every score is the float32 inner product of the same two vectors, summed in some order, with or
+without fused multiply-adds, as cuBLAS computes in its default math mode; `encoder.certify.float32_dot_error`
+bounds that in any order, as it bounds FAISS's CPU kernel. A GPU computing in reduced precision (TF32, or a
+math mode a library set process-wide) would not be, so a copy is used only after `index.store.gpu_arithmetic_ratio`
+finds its scores within the bound on probe queries (`index.mapped.MappedFlat`), and the matrix product runs
+after `full_float32_on_cuda` every time.
+
+Order: decreasing score and, among equal scores, increasing row, ties at the k-th score going to the lowest
+rows: `index.store.scan_top`'s order, so both answer the same ids wherever their scores are equal.
+
+The rows are copied from the mapped files CHUNK_ROWS at a time (no copy of the gallery in host memory), once per
+opened version (a mapped gallery does not change once open).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+__all__ = ["DeviceRows", "scan_device", "TILE_SCORES"]
+
+TILE_SCORES = 1 << 28  # scores (float32) one matrix product may hold: 1 GiB
+
+
+def scan_device():
+    """torch's CUDA device when torch sees a GPU, else None. torch is imported only where a GPU can be (an NVIDIA
+    or AMD device node), so commands that never embed on a CPU machine do not pay for importing it."""
+    if "torch" not in sys.modules and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")):
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.device("cuda") if torch.cuda.is_available() else None
+
+
+class DeviceRows:
+    """The float32 rows of `blocks` (in order) on `device`, their ids and dead rows; `top` and `search` (module doc)."""
+
+    def __init__(self, blocks, row_ids: np.ndarray, dead: np.ndarray, device):
+        import torch
+
+        from .store import CHUNK_ROWS
+
+        dim = int(blocks[0].shape[1]) if blocks else 0
+        n = sum(len(b) for b in blocks)
+        self.device = torch.device(device)
+        self.dim, self.n = dim, n
+        self.rows = torch.empty((n, dim), dtype=torch.float32, device=self.device)
+        at = 0
+        for block in blocks:
+            for start in range(0, len(block), CHUNK_ROWS):
+                chunk = np.array(block[start:start + CHUNK_ROWS], np.float32)  # (a writable copy of one chunk)
+                self.rows[at:at + len(chunk)].copy_(torch.from_numpy(chunk))
+                at += len(chunk)
+        self.ids = np.asarray(row_ids, np.int64)
+        self.dead = torch.as_tensor(np.asarray(dead, np.int64), device=self.device)
+        self.alive = n - len(dead)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * 4
+
+    def top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (n, k) float32, ids (n, k) int64, rows (n, take) int64) of float32 queries (n, D), take =
+        min(k, live rows); past `take`, ids −1 with score −FLT_MAX (as `index.store.scan_top`)."""
+        import torch
+
+        from encoder.protocol import full_float32_on_cuda
+
+        take = min(int(k), self.alive)
+        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
+        out_ids = np.full((len(q), k), -1, np.int64)
+        out_rows = np.empty((len(q), max(take, 0)), np.int64)
+        if take <= 0 or len(q) == 0:
+            return out_scores, out_ids, out_rows
+        full_float32_on_cuda()
+        tile = max(1, TILE_SCORES // max(self.n, 1))
+        queries = torch.from_numpy(np.ascontiguousarray(q, np.float32)).to(self.device)
+        with torch.inference_mode():
+            for a in range(0, len(q), tile):
+                part = queries[a:a + tile]
+                s = (self.rows @ part[0])[None] if len(part) == 1 else part @ self.rows.T
+                if len(self.dead):
+                    s.index_fill_(1, self.dead, -np.inf)
+                vals, rows = _ordered(s, take)
+                vals, rows = vals.cpu().numpy(), rows.cpu().numpy()
+                out_scores[a:a + len(part), :take] = vals
+                out_ids[a:a + len(part), :take] = self.ids[rows]
+                out_rows[a:a + len(part)] = rows
+        return out_scores, out_ids, out_rows
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of `top`: the interface `index.store.gpu_arithmetic_ratio` probes."""
+        scores, ids, _ = self.top(np.asarray(q, np.float32).reshape(-1, self.dim), k)
+        return scores, ids
+
+
+def _ordered(s, take: int):
+    """(values, columns) (t, take) of each row of `s` (t, N): its `take` largest, by decreasing value and, among
+    equal values, increasing column; ties at the take-th value go to the lowest columns (`index.store._select`'s
+    rule). `torch.topk` picks any of the tied columns, so a row whose take-th value is shared with a column it
+    left out is taken again from all its columns equal to that value (in increasing order: `torch.nonzero`)."""
+    import torch
+
+    vals, cols = torch.topk(s, take, dim=1)
+    last = vals[:, -1:]
+    short = torch.nonzero((s == last).sum(dim=1) > (vals == last).sum(dim=1)).flatten().tolist()
+    for r in short:
+        above = cols[r][vals[r] > last[r]]
+        tied = torch.nonzero(s[r] == last[r]).flatten()[:take - len(above)]
+        cols[r] = torch.cat([above, tied])
+        vals[r] = s[r][cols[r]]
+    cols, perm = torch.sort(cols, dim=1)
+    vals = vals.gather(1, perm)
+    vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
+    return vals, cols.gather(1, perm)

@@ -1,0 +1,224 @@
+"""A mapped Flat gallery searched on a GPU through torch (index/gpu_scan.py, index/mapped.py).
+
+Without a GPU the same code runs on torch's CPU device (`scan_device` replaced by a stand-in returning it):
+every line of `DeviceRows` and of MappedFlat's GPU path runs, with torch's CPU matrix products in place of
+cuBLAS. Where torch sees CUDA, the last tests run on it. benchmarks/gpu_paths.py checks more on a lent GPU
+(the premise of every certificate against float64 scores of whole 1M/10M galleries, latencies)."""
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import index.gpu_scan as gpu_scan
+from encoder.certify import float32_dot_error
+from index.gpu_scan import DeviceRows
+from index.mapped import MappedFlat
+from index.store import scan_top
+
+DIM = 33
+
+
+def _unit(n, seed=0, dim=DIM):
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _blocks(v, sizes):
+    out, at = [], 0
+    for s in sizes:
+        out.append(v[at:at + s])
+        at += s
+    return out
+
+
+def _cpu_scan(blocks, ids, dead, q, k):
+    import faiss
+
+    return scan_top(q, k, blocks[0].shape[1], [(faiss.swig_ptr(b), len(b)) for b in blocks], ids, dead)
+
+
+@pytest.fixture
+def stand_in_device(monkeypatch):
+    """torch's CPU device where a CUDA one would be."""
+    monkeypatch.setattr(gpu_scan, "scan_device", lambda: torch.device("cpu"))
+
+
+@pytest.mark.parametrize("k", [1, 10, 74, 700])
+def test_device_rows_answer_the_cpu_scans_ids_in_its_order_with_scores_within_the_float32_bound(k):
+    v = _unit(600, seed=k)
+    v[100:140] = v[7]  # 41 equal rows: ties at every k around them, across a block boundary
+    ids = np.arange(1000, 1600, dtype=np.int64)[::-1].copy()
+    dead = np.array([3, 7, 120, 599], np.int64)
+    blocks = _blocks(v, [250, 0, 350])
+    q = np.vstack([_unit(5, seed=99 + k), v[7:8], v[120:121]])
+    rows = DeviceRows([b for b in blocks if len(b)], ids, dead, "cpu")
+    s_gpu, i_gpu, r_gpu = rows.top(q, k)
+    s_cpu, i_cpu, r_cpu = _cpu_scan([b for b in blocks if len(b)], ids, dead, q, k)
+    take = min(k, 600 - len(dead))
+    assert r_gpu.shape == (len(q), take)
+    for r in range(len(q)):
+        exact = v[r_gpu[r]].astype(np.float64) @ q[r].astype(np.float64)
+        assert np.all(np.abs(s_gpu[r, :take] - exact) <= float32_dot_error(DIM, 1.0 + 1e-6, 1.0 + 1e-6))
+        assert not np.isin(r_gpu[r], dead).any()
+        # the same rows in the same order wherever both scored equal rows equally (here: always, as a check of
+        # the order rule; both sum 33 float32 products, a different order could round a tie apart)
+        if np.array_equal(s_gpu[r], s_cpu[r]):
+            assert np.array_equal(i_gpu[r], i_cpu[r]) and np.array_equal(r_gpu[r], r_cpu[r])
+        # the order rule itself, independently: decreasing score, increasing row among equal scores
+        key = list(zip(-s_gpu[r, :take].astype(np.float64), r_gpu[r]))
+        assert key == sorted(key)
+        # and nothing left out beats or ties-below-row the last one taken
+        all_scores = (v.astype(np.float64) @ q[r].astype(np.float64))
+        left = np.setdiff1d(np.setdiff1d(np.arange(600), r_gpu[r]), dead)
+        bound = 2 * float32_dot_error(DIM, 1.0 + 1e-6, 1.0 + 1e-6)
+        assert np.all(all_scores[left] <= exact.min() + bound)
+    assert np.all(i_gpu[:, take:] == -1) and np.all(s_gpu[:, take:] == -np.finfo(np.float32).max)
+
+
+def test_ties_at_the_kth_score_go_to_the_lowest_rows():
+    v = np.zeros((300, 4), np.float32)
+    v[:, 0] = 1.0  # every row the same: every score ties
+    rows = DeviceRows([v], np.arange(300) * 10, np.array([0, 5], np.int64), "cpu")
+    s, ids, r = rows.top(np.array([[1, 0, 0, 0]], np.float32), 6)
+    assert r.tolist() == [[1, 2, 3, 4, 6, 7]] and ids.tolist() == [[10, 20, 30, 40, 60, 70]]
+
+
+def test_a_batch_larger_than_a_tile_answers_as_one_query_at_a_time(monkeypatch):
+    v = _unit(400, seed=3)
+    rows = DeviceRows(_blocks(v, [150, 250]), np.arange(400), np.array([9], np.int64), "cpu")
+    q = _unit(23, seed=4)
+    monkeypatch.setattr(gpu_scan, "TILE_SCORES", 400 * 5)  # 5 queries a product
+    batch = rows.top(q, 12)
+    one = [np.concatenate(part) for part in zip(*(rows.top(q[i:i + 1], 12) for i in range(len(q))))]
+    assert np.array_equal(batch[1], one[1]) and np.array_equal(batch[2], one[2])
+    # (a matrix-vector product and a matrix product may sum in different orders: both within the bound)
+    assert np.abs(batch[0] - one[0]).max() <= 2 * float32_dot_error(DIM, 1.0 + 1e-6, 1.0 + 1e-6)
+
+
+def test_fewer_live_rows_than_k_pad_with_minus_one():
+    v = _unit(5, seed=5)
+    rows = DeviceRows([v], np.arange(5), np.array([1, 2], np.int64), "cpu")
+    s, ids, r = rows.top(v[:1], 8)
+    assert ids[0, :3].tolist() == [0, 3, 4] or sorted(ids[0, :3].tolist()) == [0, 3, 4]
+    assert ids[0, 0] == 0 and np.all(ids[0, 3:] == -1) and r.shape == (1, 3)
+
+
+def _mapped(v, ids, use_gpu=True, dead=()):
+    store = MappedFlat(v.shape[1], use_gpu=use_gpu)
+    store.add(ids[:300], v[:300], stored=True)
+    store.add(ids[300:], v[300:], stored=True)
+    if len(dead):
+        store.remove(dead)
+    return store
+
+
+def test_a_mapped_gallery_searches_on_the_gpu_and_answers_as_on_the_cpu(stand_in_device):
+    v = _unit(700, seed=6)
+    ids = np.random.default_rng(6).permutation(10_000)[:700].astype(np.int64)
+    gpu, cpu = _mapped(v, ids, dead=ids[[4, 400]]), _mapped(v, ids, use_gpu=False, dead=ids[[4, 400]])
+    assert gpu.on_gpu and not cpu.on_gpu
+    q = _unit(30, seed=7)
+    for batch in (q[:1], q[:5], q):  # one query, a few (the CPU's scan), many (FAISS's batched search)
+        a, b = gpu.search(batch, 20), cpu.search(batch, 20)
+        assert np.array_equal(a[1], b[1])
+        assert np.abs(a[0] - b[0]).max() <= 2 * float32_dot_error(DIM, 1.0 + 1e-6, 1.0 + 1e-6)
+    # what certifying the answer reads next: its vectors, from the recent answers' rows
+    found = gpu.search(q[:1], 74)[1][0]
+    assert set(gpu._recent) >= set(found.tolist())
+    assert np.array_equal(gpu.reconstruct(found), cpu.reconstruct(found))
+
+
+def test_a_gpu_scoring_in_reduced_precision_is_not_used(stand_in_device, monkeypatch, caplog):
+    true_top = DeviceRows.top
+
+    def tf32_top(self, q, k):
+        b = np.ascontiguousarray(q, np.float32).view(np.uint32)
+        rounded = ((b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)).view(np.float32)
+        return true_top(self, rounded, k)
+
+    monkeypatch.setattr(DeviceRows, "top", tf32_top)
+    v = _unit(500, seed=8)
+    store = _mapped(v, np.arange(500))
+    with caplog.at_level(logging.WARNING):
+        assert not store.on_gpu
+    assert "float32 error bound" in caplog.text
+    assert np.array_equal(store.search(v[:3], 5)[1], _mapped(v, np.arange(500), use_gpu=False).search(v[:3], 5)[1])
+
+
+def test_the_check_also_probes_one_query_at_a_time(stand_in_device, monkeypatch):
+    # a search of one query runs a matrix-vector product, a batch a matrix product: another kernel, which could
+    # compute in another precision; a check that probed only the batch would have passed this one
+    true_top = DeviceRows.top
+
+    def tf32_when_alone(self, q, k):
+        if len(q) == 1:
+            b = np.ascontiguousarray(q, np.float32).view(np.uint32)
+            q = ((b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)).view(np.float32)
+        return true_top(self, q, k)
+
+    monkeypatch.setattr(DeviceRows, "top", tf32_when_alone)
+    assert not _mapped(_unit(500, seed=8), np.arange(500)).on_gpu
+
+
+def test_a_failed_search_on_the_gpu_falls_back_to_the_cpu_for_good(stand_in_device, monkeypatch, caplog):
+    v = _unit(500, seed=9)
+    store = _mapped(v, np.arange(500))
+    assert store.on_gpu
+
+    def out_of_memory(self, q, k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(DeviceRows, "top", out_of_memory)
+    with caplog.at_level(logging.WARNING):
+        got = store.search(v[:2], 4)
+    assert "out of memory" in caplog.text and not store.on_gpu
+    assert np.array_equal(got[1], _mapped(v, np.arange(500), use_gpu=False).search(v[:2], 4)[1])
+
+
+def test_no_gpu_device_means_the_cpu_without_importing_torch():
+    if any(__import__("os").path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")):
+        pytest.skip("a GPU device node exists here")
+    code = ("import sys, index.gpu_scan as g, index.mapped; assert g.scan_device() is None; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_codes(stand_in_device, photo_index,
+                                                                                     tiny_lipsim, monkeypatch):
+    import index.gallery as gallery_mod
+    from index.gallery import Gallery
+    from retrieval.search import search_embedding
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as on_gpu, \
+            Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as on_cpu:
+        assert isinstance(on_gpu.store, MappedFlat) and on_gpu.store.on_gpu and not on_cpu.store.on_gpu
+        assert on_gpu.quantize() is None and on_cpu.quantize() is not None  # (a GPU scans the float32 rows)
+        ids, vecs = on_cpu.all_vectors()
+        for i in (0, 3):
+            q = vecs[i] + np.float32(0.05) * _unit(1, seed=i, dim=len(vecs[i]))[0]
+            q /= np.linalg.norm(q)
+            a, b = search_embedding(on_gpu, q, 3), search_embedding(on_cpu, q, 3)
+            assert a.method == "exhaustive" and b.method == "quantized"
+            assert [h.id for h in a.hits] == [h.id for h in b.hits]
+            assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_real_gpu_scores_stay_within_the_float32_bound_and_answers_match_the_cpu():
+    from index.store import gpu_arithmetic_ratio
+
+    v = _unit(200_000, seed=12, dim=129)
+    store = MappedFlat(129, use_gpu=True)
+    store.add(np.arange(len(v)), v, stored=True)
+    assert store.on_gpu
+    assert gpu_arithmetic_ratio(store._gpu, store) <= 1
+    cpu = MappedFlat(129)
+    cpu.add(np.arange(len(v)), v, stored=True)
+    q = _unit(50, seed=13, dim=129)
+    a, b = store.search(q, 74), cpu.search(q, 74)
+    assert (a[1] == b[1]).all(axis=1).sum() >= 45  # (float32 ties may swap the last items)
+    assert np.abs(a[0] - b[0]).max() <= 2 * float32_dot_error(129, 1.0 + 1e-6, 1.0 + 1e-6)
