@@ -179,6 +179,8 @@ class Gallery:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
 
+        On a GPU (the store's `on_gpu`) no codes are built; the GPU copy is made instead, on the daemon thread with
+        background=True.
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
@@ -190,8 +192,7 @@ class Gallery:
         and only the others are coded. If its own build is still running, this build waits for it first: a
         server whose writer commits faster than a full build runs chains its builds instead of restarting one.
         """
-        if (self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN
-                or getattr(self.store, "on_gpu", False)):  # (a GPU scans the float32 vectors faster)
+        if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
         if previous is not None and previous.index_dir != self.index_dir:
             previous = None
@@ -207,7 +208,11 @@ class Gallery:
         return self._codes
 
     def _quantize_now(self, previous: "Gallery | None") -> QuantizedCodes | None:
-        """`quantize`'s build, in this thread (copying from `previous`'s codes where it can)."""
+        """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
+        a GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (`on_gpu`), so a
+        background build makes it off the requests' threads, which search on the CPU meanwhile (index/mapped.py)."""
+        if getattr(self.store, "on_gpu", False):
+            return None
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
                 old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)

@@ -262,19 +262,23 @@ class MappedFlat:
             out_scores[i, :take], out_ids[i, :take] = scores[i, order], self._ids[rows[i, order]]
         return out_scores, out_ids
 
-
     @property
     def on_gpu(self) -> bool:
-        return self._device_rows() is not None
+        """Whether searches run on the GPU (making the copy first, or waiting for the thread that makes it)."""
+        return self._device_rows(wait=True) is not None
 
-    def _device_rows(self):
-        """The GPU copy searches run on (made by the first call, module doc), or None: searches run on the CPU."""
+    def _device_rows(self, wait: bool = False):
+        """The GPU copy searches run on (made by the first call, module doc), or None: this search runs on the CPU.
+        While another thread makes the copy (seconds at 10M vectors), wait=False does not wait for it: the search
+        runs on the CPU meanwhile, so a server's requests do not stall behind a newly opened version's copy."""
         if not self.use_gpu or self._gpu_failed or self._n_alive == 0:
             return None
         gpu = self._gpu
         if gpu is not None:
             return gpu
-        with self._gpu_lock:
+        if not self._gpu_lock.acquire(blocking=wait):
+            return None
+        try:
             if self._gpu is not None or self._gpu_failed:
                 return self._gpu
             from .gpu_scan import DeviceRows, scan_device
@@ -297,6 +301,8 @@ class MappedFlat:
                 return None
             self._gpu = gpu
             return gpu
+        finally:
+            self._gpu_lock.release()
 
 
 _FOURCC = struct.Struct("<4s")

@@ -72,8 +72,9 @@ class ServeConfig:
 
 def _codes_state(gallery, config: ServeConfig) -> dict:
     """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory, and "reused": the
-    rows copied from the previous version's codes at a reload), "building", "off" (--no-codes) or "not used" (a
-    gallery too small, an encoder without a Lipschitz bound, or a gallery searched on a GPU)."""
+    rows copied from the previous version's codes at a reload), "building" (on a GPU: its copy being made), "off"
+    (--no-codes) or "not used" (a gallery too small, an encoder without a Lipschitz bound, or one searched on a
+    GPU)."""
     codes = gallery.quantized
     if codes is not None:
         return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes, "reused": codes.reused}

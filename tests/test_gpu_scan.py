@@ -7,6 +7,7 @@ cuBLAS. Where torch sees CUDA, the last tests run on it. benchmarks/gpu_paths.py
 import logging
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -163,6 +164,36 @@ def test_the_check_also_probes_one_query_at_a_time(stand_in_device, monkeypatch)
     assert not _mapped(_unit(500, seed=8), np.arange(500)).on_gpu
 
 
+def test_searches_run_on_the_cpu_while_another_thread_makes_the_copy(stand_in_device, monkeypatch):
+    # a server's reload makes the new version's copy on a background thread (Gallery.quantize): requests meanwhile
+    # must not wait seconds for it (before: every search waited on the copy's lock)
+    started, release = threading.Event(), threading.Event()
+    true_init = DeviceRows.__init__
+
+    def slow_init(self, *args, **kwargs):
+        started.set()
+        release.wait(20)
+        true_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeviceRows, "__init__", slow_init)
+    v = _unit(500, seed=14)
+    store, cpu = _mapped(v, np.arange(500)), _mapped(v, np.arange(500), use_gpu=False)
+    maker = threading.Thread(target=lambda: store.on_gpu)
+    maker.start()
+    try:
+        assert started.wait(10)
+        done = []
+        searcher = threading.Thread(target=lambda: done.append(store.search(v[:2], 3)))
+        searcher.start()
+        searcher.join(5)
+        assert done, "the search waited for the copy"
+        assert np.array_equal(done[0][1], cpu.search(v[:2], 3)[1])
+    finally:
+        release.set()
+        maker.join(20)
+    assert store._gpu is not None and store.on_gpu
+
+
 def test_a_failed_search_on_the_gpu_falls_back_to_the_cpu_for_good(stand_in_device, monkeypatch, caplog):
     v = _unit(500, seed=9)
     store = _mapped(v, np.arange(500))
@@ -195,6 +226,9 @@ def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_c
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as on_gpu, \
             Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as on_cpu:
+        assert on_gpu.quantize(background=True) is None  # the copy is made on the builder's thread instead
+        on_gpu._codes_thread.join(20)
+        assert on_gpu.store._gpu is not None and on_gpu.quantized is None
         assert isinstance(on_gpu.store, MappedFlat) and on_gpu.store.on_gpu and not on_cpu.store.on_gpu
         assert on_gpu.quantize() is None and on_cpu.quantize() is not None  # (a GPU scans the float32 rows)
         ids, vecs = on_cpu.all_vectors()
@@ -205,6 +239,18 @@ def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_c
             assert a.method == "exhaustive" and b.method == "quantized"
             assert [h.id for h in a.hits] == [h.id for h in b.hits]
             assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-6)
+
+
+def test_a_gallery_whose_gpu_fails_its_check_builds_codes_for_the_cpu(stand_in_device, photo_index, tiny_lipsim,
+                                                                      monkeypatch):
+    import index.gallery as gallery_mod
+    from index.gallery import Gallery
+
+    true_top = DeviceRows.top
+    monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: true_top(self, q + np.float32(1e-3) * np.abs(q), k))
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
+        assert g.quantize() is not None and not g.store.on_gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
