@@ -11,7 +11,7 @@
 3. Its certificates attacked: every sample photo, edited (JPEG 60, 10% darker), attacked with
    `retrieval.attacks.attack_query` — untargeted PGD ℓ2 at 0.95 × the top-5 set radius and targeted (the 2nd
    answer brought first) at 0.95 × the top-1 radius — with the query embedded on CUDA, then on the CPU, against
-   the CUDA-built gallery, opened as `robret query` opens it (its FAISS index on the GPU when FAISS sees one).
+   the CUDA-built gallery, opened as `robret query` opens it (mapped, its rows on torch's GPU when it sees one).
    No certificate may be violated.
 4. Throughput: images/s of lipsim:demo at batch 256, CUDA and CPU (inference mode, after a warm-up).
 5. Exact search on the GPU (`--sections faiss`), per gallery size, on the clustered unit vectors of
@@ -119,8 +119,8 @@ def run(work: Path, steps: int, device: str = "cuda", photos_limit: int | None =
 
     attacks = []
     for device, enc in (("cuda", gpu), ("cpu", cpu)):
-        with Gallery.open(work / "index", encoder=enc) as g:  # FAISS on the GPU when it sees one (section 5)
-            report.setdefault("attack_gallery_faiss_on_gpu", bool(getattr(g.store, "on_gpu", False)))
+        with Gallery.open(work / "index", encoder=enc) as g:  # a Flat gallery: its rows on torch's GPU (section 5)
+            report.setdefault("attack_gallery_on_gpu", bool(getattr(g.store, "on_gpu", False)))
             for f in files:
                 image = _edited(f)
                 q = query_image(image)
