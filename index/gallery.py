@@ -179,8 +179,8 @@ class Gallery:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
 
-        On a GPU (the store's `on_gpu`) no codes are built; the GPU copy is made instead, on the daemon thread with
-        background=True.
+        A Flat gallery on a GPU (the store's `on_gpu`) builds no codes; its GPU copy is made instead, on the daemon
+        thread with background=True. (An IVF gallery's certified queries run on the CPU, so it keeps its codes.)
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
@@ -211,7 +211,9 @@ class Gallery:
         """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
         a GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (`on_gpu`), so a
         background build makes it off the requests' threads, which search on the CPU meanwhile (index/mapped.py)."""
-        if getattr(self.store, "on_gpu", False):
+        if self._codes_stop.is_set():  # (closed)
+            return self._codes
+        if getattr(self.store, "kind", None) == "flat" and self.store.on_gpu:  # (IVF: certified on the CPU)
             return None
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():

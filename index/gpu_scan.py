@@ -9,7 +9,8 @@ Here, for a tile of queries Q (t, D) and the rows X (N, D), all float32 on the d
     S = Q·Xᵀ                     (cuBLAS, full float32: `encoder.protocol.full_float32_on_cuda`; TF32 off)
     S[:, dead] = −∞              (a mapped gallery's cleared rows: never taken while live rows remain)
     top-k of each row of S       (`torch.topk`: a selection spread over the whole GPU, then `_ordered`)
-with t = max(1, TILE_SCORES // N), so S never holds more than TILE_SCORES floats (1 GiB).
+with t = max(1, TILE_SCORES // N) queries, so S holds at most TILE_SCORES floats (1 GiB; more only for a single
+query over more than 2²⁸ rows), and the selection about a quarter of that again (a mask of S).
 
 Soundness: every score is the float32 inner product of the same two vectors, summed in some order, with or
 without fused multiply-adds, as cuBLAS computes in its default math mode; `encoder.certify.float32_dot_error`
@@ -68,7 +69,8 @@ class DeviceRows:
                 self.rows[at:at + len(chunk)].copy_(torch.from_numpy(chunk))
                 at += len(chunk)
         self.ids = np.asarray(row_ids, np.int64)
-        self.dead = torch.as_tensor(np.asarray(dead, np.int64), device=self.device)
+        dead = np.unique(np.asarray(dead, np.int64))
+        self.dead = torch.as_tensor(dead, device=self.device)
         self.alive = n - len(dead)
 
     @property

@@ -33,7 +33,8 @@ Read-only: `add` accepts only rows read from a checked file (`stored=True`, whil
 On a GPU (torch sees CUDA, `use_gpu`): the first search copies the rows to the GPU from the mapped files, chunk by
 chunk (`index.gpu_scan.DeviceRows`), checks the copy's arithmetic (`index.store.gpu_arithmetic_ratio`) and then
 answers every search there, in the same order as `scan_top`; if the copy fails (no memory, say) or its check does,
-robret warns once and searches on the CPU.
+robret warns once and searches on the CPU. A search that fails on the GPU (out of memory for its scores, say) runs
+on the CPU; after GPU_ERRORS_MAX failures in a row every search does.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ __all__ = ["MappedFlat", "flat_base_views"]
 log = logging.getLogger(__name__)
 
 RECENT_MAX = 1 << 16  # rows of recent search answers remembered for `reconstruct`
+GPU_ERRORS_MAX = 3  # searches failing on the GPU in a row after which a gallery searches on the CPU for good
 
 
 class MappedFlat:
@@ -71,6 +73,7 @@ class MappedFlat:
         self.use_gpu = use_gpu
         self._gpu = None  # index.gpu_scan.DeviceRows, made by the first search on a GPU
         self._gpu_failed = False
+        self._gpu_errors = 0  # searches on the GPU that failed in a row (GPU_ERRORS_MAX: the CPU for good)
         self._gpu_lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
@@ -231,10 +234,15 @@ class MappedFlat:
         if gpu is not None:
             try:
                 scores, ids, rows = gpu.top(q, k)
-            except Exception as exc:  # out of GPU memory for this batch's scores, …
-                log.warning("searching on the CPU: the search on the GPU failed (%s)", exc)
-                self._gpu, self._gpu_failed = None, True
+            except Exception as exc:  # out of GPU memory for this batch's scores (a reload holds two copies), …
+                self._gpu_errors += 1
+                if self._gpu_errors == 1:
+                    log.warning("this search ran on the CPU: the search on the GPU failed (%s)", exc)
+                if self._gpu_errors >= GPU_ERRORS_MAX:  # not a passing shortage: stay on the CPU
+                    log.warning("searching on the CPU from now on: %d searches on the GPU failed", self._gpu_errors)
+                    self._gpu, self._gpu_failed = None, True
             else:
+                self._gpu_errors = 0
                 if rows.size <= RECENT_MAX:
                     self._remember(rows.ravel())
                 return scores, ids
