@@ -57,8 +57,8 @@ def stand_in_gpu(monkeypatch):
 
     to_gpu.tf32 = False
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     to_gpu.made = made
     return to_gpu
 
@@ -144,7 +144,7 @@ def test_concurrent_first_searches_make_one_gpu_copy(stand_in_gpu, monkeypatch):
         slow.made.append(copy)
         return copy
 
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     q = _unit(8, seed=4)
     threads = [threading.Thread(target=store.search, args=(q[i:i + 1], 10)) for i in range(8)]
     for t in threads:
@@ -167,7 +167,7 @@ def test_a_copy_made_while_the_store_changed_is_not_kept(stand_in_gpu, monkeypat
         store.add(np.array([99_999]), new)  # a writer's change lands while the copy is checked
         return copy
 
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     scores, ids = store.search(new, 1)
     assert ids[0, 0] == 99_999 and store._gpu_index is None
 
@@ -212,7 +212,7 @@ def test_an_ivf_probing_more_lists_than_the_gpu_allows_stays_on_the_cpu_without_
             raise RuntimeError("Error: 'nprobe <= getMaxKSelection(use_cuvs)' failed")
         return real(res, device, index)
 
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     store.set_params(nprobe=GPU_MAX_K + 1)
     assert not store.on_gpu and not store._gpu_failed
     store.set_params(nprobe=8)
@@ -249,8 +249,8 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path, monkeypatch):
     from benchmarks import gpu_paths
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index))
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index), raising=False)
     monkeypatch.setattr(index.gpu_scan, "scan_device", lambda: torch.device("cpu"))
     assert gpu_paths.main(["--device", "cpu", "--sections", "faiss", "--sizes", "5000", "--queries", "5",
                            "--out", str(tmp_path / "dry")]) == 0

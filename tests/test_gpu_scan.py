@@ -115,7 +115,8 @@ def test_fewer_live_rows_than_k_pad_with_minus_one():
 
 def test_dead_rows_named_twice_count_once():
     # (review) the live count was n − len(dead) without removing repeats: a row was left out
-    got = DeviceRows([np.eye(4, dtype=np.float32)], np.arange(4), np.array([1, 1]), "cpu").top(np.ones((1, 4), np.float32), 4)
+    rows = DeviceRows([np.eye(4, dtype=np.float32)], np.arange(4), np.array([1, 1]), "cpu")
+    got = rows.top(np.ones((1, 4), np.float32), 4)
     assert got[1].tolist() == [[0, 2, 3, -1]]
 
 
@@ -282,8 +283,8 @@ def test_an_ivf_gallery_keeps_its_codes_when_faiss_sees_a_gpu(tiny_lipsim, sampl
                 options=IngestOptions(workers=1, use_gpu=False))
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object())
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index))
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index), raising=False)
     with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=True) as g:
         assert g.store.kind == "ivf" and g.store.on_gpu
         assert g.quantize() is not None
