@@ -29,7 +29,9 @@
      items may differ where float32 scores tie: both certificates are sound);
    - 1,000 queries' top-10 in one call on each store; a top-3000 search (beyond FAISS's GPU limit of 2048:
      FAISS's store must fall back to the CPU, and the raw GPU index's own error is recorded);
-   - at the smallest size, an IVF gallery: FAISS's GPU nprobe search against the CPU's (same ids).
+   - at the smallest size, an IVF gallery: FAISS's GPU nprobe search against the CPU's (same ids), and certified
+     top-10 on torch's GPU (`index.mapped_ivf.LayeredIVF`: every vector there, exhaustive) against certified IVF on
+     the CPU (the path of a reader without a GPU): latency, same top-10 ids.
 Exit status 1 on a violated certificate, a stored vector farther from e(x) than the recorded float error,
 or a broken premise.
 """
@@ -164,9 +166,11 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
     from benchmarks._gallery import StoreGallery
     from benchmarks.certified_search import CLUSTER_SIZE, DIM, FLOAT_ERROR, clustered_unit_vectors, gallery_chunks
     from encoder.certify import float32_dot_error
+    from index.ivf import CertifiedIVF
     from index.mapped import MappedFlat
+    from index.mapped_ivf import LayeredIVF
     from index.store import GPU_MAX_K, VectorStore, gpu_arithmetic_ratio
-    from retrieval.search import default_candidates, search_embedding
+    from retrieval.search import default_candidates
 
     out = {"faiss": faiss.__version__, "gpus": faiss.get_num_gpus(), "sizes": []}
     cuda = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -193,8 +197,8 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
                 row[f"{name}_to_gpu_s"] = time.perf_counter() - t  # (with the arithmetic check)
         if "gpu" in stores and stores["gpu"]._gpu_index is not None:
             row["arithmetic_ratio"] = gpu_arithmetic_ratio(stores["gpu"]._gpu_index, stores["gpu"])
-        if stores["torch"]._gpu is not None:
-            row["torch_arithmetic_ratio"] = gpu_arithmetic_ratio(stores["torch"]._gpu, stores["torch"])
+        if stores["torch"].gpu.ready:
+            row["torch_arithmetic_ratio"] = gpu_arithmetic_ratio(stores["torch"].gpu.copy, stores["torch"])
         qs = clustered_unit_vectors(queries, DIM, max(8, n // CLUSTER_SIZE), 0, stream=7)
 
         # the premise, against float64 scores of the whole gallery
@@ -221,17 +225,10 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
 
         # certified top-k, one query at a time, the stores in turn on each query
         galleries = {name: StoreGallery(store, None, 1.0 + 1e-6, FLOAT_ERROR) for name, store in stores.items()}
-        for g in galleries.values():
-            search_embedding(g, qs[0], k)  # warm
         times = {name: [] for name in galleries}
         same = {name: 0 for name in galleries if name != "cpu"}
         gap = {name: 0.0 for name in same}
-        for q in qs:
-            answers = {}
-            for name, g in galleries.items():
-                t = time.perf_counter()
-                answers[name] = search_embedding(g, q, k)
-                times[name].append(1000 * (time.perf_counter() - t))
+        for answers in _certified_in_turn(galleries, qs, k, times):
             b = answers["cpu"]
             rb = np.array([h.radius for h in b.hits])
             for name in same:
@@ -266,21 +263,55 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
             name: float(np.abs(stores[name].search(qs[:2], deep, exact=True)[0] - b[0]).max())
             for name in stores if name != "cpu"}
 
-        if n == min(sizes) and "gpu" in stores:
+        if n == min(sizes):  # an IVF gallery ("auto" from 1M vectors): on FAISS's GPU, and on torch's
             nlist = int(2 ** round(np.log2(4 * np.sqrt(n))))
             t = time.perf_counter()
-            ivf_gpu = VectorStore.from_vectors(ids, v, f"IVF{nlist},Flat", use_gpu=True)
+            ivf_cpu = VectorStore.from_vectors(ids, v, f"IVF{nlist},Flat", use_gpu=False)
             row["ivf_train_s"] = time.perf_counter() - t
-            ivf_cpu = VectorStore(ivf_gpu.index, ivf_gpu.factory, ivf_gpu.params, use_gpu=False)
-            a, b = ivf_gpu.search(batch, k), ivf_cpu.search(batch, k)
-            row["ivf"] = {"factory": ivf_gpu.factory, "nprobe": ivf_gpu.params["nprobe"], "on_gpu": ivf_gpu.on_gpu,
-                          "same_ids": int((a[1] == b[1]).all(axis=1).sum()), "queries": len(batch),
-                          "max_score_diff": float(np.abs(a[0] - b[0]).max())}
-            del ivf_gpu, ivf_cpu
+            row["ivf"] = {"factory": ivf_cpu.factory, "nprobe": ivf_cpu.params["nprobe"]}
+            if "gpu" in stores:
+                ivf_gpu = VectorStore(ivf_cpu.index, ivf_cpu.factory, ivf_cpu.params, use_gpu=True)
+                a, b = ivf_gpu.search(batch, k), ivf_cpu.search(batch, k)
+                row["ivf"].update(on_gpu=ivf_gpu.on_gpu, same_ids=int((a[1] == b[1]).all(axis=1).sum()),
+                                  queries=len(batch), max_score_diff=float(np.abs(a[0] - b[0]).max()))
+                del ivf_gpu
+            # torch's GPU (a reader where FAISS sees none: index.mapped_ivf.LayeredIVF) against certified IVF on the CPU
+            ivf_torch = LayeredIVF(ivf_cpu, use_gpu=True)
+            t = time.perf_counter()
+            row["ivf"]["torch_on_gpu"] = ivf_torch.on_gpu
+            row["ivf"]["torch_to_gpu_s"] = time.perf_counter() - t  # (reconstructing every vector, and the check)
+            pair = {"torch": StoreGallery(ivf_torch, None, 1.0 + 1e-6, FLOAT_ERROR),
+                    "cpu_certified_ivf": StoreGallery(ivf_cpu, CertifiedIVF.from_faiss(ivf_cpu.index), 1.0 + 1e-6,
+                                                      FLOAT_ERROR)}
+            took, same, exhaustive = {name: [] for name in pair}, 0, 0
+            for answers in _certified_in_turn(pair, qs, k, took):
+                same += [h.id for h in answers["torch"].hits] == [h.id for h in answers["cpu_certified_ivf"].hits]
+                exhaustive += bool(answers["cpu_certified_ivf"].exhaustive)
+            row["ivf"]["certified_top10"] = {name: {"p50_ms": float(np.median(x)), "p95_ms": float(np.percentile(x, 95))}
+                                             for name, x in took.items()}
+            row["ivf"]["certified_top10"].update(same_ids=same, cpu_exhaustive_certificates=exhaustive,
+                                                 queries=len(qs))
+            del ivf_torch, ivf_cpu, pair
         del stores, galleries, v
         out["sizes"].append(row)
         print(json.dumps(row), flush=True)
     return out
+
+
+def _certified_in_turn(galleries: dict, qs, k: int, times: dict):
+    """For each query, {name: `search_embedding` on each gallery in turn}, its milliseconds appended to times[name]
+    (each gallery searched once first, to warm it)."""
+    from retrieval.search import search_embedding
+
+    for g in galleries.values():
+        search_embedding(g, qs[0], k)
+    for q in qs:
+        answers = {}
+        for name, g in galleries.items():
+            t = time.perf_counter()
+            answers[name] = search_embedding(g, q, k)
+            times[name].append(1000 * (time.perf_counter() - t))
+        yield answers
 
 
 def main(argv=None) -> int:

@@ -155,13 +155,21 @@ class Gallery:
     def certified_ivf(self) -> CertifiedIVF | None:
         """The IVF index's lists with their radius bounds (index/ivf.py), for certified search without an
         exhaustive scan; None for other index types. Built once per opened version: exact bounds from the
-        float32 vectors the index stores (a view, not a copy)."""
-        if self.store.kind != "ivf" or len(self) == 0:
+        float32 vectors the index stores (a view, not a copy). None also for an IVF gallery searched on torch's GPU
+        (`_torch_gpu`): its exhaustive search there is faster than certified IVF on the CPU."""
+        if self.store.kind != "ivf" or len(self) == 0 or self._torch_gpu:
             return None
         if getattr(self, "_ivf", None) is None:
             layered = getattr(self.store, "certified_lists", None)  # a LayeredIVF (index/mapped_ivf.py)
             self._ivf = layered() if layered is not None else CertifiedIVF.from_faiss(self.store.index)
         return self._ivf
+
+    @property
+    def _torch_gpu(self) -> bool:
+        """True while the store searches, or is about to search, on torch's GPU (`index.gpu_scan.GpuCopy`: made or
+        being made, not failed); then certified queries take its exhaustive search (no certified IVF, no codes)."""
+        gpu = getattr(self.store, "gpu", None)
+        return gpu is not None and not gpu.failed
 
     @property
     def quantized(self) -> QuantizedCodes | None:
@@ -179,8 +187,9 @@ class Gallery:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
 
-        A Flat gallery on a GPU (the store's `on_gpu`) builds no codes; its GPU copy is made instead, on the daemon
-        thread with background=True. (An IVF gallery's certified queries run on the CPU, so it keeps its codes.)
+        A gallery searched on torch's GPU (a mapped store's `gpu`, index/gpu_scan.py) builds no codes; its GPU copy is
+        made instead, on the daemon thread with background=True. (An IVF gallery on FAISS's GPU keeps its codes: its
+        certified queries run on the CPU.)
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
@@ -209,11 +218,11 @@ class Gallery:
 
     def _quantize_now(self, previous: "Gallery | None") -> QuantizedCodes | None:
         """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
-        a GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (`on_gpu`), so a
+        torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (`on_gpu`), so a
         background build makes it off the requests' threads, which search on the CPU meanwhile (index/mapped.py)."""
         if self._codes_stop.is_set():  # (closed)
             return self._codes
-        if getattr(self.store, "kind", None) == "flat" and self.store.on_gpu:  # (IVF: certified on the CPU)
+        if getattr(self.store, "gpu", None) is not None and self.store.on_gpu:  # (FAISS's GPU: certified IVF, CPU)
             return None
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():

@@ -27,14 +27,19 @@ opened version (a mapped gallery does not change once open).
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 
 import numpy as np
 
-__all__ = ["DeviceRows", "scan_device", "TILE_SCORES"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DeviceRows", "GpuCopy", "scan_device", "TILE_SCORES", "GPU_ERRORS_MAX"]
 
 TILE_SCORES = 1 << 28  # scores (float32) one matrix product may hold: 1 GiB
+GPU_ERRORS_MAX = 3  # searches failing on the GPU in a row after which a store searches on the CPU for good
 
 
 def scan_device():
@@ -50,28 +55,34 @@ def scan_device():
 
 
 class DeviceRows:
-    """The float32 rows of `blocks` (in order) on `device`, their ids and dead rows; `top` and `search` (module doc)."""
+    """Float32 rows on `device`, their ids and dead rows; `top` and `search` (module doc). chunks: the rows in order,
+    as any number of (n_b, dim) arrays (views of mapped files, or vectors read a chunk at a time), one row per id."""
 
-    def __init__(self, blocks, row_ids: np.ndarray, dead: np.ndarray, device):
+    def __init__(self, chunks, row_ids: np.ndarray, dead: np.ndarray, device, dim: int):
         import torch
 
+        from .ivf import norm_bound
         from .store import CHUNK_ROWS
 
-        dim = int(blocks[0].shape[1]) if blocks else 0
-        n = sum(len(b) for b in blocks)
+        self.ids = np.asarray(row_ids, np.int64)
         self.device = torch.device(device)
-        self.dim, self.n = dim, n
-        self.rows = torch.empty((n, dim), dtype=torch.float32, device=self.device)
+        self.dim, self.n = int(dim), len(self.ids)
+        self.rows = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.device)
+        self.max_norm = 0.0  # M ≥ every row's norm (`index.ivf.norm_bound` of each chunk as it passes)
         at = 0
-        for block in blocks:
+        for block in chunks:
             for start in range(0, len(block), CHUNK_ROWS):
                 chunk = np.array(block[start:start + CHUNK_ROWS], np.float32)  # (a writable copy of one chunk)
+                if at + len(chunk) > self.n or chunk.shape[1:] != (self.dim,):
+                    raise ValueError(f"rows of shape {chunk.shape} past {at} of {self.n} rows of dimension {self.dim}")
                 self.rows[at:at + len(chunk)].copy_(torch.from_numpy(chunk))
+                self.max_norm = max(self.max_norm, norm_bound(chunk))
                 at += len(chunk)
-        self.ids = np.asarray(row_ids, np.int64)
+        if at != self.n:
+            raise ValueError(f"{at} rows for {self.n} ids")
         dead = np.unique(np.asarray(dead, np.int64))
         self.dead = torch.as_tensor(dead, device=self.device)
-        self.alive = n - len(dead)
+        self.alive = self.n - len(dead)
 
     @property
     def nbytes(self) -> int:
@@ -131,3 +142,77 @@ def _ordered(s, take: int):
     vals = vals.gather(1, perm)
     vals, perm = torch.sort(vals, dim=1, descending=True, stable=True)
     return vals, cols.gather(1, perm)
+
+
+class GpuCopy:
+    """A read-only store's GPU copy and its state: made once per opened version (by the first search, or ahead on a
+    background thread), checked, then used by every search; held by the store (index.mapped.MappedFlat,
+    index.mapped_ivf.LayeredIVF), which gives its rows through `store.device_rows_source()` → (chunks, row ids,
+    dead rows) and is passed to each call (no reference back to it is kept).
+
+    `get(store, wait)`: the copy, or None (search on the CPU). The first call makes it: `scan_device()`, the rows
+    copied (`DeviceRows`) and `index.store.gpu_arithmetic_ratio` ≤ 1, else robret warns once and the store searches
+    on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that search
+    runs on the CPU, so a server's requests do not stall behind a newly opened version's copy.
+    `top(store, q, k)`: `DeviceRows.top` on the copy, or None. A search that fails there (out of memory for its
+    scores, say: a reload holds two copies) returns None, to run on the CPU; GPU_ERRORS_MAX failures in a row make
+    that permanent."""
+
+    def __init__(self):
+        self.copy: DeviceRows | None = None
+        self.failed = False
+        self.errors = 0  # searches on the GPU that failed in a row
+        self._lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
+
+    @property
+    def ready(self) -> bool:
+        return self.copy is not None
+
+    def get(self, store, wait: bool = False) -> DeviceRows | None:
+        if self.failed or self.copy is not None:
+            return self.copy
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
+            if self.copy is not None or self.failed:
+                return self.copy
+            from .store import gpu_arithmetic_ratio
+
+            device = scan_device()
+            if device is None:
+                self.failed = True
+                return None
+            try:
+                chunks, row_ids, dead = store.device_rows_source()
+                gpu = DeviceRows(chunks, row_ids, dead, device, store.dim)
+                ratio = gpu_arithmetic_ratio(gpu, store)
+            except Exception as exc:  # out of GPU memory, …
+                log.warning("searching on the CPU: could not copy the gallery to the GPU (%s)", exc)
+                self.failed = True
+                return None
+            if not ratio <= 1.0:
+                log.warning("searching on the CPU: the GPU's inner products are off by %.3g× the float32 error "
+                            "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
+                self.failed = True
+                return None
+            self.copy = gpu
+            return gpu
+        finally:
+            self._lock.release()
+
+    def top(self, store, q: np.ndarray, k: int):
+        gpu = self.get(store)
+        if gpu is None:
+            return None
+        try:
+            found = gpu.top(q, k)
+        except Exception as exc:  # out of GPU memory for this batch's scores, …
+            self.errors += 1
+            if self.errors == 1:
+                log.warning("this search ran on the CPU: the search on the GPU failed (%s)", exc)
+            if self.errors >= GPU_ERRORS_MAX:  # not a passing shortage: stay on the CPU
+                log.warning("searching on the CPU from now on: %d searches on the GPU failed", self.errors)
+                self.copy, self.failed = None, True
+            return None
+        self.errors = 0
+        return found

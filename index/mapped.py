@@ -33,14 +33,11 @@ Read-only: `add` accepts only rows read from a checked file (`stored=True`, whil
 On a GPU (torch sees CUDA, `use_gpu`): the first search copies the rows to the GPU from the mapped files, chunk by
 chunk (`index.gpu_scan.DeviceRows`), checks the copy's arithmetic (`index.store.gpu_arithmetic_ratio`) and then
 answers every search there, in the same order as `scan_top`; if the copy fails (no memory, say) or its check does,
-robret warns once and searches on the CPU. A search that fails on the GPU (out of memory for its scores, say) runs
-on the CPU; after GPU_ERRORS_MAX failures in a row every search does.
+robret warns once and searches on the CPU; a search that fails on the GPU runs on the CPU (`index.gpu_scan.GpuCopy`).
 """
 from __future__ import annotations
 
-import logging
 import struct
-import threading
 from pathlib import Path
 
 import faiss
@@ -48,15 +45,12 @@ import numpy as np
 
 from .errors import StoreError
 from .ivf import norm_bound
-from .store import (CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, gpu_arithmetic_ratio,
-                    map_checked, scan_top)
+from .gpu_scan import GpuCopy
+from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked, scan_top
 
 __all__ = ["MappedFlat", "flat_base_views"]
 
-log = logging.getLogger(__name__)
-
 RECENT_MAX = 1 << 16  # rows of recent search answers remembered for `reconstruct`
-GPU_ERRORS_MAX = 3  # searches failing on the GPU in a row after which a gallery searches on the CPU for good
 
 
 class MappedFlat:
@@ -71,10 +65,6 @@ class MappedFlat:
         self._dim = int(dim)
         self.params = {**default_params("Flat"), **(params or {})}
         self.use_gpu = use_gpu
-        self._gpu = None  # index.gpu_scan.DeviceRows, made by the first search on a GPU
-        self._gpu_failed = False
-        self._gpu_errors = 0  # searches on the GPU that failed in a row (GPU_ERRORS_MAX: the CPU for good)
-        self._gpu_lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block
@@ -118,7 +108,7 @@ class MappedFlat:
         self._n_alive = len(self._alive) - len(self._dead)
         self._lookup = None  # (sorted alive ids, their rows), built on the first reconstruct that needs it
         self._recent: dict[int, int] = {}  # id → row of recent search answers (reconstructed next, to certify)
-        self._gpu = None  # (a GPU copy is made from the final rows, at the first search)
+        self.gpu = GpuCopy() if self.use_gpu else None  # (made from the final rows, at the first search)
 
     def add(self, ids, vectors, stored: bool = False) -> None:
         """Append a block of rows read from a checked file (`stored=True` only), kept as they are (a view of
@@ -230,22 +220,12 @@ class MappedFlat:
         n = self.ntotal
         if n == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        gpu = self._device_rows()
-        if gpu is not None:
-            try:
-                scores, ids, rows = gpu.top(q, k)
-            except Exception as exc:  # out of GPU memory for this batch's scores (a reload holds two copies), …
-                self._gpu_errors += 1
-                if self._gpu_errors == 1:
-                    log.warning("this search ran on the CPU: the search on the GPU failed (%s)", exc)
-                if self._gpu_errors >= GPU_ERRORS_MAX:  # not a passing shortage: stay on the CPU
-                    log.warning("searching on the CPU from now on: %d searches on the GPU failed", self._gpu_errors)
-                    self._gpu, self._gpu_failed = None, True
-            else:
-                self._gpu_errors = 0
-                if rows.size <= RECENT_MAX:
-                    self._remember(rows.ravel())
-                return scores, ids
+        found = self.gpu.top(self, q, k) if self.gpu is not None else None
+        if found is not None:
+            scores, ids, rows = found
+            if rows.size <= RECENT_MAX:
+                self._remember(rows.ravel())
+            return scores, ids
         if len(q) < FLAT_SCAN_MAX_QUERIES:
             scores, ids, rows = scan_top(q, k, self._dim, [(faiss.swig_ptr(r), len(r)) for r in blocks], self._ids,
                                          self._dead)
@@ -273,44 +253,11 @@ class MappedFlat:
     @property
     def on_gpu(self) -> bool:
         """Whether searches run on the GPU (making the copy first, or waiting for the thread that makes it)."""
-        return self._device_rows(wait=True) is not None
+        return self.gpu is not None and self._n_alive > 0 and self.gpu.get(self, wait=True) is not None
 
-    def _device_rows(self, wait: bool = False):
-        """The GPU copy searches run on (made by the first call, module doc), or None: this search runs on the CPU.
-        While another thread makes the copy (seconds at 10M vectors), wait=False does not wait for it: the search
-        runs on the CPU meanwhile, so a server's requests do not stall behind a newly opened version's copy."""
-        if not self.use_gpu or self._gpu_failed or self._n_alive == 0:
-            return None
-        gpu = self._gpu
-        if gpu is not None:
-            return gpu
-        if not self._gpu_lock.acquire(blocking=wait):
-            return None
-        try:
-            if self._gpu is not None or self._gpu_failed:
-                return self._gpu
-            from .gpu_scan import DeviceRows, scan_device
-
-            device = scan_device()
-            if device is None:
-                self._gpu_failed = True
-                return None
-            try:
-                gpu = DeviceRows(self._blocks, self._ids, self._dead, device)
-                ratio = gpu_arithmetic_ratio(gpu, self)
-            except Exception as exc:  # out of GPU memory, …
-                log.warning("searching on the CPU: could not copy the gallery to the GPU (%s)", exc)
-                self._gpu_failed = True
-                return None
-            if not ratio <= 1.0:
-                log.warning("searching on the CPU: the GPU's inner products are off by %.3g× the float32 error "
-                            "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
-                self._gpu_failed = True
-                return None
-            self._gpu = gpu
-            return gpu
-        finally:
-            self._gpu_lock.release()
+    def device_rows_source(self):
+        """(chunks, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): the mapped blocks as they are."""
+        return self._blocks, self._ids, self._dead
 
 
 _FOURCC = struct.Struct("<4s")

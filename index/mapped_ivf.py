@@ -34,9 +34,10 @@ import faiss
 import numpy as np
 
 from .errors import StoreError
+from .gpu_scan import GpuCopy
 from .ivf import CertifiedIVF, faiss_scans
 from .mapped import MappedFlat
-from .store import VectorStore, _as_ids, check_queries
+from .store import CHUNK_ROWS, VectorStore, _as_ids, check_queries
 
 __all__ = ["LayeredIVF", "LayeredLists"]
 
@@ -137,20 +138,21 @@ class LayeredIVF:
     VectorStore's reading interface."""
 
     kind = "ivf"
-    on_gpu = False
     read_only = True
 
-    def __init__(self, base: VectorStore):
+    def __init__(self, base: VectorStore, use_gpu: bool = False):
         if base.kind != "ivf":
             raise StoreError(f"a layered store needs an IVF base, not {base.factory}")
         self.base = base
         self.factory, self.params = base.factory, base.params
+        self.use_gpu = use_gpu
         self.rows = MappedFlat(base.dim)
         self._dead = np.zeros(0, np.int64)  # sorted
         self._dead_refs = np.zeros(0, np.int64)  # where each dead id is stored in the base: list << 32 | offset
         self._changed()
 
     def _changed(self) -> None:
+        self.gpu = GpuCopy() if self.use_gpu else None  # every live vector on torch's GPU (made by the first search)
         self._lists: LayeredLists | None = None
         self._selector = None  # FAISS's search of the base skips `dead` (built on first search)
         self._row_ids: np.ndarray | None = None  # the alive rows' ids, sorted (built on first reconstruct)
@@ -228,7 +230,25 @@ class LayeredIVF:
         return out
 
     def max_norm(self) -> float:
-        return self.certified_lists().max_norm if self.ntotal else 1.0
+        """M ≥ every live vector's norm: from the GPU copy's rows when searches run there (waiting for its copy),
+        else from the certified lists (`index.ivf.norm_bound` of the same vectors either way)."""
+        if not self.ntotal:
+            return 1.0
+        if self.on_gpu:
+            return self.gpu.copy.max_norm
+        return self.certified_lists().max_norm
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether searches run on torch's GPU (making the copy first, or waiting for the thread that makes it)."""
+        return self.gpu is not None and self.ntotal > 0 and self.gpu.get(self, wait=True) is not None
+
+    def device_rows_source(self):
+        """(chunks, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): every live vector in `ids()`
+        order, read CHUNK_ROWS at a time (FAISS's reconstruct from the mapped lists; segment rows as mapped)."""
+        ids = self.ids()
+        chunks = (self.reconstruct(ids[at:at + CHUNK_ROWS]) for at in range(0, len(ids), CHUNK_ROWS))
+        return chunks, ids, np.zeros(0, np.int64)
 
     def certified_lists(self) -> LayeredLists:
         """The certified lists (module doc), built on first use: exact bounds from the stored vectors."""
@@ -254,8 +274,12 @@ class LayeredIVF:
     def search(self, queries, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product over the live items: (scores (n, k) float32 decreasing, ids (n, k) int64,
         −1 past the last). The base is searched by FAISS (its nprobe lists, every list when exact=True or
-        nprobe ≥ nlist) skipping dead ids; the rows exhaustively; equal scores: the base's first."""
+        nprobe ≥ nlist) skipping dead ids; the rows exhaustively; equal scores: the base's first. On torch's GPU
+        (`on_gpu`): every search exhaustive, `index.gpu_scan.DeviceRows.top` over all live vectors."""
         q, k = check_queries(queries, self.dim, k)
+        found = self.gpu.top(self, q, k) if self.gpu is not None and self.ntotal else None
+        if found is not None:
+            return found[0], found[1]
         nlist = self.base.index.nlist
         nprobe = nlist if exact else min(nlist, int(self.params.get("nprobe", 1)))
         if len(self._dead) and self._selector is None:

@@ -42,6 +42,7 @@ import numpy as np
 from encoder.io import atomic_write, fd_sha256
 
 from .errors import IntegrityError, StoreError
+from . import gpu_scan
 from .layout import BASE, ROWS, live_files
 from .mapped import MappedFlat
 from .mapped_ivf import LayeredIVF
@@ -162,13 +163,15 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
     mapped=True (readers): a Flat gallery's files are memory-mapped into a read-only `MappedFlat`
     (index/mapped.py) instead of copied into a VectorStore, after the same checks; an IVF gallery gets a
     read-only VectorStore over its base's mapped lists (`VectorStore.read(mapped=True)`), wrapped, when
-    segments follow, in a `LayeredIVF` (index/mapped_ivf.py) that layers their mapped rows and tombstones on it.
+    segments follow, in a `LayeredIVF` (index/mapped_ivf.py) that layers their mapped rows and tombstones on it;
+    always wrapped on a GPU that torch sees and FAISS does not, where the LayeredIVF searches every vector.
     """
     version, dim = int(index_meta["version"]), int(index_meta["dim"])
     files = live_files(index_meta)
     # IVF: the base's lists mapped (FAISS cannot add to them), segments layered on top (LayeredIVF)
     map_ivf = (mapped and check and index_meta["factory"].startswith("IVF") and bool(files) and files[0]["kind"] == BASE
                and not (use_gpu and faiss.get_num_gpus() > 0))  # (FAISS moves a copying store to its GPU)
+    torch_gpu = map_ivf and use_gpu and gpu_scan.scan_device() is not None  # (FAISS sees none: map_ivf)
     mapped = mapped and check and index_meta["factory"] == "Flat"
     kind = MappedFlat if mapped else VectorStore
     read_base = MappedFlat.read if mapped else functools.partial(VectorStore.read, mapped=map_ivf)
@@ -184,8 +187,8 @@ def load_live_store(layout, index_meta: dict, use_gpu: bool = True, check: bool 
         if f["kind"] == BASE and position == 0:
             store = read_base(path, index_meta["factory"], index_meta.get("params"), use_gpu=use_gpu, sha256=sha256)
             added = store.ntotal
-            if map_ivf and len(files) > 1:
-                store = LayeredIVF(store)
+            if map_ivf and (len(files) > 1 or torch_gpu):  # (on torch's GPU, LayeredIVF searches the vectors there)
+                store = LayeredIVF(store, use_gpu=torch_gpu)
             if store.dim != dim:
                 raise StoreError(f"index file has dimension {store.dim}, the catalog says {dim}")
         elif f["kind"] == ROWS:

@@ -55,7 +55,7 @@ def test_device_rows_answer_the_cpu_scans_ids_in_its_order_with_scores_within_th
     dead = np.array([3, 7, 120, 599], np.int64)
     blocks = _blocks(v, [250, 0, 350])
     q = np.vstack([_unit(5, seed=99 + k), v[7:8], v[120:121]])
-    rows = DeviceRows([b for b in blocks if len(b)], ids, dead, "cpu")
+    rows = DeviceRows([b for b in blocks if len(b)], ids, dead, "cpu", DIM)
     s_gpu, i_gpu, r_gpu = rows.top(q, k)
     s_cpu, i_cpu, r_cpu = _cpu_scan([b for b in blocks if len(b)], ids, dead, q, k)
     take = min(k, 600 - len(dead))
@@ -88,14 +88,14 @@ def test_device_rows_answer_the_cpu_scans_ids_in_its_order_with_scores_within_th
 def test_ties_at_the_kth_score_go_to_the_lowest_rows():
     v = np.zeros((300, 4), np.float32)
     v[:, 0] = 1.0  # every row the same: every score ties
-    rows = DeviceRows([v], np.arange(300) * 10, np.array([0, 5], np.int64), "cpu")
+    rows = DeviceRows([v], np.arange(300) * 10, np.array([0, 5], np.int64), "cpu", 4)
     s, ids, r = rows.top(np.array([[1, 0, 0, 0]], np.float32), 6)
     assert r.tolist() == [[1, 2, 3, 4, 6, 7]] and ids.tolist() == [[10, 20, 30, 40, 60, 70]]
 
 
 def test_a_batch_larger_than_a_tile_answers_as_one_query_at_a_time(monkeypatch):
     v = _unit(400, seed=3)
-    rows = DeviceRows(_blocks(v, [150, 250]), np.arange(400), np.array([9], np.int64), "cpu")
+    rows = DeviceRows(_blocks(v, [150, 250]), np.arange(400), np.array([9], np.int64), "cpu", DIM)
     q = _unit(23, seed=4)
     monkeypatch.setattr(gpu_scan, "TILE_SCORES", 400 * 5)  # 5 queries a product
     batch = rows.top(q, 12)
@@ -107,7 +107,7 @@ def test_a_batch_larger_than_a_tile_answers_as_one_query_at_a_time(monkeypatch):
 
 def test_fewer_live_rows_than_k_pad_with_minus_one():
     v = _unit(5, seed=5)
-    rows = DeviceRows([v], np.arange(5), np.array([1, 2], np.int64), "cpu")
+    rows = DeviceRows([v], np.arange(5), np.array([1, 2], np.int64), "cpu", DIM)
     s, ids, r = rows.top(v[:1], 8)
     assert sorted(ids[0, :3].tolist()) == [0, 3, 4] and ids[0, 0] == 0  # (row 0 is the query itself)
     assert np.all(ids[0, 3:] == -1) and np.all(s[0, 3:] == -np.finfo(np.float32).max) and r.shape == (1, 3)
@@ -115,7 +115,7 @@ def test_fewer_live_rows_than_k_pad_with_minus_one():
 
 def test_dead_rows_named_twice_count_once():
     # (review) the live count was n − len(dead) without removing repeats: a row was left out
-    rows = DeviceRows([np.eye(4, dtype=np.float32)], np.arange(4), np.array([1, 1]), "cpu")
+    rows = DeviceRows([np.eye(4, dtype=np.float32)], np.arange(4), np.array([1, 1]), "cpu", 4)
     got = rows.top(np.ones((1, 4), np.float32), 4)
     assert got[1].tolist() == [[0, 2, 3, -1]]
 
@@ -204,13 +204,13 @@ def test_searches_run_on_the_cpu_while_another_thread_makes_the_copy(stand_in_de
     finally:
         release.set()
         maker.join(20)
-    assert store._gpu is not None and store.on_gpu
+    assert store.gpu.ready and store.on_gpu
 
 
 def test_a_search_that_fails_on_the_gpu_runs_on_the_cpu_and_repeated_failures_stay_there(stand_in_device,
                                                                                           monkeypatch, caplog):
     # (review) one failed search (out of memory for its scores, say) used to send the gallery to the CPU for good
-    from index.mapped import GPU_ERRORS_MAX
+    from index.gpu_scan import GPU_ERRORS_MAX
 
     v = _unit(500, seed=9)
     store, cpu = _mapped(v, np.arange(500)), _mapped(v, np.arange(500), use_gpu=False)
@@ -254,7 +254,7 @@ def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_c
             Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as on_cpu:
         assert on_gpu.quantize(background=True) is None  # the copy is made on the builder's thread instead
         on_gpu._codes_thread.join(20)
-        assert on_gpu.store._gpu is not None and on_gpu.quantized is None
+        assert on_gpu.store.gpu.ready and on_gpu.quantized is None
         assert isinstance(on_gpu.store, MappedFlat) and on_gpu.store.on_gpu and not on_cpu.store.on_gpu
         assert on_gpu.quantize() is None and on_cpu.quantize() is not None  # (a GPU scans the float32 rows)
         ids, vecs = on_cpu.all_vectors()
@@ -291,6 +291,51 @@ def test_an_ivf_gallery_keeps_its_codes_when_faiss_sees_a_gpu(tiny_lipsim, sampl
         assert search_embedding(g, g.all_vectors()[1][0], 3).method == "quantized"
 
 
+def test_an_ivf_gallery_with_segments_is_searched_on_torchs_gpu_with_the_cpus_certificates(
+        stand_in_device, tiny_lipsim, sample_folder, tmp_path, monkeypatch):
+    # an IVF gallery ("auto" picks IVF from 1M vectors) where torch sees a GPU and FAISS does not: every live vector
+    # (the base's lists minus tombstones, then the segments' rows) on the GPU, searched exhaustively there
+    import os
+
+    import index.gallery as gallery_mod
+    import index.store as store_mod
+    from _index_fixtures import copy_photos
+    from index import IngestOptions, build_index, update_index
+    from index.gallery import Gallery
+    from index.mapped_ivf import LayeredIVF
+    from PIL import Image
+    from retrieval.search import search_embedding
+
+    monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
+    folder = copy_photos(sample_folder, tmp_path / "photos")
+    opts = IngestOptions(workers=1, use_gpu=False, merge_tiers=False)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", index_type="IVF2,Flat", encoder=tiny_lipsim,
+                options=opts)
+    os.remove(folder / "rocket.png")  # a tombstone in the base
+    os.rename(folder / "moon.png", folder / "moon-renamed.png")  # a tombstone and a new id
+    with Image.open(folder / "coins.png") as im:
+        im.rotate(90).save(folder / "coins.png")  # a tombstone, and its id's new vector in a segment
+    update_index(tmp_path / "index", encoder=tiny_lipsim, options=opts)
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=True) as on_gpu, \
+            Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as on_cpu:
+        assert isinstance(on_gpu.store, LayeredIVF) and on_gpu.store.rows.ntotal > 0
+        assert on_gpu.store.on_gpu, (on_gpu.store.gpu.failed, on_gpu.store.gpu.errors)
+        assert on_gpu.quantize() is None and on_gpu.certified_ivf is None
+        assert on_cpu.certified_ivf is not None
+        ids, vecs = on_cpu.all_vectors()
+        assert sorted(on_gpu.store.gpu.copy.ids.tolist()) == sorted(ids.tolist())
+        norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
+        assert norms.max() <= on_gpu.max_norm <= norms.max() * (1 + 1e-5)
+        for i in range(len(ids)):
+            q = vecs[i] + np.float32(0.05) * _unit(1, seed=i, dim=vecs.shape[1])[0]
+            q /= np.linalg.norm(q)
+            a, b = search_embedding(on_gpu, q, 3), search_embedding(on_cpu, q, 3)
+            assert a.method == "exhaustive" and b.method == "certified-ivf"
+            assert [h.id for h in a.hits] == [h.id for h in b.hits]
+            assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-6)
+
+
 def test_a_gallery_whose_gpu_fails_its_check_builds_codes_for_the_cpu(stand_in_device, photo_index, tiny_lipsim,
                                                                       monkeypatch):
     import index.gallery as gallery_mod
@@ -311,7 +356,7 @@ def test_on_a_real_gpu_scores_stay_within_the_float32_bound_and_answers_match_th
     store = MappedFlat(129, use_gpu=True)
     store.add(np.arange(len(v)), v, stored=True)
     assert store.on_gpu
-    assert gpu_arithmetic_ratio(store._gpu, store) <= 1
+    assert gpu_arithmetic_ratio(store.gpu.copy, store) <= 1
     cpu = MappedFlat(129)
     cpu.add(np.arange(len(v)), v, stored=True)
     q = _unit(50, seed=13, dim=129)
