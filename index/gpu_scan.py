@@ -1,4 +1,6 @@
-"""A flat gallery's rows on a CUDA GPU, searched with torch: the exact top-k a mapped reader answers on a GPU.
+"""A gallery's vectors on a CUDA GPU, searched with torch: the exact top-k a reader answers on a GPU (a Flat
+gallery's mapped rows, index/mapped.py; an IVF gallery's every live vector where FAISS sees no GPU,
+index/mapped_ivf.py; both through `GpuCopy`).
 
 Why not FAISS's GPU flat index: it selects each query's top-k inside one thread block, so one query over N rows
 is one block's work, however many the GPU has. On an H200 a certified top-10 at 10M vectors took 35 ms that way,
@@ -22,8 +24,9 @@ after `full_float32_on_cuda` every time.
 Order: decreasing score and, among equal scores, increasing row, ties at the k-th score going to the lowest
 rows: `index.store.scan_top`'s order, so both answer the same ids wherever their scores are equal.
 
-The rows are copied from the mapped files CHUNK_ROWS at a time (no copy of the gallery in host memory), once per
-opened version (a mapped gallery does not change once open).
+The rows are copied CHUNK_ROWS at a time (from the mapped files, or as FAISS reconstructs them from an IVF's
+mapped lists: no copy of the gallery in host memory), once per opened version (a reader's store does not change
+once open).
 """
 from __future__ import annotations
 
