@@ -63,7 +63,8 @@ class Gallery:
         """Open `index_dir`. `encoder` (optional) must be the one that built it; else it loads lazily.
 
         use_gpu=False keeps searches on the CPU even when a GPU is visible. With it, a Flat gallery is searched on
-        the GPU that torch sees (index/mapped.py), an IVF gallery on the GPU that FAISS sees (index/store.py).
+        the GPU that torch sees (index/mapped.py); an IVF gallery on the GPU that FAISS sees (index/store.py), else
+        on the one torch sees (index/mapped_ivf.py).
         """
         layout = IndexDir(index_dir)
         catalog = layout.open_catalog()

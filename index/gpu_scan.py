@@ -156,7 +156,8 @@ class GpuCopy:
     `get(store, wait)`: the copy, or None (search on the CPU). The first call makes it: `scan_device()`, the rows
     copied (`DeviceRows`) and `index.store.gpu_arithmetic_ratio` ≤ 1, else robret warns once and the store searches
     on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that search
-    runs on the CPU, so a server's requests do not stall behind a newly opened version's copy.
+    runs on the CPU, so a server's requests do not stall behind a newly opened version's copy (except an IVF
+    gallery's first certified queries, which need M from the copy: `LayeredIVF.max_norm`).
     `top(store, q, k)`: `DeviceRows.top` on the copy, or None. A search that fails there (out of memory for its
     scores, say: a reload holds two copies) returns None, to run on the CPU; GPU_ERRORS_MAX failures in a row make
     that permanent."""

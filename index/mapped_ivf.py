@@ -175,6 +175,7 @@ class LayeredIVF:
             order = np.argsort(np.concatenate([self._dead, fresh]), kind="stable")
             self._dead = np.concatenate([self._dead, fresh])[order]
             self._dead_refs = np.concatenate([self._dead_refs, refs]).astype(np.int64)[order]
+        if removed or fresh:  # (also rows only: the lists, the rows' ids and a GPU copy hold them)
             self._changed()
         return removed + len(fresh)
 
@@ -230,12 +231,15 @@ class LayeredIVF:
         return out
 
     def max_norm(self) -> float:
-        """M ≥ every live vector's norm: from the GPU copy's rows when searches run there (waiting for its copy),
-        else from the certified lists (`index.ivf.norm_bound` of the same vectors either way)."""
+        """M ≥ every live vector's norm: from the GPU copy's rows when searches run there, else from the certified
+        lists (`index.ivf.norm_bound` of the same vectors either way). While another thread makes the copy this
+        waits for it: a certified query on a newly opened IVF version waits that long (2.5 s at 10M), where a
+        Flat gallery's reads its mapped rows and does not wait."""
         if not self.ntotal:
             return 1.0
-        if self.on_gpu:
-            return self.gpu.copy.max_norm
+        copy = self.gpu.get(self, wait=True) if self.gpu is not None else None  # (one read: a failure may drop it)
+        if copy is not None:
+            return copy.max_norm
         return self.certified_lists().max_norm
 
     @property

@@ -65,7 +65,7 @@ class ServeConfig:
     concurrency: int = 2  # searches embedding at once (the rest wait for a slot)
     decode_memory: int = 512 * 2**20  # bytes of decoded pixels held at once across requests
     cors_origins: tuple[str, ...] = ()  # allowed browser origins (empty: CORS off)
-    use_gpu: bool = True  # search on the GPU when one is visible (a Flat gallery: torch's; IVF: FAISS's)
+    use_gpu: bool = True  # search on the GPU when one is visible (torch's; an IVF gallery FAISS's when it sees it)
     thumbnail_side: int = 128  # longest side of /items thumbnails (pixels)
     codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.quantize)
 
