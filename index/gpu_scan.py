@@ -18,8 +18,8 @@ Soundness: every score is the float32 inner product of the same two vectors, sum
 without fused multiply-adds, as cuBLAS computes in its default math mode; `encoder.certify.float32_dot_error`
 bounds that in any order, as it bounds FAISS's CPU kernel. A GPU computing in reduced precision (TF32, or a
 math mode a library set process-wide) would not be, so a copy is used only after `index.store.gpu_arithmetic_ratio`
-finds its scores within the bound on probe queries (`index.mapped.MappedFlat`), and the matrix product runs
-after `full_float32_on_cuda` every time.
+finds its scores within the bound on probe queries (`GpuCopy.get`), and the matrix product runs after
+`full_float32_on_cuda` every time.
 
 Order: decreasing score and, among equal scores, increasing row, ties at the k-th score going to the lowest
 rows: `index.store.scan_top`'s order, so both answer the same ids wherever their scores are equal.
