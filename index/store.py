@@ -25,8 +25,8 @@ fewer than FLAT_SCAN_MAX_QUERIES queries (and an exact HNSW search, over the gra
 pass of FAISS's inner-product kernel over the stored rows per query, split over the cores above
 2·SPLIT_MIN rows, then `top_rows` (`scan_top`, `VectorStore._flat_scan`).
 Readers (`Gallery.open`) do not load a Flat gallery into this class: index/mapped.py maps its files (and
-searches them on torch's GPU when there is one, index/gpu_scan.py); on the CPU an IVF base is read with its lists
-mapped (`read(mapped=True)`, read-only), any segments after it layered on it (index/mapped_ivf.py).
+searches them on torch's GPU when there is one, index/gpu_scan.py); unless FAISS sees a GPU, an IVF base is read
+with its lists mapped (`read(mapped=True)`, read-only), any segments after it layered on it (index/mapped_ivf.py).
 """
 from __future__ import annotations
 
@@ -346,8 +346,8 @@ def gpu_arithmetic_ratio(index: faiss.Index, store: "VectorStore", probes: int =
     a GPU computing in TF32 (10-bit mantissa) or another reduced precision. A ratio ≤ 1 on the probes does
     not prove the bound for every score; a ratio > 1 disproves it, and then the GPU is not used.
 
-    Probes: `probes` stored vectors e spread over the index, used twice, searched all at once and each alone. (1) e plus a small deterministic
-    perturbation, renormalised: ordinary queries. (2) e with every coordinate's 13 low mantissa bits set to
+    Probes: `probes` stored vectors e spread over the index, used twice, searched all at once and each alone.
+    (1) e plus a small deterministic perturbation, renormalised: ordinary queries. (2) e with every coordinate's 13 low mantissa bits set to
     0x0FFF, just below half of TF32's last place: rounding to TF32 (to nearest, or by truncation) shrinks every
     coordinate by ~2⁻¹² of itself, so ⟨q, e⟩ comes out low by ~2⁻¹²·‖q‖‖e‖ (q ≈ e: no cancellation), about
     4096/(D + 1) times the bound. Random probes alone can miss TF32 at embedding widths of 768 and more, since
