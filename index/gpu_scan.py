@@ -87,10 +87,6 @@ class DeviceRows:
         self.dead = torch.as_tensor(dead, device=self.device)
         self.alive = self.n - len(dead)
 
-    @property
-    def nbytes(self) -> int:
-        return self.rows.numel() * 4
-
     def top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (n, k) float32, ids (n, k) int64, rows (n, take) int64) of float32 queries (n, D), take =
         min(k, live rows); past `take`, ids −1 with score −FLT_MAX (as `index.store.scan_top`)."""

@@ -11,6 +11,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+def round_tf32(x) -> np.ndarray:
+    """float32 rounded to TF32's 10-bit mantissa (round to nearest even on the 13 dropped bits): what a GPU
+    computing in TF32 sees of its inputs (the GPU stand-ins of tests/test_faiss_gpu.py and tests/test_gpu_scan.py)."""
+    b = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    b = (b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)
+    return b.view(np.float32)
+
+
 # Photos small enough that a tiny-encoder build of the folder takes well under a second.
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "rocket",
           "text", "page")

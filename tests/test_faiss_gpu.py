@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 import pytest
 
+from _index_fixtures import round_tf32
 from encoder.certify import float32_dot_error
 from index.store import GPU_MAX_K, VectorStore, gpu_arithmetic_ratio
 
@@ -22,13 +23,6 @@ def _unit(n, seed=0):
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _tf32(x):
-    """Round float32 to TF32's 10-bit mantissa (round to nearest even on the 13 dropped bits)."""
-    b = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    b = (b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)
-    return b.view(np.float32)
-
-
 class StandInGpuIndex:
     """What `index_cpu_to_gpu` returns, on a machine without a GPU (module doc)."""
 
@@ -36,7 +30,7 @@ class StandInGpuIndex:
         ids = store.ids()
         vectors = store.reconstruct(ids)
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(store.dim))
-        self.index.add_with_ids(_tf32(vectors) if tf32 else vectors, ids)
+        self.index.add_with_ids(round_tf32(vectors) if tf32 else vectors, ids)
         self.tf32, self.calls = tf32, 0
 
     def search(self, q, k):
@@ -44,7 +38,7 @@ class StandInGpuIndex:
         if k > GPU_MAX_K:
             raise RuntimeError("Error: 'k > 0 && k <= getMaxKSelection(use_cuvs)' failed: GPU index only supports "
                                "min/max-K selection k <= 2048")
-        return self.index.search(_tf32(q) if self.tf32 else q, k)
+        return self.index.search(round_tf32(q) if self.tf32 else q, k)
 
 
 @pytest.fixture

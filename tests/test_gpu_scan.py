@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import index.gpu_scan as gpu_scan
+from _index_fixtures import round_tf32
 from encoder.certify import float32_dot_error
 from index.gpu_scan import DeviceRows
 from index.mapped import MappedFlat
@@ -149,9 +150,7 @@ def test_a_gpu_scoring_in_reduced_precision_is_not_used(stand_in_device, monkeyp
     true_top = DeviceRows.top
 
     def tf32_top(self, q, k):
-        b = np.ascontiguousarray(q, np.float32).view(np.uint32)
-        rounded = ((b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)).view(np.float32)
-        return true_top(self, rounded, k)
+        return true_top(self, round_tf32(q), k)
 
     monkeypatch.setattr(DeviceRows, "top", tf32_top)
     v = _unit(500, seed=8)
@@ -168,10 +167,7 @@ def test_the_check_also_probes_one_query_at_a_time(stand_in_device, monkeypatch)
     true_top = DeviceRows.top
 
     def tf32_when_alone(self, q, k):
-        if len(q) == 1:
-            b = np.ascontiguousarray(q, np.float32).view(np.uint32)
-            q = ((b + 0x0FFF + ((b >> 13) & 1)) & np.uint32(0xFFFFE000)).view(np.float32)
-        return true_top(self, q, k)
+        return true_top(self, round_tf32(q) if len(q) == 1 else q, k)
 
     monkeypatch.setattr(DeviceRows, "top", tf32_when_alone)
     assert not _mapped(_unit(500, seed=8), np.arange(500)).on_gpu
