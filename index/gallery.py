@@ -223,9 +223,8 @@ class Gallery:
         background build makes it off the requests' threads, which search on the CPU meanwhile (index/mapped.py)."""
         if self._codes_stop.is_set():  # (closed)
             return self._codes
-        # (a store with a `gpu` searches on torch's GPU; an IVF on FAISS's GPU has none: its certified IVF runs on
-        # the CPU and keeps its codes)
-        if getattr(self.store, "gpu", None) is not None and self.store.on_gpu:
+        # (an IVF on FAISS's GPU has no `gpu`: its certified IVF runs on the CPU and keeps its codes)
+        if self._torch_gpu and self.store.on_gpu:
             return None
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():

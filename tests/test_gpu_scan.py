@@ -146,6 +146,15 @@ def test_a_mapped_gallery_searches_on_the_gpu_and_answers_as_on_the_cpu(stand_in
     assert np.array_equal(gpu.reconstruct(found), cpu.reconstruct(found))
 
 
+def test_a_gpu_copy_gives_the_same_norm_bound_as_a_pass_over_the_mapped_rows(stand_in_device):
+    v = _unit(700, seed=15) * np.random.default_rng(15).uniform(0.5, 1.5, (700, 1)).astype(np.float32)
+    store, cpu = _mapped(v, np.arange(700)), _mapped(v, np.arange(700), use_gpu=False)
+    assert store.on_gpu and store.max_norm() == cpu.max_norm() >= np.linalg.norm(v.astype(np.float64), axis=1).max()
+    # the row of largest norm cleared: the copy still holds it, so its bound would not be this store's tightest
+    dead = _mapped(v, np.arange(700), dead=[int(np.argmax(np.linalg.norm(v, axis=1)))])
+    assert dead.on_gpu and dead.max_norm() < store.max_norm()
+
+
 def test_a_gpu_scoring_in_reduced_precision_is_not_used(stand_in_device, monkeypatch, caplog):
     true_top = DeviceRows.top
 
