@@ -27,6 +27,9 @@
    - certified top-10 (`search_embedding`) one query at a time on each store, in turn on every query: p50/p95
      latency, whether the top-10 ids are the CPU's, and the largest relative gap between radii (the lists' last
      items may differ where float32 scores tie: both certificates are sound);
+   - a reload after a checkpoint that appended 1% new rows: torch's copy of the newer version made in full and
+     sharing the older copy's rows (`index.gpu_scan.GpuCopy.seed`), alternating: seconds, device memory added,
+     same top-10 as the CPU;
    - 1,000 queries' top-10 in one call on each store; a top-3000 search (beyond FAISS's GPU limit of 2048:
      FAISS's store must fall back to the CPU, and the raw GPU index's own error is recorded);
    - at the smallest size, an IVF gallery: FAISS's GPU nprobe search against the CPU's (same ids), and certified
@@ -241,6 +244,9 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
         # radii differ slightly when the two lists differ in their last item (ties in float32): both sound
         row["certified_top10"].update(same_ids_as_cpu=same, max_relative_radius_gap=gap, queries=queries)
 
+        if stores["torch"].gpu.ready:
+            row["reload"] = _reload_copy(stores["torch"], v, qs[:20], k)
+
         batch = clustered_unit_vectors(1000, DIM, max(8, n // CLUSTER_SIZE), 0, stream=8)
         answers = {}
         for name, store in stores.items():
@@ -295,6 +301,51 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
         del stores, galleries, v
         out["sizes"].append(row)
         print(json.dumps(row), flush=True)
+    return out
+
+
+def _reload_copy(older, v: np.ndarray, qs: np.ndarray, k: int, rounds: int = 3) -> dict:
+    """A server's reload after a checkpoint that appended 1% new rows to the gallery `older` maps (its copy made):
+    the newer version's GPU copy made in full, and sharing the older copy's part (`GpuCopy.seed`, what
+    `Gallery.quantize(previous=…)` does), `rounds` times each in alternating order (seconds, with the arithmetic
+    check); the device memory each copy adds (CUDA only), the rows shared, and the shared copy's top-k against the
+    CPU's scan of the same rows."""
+    from index.mapped import MappedFlat
+
+    n, dim = v.shape
+    fresh = np.random.default_rng(5).standard_normal((max(1, n // 100), dim)).astype(np.float32)
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+    cuda = older.gpu.copy.device.type == "cuda"
+
+    def newer(use_gpu=True):
+        store = MappedFlat(dim, use_gpu=use_gpu)
+        store.add(np.arange(n), v, stored=True)
+        store.add(np.arange(n, n + len(fresh)), fresh, stored=True)
+        return store
+
+    out = {"rows_added": len(fresh), "copy_s": {"full": [], "shared": []}, "added_bytes": {}}
+    for r in range(rounds):
+        for how in (("full", "shared") if r % 2 == 0 else ("shared", "full")):
+            store = newer()
+            if how == "shared":
+                store.gpu.seed(older.gpu, n)
+            if cuda:
+                torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated() if cuda else 0
+            t = time.perf_counter()
+            on = store.on_gpu
+            if cuda:
+                torch.cuda.synchronize()
+            out["copy_s"][how].append(time.perf_counter() - t)
+            out["added_bytes"][how] = (torch.cuda.memory_allocated() - before) if cuda else None
+            if how == "shared" and r == 0:
+                cpu = newer(use_gpu=False)
+                out.update(on_gpu=on, reused=store.gpu.copy.reused,
+                           same_ids_as_cpu=int((store.search(qs, k)[1] == cpu.search(qs, k)[1]).all(axis=1).sum()),
+                           queries=len(qs))
+                del cpu
+            del store
+    out["ratio_full_over_shared"] = float(np.median(out["copy_s"]["full"]) / np.median(out["copy_s"]["shared"]))
     return out
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import threading
@@ -91,7 +92,7 @@ class Gallery:
         self.catalog.close()
         if keep_vectors:
             return
-        self._codes_stop.set()  # a background build of codes ends at its next chunk and keeps nothing
+        self._codes_stop.set()  # a background build of codes (or of the GPU copy) ends at its next chunk, keeps nothing
         if isinstance(self.store, _Closed):
             return
         if self.store.read_only:  # mapped (MappedFlat, or IVF lists)
@@ -189,8 +190,10 @@ class Gallery:
         version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
 
         A gallery searched on torch's GPU (a mapped store's `gpu`, index/gpu_scan.py) builds no codes; its GPU copy is
-        made instead, on the daemon thread with background=True. (An IVF gallery on FAISS's GPU keeps its codes: its
-        certified queries run on the CPU.)
+        made instead, on the daemon thread with background=True (and then only there: requests search on the CPU
+        until it is ready, `GpuCopy.deferred`). Should that GPU fail for good later (`GpuCopy.when_failed`), the codes
+        are built then, in the background. (An IVF gallery on FAISS's GPU keeps its codes: its certified queries run
+        on the CPU.)
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
@@ -199,8 +202,10 @@ class Gallery:
         previous: the gallery of an older version of this index directory, which this one replaces (a server's
         reload). The codes of the rows both versions hold in the files they share are copied from its codes
         (`index.layout.common_files`: after a checkpoint that appended a segment, every older row still alive)
-        and only the others are coded. If its own build is still running, this build waits for it first: a
-        server whose writer commits faster than a full build runs chains its builds instead of restarting one.
+        and only the others are coded. On torch's GPU, a mapped Flat gallery's copy shares previous's copy of those
+        files instead (`_seed_gpu`): only the new files' rows are copied, and the device holds the shared ones once.
+        If its own build is still running, this build waits for it first: a server whose writer commits faster than
+        a full build runs chains its builds instead of restarting one.
         """
         if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
             return self._codes
@@ -209,7 +214,11 @@ class Gallery:
         if not background:
             return self._quantize_now(previous)
         with self._codes_state:
-            if self._codes_thread is None and not self._codes_stop.is_set():
+            thread = self._codes_thread
+            if (thread is None or not thread.is_alive()) and self._codes is None and not self._codes_stop.is_set():
+                if self._torch_gpu and thread is None:
+                    self.store.gpu.deferred = True  # (the copy is made on this thread, not in a request's)
+                    self.store.gpu.when_failed(functools.partial(_codes_after_gpu, weakref.ref(self)))
                 self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous),
                                                       name="robret-codes", daemon=True)
                 self._codes_thread._robret_stop = self._codes_stop
@@ -219,13 +228,16 @@ class Gallery:
 
     def _quantize_now(self, previous: "Gallery | None") -> QuantizedCodes | None:
         """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
-        torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (`on_gpu`), so a
-        background build makes it off the requests' threads, which search on the CPU meanwhile (index/mapped.py)."""
+        torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (sharing
+        previous's where both hold the same files), so a background build makes it off the requests' threads, which
+        search on the CPU meanwhile (index/mapped.py); a close stops it at its next chunk."""
         if self._codes_stop.is_set():  # (closed)
             return self._codes
         # (an IVF on FAISS's GPU has no `gpu`: its certified IVF runs on the CPU and keeps its codes)
-        if self._torch_gpu and self.store.on_gpu:
-            return None
+        if self._torch_gpu:
+            self._seed_gpu(previous)
+            if self.store.gpu.get(self.store, wait=True, stop=self._codes_stop) is not None or self._torch_gpu:
+                return None  # (on the GPU; or its copy stopped by a close: keep nothing)
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
                 old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)
@@ -239,14 +251,28 @@ class Gallery:
                         self._codes = built
         return self._codes
 
+    def _seed_gpu(self, previous: "Gallery | None") -> None:
+        """Let this version's GPU copy share previous's in the files both hold (`index.gpu_scan.GpuCopy.seed`: the
+        first `file_starts(live)[common]` stored rows, `index.layout.common_files`), for mapped Flat stores; waits
+        for previous's background build (which makes its copy) when one runs."""
+        older = previous.__dict__.get("store") if previous is not None else None  # (a closed one's: _Closed)
+        if type(self.store) is not MappedFlat or type(older) is not MappedFlat:
+            return
+        _wait_for_build(previous)
+        try:
+            common = common_files(live_files(previous.meta["index"]), self._live)
+            if common:
+                self.store.gpu.seed(previous.store.gpu, file_starts(self._live)[common])
+        except Exception as exc:  # (previous closed meanwhile, …): this copy is made in full
+            log.warning("the GPU copy of version %d shares nothing with version %d's: %s", self.version,
+                        previous.version, exc)
+
     def _reuse(self, previous: "Gallery | None") -> tuple | None:
         """(previous's codes, their rows and this store's rows in the files both share) or None; waits for
         previous's background build when one runs."""
         if previous is None:
             return None
-        thread = previous._codes_thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()  # (stopped at its next chunk by previous.close() or at exit)
+        _wait_for_build(previous)
         old = previous.quantized
         if old is None or old.leading is None:
             return None
@@ -375,6 +401,22 @@ class Gallery:
             return f"Gallery({str(self.index_dir)!r}, closed)"
         return (f"Gallery({str(self.index_dir)!r}, {len(self)} vectors, {self.store.factory}, "
                 f"encoder={self.encoder_spec!r}, version={self.version})")
+
+
+def _wait_for_build(gallery: Gallery) -> None:
+    """Wait for `gallery`'s background build of codes (or of its GPU copy) when one runs in another thread."""
+    thread = gallery._codes_thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join()  # (stopped at its next chunk by gallery.close() or at exit)
+
+
+def _codes_after_gpu(ref) -> None:
+    """A gallery's GPU failed for good after it had been searched there (`index.gpu_scan.GpuCopy.when_failed`):
+    build its int8 codes for the CPU in the background, as if it had never had a GPU."""
+    gallery = ref()
+    if gallery is not None and not gallery._codes_stop.is_set():
+        _wait_for_build(gallery)  # (the thread that made the copy, if it has not yet returned)
+        gallery.quantize(background=True)
 
 
 def _build_codes(ref, previous) -> None:

@@ -8,7 +8,8 @@ where reading the 5.2 GB of rows takes ~1.5 ms (docs/benchmarks.md, "FAISS on th
 is not what `pip install faiss-cpu` brings, while a CUDA build of torch is what embedding on a GPU already needs.
 
 Here, for a tile of queries Q (t, D) and the rows X (N, D), all float32 on the device:
-    S = Q·Xᵀ                     (cuBLAS, full float32: `encoder.protocol.full_float32_on_cuda`; TF32 off)
+    S = Q·Xᵀ                     (cuBLAS, full float32: `encoder.protocol.full_float32_on_cuda`; TF32 off;
+                                  one product a part of X: a mapped gallery's file, `DeviceRows`)
     S[:, dead] = −∞              (a mapped gallery's cleared rows: never taken while live rows remain)
     top-k of each row of S       (`torch.topk`: a selection spread over the whole GPU, then `_ordered`)
 with t = max(1, TILE_SCORES // N) queries, so S holds at most TILE_SCORES floats (1 GiB; more only for a single
@@ -26,7 +27,9 @@ rows: `index.store.scan_top`'s order, so both answer the same ids wherever their
 
 The rows are copied CHUNK_ROWS at a time (from the mapped files, or as FAISS reconstructs them from an IVF's
 mapped lists: no copy of the gallery in host memory), once per opened version (a reader's store does not change
-once open).
+once open). A newer version of a mapped Flat gallery shares the parts of the files it has in common with the
+version it replaces (`GpuCopy.seed`): a server's reload copies only what the checkpoint added, and the device
+holds the shared rows once.
 """
 from __future__ import annotations
 
@@ -39,10 +42,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeviceRows", "GpuCopy", "scan_device", "TILE_SCORES", "GPU_ERRORS_MAX"]
+__all__ = ["CopyStopped", "DeviceRows", "GpuCopy", "RowsOf", "scan_device", "TILE_SCORES", "GPU_ERRORS_MAX", "NO_DEVICE"]
 
 TILE_SCORES = 1 << 28  # scores (float32) one matrix product may hold: 1 GiB
 GPU_ERRORS_MAX = 3  # searches failing on the GPU in a row after which a store searches on the CPU for good
+NO_DEVICE = "no GPU that torch sees"  # `GpuCopy.why` on a machine without one
 
 
 def scan_device():
@@ -57,11 +61,27 @@ def scan_device():
     return torch.device("cuda") if torch.cuda.is_available() else None
 
 
-class DeviceRows:
-    """Float32 rows on `device`, their ids and dead rows; `top` and `search` (module doc). chunks: the rows in order,
-    as any number of (n_b, dim) arrays (views of mapped files, or vectors read a chunk at a time), one row per id."""
+class CopyStopped(Exception):
+    """A copy abandoned between chunks because its `stop` event was set (the gallery closed, or the interpreter is
+    exiting): not a failure of the GPU."""
 
-    def __init__(self, chunks, row_ids: np.ndarray, dead: np.ndarray, device, dim: int):
+
+class DeviceRows:
+    """Float32 rows on `device`, their ids and dead rows; `top` and `search` (module doc).
+
+    parts: the rows in order, as a sequence of parts, each anything with `len` and row slicing that gives float32
+    arrays (n_p, dim): a mapped file's rows (`MappedFlat`: one part a file) or `RowsOf` (vectors reconstructed a
+    chunk at a time). Each part becomes one tensor, copied CHUNK_ROWS rows at a time; row_ids: one id per row of
+    all parts; dead: rows never returned. stop: a threading.Event checked between chunks (`CopyStopped`).
+
+    reuse: (an older copy, R) when the first R rows of `parts` are the older copy's first R rows (an older version of
+    the same gallery: the files both share, `index.layout.common_files`). Every part of the older copy that lies
+    within those rows, with the same bounds, the same ids and the same first and last rows as this part, is shared,
+    not copied: one tensor on the device for both versions (`reused` counts its rows), and its norm bound is kept.
+    A shared part is the same bytes (the claim of common_files), so it is what copying it again would give."""
+
+    def __init__(self, parts, row_ids: np.ndarray, dead: np.ndarray, device, dim: int, *, stop=None,
+                 reuse: "tuple[DeviceRows, int] | None" = None):
         import torch
 
         from .ivf import norm_bound
@@ -70,22 +90,76 @@ class DeviceRows:
         self.ids = np.asarray(row_ids, np.int64)
         self.device = torch.device(device)
         self.dim, self.n = int(dim), len(self.ids)
-        self.rows = torch.empty((self.n, self.dim), dtype=torch.float32, device=self.device)
-        self.max_norm = 0.0  # M ≥ every row's norm (`index.ivf.norm_bound` of each chunk as it passes)
-        at = 0
-        for block in chunks:
-            for start in range(0, len(block), CHUNK_ROWS):
-                chunk = np.array(block[start:start + CHUNK_ROWS], np.float32)  # (a writable copy of one chunk)
-                if at + len(chunk) > self.n or chunk.shape[1:] != (self.dim,):
-                    raise ValueError(f"rows of shape {chunk.shape} past {at} of {self.n} rows of dimension {self.dim}")
-                self.rows[at:at + len(chunk)].copy_(torch.from_numpy(chunk))
-                self.max_norm = max(self.max_norm, norm_bound(chunk))
-                at += len(chunk)
-        if at != self.n:
-            raise ValueError(f"{at} rows for {self.n} ids")
+        self.parts: list = []  # one (n_p, dim) float32 tensor a part
+        self.norms: list[float] = []  # `index.ivf.norm_bound` of each part's rows
+        self.starts = [0]  # part p holds rows starts[p] .. starts[p + 1] − 1
+        self.reused = 0
+        for part in parts:
+            at, size = self.starts[-1], len(part)
+            if at + size > self.n:
+                raise ValueError(f"rows past {at + size} for {self.n} ids")
+            shared = self._shared(reuse, part, at, size)
+            if shared is None:
+                tensor, norm = torch.empty((size, self.dim), dtype=torch.float32, device=self.device), 0.0
+                for start in range(0, size, CHUNK_ROWS):
+                    if stop is not None and stop.is_set():
+                        raise CopyStopped("the copy to the GPU was stopped")
+                    chunk = np.array(part[start:start + CHUNK_ROWS], np.float32)  # (a writable copy of one chunk)
+                    if chunk.shape != (min(CHUNK_ROWS, size - start), self.dim):
+                        raise ValueError(f"rows of shape {chunk.shape} at {at + start} of {self.n} rows of dimension "
+                                         f"{self.dim}")
+                    tensor[start:start + len(chunk)].copy_(torch.from_numpy(chunk))
+                    norm = max(norm, norm_bound(chunk))
+            else:
+                tensor, norm = shared
+                self.reused += size
+            self.parts.append(tensor)
+            self.norms.append(norm)
+            self.starts.append(at + size)
+        if self.starts[-1] != self.n:
+            raise ValueError(f"{self.starts[-1]} rows for {self.n} ids")
+        self.max_norm = max(self.norms, default=0.0)  # M ≥ every row's norm
         dead = np.unique(np.asarray(dead, np.int64))
         self.dead = torch.as_tensor(dead, device=self.device)
         self.alive = self.n - len(dead)
+
+    def _shared(self, reuse, part, at: int, size: int):
+        """(tensor, norm bound) of the older copy's part p = len(self.parts), when it can stand for `part` (class
+        doc), else None."""
+        if reuse is None:
+            return None
+        older, rows = reuse
+        p = len(self.parts)
+        if (p >= len(older.parts) or older.starts[p] != at or older.starts[p + 1] != at + size or at + size > rows
+                or older.device != self.device or older.dim != self.dim
+                or not np.array_equal(older.ids[at:at + size], self.ids[at:at + size])):
+            return None
+        if size and not (np.array_equal(older.parts[p][:1].cpu().numpy(), np.asarray(part[0:1], np.float32))
+                         and np.array_equal(older.parts[p][-1:].cpu().numpy(),
+                                            np.asarray(part[size - 1:size], np.float32))):
+            return None
+        return older.parts[p], older.norms[p]
+
+    def host_rows(self) -> np.ndarray:
+        """Every row, copied back to host memory (n, dim) (for checks)."""
+        import torch
+
+        return torch.cat(self.parts).cpu().numpy() if self.parts else np.zeros((0, self.dim), np.float32)
+
+    def _scores(self, part):
+        """Scores (t, n) of queries `part` (t, dim) against every row: one product a part (module doc)."""
+        import torch
+
+        if len(part) == 1:
+            if len(self.parts) == 1:
+                return (self.parts[0] @ part[0])[None]
+            s = torch.empty(self.n, dtype=torch.float32, device=self.device)
+            for rows, a in zip(self.parts, self.starts):
+                torch.mv(rows, part[0], out=s[a:a + len(rows)])
+            return s[None]
+        if len(self.parts) == 1:
+            return part @ self.parts[0].T
+        return torch.cat([part @ rows.T for rows in self.parts], dim=1)
 
     def top(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (n, k) float32, ids (n, k) int64, rows (n, take) int64) of float32 queries (n, D), take =
@@ -106,7 +180,7 @@ class DeviceRows:
         with torch.inference_mode():
             for a in range(0, len(q), tile):
                 part = queries[a:a + tile]
-                s = (self.rows @ part[0])[None] if len(part) == 1 else part @ self.rows.T
+                s = self._scores(part)
                 if len(self.dead):
                     s.index_fill_(1, self.dead, -np.inf)
                 vals, rows = _ordered(s, take)
@@ -143,34 +217,68 @@ def _ordered(s, take: int):
     return vals, cols.gather(1, perm)
 
 
+class RowsOf:
+    """The vectors of `ids` as one part of `DeviceRows` (`len` and row slicing), read through `store.reconstruct` a
+    slice at a time: an IVF gallery's live vectors from its mapped lists, with no copy of them all in host memory."""
+
+    def __init__(self, store, ids: np.ndarray):
+        self.store, self.ids = store, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.store.reconstruct(self.ids[rows])
+
+
 class GpuCopy:
     """A read-only store's GPU copy and its state: made once per opened version (by the first search, or ahead on a
     background thread), checked, then used by every search; held by the store (index.mapped.MappedFlat,
-    index.mapped_ivf.LayeredIVF), which gives its rows through `store.device_rows_source()` → (chunks, row ids,
+    index.mapped_ivf.LayeredIVF), which gives its rows through `store.device_rows_source()` → (parts, row ids,
     dead rows) and is passed to each call (no reference back to it is kept).
 
-    `get(store, wait)`: the copy, or None (search on the CPU). The first call makes it: `scan_device()`, the rows
-    copied (`DeviceRows`) and `index.store.gpu_arithmetic_ratio` ≤ 1, else robret warns once and the store searches
-    on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that search
-    runs on the CPU, so a server's requests do not stall behind a newly opened version's copy (except an IVF
-    gallery's first certified queries, which need M from the copy: `LayeredIVF.max_norm`).
+    `get(store, wait, stop)`: the copy, or None (search on the CPU). The first call makes it: `scan_device()`, the
+    rows copied (`DeviceRows`) and `index.store.gpu_arithmetic_ratio` ≤ 1, else robret warns once and the store
+    searches on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that
+    search runs on the CPU, so a server's requests do not stall behind a newly opened version's copy (except an IVF
+    gallery's first certified queries, which need M from the copy: `LayeredIVF.max_norm`). With `deferred` set (a
+    gallery that makes the copy on its own thread: `Gallery.quantize(background=True)`), wait=False never starts
+    the copy either, so no request makes it in its own thread. `stop` (a threading.Event) abandons a copy between
+    chunks: get returns None and a later call may make it.
+    `seed(older, rows)`: the first `rows` rows of this store are those of the store `older` copied (an older
+    version: `Gallery.quantize(previous=…)`); the copy shares that copy's parts there (`DeviceRows`' reuse), so a
+    reload copies only the new files' rows and holds the shared ones once on the device.
     `top(store, q, k)`: `DeviceRows.top` on the copy, or None. A search that fails there (out of memory for its
-    scores, say: a reload holds two copies) returns None, to run on the CPU; GPU_ERRORS_MAX failures in a row make
-    that permanent."""
+    scores, say) returns None, to run on the CPU; GPU_ERRORS_MAX failures in a row make that permanent, and then
+    the callbacks given to `when_failed` run (a gallery then builds its int8 codes for the CPU)."""
 
     def __init__(self):
         self.copy: DeviceRows | None = None
         self.failed = False
+        self.why: str | None = None  # why it failed (NO_DEVICE: no GPU that torch sees)
         self.errors = 0  # searches on the GPU that failed in a row
+        self.deferred = False
         self._lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
+        self._reuse: tuple[DeviceRows, int] | None = None
+        self._when_failed: list = []
 
     @property
     def ready(self) -> bool:
         return self.copy is not None
 
-    def get(self, store, wait: bool = False) -> DeviceRows | None:
+    def seed(self, older: "GpuCopy | None", rows: int) -> None:
+        copy = older.copy if older is not None else None
+        if copy is not None and int(rows) > 0 and self.copy is None:
+            self._reuse = (copy, int(rows))
+
+    def when_failed(self, callback) -> None:
+        self._when_failed.append(callback)
+
+    def get(self, store, wait: bool = False, stop=None) -> DeviceRows | None:
         if self.failed or self.copy is not None:
             return self.copy
+        if not wait and self.deferred:
+            return None
         if not self._lock.acquire(blocking=wait):
             return None
         try:
@@ -180,20 +288,23 @@ class GpuCopy:
 
             device = scan_device()
             if device is None:
-                self.failed = True
+                self.failed, self.why = True, NO_DEVICE
                 return None
             try:
-                chunks, row_ids, dead = store.device_rows_source()
-                gpu = DeviceRows(chunks, row_ids, dead, device, store.dim)
+                parts, row_ids, dead = store.device_rows_source()
+                gpu = DeviceRows(parts, row_ids, dead, device, store.dim, stop=stop, reuse=self._reuse)
                 ratio = gpu_arithmetic_ratio(gpu, store)
+            except CopyStopped:
+                return None
             except Exception as exc:  # out of GPU memory, …
                 log.warning("searching on the CPU: could not copy the gallery to the GPU (%s)", exc)
-                self.failed = True
+                self.failed, self.why, self._reuse = True, f"copy failed: {exc}", None
                 return None
+            self._reuse = None  # (the older copy is not held past this one's making)
             if not ratio <= 1.0:
                 log.warning("searching on the CPU: the GPU's inner products are off by %.3g× the float32 error "
                             "bound certificates rely on (reduced precision, e.g. TF32?)", ratio)
-                self.failed = True
+                self.failed, self.why = True, f"arithmetic check failed ({ratio:.3g}× the float32 bound)"
                 return None
             self.copy = gpu
             return gpu
@@ -210,9 +321,14 @@ class GpuCopy:
             self.errors += 1
             if self.errors == 1:
                 log.warning("this search ran on the CPU: the search on the GPU failed (%s)", exc)
-            if self.errors >= GPU_ERRORS_MAX:  # not a passing shortage: stay on the CPU
+            if self.errors >= GPU_ERRORS_MAX and not self.failed:  # not a passing shortage: stay on the CPU
                 log.warning("searching on the CPU from now on: %d searches on the GPU failed", self.errors)
-                self.copy, self.failed = None, True
+                self.copy, self.failed, self.why = None, True, f"{self.errors} searches failed: {exc}"
+                for callback in self._when_failed:
+                    try:
+                        callback()
+                    except Exception as err:  # (a closed gallery, …): this search still answers on the CPU
+                        log.warning("after the GPU failed: %s", err)
             return None
         self.errors = 0
         return found

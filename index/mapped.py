@@ -260,7 +260,8 @@ class MappedFlat:
         return self.gpu is not None and self._n_alive > 0 and self.gpu.get(self, wait=True) is not None
 
     def device_rows_source(self):
-        """(chunks, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): the mapped blocks as they are."""
+        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): the mapped blocks as they are, one
+        part each (the base, then each segment that adds rows: files a newer version may share, `GpuCopy.seed`)."""
         return self._blocks, self._ids, self._dead
 
 

@@ -34,10 +34,10 @@ import faiss
 import numpy as np
 
 from .errors import StoreError
-from .gpu_scan import GpuCopy
+from .gpu_scan import GpuCopy, RowsOf
 from .ivf import CertifiedIVF, faiss_scans
 from .mapped import MappedFlat
-from .store import CHUNK_ROWS, VectorStore, _as_ids, check_queries
+from .store import VectorStore, _as_ids, check_queries
 
 __all__ = ["LayeredIVF", "LayeredLists"]
 
@@ -248,11 +248,11 @@ class LayeredIVF:
         return self.gpu is not None and self.ntotal > 0 and self.gpu.get(self, wait=True) is not None
 
     def device_rows_source(self):
-        """(chunks, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): every live vector in `ids()`
-        order, read CHUNK_ROWS at a time (FAISS's reconstruct from the mapped lists; segment rows as mapped)."""
+        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): every live vector in `ids()`
+        order as one part, read a chunk at a time (FAISS's reconstruct from the mapped lists; segment rows as
+        mapped). (One part: a newer version's copy shares none of it.)"""
         ids = self.ids()
-        chunks = (self.reconstruct(ids[at:at + CHUNK_ROWS]) for at in range(0, len(ids), CHUNK_ROWS))
-        return chunks, ids, np.zeros(0, np.int64)
+        return [RowsOf(self, ids)], ids, np.zeros(0, np.int64)
 
     def certified_lists(self) -> LayeredLists:
         """The certified lists (module doc), built on first use: exact bounds from the stored vectors."""

@@ -83,6 +83,27 @@ def _codes_state(gallery, config: ServeConfig) -> dict:
     return {"state": "building" if gallery.quantizing else "not used"}
 
 
+def _gpu_state(gallery, config: ServeConfig) -> dict:
+    """Where searches run (`index.gpu_scan.GpuCopy`): "ready" (on torch's GPU: the rows copied, their bytes, and
+    "shared_rows", those shared with the previous version's copy at a reload), "copying" (being made: the CPU
+    meanwhile), "failed" (with why: the CPU from then on), "off" (--cpu) or "none" (no GPU that torch sees, or a
+    gallery FAISS searches: an IVF gallery on FAISS's GPU)."""
+    from index.gpu_scan import NO_DEVICE
+
+    if not config.use_gpu:
+        return {"state": "off"}
+    gpu = getattr(gallery.store, "gpu", None)
+    if gpu is None or gpu.why == NO_DEVICE:
+        return {"state": "none"}
+    if gpu.failed:
+        return {"state": "failed", "why": gpu.why}
+    copy = gpu.copy
+    if copy is None:
+        return {"state": "copying" if gallery.quantizing else "not made"}
+    return {"state": "ready", "rows": copy.n, "bytes": sum(p.nelement() * p.element_size() for p in copy.parts),
+            "shared_rows": copy.reused}
+
+
 def is_loopback(host: str) -> bool:
     """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
     import ipaddress
@@ -337,6 +358,6 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
             "searches": counters.searches, "responses": dict(counters.by_status),
             "limits": {"max_body_bytes": config.max_body_bytes, "max_pixels": limits(gallery).max_pixels,
                        "request_timeout_s": config.request_timeout, "max_batch": config.max_batch},
-            "codes": _codes_state(gallery, config)}}
+            "codes": _codes_state(gallery, config), "gpu": _gpu_state(gallery, config)}}
 
     return app

@@ -61,9 +61,9 @@ def test_device_rows_answer_the_cpu_scans_ids_in_its_order_with_scores_within_th
     s_cpu, i_cpu, r_cpu = _cpu_scan([b for b in blocks if len(b)], ids, dead, q, k)
     take = min(k, 600 - len(dead))
     assert r_gpu.shape == (len(q), take)
-    # the path's own float32 scores, computed as it computes them (one matrix product for the batch), then
+    # the path's own float32 scores, computed as it computes them (one matrix product a part for the batch), then
     # `index.store._select`'s rule applied independently: live rows by (−score, row), the first `take`
-    own = (torch.from_numpy(q) @ torch.from_numpy(np.concatenate(blocks)).T).numpy()
+    own = np.hstack([(torch.from_numpy(q) @ torch.from_numpy(b).T).numpy() for b in blocks if len(b)])
     for r in range(len(q)):
         live = np.setdiff1d(np.arange(600), dead)
         rule = sorted(live, key=lambda j: (-float(own[r, j]), j))[:take]
@@ -332,7 +332,7 @@ def test_an_ivf_gallery_with_segments_is_searched_on_torchs_gpu_with_the_cpus_ce
         assert sorted(on_gpu.store.gpu.copy.ids.tolist()) == sorted(ids.tolist())
         norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
         assert norms.max() <= on_gpu.max_norm <= norms.max() * (1 + 1e-5)
-        assert np.array_equal(on_gpu.store.gpu.copy.rows.numpy(), on_cpu.vectors(on_gpu.store.gpu.copy.ids))
+        assert np.array_equal(on_gpu.store.gpu.copy.host_rows(), on_cpu.vectors(on_gpu.store.gpu.copy.ids))
         calls = []
         true_top = DeviceRows.top
         monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: calls.append(k) or true_top(self, q, k))

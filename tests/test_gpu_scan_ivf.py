@@ -89,7 +89,7 @@ def test_layered_gpu_copy_is_the_live_set(tmp_path, stand_in_device, seed):
     copy = gpu.gpu.copy
     assert len(copy.ids) == len(set(copy.ids.tolist())) == len(live)
     assert set(copy.ids.tolist()) == set(live)
-    rows = copy.rows.numpy()
+    rows = copy.host_rows()
     want = np.stack([live[int(i)] for i in copy.ids])
     assert np.array_equal(rows, want)
     norms = np.linalg.norm(want.astype(np.float64), axis=1)

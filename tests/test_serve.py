@@ -396,3 +396,43 @@ def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificat
     assert answers[True]["method"] == "quantized" and answers[False]["method"] == "exhaustive"
     assert answers[True]["exhaustive"] and answers[True]["hits"] == answers[False]["hits"]
     assert answers[True]["set_radius"] == pytest.approx(answers[False]["set_radius"], rel=1e-9)
+
+
+def test_stats_report_the_gpu_copy_and_the_rows_a_reload_shares(sample_folder, tiny_lipsim, tmp_path, monkeypatch):
+    # torch's CPU device stands in for a GPU (tests/test_gpu_reload.py); a checkpoint appends a segment of one photo
+    import torch
+
+    import index.gallery
+    import index.gpu_scan
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)
+    folder = copy_photos(sample_folder, tmp_path / "photos", FIRST)
+    opts = IngestOptions(workers=1, use_gpu=False, merge_tiers=False)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=opts)
+    real_gpu = index.gpu_scan.scan_device() is not None
+    off = create_app(tmp_path / "index", ServeConfig(use_gpu=False), encoder=tiny_lipsim)
+    none = create_app(tmp_path / "index", ServeConfig(), encoder=tiny_lipsim)
+    none.state.holder.current()._codes_thread.join(60)
+    monkeypatch.setattr(index.gpu_scan, "scan_device", lambda: torch.device("cpu"))
+    app = create_app(tmp_path / "index", ServeConfig(), encoder=tiny_lipsim)
+
+    def gpu_state(server):
+        deadline = time.time() + 60
+        while True:
+            state = request(server.port, "GET", "/stats")[1]["serving"]["gpu"]
+            if state["state"] != "copying" or time.time() > deadline:
+                return state
+            time.sleep(0.05)
+
+    with ServerThread(off) as a, ServerThread(none) as b:
+        assert gpu_state(a) == {"state": "off"}
+        assert gpu_state(b) == {"state": "none"} or real_gpu  # (a machine where torch sees CUDA: "ready")
+    with ServerThread(app) as server:
+        n = len(app.state.holder.current())
+        assert gpu_state(server) == {"state": "ready", "rows": n, "bytes": n * 33 * 4, "shared_rows": 0}
+        shutil.copy2(sample_folder / "grass.png", folder / "grass.png")
+        update_index(tmp_path / "index", encoder=tiny_lipsim, options=opts)
+        assert gpu_state(server) == {"state": "ready", "rows": n + 1, "bytes": (n + 1) * 33 * 4, "shared_rows": n}
+        status, body = post(server.port, "/search", [("id", str(int(app.state.holder.current().ids()[0]))),
+                                                     ("k", "3")])
+        assert status == 200 and body["method"] == "exhaustive" and body["exhaustive"], body

@@ -1,0 +1,248 @@
+"""A GPU copy across a server's reloads and failures (index/gpu_scan.py: `DeviceRows`' reuse, `GpuCopy`'s seed,
+deferred copy, stop and failure callbacks; index/gallery.py: `Gallery.quantize`).
+
+Without a GPU the same code runs on torch's CPU device (`scan_device` replaced by a stand-in returning it), as in
+tests/test_gpu_scan.py: sharing a part is sharing a torch tensor, on any device."""
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import index.gallery as gallery_mod
+import index.gpu_scan as gpu_scan
+from index.gpu_scan import GPU_ERRORS_MAX, DeviceRows, GpuCopy
+from index.mapped import MappedFlat
+
+DIM = 33
+
+
+def _unit(n, seed=0, dim=DIM):
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture
+def stand_in_device(monkeypatch):
+    """torch's CPU device where a CUDA one would be."""
+    monkeypatch.setattr(gpu_scan, "scan_device", lambda: torch.device("cpu"))
+
+
+def _same_answers(a: DeviceRows, b: DeviceRows, seed: int) -> None:
+    q = np.vstack([_unit(6, seed=seed, dim=a.dim), a.host_rows()[[0, -1]]])
+    for k in (1, 10, 60):
+        for x, y in zip(a.top(q, k), b.top(q, k)):
+            assert np.array_equal(x, y)
+
+
+def test_a_newer_copy_shares_the_older_copys_parts_in_the_rows_both_hold():
+    v = _unit(900, seed=21) * np.random.default_rng(21).uniform(0.5, 1.5, (900, 1)).astype(np.float32)
+    ids = np.arange(900, dtype=np.int64) * 3
+    older = DeviceRows([v[:400], v[400:700]], ids[:700], [5], "cpu", DIM)
+    # the same two files mapped again (other arrays, same bytes), then a third; its tombstone clears row 10
+    newer = DeviceRows([v[:400].copy(), v[400:700].copy(), v[700:]], ids, [5, 10], "cpu", DIM, reuse=(older, 700))
+    assert newer.reused == 700 and newer.parts[0] is older.parts[0] and newer.parts[1] is older.parts[1]
+    fresh = DeviceRows([v[:400], v[400:700], v[700:]], ids, [5, 10], "cpu", DIM)
+    assert fresh.reused == 0 and newer.max_norm == fresh.max_norm
+    assert np.array_equal(newer.host_rows(), v) and np.array_equal(fresh.host_rows(), v)
+    _same_answers(newer, fresh, seed=22)
+    assert newer.top(v[10:11], 1)[1][0, 0] != ids[10]  # (this version's dead rows, not the older one's)
+
+
+@pytest.mark.parametrize("case, shared", [("fewer shared rows", 400), ("other ids", 400), ("another first row", 400),
+                                          ("another last row", 400), ("other bounds", 0), ("another dimension", 0)])
+def test_a_part_is_shared_only_where_it_is_the_same_rows(case, shared):
+    v = _unit(900, seed=23)
+    ids = np.arange(900, dtype=np.int64)
+    older = DeviceRows([v[:400], v[400:700]], ids[:700], [], "cpu", DIM)
+    parts, rows, dim = [v[:400], v[400:700].copy(), v[700:]], 700, DIM
+    if case == "fewer shared rows":
+        rows = 699
+    elif case == "other ids":
+        ids = ids.copy()
+        ids[[500, 501]] = ids[[501, 500]]
+    elif case == "another first row":
+        parts[1][0] = v[0]
+    elif case == "another last row":
+        parts[1][-1] = v[0]
+    elif case == "other bounds":
+        parts = [v[:300], v[300:700], v[700:]]
+    else:
+        parts, dim = [p[:, :DIM - 1].copy() for p in parts], DIM - 1
+    newer = DeviceRows(parts, ids, [], "cpu", dim, reuse=(older, rows))
+    assert newer.reused == shared
+    assert np.array_equal(newer.host_rows(), np.concatenate(parts))
+    _same_answers(newer, DeviceRows(parts, ids, [], "cpu", dim), seed=24)
+
+
+def _mapped(v, sizes, use_gpu=True):
+    store, at = MappedFlat(v.shape[1], use_gpu=use_gpu), 0
+    for s in sizes:
+        store.add(np.arange(at, at + s), v[at:at + s], stored=True)
+        at += s
+    return store
+
+
+def test_a_deferred_copy_is_made_only_by_the_thread_that_waits_for_it(stand_in_device):
+    store = _mapped(_unit(300, seed=25), [300])
+    store.gpu.deferred = True
+    assert store.search(_unit(1, seed=26), 3) is not None and not store.gpu.ready  # a request: on the CPU
+    assert store.gpu.get(store, wait=True) is not None and store.gpu.ready
+
+
+def test_a_stopped_copy_is_abandoned_between_chunks_and_can_be_made_later(stand_in_device, monkeypatch):
+    import index.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK_ROWS", 50)
+    v = _unit(300, seed=27)
+    store, stop, reads = _mapped(v, [300]), threading.Event(), []
+
+    class Stopping:  # the part's rows, setting the stop event once the first chunk was read
+        def __len__(self):
+            return len(v)
+
+        def __getitem__(self, rows):
+            reads.append(rows)
+            stop.set()
+            return v[rows]
+
+    monkeypatch.setattr(store, "device_rows_source", lambda: ([Stopping()], store._ids, store._dead))
+    assert store.gpu.get(store, wait=True, stop=stop) is None
+    assert len(reads) == 1 and not store.gpu.ready and not store.gpu.failed
+    assert store.gpu.get(store, wait=True) is not None and len(reads) == 1 + len(v) // 50
+
+
+def _build(tmp_path, sample_folder, tiny_lipsim):
+    from _index_fixtures import copy_photos
+    from index import IngestOptions, build_index
+
+    folder = copy_photos(sample_folder, tmp_path / "photos", names=("astronaut", "brick", "camera", "chelsea",
+                                                                    "coffee", "coins"))
+    opts = IngestOptions(workers=1, use_gpu=False, merge_tiers=False)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=opts)
+    return folder, tmp_path / "index", opts
+
+
+def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_device, tiny_lipsim, sample_folder,
+                                                                     tmp_path, monkeypatch):
+    # before: each reload copied the whole gallery again (2.5 s at 10M on an H200) and held two full copies on the
+    # device until the older version was dropped
+    import shutil
+
+    from index import update_index
+    from index.ingest import compact_index
+    from index.gallery import Gallery
+    from retrieval.search import search_embedding
+    from retrieval.serve import GalleryHolder
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim)
+    holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True)
+    try:
+        first = holder.current()
+        first._codes_thread.join(20)
+        assert first.store.gpu.ready and first.quantized is None and first.store.gpu.copy.reused == 0
+        base_rows = len(first)
+        for step, name in enumerate(("grass", "gravel")):  # two checkpoints, each a segment of one new photo
+            older = holder.current()
+            shutil.copy2(sample_folder / f"{name}.png", folder / f"{name}.png")
+            if step == 1:
+                (folder / "brick.png").unlink()  # and a tombstone for a row of the shared base
+            update_index(index_dir, encoder=tiny_lipsim, options=opts)
+            new = holder.current()
+            assert new is not older and new.version == older.version + 1
+            new._codes_thread.join(20)
+            copy, before = new.store.gpu.copy, older.store.gpu.copy
+            assert copy is not None and copy.reused == base_rows + step
+            assert all(a is b for a, b in zip(copy.parts, before.parts)) and len(copy.parts) == len(before.parts) + 1
+            with Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=False) as on_cpu:
+                ids, vecs = on_cpu.all_vectors()
+                assert sorted(ids.tolist()) == sorted(new.all_vectors()[0].tolist())
+                for i in range(len(ids)):
+                    a, b = search_embedding(new, vecs[i], 3), search_embedding(on_cpu, vecs[i], 3)
+                    assert a.method == "exhaustive" and [h.id for h in a.hits] == [h.id for h in b.hits]
+                    assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-6)
+        older = holder.current()  # a compaction: one new base, nothing shared
+        compact_index(index_dir)
+        new = holder.current()
+        new._codes_thread.join(20)
+        assert new.version > older.version and new.store.gpu.copy.reused == 0
+        assert not {id(p) for p in new.store.gpu.copy.parts} & {id(p) for p in older.store.gpu.copy.parts}
+    finally:
+        holder.close()
+
+
+def test_a_gallery_closed_while_its_gpu_copy_is_made_stops_it(stand_in_device, photo_index, tiny_lipsim,
+                                                               monkeypatch):
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    entered, release = threading.Event(), threading.Event()
+    g = Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True)
+    rows = g.store.device_rows_source()
+
+    reads = []
+
+    class Held:  # the first chunk's read waits until the gallery is closed
+        def __len__(self):
+            return len(rows[1])
+
+        def __getitem__(self, sl):
+            reads.append(sl)
+            entered.set()
+            release.wait(20)
+            return np.concatenate(rows[0])[sl]
+
+    import index.store as store_mod
+
+    monkeypatch.setattr(store_mod, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(g.store, "device_rows_source", lambda: ([Held()], rows[1], rows[2]))
+    assert g.quantize(background=True) is None
+    thread, store = g._codes_thread, g.store
+    assert entered.wait(20)
+    g.close()
+    release.set()
+    thread.join(20)
+    # the copy ended at its next chunk (before: it went on reading the mapped rows of a closed gallery)
+    assert not thread.is_alive() and len(reads) == 1 and not store.gpu.ready and not store.gpu.failed
+    assert g.quantized is None
+
+
+def test_a_gpu_that_fails_for_good_after_opening_gives_the_gallery_its_int8_codes(stand_in_device, photo_index,
+                                                                                   tiny_lipsim, monkeypatch, caplog):
+    # before: the gallery had made its GPU copy instead of codes, so after the GPU failed every certified query
+    # scanned the float32 vectors
+    from index.gallery import Gallery
+    from retrieval.search import search_embedding
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
+        assert g.quantize(background=True) is None
+        g._codes_thread.join(20)
+        assert g.store.gpu.ready and g.quantized is None
+        q = g.all_vectors()[1][0]
+        assert search_embedding(g, q, 3).method == "exhaustive"
+
+        def out_of_memory(self, q, k):
+            raise torch.OutOfMemoryError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(DeviceRows, "top", out_of_memory)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(GPU_ERRORS_MAX):
+                assert search_embedding(g, q, 3).hits  # each on the CPU
+        assert "from now on" in caplog.text and g.store.gpu.failed
+        g._codes_thread.join(20)
+        assert g.quantized is not None and search_embedding(g, q, 3).method == "quantized"
+
+
+def test_a_copy_that_fails_for_good_runs_its_callbacks_once(stand_in_device, monkeypatch):
+    store = _mapped(_unit(200, seed=28), [200])
+    calls = []
+    store.gpu.when_failed(lambda: calls.append(1))
+    store.gpu.when_failed(lambda: 1 / 0)  # a failing callback: logged, the search still answers
+    assert store.on_gpu
+    monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: (_ for _ in ()).throw(RuntimeError("lost")))
+    for _ in range(GPU_ERRORS_MAX + 2):
+        assert store.search(_unit(1, seed=29), 2)[1].shape == (1, 2)
+    assert calls == [1] and store.gpu.failed and isinstance(store.gpu, GpuCopy)
