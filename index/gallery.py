@@ -28,6 +28,7 @@ from .ivf import CertifiedIVF
 from .layout import IndexDir, common_files, file_starts, live_files
 from .segments import load_live_store
 from .mapped import MappedFlat
+from .mapped_ivf import LayeredIVF
 from .store import VectorStore
 
 __all__ = ["Gallery", "open_gallery"]
@@ -202,8 +203,8 @@ class Gallery:
         previous: the gallery of an older version of this index directory, which this one replaces (a server's
         reload). The codes of the rows both versions hold in the files they share are copied from its codes
         (`index.layout.common_files`: after a checkpoint that appended a segment, every older row still alive)
-        and only the others are coded. On torch's GPU, a mapped Flat gallery's copy shares previous's copy of those
-        files instead (`_seed_gpu`): only the new files' rows are copied, and the device holds the shared ones once.
+        and only the others are coded. On torch's GPU, the copy shares previous's copy of those files instead
+        (`_seed_gpu`): only the new files' rows are copied, and the device holds the shared ones once.
         If its own build is still running, this build waits for it first: a server whose writer commits faster than
         a full build runs chains its builds instead of restarting one.
         """
@@ -253,10 +254,11 @@ class Gallery:
 
     def _seed_gpu(self, previous: "Gallery | None") -> None:
         """Let this version's GPU copy share previous's in the files both hold (`index.gpu_scan.GpuCopy.seed`: the
-        first `file_starts(live)[common]` stored rows, `index.layout.common_files`), for mapped Flat stores; waits
-        for previous's background build (which makes its copy) when one runs."""
+        first `file_starts(live)[common]` stored rows, `index.layout.common_files`), for the stores torch's GPU
+        searches (a mapped Flat gallery, an IVF gallery's `LayeredIVF`); waits for previous's background build (which
+        makes its copy) when one runs."""
         older = previous.__dict__.get("store") if previous is not None else None  # (a closed one's: _Closed)
-        if type(self.store) is not MappedFlat or type(older) is not MappedFlat:
+        if type(older) is not type(self.store) or type(older) not in (MappedFlat, LayeredIVF):
             return
         _wait_for_build(previous)
         try:

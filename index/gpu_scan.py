@@ -27,9 +27,9 @@ rows: `index.store.scan_top`'s order, so both answer the same ids wherever their
 
 The rows are copied CHUNK_ROWS at a time (from the mapped files, or as FAISS reconstructs them from an IVF's
 mapped lists: no copy of the gallery in host memory), once per opened version (a reader's store does not change
-once open). A newer version of a mapped Flat gallery shares the parts of the files it has in common with the
-version it replaces (`GpuCopy.seed`): a server's reload copies only what the checkpoint added, and the device
-holds the shared rows once.
+once open), one part a file (a base, a segment's rows; rows a later tombstone removed are dead). A newer
+version shares the parts of the files it has in common with the version it replaces (`GpuCopy.seed`): a server's
+reload copies only what the checkpoint added, and the device holds the shared rows once.
 """
 from __future__ import annotations
 
@@ -74,11 +74,15 @@ class DeviceRows:
     chunk at a time). Each part becomes one tensor, copied CHUNK_ROWS rows at a time; row_ids: one id per row of
     all parts; dead: rows never returned. stop: a threading.Event checked between chunks (`CopyStopped`).
 
+    max_norm: M ≥ the norm of every row not dead, the largest of the parts' bounds, each `index.ivf.norm_bound` of
+    the part's rows that were not dead in the copy that copied it.
+
     reuse: (an older copy, R) when the first R rows of `parts` are the older copy's first R rows (an older version of
     the same gallery: the files both share, `index.layout.common_files`). Every part of the older copy that lies
-    within those rows, with the same bounds, the same ids and the same first and last rows as this part, is shared,
-    not copied: one tensor on the device for both versions (`reused` counts its rows), and its norm bound is kept.
-    A shared part is the same bytes (the claim of common_files), so it is what copying it again would give."""
+    within those rows, with the same bounds, the same ids, the same first and last rows as this part, and dead rows
+    among this part's dead rows, is shared, not copied: one tensor on the device for both versions (`reused` counts
+    its rows), and its norm bound is kept. A shared part is the same bytes (the claim of common_files), so it is what
+    copying it again would give; and its bound, taken over rows a superset of this copy's live ones, bounds them."""
 
     def __init__(self, parts, row_ids: np.ndarray, dead: np.ndarray, device, dim: int, *, stop=None,
                  reuse: "tuple[DeviceRows, int] | None" = None):
@@ -94,6 +98,7 @@ class DeviceRows:
         self.norms: list[float] = []  # `index.ivf.norm_bound` of each part's rows
         self.starts = [0]  # part p holds rows starts[p] .. starts[p + 1] − 1
         self.reused = 0
+        self.dead_rows = np.unique(np.asarray(dead, np.int64))
         for part in parts:
             at, size = self.starts[-1], len(part)
             if at + size > self.n:
@@ -101,6 +106,8 @@ class DeviceRows:
             shared = self._shared(reuse, part, at, size)
             if shared is None:
                 tensor, norm = torch.empty((size, self.dim), dtype=torch.float32, device=self.device), 0.0
+                alive = np.ones(size, bool)
+                alive[self._dead_in(at, size) - at] = False
                 for start in range(0, size, CHUNK_ROWS):
                     if stop is not None and stop.is_set():
                         raise CopyStopped("the copy to the GPU was stopped")
@@ -109,7 +116,8 @@ class DeviceRows:
                         raise ValueError(f"rows of shape {chunk.shape} at {at + start} of {self.n} rows of dimension "
                                          f"{self.dim}")
                     tensor[start:start + len(chunk)].copy_(torch.from_numpy(chunk))
-                    norm = max(norm, norm_bound(chunk))
+                    live = alive[start:start + len(chunk)]
+                    norm = max(norm, norm_bound(chunk if live.all() else chunk[live]))
             else:
                 tensor, norm = shared
                 self.reused += size
@@ -118,10 +126,18 @@ class DeviceRows:
             self.starts.append(at + size)
         if self.starts[-1] != self.n:
             raise ValueError(f"{self.starts[-1]} rows for {self.n} ids")
-        self.max_norm = max(self.norms, default=0.0)  # M ≥ every row's norm
-        dead = np.unique(np.asarray(dead, np.int64))
-        self.dead = torch.as_tensor(dead, device=self.device)
-        self.alive = self.n - len(dead)
+        self.max_norm = max(self.norms, default=0.0)
+        self.dead = torch.as_tensor(self.dead_rows, device=self.device)
+        self.alive = self.n - len(self.dead_rows)
+
+    def _dead_in(self, at: int, size: int) -> np.ndarray:
+        """The dead rows in at .. at + size − 1."""
+        d = self.dead_rows
+        return d[np.searchsorted(d, at):np.searchsorted(d, at + size)]
+
+    def alive_rows(self) -> np.ndarray:
+        """The rows not dead, in order (for checks)."""
+        return np.setdiff1d(np.arange(self.n), self.dead_rows)
 
     def _shared(self, reuse, part, at: int, size: int):
         """(tensor, norm bound) of the older copy's part p = len(self.parts), when it can stand for `part` (class
@@ -132,7 +148,8 @@ class DeviceRows:
         p = len(self.parts)
         if (p >= len(older.parts) or older.starts[p] != at or older.starts[p + 1] != at + size or at + size > rows
                 or older.device != self.device or older.dim != self.dim
-                or not np.array_equal(older.ids[at:at + size], self.ids[at:at + size])):
+                or not np.array_equal(older.ids[at:at + size], self.ids[at:at + size])
+                or not np.isin(older._dead_in(at, size), self._dead_in(at, size)).all()):
             return None
         if size and not (np.array_equal(older.parts[p][:1].cpu().numpy(), np.asarray(part[0:1], np.float32))
                          and np.array_equal(older.parts[p][-1:].cpu().numpy(),

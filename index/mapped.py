@@ -195,10 +195,10 @@ class MappedFlat:
 
     def max_norm(self) -> float:
         """M ≥ every alive row's ℓ2 norm (`index.ivf.norm_bound`, one chunk of alive rows at a time; 1.0
-        when empty). A GPU copy of a store without cleared rows took the same bound of the same rows as it
-        copied them: it is read from there rather than computed again."""
+        when empty). A GPU copy took such a bound of its rows as it copied them (`DeviceRows.max_norm`): it is read
+        from there rather than computed again."""
         copy = self.gpu.copy if self.gpu is not None else None
-        if copy is not None and not len(self._dead) and self.ntotal:
+        if copy is not None and self.ntotal:
             return copy.max_norm
         top = 0.0
         for b, rows in enumerate(self._blocks):

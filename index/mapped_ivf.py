@@ -152,7 +152,7 @@ class LayeredIVF:
         self._changed()
 
     def _changed(self) -> None:
-        self.gpu = GpuCopy() if self.use_gpu else None  # every live vector on torch's GPU (made by the first search)
+        self.gpu = GpuCopy() if self.use_gpu else None  # every stored vector on torch's GPU, removed ones dead
         self._lists: LayeredLists | None = None
         self._selector = None  # FAISS's search of the base skips `dead` (built on first search)
         self._row_ids: np.ndarray | None = None  # the alive rows' ids, sorted (built on first reconstruct)
@@ -233,8 +233,9 @@ class LayeredIVF:
     def max_norm(self) -> float:
         """M ≥ every live vector's norm: from the GPU copy's rows when searches run there, else from the certified
         lists (`index.ivf.norm_bound` of the same vectors either way). While another thread makes the copy this
-        waits for it: a certified query on a newly opened IVF version waits that long (2.5 s at 10M), where a
-        Flat gallery's reads its mapped rows and does not wait."""
+        waits for it: a certified query on a newly opened IVF version waits that long (2.5 s at 10M; at a server's
+        reload, the copy of the files the older version did not hold), where a Flat gallery's reads its mapped rows
+        and does not wait."""
         if not self.ntotal:
             return 1.0
         copy = self.gpu.get(self, wait=True) if self.gpu is not None else None  # (one read: a failure may drop it)
@@ -248,11 +249,15 @@ class LayeredIVF:
         return self.gpu is not None and self.ntotal > 0 and self.gpu.get(self, wait=True) is not None
 
     def device_rows_source(self):
-        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): every live vector in `ids()`
-        order as one part, read a chunk at a time (FAISS's reconstruct from the mapped lists; segment rows as
-        mapped). (One part: a newer version's copy shares none of it.)"""
-        ids = self.ids()
-        return [RowsOf(self, ids)], ids, np.zeros(0, np.int64)
+        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`), one part a file, as
+        `index.layout.file_starts` counts stored rows: the base's vectors in its storage order (read a chunk at a time
+        through FAISS's reconstruct from the mapped lists), then each segment's rows as mapped; rows a later tombstone
+        removed are dead. The live ones are `ids()`, in that order. A newer version shares the parts of the files both
+        hold (`GpuCopy.seed`)."""
+        base_ids = np.asarray(self.base.ids(), np.int64)
+        blocks, row_ids, row_dead = self.rows.device_rows_source()
+        dead = np.concatenate([np.flatnonzero(np.isin(base_ids, self._dead)), len(base_ids) + row_dead])
+        return [RowsOf(self.base, base_ids), *blocks], np.concatenate([base_ids, row_ids]), dead
 
     def certified_lists(self) -> LayeredLists:
         """The certified lists (module doc), built on first use: exact bounds from the stored vectors."""

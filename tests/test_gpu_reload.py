@@ -51,11 +51,12 @@ def test_a_newer_copy_shares_the_older_copys_parts_in_the_rows_both_hold():
 
 
 @pytest.mark.parametrize("case, shared", [("fewer shared rows", 400), ("other ids", 400), ("another first row", 400),
-                                          ("another last row", 400), ("other bounds", 0), ("another dimension", 0)])
+                                          ("another last row", 400), ("a dead row alive", 400), ("other bounds", 0),
+                                          ("another dimension", 0)])
 def test_a_part_is_shared_only_where_it_is_the_same_rows(case, shared):
     v = _unit(900, seed=23)
     ids = np.arange(900, dtype=np.int64)
-    older = DeviceRows([v[:400], v[400:700]], ids[:700], [], "cpu", DIM)
+    older = DeviceRows([v[:400], v[400:700]], ids[:700], [450] if case == "a dead row alive" else [], "cpu", DIM)
     parts, rows, dim = [v[:400], v[400:700].copy(), v[700:]], 700, DIM
     if case == "fewer shared rows":
         rows = 699
@@ -68,7 +69,7 @@ def test_a_part_is_shared_only_where_it_is_the_same_rows(case, shared):
         parts[1][-1] = v[0]
     elif case == "other bounds":
         parts = [v[:300], v[300:700], v[700:]]
-    else:
+    elif case == "another dimension":
         parts, dim = [p[:, :DIM - 1].copy() for p in parts], DIM - 1
     newer = DeviceRows(parts, ids, [], "cpu", dim, reuse=(older, rows))
     assert newer.reused == shared
@@ -113,22 +114,26 @@ def test_a_stopped_copy_is_abandoned_between_chunks_and_can_be_made_later(stand_
     assert store.gpu.get(store, wait=True) is not None and len(reads) == 1 + len(v) // 50
 
 
-def _build(tmp_path, sample_folder, tiny_lipsim):
+def _build(tmp_path, sample_folder, tiny_lipsim, index_type="Flat"):
     from _index_fixtures import copy_photos
     from index import IngestOptions, build_index
 
     folder = copy_photos(sample_folder, tmp_path / "photos", names=("astronaut", "brick", "camera", "chelsea",
                                                                     "coffee", "coins"))
     opts = IngestOptions(workers=1, use_gpu=False, merge_tiers=False)
-    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=opts)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", index_type=index_type, encoder=tiny_lipsim,
+                options=opts)
     return folder, tmp_path / "index", opts
 
 
+@pytest.mark.parametrize("index_type", ["Flat", "IVF2,Flat"])
 def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_device, tiny_lipsim, sample_folder,
-                                                                     tmp_path, monkeypatch):
+                                                                     tmp_path, monkeypatch, index_type):
     # before: each reload copied the whole gallery again (2.5 s at 10M on an H200) and held two full copies on the
-    # device until the older version was dropped
+    # device until the older version was dropped. An IVF gallery where FAISS sees no GPU: every vector on torch's
     import shutil
+
+    import index.store as store_mod
 
     from index import update_index
     from index.ingest import compact_index
@@ -137,11 +142,14 @@ def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_dev
     from retrieval.serve import GalleryHolder
 
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
-    folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim)
+    monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
+    folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim, index_type)
     holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True)
     try:
         first = holder.current()
         first._codes_thread.join(20)
+        assert first.store.factory == index_type and type(first.store).__name__ == ("MappedFlat" if index_type ==
+                                                                                     "Flat" else "LayeredIVF")
         assert first.store.gpu.ready and first.quantized is None and first.store.gpu.copy.reused == 0
         base_rows = len(first)
         for step, name in enumerate(("grass", "gravel")):  # two checkpoints, each a segment of one new photo

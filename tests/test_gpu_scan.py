@@ -329,10 +329,12 @@ def test_an_ivf_gallery_with_segments_is_searched_on_torchs_gpu_with_the_cpus_ce
         assert on_gpu.quantize() is None and on_gpu.certified_ivf is None
         assert on_cpu.certified_ivf is not None
         ids, vecs = on_cpu.all_vectors()
-        assert sorted(on_gpu.store.gpu.copy.ids.tolist()) == sorted(ids.tolist())
+        copy = on_gpu.store.gpu.copy
+        alive = copy.alive_rows()
+        assert sorted(copy.ids[alive].tolist()) == sorted(ids.tolist())
         norms = np.linalg.norm(vecs.astype(np.float64), axis=1)
         assert norms.max() <= on_gpu.max_norm <= norms.max() * (1 + 1e-5)
-        assert np.array_equal(on_gpu.store.gpu.copy.host_rows(), on_cpu.vectors(on_gpu.store.gpu.copy.ids))
+        assert np.array_equal(copy.host_rows()[alive], on_cpu.vectors(copy.ids[alive]))
         calls = []
         true_top = DeviceRows.top
         monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: calls.append(k) or true_top(self, q, k))

@@ -38,6 +38,7 @@ def _history(path, seed, dim=12, nlist=4):
     files = [{"name": "vectors.00000001.faiss", "kind": BASE, "rows": nbase,
               "sha256": store.write(path / "vectors.00000001.faiss")}]
     live = {int(i): v for i, v in zip(ids, store.reconstruct(ids))}
+    counts = [len(live)]  # live items after each file
     removed_ever = []
     next_id = 10 * nbase
     for s in range(int(rng.integers(0, 6))):
@@ -68,14 +69,15 @@ def _history(path, seed, dim=12, nlist=4):
         name = f"segment.{s + 2:08d}.rows"
         sha, _ = write_segment(path / name, dim, removed, add, v)
         files.append({"name": name, "kind": ROWS, "sha256": sha, "rows": len(add)})
+        counts.append(len(live))
     meta = {"version": len(files), "dim": dim, "factory": f"IVF{nlist},Flat", "rows": len(live), "segments": files,
             "params": {"nprobe": 1}}
-    return meta, live
+    return meta, live, counts
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_layered_gpu_copy_is_the_live_set(tmp_path, stand_in_device, seed):
-    meta, live = _history(tmp_path, seed)
+    meta, live, _ = _history(tmp_path, seed)
     dim = meta["dim"]
     gpu = load_live_store(IndexDir(tmp_path), meta, use_gpu=True, mapped=True)
     cpu = load_live_store(IndexDir(tmp_path), meta, use_gpu=False, mapped=True)
@@ -87,11 +89,14 @@ def test_layered_gpu_copy_is_the_live_set(tmp_path, stand_in_device, seed):
         return
     assert gpu.on_gpu, (gpu.gpu.failed,)
     copy = gpu.gpu.copy
-    assert len(copy.ids) == len(set(copy.ids.tolist())) == len(live)
-    assert set(copy.ids.tolist()) == set(live)
-    rows = copy.host_rows()
-    want = np.stack([live[int(i)] for i in copy.ids])
+    alive = copy.alive_rows()  # (the copy holds every stored row, one part a file; removed ones are dead)
+    assert len(alive) == len(set(copy.ids[alive].tolist())) == len(live)
+    assert set(copy.ids[alive].tolist()) == set(live)
+    assert np.array_equal(copy.ids[alive], gpu.ids())
+    rows = copy.host_rows()[alive]
+    want = np.stack([live[int(i)] for i in copy.ids[alive]])
     assert np.array_equal(rows, want)
+    assert len(copy.parts) == len([f for f in meta["segments"] if f["rows"]]) + (meta["segments"][0]["rows"] == 0)
     norms = np.linalg.norm(want.astype(np.float64), axis=1)
     assert norms.max() <= gpu.max_norm() <= norms.max() * (1 + 1e-5)
     assert cpu.max_norm() >= norms.max() if isinstance(cpu, LayeredIVF) else True
@@ -130,4 +135,40 @@ def test_layered_gpu_copy_is_the_live_set(tmp_path, stand_in_device, seed):
             finally:
                 gpu.gpu = g
     # the Gallery-level view
-    assert np.array_equal(gpu.reconstruct(copy.ids), want)
+    assert np.array_equal(gpu.reconstruct(copy.ids[alive]), want)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_newer_versions_gpu_copy_shares_the_files_it_has_in_common(tmp_path, stand_in_device, seed):
+    # the version before the last segment, then the last: the newer copy shares the older one's parts of the files
+    # both hold (Gallery._seed_gpu's rule: the rows before the first file they do not share) and answers as a copy
+    # made in full; the tombstones of the last segment (on base ids, on older segments' rows) are dead rows there
+    from index.layout import common_files, file_starts
+
+    meta, live, counts = _history(tmp_path, seed)
+    files = meta["segments"]
+    if len(files) < 2 or not live:
+        pytest.skip("a history of one file, or nothing live")
+    before = {**meta, "segments": files[:-1], "version": meta["version"] - 1, "rows": counts[-2]}
+    older = load_live_store(IndexDir(tmp_path), before, use_gpu=True, mapped=True)
+    newer = load_live_store(IndexDir(tmp_path), meta, use_gpu=True, mapped=True)
+    fresh = load_live_store(IndexDir(tmp_path), meta, use_gpu=True, mapped=True)
+    if not older.ntotal:
+        pytest.skip("nothing live in the older version")
+    assert older.on_gpu
+    common = common_files(files[:-1], files)
+    assert common == len(files) - 1
+    newer.gpu.seed(older.gpu, file_starts(files)[common])
+    assert newer.on_gpu and fresh.on_gpu
+    a, b, o = newer.gpu.copy, fresh.gpu.copy, older.gpu.copy
+    shared = [p for p in a.parts if any(p is x for x in o.parts)]
+    assert a.reused == sum(len(p) for p in shared) == file_starts(files)[common] and b.reused == 0
+    assert np.array_equal(a.host_rows(), b.host_rows()) and np.array_equal(a.ids, b.ids)
+    assert np.array_equal(a.dead_rows, b.dead_rows)
+    assert a.max_norm >= b.max_norm == fresh.max_norm()  # (a shared part's bound: over the older version's live rows)
+    norms = np.linalg.norm(np.stack(list(live.values())).astype(np.float64), axis=1)
+    assert norms.max() <= a.max_norm == newer.max_norm()
+    q = _unit(np.random.default_rng(seed + 2000), 5, meta["dim"])
+    for k in (1, 4, len(live) + 2):
+        for x, y in zip(newer.search(q, k), fresh.search(q, k)):
+            assert np.array_equal(x, y)
