@@ -237,8 +237,9 @@ class Gallery:
         # (an IVF on FAISS's GPU has no `gpu`: its certified IVF runs on the CPU and keeps its codes)
         if self._torch_gpu:
             self._seed_gpu(previous)
-            if self.store.gpu.get(self.store, wait=True, stop=self._codes_stop) is not None or self._torch_gpu:
-                return None  # (on the GPU; or its copy stopped by a close: keep nothing)
+            store = self.store  # (read once: a close replaces it)
+            if store.gpu.get(store, wait=True, stop=self._codes_stop) is not None or not store.gpu.failed:
+                return None  # (on the GPU; or its copy stopped by a close: keep nothing; failed: codes for the CPU)
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
                 old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)
@@ -429,6 +430,9 @@ def _build_codes(ref, previous) -> None:
         gallery._quantize_now(previous)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
+        gpu = vars(gallery.__dict__.get("store")).get("gpu")  # (a closed gallery's _Closed store has none)
+        if gpu is not None:  # (nor the GPU copy: the next search may make it, as without a background build)
+            gpu.deferred = False
 
 
 _BUILDERS: weakref.WeakSet = weakref.WeakSet()

@@ -181,6 +181,7 @@ def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_dev
         holder.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # (the builder ends cleanly)
 def test_a_gallery_closed_while_its_gpu_copy_is_made_stops_it(stand_in_device, photo_index, tiny_lipsim,
                                                                monkeypatch):
     from index.gallery import Gallery
@@ -254,3 +255,20 @@ def test_a_copy_that_fails_for_good_runs_its_callbacks_once(stand_in_device, mon
     for _ in range(GPU_ERRORS_MAX + 2):
         assert store.search(_unit(1, seed=29), 2)[1].shape == (1, 2)
     assert calls == [1] and store.gpu.failed and isinstance(store.gpu, GpuCopy)
+
+
+def test_a_background_build_that_fails_before_the_copy_lets_a_search_make_it(stand_in_device, photo_index,
+                                                                             tiny_lipsim, monkeypatch, caplog):
+    # a deferred copy is made only by the gallery's own thread: if that thread fails first, searches must not stay
+    # on the CPU for good
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    monkeypatch.setattr(Gallery, "_seed_gpu", lambda self, previous: 1 / 0)
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
+        with caplog.at_level(logging.WARNING):
+            g.quantize(background=True)
+            g._codes_thread.join(20)
+        assert "division by zero" in caplog.text and not g.store.gpu.ready and not g.store.gpu.deferred
+        g.store.search(g.all_vectors()[1][:1], 2)
+        assert g.store.gpu.ready
