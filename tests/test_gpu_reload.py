@@ -272,3 +272,25 @@ def test_a_background_build_that_fails_before_the_copy_lets_a_search_make_it(sta
         assert "division by zero" in caplog.text and not g.store.gpu.ready and not g.store.gpu.deferred
         g.store.search(g.all_vectors()[1][:1], 2)
         assert g.store.gpu.ready
+
+
+def test_an_uncertified_query_on_an_ivf_gallery_whose_gpu_copy_is_being_made_is_still_exact(
+        stand_in_device, tiny_lipsim, sample_folder, tmp_path, monkeypatch):
+    # before: while the copy was made, such a query ran on the index's nprobe lists on the CPU, unflagged (on the GPU
+    # and with certified lists it is exact, or says it is not)
+    import index.store as store_mod
+    from index.gallery import Gallery
+    from retrieval.search import search_embedding
+
+    monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
+    _, index_dir, _ = _build(tmp_path, sample_folder, tiny_lipsim, "IVF2,Flat")
+    with Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=True) as g, \
+            Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=False) as cpu:
+        assert g.store.params["nprobe"] == 1 and g.certified_ivf is None
+        g.store.gpu.deferred = True  # (the copy not made yet: every search on the CPU)
+        ids, vecs = cpu.all_vectors()
+        for i in range(len(ids)):
+            got = search_embedding(g, vecs[i], len(ids), certify=False)
+            assert not g.store.gpu.ready and len(got.hits) == len(ids)
+            want = vecs.astype(np.float64) @ vecs[i].astype(np.float64)
+            assert [h.id for h in got.hits] == [int(ids[j]) for j in np.argsort(-want, kind="stable")]
