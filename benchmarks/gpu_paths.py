@@ -29,7 +29,7 @@
      items may differ where float32 scores tie: both certificates are sound);
    - a reload after a checkpoint that appended 1% new rows: torch's copy of the newer version made in full and
      sharing the older copy's rows (`index.gpu_scan.GpuCopy.seed`), alternating: seconds, device memory added,
-     same top-10 as the CPU;
+     same top-10 as the CPU (for the Flat gallery, and for the IVF gallery below);
    - 1,000 queries' top-10 in one call on each store; a top-3000 search (beyond FAISS's GPU limit of 2048:
      FAISS's store must fall back to the CPU, and the raw GPU index's own error is recorded);
    - at the smallest size, an IVF gallery: FAISS's GPU nprobe search against the CPU's (same ids), and certified
@@ -245,7 +245,11 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
         row["certified_top10"].update(same_ids_as_cpu=same, max_relative_radius_gap=gap, queries=queries)
 
         if stores["torch"].gpu.ready:
-            row["reload"] = _reload_copy(stores["torch"], v, qs[:20], k)
+            def flat(use_gpu, ids=ids, v=v):
+                store = MappedFlat(DIM, use_gpu=use_gpu)
+                store.add(ids, v, stored=True)
+                return store
+            row["reload"] = _reload_copy(stores["torch"], _appended(flat, v), qs[:20], k)
 
         batch = clustered_unit_vectors(1000, DIM, max(8, n // CLUSTER_SIZE), 0, stream=8)
         answers = {}
@@ -297,6 +301,9 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
                                              for name, x in took.items()}
             row["ivf"]["certified_top10"].update(same_ids=same, cpu_exhaustive_certificates=exhaustive,
                                                  queries=len(qs))
+            if ivf_torch.gpu.ready:  # a reload: the base's vectors shared, the segment's rows copied
+                row["ivf"]["reload"] = _reload_copy(ivf_torch, _appended(
+                    lambda use_gpu: LayeredIVF(ivf_cpu, use_gpu=use_gpu), v), qs[:20], k)
             del ivf_torch, ivf_cpu, pair
         del stores, galleries, v
         out["sizes"].append(row)
@@ -304,31 +311,20 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
     return out
 
 
-def _reload_copy(older, v: np.ndarray, qs: np.ndarray, k: int, rounds: int = 3) -> dict:
-    """A server's reload after a checkpoint that appended 1% new rows to the gallery `older` maps (its copy made):
-    the newer version's GPU copy made in full, and sharing the older copy's part (`GpuCopy.seed`, what
-    `Gallery.quantize(previous=…)` does), `rounds` times each in alternating order (seconds, with the arithmetic
-    check); the device memory each copy adds (CUDA only), the rows shared, and the shared copy's top-k against the
-    CPU's scan of the same rows."""
-    from index.mapped import MappedFlat
-
-    n, dim = v.shape
-    fresh = np.random.default_rng(5).standard_normal((max(1, n // 100), dim)).astype(np.float32)
-    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+def _reload_copy(older, newer, qs: np.ndarray, k: int, rounds: int = 3) -> dict:
+    """A server's reload after a checkpoint that appended a segment to the gallery `older` holds (its copy made):
+    `newer(use_gpu)` builds the grown store; its GPU copy made in full, and sharing the older copy's parts
+    (`GpuCopy.seed` with every older row, what `Gallery.quantize(previous=…)` does), `rounds` times each in
+    alternating order (seconds, with the arithmetic check); the device memory each copy adds (CUDA only), the rows
+    shared, and the shared copy's exact top-k against the CPU's search of the same store."""
     cuda = older.gpu.copy.device.type == "cuda"
-
-    def newer(use_gpu=True):
-        store = MappedFlat(dim, use_gpu=use_gpu)
-        store.add(np.arange(n), v, stored=True)
-        store.add(np.arange(n, n + len(fresh)), fresh, stored=True)
-        return store
-
-    out = {"rows_added": len(fresh), "copy_s": {"full": [], "shared": []}, "added_bytes": {}}
+    rows = older.gpu.copy.n
+    out = {"rows_before": rows, "copy_s": {"full": [], "shared": []}, "added_bytes": {}}
     for r in range(rounds):
         for how in (("full", "shared") if r % 2 == 0 else ("shared", "full")):
-            store = newer()
+            store = newer(True)
             if how == "shared":
-                store.gpu.seed(older.gpu, n)
+                store.gpu.seed(older.gpu, rows)
             if cuda:
                 torch.cuda.synchronize()
             before = torch.cuda.memory_allocated() if cuda else 0
@@ -339,14 +335,28 @@ def _reload_copy(older, v: np.ndarray, qs: np.ndarray, k: int, rounds: int = 3) 
             out["copy_s"][how].append(time.perf_counter() - t)
             out["added_bytes"][how] = (torch.cuda.memory_allocated() - before) if cuda else None
             if how == "shared" and r == 0:
-                cpu = newer(use_gpu=False)
-                out.update(on_gpu=on, reused=store.gpu.copy.reused,
-                           same_ids_as_cpu=int((store.search(qs, k)[1] == cpu.search(qs, k)[1]).all(axis=1).sum()),
-                           queries=len(qs))
+                cpu = newer(False)
+                same = (store.search(qs, k, exact=True)[1] == cpu.search(qs, k, exact=True)[1]).all(axis=1)
+                out.update(on_gpu=on, rows_after=store.gpu.copy.n, reused=store.gpu.copy.reused,
+                           same_ids_as_cpu=int(same.sum()), queries=len(qs))
                 del cpu
             del store
     out["ratio_full_over_shared"] = float(np.median(out["copy_s"]["full"]) / np.median(out["copy_s"]["shared"]))
     return out
+
+
+def _appended(make, v: np.ndarray, share: float = 0.01):
+    """newer(use_gpu) for `_reload_copy`: `make(use_gpu)` (the older gallery's store, rebuilt) with a segment of
+    `share`·n fresh unit rows appended under new ids."""
+    n, dim = v.shape
+    fresh = np.random.default_rng(5).standard_normal((max(1, int(n * share)), dim)).astype(np.float32)
+    fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+
+    def newer(use_gpu):
+        store = make(use_gpu)
+        store.add(np.arange(n, n + len(fresh)), fresh, stored=True)
+        return store
+    return newer
 
 
 def _certified_in_turn(galleries: dict, qs, k: int, times: dict):

@@ -256,8 +256,9 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path, monkeypatch):
         assert row["batch1000_same_ids_as_cpu"][name] == 1000
         assert row["k3000_max_score_diff_vs_cpu"][name] < 1e-6
     assert set(row["certified_top10"]) >= {"gpu", "torch", "cpu"}
-    reload = row["reload"]
-    assert reload["on_gpu"] and reload["reused"] == 5000 and reload["same_ids_as_cpu"] == reload["queries"] == 5
-    assert len(reload["copy_s"]["full"]) == len(reload["copy_s"]["shared"]) == 3
+    for reload in (row["reload"], row["ivf"]["reload"]):
+        assert reload["on_gpu"] and reload["reused"] == reload["rows_before"] == 5000 and reload["rows_after"] == 5050
+        assert reload["same_ids_as_cpu"] == reload["queries"] == 5
+        assert len(reload["copy_s"]["full"]) == len(reload["copy_s"]["shared"]) == 3
     assert row["ivf"]["same_ids"] == 1000 and row["ivf"]["torch_on_gpu"]
     assert row["ivf"]["certified_top10"]["same_ids"] == 5
