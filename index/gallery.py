@@ -186,15 +186,17 @@ class Gallery:
         thread = self._codes_thread
         return thread is not None and thread.is_alive()
 
-    def quantize(self, background: bool = False, previous: "Gallery | None" = None) -> QuantizedCodes | None:
+    def quantize(self, background: bool = False, previous: "Gallery | None" = None,
+                 codes: bool = True) -> QuantizedCodes | None:
         """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
-        version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None).
+        version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None; codes=False:
+        none at all).
 
         A gallery searched on torch's GPU (a mapped store's `gpu`, index/gpu_scan.py) builds no codes; its GPU copy is
-        made instead, on the daemon thread with background=True (and then only there: requests search on the CPU
-        until it is ready, `GpuCopy.deferred`). Should that GPU fail for good later (`GpuCopy.when_failed`), the codes
-        are built then, in the background. (An IVF gallery on FAISS's GPU keeps its codes: its certified queries run
-        on the CPU.)
+        made instead — for any gallery, codes or not — on the daemon thread with background=True (and then only
+        there: requests search on the CPU until it is ready, `GpuCopy.deferred`). Should that GPU fail for good later
+        (`GpuCopy.when_failed`), the codes are built then, in the background. (An IVF gallery on FAISS's GPU keeps its
+        codes: its certified queries run on the CPU.)
         background=True returns at once (None until they are ready) and builds them on a daemon thread,
         stopped at its next chunk by `close` or at interpreter exit; queries meanwhile scan the float32
         vectors. For processes that answer many queries (`robret serve`, the page, a folder of queries):
@@ -208,26 +210,29 @@ class Gallery:
         If its own build is still running, this build waits for it first: a server whose writer commits faster than
         a full build runs chains its builds instead of restarting one.
         """
-        if self._codes is not None or self.lipschitz is None or len(self) < QUANTIZED_MIN:
+        if self._codes is not None or not (self._wants_codes(codes) or self._torch_gpu):
             return self._codes
         if previous is not None and previous.index_dir != self.index_dir:
             previous = None
         if not background:
-            return self._quantize_now(previous)
+            return self._quantize_now(previous, codes)
         with self._codes_state:
             thread = self._codes_thread
             if (thread is None or not thread.is_alive()) and self._codes is None and not self._codes_stop.is_set():
                 if self._torch_gpu and thread is None:
                     self.store.gpu.deferred = True  # (the copy is made on this thread, not in a request's)
-                    self.store.gpu.when_failed(functools.partial(_codes_after_gpu, weakref.ref(self)))
-                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous),
+                    self.store.gpu.when_failed(functools.partial(_codes_after_gpu, weakref.ref(self), codes))
+                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous, codes),
                                                       name="robret-codes", daemon=True)
                 self._codes_thread._robret_stop = self._codes_stop
                 _BUILDERS.add(self._codes_thread)
                 self._codes_thread.start()
         return self._codes
 
-    def _quantize_now(self, previous: "Gallery | None") -> QuantizedCodes | None:
+    def _wants_codes(self, codes: bool = True) -> bool:
+        return codes and self.lipschitz is not None and len(self) >= QUANTIZED_MIN
+
+    def _quantize_now(self, previous: "Gallery | None", codes: bool = True) -> QuantizedCodes | None:
         """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
         torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (sharing
         previous's where both hold the same files), so a background build makes it off the requests' threads, which
@@ -240,6 +245,8 @@ class Gallery:
             store = self.store  # (read once: a close replaces it)
             if store.gpu.get(store, wait=True, stop=self._codes_stop) is not None or not store.gpu.failed:
                 return None  # (on the GPU; or its copy stopped by a close: keep nothing; failed: codes for the CPU)
+        if not self._wants_codes(codes):
+            return self._codes
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
                 old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)
@@ -413,21 +420,21 @@ def _wait_for_build(gallery: Gallery) -> None:
         thread.join()  # (stopped at its next chunk by gallery.close() or at exit)
 
 
-def _codes_after_gpu(ref) -> None:
+def _codes_after_gpu(ref, codes: bool) -> None:
     """A gallery's GPU failed for good after it had been searched there (`index.gpu_scan.GpuCopy.when_failed`):
     build its int8 codes for the CPU in the background, as if it had never had a GPU."""
     gallery = ref()
     if gallery is not None and not gallery._codes_stop.is_set():
         _wait_for_build(gallery)  # (the thread that made the copy, if it has not yet returned)
-        gallery.quantize(background=True)
+        gallery.quantize(background=True, codes=codes)
 
 
-def _build_codes(ref, previous) -> None:
+def _build_codes(ref, previous, codes: bool) -> None:
     gallery = ref()
     if gallery is None:
         return
     try:
-        gallery._quantize_now(previous)
+        gallery._quantize_now(previous, codes)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
         gpu = vars(gallery.__dict__.get("store")).get("gpu")  # (a closed gallery's _Closed store has none)

@@ -124,8 +124,8 @@ class GalleryHolder:
         self.use_gpu, self.codes = use_gpu, codes
         self._lock = threading.Lock()
         self._gallery = Gallery.open(index_dir, encoder=encoder, use_gpu=use_gpu)
-        if codes:
-            self._gallery.quantize(background=True)  # int8 codes for certified queries (large galleries)
+        # int8 codes for certified queries (large galleries), or the GPU copy (codes or not): on a daemon thread
+        self._gallery.quantize(background=True, codes=codes)
         self.reloads = 0
 
     def current(self) -> Gallery:
@@ -140,8 +140,8 @@ class GalleryHolder:
                     new = Gallery.open(self.index_dir, encoder=g.encoder, use_gpu=self.use_gpu)
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
-                if self.codes:  # (the rows the older version's codes cover and this one kept are copied)
-                    new.quantize(background=True, previous=g)
+                # (what the older version's codes or GPU copy hold of the files both versions share is reused)
+                new.quantize(background=True, previous=g, codes=self.codes)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
                 # Requests still holding the old gallery keep working: its vectors stay mapped (or in
                 # memory) until the last of them drops it, and disposing its catalog engine leaves

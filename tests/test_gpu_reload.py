@@ -126,9 +126,9 @@ def _build(tmp_path, sample_folder, tiny_lipsim, index_type="Flat"):
     return folder, tmp_path / "index", opts
 
 
-@pytest.mark.parametrize("index_type", ["Flat", "IVF2,Flat"])
+@pytest.mark.parametrize("index_type, codes", [("Flat", True), ("IVF2,Flat", True), ("Flat", False)])
 def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_device, tiny_lipsim, sample_folder,
-                                                                     tmp_path, monkeypatch, index_type):
+                                                                     tmp_path, monkeypatch, index_type, codes):
     # before: each reload copied the whole gallery again (2.5 s at 10M on an H200) and held two full copies on the
     # device until the older version was dropped. An IVF gallery where FAISS sees no GPU: every vector on torch's
     import shutil
@@ -144,7 +144,7 @@ def test_a_servers_reload_copies_only_the_new_files_rows_to_the_gpu(stand_in_dev
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
     folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim, index_type)
-    holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True)
+    holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True, codes=codes)  # (--no-codes: the copy too)
     try:
         first = holder.current()
         first._codes_thread.join(20)
@@ -294,3 +294,17 @@ def test_an_uncertified_query_on_an_ivf_gallery_whose_gpu_copy_is_being_made_is_
             assert not g.store.gpu.ready and len(got.hits) == len(ids)
             want = vecs.astype(np.float64) @ vecs[i].astype(np.float64)
             assert [h.id for h in got.hits] == [int(ids[j]) for j in np.argsort(-want, kind="stable")]
+
+
+def test_a_gallery_without_a_lipschitz_bound_makes_its_gpu_copy_in_the_background(stand_in_device, photo_index,
+                                                                                   tiny_lipsim, monkeypatch):
+    # (DreamSim's galleries: no codes, but the copy is made off the requests' threads all the same)
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(Gallery, "lipschitz", property(lambda self: None))
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
+        assert g.quantize(background=True) is None and g.store.gpu.deferred
+        g._codes_thread.join(20)
+        assert g.store.gpu.ready and g.quantized is None
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as g:
+        assert g.quantize(background=True) is None and g._codes_thread is None  # (nothing to build on the CPU)

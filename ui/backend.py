@@ -241,6 +241,7 @@ def open_gallery(cfg: UIConfig) -> Opened:
         primary.quantize(background=True)  # int8 codes for certified queries (large galleries; Gallery.quantize)
         lip = primary.encoder
         compare, cmp_notes = _open_compare(cfg, primary, primary_dir)
+        compare.quantize(background=True)  # (its codes too, or its GPU copy: off the page's requests either way)
         cmp_enc = compare.encoder
     except GalleryError as exc:
         raise SetupError(str(exc)) from None

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--cpu", action="store_true", help="search on the CPU even if a GPU is visible")
     p.add_argument("--no-codes", action="store_true",
                    help="do not build int8 codes of a gallery of ≥ 100,000 vectors (by default they are built once, "
-                   "in the background, and make certified queries ~3× faster for D + 16 bytes a vector of memory)")
+                   "in the background, and make certified queries ~3× faster for D + 16 bytes a vector of memory; "
+                   "on a GPU none are built, the gallery is searched there)")
     p.set_defaults(func=run)
 
 
