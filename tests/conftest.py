@@ -25,6 +25,14 @@ pytest_plugins = ["_dreamsim_fixtures", "_ui_fixtures", "_postgres_fixtures"]
 # Two cores: keep torch from oversubscribing them when several processes run.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Property tests: new random examples on every local run (they find bugs, kept as @example), the same fixed set
+# under CI (CI=true), so that a landing does not hang on a draw no earlier run made.
+from hypothesis import settings as _hypothesis  # noqa: E402
+
+_hypothesis.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    _hypothesis.load_profile("ci")
+
 
 @pytest.fixture(scope="session")
 def photo_index(tmp_path_factory, sample_folder, tiny_lipsim):
