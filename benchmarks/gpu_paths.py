@@ -198,8 +198,8 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
                 t = time.perf_counter()
                 row[f"{name}_on_gpu"] = stores[name].on_gpu
                 row[f"{name}_to_gpu_s"] = time.perf_counter() - t  # (with the arithmetic check)
-        if "gpu" in stores and stores["gpu"]._gpu_index is not None:
-            row["arithmetic_ratio"] = gpu_arithmetic_ratio(stores["gpu"]._gpu_index, stores["gpu"])
+        if "gpu" in stores and stores["gpu"].gpu_index is not None:
+            row["arithmetic_ratio"] = gpu_arithmetic_ratio(stores["gpu"].gpu_index, stores["gpu"])
         if stores["torch"].gpu.ready:
             row["torch_arithmetic_ratio"] = gpu_arithmetic_ratio(stores["torch"].gpu.copy, stores["torch"])
         qs = clustered_unit_vectors(queries, DIM, max(8, n // CLUSTER_SIZE), 0, stream=7)
@@ -264,7 +264,7 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
         deep = GPU_MAX_K + 952
         if "gpu" in stores:
             try:
-                stores["gpu"]._gpu_index.search(qs[:1], deep) if stores["gpu"]._gpu_index is not None else None
+                stores["gpu"].gpu_index.search(qs[:1], deep) if stores["gpu"].gpu_index is not None else None
                 row["raw_gpu_k3000"] = "ok"
             except Exception as exc:  # FAISS's own limit on the GPU
                 row["raw_gpu_k3000"] = str(exc).strip().splitlines()[-1][:200]

@@ -674,6 +674,11 @@ class VectorStore:
     def on_gpu(self) -> bool:
         return self._search_index() is not self.index
 
+    @property
+    def gpu_index(self) -> faiss.Index | None:
+        """FAISS's GPU copy of the index once a search (or `on_gpu`) made it, else None (for checks)."""
+        return self._gpu_index
+
     # Files ----------------------------------------------------------------------------------
     def write(self, path: str | os.PathLike, before_replace=None) -> str:
         """Atomically write the index to `path`; returns the file's SHA-256 hex digest.

@@ -163,7 +163,7 @@ def test_a_copy_made_while_the_store_changed_is_not_kept(stand_in_gpu, monkeypat
 
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
     scores, ids = store.search(new, 1)
-    assert ids[0, 0] == 99_999 and store._gpu_index is None
+    assert ids[0, 0] == 99_999 and store.gpu_index is None
 
 
 def test_a_copy_made_during_a_removal_is_not_kept(stand_in_gpu):
@@ -222,7 +222,7 @@ def test_a_gpu_copy_scores_within_the_float32_bound_and_answers_deep_searches(fa
     v = _unit(4000)
     store = VectorStore.from_vectors(np.arange(4000), v, factory, use_gpu=True)
     assert store.on_gpu
-    assert gpu_arithmetic_ratio(store._gpu_index, store) <= 1
+    assert gpu_arithmetic_ratio(store.gpu_index, store) <= 1
     cpu = VectorStore(store.index, store.factory, store.params, use_gpu=False)
     q = _unit(20, seed=3)
     a, b = store.search(q, 10), cpu.search(q, 10)
