@@ -433,13 +433,15 @@ def _build_codes(ref, previous, codes: bool) -> None:
     gallery = ref()
     if gallery is None:
         return
+    store = gallery.__dict__.get("store")
     try:
         gallery._quantize_now(previous, codes)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
-        gpu = vars(gallery.__dict__.get("store")).get("gpu")  # (a closed gallery's _Closed store has none)
-        if gpu is not None:  # (nor the GPU copy: the next search may make it, as without a background build)
-            gpu.deferred = False
+    finally:  # the GPU copy made, failed, stopped or never reached: searches go on (and may make it themselves)
+        gpu = vars(store).get("gpu")
+        if gpu is not None:
+            gpu.release()
 
 
 _BUILDERS: weakref.WeakSet = weakref.WeakSet()

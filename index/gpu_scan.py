@@ -12,8 +12,9 @@ Here, for a tile of queries Q (t, D) and the rows X (N, D), all float32 on the d
                                   one product a part of X: a mapped gallery's file, `DeviceRows`)
     S[:, dead] = −∞              (a mapped gallery's cleared rows: never taken while live rows remain)
     top-k of each row of S       (`torch.topk`: a selection spread over the whole GPU, then `_ordered`)
-with t = max(1, TILE_SCORES // N) queries, so S holds at most TILE_SCORES floats (1 GiB; more only for a single
-query over more than 2²⁸ rows), and the selection about a quarter of that again (a mask of S).
+with t = max(1, TILE_SCORES // N) queries (half that with several parts: their blocks of S and S itself are held at
+once), so at most TILE_SCORES scores are held (1 GiB; more only for a single query over more than 2²⁸ rows), and
+the selection about a quarter of that again (a mask of S).
 
 Soundness: every score is the float32 inner product of the same two vectors, summed in some order, with or
 without fused multiply-adds, as cuBLAS computes in its default math mode; `encoder.certify.float32_dot_error`
@@ -192,7 +193,8 @@ class DeviceRows:
         if take <= 0 or len(q) == 0:
             return out_scores, out_ids, out_rows
         full_float32_on_cuda()
-        tile = max(1, TILE_SCORES // max(self.n, 1))
+        # (several parts: each part's block of scores and their concatenation are held at once, so half as many)
+        tile = max(1, TILE_SCORES // max(self.n, 1) // (1 if len(self.parts) == 1 else 2))
         queries = torch.from_numpy(np.ascontiguousarray(q, np.float32)).to(self.device)
         with torch.inference_mode():
             for a in range(0, len(q), tile):
@@ -259,9 +261,10 @@ class GpuCopy:
     searches on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that
     search runs on the CPU, so a server's requests do not stall behind a newly opened version's copy (except an IVF
     gallery's first certified queries, which need M from the copy: `LayeredIVF.max_norm`). With `deferred` set (a
-    gallery that makes the copy on its own thread: `Gallery.quantize(background=True)`), wait=False never starts
-    the copy either, so no request makes it in its own thread. `stop` (a threading.Event) abandons a copy between
-    chunks: get returns None and a later call may make it.
+    gallery that makes the copy on its own thread: `Gallery.quantize(background=True)`, which calls get with its
+    stop event and `release` when done), only that thread makes it: other calls return None (wait=False) or wait
+    for `release` (wait=True), so no request makes it in its own thread, unshared and unstoppable. `stop` (a
+    threading.Event) abandons a copy between chunks: get returns None and a later call may make it.
     `seed(older, rows)`: the first `rows` rows of this store are those of the store `older` copied (an older
     version: `Gallery.quantize(previous=…)`); the copy shares that copy's parts there (`DeviceRows`' reuse), so a
     reload copies only the new files' rows and holds the shared ones once on the device.
@@ -275,6 +278,7 @@ class GpuCopy:
         self.why: str | None = None  # why it failed (NO_DEVICE: no GPU that torch sees)
         self.errors = 0  # searches on the GPU that failed in a row
         self.deferred = False
+        self._settled = threading.Event()  # set by `release`
         self._lock = threading.Lock()  # one copy made at a time (a server's threads search at once)
         self._reuse: tuple[DeviceRows, int] | None = None
         self._when_failed: list = []
@@ -285,8 +289,15 @@ class GpuCopy:
 
     def seed(self, older: "GpuCopy | None", rows: int) -> None:
         copy = older.copy if older is not None else None
-        if copy is not None and int(rows) > 0 and self.copy is None:
-            self._reuse = (copy, int(rows))
+        with self._lock:  # (not between another thread's making of the copy and its setting: held for nothing)
+            if copy is not None and int(rows) > 0 and self.copy is None:
+                self._reuse = (copy, int(rows))
+
+    def release(self) -> None:
+        """The gallery's own thread is done with the copy (made it, failed, was stopped, or never got to it): it is
+        no longer `deferred`, and callers waiting for it go on (making it themselves if it is still not made)."""
+        self.deferred = False
+        self._settled.set()
 
     def when_failed(self, callback) -> None:
         self._when_failed.append(callback)
@@ -294,8 +305,12 @@ class GpuCopy:
     def get(self, store, wait: bool = False, stop=None) -> DeviceRows | None:
         if self.failed or self.copy is not None:
             return self.copy
-        if not wait and self.deferred:
-            return None
+        if self.deferred and stop is None:  # (the gallery's own thread makes it, passing its stop event)
+            if not wait:
+                return None
+            self._settled.wait()  # (`release`, when that thread is done)
+            if self.failed or self.copy is not None:
+                return self.copy
         if not self._lock.acquire(blocking=wait):
             return None
         try:

@@ -85,11 +85,63 @@ def _mapped(v, sizes, use_gpu=True):
     return store
 
 
-def test_a_deferred_copy_is_made_only_by_the_thread_that_waits_for_it(stand_in_device):
+def test_a_deferred_copy_is_made_only_by_the_gallerys_own_thread(stand_in_device, monkeypatch):
+    # (review) a request that waited for the copy (an IVF gallery's max_norm) used to make it itself: unshared,
+    # unstoppable, beside the older version's
+    made = []
+    true_init = DeviceRows.__init__
+    monkeypatch.setattr(DeviceRows, "__init__", lambda self, *a, **kw: made.append(1) or true_init(self, *a, **kw))
     store = _mapped(_unit(300, seed=25), [300])
     store.gpu.deferred = True
     assert store.search(_unit(1, seed=26), 3) is not None and not store.gpu.ready  # a request: on the CPU
-    assert store.gpu.get(store, wait=True) is not None and store.gpu.ready
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(store.gpu.get(store, wait=True)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not made  # it waits for the gallery's thread and makes nothing
+    copy = store.gpu.get(store, wait=True, stop=threading.Event())  # the gallery's thread (it passes its stop event)
+    store.gpu.release()
+    waiter.join(10)
+    assert not waiter.is_alive() and got == [copy] and copy is not None and made == [1]
+    # released without a copy (its thread stopped, or failed first): a waiting caller makes it
+    other = _mapped(_unit(300, seed=25), [300])
+    other.gpu.deferred, got = True, []
+    waiter = threading.Thread(target=lambda: got.append(other.gpu.get(other, wait=True)))
+    waiter.start()
+    other.gpu.release()
+    waiter.join(10)
+    assert got[0] is not None and got[0] is other.gpu.copy and made == [1, 1]
+
+
+def test_an_ivf_request_during_a_reloads_build_waits_for_the_shared_copy(stand_in_device, tiny_lipsim, sample_folder,
+                                                                         tmp_path, monkeypatch):
+    # (review) its certified query asks M of the copy; it used to make the whole copy itself before the gallery's
+    # thread could seed it, so nothing was shared
+    import shutil
+    import time
+
+    import index.store as store_mod
+    from index import update_index
+    from index.gallery import Gallery
+    from retrieval.serve import GalleryHolder
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
+    folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim, "IVF2,Flat")
+    holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True)
+    try:
+        first = holder.current()
+        first._codes_thread.join(20)
+        true_seed = Gallery._seed_gpu
+        monkeypatch.setattr(Gallery, "_seed_gpu", lambda self, previous: time.sleep(0.5) or true_seed(self, previous))
+        shutil.copy2(sample_folder / "grass.png", folder / "grass.png")
+        update_index(index_dir, encoder=tiny_lipsim, options=opts)
+        new = holder.current()
+        assert new.max_norm > 0  # a request's certified query, while the gallery's thread is still seeding
+        new._codes_thread.join(20)
+        assert new.store.gpu.copy.reused == len(first) and new.store.gpu.copy.parts[0] is first.store.gpu.copy.parts[0]
+    finally:
+        holder.close()
 
 
 def test_a_stopped_copy_is_abandoned_between_chunks_and_can_be_made_later(stand_in_device, monkeypatch):
@@ -389,3 +441,20 @@ def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_a
         assert seen
     finally:
         holder.close()
+
+
+def test_a_copy_of_several_parts_scores_half_a_tile_of_queries_at_once(monkeypatch):
+    # (review) each part's block of scores and their concatenation are held at once: 2 × TILE_SCORES before
+    v = _unit(400, seed=30)
+    monkeypatch.setattr(gpu_scan, "TILE_SCORES", 400 * 8)  # 8 queries a product over one part
+    shapes = []
+    true_scores = DeviceRows._scores
+    monkeypatch.setattr(DeviceRows, "_scores", lambda self, part: shapes.append(len(part)) or true_scores(self, part))
+    q = _unit(20, seed=31)
+    one, two = DeviceRows([v], np.arange(400), [], "cpu", DIM), DeviceRows([v[:150], v[150:]], np.arange(400), [],
+                                                                            "cpu", DIM)
+    a = one.top(q, 5)
+    assert shapes == [8, 8, 4]
+    shapes.clear()
+    b = two.top(q, 5)
+    assert shapes == [4] * 5 and np.array_equal(a[1], b[1])
