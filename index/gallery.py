@@ -219,14 +219,20 @@ class Gallery:
         with self._codes_state:
             thread = self._codes_thread
             if (thread is None or not thread.is_alive()) and self._codes is None and not self._codes_stop.is_set():
-                if self._torch_gpu and thread is None:
-                    self.store.gpu.deferred = True  # (the copy is made on this thread, not in a request's)
-                    self.store.gpu.when_failed(functools.partial(_codes_after_gpu, weakref.ref(self), codes))
-                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous, codes),
+                gpu = self.store.gpu if self._torch_gpu else None
+                if gpu is not None and thread is None:
+                    gpu.deferred = True  # (the copy is made on this thread, not in a request's; released when it ends)
+                    gpu.when_failed(functools.partial(_codes_after_gpu, weakref.ref(self), codes))
+                self._codes_thread = threading.Thread(target=_build_codes, args=(weakref.ref(self), previous, codes, gpu),
                                                       name="robret-codes", daemon=True)
                 self._codes_thread._robret_stop = self._codes_stop
                 _BUILDERS.add(self._codes_thread)
-                self._codes_thread.start()
+                try:
+                    self._codes_thread.start()
+                except RuntimeError:  # (no thread to be had): nothing will make the copy for the requests
+                    if gpu is not None:
+                        gpu.release()
+                    raise
         return self._codes
 
     def _wants_codes(self, codes: bool = True) -> bool:
@@ -429,17 +435,14 @@ def _codes_after_gpu(ref, codes: bool) -> None:
         gallery.quantize(background=True, codes=codes)
 
 
-def _build_codes(ref, previous, codes: bool) -> None:
-    gallery = ref()
-    if gallery is None:
-        return
-    store = gallery.__dict__.get("store")
+def _build_codes(ref, previous, codes: bool, gpu) -> None:
     try:
-        gallery._quantize_now(previous, codes)
+        gallery = ref()
+        if gallery is not None:
+            gallery._quantize_now(previous, codes)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
     finally:  # the GPU copy made, failed, stopped or never reached: searches go on (and may make it themselves)
-        gpu = vars(store).get("gpu")
         if gpu is not None:
             gpu.release()
 
