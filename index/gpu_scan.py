@@ -238,7 +238,7 @@ def _ordered(s, take: int):
 
 class RowsOf:
     """The vectors of `ids` as one part of `DeviceRows` (`len` and row slicing), read through `store.reconstruct` a
-    slice at a time: an IVF gallery's live vectors from its mapped lists, with no copy of them all in host memory."""
+    slice at a time: an IVF base's stored vectors from its mapped lists, with no copy of them all in host memory."""
 
     def __init__(self, store, ids: np.ndarray):
         self.store, self.ids = store, ids
