@@ -45,6 +45,7 @@ import numpy as np
 
 from .errors import StoreError
 from .ivf import norm_bound
+from . import gpu_scan
 from .gpu_scan import GpuCopy
 from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked, scan_top
 
@@ -64,7 +65,7 @@ class MappedFlat:
     def __init__(self, dim: int, params: dict | None = None, use_gpu: bool = False):
         self._dim = int(dim)
         self.params = {**default_params("Flat"), **(params or {})}
-        self.use_gpu = use_gpu
+        self.use_gpu = use_gpu and gpu_scan.scan_device() is not None  # (asked for, and a GPU torch sees)
         self._blocks: list[np.ndarray] = []  # (n_b, dim) float32 views (mapped)
         self._starts = [0]  # block b holds rows _starts[b] .. _starts[b+1] − 1
         self._ids = np.zeros(0, np.int64)  # per row, every block

@@ -458,3 +458,13 @@ def test_a_copy_of_several_parts_scores_half_a_tile_of_queries_at_once(monkeypat
     shapes.clear()
     b = two.top(q, 5)
     assert shapes == [4] * 5 and np.array_equal(a[1], b[1])
+
+
+def test_without_a_gpu_a_mapped_store_holds_no_copy_and_asks_for_no_build(photo_index, tiny_lipsim, monkeypatch):
+    # (before: a GpuCopy on every CPU machine, so `quantize(background=True)` started a thread that only found no GPU)
+    from index.gallery import Gallery
+
+    monkeypatch.setattr(gpu_scan, "scan_device", lambda: None)
+    monkeypatch.setattr(Gallery, "lipschitz", property(lambda self: None))
+    with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
+        assert g.store.gpu is None and g.quantize(background=True) is None and g._codes_thread is None
