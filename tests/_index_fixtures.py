@@ -19,6 +19,12 @@ def round_tf32(x) -> np.ndarray:
     return b.view(np.float32)
 
 
+def unit_rows(n: int, seed: int = 0, dim: int = 33) -> np.ndarray:
+    """n random float32 unit vectors of `dim` coordinates (a standard normal draw of `seed`, normalised)."""
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 # Photos small enough that a tiny-encoder build of the folder takes well under a second.
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "rocket",
           "text", "page")

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from _report import MEASURED  # noqa: E402
 
-pytest_plugins = ["_dreamsim_fixtures", "_ui_fixtures", "_postgres_fixtures"]
+pytest_plugins = ["_dreamsim_fixtures", "_ui_fixtures", "_postgres_fixtures", "_gpu_fixtures"]
 
 # Two cores: keep torch from oversubscribing them when several processes run.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

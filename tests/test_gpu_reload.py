@@ -12,32 +12,22 @@ import torch
 
 import index.gallery as gallery_mod
 import index.gpu_scan as gpu_scan
+from _index_fixtures import unit_rows
 from index.gpu_scan import GPU_ERRORS_MAX, DeviceRows, GpuCopy
 from index.mapped import MappedFlat
 
 DIM = 33
 
 
-def _unit(n, seed=0, dim=DIM):
-    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-@pytest.fixture
-def stand_in_device(monkeypatch):
-    """torch's CPU device where a CUDA one would be."""
-    monkeypatch.setattr(gpu_scan, "scan_device", lambda: torch.device("cpu"))
-
-
 def _same_answers(a: DeviceRows, b: DeviceRows, seed: int) -> None:
-    q = np.vstack([_unit(6, seed=seed, dim=a.dim), a.host_rows()[[0, -1]]])
+    q = np.vstack([unit_rows(6, seed=seed, dim=a.dim), a.host_rows()[[0, -1]]])
     for k in (1, 10, 60):
         for x, y in zip(a.top(q, k), b.top(q, k)):
             assert np.array_equal(x, y)
 
 
 def test_a_newer_copy_shares_the_older_copys_parts_in_the_rows_both_hold():
-    v = _unit(900, seed=21) * np.random.default_rng(21).uniform(0.5, 1.5, (900, 1)).astype(np.float32)
+    v = unit_rows(900, seed=21) * np.random.default_rng(21).uniform(0.5, 1.5, (900, 1)).astype(np.float32)
     ids = np.arange(900, dtype=np.int64) * 3
     older = DeviceRows([v[:400], v[400:700]], ids[:700], [5], "cpu", DIM)
     # the same two files mapped again (other arrays, same bytes), then a third; its tombstone clears row 10
@@ -54,7 +44,7 @@ def test_a_newer_copy_shares_the_older_copys_parts_in_the_rows_both_hold():
                                           ("another last row", 400), ("a dead row alive", 400), ("other bounds", 0),
                                           ("another dimension", 0)])
 def test_a_part_is_shared_only_where_it_is_the_same_rows(case, shared):
-    v = _unit(900, seed=23)
+    v = unit_rows(900, seed=23)
     ids = np.arange(900, dtype=np.int64)
     older = DeviceRows([v[:400], v[400:700]], ids[:700], [450] if case == "a dead row alive" else [], "cpu", DIM)
     parts, rows, dim = [v[:400], v[400:700].copy(), v[700:]], 700, DIM
@@ -91,9 +81,9 @@ def test_a_deferred_copy_is_made_only_by_the_gallerys_own_thread(stand_in_device
     made = []
     true_init = DeviceRows.__init__
     monkeypatch.setattr(DeviceRows, "__init__", lambda self, *a, **kw: made.append(1) or true_init(self, *a, **kw))
-    store = _mapped(_unit(300, seed=25), [300])
+    store = _mapped(unit_rows(300, seed=25), [300])
     store.gpu.deferred = True
-    assert store.search(_unit(1, seed=26), 3) is not None and not store.gpu.ready  # a request: on the CPU
+    assert store.search(unit_rows(1, seed=26), 3) is not None and not store.gpu.ready  # a request: on the CPU
     got = []
     waiter = threading.Thread(target=lambda: got.append(store.gpu.get(store, wait=True)))
     waiter.start()
@@ -104,7 +94,7 @@ def test_a_deferred_copy_is_made_only_by_the_gallerys_own_thread(stand_in_device
     waiter.join(10)
     assert not waiter.is_alive() and got == [copy] and copy is not None and made == [1]
     # released without a copy (its thread stopped, or failed first): a waiting caller makes it
-    other = _mapped(_unit(300, seed=25), [300])
+    other = _mapped(unit_rows(300, seed=25), [300])
     other.gpu.deferred, got = True, []
     waiter = threading.Thread(target=lambda: got.append(other.gpu.get(other, wait=True)))
     waiter.start()
@@ -148,7 +138,7 @@ def test_a_stopped_copy_is_abandoned_between_chunks_and_can_be_made_later(stand_
     import index.store as store_mod
 
     monkeypatch.setattr(store_mod, "CHUNK_ROWS", 50)
-    v = _unit(300, seed=27)
+    v = unit_rows(300, seed=27)
     store, stop, reads = _mapped(v, [300]), threading.Event(), []
 
     class Stopping:  # the part's rows, setting the stop event once the first chunk was read
@@ -298,14 +288,14 @@ def test_a_gpu_that_fails_for_good_after_opening_gives_the_gallery_its_int8_code
 
 
 def test_a_copy_that_fails_for_good_runs_its_callbacks_once(stand_in_device, monkeypatch):
-    store = _mapped(_unit(200, seed=28), [200])
+    store = _mapped(unit_rows(200, seed=28), [200])
     calls = []
     store.gpu.when_failed(lambda: calls.append(1))
     store.gpu.when_failed(lambda: 1 / 0)  # a failing callback: logged, the search still answers
     assert store.on_gpu
     monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: (_ for _ in ()).throw(RuntimeError("lost")))
     for _ in range(GPU_ERRORS_MAX + 2):
-        assert store.search(_unit(1, seed=29), 2)[1].shape == (1, 2)
+        assert store.search(unit_rows(1, seed=29), 2)[1].shape == (1, 2)
     assert calls == [1] and store.gpu.failed and isinstance(store.gpu, GpuCopy)
 
 
@@ -430,7 +420,7 @@ def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_a
                 assert g.max_norm >= np.linalg.norm(vecs.astype(np.float64), axis=1).max()
                 exact = dict(zip(ids.tolist(), vecs.astype(np.float64)))
                 for i in range(len(ids)):
-                    q = vecs[i] + np.float32(0.05) * _unit(1, seed=i, dim=vecs.shape[1])[0]
+                    q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=i, dim=vecs.shape[1])[0]
                     q /= np.linalg.norm(q)
                     a, b = search_embedding(g, q, 3), search_embedding(cpu, q, 3)
                     score = [[round(float(exact[h.id] @ q), 12) for h in r.hits] for r in (a, b)]
@@ -445,12 +435,12 @@ def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_a
 
 def test_a_copy_of_several_parts_scores_half_a_tile_of_queries_at_once(monkeypatch):
     # (review) each part's block of scores and their concatenation are held at once: 2 × TILE_SCORES before
-    v = _unit(400, seed=30)
+    v = unit_rows(400, seed=30)
     monkeypatch.setattr(gpu_scan, "TILE_SCORES", 400 * 8)  # 8 queries a product over one part
     shapes = []
     true_scores = DeviceRows._scores
     monkeypatch.setattr(DeviceRows, "_scores", lambda self, part: shapes.append(len(part)) or true_scores(self, part))
-    q = _unit(20, seed=31)
+    q = unit_rows(20, seed=31)
     one, two = DeviceRows([v], np.arange(400), [], "cpu", DIM), DeviceRows([v[:150], v[150:]], np.arange(400), [],
                                                                             "cpu", DIM)
     a = one.top(q, 5)

@@ -14,18 +14,13 @@ import pytest
 import torch
 
 import index.gpu_scan as gpu_scan
-from _index_fixtures import round_tf32
+from _index_fixtures import round_tf32, unit_rows
 from encoder.certify import float32_dot_error
 from index.gpu_scan import DeviceRows
 from index.mapped import MappedFlat
 from index.store import scan_top
 
 DIM = 33
-
-
-def _unit(n, seed=0, dim=DIM):
-    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 def _blocks(v, sizes):
@@ -42,20 +37,14 @@ def _cpu_scan(blocks, ids, dead, q, k):
     return scan_top(q, k, blocks[0].shape[1], [(faiss.swig_ptr(b), len(b)) for b in blocks], ids, dead)
 
 
-@pytest.fixture
-def stand_in_device(monkeypatch):
-    """torch's CPU device where a CUDA one would be."""
-    monkeypatch.setattr(gpu_scan, "scan_device", lambda: torch.device("cpu"))
-
-
 @pytest.mark.parametrize("k", [1, 10, 74, 700])
 def test_device_rows_answer_the_cpu_scans_ids_in_its_order_with_scores_within_the_float32_bound(k):
-    v = _unit(600, seed=k)
+    v = unit_rows(600, seed=k)
     v[100:140] = v[7]  # 41 equal rows: ties at every k around them, across a block boundary
     ids = np.arange(1000, 1600, dtype=np.int64)[::-1].copy()
     dead = np.array([3, 7, 120, 599], np.int64)
     blocks = _blocks(v, [250, 0, 350])
-    q = np.vstack([_unit(5, seed=99 + k), v[7:8], v[120:121]])
+    q = np.vstack([unit_rows(5, seed=99 + k), v[7:8], v[120:121]])
     rows = DeviceRows([b for b in blocks if len(b)], ids, dead, "cpu", DIM)
     s_gpu, i_gpu, r_gpu = rows.top(q, k)
     s_cpu, i_cpu, r_cpu = _cpu_scan([b for b in blocks if len(b)], ids, dead, q, k)
@@ -95,9 +84,9 @@ def test_ties_at_the_kth_score_go_to_the_lowest_rows():
 
 
 def test_a_batch_larger_than_a_tile_answers_as_one_query_at_a_time(monkeypatch):
-    v = _unit(400, seed=3)
+    v = unit_rows(400, seed=3)
     rows = DeviceRows(_blocks(v, [150, 250]), np.arange(400), np.array([9], np.int64), "cpu", DIM)
-    q = _unit(23, seed=4)
+    q = unit_rows(23, seed=4)
     monkeypatch.setattr(gpu_scan, "TILE_SCORES", 400 * 5)  # 5 queries a product
     batch = rows.top(q, 12)
     one = [np.concatenate(part) for part in zip(*(rows.top(q[i:i + 1], 12) for i in range(len(q))))]
@@ -107,7 +96,7 @@ def test_a_batch_larger_than_a_tile_answers_as_one_query_at_a_time(monkeypatch):
 
 
 def test_fewer_live_rows_than_k_pad_with_minus_one():
-    v = _unit(5, seed=5)
+    v = unit_rows(5, seed=5)
     rows = DeviceRows([v], np.arange(5), np.array([1, 2], np.int64), "cpu", DIM)
     s, ids, r = rows.top(v[:1], 8)
     assert sorted(ids[0, :3].tolist()) == [0, 3, 4] and ids[0, 0] == 0  # (row 0 is the query itself)
@@ -131,11 +120,11 @@ def _mapped(v, ids, use_gpu=True, dead=()):
 
 
 def test_a_mapped_gallery_searches_on_the_gpu_and_answers_as_on_the_cpu(stand_in_device):
-    v = _unit(700, seed=6)
+    v = unit_rows(700, seed=6)
     ids = np.random.default_rng(6).permutation(10_000)[:700].astype(np.int64)
     gpu, cpu = _mapped(v, ids, dead=ids[[4, 400]]), _mapped(v, ids, use_gpu=False, dead=ids[[4, 400]])
     assert gpu.on_gpu and not cpu.on_gpu
-    q = _unit(30, seed=7)
+    q = unit_rows(30, seed=7)
     for batch in (q[:1], q[:5], q):  # one query, a few (the CPU's scan), many (FAISS's batched search)
         a, b = gpu.search(batch, 20), cpu.search(batch, 20)
         assert np.array_equal(a[1], b[1])
@@ -147,7 +136,7 @@ def test_a_mapped_gallery_searches_on_the_gpu_and_answers_as_on_the_cpu(stand_in
 
 
 def test_a_gpu_copy_gives_the_same_norm_bound_as_a_pass_over_the_mapped_rows(stand_in_device):
-    v = _unit(700, seed=15) * np.random.default_rng(15).uniform(0.5, 1.5, (700, 1)).astype(np.float32)
+    v = unit_rows(700, seed=15) * np.random.default_rng(15).uniform(0.5, 1.5, (700, 1)).astype(np.float32)
     store, cpu = _mapped(v, np.arange(700)), _mapped(v, np.arange(700), use_gpu=False)
     assert store.on_gpu and store.max_norm() == cpu.max_norm() >= np.linalg.norm(v.astype(np.float64), axis=1).max()
     # the row of largest norm cleared: the copy still holds it, so its bound would not be this store's tightest
@@ -162,7 +151,7 @@ def test_a_gpu_scoring_in_reduced_precision_is_not_used(stand_in_device, monkeyp
         return true_top(self, round_tf32(q), k)
 
     monkeypatch.setattr(DeviceRows, "top", tf32_top)
-    v = _unit(500, seed=8)
+    v = unit_rows(500, seed=8)
     store = _mapped(v, np.arange(500))
     with caplog.at_level(logging.WARNING):
         assert not store.on_gpu
@@ -179,7 +168,7 @@ def test_the_check_also_probes_one_query_at_a_time(stand_in_device, monkeypatch)
         return true_top(self, round_tf32(q) if len(q) == 1 else q, k)
 
     monkeypatch.setattr(DeviceRows, "top", tf32_when_alone)
-    assert not _mapped(_unit(500, seed=8), np.arange(500)).on_gpu
+    assert not _mapped(unit_rows(500, seed=8), np.arange(500)).on_gpu
 
 
 def test_searches_run_on_the_cpu_while_another_thread_makes_the_copy(stand_in_device, monkeypatch):
@@ -194,7 +183,7 @@ def test_searches_run_on_the_cpu_while_another_thread_makes_the_copy(stand_in_de
         true_init(self, *args, **kwargs)
 
     monkeypatch.setattr(DeviceRows, "__init__", slow_init)
-    v = _unit(500, seed=14)
+    v = unit_rows(500, seed=14)
     store, cpu = _mapped(v, np.arange(500)), _mapped(v, np.arange(500), use_gpu=False)
     maker = threading.Thread(target=lambda: store.on_gpu)
     maker.start()
@@ -217,7 +206,7 @@ def test_a_search_that_fails_on_the_gpu_runs_on_the_cpu_and_repeated_failures_st
     # (review) one failed search (out of memory for its scores, say) used to send the gallery to the CPU for good
     from index.gpu_scan import GPU_ERRORS_MAX
 
-    v = _unit(500, seed=9)
+    v = unit_rows(500, seed=9)
     store, cpu = _mapped(v, np.arange(500)), _mapped(v, np.arange(500), use_gpu=False)
     assert store.on_gpu
     true_top, fail = DeviceRows.top, {"left": 1}
@@ -264,7 +253,7 @@ def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_c
         assert on_gpu.quantize() is None and on_cpu.quantize() is not None  # (a GPU scans the float32 rows)
         ids, vecs = on_cpu.all_vectors()
         for i in (0, 3):
-            q = vecs[i] + np.float32(0.05) * _unit(1, seed=i, dim=len(vecs[i]))[0]
+            q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=i, dim=len(vecs[i]))[0]
             q /= np.linalg.norm(q)
             a, b = search_embedding(on_gpu, q, 3), search_embedding(on_cpu, q, 3)
             assert a.method == "exhaustive" and b.method == "quantized"
@@ -339,7 +328,7 @@ def test_an_ivf_gallery_with_segments_is_searched_on_torchs_gpu_with_the_cpus_ce
         true_top = DeviceRows.top
         monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: calls.append(k) or true_top(self, q, k))
         for i in range(len(ids)):
-            q = vecs[i] + np.float32(0.05) * _unit(1, seed=i, dim=vecs.shape[1])[0]
+            q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=i, dim=vecs.shape[1])[0]
             q /= np.linalg.norm(q)
             # (a list of 5 of the 10 items: the GPU's answer is what the certificate rests on, not a full rescoring)
             a, b = search_embedding(on_gpu, q, 3, candidates=5), search_embedding(on_cpu, q, 3)
@@ -365,14 +354,14 @@ def test_a_gallery_whose_gpu_fails_its_check_builds_codes_for_the_cpu(stand_in_d
 def test_on_a_real_gpu_scores_stay_within_the_float32_bound_and_answers_match_the_cpu():
     from index.store import gpu_arithmetic_ratio
 
-    v = _unit(200_000, seed=12, dim=129)
+    v = unit_rows(200_000, seed=12, dim=129)
     store = MappedFlat(129, use_gpu=True)
     store.add(np.arange(len(v)), v, stored=True)
     assert store.on_gpu
     assert gpu_arithmetic_ratio(store.gpu.copy, store) <= 1
     cpu = MappedFlat(129)
     cpu.add(np.arange(len(v)), v, stored=True)
-    q = _unit(50, seed=13, dim=129)
+    q = unit_rows(50, seed=13, dim=129)
     a, b = store.search(q, 74), cpu.search(q, 74)
     gamma = float32_dot_error(129, 1.0 + 1e-6, 1.0 + 1e-6)
     assert np.abs(a[0] - b[0]).max() <= 2 * gamma

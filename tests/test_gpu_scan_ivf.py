@@ -6,19 +6,12 @@ CPU readers: the copy holds exactly the live (id, vector) pairs, M bounds every 
 top-k (no unlisted item above the k-th listed score plus 2·float32_dot_error)."""
 import numpy as np
 import pytest
-import torch
 
-import index.gpu_scan as gpu_scan
 from encoder.certify import float32_dot_error
 from index import VectorStore
 from index.layout import BASE, ROWS, IndexDir
 from index.mapped_ivf import LayeredIVF
 from index.segments import load_live_store, write_segment
-
-
-@pytest.fixture
-def stand_in_device(monkeypatch):
-    monkeypatch.setattr(gpu_scan, "scan_device", lambda: torch.device("cpu"))
 
 
 def _unit(rng, n, dim, scale=False):
