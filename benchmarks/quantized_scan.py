@@ -15,8 +15,8 @@ median of the per-query ratios, and the codes path again back to back over the s
 answers only certified queries runs it: no exact scan in between to evict caches). Then a reload as `robret serve`
 runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same generator, a fresh stream), either
 all new or with CHANGED_ROWS of them re-adding older ids (their older rows tombstoned, as for changed files): the
-codes of the grown store (base block + segment block) built in full, and from the older codes with only the
-segment's rows coded (`QuantizedCodes.from_store(..., reuse=, old_rows=, new_rows=)`, what
+codes of the grown store (base block + segment block) built in full, and with the older codes' base part shared
+and only the segment's rows coded (`QuantizedCodes.from_store(..., reuse=, rows=)`, what
 `Gallery.quantize(previous=)` does), three times each in alternating order (medians); both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
 64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its rows), timed like a query —
 no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
@@ -123,7 +123,7 @@ def _stream(codes, repeats: int = 40) -> dict:
     from index.ivf import _executor, _threads
 
     fold = _fold()
-    flat = codes.codes.reshape(-1)
+    flat = codes.parts[0].codes.reshape(-1)  # (one part: the one block of the store `run` makes)
     words = flat[:len(flat) // 8 * 8].view(np.uint64)
     parts = max(1, _threads())
     cuts = np.linspace(0, len(words), parts + 1).astype(np.int64)
@@ -135,7 +135,7 @@ def _stream(codes, repeats: int = 40) -> dict:
         list(_executor().map(fold, chunks))
         times.append(time.perf_counter() - t)
     p50 = float(np.median(times))
-    scanned = codes.codes.nbytes + codes.scale.nbytes + codes.resid.nbytes  # what `scan_upper` reads
+    scanned = sum(p.codes.nbytes + p.scale.nbytes + p.resid.nbytes for p in codes.parts)  # what `scan_upper` reads
     return {"p50_ms": 1000 * p50, "gb_per_s": words.nbytes / p50 / 1e9, "threads": parts,
             "scan_bytes": scanned, "floor_ms": 1000 * scanned / (words.nbytes / p50)}
 
@@ -156,21 +156,22 @@ def _reload(rows, codes, n: int, seed: int) -> dict:
         grown.add(np.arange(n), rows, stored=True)
         grown.remove(changed)
         grown.add(np.concatenate([changed, np.arange(n, n + SEGMENT_ROWS - len(changed))]), added, stored=True)
-        kept_rows = n - len(changed)
         times = {"full": [], "reuse": []}
         built = {}
         for order in (("full", "reuse"), ("reuse", "full"), ("full", "reuse")):  # medians of 3, each first once
             for kind in order:
                 t = time.perf_counter()
-                got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, old_rows=n,
-                                                new_rows=kept_rows)
+                got = QuantizedCodes.from_store(grown, reuse=codes if kind == "reuse" else None, rows=n)
                 times[kind].append(time.perf_counter() - t)
                 built.setdefault(kind, got)
                 del got
         full, kept = built.pop("full"), built.pop("reuse")
-        same = all(np.array_equal(getattr(full, k), getattr(kept, k)) for k in ("ids", "codes", "scale", "resid"))
+        held = {id(a) for p in codes.parts for a in p[:3]}  # the older version's arrays
+        added = kept.ids.nbytes + sum(a.nbytes for p in kept.parts for a in p[:3] if id(a) not in held)
+        same = np.array_equal(full.ids, kept.ids) and all(np.array_equal(a, b) for a, b in zip(full.live(), kept.live()))
         out[case] = {"rows_added": SEGMENT_ROWS, "rows_changed": len(changed), "full_s": float(np.median(times["full"])),
                      "reuse_s": float(np.median(times["reuse"])), "reused": kept.reused, "times_s": times,
+                     "added_mb": added / 2**20, "full_mb": full.nbytes / 2**20,
                      "identical": bool(same and kept.max_norm >= full.max_norm)}
         del full, kept, grown
     return out
@@ -194,13 +195,14 @@ def table(report: dict) -> str:
                          f"{x['codes_listed_median']:.0f} | {r['codes_build_s']:.2f} s, {r['codes_mb']:.0f} |")
     lines += ["", f"A reload after a checkpoint's segment of {SEGMENT_ROWS:,} vectors: the grown store's codes "
               "(medians of 3)\n",
-              "| vectors before | segment | coded in full | older codes copied, the rest coded | ratio | rows copied | "
-              "identical |", "|---|---|---|---|---|---|---|"]
+              "| vectors before | segment | coded in full | older codes shared, the rest coded | ratio | rows shared | "
+              "memory added, shared / in full | identical |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         for case, x in r["reload"].items():
             what = "new rows" if case == "append" else f"{x['rows_changed']:,} older rows changed, the rest new"
             lines.append(f"| {r['n']:,} | {what} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | "
-                         f"{x['full_s'] / x['reuse_s']:.1f}× | {x['reused']:,} | {x['identical']} |")
+                         f"{x['full_s'] / x['reuse_s']:.1f}× | {x['reused']:,} | {x['added_mb']:.0f} / {x['full_mb']:.0f} MB | "
+                         f"{x['identical']} |")
     lines += ["", "The memory floor: a pass that only reads the codes (module doc)\n",
               "| vectors | read-only pass p50 | GB/s | threads | a scan's bytes | floor for them |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:

@@ -45,18 +45,3 @@ def quantize(e, codes, scale, delta):  # pragma: no cover (compiled)
             total += diff * diff
         scale[r] = a
         delta[r] = np.sqrt(total)
-
-
-@njit(nogil=True, cache=True)
-def subsequence(old, new, out):  # pragma: no cover (compiled)
-    """out[j] = the row of old holding new[j], matched left to right (new as a subsequence of old); returns how
-    many of new matched (len(new) when all did). With ids unique in old, a match is the only one."""
-    j = 0
-    m = len(new)
-    for i in range(len(old)):
-        if j == m:
-            break
-        if old[i] == new[j]:
-            out[j] = i
-            j += 1
-    return j

@@ -44,104 +44,149 @@ by less than 127·√D·ν·2⁻¹²⁶ or ν·2⁻¹²⁶; T, R and ū themselv
 E is ~1e-5 for unit vectors; δ is ~0.01 in 129 dimensions (a·√(D/12) for uniform rounding errors), the
 bound's real looseness.
 
-Built from a store's live vectors (`from_store`, CHUNK_ROWS at a time), held in memory (D + 16 bytes a
-vector: 145 MB at 1M), and valid for the store it was built from; a `Gallery` keeps the version it
-opened, so codes built from its store stay valid for it. A newer version takes the older version's codes of
-the rows both hold in the files they share (`from_store`'s `reuse`; why those rows are the same:
-`index.layout.common_files`) and codes only the others.
+Built one part a file of the store (`from_store`; index/row_parts.py: the base, then each segment that adds
+rows), CHUNK_ROWS rows at a time, each part padded to a multiple of BLOCK rows, and held in memory (D + 16
+bytes a row: 145 MB at 1M). Rows a later tombstone removed (dead) and padding rows have δ = −∞ and id −1, and
+their ū is −∞: ν > 0 (`query_norm_up` adds √D·2⁻¹²⁶), so fl(ν·δ) = −∞; a·fl(S) is finite in the range
+`covers` admits; and −∞ plus a finite number, fused or not, is −∞ (the kernel's fastmath flags assume nothing
+about infinities). A live row's ū is finite. So `retrieval.quantized_search` never lists a dead row while a
+live one is unlisted; the claim above is about the live rows. Codes are valid for the store they were built
+from; a `Gallery` keeps the version it opened, so codes built from its store stay valid for it. A newer version
+takes the older version's parts of the files both hold as they are (`from_store`'s `reuse`; why that is what
+coding them again gives: index/row_parts.py, "Sharing"), with a new array of residual bounds only where a new
+tombstone kills rows of a shared file, and codes only the other files.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
 from encoder.certify import float32_dot_error
 
-__all__ = ["QuantizedCodes", "scan_upper"]
+from .row_parts import Layout
+
+__all__ = ["CodedPart", "QuantizedCodes", "scan_upper"]
 
 QMAX = 127
 RANGE = 2.0 ** 120  # 127·√D·ν·max(1, M, a_max) below this: no float32 overflow in the scan (module doc)
 BLOCK = 64  # rows per block maximum the scan also returns (`index.store.top_rows`' default block)
 
 
-class QuantizedCodes:
-    """Int8 codes, scales and residual bounds of a gallery's vectors, with their ids (module doc)."""
+class CodedPart(NamedTuple):
+    """One part's rows (index/row_parts.py), padded to a multiple of BLOCK: int8 codes (P, D), scales (P,) and
+    residual bounds (P,), −∞ at dead and padding rows (module doc); `norm` ≥ the norm of every row alive when the
+    part was coded (`index.ivf.norm_bound`)."""
+    codes: np.ndarray
+    scale: np.ndarray
+    resid: np.ndarray
+    norm: float
 
-    def __init__(self, ids: np.ndarray, codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, max_norm: float):
-        self.max_norm = float(max_norm)  # M ≥ every coded vector's norm (`index.ivf.norm_bound` of the vectors)
-        self.ids = np.ascontiguousarray(ids, np.int64)
-        self.codes = np.ascontiguousarray(codes, np.int8)
-        self.scale = np.ascontiguousarray(scale, np.float32)
-        self.resid = np.ascontiguousarray(resid, np.float32)
-        self.resid_max = float(self.resid.max()) if len(self.resid) else 0.0
-        self.scale_max = float(self.scale.max()) if len(self.scale) else 0.0
-        self.reused = 0  # leading rows copied from an older version's codes (`from_store`'s reuse)
-        self.leading: list[int] | None = None  # alive rows before each file of the live set coded (`Gallery.quantize`)
+
+class QuantizedCodes:
+    """Int8 codes, scales and residual bounds of a gallery's vectors, one `CodedPart` a part of its store, with one
+    id a row (−1 for dead and padding rows; module doc).
+
+    Rows are numbered over the parts as `scan` returns them, padding included: part p starts at `offsets[p]`.
+    `layout` is the store's (`index.row_parts.Layout`: rows without padding) and `by_file` whether its parts are
+    its files (what a newer version may share)."""
+
+    def __init__(self, parts: list[CodedPart], layout: Layout, by_file: bool = False):
+        self.parts, self.layout, self.by_file = list(parts), layout, by_file
+        self.offsets = [0]
+        ids = []
+        for p, part in enumerate(self.parts):
+            at, end = layout.starts[p], layout.starts[p + 1]
+            if len(part.codes) != -(-(end - at) // BLOCK) * BLOCK:
+                raise ValueError(f"part {p} has {len(part.codes)} rows for {end - at} rows padded to {BLOCK}")
+            row_ids = np.full(len(part.codes), -1, np.int64)
+            row_ids[:end - at] = layout.ids[at:end]
+            row_ids[layout.dead_in(at, end - at) - at] = -1
+            ids.append(row_ids)
+            self.offsets.append(self.offsets[-1] + len(part.codes))
+        if len(self.parts) != len(layout.starts) - 1:
+            raise ValueError(f"{len(self.parts)} coded parts for {len(layout.starts) - 1} parts")
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)  # one a row, −1 where dead or padding
+        self.alive = layout.n - len(layout.dead_rows)
+        self.max_norm = max((part.norm for part in self.parts), default=0.0)  # M ≥ every live row's norm
+        self.resid_max = max((_finite_max(part.resid) for part in self.parts), default=0.0)
+        self.scale_max = max((float(part.scale.max()) for part in self.parts if len(part.scale)), default=0.0)
+        self.reused = 0  # rows of parts taken from an older version's codes (`from_store`'s reuse)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        """The live rows coded."""
+        return self.alive
 
     @property
     def dim(self) -> int:
-        return self.codes.shape[1]
+        return self.parts[0].codes.shape[1] if self.parts else 0
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.codes.nbytes + self.scale.nbytes + self.resid.nbytes
+        """Bytes of every array these codes use (those shared with another version's codes included)."""
+        return self.ids.nbytes + sum(p.codes.nbytes + p.scale.nbytes + p.resid.nbytes for p in self.parts)
+
+    def live_rows(self) -> np.ndarray:
+        """The rows (as `scan` numbers them) of the live vectors, in order."""
+        return np.flatnonzero(self.ids >= 0)
+
+    def live(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, codes, scales, residual bounds) of the live rows, in order: copies, for checks."""
+        rows = self.live_rows()
+        whole = [np.concatenate([getattr(p, name) for p in self.parts]) for name in ("codes", "scale", "resid")]
+        return (self.ids[rows], *(a[rows] for a in whole))
 
     @classmethod
     def from_vectors(cls, ids, vectors) -> "QuantizedCodes":
-        from .ivf import norm_bound
-
+        """Codes of float32 rows (n, D) with their ids, as one part."""
         vectors = np.asarray(vectors, np.float32)
-        return cls(np.asarray(ids, np.int64), *quantize(vectors), norm_bound(vectors))
+        ids = np.asarray(ids, np.int64)
+        return cls([_code_part(vectors, np.zeros(0, np.int64), vectors.shape[1], len(vectors) or 1)],
+                   Layout([len(vectors)], ids, []))
 
     @classmethod
     def from_store(cls, store, chunk: int | None = None, stop=None, reuse: "QuantizedCodes | None" = None,
-                   old_rows: int = 0, new_rows: int = 0) -> "QuantizedCodes | None":
-        """Codes of every live vector of `store` (its `ids()` and `reconstruct`), `chunk` rows at a time;
+                   rows: int = 0) -> "QuantizedCodes | None":
+        """Codes of every row of `store`, one part a file (`index.row_parts.row_parts`), `chunk` rows at a time;
         None when `stop` (a threading.Event) is set between chunks.
 
-        reuse, old_rows, new_rows: the codes of an older version of the gallery, how many of their leading rows
-        and how many of the store's leading rows lie in the files both versions share (`Gallery.quantize`,
-        `index.layout.common_files`). When the store's first new_rows ids are the older codes' first old_rows
-        ids, in the same order, some removed, their codes are copied, not recomputed (`reused` counts them),
-        and only the other rows are read and coded. A code depends on its vector's bytes alone, and those rows'
-        vectors are the same (common_files' claim), so the copies are what coding them again gives. M becomes
-        max(the older codes' M, the new rows' bound): the older M bounds every row it coded."""
-        from .ivf import norm_bound
+        reuse, rows: the codes of an older version of the gallery, and how many leading stored rows both versions
+        hold in the files they share (`Gallery.quantize`, `index.layout.common_files`, `file_starts`). Every part
+        of reuse that may stand for the store's (`Layout.shares`: same bounds within those rows, same ids, its dead
+        rows among the store's; and its first and last rows coded alike) is taken as it is, not coded (`reused`
+        counts its rows), with its norm bound; where the store has more dead rows in it, a copy of its residual
+        bounds is made with −∞ at them. Why that is what coding it again gives: index/row_parts.py, "Sharing"."""
+        from .row_parts import row_parts
         from .store import CHUNK_ROWS
 
         chunk = chunk or CHUNK_ROWS
-        ids = np.asarray(store.ids(), np.int64)
-        codes = np.empty((len(ids), store.dim), np.int8)
-        scale = np.empty(len(ids), np.float32)
-        resid = np.empty(len(ids), np.float32)
-        top, start = 0.0, 0
-        pick = _kept_rows(reuse, ids, old_rows, new_rows) if reuse is not None and reuse.dim == store.dim else None
-        if pick is not None:
-            start = int(new_rows)
-            codes[:start], scale[:start], resid[:start] = reuse.codes[pick], reuse.scale[pick], reuse.resid[pick]
-            top = reuse.max_norm
-        for at in range(start, len(ids), chunk):
-            if stop is not None and stop.is_set():
-                return None
-            part = slice(at, at + chunk)
-            vectors = store.reconstruct(ids[part])
-            codes[part], scale[part], resid[part] = quantize(vectors)
-            top = max(top, norm_bound(vectors))
-        built = cls(ids, codes, scale, resid, top)
-        built.reused = start
+        parts, row_ids, dead, by_file = row_parts(store)
+        layout = Layout([len(part) for part in parts], row_ids, dead)
+        older = reuse if by_file and reuse is not None and reuse.by_file and reuse.dim == store.dim else None
+        coded, reused = [], 0
+        for p, part in enumerate(parts):
+            at, size = layout.starts[p], len(part)
+            got = _shared_part(older, layout, p, part, rows) if older is not None else None
+            if got is None:
+                got = _code_part(part, layout.dead_in(at, size) - at, store.dim, chunk, stop)
+                if got is None:
+                    return None
+            else:
+                reused += size
+            coded.append(got)
+        built = cls(coded, layout, by_file)
+        built.reused = reused
         return built
 
     def scan(self, query) -> tuple[np.ndarray, np.ndarray]:
-        """(ū (n,) float32, block maxima) for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every vector
-        (module doc); the maxima of each BLOCK consecutive ū, for `index.store.top_rows(ū, m, maxima=…)`."""
+        """(ū (rows,) float32, block maxima) for a float32 query (D,): ⟨q, e_j⟩ ≤ ū_j + `error` for every live
+        row, −∞ at dead and padding rows (module doc); the maxima of each BLOCK consecutive ū, for
+        `index.store.top_rows(ū, m, maxima=…)`."""
         q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(-1))
         if q.shape[0] != self.dim:
             raise ValueError(f"query of dimension {q.shape[0]} for codes of dimension {self.dim}")
-        return scan_upper(self.codes, self.scale, self.resid, q, query_norm_up(q))
+        return scan_upper([(p.codes, p.scale, p.resid) for p in self.parts], q, query_norm_up(q))
 
     def covers(self, query, max_norm: float | None = None) -> bool:
         """True when the scan of `query` stays in float32's range (module doc, "Range"): the bound is proved only
@@ -162,19 +207,55 @@ class QuantizedCodes:
         return (float32_dot_error(d + 2, m + 2 * self.resid_max, nu) + 2 * (d + 1) * 2.0 ** -53 * nu * m + underflow)
 
 
-def _kept_rows(old: QuantizedCodes, ids: np.ndarray, old_rows: int, new_rows: int):
-    """Rows of `old` whose codes the first new_rows of `ids` take (a slice or an index array), or None: they
-    must be old's first old_rows ids in the same order with some removed."""
-    old_rows, new_rows = int(old_rows), int(new_rows)
-    if not 0 < new_rows <= old_rows <= len(old) or new_rows > len(ids):
-        return None
-    head, old_head = ids[:new_rows], old.ids[:old_rows]
-    if new_rows == old_rows:
-        return slice(0, new_rows) if np.array_equal(head, old_head) else None
-    from ._codes_kernel import subsequence
+def _finite_max(a: np.ndarray) -> float:
+    """The largest value of `a` above −∞ (0.0 if none)."""
+    top = float(a.max()) if len(a) else 0.0
+    return max(top, 0.0)
 
-    keep = np.empty(new_rows, np.int64)  # (one pass; np.isin sorts: seconds at 10M)
-    return keep if subsequence(old_head, head, keep) == new_rows else None
+
+def _code_part(part, dead: np.ndarray, dim: int, chunk: int, stop=None) -> CodedPart | None:
+    """A `CodedPart` of `part`'s rows (`len` and row slicing giving float32 (n, dim)), coded `chunk` rows at a
+    time; `dead`: its rows (0-based) a tombstone removed. None when `stop` is set between chunks."""
+    from .ivf import norm_bound
+
+    size = len(part)
+    padded = -(-size // BLOCK) * BLOCK
+    codes = np.zeros((padded, dim), np.int8)
+    scale = np.zeros(padded, np.float32)
+    resid = np.full(padded, -np.inf, np.float32)
+    alive = np.ones(size, bool)
+    alive[dead] = False
+    norm = 0.0
+    for at in range(0, size, chunk):
+        if stop is not None and stop.is_set():
+            return None
+        vectors = np.asarray(part[at:at + chunk], np.float32)
+        if vectors.shape != (min(chunk, size - at), dim):
+            raise ValueError(f"rows of shape {vectors.shape} at {at} of {size} rows of dimension {dim}")
+        end = at + len(vectors)
+        codes[at:end], scale[at:end], resid[at:end] = quantize(vectors)
+        live = alive[at:end]
+        norm = max(norm, norm_bound(vectors if live.all() else vectors[live]))
+    resid[dead] = -np.inf
+    return CodedPart(codes, scale, resid, norm)
+
+
+def _shared_part(older: QuantizedCodes, layout: Layout, p: int, part, rows: int) -> CodedPart | None:
+    """older's part p as this store's part p (`QuantizedCodes.from_store`'s reuse), or None."""
+    if not layout.shares(older.layout, p, rows):
+        return None
+    at, size = layout.starts[p], len(part)
+    mine = older.parts[p]
+    for r in ({0, size - 1} if size else ()):
+        codes, scale, _ = quantize(np.asarray(part[r:r + 1], np.float32))
+        if not (np.array_equal(codes[0], mine.codes[r]) and scale[0] == mine.scale[r]):
+            return None
+    dead = layout.dead_in(at, size) - at
+    if np.isneginf(mine.resid[dead]).all():
+        return mine
+    resid = mine.resid.copy()
+    resid[dead] = -np.inf
+    return mine._replace(resid=resid)
 
 
 def quantize(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -212,28 +293,32 @@ def query_norm_up(q: np.ndarray) -> np.float32:
     return nu if float(nu) >= norm else np.nextafter(nu, np.float32(np.inf))
 
 
-def scan_upper(codes: np.ndarray, scale: np.ndarray, resid: np.ndarray, q: np.ndarray, nu,
-               block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """(ū for every row (module doc), the maximum of each `block` consecutive ū: `index.store.top_rows`'s first
-    pass, done while the scores are written), the rows cut at multiples of `block` into one stretch per scanning
-    thread (`index.ivf`'s pool; the kernel releases the GIL)."""
+def scan_upper(parts, q: np.ndarray, nu, block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(ū for every row of `parts` (module doc), the maximum of each `block` consecutive ū: `index.store.top_rows`'s
+    first pass, done while the scores are written). parts: (codes, scales, residual bounds) in row order, each a
+    multiple of `block` rows but the last. The rows are cut at multiples of `block` into stretches of about an even
+    share per scanning thread (`index.ivf`'s pool; the kernel releases the GIL), none across two parts."""
     from ._codes_kernel import upper as kernel
     from .ivf import SPLIT_MIN, _threads, pool_map
 
-    n = len(codes)
+    parts = [part for part in parts if len(part[0])]
+    n = sum(len(part[0]) for part in parts)
     out = np.empty(n, np.float32)
     maxima = np.empty(-(-n // block), np.float32)
     nu = np.float32(nu)
-    parts = max(1, min(_threads(), n // SPLIT_MIN, n // block))
-    if parts == 1:
-        kernel(codes, scale, resid, q, nu, out, maxima, block)
-        return out, maxima
-    cuts = np.unique(np.linspace(0, n // block, parts + 1).astype(np.int64) * block)
-    cuts[-1] = n
+    threads = max(1, min(_threads(), n // SPLIT_MIN, n // block))
+    step = max(1, -(-n // threads // block)) * block
+    tasks, at = [], 0
+    for p, (codes, scale, resid) in enumerate(parts):
+        size = len(codes)
+        if size % block and p < len(parts) - 1:
+            raise ValueError(f"a part of {size} rows before the last: parts are padded to multiples of {block}")
+        tasks += [(codes[lo:lo + step], scale[lo:lo + step], resid[lo:lo + step], at + lo) for lo in range(0, size, step)]
+        at += size
 
-    def run(lo_hi):
-        lo, hi = lo_hi
-        kernel(codes[lo:hi], scale[lo:hi], resid[lo:hi], q, nu, out[lo:hi], maxima[lo // block:], block)
+    def run(task):
+        codes, scale, resid, lo = task
+        kernel(codes, scale, resid, q, nu, out[lo:lo + len(codes)], maxima[lo // block:], block)
 
-    pool_map(run, zip(cuts[:-1], cuts[1:]))
+    pool_map(run, tasks)
     return out, maxima

@@ -203,10 +203,10 @@ class Gallery:
         building costs about as much as 30–40 exact scans (docs/benchmarks.md, "Certified queries on int8 codes").
 
         previous: the gallery of an older version of this index directory, which this one replaces (a server's
-        reload). The codes of the rows both versions hold in the files they share are copied from its codes
-        (`index.layout.common_files`: after a checkpoint that appended a segment, every older row still alive)
-        and only the others are coded. On torch's GPU, the copy shares previous's copy of those files instead
-        (`_seed_gpu`): only the new files' rows are copied, and the device holds the shared ones once.
+        reload). The codes of the files both versions hold (`index.layout.common_files`: after a checkpoint that
+        appended a segment, every older file) are previous's, shared rather than copied (index/row_parts.py), and
+        only the other files are coded: memory holds the shared codes once. On torch's GPU, the copy shares
+        previous's copy of those files instead (`_seed_gpu`): only the new files' rows are copied to the device.
         If its own build is still running, this build waits for it first: a server whose writer commits faster than
         a full build runs chains its builds instead of restarting one.
         """
@@ -239,7 +239,7 @@ class Gallery:
         return codes and self.lipschitz is not None and len(self) >= QUANTIZED_MIN
 
     def _quantize_now(self, previous: "Gallery | None", codes: bool = True) -> QuantizedCodes | None:
-        """`quantize`'s build, in this thread (copying from `previous`'s codes where it can). A gallery searched on
+        """`quantize`'s build, in this thread (sharing `previous`'s codes where it can). A gallery searched on
         torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (sharing
         previous's where both hold the same files), so a background build makes it off the requests' threads, which
         search on the CPU meanwhile (index/mapped.py); a close stops it at its next chunk."""
@@ -255,58 +255,44 @@ class Gallery:
             return self._codes
         with self._codes_build:
             if self._codes is None and not self._codes_stop.is_set():
-                old, old_rows, new_rows = self._reuse(previous) or (None, 0, 0)
-                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old, old_rows=old_rows,
-                                                  new_rows=new_rows)
-                if built is not None:  # what a newer version's codes copy from these (`quantize(previous=…)`)
-                    leading = [self._alive_before(at) for at in file_starts(self._live)]
-                    built.leading = None if None in leading else leading
+                if previous is not None:
+                    _wait_for_build(previous)  # (its codes, to share)
+                old = previous.quantized if previous is not None else None
+                built = QuantizedCodes.from_store(self.store, stop=self._codes_stop, reuse=old,
+                                                  rows=self._shared_rows(previous) if old is not None else 0)
                 with self._codes_state:  # (a close meanwhile set the stop flag: keep nothing)
                     if built is not None and not self._codes_stop.is_set():
                         self._codes = built
         return self._codes
 
     def _seed_gpu(self, previous: "Gallery | None") -> None:
-        """Let this version's GPU copy share previous's in the files both hold (`index.gpu_scan.GpuCopy.seed`: the
-        first `file_starts(live)[common]` stored rows, `index.layout.common_files`), for the stores torch's GPU
-        searches (a mapped Flat gallery, an IVF gallery's `LayeredIVF`); waits for previous's background build (which
-        makes its copy) when one runs."""
+        """Let this version's GPU copy share previous's in the files both hold (`index.gpu_scan.GpuCopy.seed`,
+        `_shared_rows`), for the stores torch's GPU searches (a mapped Flat gallery, an IVF gallery's `LayeredIVF`);
+        waits for previous's background build (which makes its copy) when one runs."""
         older = previous.__dict__.get("store") if previous is not None else None  # (a closed one's: _Closed)
         if type(older) is not type(self.store) or type(older) not in (MappedFlat, LayeredIVF):
             return
         _wait_for_build(previous)
         try:
-            common = common_files(live_files(previous.meta["index"]), self._live)
-            if common:
-                self.store.gpu.seed(previous.store.gpu, file_starts(self._live)[common])
+            rows = self._shared_rows(previous)
+            if rows:
+                self.store.gpu.seed(previous.store.gpu, rows)
         except Exception as exc:  # (previous closed meanwhile, …): this copy is made in full
             log.warning("the GPU copy of version %d shares nothing with version %d's: %s", self.version,
                         previous.version, exc)
 
-    def _reuse(self, previous: "Gallery | None") -> tuple | None:
-        """(previous's codes, their rows and this store's rows in the files both share) or None; waits for
-        previous's background build when one runs."""
-        if previous is None:
-            return None
-        _wait_for_build(previous)
-        old = previous.quantized
-        if old is None or old.leading is None:
-            return None
+    def _shared_rows(self, previous: "Gallery | None") -> int:
+        """How many leading stored rows this version holds in files previous also holds (`index.layout.common_files`,
+        `file_starts`), for stores that give their rows one part a file (index/row_parts.py); else 0."""
+        older = previous.__dict__.get("store") if previous is not None else None  # (a closed one's: _Closed)
+        if type(older) is not type(self.store) or not hasattr(older, "row_parts"):
+            return 0
         common = common_files(live_files(previous.meta["index"]), self._live)
-        new_rows = self._alive_before(file_starts(self._live)[common]) if common else None
-        if new_rows is None or common >= len(old.leading):
-            return None
-        return old, old.leading[common], new_rows
+        return file_starts(self._live)[common] if common else 0
 
     @property
     def _live(self) -> list[dict]:
         return live_files(self.meta["index"])
-
-    def _alive_before(self, rows: int) -> int | None:
-        """Alive rows among the store's first `rows` stored rows, which its `ids()` lists first; None for a
-        store that lists them otherwise (the copying IVF reader mixes segments into its lists)."""
-        alive_before = getattr(self.store, "alive_before", None)
-        return None if alive_before is None else alive_before(rows)
 
     @property
     def max_norm(self) -> float:

@@ -41,9 +41,11 @@ import threading
 
 import numpy as np
 
+from .row_parts import Layout
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CopyStopped", "DeviceRows", "GpuCopy", "RowsOf", "scan_device", "TILE_SCORES", "GPU_ERRORS_MAX", "NO_DEVICE"]
+__all__ = ["CopyStopped", "DeviceRows", "GpuCopy", "scan_device", "TILE_SCORES", "GPU_ERRORS_MAX", "NO_DEVICE"]
 
 TILE_SCORES = 1 << 28  # scores (float32) one matrix product may hold: 1 GiB
 GPU_ERRORS_MAX = 3  # searches failing on the GPU in a row after which a store searches on the CPU for good
@@ -67,23 +69,22 @@ class CopyStopped(Exception):
     exiting): not a failure of the GPU."""
 
 
-class DeviceRows:
+class DeviceRows(Layout):
     """Float32 rows on `device`, their ids and dead rows; `top` and `search` (module doc).
 
     parts: the rows in order, as a sequence of parts, each anything with `len` and row slicing that gives float32
-    arrays (n_p, dim): a mapped file's rows (`MappedFlat`: one part a file) or `RowsOf` (vectors reconstructed a
-    chunk at a time). Each part becomes one tensor, copied CHUNK_ROWS rows at a time; row_ids: one id per row of
-    all parts; dead: rows never returned. stop: a threading.Event checked between chunks (`CopyStopped`).
+    arrays (n_p, dim): a store's `row_parts()` (index/row_parts.py: one part a file). Each part becomes one tensor,
+    copied CHUNK_ROWS rows at a time; row_ids: one id per row of all parts; dead: rows never returned (`Layout`).
+    stop: a threading.Event checked between chunks (`CopyStopped`).
 
     max_norm: M ≥ the norm of every row not dead, the largest of the parts' bounds, each `index.ivf.norm_bound` of
     the part's rows that were not dead in the copy that copied it.
 
     reuse: (an older copy, R) when the first R rows of `parts` are the older copy's first R rows (an older version of
-    the same gallery: the files both share, `index.layout.common_files`). Every part of the older copy that lies
-    within those rows, with the same bounds, the same ids, the same first and last rows as this part, and dead rows
-    among this part's dead rows, is shared, not copied: one tensor on the device for both versions (`reused` counts
-    its rows), and its norm bound is kept. A shared part is the same bytes (the claim of common_files), so it is what
-    copying it again would give; and its bound, taken over rows a superset of this copy's live ones, bounds them."""
+    the same gallery: the files both share, `index.layout.common_files`). Every part of the older copy that may
+    stand for this one's (`Layout.shares`: same bounds within R, same ids, its dead rows among this part's; and the
+    same first and last rows) is shared, not copied: one tensor on the device for both versions (`reused` counts its
+    rows), and its norm bound is kept, which bounds this copy's live rows (index/row_parts.py, "Sharing")."""
 
     def __init__(self, parts, row_ids: np.ndarray, dead: np.ndarray, device, dim: int, *, stop=None,
                  reuse: "tuple[DeviceRows, int] | None" = None):
@@ -92,23 +93,20 @@ class DeviceRows:
         from .ivf import norm_bound
         from .store import CHUNK_ROWS
 
-        self.ids = np.asarray(row_ids, np.int64)
+        parts = list(parts)
+        super().__init__([len(part) for part in parts], row_ids, dead)
         self.device = torch.device(device)
-        self.dim, self.n = int(dim), len(self.ids)
+        self.dim = int(dim)
         self.parts: list = []  # one (n_p, dim) float32 tensor a part
         self.norms: list[float] = []  # `index.ivf.norm_bound` of each part's rows
-        self.starts = [0]  # part p holds rows starts[p] .. starts[p + 1] − 1
         self.reused = 0
-        self.dead_rows = np.unique(np.asarray(dead, np.int64))
-        for part in parts:
-            at, size = self.starts[-1], len(part)
-            if at + size > self.n:
-                raise ValueError(f"rows past {at + size} for {self.n} ids")
-            shared = self._shared(reuse, part, at, size)
+        for p, part in enumerate(parts):
+            at, size = self.starts[p], len(part)
+            shared = self._shared(reuse, p, part)
             if shared is None:
                 tensor, norm = torch.empty((size, self.dim), dtype=torch.float32, device=self.device), 0.0
                 alive = np.ones(size, bool)
-                alive[self._dead_in(at, size) - at] = False
+                alive[self.dead_in(at, size) - at] = False
                 for start in range(0, size, CHUNK_ROWS):
                     if stop is not None and stop.is_set():
                         raise CopyStopped("the copy to the GPU was stopped")
@@ -124,34 +122,18 @@ class DeviceRows:
                 self.reused += size
             self.parts.append(tensor)
             self.norms.append(norm)
-            self.starts.append(at + size)
-        if self.starts[-1] != self.n:
-            raise ValueError(f"{self.starts[-1]} rows for {self.n} ids")
         self.max_norm = max(self.norms, default=0.0)
         self.dead = torch.as_tensor(self.dead_rows, device=self.device)
         self.alive = self.n - len(self.dead_rows)
 
-    def _dead_in(self, at: int, size: int) -> np.ndarray:
-        """The dead rows in at .. at + size − 1."""
-        d = self.dead_rows
-        return d[np.searchsorted(d, at):np.searchsorted(d, at + size)]
-
-    def alive_rows(self) -> np.ndarray:
-        """The rows not dead, in order (for checks)."""
-        return np.setdiff1d(np.arange(self.n), self.dead_rows)
-
-    def _shared(self, reuse, part, at: int, size: int):
-        """(tensor, norm bound) of the older copy's part p = len(self.parts), when it can stand for `part` (class
-        doc), else None."""
+    def _shared(self, reuse, p: int, part):
+        """(tensor, norm bound) of the older copy's part p, when it can stand for `part` (class doc), else None."""
         if reuse is None:
             return None
         older, rows = reuse
-        p = len(self.parts)
-        if (p >= len(older.parts) or older.starts[p] != at or older.starts[p + 1] != at + size or at + size > rows
-                or older.device != self.device or older.dim != self.dim
-                or not np.array_equal(older.ids[at:at + size], self.ids[at:at + size])
-                or not np.isin(older._dead_in(at, size), self._dead_in(at, size)).all()):
+        if older.device != self.device or older.dim != self.dim or not self.shares(older, p, rows):
             return None
+        size = len(part)
         if size and not (np.array_equal(older.parts[p][:1].cpu().numpy(), np.asarray(part[0:1], np.float32))
                          and np.array_equal(older.parts[p][-1:].cpu().numpy(),
                                             np.asarray(part[size - 1:size], np.float32))):
@@ -236,24 +218,10 @@ def _ordered(s, take: int):
     return vals, cols.gather(1, perm)
 
 
-class RowsOf:
-    """The vectors of `ids` as one part of `DeviceRows` (`len` and row slicing), read through `store.reconstruct` a
-    slice at a time: an IVF base's stored vectors from its mapped lists, with no copy of them all in host memory."""
-
-    def __init__(self, store, ids: np.ndarray):
-        self.store, self.ids = store, ids
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.store.reconstruct(self.ids[rows])
-
-
 class GpuCopy:
     """A read-only store's GPU copy and its state: made once per opened version (by the first search, or ahead on a
     background thread), checked, then used by every search; held by the store (index.mapped.MappedFlat,
-    index.mapped_ivf.LayeredIVF), which gives its rows through `store.device_rows_source()` → (parts, row ids,
+    index.mapped_ivf.LayeredIVF), which gives its rows through `store.row_parts()` → (parts, row ids,
     dead rows) and is passed to each call (no reference back to it is kept).
 
     `get(store, wait, stop)`: the copy, or None (search on the CPU). The first call makes it: `scan_device()`, the
@@ -323,7 +291,7 @@ class GpuCopy:
                 self.failed, self.why = True, NO_DEVICE
                 return None
             try:
-                parts, row_ids, dead = store.device_rows_source()
+                parts, row_ids, dead = store.row_parts()
                 gpu = DeviceRows(parts, row_ids, dead, device, store.dim, stop=stop, reuse=self._reuse)
                 ratio = gpu_arithmetic_ratio(gpu, store)
             except CopyStopped:

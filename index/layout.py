@@ -61,7 +61,8 @@ def live_files(index_meta: dict) -> list[dict]:
 def common_files(old_live: list[dict], new_live: list[dict]) -> int:
     """How many leading files two versions' live sets share: equal name, kind, SHA-256, rows and removed.
 
-    What copying an older version's int8 codes rests on (`index.gallery.Gallery.quantize(previous=…)`). Shared
+    What sharing an older version's int8 codes and GPU copy rests on (`index.gallery.Gallery.quantize(previous=…)`,
+    index/row_parts.py). Shared
     files are the same bytes (each is checked against its SHA-256 when opened), hence the same rows at the same
     places — the first `file_starts(live)[c]` stored rows of either store — and the same tombstones among them.
     Files after them only remove (a tombstone kills every earlier row stored under its id: `MappedFlat.remove`,
@@ -70,9 +71,9 @@ def common_files(old_live: list[dict], new_live: list[dict]) -> int:
     and at row r' in the newer, both shared rows. A later file's tombstone for X would kill both rows in that
     version, so neither version has one; the alive X rows among the shared rows are then those the shared files
     alone leave alive, the same set in both, and a live set holds an id once: r = r'. ∎
-    Readers that list alive rows file by file (`MappedFlat.ids`, `LayeredIVF.ids`) list the shared ones first,
-    in row order; `alive_before` counts them. The copy itself is still checked: the newer store's first ids must
-    be those of the older codes in the same order, some removed (`QuantizedCodes.from_store`'s `reuse`).
+    Readers give their rows one part a file (`row_parts`), so the shared files are the same leading parts in both
+    versions. What is shared is still checked part by part (`index.row_parts.Layout.shares`: same bounds, ids, and
+    the older version's dead rows among the newer's; and the first and last rows).
     """
     keys = ("name", "kind", "sha256", "rows", "removed")
     common = 0

@@ -146,10 +146,6 @@ class MappedFlat:
         """All alive ids, int64, in storage order (the copying store's order)."""
         return self._ids[self._alive]
 
-    def alive_before(self, rows: int) -> int:
-        """How many of the first `rows` stored rows are alive: the first that many of `ids()`."""
-        return int(np.count_nonzero(self._alive[:max(0, int(rows))]))
-
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors (n, dim) float32 for `ids` (a copy); StoreError if an id is absent."""
         ids = _as_ids(ids)
@@ -260,9 +256,10 @@ class MappedFlat:
         """Whether searches run on the GPU (making the copy first, or waiting for the thread that makes it)."""
         return self.gpu is not None and self._n_alive > 0 and self.gpu.get(self, wait=True) is not None
 
-    def device_rows_source(self):
-        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`): the mapped blocks as they are, one
-        part each (the base, then each segment that adds rows: files a newer version may share, `GpuCopy.seed`)."""
+    def row_parts(self):
+        """(parts, row ids, dead rows) that the GPU copy and the int8 codes are made from (index/row_parts.py): the
+        mapped blocks as they are, one part each (the base, then each segment that adds rows: files a newer version
+        may share)."""
         return self._blocks, self._ids, self._dead
 
 

@@ -34,7 +34,8 @@ import faiss
 import numpy as np
 
 from .errors import StoreError
-from .gpu_scan import GpuCopy, RowsOf
+from .gpu_scan import GpuCopy
+from .row_parts import RowsOf
 from .ivf import CertifiedIVF, faiss_scans
 from .mapped import MappedFlat
 from .store import VectorStore, _as_ids, check_queries
@@ -205,14 +206,6 @@ class LayeredIVF:
         ids = self.base.ids()
         return np.concatenate([ids[~np.isin(ids, self._dead)], self.rows.ids()])
 
-    def alive_before(self, rows: int) -> int | None:
-        """How many of the first `rows` stored rows (the base's, then the segments') are alive: the first that
-        many of `ids()`; None inside the base, whose alive rows are listed in list order, not row order."""
-        base = self.base.ntotal
-        if rows < base:
-            return None if rows > 0 else 0
-        return base - len(self._dead) + self.rows.alive_before(rows - base)
-
     def reconstruct(self, ids) -> np.ndarray:
         """Stored vectors (n, dim) float32 for `ids`; StoreError if an id is not live."""
         ids = _as_ids(ids)
@@ -248,14 +241,14 @@ class LayeredIVF:
         """Whether searches run on torch's GPU (making the copy first, or waiting for the thread that makes it)."""
         return self.gpu is not None and self.ntotal > 0 and self.gpu.get(self, wait=True) is not None
 
-    def device_rows_source(self):
-        """(parts, row ids, dead rows) of the GPU copy (`index.gpu_scan.GpuCopy`), one part a file, as
-        `index.layout.file_starts` counts stored rows: the base's vectors in its storage order (read a chunk at a time
-        through FAISS's reconstruct from the mapped lists), then each segment's rows as mapped; rows a later tombstone
-        removed are dead. The live ones are `ids()`, in that order. A newer version shares the parts of the files both
-        hold (`GpuCopy.seed`)."""
+    def row_parts(self):
+        """(parts, row ids, dead rows) that the GPU copy and the int8 codes are made from (index/row_parts.py), one
+        part a file, as `index.layout.file_starts` counts stored rows: the base's vectors in its storage order (read a
+        chunk at a time through FAISS's reconstruct from the mapped lists), then each segment's rows as mapped; rows a
+        later tombstone removed are dead. The live ones are `ids()`, in that order. A newer version shares the parts
+        of the files both hold."""
         base_ids = np.asarray(self.base.ids(), np.int64)
-        blocks, row_ids, row_dead = self.rows.device_rows_source()
+        blocks, row_ids, row_dead = self.rows.row_parts()
         dead = np.concatenate([np.flatnonzero(np.isin(base_ids, self._dead)), len(base_ids) + row_dead])
         return [RowsOf(self.base, base_ids), *blocks], np.concatenate([base_ids, row_ids]), dead
 

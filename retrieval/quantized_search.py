@@ -55,9 +55,9 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
         raise ValueError("the query is outside the range where the int8 codes' bound is proved (float32 overflow); "
                          "search the float32 vectors")
     q64 = q.astype(np.float64)
-    n = len(codes)
+    n = len(codes)  # (live rows: a dead or padding row's ū is −∞, below every live one's, and its id −1)
     dropped = np.asarray(sorted({int(i) for i in exclude}), dtype=np.int64)
-    if n == 0 or n <= len(dropped) and np.isin(codes.ids, dropped).all():
+    if n == 0 or n <= len(dropped) and np.isin(codes.ids[codes.live_rows()], dropped).all():
         return None
     upper, maxima = codes.scan(q)
     err = codes.error(q, max_norm)
@@ -70,7 +70,7 @@ def certified_quantized_search(codes, vectors, query, k: int, lipschitz: float, 
             top = top_rows(upper, m + 1, block=BLOCK, maxima=maxima)
             rows, bound = top[:m], float(upper[top[m]]) + err
         else:
-            rows, bound = np.arange(n), -np.inf
+            rows, bound = codes.live_rows(), -np.inf
         ids = codes.ids[rows]
         if len(dropped):
             ids = ids[~np.isin(ids, dropped)]

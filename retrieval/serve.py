@@ -72,7 +72,7 @@ class ServeConfig:
 
 def _codes_state(gallery, config: ServeConfig) -> dict:
     """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory, and "reused": the
-    rows copied from the previous version's codes at a reload), "building" (on a GPU: its copy being made), "off"
+    rows whose codes this version shares with the previous version's at a reload), "building" (on a GPU: its copy being made), "off"
     (--no-codes) or "not used" (a gallery too small, an encoder without a Lipschitz bound, or one searched on a
     GPU)."""
     codes = gallery.quantized

@@ -150,7 +150,7 @@ def test_a_stopped_copy_is_abandoned_between_chunks_and_can_be_made_later(stand_
             stop.set()
             return v[rows]
 
-    monkeypatch.setattr(store, "device_rows_source", lambda: ([Stopping()], store._ids, store._dead))
+    monkeypatch.setattr(store, "row_parts", lambda: ([Stopping()], store._ids, store._dead))
     assert store.gpu.get(store, wait=True, stop=stop) is None
     assert len(reads) == 1 and not store.gpu.ready and not store.gpu.failed
     assert store.gpu.get(store, wait=True) is not None and len(reads) == 1 + len(v) // 50
@@ -231,7 +231,7 @@ def test_a_gallery_closed_while_its_gpu_copy_is_made_stops_it(stand_in_device, p
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     entered, release = threading.Event(), threading.Event()
     g = Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True)
-    rows = g.store.device_rows_source()
+    rows = g.store.row_parts()
 
     reads = []
 
@@ -248,7 +248,7 @@ def test_a_gallery_closed_while_its_gpu_copy_is_made_stops_it(stand_in_device, p
     import index.store as store_mod
 
     monkeypatch.setattr(store_mod, "CHUNK_ROWS", 2)
-    monkeypatch.setattr(g.store, "device_rows_source", lambda: ([Held()], rows[1], rows[2]))
+    monkeypatch.setattr(g.store, "row_parts", lambda: ([Held()], rows[1], rows[2]))
     assert g.quantize(background=True) is None
     thread, store = g._codes_thread, g.store
     assert entered.wait(20)

@@ -54,12 +54,14 @@ def test_every_score_is_at_most_its_upper_bound_plus_the_stated_error_and_not_fa
     for q in (rng.standard_normal(dim), x[rng.integers(n)].astype(np.float64) + 1e-3 * rng.standard_normal(dim)):
         q = (q / max(np.linalg.norm(q), 1e-30) * qscale).astype(np.float32)
         upper = codes.scan(q)[0].astype(np.float64)
+        assert len(upper) % 64 == 0 and np.isneginf(upper[n:]).all()  # (padding rows: never listed)
+        upper = upper[:n]
         err = codes.error(q)
         s = x.astype(np.float64) @ q.astype(np.float64)
         assert np.all(s <= upper + err), (s - upper - err).max()
         # and ū is ⟨q, ê⟩ + ν·δ, so it exceeds s by at most 2·ν·δ (+ float error): not a vacuous bound
         nu = np.linalg.norm(q.astype(np.float64)) * (1 + 1e-9)
-        assert np.all(upper - s <= 2 * nu * codes.resid.astype(np.float64) + 2 * err + 1e-30)
+        assert np.all(upper - s <= 2 * nu * codes.live()[3].astype(np.float64) + 2 * err + 1e-30)
 
 
 def test_flushed_subnormals_stay_inside_the_error_term():
@@ -130,7 +132,7 @@ def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exac
     codes = QuantizedCodes.from_vectors(np.arange(n), x)
     q = x[min(17, n - 1)]
     whole, maxima = codes.scan(q)
-    blocks = [whole[at:at + 64].max() for at in range(0, n, 64)]
+    blocks = [whole[at:at + 64].max() for at in range(0, len(whole), 64)]
     assert np.array_equal(maxima, np.asarray(blocks, np.float32))
     monkeypatch.setattr(index.ivf, "SPLIT_MIN", split_min)  # (30 rows, 10: more threads than 64-row blocks)
     monkeypatch.setattr(index.ivf, "_threads", lambda: 3)
@@ -140,11 +142,58 @@ def test_threads_split_the_scan_without_changing_a_bit_and_block_maxima_are_exac
         assert np.array_equal(top_rows(whole, take, maxima=maxima), _select(whole, take))
 
 
+@pytest.mark.parametrize("sizes", [(5000, 130, 1), (1, 64, 70), (64, 64)])
+def test_a_scan_over_several_files_is_the_scan_of_their_rows_in_order(monkeypatch, sizes):
+    import index.ivf
+    from index.store import _select, top_rows
+
+    x = _rows(sum(sizes), 33, 1, "unit")
+    files = np.split(np.arange(len(x)), np.cumsum(sizes)[:-1])
+    dead = [int(f[len(f) // 2]) for f in files]
+    codes = QuantizedCodes.from_store(_mapped(x, files, dead=dead), chunk=50)
+    assert [len(p.codes) for p in codes.parts] == [-(-n // 64) * 64 for n in sizes]
+    q = x[3]
+    whole, maxima = codes.scan(q)
+    alone = np.concatenate([QuantizedCodes.from_vectors(f, x[f]).scan(q)[0] for f in files])  # (file by file)
+    alone[np.isin(np.concatenate([np.pad(f, (0, -len(f) % 64), constant_values=-1) for f in files]), dead)] = -np.inf
+    assert np.array_equal(whole, alone)
+    assert np.array_equal(maxima, np.asarray([whole[at:at + 64].max() for at in range(0, len(whole), 64)]))
+    monkeypatch.setattr(index.ivf, "SPLIT_MIN", 100)
+    monkeypatch.setattr(index.ivf, "_threads", lambda: 3)
+    split, split_maxima = codes.scan(q)
+    assert np.array_equal(split, whole) and np.array_equal(split_maxima, maxima)
+    live = len(x) - len(dead)
+    for take in {1, min(live, 74), live}:
+        rows = top_rows(whole, take, maxima=maxima)
+        assert np.array_equal(rows, _select(whole, take)) and (codes.ids[rows] >= 0).all()
+
+
 gallery_params = st.fixed_dictionaries({
     "n": st.integers(2, 400), "dim": st.integers(3, 40), "clusters": st.integers(1, 12),
     "k": st.integers(1, 8), "seed": st.integers(0, 2**16), "float_error": st.sampled_from([0.0, 1e-7, 1e-5]),
     "first": st.sampled_from([None, 0, 3]), "cap": st.sampled_from([None, 1, 12]), "drop": st.integers(0, 4),
+    "files": st.integers(0, 3), "decoys": st.integers(0, 9),
 })
+
+
+def _coded(x, p, queries):
+    """Codes of x (ids 0..n−1): as one part (files = 0), or from a mapped store of that many files whose first also
+    holds `decoys` removed rows (other ids) that are the queries themselves: dead rows that would top every list."""
+    from index.mapped import MappedFlat
+
+    if not p["files"]:
+        return QuantizedCodes.from_vectors(np.arange(len(x)), x)
+    decoys = queries[np.arange(p["decoys"]) % len(queries)]
+    y = np.concatenate([decoys, x])
+    ids = np.concatenate([len(x) + np.arange(p["decoys"]), np.arange(len(x))])
+    store = MappedFlat(x.shape[1])
+    for rows in np.array_split(np.arange(len(y)), p["files"]):
+        store.add(ids[rows], y[rows], stored=True)
+    if p["decoys"]:
+        store.remove(len(x) + np.arange(p["decoys"]))
+    codes = QuantizedCodes.from_store(store)
+    assert len(codes) == len(x) and sorted(codes.ids[codes.live_rows()].tolist()) == list(range(len(x)))
+    return codes
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -153,7 +202,7 @@ def test_certificate_equals_the_exhaustive_one_and_is_never_larger_when_capped(p
     x = clustered_unit_vectors(p["n"], p["dim"], p["clusters"], seed=p["seed"])
     queries = clustered_unit_vectors(4, p["dim"], p["clusters"], p["seed"], 9)
     queries = np.concatenate([queries, x[:2]])  # gallery items as queries: the tail bound matters most
-    codes = QuantizedCodes.from_vectors(np.arange(p["n"]), x)
+    codes = _coded(x, p, queries)
     slack = slack_for(p["float_error"], codes.max_norm)
     for q in queries:
         drop = np.argsort(-(x.astype(np.float64) @ q.astype(np.float64)))[:p["drop"]]
@@ -223,17 +272,19 @@ def test_codes_of_every_store_kind_cover_exactly_the_live_vectors(tmp_path):
     x = clustered_unit_vectors(400, 16, 6, seed=3)
     for name, store in _stores(x, tmp_path).items():
         codes = QuantizedCodes.from_store(store, chunk=64)
-        assert sorted(codes.ids.tolist()) == list(range(400)), name
-        stored = store.reconstruct(codes.ids).astype(np.float64)
-        decoded = codes.codes.astype(np.float64) * codes.scale.astype(np.float64)[:, None]
-        assert np.all(np.linalg.norm(stored - decoded, axis=1) <= codes.resid), name
-        np.testing.assert_allclose(stored, x[codes.ids], atol=1e-6, err_msg=name)  # live versions, not dead ones
+        ids, w, scale, resid = codes.live()
+        assert sorted(ids.tolist()) == list(range(400)) and len(codes) == 400, name
+        stored = store.reconstruct(ids).astype(np.float64)
+        decoded = w.astype(np.float64) * scale.astype(np.float64)[:, None]
+        assert np.all(np.linalg.norm(stored - decoded, axis=1) <= resid), name
+        np.testing.assert_allclose(stored, x[ids], atol=1e-6, err_msg=name)  # live versions, not dead ones
+        assert np.isneginf(codes.scan(x[0])[0][codes.ids < 0]).all(), name  # dead and padding rows
         q = x[7]
         slack = slack_for(1e-6, codes.max_norm)
         got = certified_quantized_search(codes, store.reconstruct, q, 5, 1.0, slack=slack, max_norm=codes.max_norm,
                                          exclude=[7])
         keep = np.arange(400) != 7
-        pos, radius, _ = certify_topk_bruteforce(q, stored[np.argsort(codes.ids)][keep], 5, 1.0, slack=slack)
+        pos, radius, _ = certify_topk_bruteforce(q, stored[np.argsort(ids)][keep], 5, 1.0, slack=slack)
         assert got.exhaustive and got.ids.tolist() == np.arange(400)[keep][pos].tolist(), name
         np.testing.assert_allclose(got.cert.radius, radius, rtol=TOL, atol=TOL)
     stop = __import__("threading").Event()
@@ -385,9 +436,10 @@ def test_common_files_and_where_each_file_s_rows_start():
     assert common_files(unknown, unknown) == 0
 
 
-def test_alive_before_counts_the_leading_alive_rows_that_ids_lists_first(tmp_path):
+def test_a_store_s_row_parts_are_its_files_and_list_its_live_ids():
     from index.mapped import MappedFlat
     from index.mapped_ivf import LayeredIVF
+    from index.row_parts import Layout, row_parts
     from index.store import VectorStore
 
     x = clustered_unit_vectors(60, 8, 3, seed=5)
@@ -401,10 +453,31 @@ def test_alive_before_counts_the_leading_alive_rows_that_ids_lists_first(tmp_pat
     layered.add(np.arange(40, 60), x[40:], stored=True)
     layered.remove([45, 10])
     for store in (mapped, layered):
-        ids = store.ids()
-        assert store.alive_before(40) == 37 and set(ids[:37].tolist()) == set(range(40)) - {3, 7, 10}
-        assert store.alive_before(60) == len(ids) == 56 and store.alive_before(0) == 0
-    assert mapped.alive_before(20) == 17 and layered.alive_before(20) is None  # inside the base: list order
+        parts, ids, dead, by_file = row_parts(store)
+        layout = Layout([len(p) for p in parts], ids, dead)
+        assert by_file and layout.starts == [0, 40, 60]
+        assert np.array_equal(ids[layout.alive_rows()], store.ids())  # the live ones, in `ids()`'s order
+        assert sorted(ids[layout.dead_rows].tolist()) == [3, 7, 10, 45]
+        rows = np.concatenate([np.asarray(p[0:len(p)]) for p in parts])
+        np.testing.assert_array_equal(rows[layout.alive_rows()], store.reconstruct(store.ids()))
+    plain = VectorStore.from_vectors(np.arange(40), x[:40], "Flat", use_gpu=False)
+    parts, ids, dead, by_file = row_parts(plain)  # (no files: its live vectors as one part, never shared)
+    assert not by_file and [len(p) for p in parts] == [40] and len(dead) == 0
+
+
+def test_a_part_is_shared_only_where_both_layouts_hold_the_same_rows():
+    from index.row_parts import Layout
+
+    older = Layout([4, 3], [10, 11, 12, 13, 20, 21, 22], [1])
+    assert older.shares(Layout([4, 3], older.ids, [1]), 0, 4) and older.shares(Layout([4, 3], older.ids, [1]), 1, 7)
+    assert Layout([4, 3], older.ids, [1, 2, 5]).shares(older, 0, 7)  # more dead rows in the newer: shared
+    assert not Layout([4, 3], older.ids, []).shares(older, 0, 7)  # a row dead in the older alive again
+    assert not Layout([4, 3], older.ids, [1]).shares(older, 1, 6)  # past the shared rows
+    assert not Layout([4, 4], [*older.ids, 23], [1]).shares(older, 1, 8)  # other bounds
+    assert not Layout([4, 3], [10, 12, 11, 13, 20, 21, 22], [1]).shares(older, 0, 7)  # other ids
+    assert not Layout([4, 3, 1], [*older.ids, 23], [1]).shares(older, 2, 8)  # a part the older has not
+    with pytest.raises(ValueError):
+        Layout([4, 4], older.ids, [])
 
 
 def _add_images(folder, start, count, seed):
@@ -416,12 +489,13 @@ def _add_images(folder, start, count, seed):
 
 
 def _same_codes(got, want):
-    for name in ("ids", "codes", "scale", "resid"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    for name, a, b in zip(("ids", "codes", "scale", "resid"), got.live(), want.live()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(got.ids, want.ids, err_msg="rows")
     assert got.max_norm >= want.max_norm
 
 
-def test_a_newer_version_copies_the_codes_of_the_rows_it_kept_and_codes_only_the_new_ones(small_gallery, tiny_lipsim):
+def test_a_newer_version_shares_the_codes_of_the_files_it_kept_and_codes_only_the_new_ones(small_gallery, tiny_lipsim):
     from index import Gallery
     from index.ingest import IngestOptions, compact_index, update_index
 
@@ -443,6 +517,8 @@ def test_a_newer_version_copies_the_codes_of_the_rows_it_kept_and_codes_only_the
         codes = new.quantize(previous=g)
         fresh = QuantizedCodes.from_store(new.store)
         _same_codes(codes, fresh)
+        held = [p for p, (a, b) in enumerate(zip(codes.parts, g.quantized.parts)) if a.codes is b.codes]
+        assert sum(codes.layout.starts[p + 1] - codes.layout.starts[p] for p in held) == codes.reused  # held once
         steps.append((change, codes.reused, len(g.quantized), len(codes)))
         ids, vecs = new.all_vectors()
         q = vecs[4]
@@ -455,32 +531,60 @@ def test_a_newer_version_copies_the_codes_of_the_rows_it_kept_and_codes_only_the
         g = new
     g.close()
     assert [step[1:] for step in steps] == [
-        (60, 60, 66), (66, 66, 69),  # appended segments: every old row kept, only the new ones coded
-        (60, 69, 78),  # the two segments merged with 9 new rows: the base's 60 kept
-        (77, 78, 77),  # a tombstone: every other row kept
+        (60, 60, 66), (66, 66, 69),  # appended segments: every older file shared, only the new one coded
+        (60, 69, 78),  # the two segments merged with 9 new rows: the base's 60 shared
+        (78, 78, 77),  # a tombstone: every file shared (one row of them now dead), nothing coded
         (0, 77, 77)], steps  # a new base: coded again
 
 
-def test_copied_codes_are_refused_when_the_store_does_not_list_those_rows_first(tmp_path):
+def _mapped(x, files, dead=()):
+    """A MappedFlat of `files` (ids, rows of x) appended in order, then `dead` ids removed."""
+    from index.mapped import MappedFlat
+
+    store = MappedFlat(x.shape[1])
+    for ids in files:
+        store.add(np.asarray(ids), x[np.asarray(ids) % len(x)], stored=True)
+    if len(dead):
+        store.remove(list(dead))
+    return store
+
+
+def test_a_newer_version_shares_a_part_only_where_it_holds_the_same_rows():
     from index.store import VectorStore
 
-    x0 = clustered_unit_vectors(50, 8, 3, seed=4)
-    same = VectorStore.from_vectors(np.arange(50), x0, "Flat", use_gpu=False)
-    x = same.reconstruct(np.arange(50))  # (the vectors as the store keeps them)
-    old = QuantizedCodes.from_store(same)
-    store = VectorStore.from_vectors(np.arange(50)[::-1].copy(), x[::-1].copy(), "Flat", use_gpu=False)
-    codes = QuantizedCodes.from_store(store, reuse=old, old_rows=50, new_rows=50)  # other order: coded again
-    assert codes.reused == 0
-    _same_codes(codes, QuantizedCodes.from_store(store))
-    assert QuantizedCodes.from_store(same, reuse=old, old_rows=50, new_rows=50).reused == 50
-    fewer = VectorStore.from_vectors(np.arange(50), x0, "Flat", use_gpu=False)
-    fewer.remove([4, 9])  # (the same stored vectors, in the same order)
-    codes = QuantizedCodes.from_store(fewer, reuse=old, old_rows=50, new_rows=48)  # two removed: the rest copied
-    assert codes.reused == 48
-    _same_codes(codes, QuantizedCodes.from_store(fewer))
-    swapped = np.delete(np.arange(50), [4, 9])
-    swapped[[0, 1]] = swapped[[1, 0]]
-    assert QuantizedCodes.from_store(VectorStore.from_vectors(swapped, x[swapped], "Flat", use_gpu=False),
-                                     reuse=old, old_rows=50, new_rows=48).reused == 0  # not in the same order
-    for old_rows, new_rows in ((50, 51), (10, 48), (0, 0)):  # more rows than the older codes list, or none
-        assert QuantizedCodes.from_store(fewer, reuse=old, old_rows=old_rows, new_rows=new_rows).reused == 0
+    x = clustered_unit_vectors(200, 8, 3, seed=4)
+    files = [np.arange(100), np.arange(100, 150)]
+    old = QuantizedCodes.from_store(_mapped(x, files, dead=[5]))
+    for store, rows, shared in (
+            (_mapped(x, files, dead=[5]), 150, 150),  # the same files
+            (_mapped(x, [*files, np.arange(150, 170)], dead=[5]), 150, 150),  # a segment appended
+            (_mapped(x, files, dead=[5, 9, 120]), 150, 150),  # tombstones on shared rows
+            (_mapped(x, files, dead=[5]), 100, 100),  # only the base shared
+            (_mapped(x, files, dead=[5]), 149, 100),  # the segment not wholly among the shared rows
+            (_mapped(x, files), 150, 50),  # a row dead in the older alive again: the base coded again
+            (_mapped(x, [files[0][::-1], files[1]], dead=[5]), 150, 50),  # other ids: coded again
+            (_mapped(x, [np.arange(100), np.arange(100, 160)], dead=[5]), 160, 100),  # other bounds
+            (_mapped(x, files, dead=[5]), 0, 0)):
+        codes = QuantizedCodes.from_store(store, reuse=old, rows=rows)
+        assert codes.reused == shared, (rows, shared, codes.reused)
+        _same_codes(codes, QuantizedCodes.from_store(store))  # bit for bit what coding them all gives
+        same_arrays = [a.codes is b.codes for a, b in zip(codes.parts, old.parts)]  # (held once, not copied)
+        assert same_arrays == {150: [True, True], 100: [True, False], 50: [False, True], 0: [False, False]}[shared]
+        assert np.isneginf(codes.scan(x[0])[0][codes.ids < 0]).all()
+    tomb = QuantizedCodes.from_store(_mapped(x, files, dead=[5, 9]), reuse=old, rows=150)
+    assert tomb.parts[0].codes is old.parts[0].codes and tomb.parts[0].resid is not old.parts[0].resid
+    assert np.isneginf(tomb.parts[0].resid[[5, 9]]).all() and np.isfinite(old.parts[0].resid[9])  # (older intact)
+    assert tomb.parts[1].resid is old.parts[1].resid  # (no new dead row there: nothing new at all)
+    moved = x.copy()
+    moved[[0, 99]] = moved[[1, 98]]  # the same ids, another first (last) row: refused, though the claim says same
+    for r in (0, 99):
+        y = x.copy()
+        y[r] = moved[r]
+        assert QuantizedCodes.from_store(_mapped(y, files, dead=[5]), reuse=old, rows=150).reused == 50, r
+    same = VectorStore.from_vectors(np.arange(100), x[:100], "Flat", use_gpu=False)  # parts not files: never
+    plain = QuantizedCodes.from_store(same)
+    assert not plain.by_file and QuantizedCodes.from_store(same, reuse=plain, rows=100).reused == 0
+    assert QuantizedCodes.from_store(_mapped(clustered_unit_vectors(200, 9, 3, seed=4), files, dead=[5]), reuse=old,
+                                     rows=150).reused == 0  # another dimension
+
+
