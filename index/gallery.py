@@ -23,6 +23,7 @@ from .catalog import Catalog, FileRecord, check_same_encoder
 from .decode import DecodedImage, DecodeError, DecodeLimits, decode_bytes, hash_bytes, read_bytes, read_image
 from .errors import StoreError
 from .remote import is_remote
+from .row_parts import by_file
 from .codes import QuantizedCodes
 from .ivf import CertifiedIVF
 from .layout import IndexDir, common_files, file_starts, live_files
@@ -283,9 +284,9 @@ class Gallery:
 
     def _shared_rows(self, previous: "Gallery | None") -> int:
         """How many leading stored rows this version holds in files previous also holds (`index.layout.common_files`,
-        `file_starts`), for stores that give their rows one part a file (index/row_parts.py); else 0."""
+        `file_starts`), for stores whose parts are their files (`index.row_parts.by_file`); else 0."""
         older = previous.__dict__.get("store") if previous is not None else None  # (a closed one's: _Closed)
-        if type(older) is not type(self.store) or not hasattr(older, "row_parts"):
+        if older is None or isinstance(older, _Closed) or not (by_file(older) and by_file(self.store)):
             return 0
         common = common_files(live_files(previous.meta["index"]), self._live)
         return file_starts(self._live)[common] if common else 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Layout", "RowsOf", "row_parts"]
+__all__ = ["Layout", "RowsOf", "by_file", "row_parts"]
 
 
 class RowsOf:
@@ -38,14 +38,21 @@ class RowsOf:
 
 
 def row_parts(store) -> tuple[list, np.ndarray, np.ndarray, bool]:
-    """(parts, row ids, dead rows, by_file) of a store: its `row_parts()` when it has one (by_file: one part a file,
-    which a newer version may share), else its live vectors as one part (`RowsOf(store, store.ids())`, nothing
-    dead; not by file: such a store's order is not tied to its files, so nothing of it is shared)."""
+    """(parts, row ids, dead rows, by_file) of a store: its `row_parts()` when it has one, else its live vectors as
+    one part (`RowsOf(store, store.ids())`, nothing dead); by_file: `by_file(store)`."""
     parts = getattr(store, "row_parts", None)
     if parts is not None:
         return (*parts(), True)
     ids = np.asarray(store.ids(), np.int64)
-    return [RowsOf(store, ids)], ids, np.zeros(0, np.int64), False
+    return [RowsOf(store, ids)], ids, np.zeros(0, np.int64), by_file(store)
+
+
+def by_file(store) -> bool:
+    """Whether the store's parts are its files, which a newer version may share: a store with `row_parts()`, or one
+    mapped read-only from a single index file (`VectorStore.read(mapped=True)`: an IVF base with nothing layered on
+    it, whose `ids()` order is the one `LayeredIVF.row_parts` gives that file when segments follow). Other stores'
+    order is not tied to their files (a copying reader adds segments into its lists): nothing of them is shared."""
+    return hasattr(store, "row_parts") or bool(getattr(store, "read_only", False))
 
 
 class Layout:

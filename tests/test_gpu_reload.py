@@ -352,23 +352,84 @@ def test_a_gallery_without_a_lipschitz_bound_makes_its_gpu_copy_in_the_backgroun
         assert g.quantize(background=True) is None and g._codes_thread is None  # (nothing to build on the CPU)
 
 
+def _reloads(holder, rng, folder, sample_folder, index_dir, opts, tiny_lipsim, steps: int = 5):
+    """A random history (photos added, removed, changed and renamed; checkpoints with and without merging;
+    compactions; versions the server skips) under `holder`: yields (previous, current) at each reload it opens,
+    once the current version's background build is done; at least one."""
+    import os
+    import shutil
+
+    from index import update_index
+    from index.ingest import compact_index
+    from PIL import Image
+
+    names = sorted(p.name for p in sample_folder.glob("*.png"))
+    prev, seen = holder.current(), 0
+    for step in range(steps):
+        present = sorted(os.listdir(folder))
+        op = rng.random()
+        if op < 0.35:
+            for n in rng.sample([x for x in names if x not in present] or names, 2):
+                shutil.copy2(sample_folder / n, folder / n)
+        elif op < 0.55 and len(present) > 2:
+            (folder / rng.choice(present)).unlink()
+        elif op < 0.7:
+            with Image.open(folder / rng.choice(present)) as im:
+                changed = im.rotate(90)
+            changed.save(folder / present[0])
+        elif op < 0.8:
+            name = rng.choice(present)
+            (folder / name).rename(folder / f"r{step}{name}")
+        if op < 0.9:
+            update_index(index_dir, encoder=tiny_lipsim, options=opts)
+        else:
+            compact_index(index_dir)
+        if step % 2 and rng.random() < 0.5:
+            continue  # a version the server never opens
+        g = holder.current()
+        if g is prev:
+            continue
+        g._codes_thread.join(60)
+        yield prev, g
+        prev, seen = g, seen + 1
+    assert seen
+
+
+def _shared_rows(prev, g) -> int:
+    from index.layout import common_files, file_starts, live_files
+
+    common = common_files(live_files(prev.meta["index"]), live_files(g.meta["index"]))
+    return file_starts(live_files(g.meta["index"]))[common]
+
+
+def _answers_as(g, cpu, seed, method: str | None = None) -> None:
+    """Every item of `cpu` (the same version, exact scan), moved a little, searched on g and cpu: the same scores,
+    the same ids (equal scores may come in another order), the same radii."""
+    from retrieval.search import search_embedding
+
+    ids, vecs = cpu.all_vectors()
+    assert g.max_norm >= np.linalg.norm(vecs.astype(np.float64), axis=1).max()
+    exact = dict(zip(ids.tolist(), vecs.astype(np.float64)))
+    for i in range(len(ids)):
+        q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=seed + i, dim=vecs.shape[1])[0]
+        q /= np.linalg.norm(q)
+        a, b = search_embedding(g, q, 3), search_embedding(cpu, q, 3)
+        assert method is None or a.method == method
+        score = [[round(float(exact[h.id] @ q), 12) for h in r.hits] for r in (a, b)]
+        assert score[0] == score[1] and ([h.id for h in a.hits] == [h.id for h in b.hits]
+                                         or len(set(score[0])) < len(score[0]))
+        assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-5, atol=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_as_the_cpu(
         stand_in_device, tiny_lipsim, sample_folder, tmp_path, monkeypatch, seed):
-    # photos added, removed, changed and renamed, checkpoints with and without merging, compactions, versions the
-    # server skips: at each reload the copy shares exactly the rows of the files both versions hold, equals a copy
-    # made in full, and every search and certificate is the CPU's (equal scores may come in another order)
-    import os
+    # at each reload of a random history the copy shares exactly the rows of the files both versions hold, equals a
+    # copy made in full, and every search and certificate is the CPU's (equal scores may come in another order)
     import random
-    import shutil
 
     import index.store as store_mod
-    from index import update_index
     from index.gallery import Gallery
-    from index.ingest import compact_index
-    from index.layout import common_files, file_starts, live_files
-    from PIL import Image
-    from retrieval.search import search_embedding
     from retrieval.serve import GalleryHolder
 
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
@@ -376,38 +437,11 @@ def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_a
     rng = random.Random(seed)
     folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim, rng.choice(["Flat", "IVF2,Flat"]))
     opts.merge_tiers = rng.random() < 0.5
-    names = sorted(p.name for p in sample_folder.glob("*.png"))
     holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=True, codes=rng.random() < 0.7)
     try:
-        prev, seen = holder.current(), 0
-        for step in range(5):
-            present = sorted(os.listdir(folder))
-            op = rng.random()
-            if op < 0.35:
-                for n in rng.sample([x for x in names if x not in present] or names, 2):
-                    shutil.copy2(sample_folder / n, folder / n)
-            elif op < 0.55 and len(present) > 2:
-                (folder / rng.choice(present)).unlink()
-            elif op < 0.7:
-                with Image.open(folder / rng.choice(present)) as im:
-                    changed = im.rotate(90)
-                changed.save(folder / present[0])
-            elif op < 0.8:
-                name = rng.choice(present)
-                (folder / name).rename(folder / f"r{step}{name}")
-            if op < 0.9:
-                update_index(index_dir, encoder=tiny_lipsim, options=opts)
-            else:
-                compact_index(index_dir)
-            if step % 2 and rng.random() < 0.5:
-                continue  # a version the server never opens
-            g = holder.current()
-            if g is prev:
-                continue
-            g._codes_thread.join(60)
+        for prev, g in _reloads(holder, rng, folder, sample_folder, index_dir, opts, tiny_lipsim):
             copy, older = g.store.gpu.copy, prev.store.gpu.copy
-            common = common_files(live_files(prev.meta["index"]), live_files(g.meta["index"]))
-            assert copy.reused == file_starts(live_files(g.meta["index"]))[common]
+            assert copy.reused == _shared_rows(prev, g)
             assert copy.reused == sum(len(p) for p in copy.parts if any(p is x for x in older.parts))
             with Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=True) as fresh, \
                     Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=False) as cpu:
@@ -415,20 +449,41 @@ def test_random_histories_of_checkpoints_reload_onto_shared_copies_that_answer_a
                 full = fresh.store.gpu.copy
                 assert np.array_equal(copy.host_rows(), full.host_rows()) and np.array_equal(copy.ids, full.ids)
                 assert np.array_equal(copy.dead_rows, full.dead_rows)
-                ids, vecs = cpu.all_vectors()
-                assert sorted(copy.ids[copy.alive_rows()].tolist()) == sorted(ids.tolist())
-                assert g.max_norm >= np.linalg.norm(vecs.astype(np.float64), axis=1).max()
-                exact = dict(zip(ids.tolist(), vecs.astype(np.float64)))
-                for i in range(len(ids)):
-                    q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=i, dim=vecs.shape[1])[0]
-                    q /= np.linalg.norm(q)
-                    a, b = search_embedding(g, q, 3), search_embedding(cpu, q, 3)
-                    score = [[round(float(exact[h.id] @ q), 12) for h in r.hits] for r in (a, b)]
-                    assert score[0] == score[1] and ([h.id for h in a.hits] == [h.id for h in b.hits]
-                                                     or len(set(score[0])) < len(score[0]))
-                    assert np.allclose([h.radius for h in a.hits], [h.radius for h in b.hits], rtol=1e-5, atol=1e-9)
-            prev, seen = g, seen + 1
-        assert seen
+                assert sorted(copy.ids[copy.alive_rows()].tolist()) == sorted(cpu.ids().tolist())
+                _answers_as(g, cpu, seed)
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_histories_of_checkpoints_reload_onto_shared_codes_that_answer_as_the_exact_scan(
+        tiny_lipsim, sample_folder, tmp_path, monkeypatch, seed):
+    # the int8 codes (no GPU): at each reload they share exactly the parts of the files both versions hold (the
+    # same arrays), equal codes made in full bit for bit, and every certified search is the exact scan's
+    import random
+
+    import index.store as store_mod
+    from index.codes import QuantizedCodes
+    from index.gallery import Gallery
+    from retrieval.serve import GalleryHolder
+    from test_quantized_search import _same_codes
+
+    monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
+    monkeypatch.setattr(store_mod, "IVF_MIN_POINTS_PER_LIST", 1)
+    rng = random.Random(100 + seed)
+    folder, index_dir, opts = _build(tmp_path, sample_folder, tiny_lipsim, rng.choice(["Flat", "IVF2,Flat"]))
+    opts.merge_tiers = rng.random() < 0.5
+    holder = GalleryHolder(index_dir, encoder=tiny_lipsim, use_gpu=False)
+    try:
+        for prev, g in _reloads(holder, rng, folder, sample_folder, index_dir, opts, tiny_lipsim):
+            codes, older = g.quantized, prev.quantized
+            assert codes.reused == _shared_rows(prev, g)
+            held = [p for p, (a, b) in enumerate(zip(codes.parts, older.parts)) if a.codes is b.codes]
+            assert sum(codes.layout.starts[p + 1] - codes.layout.starts[p] for p in held) == codes.reused
+            with Gallery.open(index_dir, encoder=tiny_lipsim, use_gpu=False) as cpu:
+                _same_codes(codes, QuantizedCodes.from_store(cpu.store))
+                assert cpu.quantized is None  # (no codes: its certified searches scan the float32 vectors)
+                _answers_as(g, cpu, seed, method="quantized")
     finally:
         holder.close()
 

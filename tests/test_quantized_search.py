@@ -549,6 +549,38 @@ def _mapped(x, files, dead=()):
     return store
 
 
+def test_an_ivf_base_alone_shares_its_codes_with_the_version_that_layers_a_segment_on_it(tmp_path, tiny_lipsim,
+                                                                                          monkeypatch):
+    # an IVF base alone opens as a read-only VectorStore over its mapped lists, the next version (a segment) as a
+    # LayeredIVF over the same base: before, that first reload (the most common one) coded everything again
+    import index.gallery
+    import index.store
+    from index import Gallery
+    from index.ingest import IngestOptions, build_index, update_index
+    from index.mapped_ivf import LayeredIVF
+    from index.store import VectorStore
+
+    monkeypatch.setattr(index.gallery, "QUANTIZED_MIN", 0)
+    monkeypatch.setattr(index.store, "IVF_MIN_POINTS_PER_LIST", 1)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _add_images(folder, 0, 20, 1)
+    opts = IngestOptions(workers=1, batch_size=50, use_gpu=False)
+    build_index(folder, tmp_path / "index", "lipsim:cpu-tiny", index_type="IVF2,Flat", encoder=tiny_lipsim,
+                options=opts)
+    with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as old:
+        assert type(old.store) is VectorStore and old.store.read_only
+        old.quantize()
+        _add_images(folder, 20, 5, 2)
+        (folder / "03.png").unlink()
+        update_index(tmp_path / "index", encoder=tiny_lipsim, options=opts)
+        with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as new:
+            assert type(new.store) is LayeredIVF
+            codes = new.quantize(previous=old)
+            assert codes.reused == 20 and codes.parts[0].codes is old.quantized.parts[0].codes and len(codes) == 24
+            _same_codes(codes, QuantizedCodes.from_store(new.store))
+
+
 def test_a_newer_version_shares_a_part_only_where_it_holds_the_same_rows():
     from index.store import VectorStore
 
