@@ -314,7 +314,7 @@ def faiss_checks(sizes, queries: int = 200, k: int = 10) -> dict:
 def _reload_copy(older, newer, qs: np.ndarray, k: int, rounds: int = 3) -> dict:
     """A server's reload after a checkpoint that appended a segment to the gallery `older` holds (its copy made):
     `newer(use_gpu)` builds the grown store; its GPU copy made in full, and sharing the older copy's parts
-    (`GpuCopy.seed` with every older row, what `Gallery.quantize(previous=…)` does), `rounds` times each in
+    (`GpuCopy.seed` with every older row, what `Gallery.prepare_search(previous=…)` does), `rounds` times each in
     alternating order (seconds, with the arithmetic check); the device memory each copy adds (CUDA only), the rows
     shared, and the shared copy's exact top-k against the CPU's search of the same store."""
     cuda = older.gpu.copy.device.type == "cuda"

@@ -17,7 +17,7 @@ runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same 
 all new or with CHANGED_ROWS of them re-adding older ids (their older rows tombstoned, as for changed files): the
 codes of the grown store (base block + segment block) built in full, and with the older codes' base part shared
 and only the segment's rows coded (`QuantizedCodes.from_store(..., reuse=, rows=)`, what
-`Gallery.quantize(previous=)` does), three times each in alternating order (medians); both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
+`Gallery.prepare_search(previous=)` does), three times each in alternating order (medians); both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
 64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its rows), timed like a query —
 no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
 """

@@ -152,7 +152,7 @@ class QuantizedCodes:
         None when `stop` (a threading.Event) is set between chunks.
 
         reuse, rows: the codes of an older version of the gallery, and how many leading stored rows both versions
-        hold in the files they share (`Gallery.quantize`, `index.layout.common_files`, `file_starts`). Every part
+        hold in the files they share (`Gallery.prepare_search`, `index.layout.common_files`, `file_starts`). Every part
         of reuse that may stand for the store's (`Layout.shares`: same bounds within those rows, same ids, its dead
         rows among the store's; and its first and last rows coded alike) is taken as it is, not coded (`reused`
         counts its rows), with its norm bound; where the store has more dead rows in it, a copy of its residual

@@ -36,7 +36,7 @@ __all__ = ["Gallery", "open_gallery"]
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_MIN = 100_000  # `Gallery.quantize` builds int8 codes for galleries of at least this many vectors
+QUANTIZED_MIN = 100_000  # `Gallery.prepare_search` builds int8 codes for galleries of at least this many vectors
 
 
 class Gallery:
@@ -90,7 +90,7 @@ class Gallery:
         them; using the store afterwards is a StoreError). keep_vectors=True leaves the store searchable
         until this object is dropped (a server's requests still holding it while a newer version opens), and
         a background build of its codes running, which the newer version's build waits for and copies from
-        (`quantize(previous=…)`)."""
+        (`prepare_search(previous=…)`)."""
         self.catalog.close()
         if keep_vectors:
             return
@@ -177,21 +177,21 @@ class Gallery:
 
     @property
     def quantized(self) -> QuantizedCodes | None:
-        """The int8 codes of the gallery's vectors (index/codes.py) once `quantize` has built them, else None.
+        """The int8 codes of the gallery's vectors (index/codes.py) once `prepare_search` has built them, else None.
         Certified search scans them instead of the float32 vectors (`retrieval.quantized_search`)."""
         return self._codes
 
     @property
     def quantizing(self) -> bool:
-        """True while a background build of the codes runs (`quantize(background=True)`)."""
+        """True while a background build of the codes runs (`prepare_search(background=True)`)."""
         thread = self._codes_thread
         return thread is not None and thread.is_alive()
 
-    def quantize(self, background: bool = False, previous: "Gallery | None" = None,
-                 codes: bool = True) -> QuantizedCodes | None:
-        """Build the int8 codes that make certified queries scan a quarter of the bytes, once per opened
-        version, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (else None; codes=False:
-        none at all).
+    def prepare_search(self, background: bool = False, previous: "Gallery | None" = None,
+                       codes: bool = True) -> QuantizedCodes | None:
+        """Make what certified queries scan, once per opened version: on the CPU, the int8 codes that make them scan
+        a quarter of the bytes, for galleries of at least QUANTIZED_MIN vectors with a Lipschitz encoder (returned;
+        else None; codes=False: none at all); on torch's GPU, the gallery's copy there (below).
 
         A gallery searched on torch's GPU (a mapped store's `gpu`, index/gpu_scan.py) builds no codes; its GPU copy is
         made instead — for any gallery, codes or not — on the daemon thread with background=True (and then only
@@ -216,7 +216,7 @@ class Gallery:
         if previous is not None and previous.index_dir != self.index_dir:
             previous = None
         if not background:
-            return self._quantize_now(previous, codes)
+            return self._prepare_now(previous, codes)
         with self._codes_state:
             thread = self._codes_thread
             if (thread is None or not thread.is_alive()) and self._codes is None and not self._codes_stop.is_set():
@@ -239,8 +239,8 @@ class Gallery:
     def _wants_codes(self, codes: bool = True) -> bool:
         return codes and self.lipschitz is not None and len(self) >= QUANTIZED_MIN
 
-    def _quantize_now(self, previous: "Gallery | None", codes: bool = True) -> QuantizedCodes | None:
-        """`quantize`'s build, in this thread (sharing `previous`'s codes where it can). A gallery searched on
+    def _prepare_now(self, previous: "Gallery | None", codes: bool = True) -> QuantizedCodes | None:
+        """`prepare_search`'s build, in this thread (sharing `previous`'s codes where it can). A gallery searched on
         torch's GPU builds none: the GPU scans the float32 vectors faster. Asking makes its GPU copy (sharing
         previous's where both hold the same files), so a background build makes it off the requests' threads, which
         search on the CPU meanwhile (index/mapped.py); a close stops it at its next chunk."""
@@ -419,14 +419,14 @@ def _codes_after_gpu(ref, codes: bool) -> None:
     gallery = ref()
     if gallery is not None and not gallery._codes_stop.is_set():
         _wait_for_build(gallery)  # (the thread that made the copy, if it has not yet returned)
-        gallery.quantize(background=True, codes=codes)
+        gallery.prepare_search(background=True, codes=codes)
 
 
 def _build_codes(ref, previous, codes: bool, gpu) -> None:
     try:
         gallery = ref()
         if gallery is not None:
-            gallery._quantize_now(previous, codes)
+            gallery._prepare_now(previous, codes)
     except Exception as exc:  # (a closed gallery's store, memory): queries keep scanning the float32 vectors
         log.warning("int8 codes not built: %s", exc)
     finally:  # the GPU copy made, failed, stopped or never reached: searches go on (and may make it themselves)

@@ -229,13 +229,13 @@ class GpuCopy:
     searches on the CPU for good. While one thread makes it (seconds at 10M vectors), wait=False does not wait: that
     search runs on the CPU, so a server's requests do not stall behind a newly opened version's copy (except an IVF
     gallery's first certified queries, which need M from the copy: `LayeredIVF.max_norm`). With `deferred` set (a
-    gallery that makes the copy on its own thread: `Gallery.quantize(background=True)`, which calls get with its
+    gallery that makes the copy on its own thread: `Gallery.prepare_search(background=True)`, which calls get with its
     stop event and `release` when done), only that thread makes it: other calls return None (wait=False) or wait
     for `release` (wait=True), so no request makes it in its own thread, unshared and unstoppable. `stop` (a
     threading.Event) abandons a copy between chunks: get returns None and a later call may make it.
     `seed(older, rows)`: the first `rows` rows of this store are those of the store `older` copied (an older
-    version: `Gallery.quantize(previous=…)`); the copy shares that copy's parts there (`DeviceRows`' reuse), so a
-    reload copies only the new files' rows and holds the shared ones once on the device.
+    version: `Gallery.prepare_search(previous=…)`); the copy shares that copy's parts there (`DeviceRows`' reuse),
+    so a reload copies only the new files' rows and holds the shared ones once on the device.
     `top(store, q, k)`: `DeviceRows.top` on the copy, or None. A search that fails there (out of memory for its
     scores, say) returns None, to run on the CPU; GPU_ERRORS_MAX failures in a row make that permanent, and then
     the callbacks given to `when_failed` run (a gallery then builds its int8 codes for the CPU)."""

@@ -61,8 +61,8 @@ def live_files(index_meta: dict) -> list[dict]:
 def common_files(old_live: list[dict], new_live: list[dict]) -> int:
     """How many leading files two versions' live sets share: equal name, kind, SHA-256, rows and removed.
 
-    What sharing an older version's int8 codes and GPU copy rests on (`index.gallery.Gallery.quantize(previous=…)`,
-    index/row_parts.py). Shared
+    What sharing an older version's int8 codes and GPU copy rests on
+    (`index.gallery.Gallery.prepare_search(previous=…)`, index/row_parts.py). Shared
     files are the same bytes (each is checked against its SHA-256 when opened), hence the same rows at the same
     places — the first `file_starts(live)[c]` stored rows of either store — and the same tombstones among them.
     Files after them only remove (a tombstone kills every earlier row stored under its id: `MappedFlat.remove`,

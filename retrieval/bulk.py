@@ -246,7 +246,7 @@ def run_queries(gallery, sources: Iterable[QuerySource], k: int = 10, *, certify
     if any(s.path is not None for s in sources):
         gallery.encoder  # noqa: B018 — load it here, once, before worker threads read files
     if certify and len(sources) >= QUANTIZE_QUERIES:
-        gallery.quantize(background=True)  # int8 codes for the certified queries once built (Gallery.quantize)
+        gallery.prepare_search(background=True)  # int8 codes (or the GPU copy) for the certified queries once built
 
     def submit(chunk):
         return [None if s.path is None else pool.submit(reader.load, s) for s in chunk]

@@ -17,7 +17,7 @@ it covers the gallery the certificate is complete, otherwise every unlisted item
 s_m, hence exact score ≤ B = s_m + 2·γ_D, `float32_dot_error`) is bounded by
 `encoder.certify.unlisted_radius` at B (where an item scoring at most B with norm at most M can lie; never
 below (s_i − B − slack)/(L·(‖e_i‖ + M))), M the gallery's largest vector norm.
-Once a long-lived process has built the gallery's int8 codes (`Gallery.quantize`), certified queries scan
+Once a long-lived process has built the gallery's int8 codes (`Gallery.prepare_search`), certified queries scan
 those instead (`retrieval.quantized_search`: a proved upper bound on every score, exact scores only where
 they can matter) and get the exhaustive certificate from a quarter of the bytes.
 """
@@ -204,7 +204,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
         notes = [] if certify is False else ["the encoder has no Lipschitz bound: no certificate"]
         return SearchResult(hits, k, n, k, k >= n, None, query_size=query_size, eps=eps, notes=notes)
 
-    codes = getattr(gallery, "quantized", None)  # int8 codes, when built (`Gallery.quantize`)
+    codes = getattr(gallery, "quantized", None)  # int8 codes, when built (`Gallery.prepare_search`)
     if codes is not None and not codes.covers(q):  # (a query far outside unit scale: the exact scan answers)
         codes = None
     max_norm = codes.max_norm if codes is not None else float(getattr(gallery, "max_norm", 1.0))

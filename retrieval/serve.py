@@ -67,11 +67,11 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()  # allowed browser origins (empty: CORS off)
     use_gpu: bool = True  # search on the GPU when one is visible (torch's; an IVF gallery FAISS's when it sees it)
     thumbnail_side: int = 128  # longest side of /items thumbnails (pixels)
-    codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.quantize)
+    codes: bool = True  # build int8 codes for certified queries (large galleries; Gallery.prepare_search)
 
 
 def _codes_state(gallery, config: ServeConfig) -> dict:
-    """The int8 codes certified queries scan (`Gallery.quantize`): "ready" (with their memory, and "reused": the
+    """The int8 codes certified queries scan (`Gallery.prepare_search`): "ready" (with their memory, and "reused": the
     rows whose codes this version shares with the previous version's at a reload), "building" (on a GPU: its copy being made), "off"
     (--no-codes) or "not used" (a gallery too small, an encoder without a Lipschitz bound, or one searched on a
     GPU)."""
@@ -125,7 +125,7 @@ class GalleryHolder:
         self._lock = threading.Lock()
         self._gallery = Gallery.open(index_dir, encoder=encoder, use_gpu=use_gpu)
         # int8 codes for certified queries (large galleries), or the GPU copy (codes or not): on a daemon thread
-        self._gallery.quantize(background=True, codes=codes)
+        self._gallery.prepare_search(background=True, codes=codes)
         self.reloads = 0
 
     def current(self) -> Gallery:
@@ -141,7 +141,7 @@ class GalleryHolder:
                 except EncoderMismatchError:  # rebuilt with another encoder: load that one
                     new = Gallery.open(self.index_dir, use_gpu=self.use_gpu)
                 # (what the older version's codes or GPU copy hold of the files both versions share is reused)
-                new.quantize(background=True, previous=g, codes=self.codes)
+                new.prepare_search(background=True, previous=g, codes=self.codes)
                 log.info("index version %d → %d: re-opened", g.version, new.version)
                 # Requests still holding the old gallery keep working: its vectors stay mapped (or in
                 # memory) until the last of them drops it, and disposing its catalog engine leaves

@@ -1,5 +1,5 @@
 """A GPU copy across a server's reloads and failures (index/gpu_scan.py: `DeviceRows`' reuse, `GpuCopy`'s seed,
-deferred copy, stop and failure callbacks; index/gallery.py: `Gallery.quantize`).
+deferred copy, stop and failure callbacks; index/gallery.py: `Gallery.prepare_search`).
 
 Without a GPU the same code runs on torch's CPU device (`scan_device` replaced by a stand-in returning it), as in
 tests/test_gpu_scan.py: sharing a part is sharing a torch tensor, on any device."""
@@ -249,7 +249,7 @@ def test_a_gallery_closed_while_its_gpu_copy_is_made_stops_it(stand_in_device, p
 
     monkeypatch.setattr(store_mod, "CHUNK_ROWS", 2)
     monkeypatch.setattr(g.store, "row_parts", lambda: ([Held()], rows[1], rows[2]))
-    assert g.quantize(background=True) is None
+    assert g.prepare_search(background=True) is None
     thread, store = g._codes_thread, g.store
     assert entered.wait(20)
     g.close()
@@ -269,7 +269,7 @@ def test_a_gpu_that_fails_for_good_after_opening_gives_the_gallery_its_int8_code
 
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
-        assert g.quantize(background=True) is None
+        assert g.prepare_search(background=True) is None
         g._codes_thread.join(20)
         assert g.store.gpu.ready and g.quantized is None
         q = g.all_vectors()[1][0]
@@ -309,7 +309,7 @@ def test_a_background_build_that_fails_before_the_copy_lets_a_search_make_it(sta
     monkeypatch.setattr(Gallery, "_seed_gpu", lambda self, previous: 1 / 0)
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
         with caplog.at_level(logging.WARNING):
-            g.quantize(background=True)
+            g.prepare_search(background=True)
             g._codes_thread.join(20)
         assert "division by zero" in caplog.text and not g.store.gpu.ready and not g.store.gpu.deferred
         g.store.search(g.all_vectors()[1][:1], 2)
@@ -345,11 +345,11 @@ def test_a_gallery_without_a_lipschitz_bound_makes_its_gpu_copy_in_the_backgroun
 
     monkeypatch.setattr(Gallery, "lipschitz", property(lambda self: None))
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
-        assert g.quantize(background=True) is None and g.store.gpu.deferred
+        assert g.prepare_search(background=True) is None and g.store.gpu.deferred
         g._codes_thread.join(20)
         assert g.store.gpu.ready and g.quantized is None
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as g:
-        assert g.quantize(background=True) is None and g._codes_thread is None  # (nothing to build on the CPU)
+        assert g.prepare_search(background=True) is None and g._codes_thread is None  # (nothing to build on the CPU)
 
 
 def _reloads(holder, rng, folder, sample_folder, index_dir, opts, tiny_lipsim, steps: int = 5):
@@ -506,10 +506,11 @@ def test_a_copy_of_several_parts_scores_half_a_tile_of_queries_at_once(monkeypat
 
 
 def test_without_a_gpu_a_mapped_store_holds_no_copy_and_asks_for_no_build(photo_index, tiny_lipsim, monkeypatch):
-    # (before: a GpuCopy on every CPU machine, so `quantize(background=True)` started a thread that only found no GPU)
+    # (before: a GpuCopy on every CPU machine, so `prepare_search(background=True)` started a thread that only found
+    # no GPU)
     from index.gallery import Gallery
 
     monkeypatch.setattr(gpu_scan, "scan_device", lambda: None)
     monkeypatch.setattr(Gallery, "lipschitz", property(lambda self: None))
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
-        assert g.store.gpu is None and g.quantize(background=True) is None and g._codes_thread is None
+        assert g.store.gpu is None and g.prepare_search(background=True) is None and g._codes_thread is None

@@ -172,7 +172,7 @@ def test_the_check_also_probes_one_query_at_a_time(stand_in_device, monkeypatch)
 
 
 def test_searches_run_on_the_cpu_while_another_thread_makes_the_copy(stand_in_device, monkeypatch):
-    # a server's reload makes the new version's copy on a background thread (Gallery.quantize): requests meanwhile
+    # a server's reload makes the new version's copy on a background thread (Gallery.prepare_search): requests meanwhile
     # must not wait seconds for it (before: every search waited on the copy's lock)
     started, release = threading.Event(), threading.Event()
     true_init = DeviceRows.__init__
@@ -246,11 +246,11 @@ def test_a_flat_gallery_opened_on_a_gpu_is_mapped_searched_there_and_builds_no_c
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as on_gpu, \
             Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=False) as on_cpu:
-        assert on_gpu.quantize(background=True) is None  # the copy is made on the builder's thread instead
+        assert on_gpu.prepare_search(background=True) is None  # the copy is made on the builder's thread instead
         on_gpu._codes_thread.join(20)
         assert on_gpu.store.gpu.ready and on_gpu.quantized is None
         assert isinstance(on_gpu.store, MappedFlat) and on_gpu.store.on_gpu and not on_cpu.store.on_gpu
-        assert on_gpu.quantize() is None and on_cpu.quantize() is not None  # (a GPU scans the float32 rows)
+        assert on_gpu.prepare_search() is None and on_cpu.prepare_search() is not None  # (a GPU scans the float32 rows)
         ids, vecs = on_cpu.all_vectors()
         for i in (0, 3):
             q = vecs[i] + np.float32(0.05) * unit_rows(1, seed=i, dim=len(vecs[i]))[0]
@@ -281,7 +281,7 @@ def test_an_ivf_gallery_keeps_its_codes_when_faiss_sees_a_gpu(tiny_lipsim, sampl
     monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, device, index: faiss.clone_index(index), raising=False)
     with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=True) as g:
         assert g.store.kind == "ivf" and g.store.on_gpu
-        assert g.quantize() is not None
+        assert g.prepare_search() is not None
         assert search_embedding(g, g.all_vectors()[1][0], 3).method == "quantized"
 
 
@@ -315,7 +315,7 @@ def test_an_ivf_gallery_with_segments_is_searched_on_torchs_gpu_with_the_cpus_ce
             Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as on_cpu:
         assert isinstance(on_gpu.store, LayeredIVF) and on_gpu.store.rows.ntotal > 0
         assert on_gpu.store.on_gpu, (on_gpu.store.gpu.failed, on_gpu.store.gpu.errors)
-        assert on_gpu.quantize() is None and on_gpu.certified_ivf is None
+        assert on_gpu.prepare_search() is None and on_gpu.certified_ivf is None
         assert on_cpu.certified_ivf is not None
         ids, vecs = on_cpu.all_vectors()
         copy = on_gpu.store.gpu.copy
@@ -347,7 +347,7 @@ def test_a_gallery_whose_gpu_fails_its_check_builds_codes_for_the_cpu(stand_in_d
     monkeypatch.setattr(DeviceRows, "top", lambda self, q, k: true_top(self, q + np.float32(1e-3) * np.abs(q), k))
     monkeypatch.setattr(gallery_mod, "QUANTIZED_MIN", 1)
     with Gallery.open(photo_index[1], encoder=tiny_lipsim, use_gpu=True) as g:
-        assert g.quantize() is not None and not g.store.on_gpu
+        assert g.prepare_search() is not None and not g.store.on_gpu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

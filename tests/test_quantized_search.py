@@ -97,7 +97,7 @@ def test_a_query_that_would_overflow_float32_is_refused_and_searched_exactly(sma
     from retrieval.search import search_embedding
 
     with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
-        g.quantize()
+        g.prepare_search()
         ids, vecs = g.all_vectors()
         assert search_embedding(g, vecs[3], k=2).method == "quantized"
         far = search_embedding(g, vecs[3] * np.float32(1e37), k=2)  # the exact scan answers it
@@ -317,7 +317,7 @@ def test_a_gallery_with_codes_answers_with_the_exhaustive_certificate(small_gall
     with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
         ids, vecs = g.all_vectors()
         before = search_embedding(g, vecs[5], k=4, exclude=[int(ids[5])])
-        assert g.quantized is None and g.quantize() is g.quantized is not None
+        assert g.quantized is None and g.prepare_search() is g.quantized is not None
         after = search_embedding(g, vecs[5], k=4, exclude=[int(ids[5])])
         other = search_embedding(g, vecs[9] * 0.5 + vecs[3] * 0.5, k=6)
         bad = vecs[0].copy()
@@ -342,7 +342,7 @@ def test_a_background_build_is_used_once_ready_and_stopped_by_close(small_galler
     from index import Gallery
 
     with Gallery.open(small_gallery, encoder=tiny_lipsim) as g:
-        assert g.quantize(background=True) is None or g.quantized is not None
+        assert g.prepare_search(background=True) is None or g.quantized is not None
         g._codes_thread.join(30)
         assert g.quantized is not None and len(g.quantized) == len(g)
     g = Gallery.open(small_gallery, encoder=tiny_lipsim)
@@ -367,9 +367,9 @@ def test_a_second_background_call_returns_at_once_and_a_close_during_the_build_k
 
     monkeypatch.setattr(index.codes.QuantizedCodes, "from_store", staticmethod(held))
     g = Gallery.open(small_gallery, encoder=tiny_lipsim)
-    g.quantize(background=True)
+    g.prepare_search(background=True)
     t = time.perf_counter()
-    assert g.quantize(background=True) is None and time.perf_counter() - t < 1.0  # (review: it waited the build)
+    assert g.prepare_search(background=True) is None and time.perf_counter() - t < 1.0  # (review: it waited the build)
     g.close()
     release.set()
     g._codes_thread.join(30)
@@ -389,7 +389,7 @@ def test_a_process_that_exits_during_a_background_build_exits_cleanly(small_gall
             import time; time.sleep(0.05); return real(v)
         index.codes.quantize = slow
         g = Gallery.open({str(small_gallery)!r})
-        g.quantize(background=True)
+        g.prepare_search(background=True)
         print("started", flush=True)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -502,7 +502,7 @@ def test_a_newer_version_shares_the_codes_of_the_files_it_kept_and_codes_only_th
     opts = IngestOptions(workers=1, batch_size=50)
     folder = small_gallery.parent / "photos"
     g = Gallery.open(small_gallery, encoder=tiny_lipsim)
-    g.quantize()
+    g.prepare_search()
     steps = []
     # Size-tiered merging (index/ingest.py): a segment takes in the newest files while they are no larger.
     for change, count in (("append", 6), ("append", 3), ("merge", 9), ("remove", 0), ("compact", 0)):
@@ -514,7 +514,7 @@ def test_a_newer_version_shares_the_codes_of_the_files_it_kept_and_codes_only_th
         else:
             update_index(small_gallery, encoder=tiny_lipsim, options=opts)
         new = Gallery.open(small_gallery, encoder=tiny_lipsim)
-        codes = new.quantize(previous=g)
+        codes = new.prepare_search(previous=g)
         fresh = QuantizedCodes.from_store(new.store)
         _same_codes(codes, fresh)
         held = [p for p, (a, b) in enumerate(zip(codes.parts, g.quantized.parts)) if a.codes is b.codes]
@@ -570,13 +570,13 @@ def test_an_ivf_base_alone_shares_its_codes_with_the_version_that_layers_a_segme
                 options=opts)
     with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as old:
         assert type(old.store) is VectorStore and old.store.read_only
-        old.quantize()
+        old.prepare_search()
         _add_images(folder, 20, 5, 2)
         (folder / "03.png").unlink()
         update_index(tmp_path / "index", encoder=tiny_lipsim, options=opts)
         with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as new:
             assert type(new.store) is LayeredIVF
-            codes = new.quantize(previous=old)
+            codes = new.prepare_search(previous=old)
             assert codes.reused == 20 and codes.parts[0].codes is old.quantized.parts[0].codes and len(codes) == 24
             _same_codes(codes, QuantizedCodes.from_store(new.store))
 

@@ -238,10 +238,10 @@ def open_gallery(cfg: UIConfig) -> Opened:
             notes.append(f"Demo gallery: the {len(list((primary_dir.parent / 'photos').iterdir()))} sample photos "
                          "that scikit-image and matplotlib ship.")
         primary = Gallery.open(primary_dir, use_gpu=torch.cuda.is_available())
-        primary.quantize(background=True)  # int8 codes for certified queries (large galleries; Gallery.quantize)
+        primary.prepare_search(background=True)  # int8 codes for certified queries (large galleries), or the GPU copy
         lip = primary.encoder
         compare, cmp_notes = _open_compare(cfg, primary, primary_dir)
-        compare.quantize(background=True)  # (its codes too, or its GPU copy: off the page's requests either way)
+        compare.prepare_search(background=True)  # (its codes too, or its GPU copy: off the page's requests either way)
         cmp_enc = compare.encoder
     except GalleryError as exc:
         raise SetupError(str(exc)) from None
