@@ -92,14 +92,15 @@ class QuantizedCodes:
     `layout` is the store's (`index.row_parts.Layout`: rows without padding) and `by_file` whether its parts are
     its files (what a newer version may share)."""
 
-    def __init__(self, parts: list[CodedPart], layout: Layout, by_file: bool = False):
-        self.parts, self.layout, self.by_file = list(parts), layout, by_file
+    def __init__(self, parts: list[CodedPart], layout: Layout, dim: int, by_file: bool = False):
+        self.parts, self.layout, self.dim, self.by_file = list(parts), layout, int(dim), by_file
         self.offsets = [0]
         ids = []
         for p, part in enumerate(self.parts):
             at, end = layout.starts[p], layout.starts[p + 1]
-            if len(part.codes) != -(-(end - at) // BLOCK) * BLOCK:
-                raise ValueError(f"part {p} has {len(part.codes)} rows for {end - at} rows padded to {BLOCK}")
+            if part.codes.shape != (-(-(end - at) // BLOCK) * BLOCK, self.dim):
+                raise ValueError(f"part {p} of shape {part.codes.shape} for {end - at} rows of dimension {self.dim} "
+                                 f"padded to {BLOCK}")
             row_ids = np.full(len(part.codes), -1, np.int64)
             row_ids[:end - at] = layout.ids[at:end]
             row_ids[layout.dead_in(at, end - at) - at] = -1
@@ -117,10 +118,6 @@ class QuantizedCodes:
     def __len__(self) -> int:
         """The live rows coded."""
         return self.alive
-
-    @property
-    def dim(self) -> int:
-        return self.parts[0].codes.shape[1] if self.parts else 0
 
     @property
     def nbytes(self) -> int:
@@ -143,7 +140,7 @@ class QuantizedCodes:
         vectors = np.asarray(vectors, np.float32)
         ids = np.asarray(ids, np.int64)
         return cls([_code_part(vectors, np.zeros(0, np.int64), vectors.shape[1], len(vectors) or 1)],
-                   Layout([len(vectors)], ids, []))
+                   Layout([len(vectors)], ids, []), vectors.shape[1])
 
     @classmethod
     def from_store(cls, store, chunk: int | None = None, stop=None, reuse: "QuantizedCodes | None" = None,
@@ -175,7 +172,7 @@ class QuantizedCodes:
             else:
                 reused += size
             coded.append(got)
-        built = cls(coded, layout, by_file)
+        built = cls(coded, layout, store.dim, by_file)
         built.reused = reused
         return built
 
