@@ -294,7 +294,10 @@ def scan_upper(parts, q: np.ndarray, nu, block: int = BLOCK) -> tuple[np.ndarray
     """(ū for every row of `parts` (module doc), the maximum of each `block` consecutive ū: `index.store.top_rows`'s
     first pass, done while the scores are written). parts: (codes, scales, residual bounds) in row order, each a
     multiple of `block` rows but the last. The rows are cut at multiples of `block` into stretches of about an even
-    share per scanning thread (`index.ivf`'s pool; the kernel releases the GIL), none across two parts."""
+    share per scanning thread (`index.ivf`'s pool; the kernel releases the GIL), none across two parts: the same
+    ū as one thread gives, bit for bit, unless a flush-to-zero mode is set in some threads and not others
+    (`torch.set_flush_denormal` sets the calling thread's), which moves ū by less than 2⁻¹²⁶ — within E either
+    way (module doc)."""
     from ._codes_kernel import upper as kernel
     from .ivf import SPLIT_MIN, _threads, pool_map
 

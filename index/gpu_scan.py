@@ -294,7 +294,8 @@ class GpuCopy:
                 parts, row_ids, dead = store.row_parts()
                 gpu = DeviceRows(parts, row_ids, dead, device, store.dim, stop=stop, reuse=self._reuse)
                 ratio = gpu_arithmetic_ratio(gpu, store)
-            except CopyStopped:
+            except CopyStopped:  # (a close or exit: the older version's copy is not held for a copy never made)
+                self._reuse = None
                 return None
             except Exception as exc:  # out of GPU memory, …
                 log.warning("searching on the CPU: could not copy the gallery to the GPU (%s)", exc)

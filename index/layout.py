@@ -71,8 +71,8 @@ def common_files(old_live: list[dict], new_live: list[dict]) -> int:
     and at row r' in the newer, both shared rows. A later file's tombstone for X would kill both rows in that
     version, so neither version has one; the alive X rows among the shared rows are then those the shared files
     alone leave alive, the same set in both, and a live set holds an id once: r = r'. ∎
-    Readers give their rows one part a file (`row_parts`), so the shared files are the same leading parts in both
-    versions. What is shared is still checked part by part (`index.row_parts.Layout.shares`: same bounds, ids, and
+    Readers give their rows one part a file that adds rows (`index.row_parts.row_parts`; an IVF base alone, a
+    read-only store, is one part), so the shared files are the same leading parts in both versions. What is shared is still checked part by part (`index.row_parts.Layout.shares`: same bounds, ids, and
     the older version's dead rows among the newer's; and the first and last rows).
     """
     keys = ("name", "kind", "sha256", "rows", "removed")
