@@ -114,6 +114,7 @@ class QuantizedCodes:
         self.resid_max = max((_finite_max(part.resid) for part in self.parts), default=0.0)
         self.scale_max = max((float(part.scale.max()) for part in self.parts if len(part.scale)), default=0.0)
         self.reused = 0  # rows of parts taken from an older version's codes (`from_store`'s reuse)
+        self.shared_bytes = 0  # bytes of the arrays taken from it, which both versions hold once
 
     def __len__(self) -> int:
         """The live rows coded."""
@@ -161,7 +162,7 @@ class QuantizedCodes:
         parts, row_ids, dead, by_file = row_parts(store)
         layout = Layout([len(part) for part in parts], row_ids, dead)
         older = reuse if by_file and reuse is not None and reuse.by_file and reuse.dim == store.dim else None
-        coded, reused = [], 0
+        coded, reused, shared = [], 0, 0
         for p, part in enumerate(parts):
             at, size = layout.starts[p], len(part)
             got = _shared_part(older, layout, p, part, rows) if older is not None else None
@@ -171,9 +172,10 @@ class QuantizedCodes:
                     return None
             else:
                 reused += size
+                shared += sum(a.nbytes for a, b in zip(got[:3], older.parts[p][:3]) if a is b)
             coded.append(got)
         built = cls(coded, layout, store.dim, by_file)
-        built.reused = reused
+        built.reused, built.shared_bytes = reused, shared
         return built
 
     def scan(self, query) -> tuple[np.ndarray, np.ndarray]:

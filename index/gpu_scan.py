@@ -100,6 +100,7 @@ class DeviceRows(Layout):
         self.parts: list = []  # one (n_p, dim) float32 tensor a part
         self.norms: list[float] = []  # `index.ivf.norm_bound` of each part's rows
         self.reused = 0
+        self.shared_bytes = 0  # bytes of the tensors shared with the older copy
         for p, part in enumerate(parts):
             at, size = self.starts[p], len(part)
             shared = self._shared(reuse, p, part)
@@ -120,6 +121,7 @@ class DeviceRows(Layout):
             else:
                 tensor, norm = shared
                 self.reused += size
+                self.shared_bytes += tensor.nelement() * tensor.element_size()
             self.parts.append(tensor)
             self.norms.append(norm)
         self.max_norm = max(self.norms, default=0.0)

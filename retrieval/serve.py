@@ -71,13 +71,15 @@ class ServeConfig:
 
 
 def _codes_state(gallery, config: ServeConfig) -> dict:
-    """The int8 codes certified queries scan (`Gallery.prepare_search`): "ready" (with their memory, and "reused": the
-    rows whose codes this version shares with the previous version's at a reload), "building" (on a GPU: its copy being made), "off"
+    """The int8 codes certified queries scan (`Gallery.prepare_search`): "ready" (with their memory, and "reused" and
+    "shared_bytes": the rows whose codes this version shares with the previous version's at a reload, and the bytes
+    of those arrays, held once for both), "building" (on a GPU: its copy being made), "off"
     (--no-codes) or "not used" (a gallery too small, an encoder without a Lipschitz bound, or one searched on a
     GPU)."""
     codes = gallery.quantized
     if codes is not None:
-        return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes, "reused": codes.reused}
+        return {"state": "ready", "vectors": len(codes), "bytes": codes.nbytes, "reused": codes.reused,
+                "shared_bytes": codes.shared_bytes}
     if not config.codes:
         return {"state": "off"}
     return {"state": "building" if gallery.quantizing else "not used"}
@@ -101,7 +103,7 @@ def _gpu_state(gallery, config: ServeConfig) -> dict:
     if copy is None:
         return {"state": "copying" if gallery.quantizing else "not made"}
     return {"state": "ready", "rows": copy.n, "bytes": sum(p.nelement() * p.element_size() for p in copy.parts),
-            "shared_rows": copy.reused}
+            "shared_rows": copy.reused, "shared_bytes": copy.shared_bytes}
 
 
 def is_loopback(host: str) -> bool:

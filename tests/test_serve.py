@@ -336,6 +336,9 @@ def test_a_reload_after_an_appended_segment_codes_only_the_new_rows(tmp_path, sa
     assert [f["kind"] for f in new.meta["index"]["segments"]] == ["faiss", "rows"]
     assert new.quantized.reused == len(FIRST) and len(new.quantized) == len(FIRST) + len(LATER)
     _same_codes(new.quantized, QuantizedCodes.from_store(new.store))  # bit for bit (ids, codes, scales, residuals)
+    base = new.quantized.parts[0]  # (the base's arrays: old's, held once)
+    assert base.codes is old.quantized.parts[0].codes
+    assert new.quantized.shared_bytes == base.codes.nbytes + base.scale.nbytes + base.resid.nbytes > 0
     holder.close()
 
 
@@ -391,7 +394,8 @@ def test_the_service_builds_codes_and_answers_from_them_with_the_same_certificat
             state = request(server.port, "GET", "/stats")[1]["serving"]["codes"]
         assert status == 200, body
         answers[codes] = body
-        assert state == ({"state": "ready", "vectors": len(g), "bytes": g.quantized.nbytes, "reused": 0} if codes
+        assert state == ({"state": "ready", "vectors": len(g), "bytes": g.quantized.nbytes, "reused": 0,
+                         "shared_bytes": 0} if codes
                          else {"state": "off"})
     assert answers[True]["method"] == "quantized" and answers[False]["method"] == "exhaustive"
     assert answers[True]["exhaustive"] and answers[True]["hits"] == answers[False]["hits"]
@@ -429,10 +433,12 @@ def test_stats_report_the_gpu_copy_and_the_rows_a_reload_shares(sample_folder, t
         assert gpu_state(b) == {"state": "none"} or real_gpu  # (a machine where torch sees CUDA: "ready")
     with ServerThread(app) as server:
         n = len(app.state.holder.current())
-        assert gpu_state(server) == {"state": "ready", "rows": n, "bytes": n * 33 * 4, "shared_rows": 0}
+        assert gpu_state(server) == {"state": "ready", "rows": n, "bytes": n * 33 * 4, "shared_rows": 0,
+                                     "shared_bytes": 0}
         shutil.copy2(sample_folder / "grass.png", folder / "grass.png")
         update_index(tmp_path / "index", encoder=tiny_lipsim, options=opts)
-        assert gpu_state(server) == {"state": "ready", "rows": n + 1, "bytes": (n + 1) * 33 * 4, "shared_rows": n}
+        assert gpu_state(server) == {"state": "ready", "rows": n + 1, "bytes": (n + 1) * 33 * 4, "shared_rows": n,
+                                     "shared_bytes": n * 33 * 4}
         status, body = post(server.port, "/search", [("id", str(int(app.state.holder.current().ids()[0]))),
                                                      ("k", "3")])
         assert status == 200 and body["method"] == "exhaustive" and body["exhaustive"], body
