@@ -17,9 +17,11 @@ runs it after a checkpoint appended a segment of SEGMENT_ROWS vectors (the same 
 all new or with CHANGED_ROWS of them re-adding older ids (their older rows tombstoned, as for changed files): the
 codes of the grown store (base block + segment block) built in full, and with the older codes' base part shared
 and only the segment's rows coded (`QuantizedCodes.from_store(..., reuse=, rows=)`, what
-`Gallery.prepare_search(previous=)` does), three times each in alternating order (medians); both must be identical. Last, the memory floor: one pass that only reads the codes' bytes (a bitwise OR of their
-64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its rows), timed like a query —
-no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
+`Gallery.prepare_search(previous=)` does), three times each in alternating order (medians); both must be identical.
+Then the scan of the same rows held in 32 files (a base and 31 segments of 1,000 rows: codes are one part a file)
+against one file, query by query in alternating order. Last, the memory floor: one pass that only reads the codes'
+bytes (a bitwise OR of their 64-bit words, split over the scan's threads as `index.codes.scan_upper` splits its
+rows), timed like a query — no scan of every code can beat it. Writes benchmarks/results/quantized-scan.json and .md (--out PREFIX).
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def run(n: int, queries: int, work: Path, seed: int = 0) -> dict:
             alone.append(1000 * (time.perf_counter() - t))
         row[name]["codes_alone"] = {"p50_ms": float(np.median(alone)), "p95_ms": float(np.percentile(alone, 95))}
     row["reload"] = _reload(rows, codes, n, seed)
+    row["files"] = _files(rows, codes, sets["clusters"])
     row["stream"] = _stream(codes)
     del store, codes, rows, plain, coded
     path.unlink()
@@ -116,6 +119,30 @@ def _fold():
         return acc
 
     return fold
+
+
+def _files(rows, codes, queries, files: int = 32, small: int = 1000) -> dict:
+    """The scan (`QuantizedCodes.scan`) of the codes of one file against the same rows as `files` files (a base,
+    then files − 1 segments of `small` rows: the most segments a live set holds before a checkpoint compacts,
+    index/ingest.py COMPACT_SEGMENTS), query by query in alternating order: p50 ms of each."""
+    from index.codes import QuantizedCodes
+    from index.mapped import MappedFlat
+
+    n = len(rows)
+    sizes = [n - (files - 1) * small] + [small] * (files - 1)
+    store, at = MappedFlat(DIM), 0
+    for size in sizes:
+        store.add(np.arange(at, at + size), rows[at:at + size], stored=True)
+        at += size
+    split = QuantizedCodes.from_store(store)
+    times = {"one": [], "many": []}
+    for i, q in enumerate(queries):
+        for name in (("one", "many") if i % 2 else ("many", "one")):
+            t = time.perf_counter()
+            (codes if name == "one" else split).scan(q)
+            times[name].append(1000 * (time.perf_counter() - t))
+    return {"files": len(split.parts), "one_file_p50_ms": float(np.median(times["one"])),
+            "many_files_p50_ms": float(np.median(times["many"]))}
 
 
 def _stream(codes, repeats: int = 40) -> dict:
@@ -203,6 +230,11 @@ def table(report: dict) -> str:
             lines.append(f"| {r['n']:,} | {what} | {x['full_s']:.3f} s | {x['reuse_s']:.3f} s | "
                          f"{x['full_s'] / x['reuse_s']:.1f}× | {x['reused']:,} | {x['added_mb']:.0f} / {x['full_mb']:.0f} MB | "
                          f"{x['identical']} |")
+    lines += ["", "The scan of the codes of one file against the same rows in 32 files (a base and 31 segments of 1,000 "
+              "rows), p50\n", "| vectors | one file | 32 files |", "|---|---|---|"]
+    for r in report["rows"]:
+        x = r["files"]
+        lines.append(f"| {r['n']:,} | {x['one_file_p50_ms']:.2f} ms | {x['many_files_p50_ms']:.2f} ms |")
     lines += ["", "The memory floor: a pass that only reads the codes (module doc)\n",
               "| vectors | read-only pass p50 | GB/s | threads | a scan's bytes | floor for them |", "|---|---|---|---|---|---|"]
     for r in report["rows"]:

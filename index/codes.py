@@ -310,17 +310,20 @@ def scan_upper(parts, q: np.ndarray, nu, block: int = BLOCK) -> tuple[np.ndarray
     nu = np.float32(nu)
     threads = max(1, min(_threads(), n // SPLIT_MIN, n // block))
     step = max(1, -(-n // threads // block)) * block
-    tasks, at = [], 0
+    tasks, at = [[]], 0  # each task: stretches of consecutive rows (several small parts in one), ~step rows
     for p, (codes, scale, resid) in enumerate(parts):
         size = len(codes)
         if size % block and p < len(parts) - 1:
             raise ValueError(f"a part of {size} rows before the last: parts are padded to multiples of {block}")
-        tasks += [(codes[lo:lo + step], scale[lo:lo + step], resid[lo:lo + step], at + lo) for lo in range(0, size, step)]
+        for lo in range(0, size, step):
+            if sum(len(piece[0]) for piece in tasks[-1]) >= step:
+                tasks.append([])
+            tasks[-1].append((codes[lo:lo + step], scale[lo:lo + step], resid[lo:lo + step], at + lo))
         at += size
 
     def run(task):
-        codes, scale, resid, lo = task
-        kernel(codes, scale, resid, q, nu, out[lo:lo + len(codes)], maxima[lo // block:], block)
+        for codes, scale, resid, lo in task:
+            kernel(codes, scale, resid, q, nu, out[lo:lo + len(codes)], maxima[lo // block:], block)
 
-    pool_map(run, tasks)
+    pool_map(run, [task for task in tasks if task])
     return out, maxima

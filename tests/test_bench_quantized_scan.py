@@ -16,6 +16,7 @@ def test_quantized_scan_quick_report(tmp_path):
     stream = row["stream"]
     assert stream["gb_per_s"] > 0 and stream["floor_ms"] > 0 and stream["scan_bytes"] == 50_048 * (129 + 8)  # (rows padded to 64)
     append, change = row["reload"]["append"], row["reload"]["change"]
+    assert row["files"]["files"] == 32 and row["files"]["many_files_p50_ms"] > 0 < row["files"]["one_file_p50_ms"]
     assert append["identical"] and append["reused"] == 50_000 and append["reuse_s"] > 0 and append["full_s"] > 0
     assert 0 < append["added_mb"] < append["full_mb"] / 2  # (the base's codes held once)
     assert change["identical"] and change["reused"] == 50_000 and change["rows_changed"] > 0  # (base shared, tombstoned)
