@@ -170,9 +170,10 @@ class DeviceRows(Layout):
 
         from encoder.protocol import full_float32_on_cuda
 
+        from .store import no_answers
+
         take = min(int(k), self.alive)
-        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
-        out_ids = np.full((len(q), k), -1, np.int64)
+        out_scores, out_ids = no_answers(len(q), k)
         out_rows = np.empty((len(q), max(take, 0)), np.int64)
         if take <= 0 or len(q) == 0:
             return out_scores, out_ids, out_rows

@@ -47,7 +47,8 @@ from .errors import StoreError
 from .ivf import norm_bound
 from . import gpu_scan
 from .gpu_scan import GpuCopy
-from .store import CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked, scan_top
+from .store import (CHUNK_ROWS, FLAT_SCAN_MAX_QUERIES, _as_ids, check_queries, default_params, map_checked,
+                    no_answers, scan_top)
 
 __all__ = ["MappedFlat", "flat_base_views"]
 
@@ -220,7 +221,7 @@ class MappedFlat:
         blocks = self._blocks
         n = self.ntotal
         if n == 0:
-            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            return no_answers(len(q), k)
         found = self.gpu.top(self, q, k) if self.gpu is not None else None
         if found is not None:
             scores, ids, rows = found
@@ -233,8 +234,7 @@ class MappedFlat:
             self._remember(rows.ravel())
             return scores, ids
         take = min(k, n)
-        out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
-        out_ids = np.full((len(q), k), -1, np.int64)
+        out_scores, out_ids = no_answers(len(q), k)
         parts_s, parts_r = [], []
         for b, rows in enumerate(blocks):
             alive = self._alive[self._starts[b]:self._starts[b + 1]]

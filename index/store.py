@@ -234,8 +234,7 @@ def scan_top(q: np.ndarray, k: int, dim: int, blocks, row_ids: np.ndarray,
     if len(dead) > 1 and not (dead[1:] > dead[:-1]).all():  # (a mapped store's are sorted already)
         dead = np.unique(dead)
     take = min(k, n - len(dead))
-    out_scores = np.full((len(q), k), -np.finfo(np.float32).max, np.float32)
-    out_ids = np.full((len(q), k), -1, np.int64)
+    out_scores, out_ids = no_answers(len(q), k)
     out_rows = np.empty((len(q), max(take, 0)), np.int64)
     if take <= 0:
         return out_scores, out_ids, out_rows
@@ -319,6 +318,12 @@ def _scan_scores(stretches, query: np.ndarray, dim: int, scores: np.ndarray) -> 
             b = cut // SCAN_BLOCK
             maxima[b] = scores[b * SCAN_BLOCK:(b + 1) * SCAN_BLOCK].max()
     return maxima
+
+
+def no_answers(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (n, k) float32 at −FLT_MAX, ids (n, k) int64 at −1): what every store's search answers past its
+    last hit, as FAISS pads (an empty gallery included), for the caller to fill."""
+    return np.full((n, k), -np.finfo(np.float32).max, np.float32), np.full((n, k), -1, np.int64)
 
 
 def check_queries(queries, dim: int, k) -> tuple[np.ndarray, int]:
@@ -606,7 +611,7 @@ class VectorStore:
         """
         q, k = check_queries(queries, self.dim, k)
         if self.ntotal == 0:
-            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+            return no_answers(len(q), k)
         if exact and self.kind == "ivf" and not self.exact:
             return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=self._n))
         if exact and self.kind == "hnsw":

@@ -493,3 +493,20 @@ def test_a_split_scan_started_on_a_pool_thread_runs_there_instead_of_waiting_on_
     nested = pool.submit(scan_top, x[:2], 30, 5, [(faiss.swig_ptr(x), 9_000)], ids).result(timeout=30)
     pool.shutdown()
     assert all(np.array_equal(a, b) for a, b in zip(direct, nested))
+
+
+@pytest.mark.parametrize("kind", ["mapped", "flat", "ivf", "layered"])
+def test_every_store_pads_past_its_last_hit_with_minus_flt_max_and_id_minus_one(kind):
+    # (an empty gallery answered −∞ where every other pad is FAISS's −FLT_MAX)
+    x = np.eye(4, dtype=np.float32)
+    stores = {"mapped": lambda: MappedFlat(4), "flat": lambda: VectorStore.create(4, "Flat", use_gpu=False),
+              "ivf": lambda: VectorStore.from_vectors(np.arange(4), x, "IVF1,Flat", use_gpu=False),
+              "layered": lambda: LayeredIVF(VectorStore.from_vectors(np.arange(4), x, "IVF1,Flat", use_gpu=False))}
+    store = stores[kind]()
+    if kind in ("ivf", "layered"):
+        store.remove(np.arange(4) if kind == "ivf" else [0, 1, 2])
+    for q in (x[:1], x):
+        scores, ids = store.search(q, 3, exact=True)
+        live = store.ntotal
+        assert (ids[:, live:] == -1).all() and (scores[:, live:] == -np.finfo(np.float32).max).all(), kind
+        assert (ids[:, :live] >= 0).all()
