@@ -88,13 +88,12 @@ class QuantizedCodes:
     """Int8 codes, scales and residual bounds of a gallery's vectors, one `CodedPart` a part of its store, with one
     id a row (−1 for dead and padding rows; module doc).
 
-    Rows are numbered over the parts as `scan` returns them, padding included: part p starts at `offsets[p]`.
+    Rows are numbered over the parts as `scan` returns them, padding included.
     `layout` is the store's (`index.row_parts.Layout`: rows without padding) and `by_file` whether its parts are
     its files (what a newer version may share)."""
 
     def __init__(self, parts: list[CodedPart], layout: Layout, dim: int, by_file: bool = False):
         self.parts, self.layout, self.dim, self.by_file = list(parts), layout, int(dim), by_file
-        self.offsets = [0]
         ids = []
         for p, part in enumerate(self.parts):
             at, end = layout.starts[p], layout.starts[p + 1]
@@ -105,7 +104,6 @@ class QuantizedCodes:
             row_ids[:end - at] = layout.ids[at:end]
             row_ids[layout.dead_in(at, end - at) - at] = -1
             ids.append(row_ids)
-            self.offsets.append(self.offsets[-1] + len(part.codes))
         if len(self.parts) != len(layout.starts) - 1:
             raise ValueError(f"{len(self.parts)} coded parts for {len(layout.starts) - 1} parts")
         self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)  # one a row, −1 where dead or padding
