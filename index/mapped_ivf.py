@@ -277,11 +277,14 @@ class LayeredIVF:
         """Top-k by inner product over the live items: (scores (n, k) float32 decreasing, ids (n, k) int64,
         −1 past the last). The base is searched by FAISS (its nprobe lists, every list when exact=True or
         nprobe ≥ nlist) skipping dead ids; the rows exhaustively; equal scores: the base's first. On torch's GPU
-        (`on_gpu`): every search exhaustive, `index.gpu_scan.DeviceRows.top` over all live vectors."""
+        (`on_gpu`): every search exhaustive, `index.gpu_scan.DeviceRows.top` over all live vectors; and so, for a
+        store bound for the GPU (a copy not failed), is every search it answers on the CPU while its copy is being
+        made: an answer does not depend on when it was asked."""
         q, k = check_queries(queries, self.dim, k)
         found = self.gpu.top(self, q, k) if self.gpu is not None and self.ntotal else None
         if found is not None:
             return found[0], found[1]
+        exact = exact or (self.gpu is not None and not self.gpu.failed)
         nlist = self.base.index.nlist
         nprobe = nlist if exact else min(nlist, int(self.params.get("nprobe", 1)))
         if len(self._dead) and self._selector is None:

@@ -192,10 +192,7 @@ def search_embedding(gallery, query, k: int = 10, *, certify: bool = True, eps: 
                             eps=eps, notes=notes, method="certified-ivf", exact_topk=found.exact_topk,
                             lists_visited=found.lists_visited, vectors_scanned=found.vectors_scanned)
     if lipschitz is None:
-        # (an IVF gallery without certified lists is searched on torch's GPU, exhaustively; while its copy is being
-        # made, on the CPU: exact=True keeps that answer the exact top-k too, not its nprobe lists')
-        exact = getattr(getattr(gallery, "store", None), "kind", None) == "ivf"
-        scores, ids = gallery.search(q[None], k + len(dropped), exact=exact)
+        scores, ids = gallery.search(q[None], k + len(dropped))
         keep = [j for j, i in enumerate(ids[0]) if int(i) >= 0 and int(i) not in dropped][:k]
         if not keep:
             return empty
