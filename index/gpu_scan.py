@@ -121,7 +121,7 @@ class DeviceRows(Layout):
             else:
                 tensor, norm = shared
                 self.reused += size
-                self.shared_bytes += tensor.nelement() * tensor.element_size()
+                self.shared_bytes += _nbytes(tensor)
             self.parts.append(tensor)
             self.norms.append(norm)
         self.max_norm = max(self.norms, default=0.0)
@@ -141,6 +141,11 @@ class DeviceRows(Layout):
                                             np.asarray(part[size - 1:size], np.float32))):
             return None
         return older.parts[p], older.norms[p]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of every part this copy uses (those shared with another version's copy included)."""
+        return sum(_nbytes(tensor) for tensor in self.parts)
 
     def host_rows(self) -> np.ndarray:
         """Every row, copied back to host memory (n, dim) (for checks)."""
@@ -198,6 +203,10 @@ class DeviceRows(Layout):
         """(scores, ids) of `top`: the interface `index.store.gpu_arithmetic_ratio` probes."""
         scores, ids, _ = self.top(np.asarray(q, np.float32).reshape(-1, self.dim), k)
         return scores, ids
+
+
+def _nbytes(tensor) -> int:
+    return tensor.nelement() * tensor.element_size()
 
 
 def _ordered(s, take: int):

@@ -87,7 +87,7 @@ def _codes_state(gallery, config: ServeConfig) -> dict:
 
 def _gpu_state(gallery, config: ServeConfig) -> dict:
     """Where searches run (`index.gpu_scan.GpuCopy`): "ready" (on torch's GPU: the rows copied, their bytes, and
-    "shared_rows", those shared with the previous version's copy at a reload), "copying" (being made: the CPU
+    "shared_rows" and "shared_bytes", those shared with the previous version's copy at a reload), "copying" (being made: the CPU
     meanwhile), "failed" (with why: the CPU from then on), "off" (--cpu) or "none" (no GPU that torch sees, or a
     gallery FAISS searches: an IVF gallery on FAISS's GPU)."""
     from index.gpu_scan import NO_DEVICE
@@ -102,8 +102,8 @@ def _gpu_state(gallery, config: ServeConfig) -> dict:
     copy = gpu.copy
     if copy is None:
         return {"state": "copying" if gallery.quantizing else "not made"}
-    return {"state": "ready", "rows": copy.n, "bytes": sum(p.nelement() * p.element_size() for p in copy.parts),
-            "shared_rows": copy.reused, "shared_bytes": copy.shared_bytes}
+    return {"state": "ready", "rows": copy.n, "bytes": copy.nbytes, "shared_rows": copy.reused,
+            "shared_bytes": copy.shared_bytes}
 
 
 def is_loopback(host: str) -> bool:
