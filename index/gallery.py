@@ -349,9 +349,10 @@ class Gallery:
         return Path(os.fsdecode(os.path.join(self._root, key)))
 
     def records(self, ids) -> list[FileRecord | None]:
-        """Catalog rows for `ids`, in order (None for an id the catalog does not know)."""
-        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
-        found = self.catalog.records(i for i in ids if i >= 0)
+        """Catalog rows for `ids`, in order (None for an id the catalog does not know, such as one outside the
+        64-bit ids a catalog holds)."""
+        ids = [int(i) for i in np.asarray(ids, dtype=object).reshape(-1)]
+        found = self.catalog.records(i for i in ids if 0 <= i < 2 ** 63)
         return [found.get(i) for i in ids]
 
     def record(self, id: int) -> FileRecord:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .decode import DecodeError, IMAGE_EXTENSIONS, is_inside
 from .errors import FolderError
 
-__all__ = ["ScanEntry", "ScanResult", "scan_folder", "display_path"]
+__all__ = ["ScanEntry", "ScanResult", "scan_folder", "display_path", "shown_path"]
 
 log = logging.getLogger(__name__)
 _EXTENSIONS = tuple(os.fsencode(e) for e in IMAGE_EXTENSIONS)
@@ -30,6 +30,12 @@ _EXTENSIONS = tuple(os.fsencode(e) for e in IMAGE_EXTENSIONS)
 def display_path(key: bytes) -> str:
     """A relative path's bytes as text; bytes that are not UTF-8 show as \\xNN."""
     return key.decode("utf-8", "backslashreplace")
+
+
+def shown_path(path: str | bytes | os.PathLike) -> str:
+    """A path as text to show or to write in JSON: `display_path` of its bytes (a name that is not UTF-8, which
+    Python holds with surrogates, shows as \\xNN instead of a lone surrogate no JSON encoder accepts)."""
+    return display_path(os.fsencode(path))
 
 
 @dataclass

@@ -9,8 +9,9 @@ What a query can be:
     FOLDER      every image under it, recursively, with the extensions indexing uses
                 (`encoder.image.IMAGE_EXTENSIONS`), in the order and with the checks of `index.scan.scan_folder`
                 (symlinks leaving the folder, FIFOs, loops: reported per file, never opened)
-    @LIST       a text file naming one FILE or FOLDER per line (blank lines and lines starting with # skipped;
-                relative names are relative to the current directory, as for names on the command line)
+    @LIST       a text file naming one FILE, FOLDER or @LIST per line (blank lines and lines starting with #
+                skipped; relative names are relative to the list's own folder, as in `robret index build @LIST`;
+                a list that names itself, directly or not, is refused)
     id N        an indexed item, queried by its stored vector: the file is not read again. Its radii are
                 stated at the encoder input (the stored vector carries no record of the file's channel
                 layout); give the file itself to state them over its own samples.
@@ -42,9 +43,9 @@ from typing import Iterable, Iterator
 
 from encoder.image import DecodeBudget, decode_cost
 from index.decode import DecodeError, DecodeLimits, decode_image, read_bytes
-from index.errors import StoreError
 from index.layout import IndexDir
-from index.scan import scan_folder
+from index.errors import FolderError, StoreError
+from index.scan import scan_folder, shown_path
 
 from .schema import SCHEMA_VERSION
 from .search import SearchResult, reduce_query, result_document, search_embedding, search_images
@@ -85,7 +86,7 @@ class QueryOutcome:
         """The `query` object of the JSON document (docs/json.md)."""
         path = self.source.path
         if path is not None:
-            path = os.path.abspath(os.fsdecode(path))
+            path = shown_path(os.path.abspath(os.fsdecode(path)))
         return {"source": self.source.label, "path": path, "id": self.source.id, "sha256": self.content_hash}
 
     def document(self, gallery, relative: bool = False) -> dict:
@@ -110,34 +111,49 @@ def relative_path(path: str | os.PathLike | None, root: str | os.PathLike) -> st
     return os.fspath(path) if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
-def expand_sources(items: Iterable[str], ids: Iterable[int] = ()) -> list[QuerySource]:
+def expand_sources(items: Iterable[str], ids: Iterable[int] = (), *, base: str = "",
+                   lists: tuple[str, ...] = ()) -> list[QuerySource]:
     """Command-line query names (FILE, FOLDER, @LIST; module docstring) and ids → one source per query.
 
-    Raises ValueError for a list file that cannot be read, FolderError (a GalleryError) for a folder that
-    cannot be listed; a FILE is not checked here (reading it is the query's own outcome)."""
+    base: the folder relative names are read from ("": the current directory; a list's entries: the list's
+    folder); lists: the real paths of the lists being expanded (a list naming one of them is refused).
+    Raises ValueError for a list file that cannot be read or that names itself, FolderError (a GalleryError) for a
+    folder that cannot be listed. A FILE that does not exist is a query with the error `missing`; any other
+    problem with it is found when it is read (the query's own outcome)."""
     out: list[QuerySource] = []
     for item in items:
         if item.startswith("@") and len(item) > 1:
-            out.extend(expand_sources(_read_list(item[1:])))
-        elif os.path.isdir(item):
-            result = scan_folder(item)
+            path = os.path.join(base, item[1:])
+            real = os.path.realpath(path)
+            if real in lists:
+                raise ValueError(f"the query list {path!r} names itself (through {' → '.join(lists)})")
+            out.extend(expand_sources(_read_list(path), base=os.path.dirname(path), lists=(*lists, real)))
+            continue
+        path = os.path.join(base, item)
+        if os.path.isdir(path):
+            result = scan_folder(path)
             for entry in result.entries:
-                out.append(QuerySource(label=os.path.join(item, entry.display), path=entry.path,
+                out.append(QuerySource(label=os.path.join(path, entry.display), path=entry.path,
                                        problem=entry.problem))
             for warning in result.warnings:
                 log.warning("%s", warning)
+        elif not os.path.lexists(path):
+            out.append(QuerySource(label=shown_path(path), path=path, problem=DecodeError("missing", "no such file")))
         else:
-            out.append(QuerySource(label=item, path=item))
+            out.append(QuerySource(label=shown_path(path), path=path))
     out.extend(QuerySource(label=f"id:{int(i)}", id=int(i)) for i in ids)
     return out
 
 
 def _read_list(path: str) -> list[str]:
+    """A query list's entries: `index.sources.read_entries` (the reader of `robret index build @LIST`), without
+    the lines starting with #, and stripped."""
+    from index.sources import read_entries
+
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read the query list {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+        lines = read_entries("list", path)
+    except FolderError as exc:
+        raise ValueError(str(exc)) from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
@@ -203,7 +219,7 @@ def _by_id(gallery, source: QuerySource, k: int, certify: bool, eps, candidates,
            probe_budget: int | None = None) -> QueryOutcome:
     rec = gallery.records([source.id])[0]
     try:
-        vector = gallery.vectors([source.id])[0]
+        vector = gallery.vectors([source.id])[0] if rec is not None else None
     except StoreError:
         vector = None
     if rec is None or vector is None:

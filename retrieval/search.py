@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from encoder.certify import ARITHMETIC_SLACK, certify_ranked, float32_dot_error, slack_for
+from index.scan import shown_path
 
 from .ivf_search import certified_ivf_search
 from .quantized_search import certified_quantized_search
-
 from .schema import SCHEMA_VERSION
 
 __all__ = ["Hit", "SearchResult", "PreparedQuery", "reduce_query", "prepare_query", "search_image", "search_images",
@@ -131,7 +131,7 @@ class SearchResult:
             "exhaustive": self.exhaustive, "lists_visited": self.lists_visited, "vectors_scanned": self.vectors_scanned,
             "set_radius_rms255": num(self.rms255(self.set_radius)),
             "order_radius_rms255": num(self.rms255(self.order_radius)), "ties": self.ties(),
-            "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else str(h.path),
+            "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else shown_path(h.path),
                       "radius": num(h.radius), "radius_rms255": num(self.rms255(h.radius)),
                       "certified": h.certified} for h in self.hits],
         }

@@ -29,6 +29,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
 import time
@@ -42,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from encoder.image import DecodeBudget, DecodeError, DecodeLimits, check_shape, decode_bytes, decode_cost, oriented_size
 from index import INDEXED, EncoderMismatchError, FileRecord, Gallery, index_stats, record_dict
+from index.scan import shown_path
 from retrieval.search import result_document, search_image
 
 __all__ = ["ServeConfig", "GalleryHolder", "create_app", "is_loopback"]
@@ -245,6 +247,10 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
             raise HTTPException(422, f"k must be between 1 and {config.max_k}")
         return k
 
+    def check_eps(eps: float | None) -> None:
+        if eps is not None and not (math.isfinite(eps) and eps >= 0):
+            raise HTTPException(422, f"eps must be a finite number ≥ 0, not {eps}")
+
     def decode_upload(gallery: Gallery, data: bytes) -> Image.Image:
         lim = limits(gallery)
         if len(data) > lim.max_bytes:
@@ -297,13 +303,14 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
     def search_id(item_id: int, k: int, eps: float | None, exclude_self: bool) -> dict:
         gallery = holder.current()
         image = indexed_image(gallery, item_id)
-        query = {"id": item_id, "path": str(gallery.path(item_id))}
+        query = {"id": item_id, "path": shown_path(gallery.path(item_id))}
         return run_search(gallery, query, image, k, eps, [item_id] if exclude_self else [])
 
     @app.post("/search", summary="Certified top-k for one query (an upload or an indexed id)")
     async def search(file: UploadFile | None = File(None), id: int | None = Form(None), k: int = Form(10),
                      eps: float | None = Form(None), exclude_self: bool = Form(False)) -> dict:
         check_k(k)
+        check_eps(eps)
         if (file is None) == (id is None):
             raise HTTPException(422, "give exactly one of `file` (an image upload) or `id` (an indexed id)")
         if file is not None:
@@ -315,19 +322,21 @@ def create_app(index_dir, config: ServeConfig = ServeConfig(), *, encoder=None) 
     async def search_batch(files: list[UploadFile] = File([]), ids: list[int] = Form([]), k: int = Form(10),
                            eps: float | None = Form(None), exclude_self: bool = Form(False)) -> dict:
         check_k(k)
+        check_eps(eps)
         n = len(files) + len(ids)
         if not 1 <= n <= config.max_batch:
             raise HTTPException(422, f"a batch holds 1 to {config.max_batch} queries (`files` and `ids`), not {n}")
-        jobs = [(search_upload, (await f.read(), f.filename)) for f in files] + [(search_id, (i,)) for i in ids]
+        jobs = [(search_upload, (await f.read(), f.filename), {"upload": os.path.basename(f.filename or "") or None})
+                for f in files] + [(search_id, (i,), {"id": i}) for i in ids]
         results = []
-        for fn, args in jobs:
+        for fn, args, query in jobs:  # (uploads first, then ids: each result's `query` says which it answers)
             try:
                 results.append(await run_in_threadpool(fn, *args, k, eps, exclude_self))
             except DecodeError as exc:
-                results.append({"error": {"status": 413 if exc.kind in _TOO_BIG else 422, "kind": exc.kind,
-                                          "detail": exc.reason}})
+                results.append({"query": query, "error": {"status": 413 if exc.kind in _TOO_BIG else 422,
+                                                          "kind": exc.kind, "detail": exc.reason}})
             except HTTPException as exc:
-                results.append({"error": {"status": exc.status_code, "detail": exc.detail}})
+                results.append({"query": query, "error": {"status": exc.status_code, "detail": exc.detail}})
         return {"results": results}
 
     @app.get("/items/{item_id}", summary="Catalog metadata and a thumbnail of an indexed file")

@@ -149,7 +149,62 @@ def test_list_file_csv_and_paths_only_relative(photo_index, tmp_path, capsys, mo
     assert code == 0 and out.splitlines() == [os.path.relpath(h["path"], folder) for h in hits]
     assert all(not line.startswith("/") for line in out.splitlines())
     code, out, err = _run(capsys, "query", f"@{tmp_path / 'absent.txt'}", "--index-dir", index_dir)
-    assert code == 2 and "cannot read the query list" in err
+    assert code == 2 and "cannot read the list of files" in err and "absent.txt" in err
+
+
+def test_a_list_names_files_and_lists_relative_to_its_own_folder_and_may_not_name_itself(photo_index, tmp_path,
+                                                                                         capsys, monkeypatch):
+    folder, index_dir = photo_index
+    lists = tmp_path / "lists"
+    (lists / "more").mkdir(parents=True)
+    shutil.copy(folder / "coffee.png", lists / "coffee.png")
+    shutil.copy(folder / "rocket.png", lists / "more" / "rocket.png")
+    (lists / "more" / "inner.txt").write_text("rocket.png\n")
+    (lists / "outer.txt").write_text("# relative to this list's folder, as `robret index build @LIST` reads them\n"
+                                     "coffee.png\n@more/inner.txt\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # (not the list's folder)
+    code, doc = _query_json(capsys, index_dir, f"@{lists / 'outer.txt'}", "-k", "1")
+    assert code == 0 and doc["summary"]["failed"] == 0
+    assert [r["query"]["path"] for r in doc["results"]] == [str(lists / "coffee.png"), str(lists / "more" / "rocket.png")]
+    assert [Path(r["hits"][0]["path"]).name for r in doc["results"]] == ["coffee.png", "rocket.png"]
+    (lists / "more" / "inner.txt").write_text("rocket.png\n@../outer.txt\n")  # a cycle through two lists
+    code, out, err = _run(capsys, "query", f"@{lists / 'outer.txt'}", "--index-dir", index_dir)
+    assert code == 2 and "names itself" in err and "Traceback" not in err and out == ""
+
+
+def test_a_query_file_that_does_not_exist_and_a_folder_without_images_are_said_plainly(photo_index, tmp_path, capsys):
+    _, index_dir = photo_index
+    code, doc = _query_json(capsys, index_dir, tmp_path / "never-there.png", tmp_path / "also-not.png")
+    assert code == 1 and [r["error"] for r in doc["results"]] == [{"kind": "missing", "detail": "no such file"}] * 2
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    code, out, err = _run(capsys, "query", empty, "--index-dir", index_dir, "--json")
+    assert code == 2 and out == "" and f"no image files in {empty}" in err
+
+
+def test_an_id_beyond_64_bits_is_an_unknown_id(photo_index, capsys):
+    _, index_dir = photo_index
+    code, doc = _query_json(capsys, index_dir, "--id", str(10 ** 20))
+    assert code == 1 and doc["error"]["kind"] == "unknown_id"
+
+
+def test_a_hit_whose_name_is_not_utf8_is_written_escaped_in_json(tmp_path, sample_folder, tiny_lipsim, capsys):
+    from index import IngestOptions, build_index
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sample_folder / "coffee.png", photos / "coffee.png")
+    shutil.copy(sample_folder / "rocket.png", os.path.join(os.fsencode(photos), b"caf\xe9.png"))
+    build_index(photos, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    code, out, _ = _run(capsys, "query", sample_folder / "rocket.png", "--index-dir", tmp_path / "index", "--json",
+                        "-k", "2")
+    doc = json.loads(out)
+    assert code == 0 and doc["hits"][0]["path"] == str(photos) + "/caf\\xe9.png"
+    out.encode("utf-8")  # (a lone surrogate would not encode)
+    assert "\\udc" not in out
 
 
 def test_jsonl_streams_each_record_before_the_process_ends(photo_index, tmp_path):
@@ -264,6 +319,9 @@ def test_every_index_subcommand_takes_index_dir_and_the_old_positional_still_wor
         assert "--index-dir DIR" in capsys.readouterr().out
     code, _, err = _run(capsys, "query", "--index-dir", index_dir)
     assert code == 2 and "at least one query" in err
+    code, by_option, _ = _run(capsys, "dedup", "--index-dir", index_dir, "--json")
+    code2, by_position, _ = _run(capsys, "dedup", index_dir, "--json")
+    assert code == code2 == 0 and json.loads(by_option) == json.loads(by_position)
 
 
 LIGHT_COMMANDS = [["--help"], ["encoder", "list"], ["weights", "list"], ["index", "stats", "--index-dir", "{index}"],

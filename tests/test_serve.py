@@ -131,6 +131,7 @@ def test_batch_mixes_uploads_and_ids_with_one_error_per_bad_item(served, sample_
     assert first["hits"][0]["path"].endswith("camera.png") and len(first["hits"]) == 2
     assert text["error"]["status"] == 422 and text["error"]["kind"] == "text"
     assert missing["error"]["status"] == 404
+    assert [r["query"].get("upload") for r in (first, text)] == ["a.png", "b.txt"] and missing["query"]["id"] == 999999
 
 
 def test_bad_uploads_are_4xx_with_a_message(served):
@@ -206,6 +207,39 @@ def test_item_outside_the_root_after_indexing_is_refused(served, tiny_lipsim, tm
     finally:
         path.unlink()
         path.write_bytes(saved)
+
+
+def test_an_id_beyond_64_bits_is_404_and_an_eps_that_is_not_a_finite_radius_is_422(served):
+    huge = str(10 ** 20)
+    assert request(served.port, "GET", f"/items/{huge}")[0] == 404
+    assert post(served.port, "/search", [("id", huge)])[0] == 404
+    status, body = post(served.port, "/search/batch", [("ids", huge)])
+    assert status == 200 and body["results"][0]["error"]["status"] == 404
+    for eps in ("-1", "nan", "inf"):
+        status, body = post(served.port, "/search", [("id", "1"), ("eps", eps)])
+        assert status == 422 and "eps must be a finite number" in body["detail"], eps
+        assert post(served.port, "/search/batch", [("ids", "1"), ("eps", eps)])[0] == 422
+
+
+def test_a_file_name_that_is_not_utf8_is_served_escaped(tmp_path, sample_folder, tiny_lipsim):
+    photos = tmp_path / "photos"
+    copy_photos(sample_folder, photos, ("astronaut", "brick"))
+    odd = os.path.join(os.fsencode(photos), b"caf\xe9.png")
+    shutil.copy(sample_folder / "coffee.png", odd)
+    build_index(photos, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    with Gallery.open(tmp_path / "index", encoder=tiny_lipsim, use_gpu=False) as g:
+        target = next(int(i) for i in g.ids() if os.fsencode(g.path(int(i))) == odd)
+    shown = str(photos) + "/caf\\xe9.png"
+    app = create_app(tmp_path / "index", ServeConfig(use_gpu=False), encoder=tiny_lipsim)
+    with ServerThread(app) as server:
+        status, body = post(server.port, "/search", [("id", str(target)), ("k", "3")])
+        assert status == 200, body
+        assert body["query"]["path"] == shown and body["hits"][0]["path"] == shown
+        data = (sample_folder / "coffee.png").read_bytes()
+        status, body = post(server.port, "/search", [("k", "1")], [("file", "q.png", data)])
+        assert status == 200 and body["hits"][0]["path"] == shown
+        status, body = post(server.port, "/search/batch", [("ids", str(target)), ("k", "1")])
+        assert status == 200 and body["results"][0]["hits"][0]["path"] == shown
 
 
 def test_token_required_when_configured(served, tiny_lipsim, sample_folder):

@@ -1,15 +1,37 @@
-"""argparse `type=` callables for numbers with a valid range: a bad value exits 2 with a message."""
+"""argparse `type=` callables for numbers with a valid range (a bad value exits 2 with a message), and the one
+`--index-dir DIR` argument every command that reads an index takes."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
 
-__all__ = ["UsageError", "positive_int", "nonnegative_int", "nonnegative_float", "pixel_eps", "check_linf_eps",
-           "unit_interval"]
+__all__ = ["UsageError", "INDEX_DIR_HELP", "index_dir_args", "index_dir_of", "positive_int", "nonnegative_int",
+           "nonnegative_float", "pixel_eps", "check_linf_eps", "unit_interval"]
 
 
 class UsageError(ValueError):
     """A command line that cannot be run as given (checked after parsing): the CLI prints it and exits 2."""
+
+
+INDEX_DIR_HELP = "the index directory (made by `robret index build FOLDER --index-dir DIR`)"
+
+
+def index_dir_args(p) -> None:
+    """--index-dir DIR, and the older positional DIR, on a subcommand's parser (read them with `index_dir_of`)."""
+    p.add_argument("index_dir_positional", nargs="?", metavar="DIR",
+                   help="the index directory (deprecated spelling of --index-dir DIR)")
+    p.add_argument("--index-dir", dest="index_dir_option", metavar="DIR", help=INDEX_DIR_HELP)
+
+
+def index_dir_of(args) -> str:
+    """The index directory, from --index-dir or the older positional DIR (both: they must agree)."""
+    given = [d for d in (args.index_dir_option, args.index_dir_positional) if d is not None]
+    if not given:
+        raise UsageError("the index directory is required: --index-dir DIR")
+    if len(given) == 2 and os.path.abspath(given[0]) != os.path.abspath(given[1]):
+        raise UsageError(f"two index directories given: --index-dir {given[0]} and {given[1]}")
+    return given[0]
 
 
 def _int_at_least(text: str, low: int) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 
-from ._argtypes import nonnegative_float, unit_interval
+from ._argtypes import index_dir_args, index_dir_of, nonnegative_float, unit_interval
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
                        "perturbation of both images, each of ℓ2 norm below it over the image's own [0,1] samples; "
                        "--certify-eps E says which verdicts hold at E and also lists the non-duplicate pairs "
                        "that are not certified at E (every other pair is).")
-    p.add_argument("index_dir", metavar="DIR", help="index directory (see `robret index build`)")
+    index_dir_args(p)  # --index-dir DIR, or DIR
     p.add_argument("--threshold", type=unit_interval, default=0.9, metavar="T",
                    help="cosine similarity at or above which two images are duplicates (default 0.9)")
     p.add_argument("--certify-eps", type=nonnegative_float, default=None, metavar="E",
@@ -39,11 +39,12 @@ def run(args) -> int:
     from retrieval.dedup import find_duplicates
     from retrieval.schema import SCHEMA_VERSION
 
-    with Gallery.open(args.index_dir, use_gpu=False) as gallery:
+    index_dir = index_dir_of(args)
+    with Gallery.open(index_dir, use_gpu=False) as gallery:
         report = find_duplicates(gallery, args.threshold, args.certify_eps)
         spec = gallery.encoder_spec
     if args.json:
-        print(json.dumps({"schema": SCHEMA_VERSION, "command": "dedup", "index_dir": str(args.index_dir),
+        print(json.dumps({"schema": SCHEMA_VERSION, "command": "dedup", "index_dir": str(index_dir),
                           "encoder": spec, **report.to_dict()}, indent=2))
         return 0
     if args.csv:

@@ -11,9 +11,9 @@ import sys
 
 from retrieval.schema import SCHEMA_VERSION
 
-from ._argtypes import UsageError, nonnegative_float, nonnegative_int, positive_int
+from ._argtypes import (INDEX_DIR_HELP, UsageError, index_dir_args, index_dir_of, nonnegative_float, nonnegative_int,
+                        positive_int)
 
-_INDEX_DIR_HELP = "the index directory (made by `robret index build FOLDER --index-dir DIR`)"
 
 
 def register(sub) -> None:
@@ -58,7 +58,7 @@ def register(sub) -> None:
     u = isub.add_parser("update", help="re-scan the indexed folder (or re-read its list of files)",
                         description="Embed new and changed files, reuse vectors of renamed ones, remove deleted "
                         "ones. Safe to re-run after a crash.")
-    _index_dir_args(u)
+    index_dir_args(u)
     u.add_argument("--retry-failed", action="store_true", help="re-read files that failed before")
     _common_run_args(u)
     u.set_defaults(func=_update)
@@ -66,7 +66,7 @@ def register(sub) -> None:
     r = isub.add_parser("repair", help="make catalog and index agree (rebuilding what is lost)",
                         description="Like update, but a missing, corrupt or altered index file is rebuilt "
                         "(re-embedding files) instead of refused.")
-    _index_dir_args(r)
+    index_dir_args(r)
     _common_run_args(r)
     r.set_defaults(func=_repair)
 
@@ -75,12 +75,12 @@ def register(sub) -> None:
                         "compact writes the live vectors into one new index file, commits it in the catalog, then "
                         "deletes the files it replaces. No image is read or embedded. Writers also merge the newest "
                         "segments at their checkpoints (size-tiered) and write one file once an index holds 32 segments.")
-    _index_dir_args(c)
+    index_dir_args(c)
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(func=_compact)
 
     s = isub.add_parser("stats", help="counts, failures, encoder, index type")
-    _index_dir_args(s)
+    index_dir_args(s)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--failed", type=int, default=10, metavar="N", help="list up to N failed files (default 10)")
     s.set_defaults(func=_stats)
@@ -90,7 +90,7 @@ def register(sub) -> None:
                         "is the committed one, the rows marked indexed are the committed count and id set (by "
                         "their recorded digest). --deep also decodes the index file and checks its ids, vector "
                         "norms, dimension and type directly. Changes nothing.")
-    _index_dir_args(v)
+    index_dir_args(v)
     v.add_argument("--deep", action="store_true",
                    help="also decode the index file (FAISS) and check ids, norms, dimension and type directly")
     v.add_argument("--files", action="store_true", help="also stat every indexed file, or list the indexed bucket prefix (drift)")
@@ -102,7 +102,7 @@ def register(sub) -> None:
                         "relative to the indexed folder, sha256, width, height, vector as a fixed-size list of "
                         "float32; readable with pyarrow or pandas); --npy OUT writes the vectors (N, dim) float32 "
                         "to OUT and their ids (N,) int64 to OUT with .ids.npy in place of .npy.")
-    _index_dir_args(e)
+    index_dir_args(e)
     e.add_argument("--parquet", metavar="OUT", help="Parquet file to write")
     e.add_argument("--npy", metavar="OUT", help=".npy file for the vectors (ids beside it)")
     e.set_defaults(func=_export)
@@ -119,12 +119,12 @@ def register(sub) -> None:
                        "any failed).",
                        epilog="JSON fields are documented in docs/json.md.")
     q.add_argument("images", nargs="*", metavar="IMAGE",
-                   help="query image files, folders (every image inside, recursively) or @LIST files (one file or "
-                   "folder per line)")
+                   help="query image files, folders (every image inside, recursively) or @LIST files (one file, "
+                   "folder or @LIST per line, relative to the list's folder; # starts a comment line)")
     q.add_argument("--id", type=nonnegative_int, action="append", default=[], metavar="N",
                    help="also query by an indexed item's stored vector (its file is not read; radii at the encoder "
                    "input); repeatable")
-    q.add_argument("--index-dir", required=True, help=_INDEX_DIR_HELP)
+    q.add_argument("--index-dir", required=True, help=INDEX_DIR_HELP)
     q.add_argument("-k", type=positive_int, default=10, help="results per query (default 10)")
     q.add_argument("--certify-eps", type=nonnegative_float, default=None, metavar="E",
                    help="also say whether each top-k set is certified against every ‖δ‖₂ ≤ E")
@@ -149,22 +149,6 @@ def register(sub) -> None:
                      "failed query)")
     fmt.add_argument("--paths-only", action="store_true", help="print only the result paths, one per line")
     q.set_defaults(func=_query)
-
-
-def _index_dir_args(p) -> None:
-    p.add_argument("index_dir_positional", nargs="?", metavar="DIR",
-                   help="the index directory (deprecated spelling of --index-dir DIR)")
-    p.add_argument("--index-dir", dest="index_dir_option", metavar="DIR", help=_INDEX_DIR_HELP)
-
-
-def _index_dir(args) -> str:
-    """The index directory, from --index-dir or the older positional DIR (both: they must agree)."""
-    given = [d for d in (args.index_dir_option, args.index_dir_positional) if d is not None]
-    if not given:
-        raise UsageError("the index directory is required: --index-dir DIR")
-    if len(given) == 2 and os.path.abspath(given[0]) != os.path.abspath(given[1]):
-        raise UsageError(f"two index directories given: --index-dir {given[0]} and {given[1]}")
-    return given[0]
 
 
 def _segments_limit(text: str) -> int | str:
@@ -235,13 +219,13 @@ def _build(args) -> int:
 def _update(args) -> int:
     from index import update_index
 
-    return _print_report(update_index(_index_dir(args), options=_options(args)), args.json)
+    return _print_report(update_index(index_dir_of(args), options=_options(args)), args.json)
 
 
 def _repair(args) -> int:
     from index import repair_index, verify_index
 
-    index_dir = _index_dir(args)
+    index_dir = index_dir_of(args)
     report = repair_index(index_dir, options=_options(args))
     code = _print_report(report, args.json)
     check = verify_index(index_dir, deep=True)
@@ -254,7 +238,7 @@ def _repair(args) -> int:
 def _compact(args) -> int:
     from index.ingest import compact_index
 
-    out = compact_index(_index_dir(args))
+    out = compact_index(index_dir_of(args))
     if args.json:
         print(json.dumps(out, indent=2))
     elif out["version"] == out["version_before"]:
@@ -300,7 +284,7 @@ def _stats(args) -> int:
     from index import FAILED, index_stats
     from index.layout import IndexDir
 
-    index_dir = _index_dir(args)
+    index_dir = index_dir_of(args)
     stats = index_stats(index_dir)
     layout = IndexDir(index_dir)
     catalog = layout.open_catalog()
@@ -337,7 +321,7 @@ def _stats(args) -> int:
 def _verify(args) -> int:
     from index import verify_index
 
-    report = verify_index(_index_dir(args), check_files=args.files, deep=args.deep)
+    report = verify_index(index_dir_of(args), check_files=args.files, deep=args.deep)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -363,7 +347,7 @@ def _export(args) -> int:
 
     if not (args.parquet or args.npy):
         raise UsageError("say what to write: --parquet OUT and/or --npy OUT")
-    with Gallery.open(_index_dir(args), use_gpu=False) as gallery:
+    with Gallery.open(index_dir_of(args), use_gpu=False) as gallery:
         if args.parquet:
             rows = export_parquet(gallery, args.parquet)
             print(f"{args.parquet}: {rows} rows (id, path, sha256, width, height, vector[{gallery.dim}] float32)")
@@ -385,6 +369,8 @@ def _query(args) -> int:
         sources = expand_sources(args.images, args.id)
     except ValueError as exc:  # an unreadable @LIST
         raise UsageError(str(exc)) from None
+    if not sources:
+        raise UsageError(f"no image files in {' '.join(args.images)}")
     # One FILE or one --id prints that query's document; folders, lists and several queries print a batch.
     single = len(args.images) + len(args.id) == 1 and not any(
         item.startswith("@") or os.path.isdir(item) for item in args.images)
