@@ -165,3 +165,26 @@ def test_attack_command_saves_a_grayscale_query_in_its_own_mode(tmp_path, photo_
     with Image.open(out) as im:
         assert im.mode == "L" and im.size == (512, 512)  # the original's size: the adversarial original
     assert json.loads((tmp_path / "r.json").read_text())["results"][0]["saved"]["path"] == str(out)
+
+
+def test_save_dir_gives_queries_that_share_a_name_their_own_files_and_save_takes_only_png(tmp_path, photo_index,
+                                                                                          capsys):
+    folder, index_dir = photo_index
+    for sub, photo in (("a", "chelsea.png"), ("b", "coffee.png")):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "x.png").write_bytes((folder / photo).read_bytes())
+    saved = tmp_path / "advs"
+    assert main(["attack", str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png"), "--index-dir",
+                 str(index_dir), "-k", "3", "--steps", "2", "--work-side", str(WORK_SIDE), "--save-dir", str(saved),
+                 "--json-out", str(tmp_path / "r.json")]) == 0
+    records = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["saved"]["path"] for r in records] == [str(saved / "x.adv.png"), str(saved / "x-2.adv.png")]
+    with Image.open(saved / "x.adv.png") as first, Image.open(saved / "x-2.adv.png") as second:
+        assert first.size == Image.open(folder / "chelsea.png").size
+        assert second.size == Image.open(folder / "coffee.png").size
+    capsys.readouterr()
+    for bad in (tmp_path / "adv.jpg", tmp_path / "adv", saved):
+        with pytest.raises(SystemExit) as exit_:
+            main(["attack", str(folder / "chelsea.png"), "--index-dir", str(index_dir), "--save", str(bad)])
+        assert exit_.value.code == 2 and "--save writes a PNG file" in capsys.readouterr().err
+    assert not (tmp_path / "adv.jpg").exists()

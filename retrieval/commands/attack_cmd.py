@@ -35,7 +35,7 @@ def register(sub) -> None:
                        "own [0,1] samples, as `robret query` states it, and as an RMS change per sample in 1/255). "
                        f"--attack autoattack runs {AUTOATTACK_CONFIGURATION}")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="query image files, folders (recursive) or @LIST (a file of paths, one per line)")
+                   help="query image files, folders (recursive) or @LIST (a file of paths, one per line, relative to the list's folder)")
     p.add_argument("--index-dir", required=True, help="index directory (see `robret index build`)")
     p.add_argument("-k", type=positive_int, default=5, help="size of the top-k list (default 5)")
     p.add_argument("--attack", choices=("pgd", "autoattack"), default="pgd",
@@ -54,7 +54,7 @@ def register(sub) -> None:
                    f"{WORK_SIDE}; 0: on the full image). The perturbation is carried back to the original inside "
                    "the same budget; norms, rankings and the certificate are always the original's")
     p.add_argument("--save", type=Path, help="write the adversarial image (PNG, 8 bits, the file's own mode); one query")
-    p.add_argument("--save-dir", type=Path, help="write each adversarial image as DIR/<name>.adv.png")
+    p.add_argument("--save-dir", type=Path, help="write each adversarial image as DIR/<name>.adv.png (<name>-2.adv.png, … when two queries share a name)")
     p.add_argument("--json", action="store_true", help="print one JSON document (schema in docs/json.md) instead of text")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write that JSON document to FILE")
     p.set_defaults(func=run, parser=p)
@@ -73,6 +73,8 @@ def _check(args) -> None:
         args.parser.error("--attack autoattack is untargeted: drop --target/--target-rank")
     if args.save is not None and args.save_dir is not None:
         args.parser.error("--save and --save-dir exclude each other")
+    if args.save is not None and (args.save.suffix.lower() != ".png" or args.save.is_dir()):
+        args.parser.error(f"--save writes a PNG file: give a file name ending in .png, not {str(args.save)!r}")
 
 
 def run(args) -> int:
@@ -91,11 +93,14 @@ def run(args) -> int:
     queries = [(Path(os.fsdecode(s.path)), s.problem) for s in sources]
     if args.save is not None and len(queries) > 1:
         args.parser.error(f"--save names one file but there are {len(queries)} queries: use --save-dir")
+    dests = [args.save] if args.save is not None else (
+        _adv_names(args.save_dir, [p for p, _ in queries]) if args.save_dir is not None else [None] * len(queries))
 
     from tqdm.auto import tqdm
 
     from encoder.image import DecodeError
     from index.gallery import Gallery
+    from index.scan import shown_path
     from retrieval.attacks import PGDConfig, attack_query, query_image
     from retrieval.attack_info import AUTOATTACK_CONFIGURATION
     from retrieval.schema import SCHEMA_VERSION
@@ -108,12 +113,12 @@ def run(args) -> int:
         ids = gallery.ids()
         if len(ids) <= args.k:
             args.parser.error(f"the gallery has {len(ids)} items: -k must be smaller")
-        paths = {int(i): str(p) for i, p in zip(ids, gallery.paths(ids))}
+        paths = {int(i): shown_path(p) for i, p in zip(ids, gallery.paths(ids))}
         target = _resolve_target(args, paths)
         config = PGDConfig(norm=args.norm, eps=args.eps, steps=args.steps)
         if text and kind == "autoattack":
             print(AUTOATTACK_CONFIGURATION)
-        for path, problem in queries:
+        for (path, problem), dest in zip(queries, dests):
             try:
                 if problem is not None:  # found by the folder scan (a FIFO, a link out of the folder): never opened
                     raise problem
@@ -122,7 +127,7 @@ def run(args) -> int:
                 failed += 1
                 error = ({"kind": exc.kind, "detail": exc.detail} if isinstance(exc, DecodeError)
                          else {"kind": "unreadable", "detail": str(exc)})
-                records.append({"query": str(path), "error": error})
+                records.append({"query": shown_path(path), "error": error})
                 print(f"robret attack: {path}: {exc}", file=sys.stderr)
                 continue
             with tqdm(total=args.steps, desc=f"attack {path.name}", unit="step", leave=False,
@@ -133,10 +138,10 @@ def run(args) -> int:
                 out = attack_query(gallery, query.x, kind=kind, config=config, k=args.k, target=target,
                                    target_rank=args.target_rank, layout=query.layout, callback=progress,
                                    work_side=args.work_side or None, radius_space=query.space)
-            record = {"query": str(path), "radius_space": query.space, **out.to_dict(paths)}
+            record = {"query": shown_path(path), "radius_space": query.space, **out.to_dict(paths)}
             if query.uncertified:
                 record["notes"] = [f"no certificate for the file's own samples: {query.uncertified}", *record["notes"]]
-            saved = _save(args, path, query, out, gallery)
+            saved = _save(args, dest, query, out, gallery)
             if saved is not None:
                 record["saved"] = saved
             if out.certificate is not None and not out.certificate.ok:
@@ -171,25 +176,38 @@ def _resolve_target(args, paths: dict[int, str]) -> int | None:
     return match[0]
 
 
-def _save(args, path: Path, query, out, gallery) -> dict | None:
-    """Write the adversarial image in the file's own mode (8 bits) and say how much of the adversarial
-    top-k the rounding kept; None when nothing is to be saved."""
-    dest = args.save if args.save is not None else (
-        args.save_dir / f"{path.stem}.adv.png" if args.save_dir is not None else None)
+def _adv_names(folder: Path, paths: list[Path]) -> list[Path]:
+    """DIR/<name>.adv.png for each query, in order; a name two queries share (a.jpg in two folders) gets -2, -3, …
+    after the first, so that no adversarial image overwrites another."""
+    out, taken = [], set()
+    for path in paths:
+        name, n = f"{path.stem}.adv.png", 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}-{n}.adv.png"
+        taken.add(name)
+        out.append(folder / name)
+    return out
+
+
+def _save(args, dest: Path | None, query, out, gallery) -> dict | None:
+    """Write the adversarial image to `dest` in the file's own mode (8 bits, PNG) and say how much of the
+    adversarial top-k the rounding kept; None when nothing is to be saved."""
     if dest is None:
         return None
     import torch
 
     from encoder.image import pixels, to_pil
+    from index.scan import shown_path
     from retrieval.attacks import ImageEmbedder, rank_query
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     saved = to_pil(out.x_adv, query.layout)  # the file's own mode: ‖δ‖ was measured over its samples
-    saved.save(dest)
+    saved.save(dest, format="PNG")
     q8 = torch.from_numpy(pixels(saved).samples)[None]
     emb = ImageEmbedder(gallery.encoder, layout=query.layout)
     kept = rank_query(gallery, emb.embed(q8)[0].cpu().numpy(), args.k).top
-    return {"path": str(dest), "adversarial_topk_kept": len(set(kept) & set(out.after.top))}
+    return {"path": shown_path(dest), "adversarial_topk_kept": len(set(kept) & set(out.after.top))}
 
 
 def _r(x) -> str:
