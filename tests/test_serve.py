@@ -310,6 +310,13 @@ def test_serve_command_refuses_a_public_address_without_a_token_and_serves_on_lo
         proc.terminate()
         proc.wait(20)
     assert f"on http://127.0.0.1:{port}" in proc.stderr.read()
+    with socket.socket() as taken:  # a port in use: said before the model loads, and nothing claims to serve
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        done = subprocess.run(cmd + ["--port", str(busy)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{busy}" in done.stderr
+    assert "serving" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_request_past_its_deadline_is_answered_504(served, tiny_lipsim, sample_folder):

@@ -17,7 +17,7 @@ def register(sub) -> None:
                        "a loopback address).")
     p.add_argument("--index-dir", required=True, help="an index built by `robret index build`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
     p.add_argument("--max-upload-mb", type=float, default=32, help="largest request body in MB (default 32)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="largest upload in pixels, checked from the header (default: the index's limit)")
@@ -49,11 +49,39 @@ def run(args) -> int:
     config = ServeConfig(token=token, max_body_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                          request_timeout=args.timeout, concurrency=args.concurrency,
                          cors_origins=tuple(args.cors_origin), use_gpu=not args.cpu, codes=not args.no_codes)
-    app = create_app(args.index_dir, config)
-    gallery = app.state.holder.current()
-    print(f"serving {gallery.index_dir} ({len(gallery)} images, {gallery.encoder_spec}, version {gallery.version}) "
-          f"on http://{args.host}:{args.port}  (API docs: /docs{'; bearer token required' if token else ''})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "warning",
-                timeout_keep_alive=5, limit_concurrency=64, server_header=False)
+    sock = _listen(args.host, args.port)  # before the model loads: a port in use is said at once
+    try:
+        app = create_app(args.index_dir, config)
+        gallery = app.state.holder.current()
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"serving {gallery.index_dir} ({len(gallery)} images, {gallery.encoder_spec}, version {gallery.version}) "
+              f"on http://{host}:{port}  (API docs: /docs{'; bearer token required' if token else ''})",
+              file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if args.verbose else "warning",
+                                               timeout_keep_alive=5, limit_concurrency=64, server_header=False))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int):
+    """A socket bound to (host, port) (port 0: a free one), for uvicorn to listen on; OSError naming the address
+    when it cannot be bound (in use, not this machine's)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
