@@ -71,7 +71,7 @@ from .remote import is_remote
 from .scan import ScanEntry, display_path
 from .segments import load_live_store, read_segment, segment_bytes, write_segment
 from .sources import Source, resolve_source, scan_source
-from .store import NORM_TOLERANCE, VectorStore, parse_factory, target_factory
+from .store import IVF_MIN_POINTS_PER_LIST, NORM_TOLERANCE, VectorStore, parse_factory, target_factory
 
 __all__ = ["IngestOptions", "IngestReport", "build_index", "build_cache_index", "update_index", "repair_index",
            "compact_index",
@@ -747,6 +747,11 @@ class _Writer:
         requested = self.index_meta.get("requested", "auto")
         if final:
             target = target_factory(requested, self.store.factory, self.store.ntotal)
+            kind, nlist = parse_factory(requested)
+            if kind == "ivf" and parse_factory(target)[0] == "flat":
+                self.report.warnings.append(
+                    f"the index stays Flat (exact search) until it holds {nlist * IVF_MIN_POINTS_PER_LIST:,} vectors, "
+                    f"enough to train {requested}'s {nlist:,} lists (it holds {self.store.ntotal:,})")
             if target != self.store.factory:
                 log.info("converting the index from %s to %s", self.store.factory, target)
                 self.store = self.store.rebuild(target)

@@ -261,6 +261,7 @@ def test_ivf_requested_on_a_small_gallery_stays_exact_until_it_can_be_trained(bu
     meta = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]
     assert report.index_type == "Flat" and meta["requested"] == "IVF64,Flat"
     assert verify_index(index_dir).ok
+    assert any(f"stays Flat (exact search) until it holds {64 * 39:,} vectors" in w for w in report.warnings)
 
 
 def test_catalog_refuses_a_newer_schema(built):
