@@ -60,7 +60,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "IMAGE_EXTENSIONS", "DecodeLimits", "DecodeError", "decode_bytes", "check_shape", "oriented_size",
     "exif_orientation", "Pixels", "pixels", "to_rgb", "channel_lipschitz", "LAYOUT_CHANNELS", "SAMPLES16_KEY",
-    "is_image_name", "DecodeBudget", "decode_cost", "check_header", "to_pil", "thumbnail_jpeg",
+    "is_image_name", "DecodeBudget", "decode_cost", "check_header", "to_pil", "lossless_file", "thumbnail_jpeg",
 ]
 
 # Extensions that count as images (compared lower-case), for training, indexing and benchmarks alike.
@@ -194,7 +194,7 @@ def check_header(head: bytes) -> None:
     if not head:
         return
     Image.init()
-    if any(accept is not None and accept(head[:16]) for _, accept in Image.OPEN.values()):
+    if any(_accepts(accept, head[:16]) for _, accept in Image.OPEN.values()):
         return
     no_magic = [fmt for fmt, (_, accept) in Image.OPEN.items() if accept is None]
     try:
@@ -205,6 +205,17 @@ def check_header(head: bytes) -> None:
     if _looks_like_text(head[:512]):
         raise DecodeError("text", "a text file, not an image (despite its extension)")
     raise DecodeError("not_image", "unrecognised image format")
+
+
+def _accepts(accept, head: bytes) -> bool:
+    """One format's magic-number check, as `Image.open` runs it: a check that raises (Pillow's BMP check reads 4
+    bytes with struct, so a file of 1–3 bytes raises struct.error) does not accept."""
+    if accept is None:
+        return False
+    try:
+        return bool(accept(head))
+    except Exception:
+        return False
 
 
 def decode_bytes(data: bytes, limits: DecodeLimits = DecodeLimits()) -> tuple[Image.Image, list[str], str | None]:
@@ -538,6 +549,17 @@ def to_pil(samples, layout: str = "RGB") -> Image.Image:
     u8 = (np.clip(samples.astype(np.float32, copy=False), 0, 1) * np.float32(255)).round().astype(np.uint8)
     arr = u8.transpose(1, 2, 0)
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr, mode=layout)
+
+
+def lossless_file(image: Image.Image) -> tuple[bytes, str, str]:
+    """(bytes, suffix, media type) of an 8-bit image in its own mode, without loss: PNG for L, LA, RGB and RGBA, TIFF
+    for CMYK and YCbCr, which PNG cannot hold (an adversarial image keeps the samples its ‖δ‖ was measured over)."""
+    buf = io.BytesIO()
+    if image.mode in ("CMYK", "YCbCr"):
+        image.save(buf, format="TIFF", compression="tiff_adobe_deflate")
+        return buf.getvalue(), ".tiff", "image/tiff"
+    image.save(buf, format="PNG")
+    return buf.getvalue(), ".png", "image/png"
 
 
 def thumbnail_jpeg(image: Image.Image, side: int, quality: int = 85) -> bytes:

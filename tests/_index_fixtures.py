@@ -86,6 +86,10 @@ def make_hostile_folder(root: Path) -> dict[str, tuple[str, str | None]]:
     expect["readme.png"] = ("failed", "text")
     (root / "noise.jpg").write_bytes(np.random.default_rng(1).bytes(2000))
     expect["noise.jpg"] = ("failed", "not_image")
+    (root / "hi.png").write_bytes(b"hi\n")  # 1–3 bytes: Pillow's BMP check raises struct.error on them
+    expect["hi.png"] = ("failed", "text")
+    (root / "soi.jpg").write_bytes(b"\xff\xd8")
+    expect["soi.jpg"] = ("failed", "not_image")
     # Decompression bombs: a header PIL itself refuses, and one only our pixel limit refuses.
     (root / "bomb.png").write_bytes(png_bytes(100_000, 100_000, 1, 0, b"\x00" * 64))
     expect["bomb.png"] = ("failed", "too_many_pixels")

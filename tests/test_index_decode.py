@@ -38,7 +38,8 @@ def test_build_over_hostile_folder_completes_and_verifies(hostile):
 
 
 @pytest.mark.parametrize("name", [
-    "good.png", "truncated.jpg", "corrupt.png", "empty.jpg", "readme.png", "noise.jpg", "bomb.png", "bomb-small.png",
+    "good.png", "truncated.jpg", "corrupt.png", "empty.jpg", "readme.png", "noise.jpg", "hi.png", "soi.jpg", "bomb.png",
+    "bomb-small.png",
     "cmyk.jpg", "gray16.png", "rgb16.png", "palette.png", "alpha.png", "gray.png", "rotated.jpg", "animated.gif",
     "tiny.png", "strip.png", "link-inside.png", "link-escape.png", "link-broken.png", "link-self.png",
     "sub/nested.png", "pipe.png", "caf\\xe9.png",

@@ -188,3 +188,15 @@ def test_save_dir_gives_queries_that_share_a_name_their_own_files_and_save_takes
             main(["attack", str(folder / "chelsea.png"), "--index-dir", str(index_dir), "--save", str(bad)])
         assert exit_.value.code == 2 and "--save writes a PNG file" in capsys.readouterr().err
     assert not (tmp_path / "adv.jpg").exists()
+
+
+def test_save_writes_a_cmyk_query_as_a_tiff_in_its_own_mode(tmp_path, photo_index):
+    folder, index_dir = photo_index
+    query = tmp_path / "q.jpg"
+    Image.open(folder / "chelsea.png").convert("CMYK").save(query, quality=95)
+    assert main(["attack", str(query), "--index-dir", str(index_dir), "-k", "3", "--steps", "2", "--work-side",
+                 str(WORK_SIDE), "--save", str(tmp_path / "adv.png"), "--json-out", str(tmp_path / "r.json")]) == 0
+    saved = json.loads((tmp_path / "r.json").read_text())["results"][0]["saved"]
+    assert saved["path"] == str(tmp_path / "adv.tiff") and not (tmp_path / "adv.png").exists()
+    with Image.open(tmp_path / "adv.tiff") as im:
+        assert im.mode == "CMYK" and im.size == Image.open(query).size

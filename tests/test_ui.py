@@ -37,6 +37,17 @@ def table(at, key: str):
     return at.dataframe[TABLES.index(key)].value.to_dict("records")
 
 
+def upload(photo, name: str, fmt: str):
+    """A fresh page with `photo` uploaded as `name` (in format fmt): (the page, the uploaded bytes)."""
+    at = run_clean(new_page())
+    at.radio(key="source").set_value("an upload")
+    run_clean(at)
+    buf = io.BytesIO()
+    photo.save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    at.file_uploader(key="upload").set_value((name, buf.getvalue(), f"image/{fmt.lower()}"))
+    return run_clean(at), buf.getvalue()
+
+
 def library_search(index_dir, image, k):
     """The library's answer for a PIL image: retrieval.search.search_image on the opened index."""
     from index import Gallery
@@ -121,17 +132,11 @@ def test_random_button_picks_a_gallery_query(page_env):
 
 
 def test_upload_good_image_is_searched_like_the_library(page_env, ui_engine):
-    at = run_clean(new_page())
-    at.radio(key="source").set_value("an upload")
-    run_clean(at)
     photo = Image.open(ui_engine.by_id[ui_engine.gallery[3].id].path).convert("RGB").resize((200, 150))
-    buf = io.BytesIO()
-    photo.save(buf, format="PNG")
-    at.file_uploader(key="upload").set_value(("my photo.png", buf.getvalue(), "image/png"))
-    run_clean(at)
+    at, data = upload(photo, "my photo.png", "PNG")
     assert not at.error
     assert at.session_state["query_key"].startswith("upload: my photo.png")
-    res = library_search(ui_engine.index_dir, Image.open(io.BytesIO(buf.getvalue())), k=5)
+    res = library_search(ui_engine.index_dir, Image.open(io.BytesIO(data)), k=5)
     assert_table_matches(table(at, "table_lipsim"), res, ui_engine.names)
     assert res.query_size == (150, 200)
 
@@ -249,6 +254,26 @@ def test_each_attack_kind_runs_and_reports_what_the_library_finds(page_env, ui_e
             assert res.target_rank[0] > 5
     assert [b.label for b in at.get("download_button")] == [
         "Download the adversarial image (PNG)", "Download the adversarial image (PNG)", "Download the JSON report"]
+
+
+def test_a_cmyk_upload_is_attacked_and_offered_as_a_tiff_under_its_whole_name(page_env, ui_engine):
+    photo = Image.open(ui_engine.by_id[ui_engine.gallery[2].id].path).convert("CMYK").resize((96, 72))
+    at, _ = upload(photo, "IMG (1).jpg", "JPEG")
+    assert at.session_state["query"].layout == "CMYK" and at.session_state["query"].label == "upload: IMG (1).jpg"
+    at.number_input(key="attack_steps").set_value(2)
+    run_clean(at)
+    at.button(key="run_attack").click()
+    run_clean(at)
+    assert not at.error, [e.value for e in at.error]
+    att = at.session_state["attack"]
+    assert att["report"]["query"]["source"] == "upload: IMG (1).jpg"
+    assert [b.label for b in at.get("download_button")][:2] == ["Download the adversarial image (TIFF)"] * 2
+    for key, res in att["results"].items():  # the file holds the attacked samples, in the query's own mode
+        data, suffix, mime = att["images"][key][3]
+        saved = Image.open(io.BytesIO(data))
+        assert (suffix, mime, saved.mode) == (".tiff", "image/tiff", "CMYK")
+        x = res.x_adv.detach().cpu().numpy()
+        assert np.abs(np.asarray(saved, np.float64).transpose(2, 0, 1) / 255 - x).max() <= 0.5 / 255 + 1e-6
 
 
 def test_attack_inside_the_certified_radius_keeps_lipsim_top_k_and_says_so(page_env, ui_engine):

@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # run from a source tree that is not installed
 
 import streamlit as st
 
+from encoder.image import lossless_file
 from ui.config import UIConfig
 from ui.engine import ATTACK_KINDS, AttackSpec, Engine, attack_report, ranking_rows
 from ui.query import Query, UploadError, decode_upload, display_rgb, png_bytes, query_pixels, to_pil
@@ -88,14 +89,16 @@ st.caption(f"Search the gallery with **{md_escape(engine.lipsim.label)}** and "
 
 
 # ---- 1. query ----------------------------------------------------------------------------------------
-def use_query(label: str, load, gallery_id: int | None = None) -> None:
-    """Make `label` the session's query; `load()` gives its PIL image (decoded only when it changes)."""
-    if state.get("query_key") == label:
+def use_query(label: str, load, gallery_id: int | None = None, key: str | None = None) -> None:
+    """Make `label` the session's query; `load()` gives its PIL image (decoded only when `key`, default the label,
+    changes: an upload's key also holds its file id, so that two uploads of one name are two queries)."""
+    key = label if key is None else key
+    if state.get("query_key") == key:
         return
     q = query_pixels(load())
     shown = png_bytes(to_pil(display_rgb(q.x, q.layout, cfg.work_side)))
     state.query = Query(q.x, label, q.original_hw, gallery_id, shown, q.layout, q.space)
-    state.query_key = label
+    state.query_key = key
     state.pop("attack", None)
 
 
@@ -140,8 +143,9 @@ with qcol:
             st.info("Choose an image file to use as the query.")
         else:
             try:
-                use_query(f"upload: {up.name} ({up.file_id})",
-                          lambda: decode_upload(up.getvalue(), up.name, cfg.max_upload_mb * 2**20, cfg.max_pixels))
+                use_query(f"upload: {up.name}",
+                          lambda: decode_upload(up.getvalue(), up.name, cfg.max_upload_mb * 2**20, cfg.max_pixels),
+                          key=f"upload: {up.name} ({up.file_id})")
             except UploadError as exc:
                 forget_query()
                 st.error(md_escape(str(exc)))
@@ -155,7 +159,7 @@ if query is None:
     st.stop()
 
 with qimg:
-    st.image(query.png, caption=f"{query.label.split(' (')[0]} · "
+    st.image(query.png, caption=f"{query.label} · "
              f"{query.original_hw[1]}×{query.original_hw[0]} px · {query.layout}", width=200)
 
 
@@ -243,7 +247,7 @@ if st.button("Run the attack on both encoders", type="primary", key="run_attack"
         results = engine.attack(query.x, spec, layout=query.layout, space=query.space,
                                 progress=lambda f, text: bar.progress(min(f, 1.0), text=text))
         seconds = time.perf_counter() - t0
-        report = attack_report(engine, query.label.split(" (")[0], query.original_hw, query.space, spec, results)
+        report = attack_report(engine, query.label, query.original_hw, query.space, spec, results)
         report["seconds"] = seconds
         images = {}
         clean_shown = display_rgb(query.x, query.layout, cfg.work_side)
@@ -251,7 +255,7 @@ if st.button("Run the attack on both encoders", type="primary", key="run_attack"
             adv_shown = display_rgb(res.x_adv, query.layout, cfg.work_side)
             mag, m = magnified_perturbation(adv_shown - clean_shown)
             images[key] = (png_bytes(to_pil(adv_shown)), png_bytes(to_pil(mag)), m,
-                           png_bytes(to_pil(res.x_adv, query.layout)))
+                           lossless_file(to_pil(res.x_adv, query.layout)))  # (PNG; TIFF for CMYK, YCbCr)
         state.attack = {"spec": spec, "results": results, "report": report, "seconds": seconds, "images": images}
     except Exception as exc:  # noqa: BLE001
         fail("The attack failed", exc)
@@ -266,7 +270,7 @@ if att is not None:
         res = results[side.key]
         st.markdown(f"#### {md_escape(res.label)}")
         c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
-        adv_png, mag_png, m, adv_full_png = att["images"][side.key]
+        adv_png, mag_png, m, (adv_full, adv_suffix, adv_mime) = att["images"][side.key]
         c1.image(query.png, caption="clean query", width="stretch")
         c2.image(adv_png, caption="adversarial query", width="stretch")
         c3.image(mag_png, caption=f"perturbation ×{m:.0f} (grey = 0)", width="stretch")
@@ -292,8 +296,8 @@ if att is not None:
             else:
                 st.info(f"Certificate {cert['verdict']} (‖δ‖₂ = {cert['delta_l2']:.4f} ≥ set radius "
                         f"{fmt_radius(cert['set_radius'])} = {fmt_radius(query_rms255(cert['set_radius']))}/255 RMS)")
-            st.download_button("Download the adversarial image (PNG)", adv_full_png,
-                               file_name=f"adversarial-{side.key}.png", mime="image/png", key=f"dl_{side.key}")
+            st.download_button(f"Download the adversarial image ({adv_suffix[1:].upper()})", adv_full,
+                               file_name=f"adversarial-{side.key}{adv_suffix}", mime=adv_mime, key=f"dl_{side.key}")
         b1, b2 = st.columns(2)
         with b1:
             st.markdown("before")

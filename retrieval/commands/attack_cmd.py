@@ -53,8 +53,10 @@ def register(sub) -> None:
                    help=f"search for the perturbation on a copy shrunk to this longest side, for speed (default "
                    f"{WORK_SIDE}; 0: on the full image). The perturbation is carried back to the original inside "
                    "the same budget; norms, rankings and the certificate are always the original's")
-    p.add_argument("--save", type=Path, help="write the adversarial image (PNG, 8 bits, the file's own mode); one query")
-    p.add_argument("--save-dir", type=Path, help="write each adversarial image as DIR/<name>.adv.png (<name>-2.adv.png, … when two queries share a name)")
+    p.add_argument("--save", type=Path, help="write the adversarial image (PNG, 8 bits, the file's own mode; a CMYK "
+                   "or YCbCr query is written as a TIFF of the same name); one query")
+    p.add_argument("--save-dir", type=Path, help="write each adversarial image as DIR/<name>.adv.png "
+                   "(<name>-2.adv.png, … when two queries share a name)")
     p.add_argument("--json", action="store_true", help="print one JSON document (schema in docs/json.md) instead of text")
     p.add_argument("--json-out", type=Path, metavar="FILE", help="also write that JSON document to FILE")
     p.set_defaults(func=run, parser=p)
@@ -197,13 +199,15 @@ def _save(args, dest: Path | None, query, out, gallery) -> dict | None:
         return None
     import torch
 
-    from encoder.image import pixels, to_pil
+    from encoder.image import lossless_file, pixels, to_pil
     from index.scan import shown_path
     from retrieval.attacks import ImageEmbedder, rank_query
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
     saved = to_pil(out.x_adv, query.layout)  # the file's own mode: ‖δ‖ was measured over its samples
-    saved.save(dest, format="PNG")
+    data, suffix, _ = lossless_file(saved)  # PNG, or TIFF for CMYK and YCbCr (which PNG cannot hold)
+    dest = dest.with_suffix(suffix) if dest.suffix.lower() != suffix else dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(data)
     q8 = torch.from_numpy(pixels(saved).samples)[None]
     emb = ImageEmbedder(gallery.encoder, layout=query.layout)
     kept = rank_query(gallery, emb.embed(q8)[0].cpu().numpy(), args.k).top
