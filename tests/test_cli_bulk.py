@@ -272,6 +272,15 @@ def test_every_field_of_the_query_json_is_documented(photo_index, capsys):
     assert "[height, width]" in doc_text
 
 
+def test_export_refuses_outputs_that_would_overwrite_each_other(photo_index, tmp_path, capsys):
+    _, index_dir = photo_index
+    for parquet, npy in (("same.x", "same.x"), ("v.ids.npy", "v.npy")):
+        code, _, err = _run(capsys, "index", "export", "--index-dir", index_dir, "--parquet", tmp_path / parquet,
+                            "--npy", tmp_path / npy)
+        assert code == 2 and "give them different names" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_parquet_and_npy_round_trip(photo_index, tiny_lipsim, tmp_path, capsys):
     import pyarrow.parquet as pq
 

@@ -200,3 +200,16 @@ def test_save_writes_a_cmyk_query_as_a_tiff_in_its_own_mode(tmp_path, photo_inde
     assert saved["path"] == str(tmp_path / "adv.tiff") and not (tmp_path / "adv.png").exists()
     with Image.open(tmp_path / "adv.tiff") as im:
         assert im.mode == "CMYK" and im.size == Image.open(query).size
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["-k", "0"], "must be at least 1"), (["--eps", "-1"], "finite number ≥ 0"), (["--eps", "nan"], "finite number"),
+    (["--steps", "0"], "must be at least 1"), (["--json", "/nonexistent-folder/x.json"], "no folder"),
+])
+def test_demo_refuses_bad_arguments_before_any_work(tmp_path, capsys, extra, message):
+    try:
+        code = main(["demo", "--dir", str(tmp_path / "demo"), *extra])
+    except SystemExit as exit_:  # (argparse)
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -272,6 +272,7 @@ def test_train_robdml_on_a_labelled_folder_writes_a_robdml_checkpoint_with_prove
     (["{root}/classes", "--out", "x.safetensors", "--eps", "8"], "exceeds the [0, 1] pixel range"),
     (["{root}/missing", "--out", "x.safetensors", "--init", "{root}/init.safetensors"], "labelled folder not found"),
     (["{root}/classes", "--out", "x.safetensors", "--init", "lipsim:cpu-tiny"], "trains the standard CNN"),
+    (["{root}/classes", "--demo", "--no-ship"], "--demo trains on the bundled photos"),
 ])
 def test_train_robdml_refuses_bad_input_with_one_line(labelled_folder, capsys, args, message):
     code = _robret("train", "robdml", *[a.format(root=labelled_folder) for a in args], "--device", "cpu",

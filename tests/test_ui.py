@@ -389,6 +389,26 @@ def test_ui_command_serves_on_localhost_with_the_upload_limit(tmp_path):
         streamlit_command(build_parser().parse_args(["ui", "--index-dir", str(tmp_path / "nope")]))
 
 
+def test_ui_command_says_a_port_in_use_and_a_bad_setting_before_starting_streamlit(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from retrieval.cli import main
+    from ui.config import UIConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert main(["ui", "--index-dir", str(tmp_path), "--port", str(busy)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{busy}" in err and "serving" not in err
+    with pytest.raises(ValueError, match="ROBRET_UI_MAX_STEPS='lots': expected a whole number"):
+        UIConfig.from_env({"ROBRET_UI_MAX_STEPS": "lots"})
+    monkeypatch.setenv("ROBRET_UI_MAX_UPLOAD_MB", "abc")
+    assert main(["ui", "--index-dir", str(tmp_path), "--port", "0"]) == 1
+    assert "ROBRET_UI_MAX_UPLOAD_MB='abc'" in capsys.readouterr().err
+
+
 def test_comparison_is_dreamsim_when_its_weights_load_else_the_standard_baseline(monkeypatch, tmp_path):
     import encoder
     from ui import backend

@@ -43,7 +43,12 @@ class UIConfig:
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None:
                 continue
-            values[f.name] = int(raw) if f.type == "int" else raw
+            if f.type == "int":
+                try:
+                    raw = int(raw)
+                except ValueError:
+                    raise ValueError(f"{ENV_PREFIX + f.name.upper()}={raw!r}: expected a whole number") from None
+            values[f.name] = raw
         return cls(**values)
 
     def replace(self, **changes) -> "UIConfig":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from ._argtypes import UsageError, nonnegative_float, positive_int
+
 DEFAULT_DIR = Path(".robret-demo")
 
 
@@ -33,11 +35,11 @@ def register(sub) -> None:
                    help="comparison spec (default: dreamsim:ensemble if its weights exist, else standard:demo, "
                    "else pixels)")
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"work folder (default {DEFAULT_DIR})")
-    p.add_argument("-k", type=int, default=5, help="top-k (default 5)")
-    p.add_argument("--eps", type=float, default=60.0,
+    p.add_argument("-k", type=positive_int, default=5, help="top-k (default 5)")
+    p.add_argument("--eps", type=nonnegative_float, default=60.0,
                    help="ℓ2 budget of the larger attack over the query's [0,1] pixels (default 60: "
                    "rms 17/255 per pixel on the 512×512 query)")
-    p.add_argument("--steps", type=int, default=40, help="PGD steps per attack (default 40)")
+    p.add_argument("--steps", type=positive_int, default=40, help="PGD steps per attack (default 40)")
     p.add_argument("--target", default="gravel", help="photo the attack tries to bring first (default gravel)")
     p.add_argument("--query", default="astronaut", help="sample photo to edit into the query (default astronaut)")
     p.add_argument("--json", type=Path, help="write the searches and attack outcomes as JSON")
@@ -62,6 +64,9 @@ def _names(gallery, ids) -> list[str]:
 
 def run(args) -> int:
     import json
+
+    if args.json is not None and not args.json.parent.is_dir():  # (said now, not after the attacks)
+        raise UsageError(f"--json {args.json}: no folder {args.json.parent} to write it in")
 
     from encoder import load_encoder
     from encoder.choose import choose_comparison, default_lipsim_spec

@@ -347,6 +347,13 @@ def _export(args) -> int:
 
     if not (args.parquet or args.npy):
         raise UsageError("say what to write: --parquet OUT and/or --npy OUT")
+    if args.parquet and args.npy:
+        from index.export import ids_path
+
+        outputs = [os.path.abspath(p) for p in (args.parquet, args.npy, ids_path(args.npy))]
+        if len(set(outputs)) < 3:
+            raise UsageError(f"--parquet {args.parquet} would be overwritten by --npy {args.npy} or its ids file "
+                             f"{ids_path(args.npy)}: give them different names")
     with Gallery.open(index_dir_of(args), use_gpu=False) as gallery:
         if args.parquet:
             rows = export_parquet(gallery, args.parquet)

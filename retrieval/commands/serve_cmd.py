@@ -49,7 +49,7 @@ def run(args) -> int:
     config = ServeConfig(token=token, max_body_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                          request_timeout=args.timeout, concurrency=args.concurrency,
                          cors_origins=tuple(args.cors_origin), use_gpu=not args.cpu, codes=not args.no_codes)
-    sock = _listen(args.host, args.port)  # before the model loads: a port in use is said at once
+    sock = listen(args.host, args.port)  # before the model loads: a port in use is said at once
     try:
         app = create_app(args.index_dir, config)
         gallery = app.state.holder.current()
@@ -66,9 +66,9 @@ def run(args) -> int:
     return 0
 
 
-def _listen(host: str, port: int):
-    """A socket bound to (host, port) (port 0: a free one), for uvicorn to listen on; OSError naming the address
-    when it cannot be bound (in use, not this machine's)."""
+def listen(host: str, port: int):
+    """A socket bound to (host, port) (port 0: a free one), for uvicorn to listen on (`robret ui` only takes its
+    port); OSError naming the address when it cannot be bound (in use, not this machine's)."""
     import socket
 
     try:

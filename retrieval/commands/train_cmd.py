@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ._argtypes import check_linf_eps, pixel_eps
+from ._argtypes import UsageError, check_linf_eps, pixel_eps
 
 
 def _command_line(args) -> str:
@@ -252,6 +252,8 @@ def _robdml(args) -> int:
     from encoder.train.robdml import FolderClasses, RegionClasses, RobDMLConfig, train_robdml
 
     check_linf_eps(args.eps)
+    if args.demo and args.images is not None:  # (--demo trains on the bundled photos: IMAGES would be ignored)
+        raise UsageError(f"--demo trains on the bundled photos: drop {args.images}, or drop --demo and give --out")
     if args.demo:
         return _robdml_demo(args)
     if args.images is None or args.out is None:

@@ -27,7 +27,7 @@ def register(sub) -> None:
                    help="where the demo index and comparison indexes live (default $ROBRET_CACHE or "
                    "~/.cache/robret)")
     p.add_argument("--address", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501; 0: a free one, printed)")
     p.add_argument("--max-upload-mb", type=int, default=None, help="largest upload accepted, in MB (default 8)")
     p.set_defaults(func=run)
 
@@ -71,6 +71,10 @@ def streamlit_command(args) -> tuple[list[str], dict[str, str]]:
 
 
 def run(args) -> int:
+    from .serve_cmd import listen
+
+    with listen(args.address, args.port) as sock:  # a port in use said now; port 0: a free one, then given to streamlit
+        args.port = sock.getsockname()[1]
     cmd, env = streamlit_command(args)
     host = f"[{args.address}]" if ":" in args.address else args.address
     print(f"robret ui: serving on http://{host}:{args.port}  (Ctrl-C stops)", file=sys.stderr)
