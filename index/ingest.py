@@ -65,7 +65,7 @@ from encoder.image import DecodeBudget, decode_cost
 from . import embedder
 from .catalog import FAILED, INDEXED, REMOVED, SCHEMA_VERSION, Catalog, ids_digest, make_engine, recorded_url, safe_url, utcnow
 from .decode import DecodeError, DecodeLimits, check_shape, decode_bytes, hash_bytes, oriented_size, read_bytes
-from .errors import CatalogError, EncoderMismatchError, IntegrityError, StoreError
+from .errors import CatalogError, EncoderMismatchError, FolderError, IntegrityError, StoreError
 from .layout import BASE, ROWS, IndexDir, live_files
 from .remote import is_remote
 from .scan import ScanEntry, display_path
@@ -111,6 +111,9 @@ class IngestOptions:
     # files while they are no larger than what it already holds (a base when it reaches the first file),
     # so that a row is rewritten O(log n) times over a build. Off with compact_segments=None.
     merge_tiers: bool = True
+    # An update or repair that finds no file at all where the catalog holds some (an unmounted drive, a folder
+    # emptied by mistake) stops with FolderError, changing nothing, unless this is set: then every item is removed.
+    allow_empty: bool = False
 
 
 @dataclass
@@ -394,6 +397,11 @@ class _Writer:
         self.report.ignored = scan.ignored
         self.report.unlisted = [display_path(p) or "." for p in scan.protected]
         self.rows = {r["id"]: r for r in self.catalog.plan_rows()}
+        if not scan.entries and self.rows and not self.options.allow_empty:
+            where = self.meta.get("root") or "the indexed folder"
+            raise FolderError(f"{where} holds no files now, where the index has {len(self.rows):,} (an unmounted "
+                              "drive, or a folder emptied by mistake?): nothing was changed. If the files are gone "
+                              "for good, run it again with --allow-empty to remove every item")
         self.by_key = {r["path_key"]: r["id"] for r in self.rows.values()}
         self.next_id = self.catalog.max_id() + 1
         self.store = self._load_store()

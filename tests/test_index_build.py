@@ -255,6 +255,25 @@ def test_approximate_index_types_record_params_and_search_exactly_on_demand(tmp_
     assert Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]["factory"] == factory
 
 
+def test_an_update_that_finds_the_folder_empty_changes_nothing_unless_told(built, tiny_lipsim, tmp_path):
+    import dataclasses
+
+    from index import FolderError
+
+    folder, index_dir, report = built
+    away = tmp_path / "away"
+    folder.rename(away)
+    folder.mkdir()  # an unmounted drive: the mount point is there, empty
+    version = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]["version"]
+    for run in (update_index, repair_index):
+        with pytest.raises(FolderError, match="holds no files now.*nothing was changed.*--allow-empty"):
+            run(index_dir, encoder=tiny_lipsim, options=OPTS)
+    meta = Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]
+    assert meta["version"] == version and meta["rows"] == report.total and verify_index(index_dir).ok
+    update_index(index_dir, encoder=tiny_lipsim, options=dataclasses.replace(OPTS, allow_empty=True))
+    assert Catalog.open(IndexDir(index_dir).catalog_url()).meta()["index"]["rows"] == 0
+
+
 def test_ivf_requested_on_a_small_gallery_stays_exact_until_it_can_be_trained(built, tiny_lipsim):
     folder, index_dir, _ = built
     report = build_index(folder, index_dir, "lipsim:cpu-tiny", encoder=tiny_lipsim, index_type="IVF64,Flat")

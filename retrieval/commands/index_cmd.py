@@ -60,6 +60,7 @@ def register(sub) -> None:
                         "ones. Safe to re-run after a crash.")
     index_dir_args(u)
     u.add_argument("--retry-failed", action="store_true", help="re-read files that failed before")
+    u.add_argument("--allow-empty", action="store_true", help=_ALLOW_EMPTY_HELP)
     _common_run_args(u)
     u.set_defaults(func=_update)
 
@@ -67,6 +68,7 @@ def register(sub) -> None:
                         description="Like update, but a missing, corrupt or altered index file is rebuilt "
                         "(re-embedding files) instead of refused.")
     index_dir_args(r)
+    r.add_argument("--allow-empty", action="store_true", help=_ALLOW_EMPTY_HELP)
     _common_run_args(r)
     r.set_defaults(func=_repair)
 
@@ -177,13 +179,18 @@ def _common_run_args(p) -> None:
                    help="encoder actors on Ray (default: the cluster's GPUs, else its CPUs)")
 
 
+_ALLOW_EMPTY_HELP = ("remove every item when the folder (or list) holds no file at all; without it such a run "
+                     "changes nothing (an unmounted drive is not a deletion)")
+
+
 def _options(args):
     from index import IngestOptions
     from index.decode import DecodeLimits
 
     opts = IngestOptions(batch_size=args.batch_size, checkpoint_seconds=args.checkpoint_seconds,
                          progress=not args.no_progress and not args.json and sys.stderr.isatty(),
-                         use_gpu=not args.cpu, retry_failed=getattr(args, "retry_failed", False))
+                         use_gpu=not args.cpu, retry_failed=getattr(args, "retry_failed", False),
+                         allow_empty=getattr(args, "allow_empty", False))
     if args.workers is not None:
         opts.workers = args.workers
     if args.compact_segments is not None:
