@@ -431,3 +431,36 @@ def test_comparison_is_dreamsim_when_its_weights_load_else_the_standard_baseline
     monkeypatch.setattr(encoder, "load_encoder", lambda spec, **kw: (_ for _ in ()).throw(ValueError("absent")))
     with pytest.raises(backend.SetupError, match="--compare"):
         backend.pick_compare(UIConfig())
+
+
+def test_the_comparison_ranks_only_the_images_of_the_primary_gallery(ui_env, tmp_path, sample_folder, tiny_lipsim):
+    """A primary gallery built from a list (or before files were added) holds fewer files than its folder; the
+    comparison index, built over the folder, must not rank the others (they showed as "not in the primary
+    gallery" and pushed real items out of its top-k)."""
+    from index import IngestOptions, build_index
+    from retrieval.attacks import PGDConfig, attack_query
+    from ui.backend import open_gallery
+    from ui.config import UIConfig
+
+    from _index_fixtures import copy_photos
+
+    folder = copy_photos(sample_folder, tmp_path / "photos")
+    listed = sorted(folder.iterdir())[:4]
+    (tmp_path / "some.txt").write_text("".join(f"{p}\n" for p in listed))
+    build_index(f"@{tmp_path / 'some.txt'}", tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim,
+                options=IngestOptions(workers=1))
+    cfg = UIConfig.from_env({**ui_env, "ROBRET_UI_INDEX_DIR": str(tmp_path / "index"),
+                             "ROBRET_UI_CACHE_DIR": str(tmp_path / "cache")})
+    opened = open_gallery(cfg)
+    side = opened.compare_index
+    assert len(side.gallery) == len(list(folder.iterdir()))
+    assert len(side) == len(listed) and len(side.hidden) == len(side.gallery) - len(listed)
+    primary_ids = {i for i, _, _ in opened.items}
+    q = side.gallery.vectors([next(i for i in side.gallery.ids() if int(i) in side.hidden)])[0]
+    res = side.search(q, k=3, depth=len(listed), input_norm=None, query_size=(32, 32))
+    assert set(res.ids.tolist()) <= primary_ids and len(res.ids) == len(listed)  # (the hidden image itself is not)
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = attack_query(side.gallery, x, config=PGDConfig(norm="l2", eps=0.5, steps=2), k=2,
+                       embedder=None, exclude=side.hidden)
+    for ranking in (out.before, out.after):
+        assert not set(int(i) for i in ranking.ids) & set(side.hidden)

@@ -99,6 +99,9 @@ class SideIndex:
         self.gallery = gallery
         self._to_primary = to_primary
         self._from_primary = None if to_primary is None else {p: i for i, p in to_primary.items()}
+        # Its items the primary gallery does not hold (a file added since, or left out of the primary's list): left
+        # out of every search, attack and certificate, so that both sides rank the same images.
+        self.hidden = () if to_primary is None else tuple(int(i) for i in gallery.ids() if int(i) not in to_primary)
 
     def _map(self, i: int) -> int | None:
         return int(i) if self._to_primary is None else self._to_primary.get(int(i))
@@ -108,7 +111,7 @@ class SideIndex:
         return np.array([-1 if (m := self._map(i)) is None else m for i in ids], dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.gallery)
+        return len(self.gallery) - len(self.hidden)
 
     def own_id(self, primary_id: int) -> int | None:
         """This gallery's id of a primary id (None: the file is not in this index)."""
@@ -121,9 +124,8 @@ class SideIndex:
         from retrieval.attacks import attack_candidates
 
         own = [i for i in (self.own_id(p) for p in extra) if i is not None]
-        ids, vectors = attack_candidates(self.gallery, q, pool, own)
-        mapped = self.primary_ids(ids)
-        return mapped[mapped >= 0], vectors[mapped >= 0]
+        ids, vectors = attack_candidates(self.gallery, q, pool, own, self.hidden)
+        return self.primary_ids(ids), vectors
 
     def ranked(self, ranking) -> SideResult:
         """A retrieval.attacks.Ranking with its ids reported as primary ids."""
@@ -140,7 +142,8 @@ class SideIndex:
         list to `depth` to report where displaced items went."""
         from retrieval.attacks import rank_query
 
-        return self.ranked(rank_query(self.gallery, q, k, depth, input_norm=input_norm, query_size=query_size))
+        return self.ranked(rank_query(self.gallery, q, k, depth, input_norm=input_norm, query_size=query_size,
+                                      exclude=self.hidden))
 
 
 # --- opening: demo index, comparison encoder and its index ---------------------------------------------

@@ -227,7 +227,8 @@ class Engine:
                 t0 = time.perf_counter()
                 res = attack_query(side.index.gallery, x, kind=spec.kind, config=config, k=k, target=target,
                                    embedder=side.embedder_for(layout), pool=self.cfg.attack_pool, depth=depth,
-                                   callback=report, work_side=self.cfg.work_side, radius_space=space)
+                                   callback=report, work_side=self.cfg.work_side, radius_space=space,
+                                   exclude=side.index.hidden)
                 before, after = side.ranking(res.before), side.ranking(res.after)
                 result = SideAttack(side.key, side.label, res.x_adv, before, after, delta_l2=res.delta_l2,
                                     delta_linf=res.delta_linf, seconds=time.perf_counter() - t0)

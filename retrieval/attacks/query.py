@@ -93,31 +93,38 @@ class Ranking(RankedIds):
 
 def rank_query(gallery, q: np.ndarray, k: int, depth: int | None = None, *, input_norm: float | None = None,
                query_size: tuple[int, int] | None = None, values: int | None = None,
-               radius_space: str | None = None) -> Ranking:
+               radius_space: str | None = None, exclude=()) -> Ranking:
     """`search_embedding` for the (certified, when the encoder allows) top-k of the unit-norm query
     embedding q, plus the exhaustive ranked list to `depth` to tell where displaced items went.
-    values: how many samples the radii are over (channels·H·W), for SearchResult.rms255."""
+    values: how many samples the radii are over (channels·H·W), for SearchResult.rms255.
+    exclude: gallery ids left out of both, and of the certificate (`search_embedding`'s exclude)."""
     q = np.asarray(q, dtype=np.float32).reshape(-1)
-    res = search_embedding(gallery, q, k, input_norm=input_norm, query_size=query_size, radius_space=radius_space)
+    exclude = {int(i) for i in exclude}
+    res = search_embedding(gallery, q, k, input_norm=input_norm, query_size=query_size, radius_space=radius_space,
+                           exclude=exclude)
     res.values = values
     top = [h.id for h in res.hits]
-    scores, ids = gallery.search(q[None], max(depth or 0, res.k), exact=True)
+    scores, ids = gallery.search(q[None], max(depth or 0, res.k) + len(exclude), exact=True)
     keep = ids[0] >= 0
-    seen = set(top)
+    seen = set(top) | exclude
     rest = [(int(i), float(s)) for i, s in zip(ids[0][keep], scores[0][keep]) if int(i) not in seen]
     all_ids = np.array(top + [i for i, _ in rest], dtype=np.int64)
     all_scores = np.array([h.score for h in res.hits] + [s for _, s in rest], dtype=np.float64)
     return Ranking(all_ids, all_scores, res, q)
 
 
-def attack_candidates(gallery, q: np.ndarray, pool: int | None, extra=()) -> tuple[np.ndarray, np.ndarray]:
+def attack_candidates(gallery, q: np.ndarray, pool: int | None, extra=(), exclude=()) -> tuple[np.ndarray, np.ndarray]:
     """(gallery ids, unit vectors (n, D)) an attack optimises against: the whole gallery when it holds
-    at most `pool` items (or pool is None), else q's exact top-`pool` plus the `extra` ids (a target)."""
-    if pool is None or len(gallery) <= pool:
-        return gallery.all_vectors()
-    _, found = gallery.search(np.asarray(q, dtype=np.float32).reshape(1, -1), pool, exact=True)
-    own = [int(i) for i in found[0] if i >= 0]
-    own += [int(i) for i in extra if int(i) not in own]
+    at most `pool` items (or pool is None), else q's exact top-`pool` plus the `extra` ids (a target); never the
+    `exclude` ids."""
+    exclude = {int(i) for i in exclude}
+    if pool is None or len(gallery) - len(exclude) <= pool:
+        ids, vectors = gallery.all_vectors()
+        keep = ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))
+        return ids[keep], vectors[keep]
+    _, found = gallery.search(np.asarray(q, dtype=np.float32).reshape(1, -1), pool + len(exclude), exact=True)
+    own = [int(i) for i in found[0] if i >= 0 and int(i) not in exclude][:pool]
+    own += [int(i) for i in extra if int(i) not in own and int(i) not in exclude]
     ids = np.array(own, dtype=np.int64)
     return ids, gallery.vectors(ids)
 
@@ -231,7 +238,7 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
                  k: int = 5, target: int | None = None, target_rank: int | None = None, embedder: ImageEmbedder | None = None,
                  pool: int | None = None, depth: int | None = None, callback: Callback | None = None,
                  generator: torch.Generator | None = None, seed: int = 0, layout: str = "RGB",
-                 work_side: int | None = None, radius_space: str | None = None) -> QueryAttackOutcome:
+                 work_side: int | None = None, radius_space: str | None = None, exclude=()) -> QueryAttackOutcome:
     """Attack the query tensor x against `gallery` and report the outcome next to its certificate.
 
     gallery: an index.Gallery (or VectorGallery): search/vectors/all_vectors/paths and `lipschitz`;
@@ -247,13 +254,15 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
     and the original is perturbed as the copy was, inside the same threat set (`WorkingCopy`): the
     rankings, ‖δ‖ and the certificate are always those of x itself, through the same map as
     `robret query` (retrieval.search.search_image), so its radius is the one `robret query` states;
-    radius_space: what the radii are over, in words (e.g. QueryImage.space).
+    radius_space: what the radii are over, in words (e.g. QueryImage.space);
+    exclude: gallery ids the attack, the rankings and the certificate leave out (the page's comparison index drops
+    the files its primary gallery does not hold).
     """
     if kind not in QUERY_ATTACKS:
         raise ValueError(f"unknown attack kind {kind!r}; known: {', '.join(QUERY_ATTACKS)}")
     if kind == "targeted" and (target is None) == (target_rank is None):
         raise ValueError("a targeted attack needs a target gallery id or a target rank (one of them)")
-    n = len(gallery)
+    n = len(gallery) - len(set(int(i) for i in exclude))
     if not 1 <= k < n:
         raise ValueError(f"k={k} must be between 1 and the gallery size − 1 ({n - 1})")
     if target_rank is not None and not 1 <= target_rank <= n:
@@ -267,11 +276,12 @@ def attack_query(gallery, x: torch.Tensor, *, kind: str = "untargeted", config: 
     input_norm = emb.input_norm(hw) if gallery.lipschitz is not None else None
     t0 = time.perf_counter()
     depth = max(depth or k, target_rank or 0)
-    ranked = dict(input_norm=input_norm, query_size=hw, values=int(x[0].numel()), radius_space=radius_space)
+    ranked = dict(input_norm=input_norm, query_size=hw, values=int(x[0].numel()), radius_space=radius_space,
+                  exclude=exclude)
     before = rank_query(gallery, emb.embed(x)[0].cpu().numpy(), k, depth, **ranked)
     if target_rank is not None:
         target = int(before.ids[target_rank - 1])
-    ids, vectors = attack_candidates(gallery, before.embedding, pool, () if target is None else (target,))
+    ids, vectors = attack_candidates(gallery, before.embedding, pool, () if target is None else (target,), exclude)
     g = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(emb.device)
     kk = min(k, len(ids) - 1)
     copy = working_copy(x, work_side)
