@@ -37,9 +37,13 @@ def default_lipsim_spec(spec: str | None = None) -> str:
     return "lipsim:demo" if "demo" in bundled_weights("lipsim") else "lipsim:cpu-small"
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an error's message, cut at a word boundary (with …) beyond `limit` characters."""
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def choose_comparison(spec: str | None = None, fallbacks=COMPARE_FALLBACKS, device=None) -> Choice:

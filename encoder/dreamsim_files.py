@@ -77,7 +77,7 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> tuple[Path,
     if env:
         return Path(env).expanduser().resolve(), f"${ENV_CACHE}"
     root, source = weights_root()
-    return root / "dreamsim", f"{source}, /dreamsim (or set --cache-dir or ${ENV_CACHE})"
+    return root / "dreamsim", f"the dreamsim folder of the weights cache, {source}; or set ${ENV_CACHE}"
 
 
 def _variant(name: str) -> _Variant:

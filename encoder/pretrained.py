@@ -226,7 +226,7 @@ def weights_root(cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]
         return Path(cache_dir).expanduser().resolve(), "--cache-dir"
     if os.environ.get(ENV_WEIGHTS):
         return Path(os.environ[ENV_WEIGHTS]).expanduser().resolve(), f"${ENV_WEIGHTS}"
-    return user_cache_root().resolve(), f"the default (set --cache-dir or ${ENV_WEIGHTS})"
+    return user_cache_root().resolve(), f"the default (set ${ENV_WEIGHTS}, or a weights command's --cache-dir)"
 
 
 def lipsim_official_path(tag: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -279,6 +279,10 @@ def test_export_refuses_outputs_that_would_overwrite_each_other(photo_index, tmp
                             "--npy", tmp_path / npy)
         assert code == 2 and "give them different names" in err
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "out").mkdir()
+    for option in ("--parquet", "--npy"):
+        code, _, err = _run(capsys, "index", "export", "--index-dir", index_dir, option, tmp_path / "out")
+        assert code == 2 and "is a folder: give a file name" in err and ".tmp" not in err
 
 
 def test_export_parquet_and_npy_round_trip(photo_index, tiny_lipsim, tmp_path, capsys):

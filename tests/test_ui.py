@@ -421,6 +421,13 @@ def test_comparison_is_dreamsim_when_its_weights_load_else_the_standard_baseline
     spec, enc, notes = backend.pick_compare(UIConfig())
     assert spec == "pixels" and enc.name == "pixels"
     assert len(notes) == 1 and "DreamSim is not available" in notes[0] and "pixels" in notes[0]
+    # From the weights cache (a long path): said whole, where the file's folder comes from and how to move it.
+    monkeypatch.delenv("ROBRET_DREAMSIM_CACHE")
+    monkeypatch.setenv("ROBRET_WEIGHTS_DIR", str(tmp_path / ("weights-" * 12)))
+    _, _, notes = backend.pick_compare(UIConfig())
+    assert f"missing from {tmp_path / ('weights-' * 12) / 'dreamsim'}" in notes[0]
+    assert "the dreamsim folder of the weights cache, $ROBRET_WEIGHTS_DIR; or set $ROBRET_DREAMSIM_CACHE" in notes[0]
+    monkeypatch.setenv("ROBRET_DREAMSIM_CACHE", str(tmp_path))
     # DreamSim loads: it is the comparison, no note.
     real = encoder.load_encoder
     monkeypatch.setattr(encoder, "load_encoder",

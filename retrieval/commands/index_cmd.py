@@ -354,6 +354,9 @@ def _export(args) -> int:
 
     if not (args.parquet or args.npy):
         raise UsageError("say what to write: --parquet OUT and/or --npy OUT")
+    for out in (args.parquet, args.npy):
+        if out and os.path.isdir(out):
+            raise UsageError(f"{out} is a folder: give a file name to write")
     if args.parquet and args.npy:
         from index.export import ids_path
 
