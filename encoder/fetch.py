@@ -234,8 +234,8 @@ def _install(entry: PretrainedWeights, f: RemoteFile, path: Path, root: Path, pr
         try:
             enc = load_official(path, freeze=False)
         except EncoderError as exc:
-            raise WeightsError(f"{provenance['source']}: not an official LipSim checkpoint: "
-                               f"{str(exc).splitlines()[0]}") from exc
+            reason = str(exc).splitlines()[0]  # (it names the file and says what is wrong; a staged copy's path)
+            raise WeightsError(f"{provenance['source']}: {reason.replace(str(path), 'the file')}") from exc
         save_lipsim(enc, dest, preset=enc.metadata.get("preset", "custom"), provenance=provenance)
     elif f.kind == "zip":
         _unpack(f, path, dest)

@@ -333,6 +333,11 @@ def test_import_installs_a_file_obtained_elsewhere_with_the_same_checks(official
     before = _tree(cache)
     rc, _, err = _run(capsys, "weights", "import", LIPSIM, str(html))
     assert rc == 1 and "HTML page" in err and _tree(cache) == before
+    other = tmp_path / "wrong.pth"  # a real checkpoint of something else: said once, naming the file given
+    torch.save({"model_state_dict": {"conv.weight": torch.zeros(2)}}, other)
+    rc, _, err = _run(capsys, "weights", "import", LIPSIM, str(other))
+    assert rc == 1 and _tree(cache) == before
+    assert err.count("not an official LipSim checkpoint") == 1 and str(other) in err, err
     good = tmp_path / "lipsim_from_a_browser.pth"
     good.write_bytes(data)
     rc, out, err = _run(capsys, "weights", "import", LIPSIM, str(good))
