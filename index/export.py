@@ -2,7 +2,9 @@
 
 Parquet (clip-retrieval's convention of one table of metadata and embeddings):
     id      int64                       the stable id (the FAISS id)
-    path    string                      relative to the indexed folder (undecodable bytes as \\xNN)
+    path    string                      relative to the indexed folder (undecodable bytes as \\xNN, to read)
+    path_bytes  binary                  the same path's bytes as the file system holds them (exact: a name with
+                                        a literal "\\xe9" and one with the byte 0xE9 show alike in `path`)
     sha256  string                      SHA-256 hex of the file's bytes when it was embedded
     width   int32, height int32         displayed size (after EXIF orientation)
     vector  fixed_size_list<float32>[dim]   the stored unit vector, exactly as the index holds it
@@ -42,6 +44,7 @@ def export_table(gallery: Gallery):
     columns = {
         "id": pa.array(ids, type=pa.int64()),
         "path": pa.array([r.path for r in records], type=pa.string()),
+        "path_bytes": pa.array([bytes(r.path_key) for r in records], type=pa.binary()),
         "sha256": pa.array([r.content_hash for r in records], type=pa.string()),
         "width": pa.array([r.width for r in records], type=pa.int32()),
         "height": pa.array([r.height for r in records], type=pa.int32()),

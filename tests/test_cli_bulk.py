@@ -298,8 +298,11 @@ def test_export_parquet_and_npy_round_trip(photo_index, tiny_lipsim, tmp_path, c
         order = np.argsort(ids)
         ids, vectors = ids[order], vectors[order]
         records = g.records(ids)
+        paths = g.paths(ids)
         dim = g.dim
-    assert table.column_names == ["id", "path", "sha256", "width", "height", "vector"]
+    assert table.column_names == ["id", "path", "path_bytes", "sha256", "width", "height", "vector"]
+    assert [os.path.join(os.fsencode(folder), p) for p in table.column("path_bytes").to_pylist()] == [
+        os.fsencode(g_path) for g_path in paths]  # the files' own bytes
     assert str(table.schema.field("vector").type) == f"fixed_size_list<element: float>[{dim}]"
     assert table.column("id").to_pylist() == ids.tolist()
     assert table.column("path").to_pylist() == [r.path for r in records]

@@ -101,7 +101,7 @@ def register(sub) -> None:
 
     e = isub.add_parser("export", help="write ids, paths, hashes, sizes and vectors to Parquet or .npy",
                         description="Export the indexed items: --parquet OUT writes one row per item (id, path "
-                        "relative to the indexed folder, sha256, width, height, vector as a fixed-size list of "
+                        "relative to the indexed folder, path_bytes (the same, its exact bytes), sha256, width, height, vector as a fixed-size list of "
                         "float32; readable with pyarrow or pandas); --npy OUT writes the vectors (N, dim) float32 "
                         "to OUT and their ids (N,) int64 to OUT with .ids.npy in place of .npy.")
     index_dir_args(e)
@@ -367,7 +367,8 @@ def _export(args) -> int:
     with Gallery.open(index_dir_of(args), use_gpu=False) as gallery:
         if args.parquet:
             rows = export_parquet(gallery, args.parquet)
-            print(f"{args.parquet}: {rows} rows (id, path, sha256, width, height, vector[{gallery.dim}] float32)")
+            print(f"{args.parquet}: {rows} rows (id, path, path_bytes, sha256, width, height, "
+                  f"vector[{gallery.dim}] float32)")
         if args.npy:
             vectors, ids = export_npy(gallery, args.npy)
             print(f"{vectors}: vectors ({len(gallery)}, {gallery.dim}) float32; {ids}: their ids")
