@@ -49,6 +49,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -352,8 +353,9 @@ class _Writer:
         except StoreError as exc:
             if not self.repair:
                 raise
-            self.report.warnings.append(f"index file unusable ({exc}); rebuilding it from the files")
-            log.warning("repair: %s; rebuilding", exc)
+            reason = re.sub(r";? ?run `robret index repair[^`]*`", "", str(exc))  # (this is that repair)
+            self.report.warnings.append(f"index file unusable ({reason}); rebuilding it from the files")
+            log.warning("repair: %s; rebuilding", reason)
             store = VectorStore.create(int(self.index_meta["dim"]), "Flat", use_gpu=self.options.use_gpu)
             self.dirty = self.rebuilt = True
         for leftover in self.layout.leftovers(self.index_meta):
@@ -846,7 +848,7 @@ def compact_index(index_dir, *, use_gpu: bool = False) -> dict:
             recorded, ids_sha256 = index_meta.get("ids_sha256"), ids_digest(np.sort(store.ids()))
             if recorded is not None and ids_sha256 != recorded:
                 raise IntegrityError("the live index files do not hold the ids committed with version "
-                                     f"{index_meta['version']}; run `robret index repair {layout.path}`")
+                                     f"{index_meta['version']}; run `robret index repair --index-dir {layout.path}`")
             for leftover in layout.leftovers(index_meta):
                 leftover.unlink(missing_ok=True)
             out = {"version_before": int(index_meta["version"]), "files_before": len(before),

@@ -279,7 +279,7 @@ def flat_base_views(path: Path, data) -> tuple[np.ndarray, np.ndarray]:
     size = len(data)
     head = 2 * (_FOURCC.size + _HEADER.size) + _COUNT.size
     bad = StoreError(f"index file {path.name} is not a flat inner-product index as robret writes it; "
-                     f"run `robret index repair {path.parent}`")
+                     f"run `robret index repair --index-dir {path.parent}`")
     if size < head:
         raise bad
     outer, inner = _FOURCC.unpack_from(data, 0)[0], _FOURCC.unpack_from(data, _FOURCC.size + _HEADER.size)[0]

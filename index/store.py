@@ -134,7 +134,7 @@ def open_checked(path: str | os.PathLike, sha256: str | None) -> int:
             raise IntegrityError(
                 f"index file {Path(path).name} has SHA-256 {digest[:16]}…, not the {str(sha256)[:16]}… "
                 "committed with its version: it is corrupted or was altered, and nothing is answered "
-                f"from it; run `robret index repair {Path(path).parent}`")
+                f"from it; run `robret index repair --index-dir {Path(path).parent}`")
     return fd
 
 

@@ -352,6 +352,8 @@ def test_verify_detects_tampering_and_repair_fixes_it(built, tiny_lipsim):
     report = repair_index(index_dir, encoder=tiny_lipsim)
     assert report.embedded == len(list(folder.iterdir()))
     assert verify_index(index_dir).ok
+    assert any("rebuilding it from the files" in w for w in report.warnings)
+    assert not any("run `robret index repair" in w for w in report.warnings)  # (it is that repair)
 
 
 def test_leftover_temporary_files_are_reported_then_cleaned(built, tiny_lipsim):
