@@ -118,7 +118,8 @@ def read_segment(path: str | os.PathLike, dim: int, sha256: str | None) -> Segme
     finally:
         os.close(fd)
     if offset != size:
-        raise StoreError(f"index file {path.name} changed size while it was read; run `robret index repair --index-dir {path.parent}`")
+        raise StoreError(f"index file {path.name} changed size while it was read; "
+                         f"run `robret index repair --index-dir {path.parent}`")
     removed, ids, vectors = _parse(path, data, dim)
     return Segment(removed.astype(np.int64), ids.astype(np.int64), vectors.astype(np.float32))
 
@@ -135,11 +136,13 @@ def _parse(path: Path, data, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     its header against its size and its dimension against the catalog's (StoreError naming repair)."""
     size = len(data)
     if size < HEADER_BYTES or bytes(data[:len(MAGIC)]) != MAGIC:
-        raise StoreError(f"index file {path.name} is not a robret segment; run `robret index repair --index-dir {path.parent}`")
+        raise StoreError(f"index file {path.name} is not a robret segment; "
+                         f"run `robret index repair --index-dir {path.parent}`")
     file_dim, n_removed, n_added = _HEADER.unpack_from(data, len(MAGIC))
     if file_dim != dim or size != segment_bytes(dim, n_removed, n_added):
         raise StoreError(f"index file {path.name} has dimension {file_dim} and {size} bytes, which do not agree "
-                         f"with its header or the catalog (dimension {dim}); run `robret index repair --index-dir {path.parent}`")
+                         f"with its header or the catalog (dimension {dim}); "
+                         f"run `robret index repair --index-dir {path.parent}`")
     at = HEADER_BYTES
     removed = np.frombuffer(data, "<i8", n_removed, at)
     at += 8 * n_removed

@@ -43,8 +43,8 @@ from typing import Iterable, Iterator
 
 from encoder.image import DecodeBudget, decode_cost
 from index.decode import DecodeError, DecodeLimits, decode_image, read_bytes
-from index.layout import IndexDir
 from index.errors import FolderError, StoreError
+from index.layout import IndexDir
 from index.scan import scan_folder, shown_path
 
 from .schema import SCHEMA_VERSION

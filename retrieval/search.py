@@ -131,7 +131,8 @@ class SearchResult:
             "exhaustive": self.exhaustive, "lists_visited": self.lists_visited, "vectors_scanned": self.vectors_scanned,
             "set_radius_rms255": num(self.rms255(self.set_radius)),
             "order_radius_rms255": num(self.rms255(self.order_radius)), "ties": self.ties(),
-            "hits": [{"rank": h.rank, "id": h.id, "score": h.score, "path": None if h.path is None else shown_path(h.path),
+            "hits": [{"rank": h.rank, "id": h.id, "score": h.score,
+                      "path": None if h.path is None else shown_path(h.path),
                       "radius": num(h.radius), "radius_rms255": num(self.rms255(h.radius)),
                       "certified": h.certified} for h in self.hits],
         }

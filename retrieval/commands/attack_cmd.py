@@ -35,7 +35,8 @@ def register(sub) -> None:
                        "own [0,1] samples, as `robret query` states it, and as an RMS change per sample in 1/255). "
                        f"--attack autoattack runs {AUTOATTACK_CONFIGURATION}")
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="query image files, folders (recursive) or @LIST (a file of paths, one per line, relative to the list's folder)")
+                   help="query image files, folders (recursive) or @LIST (a file of paths, one per line, relative "
+                   "to the list's folder)")
     p.add_argument("--index-dir", required=True, help="index directory (see `robret index build`)")
     p.add_argument("-k", type=positive_int, default=5, help="size of the top-k list (default 5)")
     p.add_argument("--attack", choices=("pgd", "autoattack"), default="pgd",
@@ -193,8 +194,9 @@ def _adv_names(folder: Path, paths: list[Path]) -> list[Path]:
 
 
 def _save(args, dest: Path | None, query, out, gallery) -> dict | None:
-    """Write the adversarial image to `dest` in the file's own mode (8 bits, PNG) and say how much of the
-    adversarial top-k the rounding kept; None when nothing is to be saved."""
+    """Write the adversarial image to `dest` in the file's own mode (8 bits; PNG, or a TIFF beside `dest` for CMYK
+    and YCbCr: `encoder.image.lossless_file`) and say how much of the adversarial top-k the rounding kept; None when
+    nothing is to be saved."""
     if dest is None:
         return None
     import torch

@@ -101,7 +101,8 @@ def register(sub) -> None:
 
     e = isub.add_parser("export", help="write ids, paths, hashes, sizes and vectors to Parquet or .npy",
                         description="Export the indexed items: --parquet OUT writes one row per item (id, path "
-                        "relative to the indexed folder, path_bytes (the same, its exact bytes), sha256, width, height, vector as a fixed-size list of "
+                        "relative to the indexed folder, path_bytes (the same, its exact bytes), sha256, width, "
+                        "height, vector as a fixed-size list of "
                         "float32; readable with pyarrow or pandas); --npy OUT writes the vectors (N, dim) float32 "
                         "to OUT and their ids (N,) int64 to OUT with .ids.npy in place of .npy.")
     index_dir_args(e)
