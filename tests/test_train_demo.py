@@ -99,3 +99,42 @@ def test_train_demo_without_the_wallpaper_photos_says_to_run_make_photos(tmp_pat
     err = capsys.readouterr().err
     assert rc != 0 and "make photos" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "standard.safetensors").exists()
+
+
+def test_train_demo_compare_to_checks_a_fresh_run_against_shipped_files_and_catches_a_changed_one(tmp_path, capsys):
+    """`--compare-to`: a second run of the same plan in a fresh directory reproduces the shipped files bit for bit
+    and every held-out score; a shipped file with one changed weight and one changed score is caught (exit 1)."""
+    from encoder.checkpoint import load_lipsim, save_lipsim
+    from retrieval.cli import main
+
+    quick = ["train", "demo", "--quick", "--no-progress", "--threads", "0"]
+    assert main(quick + ["--run-dir", str(tmp_path / "a"), "--weights-dir", str(tmp_path / "w")]) == 0
+    capsys.readouterr()
+    assert main(quick + ["--run-dir", str(tmp_path / "b"), "--no-ship", "--compare-to", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if "tensors bit-identical" in ln]
+    assert len(lines) == 2 and all(ln.split(": ")[1].split(" of ")[0] == ln.split(" of ")[1].split()[0]
+                                   for ln in lines)
+    assert out.rstrip().endswith(": reproduced") and "largest difference 0.0000" in out
+
+    # Change one weight and the recorded natural score of the shipped lipsim:demo.
+    path = tmp_path / "w" / "lipsim_demo.safetensors"
+    enc = load_lipsim(path, freeze=False)
+    prov = read_header(path)["provenance"]
+    with torch.no_grad():
+        next(enc.net.parameters()).view(-1)[0] += 1e-3
+    prov["metrics"]["natural"] += 0.25
+    save_lipsim(enc, path, provenance=prov)
+    assert main(quick + ["--run-dir", str(tmp_path / "b"), "--no-ship", "--compare-to", str(tmp_path / "w")]) == 1
+    out = capsys.readouterr().out
+    lipsim_line = next(ln for ln in out.splitlines() if ln.startswith(str(path)))
+    assert "largest |difference| 0.001" in lipsim_line
+    assert "lipsim:demo natural: run" in out and out.rstrip().endswith("NOT reproduced")
+    # A tolerance wider than the change accepts the scores; comparing against the folder it ships to is refused.
+    assert main(quick + ["--run-dir", str(tmp_path / "b"), "--no-ship", "--compare-to", str(tmp_path / "w"),
+                         "--tolerance", "0.3"]) == 0
+    capsys.readouterr()
+    assert main(quick + ["--run-dir", str(tmp_path / "b"), "--weights-dir", str(tmp_path / "w"),
+                         "--compare-to", str(tmp_path / "w")]) == 2
+    assert "add --no-ship" in capsys.readouterr().err
+    assert main(quick + ["--run-dir", str(tmp_path / "b"), "--no-ship", "--compare-to", str(tmp_path)]) == 2

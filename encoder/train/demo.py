@@ -43,13 +43,13 @@ from ..lipsim import LipSimEncoder
 from ..preprocess import pil_to_tensor, resize
 from ..presets import LipSimConfig
 from ..samples import DEMO_TRAIN_PHOTOS, HELDOUT_PHOTOS, sample_photo
-from ..standard import StandardConfig, StandardEncoder, load_standard, save_standard
+from ..standard import StandardConfig, StandardEncoder, load_standard, read_standard_header, save_standard
 from .contrastive import ContrastiveConfig, train_contrastive
 from .distill import DistillConfig, EncoderTeacher, distill
 from .finetune import FinetuneConfig, finetune
 from .robdml import RobDMLConfig
 
-__all__ = ["DEMO_LIPSIM", "DemoPlan", "QUICK_PLAN", "QUICK_ROBDML_PLAN", "RobDMLDemoPlan", "STAGES", "Stage", "load_photos",
+__all__ = ["DEMO_LIPSIM", "DemoPlan", "SHIPPED", "compare_with_shipped", "format_comparison", "QUICK_PLAN", "QUICK_ROBDML_PLAN", "RobDMLDemoPlan", "STAGES", "Stage", "load_photos",
            "run_demo", "run_robdml_demo"]
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,99 @@ def _run_stages(run_dir: Path, weights_dir, plan: DemoPlan, threads: int | None,
     if weights_dir is not None:
         _ship(run, Path(weights_dir), command, results)
     return {"metrics": results, "wall_seconds": run.timings, "training": run.summaries}
+
+
+# Which files of a run are the shipped ones, and the metric key each provenance keeps their scores under.
+SHIPPED = (("standard_demo.safetensors", "standard.safetensors", "standard:demo", "metrics"),
+           ("lipsim_demo.safetensors", "lipsim_finetuned.safetensors", "lipsim:demo", "metrics"),
+           ("lipsim_demo.safetensors", None, "lipsim:demo before fine-tuning", "metrics_before_finetuning"))
+# Scores (fractions of triplets or queries) that `compare_with_shipped` holds to its tolerance; every other
+# number in the metrics (counts, sizes, median radius, float slack) is reported but not judged.
+_SCORE_PREFIXES = ("natural", "certified/", "empirical/", "near_duplicates/top1", "near_duplicates/certified")
+
+
+def compare_with_shipped(run_dir: str | Path, weights_dir: str | Path, tolerance: float = 0.02) -> dict:
+    """How a finished demo run (`run_demo` without shipping) compares with the demo models in `weights_dir`:
+    reproducibility, checked.
+
+    Returns {"files": [{file, tensors, identical, max_abs_difference}], "scores": [{model, metric, run, shipped,
+    difference, judged}], "max_score_difference", "tolerance", "reproduced"}. Tensors are compared bit for bit
+    (`torch.equal`: same shape, dtype and every value); the scores are the held-out metrics the run wrote
+    (eval.json) against those each shipped file's provenance records. `reproduced` holds when every score
+    in [0, 1] (natural, certified, attacked, near-duplicate) is within `tolerance` of the shipped one and no
+    score is missing on either side: the same machine and library versions give identical tensors, and
+    other CPUs or torch builds may round differently along 1,600 training steps. Raises FileNotFoundError
+    (naming what is missing) when the run is unfinished or `weights_dir` lacks a demo file.
+    """
+    from ..checkpoint_header import read_header
+    from ..io import load_tensors
+
+    run_dir, weights_dir = Path(run_dir), Path(weights_dir)
+    eval_path = run_dir / "eval.json"
+    if not eval_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished demo run (no eval.json): run robret train demo first")
+    for shipped, mine, _, _ in SHIPPED:
+        for path in (weights_dir / shipped, run_dir / mine if mine else None):
+            if path is not None and not path.is_file():
+                raise FileNotFoundError(f"no {path}")
+    files = []
+    for shipped, mine, _, _ in SHIPPED:
+        if mine is None:
+            continue
+        a, b = load_tensors(run_dir / mine), load_tensors(weights_dir / shipped)
+        names = sorted(set(a) | set(b))
+        same = [k for k in names if k in a and k in b and a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])]
+        diffs = [(a[k].double() - b[k].double()).abs().max().item() if a[k].numel() else 0.0 for k in names
+                 if k in a and k in b and a[k].shape == b[k].shape]
+        files.append({"file": shipped, "tensors": len(names), "identical": len(same),
+                      "max_abs_difference": max(diffs, default=float("nan")) if len(diffs) == len(names)
+                      else float("inf")})
+    ran = json.loads(eval_path.read_text())
+    scores = []
+    for shipped, _, model, key in SHIPPED:
+        header = (read_standard_header if shipped.startswith("standard") else read_header)(weights_dir / shipped)
+        recorded = _flat_numbers(header["provenance"].get(key) or {})
+        mine = _flat_numbers(ran.get(model) or {})
+        for metric in sorted(set(recorded) | set(mine)):
+            r, s = mine.get(metric), recorded.get(metric)
+            diff = abs(r - s) if r is not None and s is not None else None
+            scores.append({"model": model, "metric": metric, "run": r, "shipped": s, "difference": diff,
+                           "judged": metric.startswith(_SCORE_PREFIXES)})
+    judged = [s for s in scores if s["judged"]]
+    worst = max((s["difference"] for s in judged if s["difference"] is not None), default=0.0)
+    reproduced = bool(judged) and all(s["difference"] is not None and s["difference"] <= tolerance for s in judged)
+    return {"files": files, "scores": scores, "max_score_difference": worst, "tolerance": tolerance,
+            "reproduced": reproduced}
+
+
+def format_comparison(report: dict, weights_dir: str | Path) -> str:
+    """`compare_with_shipped`'s report as text: one line a file, the scores that differ, the verdict."""
+    lines = []
+    for f in report["files"]:
+        worst = "" if f["identical"] == f["tensors"] else f" (largest |difference| {f['max_abs_difference']:.3g})"
+        lines.append(f"{Path(weights_dir) / f['file']}: {f['identical']} of {f['tensors']} tensors bit-identical to "
+                     f"the run's{worst}")
+    judged = [s for s in report["scores"] if s["judged"]]
+    differ = [s for s in judged if s["difference"] != 0]
+    for s in differ:
+        run = "missing" if s["run"] is None else f"{s['run']:.4f}"
+        shipped = "missing" if s["shipped"] is None else f"{s['shipped']:.4f}"
+        lines.append(f"  {s['model']} {s['metric']}: run {run}, shipped {shipped}")
+    lines.append(f"{len(judged) - len(differ)} of {len(judged)} held-out scores equal to the shipped ones; largest "
+                 f"difference {report['max_score_difference']:.4f} (tolerance {report['tolerance']:g}): "
+                 + ("reproduced" if report["reproduced"] else "NOT reproduced"))
+    return "\n".join(lines)
+
+
+def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """{"a/b": x} for every number x under nested keys a, b (booleans and strings left out)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
 
 
 # robdml:demo ---------------------------------------------------------------------------------------------

@@ -46,6 +46,13 @@ def register(sub) -> None:
     d.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2; 0 leaves torch's default)")
     d.add_argument("--quick", action="store_true", help="a few steps of everything (a smoke test; useless models)")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--compare-to", metavar="DIR", default=None,
+                   help="after the run, compare its two models with the demo files in DIR (encoder/weights: the "
+                   "shipped ones) tensor by tensor, and its held-out scores with those their provenance records; "
+                   "exit 1 when a score differs by more than --tolerance. Use with --no-ship")
+    d.add_argument("--tolerance", type=float, default=0.02,
+                   help="--compare-to: largest accepted difference of a score, as a fraction (default 0.02: two "
+                   "points; the same machine and library versions reproduce the files bit for bit)")
     d.set_defaults(func=_demo)
 
     s = tsub.add_parser("standard", help="train the standard (non-Lipschitz) CNN baseline on an image folder")
@@ -197,12 +204,20 @@ def _demo(args) -> int:
 
     from encoder.evaluate import format_table
     from encoder.registry import WEIGHTS_DIR
-    from encoder.train.demo import QUICK_PLAN, DemoPlan, run_demo
+    from encoder.train.demo import QUICK_PLAN, DemoPlan, compare_with_shipped, format_comparison, run_demo
 
     plan = dataclasses.replace(QUICK_PLAN if args.quick else DemoPlan(), seed=args.seed)
     weights = None if args.no_ship else Path(args.weights_dir or WEIGHTS_DIR)
     if args.quick and weights is not None and args.weights_dir is None:
         weights = None  # never overwrite the bundled models with a smoke test
+    if args.compare_to is not None:
+        compare_to = Path(args.compare_to)
+        if not (compare_to / "lipsim_demo.safetensors").is_file():
+            raise UsageError(f"--compare-to {args.compare_to}: no lipsim_demo.safetensors there")
+        if weights is not None and weights.resolve() == compare_to.resolve():
+            raise UsageError(f"--compare-to {args.compare_to} is where this run would ship its models: add --no-ship")
+        if not (0 <= args.tolerance <= 1):
+            raise UsageError(f"--tolerance must be a fraction between 0 and 1, not {args.tolerance}")
     # The reproducing command (flags that change the models only; paths and threads do not).
     command = "robret train demo" + (" --quick" if args.quick else "") + (f" --seed {args.seed}" if args.seed else "")
     # The demo logs its stages; show them on stdout while it runs.
@@ -220,7 +235,11 @@ def _demo(args) -> int:
         logger.setLevel(level)
         logger.propagate = propagate
     print(format_table(list(result["metrics"].values())))
-    return 0
+    if args.compare_to is None:
+        return 0
+    report = compare_with_shipped(args.run_dir, args.compare_to, tolerance=args.tolerance)
+    print(format_comparison(report, args.compare_to))
+    return 0 if report["reproduced"] else 1
 
 
 def _standard(args) -> int:
