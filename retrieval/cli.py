@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _names_as_stored_on_stdout() -> None:
+    """A file name that is not UTF-8 (say a Latin-1 "caf\\xe9.png") reaches Python as text holding surrogates. On a
+    strict UTF-8 stdout (a desktop locale such as en_US.UTF-8) printing it fails, so `robret query`'s table, CSV
+    and --paths-only stopped at the first such hit. Written with surrogateescape, the name comes out as the bytes
+    the file system holds, as `ls` or `find` print it, whatever the locale (JSON escapes it instead:
+    index.scan.shown_path). A process setting of the command-line program, not of the library."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):  # (a stream that cannot change its error handler now)
+            pass
+
+
 def _return_large_frees_to_the_os() -> None:
     """glibc raises its mmap threshold after each large free (up to 32 MB), after which large buffers
     come from per-thread heaps that are rarely returned to the OS: decode workers handling very large
@@ -57,6 +71,7 @@ def _return_large_frees_to_the_os() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _return_large_frees_to_the_os()
+    _names_as_stored_on_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for provenance records

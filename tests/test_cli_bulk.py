@@ -207,6 +207,42 @@ def test_a_hit_whose_name_is_not_utf8_is_written_escaped_in_json(tmp_path, sampl
     assert "\\udc" not in out
 
 
+def test_names_not_utf8_or_holding_a_newline_print_on_a_strict_utf8_stdout(tmp_path, sample_folder, tiny_lipsim,
+                                                                           monkeypatch):
+    """On a strict UTF-8 stdout (a locale such as en_US.UTF-8) a Latin-1 name made the table, CSV and --paths-only
+    fail at the first such hit ("surrogates not allowed", exit 1); names now come out as the file system holds them,
+    and --print0 ends each with a NUL so that a name holding a newline stays one path."""
+    from index import IngestOptions, build_index
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = [b"caf\xe9.png", b"two\nlines.png", b"rocket.png"]
+    for name in names:
+        shutil.copy(sample_folder / "rocket.png", os.path.join(os.fsencode(photos), name))
+    build_index(photos, tmp_path / "index", "lipsim:cpu-tiny", encoder=tiny_lipsim, options=IngestOptions(workers=1))
+    query = ["query", str(sample_folder / "rocket.png"), "--index-dir", str(tmp_path / "index"), "-k", "3"]
+
+    def run(*flags) -> tuple[int, bytes]:
+        raw = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict", newline="\n"))
+        code = main(query + list(flags))
+        sys.stdout.flush()
+        return code, raw.getvalue()
+
+    expected = sorted(os.fsencode(photos) + b"/" + n for n in names)
+    code, out = run("--print0")
+    assert code == 0 and out.endswith(b"\0") and sorted(out[:-1].split(b"\0")) == expected
+    code, out = run("--paths-only")
+    assert code == 0 and os.fsencode(photos) + b"/caf\xe9.png\n" in out and out.count(b"\n") == 4
+    code, out = run()
+    assert code == 0 and b"caf\xe9.png" in out and b"rank" in out
+    code, out = run("--csv")
+    rows = list(csv.reader(io.StringIO(out.decode("utf-8", "surrogateescape"), newline="")))
+    assert code == 0 and sorted(os.fsencode(r[7]) for r in rows[1:]) == expected
+    code, out = run("--print0", "--relative")
+    assert code == 0 and sorted(out[:-1].split(b"\0")) == sorted(names)
+
+
 def test_jsonl_streams_each_record_before_the_process_ends(photo_index, tmp_path):
     folder, index_dir = photo_index
     listing = tmp_path / "many.txt"

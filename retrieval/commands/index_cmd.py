@@ -150,7 +150,11 @@ def register(sub) -> None:
     fmt.add_argument("--jsonl", action="store_true", help="print one JSON document per query and line, as each is done")
     fmt.add_argument("--csv", action="store_true", help="print CSV: one row per result (a row with the error for a "
                      "failed query)")
-    fmt.add_argument("--paths-only", action="store_true", help="print only the result paths, one per line")
+    fmt.add_argument("--paths-only", action="store_true", help="print only the result paths, one per line, as the "
+                     "file system holds them")
+    # (no short -0: an option that looks like a number makes argparse read "-k -1" as two options)
+    fmt.add_argument("--print0", action="store_true", help="like --paths-only, each path ended by a NUL byte "
+                     "instead of a newline (for xargs -0): a name holding a newline stays one path")
     q.set_defaults(func=_query)
 
 
@@ -409,7 +413,7 @@ def _query(args) -> int:
 
             writer = csv.writer(sys.stdout, lineterminator="\n")
             writer.writerow(CSV_COLUMNS)
-        elif not (args.json or args.jsonl or args.paths_only):
+        elif not (args.json or args.jsonl or args.paths_only or args.print0):
             print(f"encoder {gallery.encoder_spec}  gallery {len(gallery)} images ({gallery.store.factory}) "
                   f"in {gallery.root}")
         for outcome in outcomes:
@@ -421,9 +425,9 @@ def _query(args) -> int:
             elif writer is not None:
                 _csv_rows(writer, outcome, gallery, args.relative)
                 sys.stdout.flush()
-            elif args.paths_only:
+            elif args.paths_only or args.print0:
                 for hit in (outcome.result.hits if outcome.ok else []):
-                    print(_path(hit.path, gallery, args.relative), flush=True)
+                    print(_path(hit.path, gallery, args.relative), end="\0" if args.print0 else "\n", flush=True)
             elif not args.json and outcome.ok:
                 _print_result(outcome, gallery, args.relative)
         stats = summary(done)
