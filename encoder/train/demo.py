@@ -49,8 +49,8 @@ from .distill import DistillConfig, EncoderTeacher, distill
 from .finetune import FinetuneConfig, finetune
 from .robdml import RobDMLConfig
 
-__all__ = ["DEMO_LIPSIM", "DemoPlan", "SHIPPED", "compare_with_shipped", "format_comparison", "QUICK_PLAN", "QUICK_ROBDML_PLAN", "RobDMLDemoPlan", "STAGES", "Stage", "load_photos",
-           "run_demo", "run_robdml_demo"]
+__all__ = ["DEMO_LIPSIM", "DemoPlan", "QUICK_PLAN", "QUICK_ROBDML_PLAN", "RobDMLDemoPlan", "SHIPPED", "STAGES", "Stage",
+           "compare_with_shipped", "format_comparison", "load_photos", "run_demo", "run_robdml_demo"]
 
 log = logging.getLogger(__name__)
 
